@@ -1,0 +1,58 @@
+"""`nixery` / `python -m nixery`: validate the configuration, then serve."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from . import config as configuration
+
+
+def _help_text() -> str:
+    lines = ["Configuration comes from the environment (read once, at start-up):", ""]
+    for var in configuration.VARIABLES:
+        default = f" (default: {var.default})" if var.default else ""
+        lines.append(f"  {var.name:<28} {var.help}{default}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="nixery",
+        description="A container registry that builds images on demand with Nix: "
+                    "pulling HOST/shell/git gives an image holding those nixpkgs packages.",
+        epilog=_help_text(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check-config", action="store_true",
+                        help="validate the configuration, print it (secrets redacted) and exit")
+    args = parser.parse_args(argv)
+    try:
+        config = configuration.load(os.environ)
+    except configuration.ConfigError as e:
+        print(f"nixery: configuration error: {e}", file=sys.stderr)
+        return 2
+    from . import logs
+    logs.setup(config.log_level)
+    if args.check_config:
+        import json
+        print(json.dumps(config.summary(), indent=2))
+        return 0
+    from .app import create_app, make_storage
+    from .popularity import PopularityError
+    from .storage import StorageError
+    try:
+        # Each worker builds its own app after the fork; building one here first
+        # turns an unreachable bucket or bad popularity data into a start-up error.
+        storage = make_storage(config)
+        storage.check()
+        create_app(config, storage)
+    except (StorageError, PopularityError) as e:
+        print(f"nixery: {e}", file=sys.stderr)
+        return 2
+    from .server import run
+    run(config, create_app)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""The registry's HTTP resources (distribution spec, pull side only).
+
+Thin by design: parse and validate the request, call the builder or the
+storage, set headers. Repository names contain slashes, so everything below
+`/v2/` goes through one sink that matches the spec's path shapes.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+import falcon
+
+from . import image
+from .builder import Builder
+from .errors import RegistryError, blob_unknown, manifest_unknown
+from .manifest import MANIFEST_MEDIA_TYPE
+from .storage import Backend, LocalFile, Redirect, StorageError, blob_key
+
+API_VERSION_HEADER = ("Docker-Distribution-API-Version", "registry/2.0")
+_PATH_RE = re.compile(r"^/v2/(?P<name>.+)/(?P<kind>manifests|blobs)/(?P<reference>[^/]+)$")
+_PUSH_RE = re.compile(r"^/v2/.+/(blobs/uploads(/.*)?|manifests/[^/]+|blobs/[^/]+)$")
+_RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
+READ_METHODS = ("GET", "HEAD")
+
+
+class _LimitedReader:
+    """A file object that ends after `remaining` bytes (a Range response)."""
+
+    def __init__(self, f, remaining: int):
+        self.f = f
+        self.remaining = remaining
+
+    def read(self, size: int = -1) -> bytes:
+        if self.remaining <= 0:
+            return b""
+        size = self.remaining if size < 0 else min(size, self.remaining)
+        data = self.f.read(size)
+        self.remaining -= len(data)
+        return data
+
+    def close(self) -> None:
+        self.f.close()
+
+
+class VersionCheck:
+    """`/v2/`: tells clients this is a registry and needs no authentication."""
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.content_type = "application/json"
+        resp.data = b"{}"
+
+    on_head = on_get
+
+
+class Registry:
+    """The sink for everything below `/v2/`."""
+
+    def __init__(self, builder: Builder, storage: Backend):
+        self.builder = builder
+        self.storage = storage
+
+    def __call__(self, req: falcon.Request, resp: falcon.Response, **_: str) -> None:
+        match = _PATH_RE.match(req.path)
+        if req.method not in READ_METHODS:
+            if _PUSH_RE.match(req.path):
+                raise RegistryError(405, "UNSUPPORTED", "this registry is read-only: it builds images, "
+                                    "it does not accept pushes or deletes", {"method": req.method})
+            raise RegistryError(404, "NOT_FOUND", "no such endpoint", {"path": req.path})
+        if match is None:
+            raise RegistryError(404, "NOT_FOUND", "no such endpoint", {"path": req.path})
+        name, kind, reference = match.group("name", "kind", "reference")
+        image.validate_name(name)
+        if kind == "blobs":
+            self.blob(req, resp, reference)
+        elif ":" in reference:
+            self.manifest_by_digest(req, resp, reference)
+        else:
+            self.manifest_by_tag(req, resp, name, reference)
+
+    def manifest_by_tag(self, req: falcon.Request, resp: falcon.Response, name: str, tag: str) -> None:
+        result = self.builder.manifest(image.parse(name, tag))
+        req.context.build = result.stats
+        self._manifest(req, resp, result.manifest.data, result.manifest.digest)
+
+    def manifest_by_digest(self, req: falcon.Request, resp: falcon.Response, digest: str) -> None:
+        data = self._read(digest)
+        if data is None:
+            raise manifest_unknown("manifest unknown", {"digest": digest})
+        self._manifest(req, resp, data, digest)
+
+    def _read(self, digest: str) -> Optional[bytes]:
+        if not image.validate_digest(digest):
+            return None
+        try:
+            return self.storage.read(blob_key(digest))
+        except StorageError as e:
+            raise RegistryError(503, "UNAVAILABLE", f"storage failed: {e}") from None
+
+    @staticmethod
+    def _manifest(req: falcon.Request, resp: falcon.Response, data: bytes, digest: str) -> None:
+        resp.content_type = MANIFEST_MEDIA_TYPE
+        resp.set_header("Docker-Content-Digest", digest)
+        resp.set_header("ETag", f'"{digest}"')
+        resp.content_length = len(data)
+        if req.method == "GET":
+            resp.data = data
+
+    def blob(self, req: falcon.Request, resp: falcon.Response, digest: str) -> None:
+        if not image.validate_digest(digest):
+            raise blob_unknown(digest)
+        try:
+            location = self.storage.locate(blob_key(digest))
+        except StorageError as e:
+            raise RegistryError(503, "UNAVAILABLE", f"storage failed: {e}") from None
+        if location is None:
+            raise blob_unknown(digest)
+        resp.content_type = location.info.media_type
+        resp.set_header("Docker-Content-Digest", digest)
+        resp.set_header("ETag", f'"{digest}"')
+        if isinstance(location, Redirect) and req.method == "GET":
+            resp.status = falcon.HTTP_307
+            resp.location = location.url
+            return
+        resp.set_header("Accept-Ranges", "bytes")
+        size = location.info.size
+        start, end = _byte_range(req.get_header("Range"), size)
+        resp.content_length = end - start
+        if start or end != size:
+            resp.status = falcon.HTTP_206
+            resp.set_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
+        if req.method == "HEAD":
+            return
+        assert isinstance(location, LocalFile)
+        f = open(location.path, "rb")
+        if start or end != size:
+            f.seek(start)
+            resp.stream = _LimitedReader(f, end - start)
+        else:
+            resp.stream = f  # whole files go out through wsgi.file_wrapper (sendfile)
+
+
+def _byte_range(header: Optional[str], size: int) -> tuple[int, int]:
+    """[start, end) for a single-range `Range` header; the whole blob when absent."""
+    if not header:
+        return 0, size
+    match = _RANGE_RE.match(header.strip())
+    if not match or match.groups() == ("", ""):
+        raise RegistryError(416, "RANGE_INVALID", "invalid Range header", {"range": header})
+    first, last = match.groups()
+    if first == "":
+        start, end = max(0, size - int(last)), size
+    else:
+        start = int(first)
+        end = min(size, int(last) + 1) if last else size
+    if start >= size or start >= end:
+        raise RegistryError(416, "RANGE_INVALID", "range not satisfiable", {"range": header, "size": size})
+    return start, end

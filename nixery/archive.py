@@ -1,0 +1,155 @@
+"""Layer archives: a deterministic tar, compressed and hashed in one pass.
+
+The same store paths must always give the same bytes, or layers would not be
+shared between images. So entries come in sorted order with a fixed mtime,
+uid/gid 0 and no user names, and the gzip header carries no time stamp. The
+archive streams straight into storage; memory stays bounded by one chunk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import stat
+import tarfile
+from typing import BinaryIO, Iterable, Iterator
+
+from isal import isal_zlib
+
+# Nix sets every store file's mtime to 1; the root layer uses the same.
+MTIME = 1
+CHUNK = 1 << 20
+# isa-l's level 1 compresses a little less than gzip -6 at several times its speed
+# (bench/layers.py prints both); a layer is compressed once and served many times.
+COMPRESSION_LEVEL = 1
+LAYER_MEDIA_TYPE = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """A synthetic tar entry (the root layer's directories and symlinks)."""
+
+    name: str
+    kind: str  # "dir" or "symlink"
+    mode: int = 0o755
+    target: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerDigests:
+    digest: str  # sha256 of the compressed bytes: the blob's name
+    diff_id: str  # sha256 of the tar: the image config's rootfs.diff_ids
+    size: int
+
+
+class _CompressingHasher:
+    """A write-only file: tar bytes in, gzip bytes out to `out`, both hashed on the way."""
+
+    def __init__(self, out: BinaryIO):
+        self.out = out
+        self.tar_hash = hashlib.sha256()
+        self.gz_hash = hashlib.sha256()
+        self.size = 0
+        self.compressor = isal_zlib.compressobj(COMPRESSION_LEVEL, isal_zlib.DEFLATED, 31)
+
+    def _emit(self, data: bytes) -> None:
+        if data:
+            self.gz_hash.update(data)
+            self.size += len(data)
+            self.out.write(data)
+
+    def write(self, data: bytes) -> int:
+        self.tar_hash.update(data)
+        self._emit(self.compressor.compress(data))
+        return len(data)
+
+    def finish(self) -> LayerDigests:
+        self._emit(self.compressor.flush())
+        return LayerDigests(digest="sha256:" + self.gz_hash.hexdigest(),
+                            diff_id="sha256:" + self.tar_hash.hexdigest(), size=self.size)
+
+
+def _info(name: str, mode: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.mtime = MTIME
+    info.mode = mode
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+def _parents(paths: Iterable[str]) -> list[str]:
+    """The directories above the given names, each once, so that unpackers create them with known modes."""
+    parents = set()
+    for path in paths:
+        parts = path.split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            parents.add("/".join(parts[:i]))
+    return sorted(parents)
+
+
+def _walk(root: str) -> Iterator[tuple[str, os.stat_result]]:
+    """Every file below `root` (itself included), depth first, names in byte order."""
+    stack = [root]
+    while stack:
+        path = stack.pop()
+        st = os.lstat(path)
+        yield path, st
+        if stat.S_ISDIR(st.st_mode):
+            names = sorted(os.listdir(path), reverse=True)
+            stack.extend(os.path.join(path, n) for n in names)
+
+
+def _add_store_path(tar: tarfile.TarFile, store_path: str) -> None:
+    for path, st in _walk(store_path):
+        name = path.lstrip("/")
+        mode = stat.S_IMODE(st.st_mode)
+        if stat.S_ISDIR(st.st_mode):
+            info = _info(name, mode)
+            info.type = tarfile.DIRTYPE
+            tar.addfile(info)
+        elif stat.S_ISLNK(st.st_mode):
+            info = _info(name, 0o777)
+            info.type = tarfile.SYMTYPE
+            info.linkname = os.readlink(path)
+            tar.addfile(info)
+        elif stat.S_ISREG(st.st_mode):
+            info = _info(name, mode)
+            info.size = st.st_size
+            with open(path, "rb") as f:
+                tar.addfile(info, f)
+        else:
+            raise ValueError(f"{path}: the Nix store holds only files, directories and symlinks")
+
+
+def write_layer(out: BinaryIO, store_paths: Iterable[str] = (),
+                entries: Iterable[Entry] = ()) -> LayerDigests:
+    """Writes one gzip'd tar of `entries` then `store_paths` to `out` and returns its digests."""
+    store_paths = sorted(store_paths)
+    entries = sorted(entries, key=lambda e: e.name)
+    sink = _CompressingHasher(out)
+    tar = tarfile.open(fileobj=sink, mode="w|", format=tarfile.GNU_FORMAT, encoding="utf-8")  # type: ignore[call-overload]
+    tar.copybufsize = CHUNK
+    explicit = {e.name for e in entries if e.kind == "dir"}
+    names = [e.name for e in entries] + [p.lstrip("/") for p in store_paths]
+    for parent in _parents(names):
+        if parent not in explicit:
+            info = _info(parent, 0o755)
+            info.type = tarfile.DIRTYPE
+            tar.addfile(info)
+    for entry in entries:
+        info = _info(entry.name, entry.mode)
+        if entry.kind == "dir":
+            info.type = tarfile.DIRTYPE
+        elif entry.kind == "symlink":
+            info.type = tarfile.SYMTYPE
+            info.linkname = entry.target
+        else:
+            raise ValueError(f"unknown entry kind {entry.kind}")
+        tar.addfile(info)
+    for store_path in store_paths:
+        _add_store_path(tar, store_path)
+    tar.close()
+    return sink.finish()
+

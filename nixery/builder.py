@@ -1,0 +1,192 @@
+"""From an `Image` to a stored manifest: the one place where the steps meet.
+
+name -> source revision -> (cached manifest?) -> Nix build -> layers ->
+archives (each written once, found again through its content-keyed record)
+-> root layer -> config -> manifest. Each step lives in its own module; this
+one only orders them, holds the per-image lock, and counts what happened.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Callable, Mapping, Optional, Sequence
+
+from . import archive, layers, manifest, rootfs
+from .errors import build_failed, manifest_unknown, unavailable
+from .image import OPTIONAL_PACKAGES, Image
+from .locks import file_lock
+from .nix import Closure, Nix, NixError, UnknownPackages
+from .sources import Source
+from .storage import Backend, StorageError, blob_key
+
+log = logging.getLogger(__name__)
+
+# Bump when the bytes a record describes would change (tar layout, compression).
+RECORD_VERSION = "nixery-layer-v1"
+
+
+@dataclasses.dataclass
+class BuildStats:
+    """What one manifest request did; the metrics and the recent-builds page read it."""
+
+    image: str
+    cached: bool = False
+    layers: int = 0
+    layers_built: int = 0
+    layers_reused: int = 0
+    bytes_written: int = 0
+    bytes_reused: int = 0
+    steps: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    manifest: manifest.Document
+    stats: BuildStats
+
+
+@dataclasses.dataclass(frozen=True)
+class _LayerRecord:
+    digest: str
+    diff_id: str
+    size: int
+
+
+def _hex(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class Builder:
+    def __init__(self, storage: Backend, nix: Nix, source: Source, popularity: Mapping[str, int],
+                 budget: int, state_dir: Path):
+        self.storage = storage
+        self.nix = nix
+        self.source = source
+        self.popularity = popularity
+        self.budget = budget
+        self.lock_dir = state_dir / "locks"
+        self.recent_dir = state_dir / "recent"
+
+    def manifest(self, image: Image) -> Result:
+        """The manifest for `image`, built if needed; raises RegistryError for the client."""
+        stats = BuildStats(image=image.name)
+        resolved = self.source.resolve(image.tag)
+        cache_key = _hex(f"{resolved.cache_key}|{image.key}") if resolved.cache_key else None
+        flight_key = _hex(f"{resolved.args.kind}|{resolved.args.argument}|{image.key}")
+        try:
+            if cache_key and (cached := self._cached(cache_key, stats)):
+                return Result(cached, stats)
+            waited_since = time.time()
+            with file_lock(self.lock_dir, flight_key):
+                # Whoever held the lock may have built this image while we waited.
+                if cache_key and (cached := self._cached(cache_key, stats)):
+                    return Result(cached, stats)
+                if not cache_key and (recent := self._recent(flight_key, waited_since, stats)):
+                    return Result(recent, stats)
+                document = self._build(image, resolved.args, stats)
+                if cache_key:
+                    self.storage.write(f"manifests/{cache_key}", document.data, document.media_type)
+                else:
+                    self._remember(flight_key, document)
+                return Result(document, stats)
+        except StorageError as e:
+            raise unavailable(f"storage failed: {e}") from None
+
+    def _cached(self, cache_key: str, stats: BuildStats) -> Optional[manifest.Document]:
+        data = self.storage.read(f"manifests/{cache_key}")
+        if data is None:
+            return None
+        stats.cached = True
+        return manifest.Document(manifest.MANIFEST_MEDIA_TYPE, data)
+
+    def _recent(self, flight_key: str, since: float, stats: BuildStats) -> Optional[manifest.Document]:
+        path = self.recent_dir / flight_key
+        try:
+            if path.stat().st_mtime < since:
+                return None
+            digest = path.read_text().strip()
+        except FileNotFoundError:
+            return None
+        data = self.storage.read(blob_key(digest))
+        if data is None:
+            return None
+        stats.cached = True
+        return manifest.Document(manifest.MANIFEST_MEDIA_TYPE, data)
+
+    def _remember(self, flight_key: str, document: manifest.Document) -> None:
+        self.recent_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.recent_dir / f".{flight_key}.{os.getpid()}"
+        tmp.write_text(document.digest)
+        os.replace(tmp, self.recent_dir / flight_key)
+
+    def _timed(self, stats: BuildStats, step: str, fn: Callable[[], object]) -> object:
+        start = time.monotonic()
+        try:
+            return fn()
+        finally:
+            stats.steps[step] = round(time.monotonic() - start, 3)
+            log.info("build step", extra={"image": stats.image, "step": step,
+                                           "duration": stats.steps[step]})
+
+    def _build(self, image: Image, source_args, stats: BuildStats) -> manifest.Document:
+        try:
+            with self.nix.gc_roots() as roots:
+                closure: Closure = self._timed(stats, "build", lambda: self.nix.build(
+                    image.packages, OPTIONAL_PACKAGES, source_args, image.arch.nix_system, roots))
+                groups = self._timed(stats, "layer", lambda: layers.group(
+                    closure.paths, list(closure.packages.values()), self.popularity, self.budget))
+                descriptors = self._timed(stats, "upload", lambda: self._write_layers(closure, groups, stats))
+        except UnknownPackages as e:
+            raise manifest_unknown(f"unknown packages: {', '.join(e.names)}",
+                                   {"unknown": list(e.names)}) from None
+        except NixError as e:
+            log.error("nix failed", extra={"image": image.name, "reason": e.reason, "nix_log": e.log})
+            raise build_failed(e.reason) from None
+        env = [f"PATH={manifest.DEFAULT_PATH}"]
+        if "cacert" in closure.packages:
+            env.append(f"SSL_CERT_FILE={rootfs.CACERT_BUNDLE}")
+        config = manifest.image_config(image.arch.docker_arch, [d.diff_id for d in descriptors], env,
+                                       ["bash"] if image.shell else [])
+        self.storage.write(blob_key(config.digest), config.data, config.media_type)
+        document = manifest.image_manifest(
+            config.descriptor(),
+            [manifest.Descriptor(archive.LAYER_MEDIA_TYPE, d.digest, d.size) for d in descriptors])
+        self.storage.write(blob_key(document.digest), document.data, document.media_type)
+        stats.layers = len(descriptors)
+        return document
+
+    def _write_layers(self, closure: Closure, groups: Sequence[layers.Layer],
+                      stats: BuildStats) -> list[_LayerRecord]:
+        records = [self._layer(f"paths\n{chr(10).join(group.paths)}", stats,
+                               lambda out, paths=group.paths: archive.write_layer(out, store_paths=paths))
+                   for group in groups]
+        entries = rootfs.root_entries(closure.packages)
+        records.append(self._layer(f"root\n{json.dumps([dataclasses.astuple(e) for e in entries])}", stats,
+                                   lambda out: archive.write_layer(out, entries=entries)))
+        return records
+
+    def _layer(self, content: str, stats: BuildStats,
+               write: Callable[..., archive.LayerDigests]) -> _LayerRecord:
+        """A layer's record, archiving it only when no valid record exists for the same content."""
+        record_key = f"builds/{_hex(RECORD_VERSION + chr(10) + content)}"
+        raw = self.storage.read(record_key)
+        if raw is not None:
+            record = _LayerRecord(**json.loads(raw))
+            if self.storage.stat(blob_key(record.digest)) is not None:
+                stats.layers_reused += 1
+                stats.bytes_reused += record.size
+                return record
+        with self.storage.upload() as upload:
+            digests = write(upload.file)
+            upload.commit(blob_key(digests.digest), archive.LAYER_MEDIA_TYPE)
+        record = _LayerRecord(digests.digest, digests.diff_id, digests.size)
+        self.storage.write(record_key, json.dumps(dataclasses.asdict(record)).encode(), "application/json")
+        stats.layers_built += 1
+        stats.bytes_written += record.size
+        return record

@@ -1,0 +1,42 @@
+"""The registry's error type: one exception, one JSON shape.
+
+Every failure a client can see is a `RegistryError`; the app registers a
+single handler that renders it as the distribution spec's error body, so no
+code path answers with HTML or a bare status.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Optional
+
+
+class RegistryError(Exception):
+    def __init__(self, status: int, code: str, message: str, detail: Optional[Any] = None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.detail = detail
+
+    def body(self) -> bytes:
+        error: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.detail is not None:
+            error["detail"] = self.detail
+        return json.dumps({"errors": [error]}).encode()
+
+
+def manifest_unknown(message: str, detail: Any = None) -> RegistryError:
+    return RegistryError(404, "MANIFEST_UNKNOWN", message, detail)
+
+
+def blob_unknown(digest: str) -> RegistryError:
+    return RegistryError(404, "BLOB_UNKNOWN", "blob unknown to registry", {"digest": digest})
+
+
+def build_failed(reason: str) -> RegistryError:
+    return RegistryError(500, "UNKNOWN", reason)
+
+
+def unavailable(reason: str) -> RegistryError:
+    return RegistryError(503, "UNAVAILABLE", reason)

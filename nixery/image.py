@@ -1,0 +1,98 @@
+"""Image names: from a repository name and tag to the packages Nix must build.
+
+The name is the content, so two names that ask for the same packages (in any
+order, with duplicates, with or without meta-packages spelt out) must give the
+same `Image`, and the same image digest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from .errors import RegistryError
+
+# The distribution spec's grammar (spec.md, "Pulling manifests").
+NAME_RE = re.compile(r"[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*(/[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*)*")
+TAG_RE = re.compile(r"[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}")
+DIGEST_RE = re.compile(r"[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]+")
+SHA256_RE = re.compile(r"sha256:[a-f0-9]{64}")
+
+MAX_NAME_LENGTH = 255
+
+META_PACKAGES: dict[str, tuple[str, ...]] = {
+    "shell": ("bashInteractive", "coreutils", "moreutils", "nano"),
+}
+# Added to every image where the package set has them: TLS roots and
+# /etc/services / /etc/protocols are what users expect of a base system.
+OPTIONAL_PACKAGES: tuple[str, ...] = ("cacert", "iana-etc")
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    nix_system: str
+    docker_arch: str
+
+
+AMD64 = Architecture("x86_64-linux", "amd64")
+ARM64 = Architecture("aarch64-linux", "arm64")
+ARCH_META = {"arm64": ARM64}
+
+
+@dataclasses.dataclass(frozen=True)
+class Image:
+    name: str
+    tag: str
+    packages: tuple[str, ...]
+    arch: Architecture
+    shell: bool
+
+    @property
+    def key(self) -> str:
+        """What makes two requests the same build, whatever the name's spelling."""
+        return f"{self.arch.nix_system}|{self.tag}|{','.join(self.packages)}"
+
+
+def validate_name(name: str) -> None:
+    if len(name) > MAX_NAME_LENGTH or not NAME_RE.fullmatch(name):
+        raise RegistryError(400, "NAME_INVALID", "invalid repository name", {"name": name})
+
+
+def validate_tag(tag: str) -> None:
+    if not TAG_RE.fullmatch(tag):
+        raise RegistryError(400, "TAG_INVALID", "manifest tag did not match URI", {"tag": tag})
+
+
+def validate_digest(digest: str) -> bool:
+    """True for a sha256 digest Nixery may hold; False for a well-formed digest of another
+    algorithm (it cannot be here); raises DIGEST_INVALID for anything else."""
+    if SHA256_RE.fullmatch(digest):
+        return True
+    if DIGEST_RE.fullmatch(digest) and not digest.startswith("sha256:"):
+        return False
+    raise RegistryError(400, "DIGEST_INVALID", "provided digest did not match uploaded content",
+                        {"digest": digest})
+
+
+def parse(name: str, tag: str) -> Image:
+    """Split a repository name into packages; leading components may be meta-packages."""
+    validate_name(name)
+    validate_tag(tag)
+    components = name.split("/")
+    arch = AMD64
+    shell = False
+    packages: list[str] = []
+    leading = True
+    for component in components:
+        if leading and component in ARCH_META:
+            arch = ARCH_META[component]
+            continue
+        if leading and component in META_PACKAGES:
+            shell = shell or component == "shell"
+            packages.extend(META_PACKAGES[component])
+            continue
+        leading = False
+        packages.append(component)
+    if not packages:
+        raise RegistryError(400, "NAME_INVALID", "the name asks for no packages", {"name": name})
+    return Image(name=name, tag=tag, packages=tuple(sorted(set(packages))), arch=arch, shell=shell)

@@ -1,0 +1,80 @@
+# Nixery's Nix helper: resolves image package names in a package set and
+# exposes what resolved, so that the service (or a user with plain Nix) can
+# build an image's contents.
+#
+# Every argument arrives as a string (`--argstr`), lists as JSON, so nothing a
+# client sends is ever spliced into Nix source.
+#
+#   packages  JSON list of names; dots reach nested sets ("python3Packages.requests")
+#   optional  JSON list of names added only where the set has them ("cacert")
+#   srcType   "path" (a directory holding the set) or "tarball" (a URL that fetchTarball reads)
+#   srcArgs   the path or URL
+#   system    the target system, e.g. "x86_64-linux"
+#
+# Attributes:
+#   resolve   data for the service: { unknown = [ names ]; packages = { name = outPath; }; }
+#   contents  the resolved derivations, in the order of `packages` then `optional`
+{ packages ? "[]", optional ? "[]", srcType ? "path", srcArgs ? "", system ? builtins.currentSystem }:
+let
+  names = builtins.fromJSON packages;
+  optionalNames = builtins.fromJSON optional;
+
+  src =
+    if srcType == "path" then /. + srcArgs
+    else if srcType == "tarball" then builtins.fetchTarball { url = srcArgs; }
+    else throw "nixery: unknown srcType ${srcType}";
+
+  imported = import src;
+  pkgs = if builtins.isFunction imported then imported { inherit system; } else imported;
+
+  upper = [ "A" "B" "C" "D" "E" "F" "G" "H" "I" "J" "K" "L" "M" "N" "O" "P" "Q" "R" "S" "T" "U" "V" "W" "X" "Y" "Z" ];
+  lower = [ "a" "b" "c" "d" "e" "f" "g" "h" "i" "j" "k" "l" "m" "n" "o" "p" "q" "r" "s" "t" "u" "v" "w" "x" "y" "z" ];
+  toLower = builtins.replaceStrings upper lower;
+  startsWithDigit = s: builtins.match "[0-9].*" s != null;
+
+  # The attribute of `set` that `part` names: verbatim, then with nixpkgs'
+  # leading underscore for names starting with a digit, then ignoring case
+  # (registry names are lower case, nixpkgs' are not). null if none.
+  lookup = set: part:
+    let
+      candidates = [ part ] ++ (if startsWithDigit part then [ ("_" + part) ] else [ ]);
+      exact = builtins.filter (c: builtins.hasAttr c set) candidates;
+      folded = map toLower candidates;
+      loose = builtins.filter (n: builtins.elem (toLower n) folded) (builtins.attrNames set);
+    in
+      if exact != [ ] then set.${builtins.head exact}
+      else if loose != [ ] then set.${builtins.head loose}
+      else null;
+
+  isSet = v: (builtins.tryEval (builtins.isAttrs v)).value or false;
+
+  # Walks a dotted name through nested sets; null when any step is missing.
+  find = name:
+    builtins.foldl'
+      (acc: part: if acc != null && isSet acc then lookup acc part else null)
+      pkgs
+      (builtins.filter builtins.isString (builtins.split "\\." name));
+
+  # A name resolves when it reaches a derivation whose paths evaluate
+  # (a package that throws, e.g. marked broken, counts as unknown).
+  resolveOne = name:
+    let
+      value = find name;
+      paths = builtins.tryEval (
+        if value != null && (value.type or null) == "derivation"
+        then builtins.deepSeq value.drvPath value.outPath
+        else null);
+    in
+      if paths.success then paths.value else null;
+
+  resolvedRequired = map (n: { name = n; value = resolveOne n; }) names;
+  resolvedOptional = map (n: { name = n; value = resolveOne n; }) optionalNames;
+  found = builtins.filter (r: r.value != null) (resolvedRequired ++ resolvedOptional);
+in
+{
+  resolve = {
+    unknown = map (r: r.name) (builtins.filter (r: r.value == null) resolvedRequired);
+    packages = builtins.listToAttrs found;
+  };
+  contents = map (r: find r.name) found;
+}

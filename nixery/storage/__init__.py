@@ -1,0 +1,93 @@
+"""Storage backends: where blobs, layer records and pinned manifests live.
+
+Keys are plain strings of a fixed shape (`layers/sha256:<hex>`,
+`builds/<hex>`, `manifests/<hex>`) and are checked by `check_key` in every
+backend, so no client input can name a file or object outside the store.
+The HTTP layer asks `locate` how to hand a blob to a client: the bytes of a
+local file, or a redirect. Backends never see a request.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import dataclasses
+import re
+from typing import BinaryIO, Optional, Union
+
+from ..image import SHA256_RE
+
+_KEY_RE = re.compile(r"(layers/sha256:[a-f0-9]{64}|(builds|manifests)/[a-f0-9]{64})")
+
+
+class StorageError(Exception):
+    """The backend failed or is unreachable; the message is one line, fit for a client."""
+
+
+def check_key(key: str) -> str:
+    if not _KEY_RE.fullmatch(key):
+        raise ValueError(f"not a storage key: {key!r}")
+    return key
+
+
+def blob_key(digest: str) -> str:
+    """The key of a blob; `digest` must already have passed `image.validate_digest`."""
+    if not SHA256_RE.fullmatch(digest):
+        raise ValueError(f"not a sha256 digest: {digest!r}")
+    return f"layers/{digest}"
+
+
+@dataclasses.dataclass(frozen=True)
+class BlobInfo:
+    size: int
+    media_type: str
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalFile:
+    path: str
+    info: BlobInfo
+
+
+@dataclasses.dataclass(frozen=True)
+class Redirect:
+    url: str
+    info: BlobInfo
+
+
+class Upload(abc.ABC):
+    """A blob being written: write to `file`, then `commit` it under its key once known."""
+
+    file: BinaryIO
+
+    @abc.abstractmethod
+    def commit(self, key: str, media_type: str) -> None:
+        """Makes the written bytes visible at `key`, all at once; a no-op if `key` already exists."""
+
+
+class Backend(abc.ABC):
+    name: str
+
+    @abc.abstractmethod
+    def stat(self, key: str) -> Optional[BlobInfo]:
+        """Size and media type of the object at `key`, or None if absent."""
+
+    @abc.abstractmethod
+    def read(self, key: str) -> Optional[bytes]:
+        """The whole (small) object at `key`, or None if absent."""
+
+    @abc.abstractmethod
+    def write(self, key: str, data: bytes, media_type: str) -> None:
+        """Stores a small object atomically."""
+
+    @abc.abstractmethod
+    def upload(self) -> contextlib.AbstractContextManager[Upload]:
+        """A streaming upload; leaving the block uncommitted (or with an error) discards it."""
+
+    @abc.abstractmethod
+    def locate(self, key: str) -> Optional[Union[LocalFile, Redirect]]:
+        """How a client gets the blob at `key`, or None if absent."""
+
+    def check(self) -> None:
+        """Raises StorageError if the backend cannot be used (called at start-up)."""
+

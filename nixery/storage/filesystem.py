@@ -1,0 +1,105 @@
+"""The filesystem backend: content-addressed files under STORAGE_PATH.
+
+Every object is written under a temporary name in the same directory and
+renamed into place, so a reader sees the whole object or nothing. The media
+type lives in a small sidecar file written before the object is renamed, so
+no extended attributes are needed and a visible object always has its type.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import BinaryIO, Iterator, Optional
+
+from . import Backend, BlobInfo, LocalFile, StorageError, Upload, check_key
+
+_TYPE_SUFFIX = ".type"
+_TMP_DIR = "tmp"
+
+
+class _FileUpload(Upload):
+    def __init__(self, backend: "FilesystemBackend", file: BinaryIO, tmp_path: Path):
+        self.backend = backend
+        self.file = file
+        self.tmp_path = tmp_path
+        self.committed = False
+
+    def commit(self, key: str, media_type: str) -> None:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.backend._publish(self.tmp_path, key, media_type)
+        self.committed = True
+
+
+class FilesystemBackend(Backend):
+    name = "filesystem"
+
+    def __init__(self, root: Path):
+        self.root = root.resolve()
+        try:
+            for sub in ("layers", "builds", "manifests", _TMP_DIR):
+                (self.root / sub).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StorageError(f"cannot create storage directory {self.root}: {e.strerror}") from None
+
+    def _path(self, key: str) -> Path:
+        return self.root / check_key(key)
+
+    def stat(self, key: str) -> Optional[BlobInfo]:
+        path = self._path(key)
+        try:
+            size = path.stat().st_size
+            media_type = Path(str(path) + _TYPE_SUFFIX).read_text()
+        except FileNotFoundError:
+            return None
+        return BlobInfo(size=size, media_type=media_type)
+
+    def read(self, key: str) -> Optional[bytes]:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def _atomic_write(self, path: Path, data: bytes) -> None:
+        fd, tmp = tempfile.mkstemp(dir=self.root / _TMP_DIR)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+    def _publish(self, tmp_path: Path, key: str, media_type: str) -> None:
+        path = self._path(key)
+        self._atomic_write(Path(str(path) + _TYPE_SUFFIX), media_type.encode())
+        os.chmod(tmp_path, 0o644)
+        os.replace(tmp_path, path)
+
+    def write(self, key: str, data: bytes, media_type: str) -> None:
+        path = self._path(key)
+        self._atomic_write(Path(str(path) + _TYPE_SUFFIX), media_type.encode())
+        self._atomic_write(path, data)
+
+    @contextlib.contextmanager
+    def upload(self) -> Iterator[Upload]:
+        fd, tmp = tempfile.mkstemp(dir=self.root / _TMP_DIR)
+        with os.fdopen(fd, "wb") as file:
+            upload = _FileUpload(self, file, Path(tmp))
+            try:
+                yield upload
+            finally:
+                if not upload.committed:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(tmp)
+
+    def locate(self, key: str) -> Optional[LocalFile]:
+        info = self.stat(key)
+        return LocalFile(str(self._path(key)), info) if info else None

@@ -1,0 +1,24 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="nixery",
+    version="0.1.0",
+    description="A container registry that builds images on demand with Nix",
+    license="MIT",
+    python_requires=">=3.10",
+    packages=find_packages(include=["nixery", "nixery.*"]),
+    package_data={"nixery.nix": ["*.nix"], "nixery": ["static/*"]},
+    include_package_data=True,
+    install_requires=[
+        "falcon>=3.1",
+        "gunicorn>=21",
+        "google-cloud-storage>=2.10",
+        "google-auth>=2.20",
+        "pygit2>=1.12",
+        "networkx>=3.0",
+        "isal>=1.5",
+        "prometheus-client>=0.17",
+    ],
+    extras_require={"test": ["pytest>=7", "requests>=2.28", "gcp-storage-emulator", "cryptography"]},
+    entry_points={"console_scripts": ["nixery = nixery.__main__:main"]},
+)
