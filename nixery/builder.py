@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 
 # Bump when the bytes a record describes would change (tar layout, compression).
 RECORD_VERSION = "nixery-layer-v1"
+# An unpinned image built this recently is served to requests that queued behind the
+# build (a request may wait in a worker's accept queue before its clock starts).
+RECENT_SECONDS = 10.0
 
 
 @dataclasses.dataclass
@@ -108,7 +111,7 @@ class Builder:
     def _recent(self, flight_key: str, since: float, stats: BuildStats) -> Optional[manifest.Document]:
         path = self.recent_dir / flight_key
         try:
-            if path.stat().st_mtime < since:
+            if path.stat().st_mtime < since - RECENT_SECONDS:
                 return None
             digest = path.read_text().strip()
         except FileNotFoundError:
