@@ -127,18 +127,15 @@ def write_layer(out: BinaryIO, store_paths: Iterable[str] = (),
                 entries: Iterable[Entry] = ()) -> LayerDigests:
     """Writes one gzip'd tar of `entries` then `store_paths` to `out` and returns its digests."""
     store_paths = sorted(store_paths)
-    entries = sorted(entries, key=lambda e: e.name)
+    entries = list(entries)
     sink = _CompressingHasher(out)
     tar = tarfile.open(fileobj=sink, mode="w|", format=tarfile.GNU_FORMAT, encoding="utf-8")  # type: ignore[call-overload]
     tar.copybufsize = CHUNK
-    explicit = {e.name for e in entries if e.kind == "dir"}
     names = [e.name for e in entries] + [p.lstrip("/") for p in store_paths]
-    for parent in _parents(names):
-        if parent not in explicit:
-            info = _info(parent, 0o755)
-            info.type = tarfile.DIRTYPE
-            tar.addfile(info)
-    for entry in entries:
+    # Implied parent directories and explicit entries, in one name order: parents come first.
+    synthetic = {parent: Entry(parent, "dir", 0o755) for parent in _parents(names)}
+    synthetic.update((e.name, e) for e in entries)
+    for entry in sorted(synthetic.values(), key=lambda e: e.name):
         info = _info(entry.name, entry.mode)
         if entry.kind == "dir":
             info.type = tarfile.DIRTYPE

@@ -1,0 +1,86 @@
+"""Layer archives: byte-for-byte determinism and digests that match the bytes."""
+
+import gzip
+import hashlib
+import io
+import os
+import tarfile
+
+import pytest
+
+from nixery.archive import Entry, write_layer
+
+
+@pytest.fixture
+def tree(tmp_path):
+    """A store-like tree: nested directories, an executable, a symlink, an empty file."""
+    root = tmp_path / "nix/store/aaaa-pkg"
+    (root / "bin").mkdir(parents=True)
+    (root / "share/doc").mkdir(parents=True)
+    (root / "bin/tool").write_bytes(b"#!/bin/sh\necho hi\n")
+    (root / "bin/tool").chmod(0o555)
+    (root / "share/doc/README").write_bytes(os.urandom(300_000))
+    (root / "share/empty").write_bytes(b"")
+    (root / "bin/alias").symlink_to("tool")
+    return root
+
+
+def archive(paths, entries=()):
+    out = io.BytesIO()
+    digests = write_layer(out, store_paths=paths, entries=entries)
+    return out.getvalue(), digests
+
+
+def test_same_input_same_bytes(tree, tmp_path):
+    data1, d1 = archive([str(tree)])
+    os.utime(tree / "bin/tool", (12345, 12345))  # mtimes must not leak into the archive
+    data2, d2 = archive([str(tree)])
+    assert data1 == data2 and d1 == d2
+
+
+def test_digests_match_the_bytes(tree):
+    data, digests = archive([str(tree)], [Entry("tmp", "dir", 0o1777)])
+    assert digests.digest == "sha256:" + hashlib.sha256(data).hexdigest()
+    assert digests.diff_id == "sha256:" + hashlib.sha256(gzip.decompress(data)).hexdigest()
+    assert digests.size == len(data)
+
+
+def test_entries_are_normalised(tree):
+    data, _ = archive([str(tree)], [Entry("tmp", "dir", 0o1777), Entry("bin", "dir"),
+                                    Entry("bin/tool", "symlink", target=str(tree / "bin/tool"))])
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        members = tar.getmembers()
+    names = [m.name for m in members]
+    prefix = str(tree).lstrip("/")
+    assert all(m.uid == 0 and m.gid == 0 and m.uname == "" and m.gname == "" and m.mtime == 1 for m in members)
+    by_name = {m.name: m for m in members}
+    assert by_name["tmp"].mode == 0o1777 and by_name["tmp"].isdir()
+    assert by_name[f"{prefix}/bin/alias"].issym() and by_name[f"{prefix}/bin/alias"].linkname == "tool"
+    assert by_name[f"{prefix}/bin/tool"].mode == 0o555
+    # Every directory comes before what it holds, so unpackers never invent one.
+    for i, name in enumerate(names):
+        parent = name.rsplit("/", 1)[0]
+        if "/" in name:
+            assert parent in names[:i]
+
+
+def test_memory_stays_bounded_for_big_files(tmp_path):
+    import tracemalloc
+    big = tmp_path / "nix/store/bbbb-big"
+    big.mkdir(parents=True)
+    with open(big / "data", "wb") as f:
+        for _ in range(64):
+            f.write(os.urandom(1 << 20))
+
+    class Sink:
+        size = 0
+
+        def write(self, data):
+            self.size += len(data)
+
+    tracemalloc.start()
+    digests = write_layer(Sink(), store_paths=[str(big)])
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert digests.size > 64 << 20
+    assert peak < 16 << 20, f"peak {peak} bytes for a 64 MiB layer"
