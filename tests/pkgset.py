@@ -33,11 +33,13 @@ let
     printf '#!${busybox}/bin/sh\n%s\n' ${builtins.toJSON body} > $out/bin/${name}
     chmod +x $out/bin/${name}
   '';
-  # A package of `mb` MiB of incompressible data in `files` files.
+  # A package of `mb` MiB in `files` files, half random bytes and half base64 text,
+  # so that it compresses about as well as a real store path.
   blob = name: mb: files: mk name ''
     mkdir -p $out/data
     for i in $(seq 1 ${toString files}); do
-      dd if=/dev/urandom of=$out/data/part-$i bs=65536 count=$(( ${toString mb} * 16 / ${toString files} )) 2>/dev/null
+      dd if=/dev/urandom of=$out/data/part-$i bs=65536 count=$(( ${toString mb} * 8 / ${toString files} )) 2>/dev/null
+      dd if=/dev/urandom bs=49152 count=$(( ${toString mb} * 8 / ${toString files} )) 2>/dev/null | base64 > $out/data/text-$i
     done
   '';
   busybox = mk "busybox" ''
