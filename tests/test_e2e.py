@@ -51,8 +51,7 @@ def test_nested_case_insensitive_and_digit_names(server, tmp_path):
 
 def test_same_image_twice_gives_the_same_digest(server, tmp_path):
     first = requests.get(f"{server.url}/v2/shell/hello/manifests/latest", timeout=120)
-    second = requests.get(f"{server.url}/v2/hello/shell/../shell/hello/manifests/latest".replace("hello/shell/../", ""),
-                          timeout=120)
+    second = requests.get(f"{server.url}/v2/shell/hello/hello/manifests/latest", timeout=120)
     assert first.status_code == second.status_code == 200
     digest = first.headers["Docker-Content-Digest"]
     assert digest == second.headers["Docker-Content-Digest"]
@@ -66,10 +65,16 @@ def test_same_image_twice_gives_the_same_digest(server, tmp_path):
 
     by_digest = requests.get(f"{server.url}/v2/shell/hello/manifests/{digest}", timeout=30)
     assert by_digest.status_code == 200 and by_digest.content == first.content
+    head = requests.head(f"{server.url}/v2/shell/hello/manifests/latest", timeout=30)
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["Docker-Content-Digest"] == digest
+    assert int(head.headers["Content-Length"]) == len(first.content)
 
 
 def test_images_sharing_packages_share_layers(server):
     hello = requests.get(f"{server.url}/v2/shell/hello/manifests/latest", timeout=120).json()
+    blobs = server.workdir / "storage" / "layers"
+    written = {layer["digest"]: (blobs / layer["digest"]).stat().st_mtime_ns for layer in hello["layers"]}
     greeter = requests.get(f"{server.url}/v2/shell/greeter/manifests/latest", timeout=120).json()
     hello_layers = {layer["digest"] for layer in hello["layers"]}
     greeter_layers = {layer["digest"] for layer in greeter["layers"]}
@@ -79,9 +84,8 @@ def test_images_sharing_packages_share_layers(server):
     assert len(shared) == len(hello_layers) - 2, (hello_layers, greeter_layers)
     biggest = max(hello["layers"], key=lambda layer: layer["size"])
     assert biggest["digest"] in shared
-    # Records make the second image reuse, not rebuild, the shared layers.
-    builds = [e for e in server.log_entries() if e.get("step") == "upload"]
-    assert builds, "the build logs its upload step"
+    # The shared layers were found through their records, not archived again.
+    assert {d: (blobs / d).stat().st_mtime_ns for d in shared} == {d: written[d] for d in shared}
 
 
 def test_unknown_packages_are_404_naming_each(server):

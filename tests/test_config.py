@@ -1,0 +1,79 @@
+"""Configuration: defaults, validation naming the variable, and the command line."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nixery import config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_defaults(tmp_path):
+    c = config.load({"HOME": str(tmp_path)})
+    assert c.port == 8080 and c.layer_budget == 94 and c.nix_timeout == 60
+    assert c.source == config.PackageSource(config.SourceKind.CHANNEL, "nixos-unstable")
+    assert c.storage_backend == "filesystem"
+    assert c.storage_path == tmp_path / ".local/share/nixery"
+    assert c.popularity_url is None
+
+
+def test_path_source_is_resolved(tmp_path):
+    c = config.load({"HOME": str(tmp_path), "NIXERY_PKGS_PATH": str(tmp_path)})
+    assert c.source == config.PackageSource(config.SourceKind.PATH, str(tmp_path.resolve()))
+
+
+@pytest.mark.parametrize("env, variable", [
+    ({"PORT": "eighty"}, "PORT"),
+    ({"PORT": "70000"}, "PORT"),
+    ({"NIX_TIMEOUT": "0"}, "NIX_TIMEOUT"),
+    ({"NIXERY_LAYER_BUDGET": "500"}, "NIXERY_LAYER_BUDGET"),
+    ({"NIXERY_STORAGE_BACKEND": "s3"}, "NIXERY_STORAGE_BACKEND"),
+    ({"NIXERY_STORAGE_BACKEND": "gcs"}, "NIXERY_STORAGE_BACKEND"),
+    ({"NIXERY_PKGS_PATH": "/does/not/exist"}, "NIXERY_PKGS_PATH"),
+    ({"NIXERY_CHANNEL": "x", "NIXERY_PKGS_PATH": "/"}, "NIXERY_CHANNEL"),
+    ({"NIXERY_CHANNEL": "bad channel"}, "NIXERY_CHANNEL"),
+    ({"NIXERY_PKGS_REPO": "ftp://example/x"}, "NIXERY_PKGS_REPO"),
+    ({"NIX_POPULARITY_URL": "/no/such/file.json"}, "NIX_POPULARITY_URL"),
+    ({"NIXERY_CHANNEL_URL_TEMPLATE": "http://mirror/nixpkgs.tar.gz"}, "NIXERY_CHANNEL_URL_TEMPLATE"),
+    ({"NIXERY_LOG_LEVEL": "LOUD"}, "NIXERY_LOG_LEVEL"),
+])
+def test_bad_values_name_the_variable(env, variable):
+    with pytest.raises(config.ConfigError, match=variable):
+        config.load({"HOME": "/root", **env})
+
+
+def test_token_in_a_url_is_redacted():
+    c = config.load({"HOME": "/root", "NIXERY_PKGS_REPO": "https://user:s3cret@git.example/pkgs.git",
+                     "NIXERY_GIT_TOKEN": "tok3n"})
+    text = repr(c.summary())
+    assert "s3cret" not in text and "tok3n" not in text
+
+
+def run_nixery(*args: str, **env: str) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("NIXERY_", "NIX_", "GCS_"))}
+    return subprocess.run([sys.executable, "-m", "nixery", *args], capture_output=True, text=True, timeout=60,
+                          env={**clean, "PYTHONPATH": str(ROOT), **env})
+
+
+def test_command_line_stops_on_a_bad_value():
+    result = run_nixery(PORT="-1")
+    assert result.returncode == 2
+    assert "PORT" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_help_describes_every_variable():
+    result = run_nixery("--help")
+    assert result.returncode == 0
+    for variable in config.VARIABLES:
+        assert variable.name in result.stdout
+
+
+def test_check_config_prints_the_effective_configuration(tmp_path):
+    result = run_nixery("--check-config", NIXERY_PKGS_PATH=str(tmp_path), STORAGE_PATH=str(tmp_path / "s"),
+                        NIXERY_GIT_TOKEN="tok3n")
+    assert result.returncode == 0, result.stderr
+    assert '"kind": "path"' in result.stdout and "tok3n" not in result.stdout
