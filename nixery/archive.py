@@ -129,7 +129,8 @@ def write_layer(out: BinaryIO, store_paths: Iterable[str] = (),
     store_paths = sorted(store_paths)
     entries = list(entries)
     sink = _CompressingHasher(out)
-    tar = tarfile.open(fileobj=sink, mode="w|", format=tarfile.GNU_FORMAT, encoding="utf-8")  # type: ignore[call-overload]
+    tar = tarfile.open(fileobj=sink, mode="w|", bufsize=CHUNK, format=tarfile.GNU_FORMAT,  # type: ignore[call-overload]
+                       encoding="utf-8")
     tar.copybufsize = CHUNK
     names = [e.name for e in entries] + [p.lstrip("/") for p in store_paths]
     # Implied parent directories and explicit entries, in one name order: parents come first.
