@@ -30,6 +30,9 @@ def gunicorn_options(config: Config) -> dict[str, Any]:
         "errorlog": "-",
         "loglevel": config.log_level.lower(),
         "proc_name": "nixery",
+        # Gunicorn's control socket defaults to one path per user; several instances
+        # (or test servers) on one machine would fight over it, and Nixery does not use it.
+        "control_socket_disable": True,
     }
 
 
@@ -41,7 +44,8 @@ class NixeryServer(BaseApplication):
 
     def load_config(self) -> None:
         for key, value in gunicorn_options(self.config).items():
-            self.cfg.set(key, value)
+            if key in self.cfg.settings:  # older Gunicorns lack the control socket settings
+                self.cfg.set(key, value)
 
     def load(self) -> Any:
         return self.app_factory(self.config)
