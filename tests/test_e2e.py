@@ -6,6 +6,8 @@ import concurrent.futures
 import hashlib
 import http.client
 import json
+import subprocess
+import time
 
 import pytest
 import requests
@@ -194,3 +196,22 @@ def test_version_check(server):
     assert response.status_code == 200
     assert response.headers["Docker-Distribution-API-Version"] == "registry/2.0"
     assert requests.head(server.url + "/v2/", timeout=10).status_code == 200
+
+
+def test_nix_timeout_is_a_500_and_kills_the_build(start_server, tmp_path):
+    from pkgset import make_package_set
+    import uuid
+    slow = make_package_set(tmp_path / "slow-set", salt=uuid.uuid4().hex[:12], slow_seconds=117)
+    server = start_server({"NIXERY_PKGS_PATH": str(slow), "NIX_TIMEOUT": "3"})
+    started = time.monotonic()
+    response = requests.get(f"{server.url}/v2/slowbuild/manifests/latest", timeout=60)
+    assert time.monotonic() - started < 30
+    assert response.status_code == 500
+    [error] = errors_of(response)
+    assert error["code"] == "UNKNOWN" and "timed out after 3s" in error["message"]
+    time.sleep(1)
+    for pattern in (str(slow), "sleep 117"):  # nix-build, and the builder in its own session
+        leftovers = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
+        assert leftovers == [], f"{pattern} survived the timeout"
+    # The server is still there for the next request.
+    assert requests.get(f"{server.url}/v2/", timeout=10).status_code == 200

@@ -19,11 +19,12 @@ import subprocess
 import uuid
 from importlib import resources
 from pathlib import Path
-from typing import Iterator, Mapping, Optional, Sequence
+from typing import Callable, Iterator, Mapping, Optional, Sequence
 
 log = logging.getLogger(__name__)
 
 HELPER = Path(str(resources.files(__package__).joinpath("helper.nix")))
+KILL_GRACE_SECONDS = 10
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
@@ -82,16 +83,21 @@ def first_error_line(text: str) -> str:
 
 
 class Nix:
-    """Runs Nix for one service; `invocations` counts processes started (for metrics and tests)."""
+    """Runs Nix for one service; `invocations` counts processes started (for metrics and tests),
+    and `on_invoke` hears each one's command name (the metrics count them across workers)."""
 
-    def __init__(self, timeout: int, gcroot_dir: Path, env: Optional[Mapping[str, str]] = None):
+    def __init__(self, timeout: int, gcroot_dir: Path, env: Optional[Mapping[str, str]] = None,
+                 on_invoke: Optional[Callable[[str], None]] = None):
         self.timeout = timeout
         self.gcroot_dir = gcroot_dir
         self.env = dict(env if env is not None else os.environ)
         self.invocations = 0
+        self.on_invoke = on_invoke
 
     def _run(self, args: Sequence[str], what: str) -> str:
         self.invocations += 1
+        if self.on_invoke:
+            self.on_invoke(args[0])
         log.debug("running nix", extra={"argv": list(args)})
         try:
             proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -101,9 +107,7 @@ class Nix:
         try:
             out, err = proc.communicate(timeout=self.timeout)
         except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            out, err = proc.communicate()
+            out, err = self._stop(proc)
             raise NixError(f"{what} timed out after {self.timeout}s",
                            err.decode(errors="replace")) from None
         stderr = err.decode(errors="replace")
@@ -119,6 +123,19 @@ class Nix:
                 "--argstr", "srcType", source.kind,
                 "--argstr", "srcArgs", source.argument,
                 "--argstr", "system", system]
+
+    @staticmethod
+    def _stop(proc: subprocess.Popen) -> tuple[bytes, bytes]:
+        """SIGTERM first: Nix then stops its builders, which run in sessions of their own
+        and would outlive a SIGKILL'd client. SIGKILL the group if it does not exit."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            return proc.communicate(timeout=KILL_GRACE_SECONDS)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            return proc.communicate()
 
     def resolve(self, names: Sequence[str], optional: Sequence[str], source: SourceArgs,
                 system: str) -> dict[str, str]:
@@ -147,9 +164,10 @@ class Nix:
         return parse_path_info(raw)
 
     def build(self, names: Sequence[str], optional: Sequence[str], source: SourceArgs,
-              system: str, roots: Path) -> Closure:
-        """Resolves, builds (GC roots in `roots`) and returns the runtime closure."""
-        resolved = self.resolve(names, optional, source, system)
+              system: str, roots: Path, resolved: Mapping[str, str]) -> Closure:
+        """Builds what `resolve` found (GC roots in `roots`) and returns the runtime closure.
+
+        Resolving is the caller's separate step so that evaluation and building are timed apart."""
         self._run(["nix-build", "--out-link", str(roots / "out"),
                    "-A", "contents", *self._helper_args(names, optional, source, system)],
                   "building")
