@@ -215,3 +215,11 @@ def test_nix_timeout_is_a_500_and_kills_the_build(start_server, tmp_path):
         assert leftovers == [], f"{pattern} survived the timeout"
     # The server is still there for the next request.
     assert requests.get(f"{server.url}/v2/", timeout=10).status_code == 200
+
+
+def test_start_up_logs_the_configuration_without_secrets(start_server, pkgset):
+    server = start_server({"NIXERY_PKGS_PATH": str(pkgset), "NIXERY_GIT_TOKEN": "very-secret-token"})
+    [start] = [e for e in server.log_entries() if e.get("message") == "starting nixery"]
+    assert start["config"]["source"] == {"kind": "path", "argument": str(pkgset.resolve())}
+    assert start["config"]["layer_budget"] == 94 and start["config"]["git_token"] == "<set>"
+    assert "very-secret-token" not in server.log()

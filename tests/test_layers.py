@@ -80,3 +80,16 @@ def test_deterministic_across_hash_seeds():
                               env={**os.environ, "PYTHONHASHSEED": str(seed)},
                               capture_output=True, text=True, check=True).stdout for seed in (1, 2, 3)}
     assert len(outputs) == 1
+
+
+def test_popularity_data_loads_from_a_file(tmp_path):
+    import pytest
+    from nixery import popularity
+    good = tmp_path / "popularity.json"
+    good.write_text('{"glibc-2.39": 5000, "hello-2.12": 3}')
+    assert popularity.load(str(good)) == {"glibc-2.39": 5000, "hello-2.12": 3}
+    assert popularity.load(None) == {}
+    bad = tmp_path / "bad.json"
+    bad.write_text('["not", "a", "map"]')
+    with pytest.raises(popularity.PopularityError, match="NIX_POPULARITY_URL"):
+        popularity.load(str(bad))

@@ -16,6 +16,7 @@ packages) and the NixOS VM test (`nix flake check` on a machine with nixpkgs).
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -606,7 +607,7 @@ def test_module_service_is_hardened_and_uses_the_daemon(nix_files):
 def test_module_package_defaults_to_this_repository(module_options):
     package = module_options["package"]
     assert package["type"]["name"] == "package"
-    assert package["default"].endswith("-nixery-0.1.0") or "nixery" in package["default"]
+    assert store_name(package["default"]) == f"nixery-{setup_py_arguments()['version']}"
     assert "pkgs.nixery" in package["defaultText"]["text"]
 
 
@@ -707,6 +708,27 @@ def test_default_nix_package(nix_files):
         assert "nixery/nix/helper.nix" in args["postInstall"]
 
 
+def setup_py_arguments() -> dict:
+    """The keyword arguments of setup() in setup.py, read without running it."""
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "setup":
+            return {k.arg: ast.literal_eval(k.value) for k in node.keywords
+                    if isinstance(k.value, (ast.Constant, ast.List, ast.Dict, ast.Tuple))}
+    raise AssertionError("setup.py calls no setup()")
+
+
+def test_default_nix_agrees_with_setup_py(nix_files):
+    setup = setup_py_arguments()
+    args = flake_value(nix_files, 'outputs.packages."x86_64-linux".default.args')
+    assert args["version"] == setup["version"]
+    required = {re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0].lower().replace("_", "-")
+                for r in setup["install_requires"]}
+    assert required == PYTHON_DEPENDENCIES
+    assert "nixery = nixery.__main__:main" in setup["entry_points"]["console_scripts"]
+    assert any("*.nix" in patterns for patterns in setup["package_data"].values())
+
+
 def test_dev_shell_has_the_tools_and_the_same_python_dependencies(nix_files):
     packages = flake_value(nix_files, 'outputs.devShells."x86_64-linux".default.args.packages')
     names = {store_name(p) for p in packages}
@@ -719,7 +741,8 @@ def test_dev_shell_has_the_tools_and_the_same_python_dependencies(nix_files):
 def test_flake_image(nix_files, tmp_path):
     image = flake_value(nix_files, 'outputs.packages."x86_64-linux".image.args')
     names = {store_name(p) for p in image["contents"]}
-    assert {"nixery-0.1.0", "nix", "git", "cacert", "bashInteractive", "coreutils", "nixery-container-start"} <= names
+    nixery = f"nixery-{setup_py_arguments()['version']}"
+    assert {nixery, "nix", "git", "cacert", "bashInteractive", "coreutils", "nixery-container-start"} <= names
     assert image["includeNixDB"] is True
     assert image["config"]["Entrypoint"] == [
         "/nix/store/00000000000000000000000000000000-nixery-container-start/bin/nixery-container-start"]
@@ -731,8 +754,44 @@ def test_flake_image(nix_files, tmp_path):
     path.write_text(script)
     run("bash", "-n", str(path))
     for needed in ("sandbox = false", "build-users-group =", "/etc/passwd", "/etc/group", "root:x:0:0",
-                   "nixbld", "chmod 1777 /tmp", "exec /nix/store/00000000000000000000000000000000-nixery-0.1.0/bin/nixery"):
+                   "nixbld", "chmod 1777 /tmp", f"exec /nix/store/00000000000000000000000000000000-{nixery}/bin/nixery"):
         assert needed in script, needed
+
+
+def test_image_start_script_prepares_the_container(nix_files, busybox_dir, tmp_path):
+    """The image's start-up script, run in a chroot holding only a busybox,
+    with Nixery replaced by a command that reports what it was given."""
+    script = flake_value(nix_files, '(builtins.head (builtins.filter (p: p.name or "" == "nixery-container-start") '
+                                    'outputs.packages."x86_64-linux".image.args.contents)).text')
+    nixery = f"/nix/store/00000000000000000000000000000000-nixery-{setup_py_arguments()['version']}/bin/nixery"
+    assert script.count(nixery) == 1
+    chroot = shutil.which("chroot") or "/usr/sbin/chroot"
+    root = tmp_path / "root"
+    (root / "bin").mkdir(parents=True)
+    shutil.copy(busybox_dir / "bin" / "busybox", root / "bin" / "busybox")
+    for applet in ("sh", "mkdir", "chmod", "cat", "echo", "printf", "tr"):
+        (root / "bin" / applet).symlink_to("busybox")
+    (root / "start").write_text(
+        "set -o errexit -o nounset\n"
+        + script.replace(nixery, "/bin/report"))
+    (root / "bin" / "report").write_text('#!/bin/sh\necho "started with $*" > /started\n')
+    (root / "bin" / "report").chmod(0o755)
+    subprocess.run([chroot, str(root), "/bin/sh", "/start", "--check-config"], check=True,
+                   env={"PATH": "/bin"}, timeout=60)
+    assert (root / "started").read_text() == "started with --check-config\n"
+    conf = (root / "etc" / "nix" / "nix.conf").read_text().splitlines()
+    assert "sandbox = false" in conf and "build-users-group =" in conf
+    passwd = [line.split(":") for line in (root / "etc" / "passwd").read_text().splitlines()]
+    assert ["root", "x", "0", "0", "root", "/root", "/bin/bash"] in passwd
+    assert sum(1 for entry in passwd if entry[0].startswith("nixbld") and entry[3] == "30000") >= 1
+    groups = {line.split(":")[0]: line.split(":") for line in (root / "etc" / "group").read_text().splitlines()}
+    assert groups["root"][2] == "0" and groups["nixbld"][2] == "30000"
+    assert set(groups["nixbld"][3].split(",")) == {e[0] for e in passwd if e[0].startswith("nixbld")}
+    assert (root / "tmp").stat().st_mode & 0o7777 == 0o1777
+    # A second start keeps what is there (a mounted nix.conf, say).
+    (root / "etc" / "nix" / "nix.conf").write_text("sandbox = true\n")
+    subprocess.run([chroot, str(root), "/bin/sh", "/start"], check=True, env={"PATH": "/bin"}, timeout=60)
+    assert (root / "etc" / "nix" / "nix.conf").read_text() == "sandbox = true\n"
 
 
 def test_vm_test_script_is_python(nix_files):
