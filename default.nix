@@ -17,8 +17,10 @@
 
 python3Packages.buildPythonApplication {
   pname = "nixery";
-  # Keep in step with setup.py.
-  version = "0.1.0";
+  # nixery/__init__.py's __version__, which setup.py repeats.
+  version = lib.head (
+    builtins.match ''.*__version__ = "([^"]+)".*'' (builtins.readFile ./nixery/__init__.py)
+  );
   pyproject = true;
 
   # Only what the build needs, so that editing the tests, the README or the

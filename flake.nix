@@ -55,7 +55,7 @@
               if [ ! -e /etc/group ]; then
                 {
                   echo 'root:x:0:'
-                  echo "nixbld:x:30000:$(echo nixbld{1..8} | tr ' ' ',')"
+                  echo 'nixbld:x:30000:nixbld1,nixbld2,nixbld3,nixbld4,nixbld5,nixbld6,nixbld7,nixbld8'
                   echo 'nogroup:x:65534:'
                 } > /etc/group
               fi
@@ -246,8 +246,17 @@
 
       devShells = forAllSystems (
         { pkgs, ... }:
+        let
+          # Only the busybox binary: its applets would shadow coreutils & co.
+          busyboxStatic = pkgs.runCommand "busybox-static" { } ''
+            mkdir -p $out/bin
+            ln -s ${pkgs.pkgsStatic.busybox}/bin/busybox $out/bin/busybox
+          '';
+        in
         {
           default = pkgs.mkShell {
+            # The static busybox that test package sets build with.
+            BUSYBOX = "${pkgs.pkgsStatic.busybox}/bin/busybox";
             packages = [
               (pkgs.python3.withPackages (
                 ps: with ps; [
@@ -266,12 +275,10 @@
               pkgs.git
               pkgs.skopeo
               pkgs.umoci
-              pkgs.pkgsStatic.busybox
+              busyboxStatic
             ];
           };
         }
       );
-
-      formatter = forAllSystems ({ pkgs, ... }: pkgs.nixfmt-rfc-style);
     };
 }

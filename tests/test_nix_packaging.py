@@ -178,6 +178,7 @@ let
     pkgsStatic.busybox =
       if busyboxDir == "" then fakeDrv "busybox-static" { pname = "busybox"; }
       else builtins.path { path = /. + busyboxDir; name = "busybox-static"; };
+    runCommand = name: env: script: fakeDrv name (env // { inherit script; });
     writeShellApplication = args: fakeDrv args.name (args // { meta.mainProgram = args.name; });
     # A single file instead of a directory holding default.nix: Nix imports
     # either, and `builtins.toFile` needs no nixpkgs.
@@ -733,6 +734,8 @@ def test_dev_shell_has_the_tools_and_the_same_python_dependencies(nix_files):
     packages = flake_value(nix_files, 'outputs.devShells."x86_64-linux".default.args.packages')
     names = {store_name(p) for p in packages}
     assert {"python3-env", "nix", "git", "skopeo", "umoci", "busybox-static"} <= names
+    busybox = flake_value(nix_files, 'outputs.devShells."x86_64-linux".default.args.BUSYBOX')
+    assert busybox.endswith("-busybox-static/bin/busybox")
     python = flake_value(nix_files, '(builtins.head (builtins.filter (p: p.name == "python3-env") '
                                     'outputs.devShells."x86_64-linux".default.args.packages)).pythonPackages')
     assert set(python) == PYTHON_DEPENDENCIES | {"pytest"}
