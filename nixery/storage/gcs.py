@@ -1,0 +1,296 @@
+"""The Google Cloud Storage backend: one bucket shared by every Nixery instance.
+
+Blobs, layer records and pinned manifests are objects in one bucket, so any
+number of instances (and their Gunicorn workers) reuse whatever one of them
+built. Clients download blobs straight from GCS: `locate` answers with a V4
+signed URL, or with the object's public URL when there is no signing key.
+HEAD is answered by Nixery from the object's metadata, since a URL signed
+for GET does not serve HEAD.
+
+A layer's digest is known only once it has been written, so it streams into
+a temporary object (memory stays bounded by one upload chunk) and `commit`
+copies that into place with a create-only precondition: a reader sees a
+whole, checksummed object at `layers/<digest>` or nothing. Every failure of
+the library, the network or the credentials becomes a one-line StorageError,
+which the HTTP layer answers with a JSON 503.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import http.client
+import logging
+import os
+import re
+import threading
+import uuid
+from typing import Iterator, Optional
+
+import requests
+import urllib3
+from google.api_core import exceptions as api_exceptions
+from google.auth import crypt
+from google.auth import exceptions as auth_exceptions
+from google.cloud import storage
+from google.cloud.storage import exceptions as storage_exceptions
+from google.cloud.storage.fileio import BlobWriter
+from google.cloud.storage.retry import DEFAULT_RETRY
+from google.oauth2 import service_account
+
+from ..config import GcsConfig
+from . import Backend, BlobInfo, Redirect, StorageError, Upload, check_key
+
+log = logging.getLogger(__name__)
+
+# Unfinished layers live here; a bucket lifecycle rule removes any left by a crash.
+TMP_PREFIX = "tmp/"
+# Bytes buffered before a resumable-upload request: the memory one upload holds.
+# GCS needs a multiple of 256 KiB; 8 MiB is its recommended minimum for throughput.
+CHUNK_SIZE = 8 << 20
+# A registry client waits for the answer, so give up on an unreachable bucket
+# after seconds, not the library's two minutes.
+RETRY_SECONDS = 10.0
+_RETRY = DEFAULT_RETRY.with_timeout(RETRY_SECONDS)
+_TIMEOUT = (5.0, 60.0)  # connect, read
+_TOKEN_URI = "https://oauth2.googleapis.com/token"
+_REQUEST_PREFIX = re.compile(r"^[A-Z]+ \S+: ")
+
+# Everything google-cloud-storage and its transport raise for a failed request.
+_FAILURES = (
+    api_exceptions.GoogleAPIError,
+    storage_exceptions.InvalidResponse,
+    storage_exceptions.DataCorruption,
+    auth_exceptions.GoogleAuthError,
+    requests.RequestException,
+    urllib3.exceptions.HTTPError,
+    http.client.HTTPException,
+    ConnectionError,
+)
+
+
+def _reason(error: BaseException) -> str:
+    """A short, one-line account of a failure, without URLs, tokens or key material."""
+    if isinstance(error, api_exceptions.RetryError):
+        cause = f": {_reason(error.cause)}" if error.cause else ""
+        return f"gave up retrying{cause}"
+    if isinstance(error, (requests.ConnectionError, urllib3.exceptions.HTTPError, ConnectionError)):
+        return "cannot connect to Google Cloud Storage"
+    if isinstance(error, requests.Timeout):
+        return "Google Cloud Storage timed out"
+    if isinstance(error, storage_exceptions.DataCorruption):
+        return "checksum mismatch: the transfer was corrupted"
+    if isinstance(error, api_exceptions.NotFound):
+        return "404 not found"
+    if isinstance(error, api_exceptions.GoogleAPICallError):
+        # The library prefixes the request ("GET https://...: "); the reason is what follows.
+        return f"{error.code} {_REQUEST_PREFIX.sub('', error.message)}"
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if isinstance(error, auth_exceptions.GoogleAuthError):
+        # google-auth names files and reasons, never the key itself.
+        return f"credentials: {text}"
+    return text
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def load_signing_credentials(config: GcsConfig) -> Optional[service_account.Credentials]:
+    """Credentials that sign URLs with GCS_SIGNING_KEY, or None when it is not set.
+
+    Read and tried once at start-up, so a bad key stops Nixery there instead of
+    failing every blob request. Errors name the file, never its contents.
+    """
+    if config.signing_key is None or config.signing_account is None:
+        return None
+    path = config.signing_key
+    try:
+        pem = path.read_bytes()
+    except OSError as e:
+        raise StorageError(f"GCS_SIGNING_KEY {path} cannot be read: {e.strerror}") from None
+    try:
+        signer = crypt.RSASigner.from_string(pem)
+        signer.sign(b"nixery start-up check")
+    except Exception:  # any parse failure: its message might quote the key, so drop it
+        raise StorageError(f"GCS_SIGNING_KEY {path} is not a PEM-encoded RSA private key") from None
+    return service_account.Credentials(signer, config.signing_account, _TOKEN_URI)
+
+
+def _info(blob: storage.Blob) -> BlobInfo:
+    return BlobInfo(size=blob.size, media_type=blob.content_type or "application/octet-stream")
+
+
+class _LayerFile:
+    """The file a layer is archived into: a resumable upload whose failures are StorageErrors."""
+
+    def __init__(self, backend: "GcsBackend", writer: BlobWriter):
+        self.backend = backend
+        self.writer = writer
+
+    def write(self, data: bytes) -> int:
+        with self.backend.failures("upload a layer"):
+            return self.writer.write(data)
+
+
+class _GcsUpload(Upload):
+    def __init__(self, backend: "GcsBackend", tmp: storage.Blob):
+        self.backend = backend
+        self.tmp = tmp
+        self.writer = BlobWriter(tmp, chunk_size=CHUNK_SIZE, retry=_RETRY, timeout=_TIMEOUT)
+        self.file = _LayerFile(backend, self.writer)  # type: ignore[assignment]
+
+    def commit(self, key: str, media_type: str) -> None:
+        check_key(key)
+        with self.backend.failures(f"store {key}"):
+            self.writer.close()  # finishes the upload; the library checks its crc32c
+            self.backend.publish(self.tmp, key, media_type)
+
+    def discard(self) -> None:
+        """Cancels the upload or deletes the temporary object, once, without retrying.
+
+        A failure here only leaves an object under tmp/ that nothing refers to,
+        so it is logged rather than raised over the error that led here.
+        """
+        try:
+            if self.writer.closed:
+                self.tmp.delete(retry=None, timeout=_TIMEOUT)
+            else:
+                self.writer.terminate()
+        except _FAILURES as e:
+            log.warning("could not remove a temporary upload",
+                        extra={"object": self.tmp.name, "reason": _one_line(_reason(e))})
+
+
+class GcsBackend(Backend):
+    name = "gcs"
+
+    def __init__(self, config: GcsConfig):
+        self.config = config
+        self._key_signer = load_signing_credentials(config)
+        self._lock = threading.Lock()
+        self._client: Optional[storage.Client] = None
+        self._client_pid = 0
+        self._signer: Optional[service_account.Credentials] = None
+
+    def _bucket(self) -> storage.Bucket:
+        """The bucket, through a client made in this process on first use.
+
+        Gunicorn forks its workers, and a client's connections must not be
+        shared across a fork; its threads share one client, as the library's
+        own transfer manager does. Credentials come from Application Default
+        Credentials, or are anonymous when STORAGE_EMULATOR_HOST names an
+        emulator (the library decides both).
+        """
+        with self._lock:
+            if self._client is None or self._client_pid != os.getpid():
+                client = storage.Client(project=None)
+                adc = client._credentials
+                self._signer = self._key_signer or (adc if isinstance(adc, service_account.Credentials) else None)
+                self._client, self._client_pid = client, os.getpid()
+            return self._client.bucket(self.config.bucket)
+
+    @contextlib.contextmanager
+    def failures(self, action: str) -> Iterator[None]:
+        """Turns any failure of GCS while doing `action` into a one-line StorageError."""
+        try:
+            yield
+        except _FAILURES as e:
+            reason = _one_line(_reason(e))
+            log.warning("gcs request failed", extra={"bucket": self.config.bucket, "action": action,
+                                                     "reason": reason})
+            raise StorageError(f"GCS bucket {self.config.bucket}: {action} failed: {reason}") from None
+
+    def _get(self, key: str) -> Optional[storage.Blob]:
+        return self._bucket().get_blob(check_key(key), retry=_RETRY, timeout=_TIMEOUT)
+
+    def stat(self, key: str) -> Optional[BlobInfo]:
+        with self.failures(f"stat {key}"):
+            blob = self._get(key)
+        return _info(blob) if blob else None
+
+    def read(self, key: str) -> Optional[bytes]:
+        with self.failures(f"read {key}"):
+            try:
+                return self._bucket().blob(check_key(key)).download_as_bytes(retry=_RETRY, timeout=_TIMEOUT)
+            except api_exceptions.NotFound:
+                return None
+
+    def write(self, key: str, data: bytes, media_type: str) -> None:
+        """Stores a small object in one request (GCS makes it visible whole).
+
+        Blobs are named by their digest and never change, so one that exists
+        is left alone and a new one is created only if still absent. Records
+        and manifests are overwritten, as on the filesystem.
+        """
+        with self.failures(f"write {key}"):
+            blob = self._bucket().blob(check_key(key))
+            if not key.startswith("layers/"):
+                blob.upload_from_string(data, content_type=media_type, retry=_RETRY, timeout=_TIMEOUT)
+                return
+            if blob.exists(retry=_RETRY, timeout=_TIMEOUT):
+                return
+            with contextlib.suppress(api_exceptions.PreconditionFailed):
+                blob.upload_from_string(data, content_type=media_type, if_generation_match=0,
+                                        retry=_RETRY, timeout=_TIMEOUT)
+
+    @contextlib.contextmanager
+    def upload(self) -> Iterator[Upload]:
+        with self.failures("start an upload"):
+            tmp = self._bucket().blob(f"{TMP_PREFIX}{uuid.uuid4().hex}")
+        upload = _GcsUpload(self, tmp)
+        try:
+            yield upload
+        finally:
+            upload.discard()
+
+    def publish(self, tmp: storage.Blob, key: str, media_type: str) -> None:
+        """Copies a finished temporary object to `key`, unless an object is already there.
+
+        The media type is set on the temporary object first, so the copy
+        carries it from its first moment. The copy is server-side and atomic;
+        `if_generation_match=0` makes it create-only, so when two instances
+        publish the same layer at once, the first wins and the second is a no-op.
+        """
+        bucket = self._bucket()
+        if bucket.get_blob(key, retry=_RETRY, timeout=_TIMEOUT) is not None:
+            return
+        tmp.content_type = media_type
+        tmp.patch(retry=_RETRY, timeout=_TIMEOUT)
+        target = bucket.blob(key)
+        token: Optional[str] = None
+        with contextlib.suppress(api_exceptions.PreconditionFailed):
+            while True:  # large objects may take several rewrite calls
+                token, _, _ = target.rewrite(tmp, token=token, if_generation_match=0,
+                                             retry=_RETRY, timeout=_TIMEOUT)
+                if token is None:
+                    break
+
+    def locate(self, key: str) -> Optional[Redirect]:
+        with self.failures(f"locate {key}"):
+            blob = self._get(key)
+            if blob is None:
+                return None
+            return Redirect(self._url(blob), _info(blob))
+
+    def _url(self, blob: storage.Blob) -> str:
+        """A V4 URL signed for GET when a signer is known, else the public URL.
+
+        Both start with the client's endpoint, which is the emulator's when one is used.
+        """
+        if self._signer is None:
+            return blob.public_url
+        return blob.generate_signed_url(
+            version="v4", method="GET", credentials=self._signer,
+            expiration=datetime.timedelta(seconds=self.config.signed_url_ttl))
+
+    def check(self) -> None:
+        """Lists one object: the smallest request that proves the bucket exists and is ours to read.
+
+        (Reading the bucket's own metadata would need more than object access.)
+        """
+        with self.failures("reaching the bucket"):
+            next(iter(self._bucket().list_blobs(max_results=1, retry=_RETRY, timeout=_TIMEOUT)), None)
+        log.info("gcs bucket reachable", extra={"bucket": self.config.bucket,
+                                                "blob_urls": "signed" if self._signer else "public"})
