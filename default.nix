@@ -30,6 +30,7 @@ python3Packages.buildPythonApplication {
     fileset = lib.fileset.unions [
       ./setup.py
       ./nixery
+      ./static
       (lib.fileset.maybeMissing ./setup.cfg)
       (lib.fileset.maybeMissing ./pyproject.toml)
       (lib.fileset.maybeMissing ./MANIFEST.in)
@@ -72,12 +73,14 @@ python3Packages.buildPythonApplication {
     "nixery.app"
   ];
 
-  # The Nix helper is package data: without it the service cannot build.
+  # The Nix helper and the web page are package data: without them the service cannot work.
   postInstall = ''
-    test -f "$out/${python3Packages.python.sitePackages}/nixery/nix/helper.nix" || {
-      echo "nixery/nix/helper.nix is missing from the package (package_data in setup.py)" >&2
-      exit 1
-    }
+    for file in nixery/nix/helper.nix nixery/static/page.html; do
+      test -f "$out/${python3Packages.python.sitePackages}/$file" || {
+        echo "$file is missing from the package (package_data in setup.py)" >&2
+        exit 1
+      }
+    done
   '';
 
   meta = {

@@ -6,8 +6,11 @@ setup(
     description="A container registry that builds images on demand with Nix",
     license="MIT",
     python_requires=">=3.10",
-    packages=find_packages(include=["nixery", "nixery.*"]),
-    package_data={"nixery.nix": ["*.nix"], "nixery": ["static/*"]},
+    # static/ (the web page's templates, stylesheet and icon) is installed as nixery/static,
+    # where nixery.web finds it with importlib.resources; a checkout reads it in place.
+    packages=find_packages(include=["nixery", "nixery.*"]) + ["nixery.static"],
+    package_dir={"nixery.static": "static"},
+    package_data={"nixery.nix": ["*.nix"], "nixery.static": ["*"]},
     include_package_data=True,
     install_requires=[
         "falcon>=3.1",
@@ -19,6 +22,7 @@ setup(
         "isal>=1.5",
         "prometheus-client>=0.17",
     ],
-    extras_require={"test": ["pytest>=7", "requests>=2.28", "gcp-storage-emulator", "cryptography"]},
+    extras_require={"test": ["pytest>=7", "requests>=2.28", "gcp-storage-emulator", "cryptography",
+                             "websocket-client"]},
     entry_points={"console_scripts": ["nixery = nixery.__main__:main"]},
 )

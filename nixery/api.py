@@ -7,13 +7,15 @@ storage, set headers. Repository names contain slashes, so everything below
 
 from __future__ import annotations
 
+import dataclasses
 import re
+import time
 from typing import Optional
 
 import falcon
 
 from . import image
-from .builder import Builder
+from .builder import Builder, BuildStats
 from .errors import RegistryError, blob_unknown, manifest_unknown
 from .manifest import MANIFEST_MEDIA_TYPE
 from .storage import Backend, LocalFile, Redirect, StorageError, blob_key
@@ -80,8 +82,15 @@ class Registry:
             self.manifest_by_tag(req, resp, name, reference)
 
     def manifest_by_tag(self, req: falcon.Request, resp: falcon.Response, name: str, tag: str) -> None:
-        result = self.builder.manifest(image.parse(name, tag))
-        req.context.build = result.stats
+        # req.context.build is what the metrics and the recent-builds page learn of this request.
+        started = time.monotonic()
+        try:
+            result = self.builder.manifest(image.parse(name, tag))
+        except Exception as e:
+            req.context.build = _failed_build(name, tag, e, time.monotonic() - started)
+            raise
+        req.context.build = dataclasses.replace(result.stats, tag=tag,
+                                                duration=round(time.monotonic() - started, 3))
         self._manifest(req, resp, result.manifest.data, result.manifest.digest)
 
     def manifest_by_digest(self, req: falcon.Request, resp: falcon.Response, digest: str) -> None:
@@ -139,6 +148,15 @@ class Registry:
             resp.stream = _LimitedReader(f, end - start)
         else:
             resp.stream = f  # whole files go out through wsgi.file_wrapper (sendfile)
+
+
+def _failed_build(name: str, tag: str, error: Exception, duration: float) -> BuildStats:
+    """A failed manifest request, with the reason its client was given (the error handlers' wording)."""
+    if isinstance(error, RegistryError):
+        reason, status = error.message, error.status
+    else:
+        reason, status = f"internal error: {type(error).__name__}", 500
+    return BuildStats(image=name, tag=tag, duration=round(duration, 3), reason=reason, status=status)
 
 
 def _byte_range(header: Optional[str], size: int) -> tuple[int, int]:

@@ -6,12 +6,14 @@ import logging
 
 import falcon
 
-from . import popularity
+from . import popularity, web
 from .api import API_VERSION_HEADER, Registry, VersionCheck
 from .builder import Builder
 from .config import Config
 from .errors import RegistryError
+from .metrics import Metrics, MetricsMiddleware, MetricsResource
 from .nix import Nix
+from .recent import BuildRecorder, RecentBuilds
 from .sources import make_source
 from .storage import Backend
 
@@ -49,13 +51,17 @@ class _ApiVersion:
 
 def create_app(config: Config, storage: Backend | None = None) -> falcon.App:
     storage = storage or make_storage(config)
-    nix = Nix(config.nix_timeout, config.state_dir / "gcroots")
+    metrics = Metrics()
+    recent = RecentBuilds(config.state_dir)
+    nix = Nix(config.nix_timeout, config.state_dir / "gcroots", on_invoke=metrics.count_nix)
     builder = Builder(storage, nix, make_source(config), popularity.load(config.popularity_url),
                       config.layer_budget, config.state_dir)
-    app = falcon.App(middleware=[_ApiVersion()])
+    app = falcon.App(middleware=[_ApiVersion(), MetricsMiddleware(metrics), BuildRecorder(recent)])
     app.req_options.strip_url_path_trailing_slash = True
     app.add_error_handler(Exception, _unexpected_error)
     app.add_error_handler(RegistryError, _registry_error)
     app.add_route("/v2", VersionCheck())
     app.add_sink(Registry(builder, storage), prefix="/v2/")
+    app.add_route("/metrics", MetricsResource(metrics))
+    web.add_routes(app, config, recent)
     return app

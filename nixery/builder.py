@@ -39,6 +39,7 @@ class BuildStats:
     """What one manifest request did; the metrics and the recent-builds page read it."""
 
     image: str
+    tag: str = "latest"
     cached: bool = False
     layers: int = 0
     layers_built: int = 0
@@ -46,6 +47,22 @@ class BuildStats:
     bytes_written: int = 0
     bytes_reused: int = 0
     steps: dict[str, float] = dataclasses.field(default_factory=dict)
+    # Filled in by the API when the request is over: its length and, if it failed, what the client was told.
+    duration: float = 0.0
+    reason: Optional[str] = None
+    status: int = 200
+
+    @property
+    def outcome(self) -> str:
+        """built, cached, rejected (the request's fault: 4xx) or failed (the server's: 5xx)."""
+        if self.reason is None:
+            return "cached" if self.cached else "built"
+        return "rejected" if self.status < 500 else "failed"
+
+    @property
+    def size(self) -> int:
+        """Compressed bytes of the image's layers (every layer of a build is either written or reused)."""
+        return self.bytes_written + self.bytes_reused
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,8 +97,11 @@ class Builder:
         """The manifest for `image`, built if needed; raises RegistryError for the client."""
         stats = BuildStats(image=image.name)
         resolved = self.source.resolve(image.tag)
-        cache_key = _hex(f"{resolved.cache_key}|{image.key}") if resolved.cache_key else None
-        flight_key = _hex(f"{resolved.args.kind}|{resolved.args.argument}|{image.key}")
+        # Once the revision is fixed the tag no longer matters: `latest` and `release-v2` resolving
+        # to one commit share a manifest. A cached image never prepares the source (no git export).
+        cache_key = _hex(f"{RECORD_VERSION}|{resolved.cache_key}|{image.arch.nix_system}|"
+                         f"{','.join(image.packages)}") if resolved.cache_key else None
+        flight_key = cache_key or _hex(f"{resolved.args.kind}|{resolved.args.argument}|{image.key}")
         try:
             if cache_key and (cached := self._cached(cache_key, stats)):
                 return Result(cached, stats)
@@ -140,8 +160,10 @@ class Builder:
     def _build(self, image: Image, source_args, stats: BuildStats) -> manifest.Document:
         try:
             with self.nix.gc_roots() as roots:
+                resolved = self._timed(stats, "evaluate", lambda: self.nix.resolve(
+                    image.packages, OPTIONAL_PACKAGES, source_args, image.arch.nix_system))
                 closure: Closure = self._timed(stats, "build", lambda: self.nix.build(
-                    image.packages, OPTIONAL_PACKAGES, source_args, image.arch.nix_system, roots))
+                    image.packages, OPTIONAL_PACKAGES, source_args, image.arch.nix_system, roots, resolved))
                 groups = self._timed(stats, "layer", lambda: layers.group(
                     closure.paths, list(closure.packages.values()), self.popularity, self.budget))
                 descriptors = self._timed(stats, "upload", lambda: self._write_layers(closure, groups, stats))

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
+from pathlib import Path
 from typing import Any, Callable
 
+from gunicorn import glogging
 from gunicorn.app.base import BaseApplication
+from prometheus_client import multiprocess, values
 
 from .config import Config
+from .logs import JsonFormatter
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +39,37 @@ def gunicorn_options(config: Config) -> dict[str, Any]:
         # Gunicorn's control socket defaults to one path per user; several instances
         # (or test servers) on one machine would fight over it, and Nixery does not use it.
         "control_socket_disable": True,
+        "child_exit": _child_exit,
+        "logger_class": JsonGunicornLogger,
     }
+
+
+class JsonGunicornLogger(glogging.Logger):
+    """Gunicorn's own lines (start-up, worker boots and exits) in the JSON shape of Nixery's,
+    so that a log collector reading stderr gets nothing but JSON objects."""
+
+    def setup(self, cfg: Any) -> None:
+        super().setup(cfg)
+        for handler in self.error_log.handlers:
+            handler.setFormatter(JsonFormatter())
+
+
+def prepare_metrics_dir(state_dir: Path) -> None:
+    """A fresh PROMETHEUS_MULTIPROC_DIR for the workers, made in the master before they fork.
+
+    Fresh, or an earlier run's files would add its counts to this one's. prometheus_client
+    picks where values live when it is first imported, and the start-up check has imported
+    it already, so it is asked to pick again now that the directory is set."""
+    directory = state_dir / "prometheus"
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+    values.ValueClass = values.get_value_class()
+
+
+def _child_exit(server: Any, worker: Any) -> None:
+    """A dead worker's live gauges stop counting; its counters stay in the sums, as they happened."""
+    multiprocess.mark_process_dead(worker.pid)
 
 
 class NixeryServer(BaseApplication):
@@ -53,4 +89,5 @@ class NixeryServer(BaseApplication):
 
 def run(config: Config, app_factory: Callable[[Config], Any]) -> None:
     log.info("starting nixery", extra={"config": json.loads(json.dumps(config.summary()))})
+    prepare_metrics_dir(config.state_dir)
     NixeryServer(config, app_factory).run()

@@ -10,10 +10,11 @@ reused through their content-keyed records.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
-from typing import Optional, Protocol
+from typing import Callable, Optional, Protocol
 
-from .config import Config, SourceKind
+from .config import Config, SourceKind, _redact_url
 from .errors import manifest_unknown
 from .nix import SourceArgs
 
@@ -22,8 +23,22 @@ COMMIT_RE = re.compile(r"[0-9a-f]{40}")
 
 @dataclasses.dataclass(frozen=True)
 class Resolved:
-    args: SourceArgs
+    """A tag's meaning: `cache_key` names the fixed revision (None when it can move).
+
+    What Nix imports is only prepared when Nix runs: a git checkout costs an
+    export, which a request answered from the manifest cache must not pay.
+    """
+
     cache_key: Optional[str]
+    prepare: Callable[[], SourceArgs]
+
+    @functools.cached_property
+    def args(self) -> SourceArgs:
+        return self.prepare()
+
+    @classmethod
+    def ready(cls, args: SourceArgs, cache_key: Optional[str]) -> "Resolved":
+        return cls(cache_key, lambda: args)
 
 
 class Source(Protocol):
@@ -32,6 +47,8 @@ class Source(Protocol):
 
 
 class PathSource:
+    """NIXERY_PKGS_PATH: a directory that may change at any time, so only `latest` and never pinned."""
+
     def __init__(self, path: str):
         self.path = path
 
@@ -39,11 +56,16 @@ class PathSource:
         if tag != "latest":
             raise manifest_unknown(f"tag {tag} is not served: a local package set only has 'latest'",
                                    {"tag": tag})
-        return Resolved(SourceArgs("path", self.path, f"package set at {self.path}"), None)
+        return Resolved.ready(SourceArgs("path", self.path, f"package set at {self.path}"), None)
 
 
 class ChannelSource:
-    """nixpkgs from a tarball URL: `latest` is the configured channel, 40-hex tags are commits."""
+    """nixpkgs from a tarball URL: `latest` is the configured channel, 40-hex tags are commits.
+
+    Only a commit pins the tarball; a channel moves, and Nix's own tarball TTL
+    decides when it is downloaded again. The cache key holds the whole URL, so
+    a template serving other trees (a fork, a test) never shares cached manifests.
+    """
 
     def __init__(self, channel: str, url_template: str, allowed: tuple[str, ...]):
         self.channel = channel
@@ -58,11 +80,14 @@ class ChannelSource:
         else:
             raise manifest_unknown(f"tag {tag} is neither 'latest', a nixpkgs commit nor an allowed channel",
                                    {"tag": tag})
-        args = SourceArgs("tarball", self.url_template.replace("{rev}", rev), f"nixpkgs {rev}")
-        return Resolved(args, f"nixpkgs:{rev}" if COMMIT_RE.fullmatch(rev) else None)
+        url = self.url_template.replace("{rev}", rev)
+        pinned = COMMIT_RE.fullmatch(rev) is not None
+        return Resolved.ready(SourceArgs("tarball", url, f"nixpkgs {rev}"),
+                              f"tarball:{_redact_url(url)}" if pinned else None)
 
 
 def make_source(config: Config) -> Source:
+    """The configured source; pygit2 is only imported when a git repository is."""
     if config.source.kind is SourceKind.PATH:
         return PathSource(config.source.argument)
     if config.source.kind is SourceKind.CHANNEL:

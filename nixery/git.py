@@ -1,0 +1,253 @@
+"""Git package sources: a bare mirror kept with pygit2, tags resolved to commits.
+
+Gunicorn's workers share nothing in memory, so everything that must hold
+across them lives on disk: the mirror itself, a file lock so that one fetch
+runs at a time, and a state file saying when the last fetch ended and how.
+A request that queued behind a fetch uses that fetch's outcome instead of
+starting another, however many requests arrive at once.
+
+Nix is handed a checkout of exactly the resolved commit, exported once into a
+directory named by the commit, never a branch that may move under a build.
+The repository URL is fetched through an anonymous remote, so a token in it is
+never written to the mirror's config; it is redacted from every message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator, Optional
+
+import pygit2
+from pygit2.enums import CheckoutStrategy, CredentialType, FetchPrune
+
+from .config import Config, _redact_url
+from .errors import RegistryError, build_failed, manifest_unknown
+from .locks import file_lock
+from .nix import SourceArgs
+from .sources import COMMIT_RE, Resolved
+
+log = logging.getLogger(__name__)
+
+# Where the remote's HEAD (its default branch) lands in the mirror: `latest`.
+DEFAULT_REF = "refs/nixery/default"
+REFSPECS = ["+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*", f"+HEAD:{DEFAULT_REF}"]
+# Checkouts nobody built from for this long are removed when a new one is exported.
+CHECKOUT_MAX_AGE = 7 * 24 * 3600
+# A remote that does not answer must not hold the fetch lock (and every request) forever.
+CONNECT_TIMEOUT_MS = 30_000
+IO_TIMEOUT_MS = 120_000
+SSH_KEY_FILES = ("id_ed25519", "id_ecdsa", "id_rsa")
+TOKEN_USERNAME = "x-access-token"
+
+
+@dataclasses.dataclass(frozen=True)
+class _FetchState:
+    """The last fetch attempt: when it ended and, if it failed, the client's one-line reason."""
+
+    ended: float
+    error: Optional[str]
+
+
+class _Credentials(pygit2.RemoteCallbacks):
+    """Offers credentials the way git users expect, each at most once, then gives up.
+
+    ssh: NIXERY_SSH_KEY if set; otherwise the SSH agent, then ~/.ssh's default keys.
+    https: NIXERY_GIT_TOKEN (a token embedded in the URL is used by libgit2 itself).
+    libgit2 asks again after every refusal, so without the "at most once" a
+    wrong key would loop forever.
+    """
+
+    def __init__(self, ssh_key: Optional[Path], token: Optional[str]):
+        super().__init__()
+        self.ssh_key = ssh_key
+        self.token = token
+        self.offered: set[str] = set()
+
+    def credentials(self, url: str, username_from_url: Optional[str],
+                    allowed_types: CredentialType) -> pygit2.Username | pygit2.Keypair | pygit2.UserPass:
+        user = username_from_url or "git"
+        if allowed_types & CredentialType.USERNAME:
+            return pygit2.Username(user)  # asked once per connection, before any key
+        for name, credential in self._candidates(user, username_from_url, allowed_types):
+            if name not in self.offered:
+                self.offered.add(name)
+                return credential
+        raise pygit2.GitError("authentication refused" if self.offered
+                              else "authentication required, and no credentials are configured")
+
+    def _candidates(self, ssh_user: str, url_user: Optional[str],
+                    allowed: CredentialType) -> Iterator[tuple[str, pygit2.Keypair | pygit2.UserPass]]:
+        if allowed & CredentialType.SSH_KEY:
+            yield from self._ssh_keys(ssh_user)
+        if allowed & CredentialType.USERPASS_PLAINTEXT and self.token:
+            yield "token", pygit2.UserPass(url_user or TOKEN_USERNAME, self.token)
+
+    def _ssh_keys(self, user: str) -> Iterator[tuple[str, pygit2.Keypair]]:
+        if self.ssh_key:
+            yield "key", _keypair(user, self.ssh_key)
+            return
+        if os.environ.get("SSH_AUTH_SOCK"):
+            yield "agent", pygit2.KeypairFromAgent(user)
+        for name in SSH_KEY_FILES:
+            path = Path.home() / ".ssh" / name
+            if path.is_file():
+                yield name, _keypair(user, path)
+
+
+def _keypair(user: str, private: Path) -> pygit2.Keypair:
+    """libssh2 derives the public key when no `.pub` file sits next to the private one."""
+    public = private.with_name(private.name + ".pub")
+    return pygit2.Keypair(user, str(public) if public.is_file() else None, str(private), "")
+
+
+class GitSource:
+    """NIXERY_PKGS_REPO: tags are git references, resolved to commits, which pin the cache."""
+
+    def __init__(self, config: Config):
+        self.url = config.source.argument
+        self.name = _redact_url(self.url)
+        self.ttl = config.git_ttl
+        self.ssh_key = config.ssh_key
+        self.token = config.git_token
+        root = config.state_dir / "git" / hashlib.sha256(self.name.encode()).hexdigest()[:16]
+        self.mirror = root / "mirror.git"
+        self.checkouts = root / "checkouts"
+        self.state_file = root / "fetch-state.json"
+        self.lock_dir = config.state_dir / "locks"
+        pygit2.settings.server_connect_timeout = CONNECT_TIMEOUT_MS
+        pygit2.settings.server_timeout = IO_TIMEOUT_MS
+
+    def resolve(self, tag: str) -> Resolved:
+        commit = self._commit(tag)
+        return Resolved(f"git:{self.name}:{commit}", lambda: self._checkout(commit))
+
+    def _commit(self, tag: str) -> str:
+        """The commit `tag` names, fetching when the branch data is stale or the tag unknown."""
+        if not pygit2.reference_is_valid_name(f"refs/tags/{tag}"):
+            raise self._unknown(tag)  # no fetch can ever make it a reference
+        fetched = False
+        # A commit never changes; only names (latest, tags, branches) can go stale.
+        if not COMMIT_RE.fullmatch(tag) and self._stale():
+            self._fetch(since=time.time())
+            fetched = True
+        looked_at = time.time()
+        commit = self._lookup(tag)
+        if commit is None and not fetched:
+            self._fetch(since=looked_at)
+            commit = self._lookup(tag)
+        if commit is None:
+            raise self._unknown(tag)
+        return commit
+
+    def _unknown(self, tag: str) -> RegistryError:
+        return manifest_unknown(f"tag {tag} names no commit, tag or branch of {self.name}", {"tag": tag})
+
+    def _lookup(self, tag: str) -> Optional[str]:
+        """latest is the remote's default branch, 40 hex a commit, anything else a tag then a branch."""
+        if not (self.mirror / "HEAD").exists():
+            return None
+        repo = pygit2.Repository(str(self.mirror))
+        if COMMIT_RE.fullmatch(tag):
+            obj = repo.get(tag)
+            return str(obj.id) if isinstance(obj, pygit2.Commit) else None
+        names = [DEFAULT_REF] if tag == "latest" else [f"refs/tags/{tag}", f"refs/heads/{tag}"]
+        for name in names:
+            if name in repo.references:
+                target = repo.references[name].peel()
+                if isinstance(target, pygit2.Commit):
+                    return str(target.id)
+        return None
+
+    def _read_state(self) -> Optional[_FetchState]:
+        try:
+            return _FetchState(**json.loads(self.state_file.read_text()))
+        except FileNotFoundError:
+            return None
+
+    def _stale(self) -> bool:
+        state = self._read_state()
+        return state is None or state.error is not None or time.time() - state.ended >= self.ttl
+
+    def _fetch(self, since: float) -> None:
+        """Fetches unless a fetch ended after `since` (the caller queued behind it): then its outcome stands."""
+        with file_lock(self.lock_dir, f"git-fetch {self.name}"):
+            state = self._read_state()
+            if state is None or state.ended < since:
+                state = self._fetch_now()
+            if state.error is not None:
+                raise build_failed(state.error)
+
+    def _fetch_now(self) -> _FetchState:
+        start = time.monotonic()
+        try:
+            self._init_mirror()
+            repo = pygit2.Repository(str(self.mirror))
+            repo.remotes.create_anonymous(self.url).fetch(
+                REFSPECS, callbacks=_Credentials(self.ssh_key, self.token), prune=FetchPrune.PRUNE)
+            state = _FetchState(time.time(), None)
+            log.info("fetched repository", extra={"source": self.name,
+                                                  "duration": round(time.monotonic() - start, 3)})
+        except (pygit2.GitError, OSError) as e:
+            full = self._redact(str(e))
+            first = (full.strip().splitlines() or [type(e).__name__])[0]
+            state = _FetchState(time.time(), f"cannot fetch repository {self.name}: {first}")
+            log.error("git fetch failed", extra={"source": self.name, "reason": full})
+        self._write_state(state)
+        return state
+
+    def _redact(self, text: str) -> str:
+        text = _redact_url(text.replace(self.url, self.name))
+        return text.replace(self.token, "***") if self.token else text
+
+    def _init_mirror(self) -> None:
+        """Creates the bare mirror whole (under the fetch lock), so nobody opens half of one."""
+        if (self.mirror / "HEAD").exists():
+            return
+        self.mirror.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=self.mirror.parent, prefix=".mirror-"))
+        pygit2.init_repository(str(tmp), bare=True)
+        os.rename(tmp, self.mirror)
+
+    def _write_state(self, state: _FetchState) -> None:
+        tmp = self.state_file.with_name(f".{self.state_file.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(dataclasses.asdict(state)))
+        os.replace(tmp, self.state_file)
+
+    def _checkout(self, commit: str) -> SourceArgs:
+        """The commit's tree as a directory for Nix, exported on first use and reused after."""
+        target = self.checkouts / commit
+        if not target.is_dir():
+            self._export(commit, target)
+            self._prune_checkouts()
+        os.utime(target)
+        return SourceArgs("path", str(target), f"{self.name} at {commit[:12]}")
+
+    def _export(self, commit: str, target: Path) -> None:
+        self.checkouts.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=self.checkouts, prefix=".export-"))
+        try:
+            repo = pygit2.Repository(str(self.mirror))
+            repo.checkout_tree(repo[commit], directory=str(tmp),
+                               strategy=CheckoutStrategy.FORCE | CheckoutStrategy.DONT_UPDATE_INDEX)
+            tmp.chmod(0o755)
+            os.rename(tmp, target)
+        except OSError:
+            # Another worker exported the same commit first: theirs is as good as ours.
+            if not target.is_dir():
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _prune_checkouts(self) -> None:
+        cutoff = time.time() - CHECKOUT_MAX_AGE
+        for entry in self.checkouts.iterdir():
+            if COMMIT_RE.fullmatch(entry.name) and entry.stat().st_mtime < cutoff:
+                shutil.rmtree(entry, ignore_errors=True)

@@ -1,0 +1,109 @@
+"""Prometheus metrics: what the operator of an instance graphs and alerts on.
+
+Gunicorn runs several worker processes, so the values live in
+prometheus_client's multiprocess files (the server points
+PROMETHEUS_MULTIPROC_DIR at a fresh directory before the workers start) and
+`/metrics` adds up every worker's files, including those of workers that
+have since exited. Without that directory (an app made in a test or a
+script) the process's own registry is served instead.
+
+Requests are labelled with the route's template, never the raw path, so that
+image names cannot grow the number of series without bound.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import falcon
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
+
+from .builder import BuildStats
+
+BUILD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+_REGISTRY_PATH = re.compile(r"^/v2/.+/(?P<kind>manifests|blobs)/[^/]+$")
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def route_of(req: falcon.Request) -> str:
+    """A bounded label for the request's route: the URI template, or the registry path's shape."""
+    if req.uri_template:
+        return req.uri_template
+    match = _REGISTRY_PATH.match(req.path)
+    if match:
+        kind = match.group("kind")
+        return f"/v2/{{name}}/{kind}/{{{'reference' if kind == 'manifests' else 'digest'}}}"
+    return "/v2/{other}" if req.path.startswith("/v2/") else "{unmatched}"
+
+
+class Metrics:
+    """Every metric Nixery exports, registered in a registry of its own (so an app can be made twice)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("nixery_http_requests", "HTTP requests answered, by route template and status.",
+                                ["route", "method", "status"], registry=self.registry)
+        self.builds = Counter("nixery_builds", "Manifest requests that reached the builder, by outcome: "
+                              "built, cached, rejected (4xx) or failed (5xx).", ["outcome"], registry=self.registry)
+        self.build_duration = Histogram("nixery_build_duration_seconds",
+                                        "Time to answer a manifest request, by outcome.", ["outcome"],
+                                        buckets=BUILD_BUCKETS, registry=self.registry)
+        self.step_duration = Histogram("nixery_build_step_duration_seconds",
+                                       "Time of each build step: evaluate, build, layer, upload.", ["step"],
+                                       buckets=BUILD_BUCKETS, registry=self.registry)
+        self.layers = Counter("nixery_layers", "Layers of built images: archived and written (built) "
+                              "or found already stored (reused).", ["result"], registry=self.registry)
+        self.layer_bytes = Counter("nixery_layer_bytes", "Compressed layer bytes written to storage "
+                                   "or reused from it.", ["result"], registry=self.registry)
+        self.nix_invocations = Counter("nixery_nix_invocations", "Nix processes started, by command.",
+                                       ["command"], registry=self.registry)
+
+    def count_nix(self, command: str) -> None:
+        self.nix_invocations.labels(os.path.basename(command)).inc()
+
+    def observe_request(self, route: str, method: str, status: int) -> None:
+        self.requests.labels(route, method if method in _METHODS else "OTHER", str(status)).inc()
+
+    def observe_build(self, stats: BuildStats) -> None:
+        self.builds.labels(stats.outcome).inc()
+        self.build_duration.labels(stats.outcome).observe(stats.duration)
+        for step, seconds in stats.steps.items():
+            self.step_duration.labels(step).observe(seconds)
+        self.layers.labels("built").inc(stats.layers_built)
+        self.layers.labels("reused").inc(stats.layers_reused)
+        self.layer_bytes.labels("written").inc(stats.bytes_written)
+        self.layer_bytes.labels("reused").inc(stats.bytes_reused)
+
+    def exposition(self) -> bytes:
+        """The text format, summed over all workers when running under the server."""
+        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # prometheus_client's own switch
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)
+
+
+class MetricsMiddleware:
+    """Falcon middleware: counts every request and, for manifest requests, the build behind it."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    def process_response(self, req: falcon.Request, resp: falcon.Response, resource: object,
+                         req_succeeded: bool) -> None:
+        self.metrics.observe_request(route_of(req), req.method, falcon.http_status_to_code(resp.status))
+        stats = req.context.get("build")
+        if stats is not None:
+            self.metrics.observe_build(stats)
+
+
+class MetricsResource:
+    """`/metrics` in Prometheus' text format."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.content_type = CONTENT_TYPE_LATEST
+        resp.data = self.metrics.exposition()

@@ -1,0 +1,322 @@
+"""The web page, recent builds, metrics and logs, seen as a browser, a script and Prometheus see them.
+
+The browser is Debian's headless Chromium with every flag that keeps it off
+the network, driven over the DevTools protocol (websocket-client), so that
+console errors and failed loads are caught as well as the page's text.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import multiprocessing
+import shutil
+import struct
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import falcon
+import falcon.testing
+import pytest
+import requests
+import websocket
+from conftest import oci_manifest, skopeo_pull
+from prometheus_client.parser import text_string_to_metric_families
+
+from nixery import web
+from nixery.builder import BuildStats
+from nixery.config import Config, PackageSource, SourceKind
+from nixery.recent import RecentBuilds, entry
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--disable-default-apps", "--disable-extensions", "--hide-scrollbars", "--mute-audio"]
+DESKTOP = (1280, 800)
+PHONE = (390, 844)
+MANIFESTS_ROUTE = "/v2/{name}/manifests/{reference}"
+
+
+@pytest.fixture
+def server(start_server, pkgset):
+    return start_server({"NIXERY_PKGS_PATH": str(pkgset)})
+
+
+class Browser:
+    """One headless Chromium tab over the DevTools protocol; `problems` collects console errors,
+    uncaught exceptions and failed loads (Chromium logs those as errors)."""
+
+    def __init__(self, profile: Path):
+        self.proc = subprocess.Popen([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
+                                      "--remote-debugging-port=0", "about:blank"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        port = self._devtools_port(profile / "DevToolsActivePort")
+        targets = requests.get(f"http://127.0.0.1:{port}/json/list", timeout=10).json()
+        page = next(t for t in targets if t["type"] == "page")
+        self.ws = websocket.create_connection(page["webSocketDebuggerUrl"], timeout=30, suppress_origin=True)
+        self.next_id = 0
+        self.events: list[dict[str, Any]] = []
+        for domain in ("Page", "Runtime", "Log"):
+            self.send(f"{domain}.enable")
+
+    def _devtools_port(self, path: Path, timeout: float = 30) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"chromium exited with {self.proc.returncode}")
+            if path.exists() and path.read_text().strip():
+                return int(path.read_text().split()[0])
+            time.sleep(0.1)
+        raise RuntimeError("chromium did not open its DevTools port")
+
+    def send(self, method: str, **params: Any) -> dict[str, Any]:
+        self.next_id += 1
+        self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
+        while True:
+            message = json.loads(self.ws.recv())
+            if message.get("id") == self.next_id:
+                if "error" in message:
+                    raise RuntimeError(f"{method}: {message['error']}")
+                return message["result"]
+            self.events.append(message)
+
+    def wait_for(self, event: str, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        seen = len(self.events)
+        while time.monotonic() < deadline:
+            if any(e.get("method") == event for e in self.events[seen:]):
+                return
+            self.events.append(json.loads(self.ws.recv()))
+        raise TimeoutError(event)
+
+    def load(self, url: str, width: int, height: int) -> None:
+        self.send("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1,
+                  mobile=width < 600)
+        self.events.clear()
+        self.send("Page.navigate", url=url)
+        self.wait_for("Page.loadEventFired")
+
+    def evaluate(self, expression: str) -> Any:
+        result = self.send("Runtime.evaluate", expression=expression, returnByValue=True)
+        assert "exceptionDetails" not in result, result
+        return result["result"].get("value")
+
+    def screenshot(self, path: Path, width: int) -> None:
+        """The whole page: the viewport is stretched to the document's height first."""
+        height = int(self.evaluate("document.documentElement.scrollHeight"))
+        self.send("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1,
+                  mobile=width < 600)
+        path.write_bytes(base64.b64decode(self.send("Page.captureScreenshot", format="png")["data"]))
+
+    def problems(self) -> list[str]:
+        found = []
+        for event in self.events:
+            method, params = event.get("method"), event.get("params", {})
+            if method == "Runtime.consoleAPICalled" and params["type"] in ("error", "assert"):
+                found.append(f"console.{params['type']}: {params['args']}")
+            elif method == "Runtime.exceptionThrown":
+                found.append(f"exception: {params['exceptionDetails']}")
+            elif method == "Log.entryAdded" and params["entry"]["level"] == "error":
+                found.append(f"log: {params['entry'].get('text')} {params['entry'].get('url', '')}")
+        return found
+
+    def close(self) -> None:
+        self.ws.close()
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def browser(tmp_path):
+    if not Path(CHROMIUM).exists():
+        pytest.fail("chromium is not installed (apt-get install chromium)")
+    b = Browser(tmp_path / "chromium-profile")
+    yield b
+    b.close()
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_page_in_headless_chromium(server, browser, tmp_path):
+    assert requests.get(f"{server.url}/v2/shell/hello/manifests/latest", timeout=120).status_code == 200
+    assert requests.get(f"{server.url}/v2/broken/manifests/latest", timeout=120).status_code == 500
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    for label, (width, height) in (("desktop", DESKTOP), ("phone", PHONE)):
+        browser.load(server.url + "/", width, height)
+        assert browser.evaluate("document.getElementById('pull-command').textContent") == \
+            f"docker pull {server.host}/shell/git/htop"
+        assert browser.evaluate("document.title").startswith("Nixery")
+        # The stylesheet was loaded and applied (the masthead has a colour), and nothing overflows sideways.
+        assert browser.evaluate("getComputedStyle(document.querySelector('.masthead')).backgroundColor") \
+            not in ("", "rgba(0, 0, 0, 0)")
+        assert browser.evaluate("document.documentElement.scrollWidth") <= width
+        text = browser.evaluate("document.body.innerText")
+        assert "shell/hello:latest" in text and "broken:latest" in text
+        assert browser.problems() == [], browser.problems()
+        browser.screenshot(shots / f"{label}.png", width)
+        shot_width, shot_height = png_size(shots / f"{label}.png")
+        assert shot_width == width and shot_height >= height, (label, shot_width, shot_height)
+    print(f"screenshots in {shots}")
+
+
+def test_page_names_the_requested_host_escaped(server):
+    page = requests.get(server.url + "/", headers={"Host": "registry.example.org:5000"}, timeout=30)
+    assert page.status_code == 200 and page.headers["Content-Type"] == "text/html; charset=utf-8"
+    assert "docker pull registry.example.org:5000/shell/git/htop" in page.text
+    assert "default-src 'none'" in page.headers["Content-Security-Policy"]
+    behind_proxy = requests.get(server.url + "/", headers={"X-Forwarded-Host": "nixery.internal"}, timeout=30)
+    assert "docker pull nixery.internal/shell/git/htop" in behind_proxy.text
+    hostile = requests.get(server.url + "/", headers={"Host": '<script>alert("x")</script>'}, timeout=30)
+    assert hostile.status_code == 200
+    assert "<script" not in hostile.text and f"docker pull {web.PLACEHOLDER_HOST}/" in hostile.text
+    # What this instance serves: its package source, storage and layer budget.
+    assert "the package set in the directory" in page.text and "only the tag <code>latest</code>" in page.text
+    assert "<code>filesystem</code>" in page.text and "94 layers per image" in page.text
+    assert requests.head(server.url + "/", timeout=30).content == b""
+
+
+def test_static_files_and_not_found_pages(server):
+    css = requests.get(server.url + "/static/style.css", timeout=30)
+    assert css.status_code == 200 and css.headers["Content-Type"] == "text/css; charset=utf-8"
+    assert "prefers-color-scheme" in css.text
+    icon = requests.get(server.url + "/static/favicon.svg", timeout=30)
+    assert icon.headers["Content-Type"] == "image/svg+xml"
+    for path in ("/nope", "/static/nope.css", "/static/page.html", "/v2x", "/index.html"):
+        response = requests.get(server.url + path, timeout=30)
+        assert response.status_code == 404, path
+        assert response.headers["Content-Type"] == "text/html; charset=utf-8", path
+        assert "Nothing here" in response.text and "Pull an image" not in response.text, path
+    marked = requests.get(server.url + "/<b>x</b>", timeout=30)
+    assert "<b>x</b>" not in marked.text and "&lt;b&gt;x&lt;/b&gt;" in marked.text
+    registry = requests.get(server.url + "/v2/hello/tags/list", timeout=30)
+    assert registry.status_code == 404 and registry.json()["errors"][0]["code"] == "NOT_FOUND"
+
+
+def scrape(server) -> dict[tuple[str, tuple], float]:
+    response = requests.get(server.url + "/metrics", timeout=30)
+    assert response.status_code == 200 and response.headers["Content-Type"].startswith("text/plain")
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(response.text) for s in family.samples}
+
+
+def moved(before: dict, after: dict, name: str, **labels: str) -> float:
+    key = (name, tuple(sorted(labels.items())))
+    return after.get(key, 0.0) - before.get(key, 0.0)
+
+
+def test_metrics_after_two_pulls(start_server, fresh_pkgset, tmp_path):
+    server = start_server({"NIXERY_PKGS_PATH": str(fresh_pkgset), "NIXERY_WORKERS": "2"})
+    before = scrape(server)
+    assert skopeo_pull(server.host, "hello", tmp_path / "first").returncode == 0
+    assert skopeo_pull(server.host, "greeter", tmp_path / "second").returncode == 0
+    after = scrape(server)
+    for _ in range(20):  # spread over both workers: the scrape must add them up
+        assert requests.get(server.url + "/v2/", timeout=30).status_code == 200
+    pings = moved(after, scrape(server), "nixery_http_requests_total", route="/v2", method="GET", status="200")
+    assert pings == 20
+
+    first = {layer["digest"]: layer["size"] for layer in oci_manifest(tmp_path / "first")["layers"]}
+    second = {layer["digest"]: layer["size"] for layer in oci_manifest(tmp_path / "second")["layers"]}
+    shared = first.keys() & second.keys()
+    assert shared, "greeter shares busybox's layer (at least) with hello"
+    assert moved(before, after, "nixery_builds_total", outcome="built") == 2
+    assert moved(before, after, "nixery_build_duration_seconds_count", outcome="built") == 2
+    assert moved(before, after, "nixery_layers_total", result="built") == len(first) + len(second) - len(shared)
+    assert moved(before, after, "nixery_layers_total", result="reused") == len(shared)
+    assert moved(before, after, "nixery_layer_bytes_total", result="written") == \
+        sum(first.values()) + sum(size for digest, size in second.items() if digest not in shared)
+    assert moved(before, after, "nixery_layer_bytes_total", result="reused") == sum(second[d] for d in shared)
+    for step in ("evaluate", "build", "layer", "upload"):
+        assert moved(before, after, "nixery_build_step_duration_seconds_count", step=step) == 2, step
+    for command in ("nix-instantiate", "nix-build", "nix"):
+        assert moved(before, after, "nixery_nix_invocations_total", command=command) == 2, command
+    assert moved(before, after, "nixery_http_requests_total", route=MANIFESTS_ROUTE, method="GET", status="200") == 2
+    # Routes are labelled by template: image names never become label values.
+    routes = {dict(labels).get("route") for (_, labels) in after} - {None}
+    assert not any("hello" in route or "greeter" in route for route in routes), routes
+
+
+def test_failed_build_in_recent_errors(server):
+    failed = requests.get(f"{server.url}/v2/broken/manifests/latest", timeout=120)
+    assert failed.status_code == 500
+    reason = failed.json()["errors"][0]["message"]
+    rejected = requests.get(f"{server.url}/v2/shell/nosuchpkg/manifests/latest", timeout=120)
+    assert rejected.status_code == 404
+
+    data = requests.get(server.url + "/builds.json", timeout=30).json()
+    newest, older = data["errors"][:2]
+    assert (newest["image"], newest["outcome"]) == ("shell/nosuchpkg", "rejected")
+    assert newest["reason"] == "unknown packages: nosuchpkg"
+    assert (older["image"], older["tag"], older["outcome"]) == ("broken", "latest", "failed")
+    assert older["reason"] == reason and "broken" in reason and "\n" not in reason
+    assert older["duration"] > 0
+    assert [b["image"] for b in data["builds"][:2]] == ["shell/nosuchpkg", "broken"]
+
+    page = requests.get(server.url + "/", timeout=30).text
+    errors_section = page.split('id="errors"', 1)[1]
+    assert html.escape(reason) in errors_section and "unknown packages: nosuchpkg" in errors_section
+
+    lines = [line for line in server.log().splitlines() if line]
+    assert all(isinstance(json.loads(line), dict) for line in lines), "stderr is JSON lines only, Gunicorn's too"
+    logged = [e for e in server.log_entries() if e.get("image") == "broken"]
+    assert any(e["message"] == "image build failed" and e["reason"] == reason and e["level"] == "WARNING"
+               for e in logged), logged
+    steps = {e["step"]: e["duration"] for e in logged if e.get("message") == "build step"}
+    assert set(steps) == {"evaluate", "build"}, steps
+
+    metrics = scrape(server)
+    assert metrics[("nixery_builds_total", (("outcome", "failed"),))] == 1
+    assert metrics[("nixery_builds_total", (("outcome", "rejected"),))] == 1
+
+
+def _record_many(state_dir: str, worker: int, count: int) -> None:
+    store = RecentBuilds(Path(state_dir), builds_kept=1000)
+    for i in range(count):
+        store.record(entry(BuildStats(image=f"w{worker}/n{i}"), time.time()))
+
+
+def test_recent_builds_are_shared_and_trimmed(tmp_path):
+    with multiprocessing.get_context("fork").Pool(4) as pool:
+        pool.starmap(_record_many, [(str(tmp_path), w, 25) for w in range(4)])
+    images = [b["image"] for b in RecentBuilds(tmp_path).builds()]
+    assert len(set(images)) == len(images) == 100, "no process's write was lost"
+
+    store = RecentBuilds(tmp_path / "small", builds_kept=3, errors_kept=2)
+    for i in range(5):
+        store.record(entry(BuildStats(image=f"bad{i}", reason=f"why {i}", status=500), time.time()))
+        store.record(entry(BuildStats(image=f"good{i}"), time.time()))
+    assert [b["image"] for b in store.builds()] == ["good4", "bad4", "good3"]
+    assert [e["reason"] for e in store.errors()] == ["why 4", "why 3"]
+
+
+@pytest.mark.parametrize("argument, secret", [
+    ("https://builder:s3cret-token@git.example.org/pkgs.git", "s3cret-token"),
+])
+def test_page_never_shows_secrets(tmp_path, argument, secret):
+    config = Config(source=PackageSource(SourceKind.GIT, argument), git_token="tok-123456", state_dir=tmp_path)
+    app = falcon.App()
+    web.add_routes(app, config, RecentBuilds(tmp_path))
+    page = falcon.testing.TestClient(app).simulate_get("/").text
+    assert "git.example.org/pkgs.git" in page
+    assert secret not in page and "tok-123456" not in page
+
+
+def test_page_lists_allowed_channels(tmp_path):
+    config = Config(channel_allow=("nixos-24.05",), state_dir=tmp_path)
+    app = falcon.App()
+    web.add_routes(app, config, RecentBuilds(tmp_path))
+    page = falcon.testing.TestClient(app).simulate_get("/").text
+    assert "the nixpkgs channel <code>nixos-unstable</code>" in page
+    assert "Tags may also name the channels <code>nixos-24.05</code>." in page
