@@ -95,7 +95,7 @@ class Builder:
 
     def manifest(self, image: Image) -> Result:
         """The manifest for `image`, built if needed; raises RegistryError for the client."""
-        stats = BuildStats(image=image.name)
+        stats = BuildStats(image=image.name, tag=image.tag)
         resolved = self.source.resolve(image.tag)
         # Once the revision is fixed the tag no longer matters: `latest` and `release-v2` resolving
         # to one commit share a manifest. A cached image never prepares the source (no git export).

@@ -119,7 +119,7 @@ class Config:
         return {
             "port": self.port,
             "listen_address": self.listen_address,
-            "source": {"kind": self.source.kind.value, "argument": _redact_url(self.source.argument)},
+            "source": {"kind": self.source.kind.value, "argument": redact_url(self.source.argument)},
             "channel_url_template": self.channel_url_template,
             "channel_allow": list(self.channel_allow),
             "git_ttl": self.git_ttl,
@@ -139,7 +139,7 @@ class Config:
         }
 
 
-def _redact_url(value: str) -> str:
+def redact_url(value: str) -> str:
     """Hide a password or token embedded in a URL (https://user:token@host/...)."""
     return re.sub(r"(//[^/@:]+):[^/@]*@", r"\1:***@", value)
 
@@ -175,7 +175,7 @@ def _source(env: Mapping[str, str]) -> PackageSource:
     if "NIXERY_PKGS_REPO" in given:
         url = given["NIXERY_PKGS_REPO"]
         if not re.match(r"^(https?://|ssh://|file://|/|[\w.-]+@[\w.-]+:)", url):
-            raise ConfigError(f"NIXERY_PKGS_REPO={_redact_url(url)!r} is not an https, ssh, file:// URL or absolute path")
+            raise ConfigError(f"NIXERY_PKGS_REPO={redact_url(url)!r} is not an https, ssh, file:// URL or absolute path")
         return PackageSource(SourceKind.GIT, url)
     channel = given.get("NIXERY_CHANNEL", DEFAULT_CHANNEL)
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", channel):

@@ -28,7 +28,7 @@ from typing import Iterator, Optional
 import pygit2
 from pygit2.enums import CheckoutStrategy, CredentialType, FetchPrune
 
-from .config import Config, _redact_url
+from .config import Config, redact_url
 from .errors import RegistryError, build_failed, manifest_unknown
 from .locks import file_lock
 from .nix import SourceArgs
@@ -113,7 +113,7 @@ class GitSource:
 
     def __init__(self, config: Config):
         self.url = config.source.argument
-        self.name = _redact_url(self.url)
+        self.name = redact_url(self.url)
         self.ttl = config.git_ttl
         self.ssh_key = config.ssh_key
         self.token = config.git_token
@@ -204,7 +204,7 @@ class GitSource:
         return state
 
     def _redact(self, text: str) -> str:
-        text = _redact_url(text.replace(self.url, self.name))
+        text = redact_url(text.replace(self.url, self.name))
         return text.replace(self.token, "***") if self.token else text
 
     def _init_mirror(self) -> None:

@@ -14,7 +14,7 @@ import functools
 import re
 from typing import Callable, Optional, Protocol
 
-from .config import Config, SourceKind, _redact_url
+from .config import Config, SourceKind, redact_url
 from .errors import manifest_unknown
 from .nix import SourceArgs
 
@@ -83,7 +83,7 @@ class ChannelSource:
         url = self.url_template.replace("{rev}", rev)
         pinned = COMMIT_RE.fullmatch(rev) is not None
         return Resolved.ready(SourceArgs("tarball", url, f"nixpkgs {rev}"),
-                              f"tarball:{_redact_url(url)}" if pinned else None)
+                              f"tarball:{redact_url(url)}" if pinned else None)
 
 
 def make_source(config: Config) -> Source:

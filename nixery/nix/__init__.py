@@ -83,25 +83,20 @@ def first_error_line(text: str) -> str:
 
 
 class Nix:
-    """Runs Nix for one service; `invocations` counts processes started (for metrics and tests),
-    and `on_invoke` hears each one's command name (the metrics count them across workers)."""
+    """Runs Nix for one service; `on_invoke` hears each command's name (the metrics count them)."""
 
-    def __init__(self, timeout: int, gcroot_dir: Path, env: Optional[Mapping[str, str]] = None,
-                 on_invoke: Optional[Callable[[str], None]] = None):
+    def __init__(self, timeout: int, gcroot_dir: Path, on_invoke: Optional[Callable[[str], None]] = None):
         self.timeout = timeout
         self.gcroot_dir = gcroot_dir
-        self.env = dict(env if env is not None else os.environ)
-        self.invocations = 0
         self.on_invoke = on_invoke
 
     def _run(self, args: Sequence[str], what: str) -> str:
-        self.invocations += 1
         if self.on_invoke:
             self.on_invoke(args[0])
         log.debug("running nix", extra={"argv": list(args)})
         try:
             proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    stdin=subprocess.DEVNULL, env=self.env, start_new_session=True)
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
         except FileNotFoundError:
             raise NixError(f"{args[0]} is not installed or not on PATH") from None
         try:
