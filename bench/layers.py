@@ -47,10 +47,12 @@ def worker_peak_rss_mb(master_pid: int) -> float:
     return peak / 1024
 
 
-def timed_pipeline(command: str, paths: list[str]) -> float:
+def timed_pipeline(command: str, paths: list[str]) -> tuple[float, float]:
+    """Seconds the pipeline takes over `paths`, and the MB it outputs."""
     start = time.monotonic()
-    subprocess.run(["sh", "-c", command.replace("tar ", "tar 2>/dev/null ", 1) + " > /dev/null", "sh", *paths], check=True)
-    return time.monotonic() - start
+    out = subprocess.run(["sh", "-c", command.replace("tar ", "tar 2>/dev/null ", 1) + " | wc -c", "sh", *paths],
+                         check=True, capture_output=True, text=True).stdout
+    return time.monotonic() - start, int(out) / 1e6
 
 
 def main() -> None:
@@ -86,17 +88,17 @@ def main() -> None:
     compressed = sum(layer["size"] for layer in manifest["layers"]) / 1e6
     assembly = steps.get("upload", wall)
 
-    tar_gzip = timed_pipeline('tar -cf - "$@" | gzip -6', paths)
-    tar_gzip1 = timed_pipeline('tar -cf - "$@" | gzip -1', paths)
-    tar_sha = timed_pipeline('tar -cf - "$@" | sha256sum', paths)
+    tar_gzip, gzip_mb = timed_pipeline('tar -cf - "$@" | gzip -6', paths)
+    tar_gzip1, gzip1_mb = timed_pipeline('tar -cf - "$@" | gzip -1', paths)
+    tar_sha, _ = timed_pipeline('tar -cf - "$@" | sha256sum', paths)
 
     print(json.dumps({"store_paths": len(paths), "layers": len(manifest["layers"]),
                       "input_MB": round(mb, 1), "compressed_MB": round(compressed, 1)}))
-    print(f"nixery layer assembly      {assembly:7.2f} s  {mb / assembly:7.1f} MB/s"
+    print(f"nixery layer assembly      {assembly:7.2f} s  {mb / assembly:7.1f} MB/s  -> {compressed:.1f} MB"
           f"  (whole first request {wall:.2f} s, steps {steps})")
     print(f"nixery worker peak RSS     {rss:7.1f} MB")
-    print(f"tar | gzip -6              {tar_gzip:7.2f} s  {mb / tar_gzip:7.1f} MB/s")
-    print(f"tar | gzip -1              {tar_gzip1:7.2f} s  {mb / tar_gzip1:7.1f} MB/s")
+    print(f"tar | gzip -6              {tar_gzip:7.2f} s  {mb / tar_gzip:7.1f} MB/s  -> {gzip_mb:.1f} MB")
+    print(f"tar | gzip -1              {tar_gzip1:7.2f} s  {mb / tar_gzip1:7.1f} MB/s  -> {gzip1_mb:.1f} MB")
     print(f"tar | sha256sum            {tar_sha:7.2f} s  {mb / tar_sha:7.1f} MB/s")
     print(f"ratios: nixery is {tar_gzip / assembly:.2f}x as fast as tar|gzip -6, "
           f"{tar_gzip1 / assembly:.2f}x tar|gzip -1, {tar_sha / assembly:.2f}x tar|sha256sum")
