@@ -23,7 +23,10 @@ from .storage import Backend, LocalFile, Redirect, StorageError, blob_key
 API_VERSION_HEADER = ("Docker-Distribution-API-Version", "registry/2.0")
 _PATH_RE = re.compile(r"^/v2/(?P<name>.+)/(?P<kind>manifests|blobs)/(?P<reference>[^/]+)$")
 _PUSH_RE = re.compile(r"^/v2/.+/(blobs/uploads(/.*)?|manifests/[^/]+|blobs/[^/]+)$")
-_RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
+# At most 19 digits: any larger number is beyond every blob (and int() refuses huge ones).
+_RANGE_RE = re.compile(r"^bytes=(\d{0,19})-(\d{0,19})$")
+# What a client must accept to be given a manifest: Nixery writes Docker schema 2 only.
+_ACCEPTABLE = (MANIFEST_MEDIA_TYPE, "*/*", "application/*")
 READ_METHODS = ("GET", "HEAD")
 
 
@@ -74,12 +77,17 @@ class Registry:
             raise RegistryError(404, "NOT_FOUND", "no such endpoint", {"path": req.path})
         name, kind, reference = match.group("name", "kind", "reference")
         image.validate_name(name)
-        if kind == "blobs":
-            self.blob(req, resp, reference)
-        elif ":" in reference:
-            self.manifest_by_digest(req, resp, reference)
-        else:
-            self.manifest_by_tag(req, resp, name, reference)
+        try:
+            if kind == "blobs":
+                self.blob(req, resp, reference)
+            else:
+                _check_accept(req)
+                if ":" in reference:
+                    self.manifest_by_digest(req, resp, reference)
+                else:
+                    self.manifest_by_tag(req, resp, name, reference)
+        except StorageError as e:
+            raise RegistryError(503, "UNAVAILABLE", f"storage failed: {e}") from None
 
     def manifest_by_tag(self, req: falcon.Request, resp: falcon.Response, name: str, tag: str) -> None:
         # req.context.build is what the metrics and the recent-builds page learn of this request.
@@ -94,18 +102,13 @@ class Registry:
         self._manifest(req, resp, result.manifest.data, result.manifest.digest)
 
     def manifest_by_digest(self, req: falcon.Request, resp: falcon.Response, digest: str) -> None:
-        data = self._read(digest)
+        # Layers and configs share the content store: only a manifest is served as one
+        # (and only a manifest, which is small, is ever read into memory).
+        info = self.storage.stat(blob_key(digest)) if image.validate_digest(digest) else None
+        data = self.storage.read(blob_key(digest)) if info and info.media_type == MANIFEST_MEDIA_TYPE else None
         if data is None:
             raise manifest_unknown("manifest unknown", {"digest": digest})
         self._manifest(req, resp, data, digest)
-
-    def _read(self, digest: str) -> Optional[bytes]:
-        if not image.validate_digest(digest):
-            return None
-        try:
-            return self.storage.read(blob_key(digest))
-        except StorageError as e:
-            raise RegistryError(503, "UNAVAILABLE", f"storage failed: {e}") from None
 
     @staticmethod
     def _manifest(req: falcon.Request, resp: falcon.Response, data: bytes, digest: str) -> None:
@@ -119,22 +122,20 @@ class Registry:
     def blob(self, req: falcon.Request, resp: falcon.Response, digest: str) -> None:
         if not image.validate_digest(digest):
             raise blob_unknown(digest)
-        try:
-            location = self.storage.locate(blob_key(digest))
-        except StorageError as e:
-            raise RegistryError(503, "UNAVAILABLE", f"storage failed: {e}") from None
+        location = self.storage.locate(blob_key(digest))
         if location is None:
             raise blob_unknown(digest)
+        size = location.info.size
+        redirect = isinstance(location, Redirect) and req.method == "GET"
+        start, end = (0, size) if redirect else _byte_range(req.get_header("Range"), size)
         resp.content_type = location.info.media_type
         resp.set_header("Docker-Content-Digest", digest)
         resp.set_header("ETag", f'"{digest}"')
-        if isinstance(location, Redirect) and req.method == "GET":
+        if redirect:
             resp.status = falcon.HTTP_307
             resp.location = location.url
             return
         resp.set_header("Accept-Ranges", "bytes")
-        size = location.info.size
-        start, end = _byte_range(req.get_header("Range"), size)
         resp.content_length = end - start
         if start or end != size:
             resp.status = falcon.HTTP_206
@@ -165,7 +166,7 @@ def _byte_range(header: Optional[str], size: int) -> tuple[int, int]:
         return 0, size
     match = _RANGE_RE.match(header.strip())
     if not match or match.groups() == ("", ""):
-        raise RegistryError(416, "RANGE_INVALID", "invalid Range header", {"range": header})
+        raise _unsatisfiable(header, size)
     first, last = match.groups()
     if first == "":
         start, end = max(0, size - int(last)), size
@@ -173,5 +174,21 @@ def _byte_range(header: Optional[str], size: int) -> tuple[int, int]:
         start = int(first)
         end = min(size, int(last) + 1) if last else size
     if start >= size or start >= end:
-        raise RegistryError(416, "RANGE_INVALID", "range not satisfiable", {"range": header, "size": size})
+        raise _unsatisfiable(header, size)
     return start, end
+
+
+def _unsatisfiable(header: str, size: int) -> RegistryError:
+    error = RegistryError(416, "RANGE_INVALID", "range not satisfiable", {"range": header, "size": size})
+    error.headers["Content-Range"] = f"bytes */{size}"
+    return error
+
+
+def _check_accept(req: falcon.Request) -> None:
+    """A client that names the manifest types it takes, none of them ours, gets a clear 404
+    rather than a document it cannot parse. No Accept header means anything goes."""
+    offered = [part.split(";")[0].strip().lower() for part in (req.get_header("Accept") or "").split(",")]
+    offered = [media_type for media_type in offered if media_type]
+    if offered and not any(media_type in _ACCEPTABLE for media_type in offered):
+        raise manifest_unknown(f"this registry serves only {MANIFEST_MEDIA_TYPE} manifests",
+                               {"accept": offered})

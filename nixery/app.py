@@ -31,15 +31,23 @@ def make_storage(config: Config) -> Backend:
 def _registry_error(req: falcon.Request, resp: falcon.Response, error: RegistryError, params) -> None:
     resp.status = falcon.code_to_http_status(error.status)
     resp.content_type = "application/json"
+    resp.set_headers(error.headers)
     resp.data = error.body()
 
 
-def _unexpected_error(req: falcon.Request, resp: falcon.Response, error: Exception, params) -> None:
-    if isinstance(error, falcon.HTTPError):
-        # Falcon's own errors (bad headers, unknown routes) also get the registry's JSON shape.
-        code = {404: "NOT_FOUND", 405: "UNSUPPORTED"}.get(error.status_code, "UNKNOWN")
-        _registry_error(req, resp, RegistryError(error.status_code, code, error.title or "error"), params)
+def _http_error(req: falcon.Request, resp: falcon.Response, error: falcon.HTTPError, params) -> None:
+    """Falcon's own errors (a method a route lacks, a malformed header) in the registry's
+    JSON shape under /v2/, as plain text elsewhere."""
+    if not req.path.startswith("/v2"):
+        resp.status = error.status
+        resp.content_type = "text/plain"
+        resp.text = error.title or "error"
         return
+    code = {404: "NOT_FOUND", 405: "UNSUPPORTED"}.get(error.status_code, "UNKNOWN")
+    _registry_error(req, resp, RegistryError(error.status_code, code, error.title or "error"), params)
+
+
+def _unexpected_error(req: falcon.Request, resp: falcon.Response, error: Exception, params) -> None:
     log.exception("unhandled error", extra={"path": req.path})
     _registry_error(req, resp, RegistryError(500, "UNKNOWN", f"internal error: {type(error).__name__}"), params)
 
@@ -53,12 +61,13 @@ def create_app(config: Config, storage: Backend | None = None) -> falcon.App:
     storage = storage or make_storage(config)
     metrics = Metrics()
     recent = RecentBuilds(config.state_dir)
-    nix = Nix(config.nix_timeout, config.state_dir / "gcroots", on_invoke=metrics.count_nix)
+    nix = Nix(config.nix_timeout, config.gcroot_dir, on_invoke=metrics.count_nix)
     builder = Builder(storage, nix, make_source(config), popularity.load(config.popularity_url),
                       config.layer_budget, config.state_dir)
     app = falcon.App(middleware=[_ApiVersion(), MetricsMiddleware(metrics), BuildRecorder(recent)])
     app.req_options.strip_url_path_trailing_slash = True
     app.add_error_handler(Exception, _unexpected_error)
+    app.add_error_handler(falcon.HTTPError, _http_error)
     app.add_error_handler(RegistryError, _registry_error)
     app.add_route("/v2", VersionCheck())
     app.add_sink(Registry(builder, storage), prefix="/v2/")

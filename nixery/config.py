@@ -114,13 +114,18 @@ class Config:
     threads: int = 8
     log_level: str = "INFO"
 
+    @property
+    def gcroot_dir(self) -> Path:
+        """Where builds in progress keep their GC roots (the server clears it of dead workers' roots)."""
+        return self.state_dir / "gcroots"
+
     def summary(self) -> dict[str, object]:
         """The effective configuration with secrets left out, for the start-up log and the web page."""
         return {
             "port": self.port,
             "listen_address": self.listen_address,
             "source": {"kind": self.source.kind.value, "argument": redact_url(self.source.argument)},
-            "channel_url_template": self.channel_url_template,
+            "channel_url_template": redact_url(self.channel_url_template),
             "channel_allow": list(self.channel_allow),
             "git_ttl": self.git_ttl,
             "ssh_key": "<set>" if self.ssh_key else None,
@@ -131,7 +136,7 @@ class Config:
             "gcs_bucket": self.gcs.bucket if self.gcs else None,
             "gcs_signing": bool(self.gcs and self.gcs.signing_key),
             "nix_timeout": self.nix_timeout,
-            "popularity_url": self.popularity_url,
+            "popularity_url": redact_url(self.popularity_url) if self.popularity_url else None,
             "layer_budget": self.layer_budget,
             "workers": self.workers,
             "threads": self.threads,

@@ -18,6 +18,7 @@ class RegistryError(Exception):
         self.code = code
         self.message = message
         self.detail = detail
+        self.headers: dict[str, str] = {}
 
     def body(self) -> bytes:
         error: dict[str, Any] = {"code": self.code, "message": self.message}

@@ -44,6 +44,8 @@ CHECKOUT_MAX_AGE = 7 * 24 * 3600
 # A remote that does not answer must not hold the fetch lock (and every request) forever.
 CONNECT_TIMEOUT_MS = 30_000
 IO_TIMEOUT_MS = 120_000
+# Unknown names fetch at most this often (or every NIXERY_GIT_TTL, if shorter).
+MISS_FETCH_FLOOR = 10.0
 SSH_KEY_FILES = ("id_ed25519", "id_ecdsa", "id_rsa")
 TOKEN_USERNAME = "x-access-token"
 
@@ -138,10 +140,11 @@ class GitSource:
         if not COMMIT_RE.fullmatch(tag) and self._stale():
             self._fetch(since=time.time())
             fetched = True
-        looked_at = time.time()
         commit = self._lookup(tag)
         if commit is None and not fetched:
-            self._fetch(since=looked_at)
+            # A name the mirror lacks may be new upstream, but a client asking for random tags
+            # must not make us hammer the remote: a fetch this recent is taken as the answer.
+            self._fetch(since=time.time() - min(self.ttl, MISS_FETCH_FLOOR))
             commit = self._lookup(tag)
         if commit is None:
             raise self._unknown(tag)

@@ -43,7 +43,8 @@ def root_entries(packages: Mapping[str, str]) -> list[Entry]:
     for store_path in dict.fromkeys(packages.values()):
         if os.path.isdir(store_path):
             for name in sorted(os.listdir(store_path)):
-                if os.path.isdir(os.path.join(store_path, name)):
+                # /tmp is the image's own (mode 1777), whatever a package ships there.
+                if name != "tmp" and os.path.isdir(os.path.join(store_path, name)):
                     tops.setdefault(name, []).append(os.path.join(store_path, name))
     entries: list[Entry] = [Entry("tmp", "dir", 0o1777)]
     for name in sorted(tops):

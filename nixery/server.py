@@ -15,6 +15,7 @@ from prometheus_client import multiprocess, values
 
 from .config import Config
 from .logs import JsonFormatter
+from .nix import drop_gc_roots
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +69,10 @@ def prepare_metrics_dir(state_dir: Path) -> None:
 
 
 def _child_exit(server: Any, worker: Any) -> None:
-    """A dead worker's live gauges stop counting; its counters stay in the sums, as they happened."""
+    """A dead worker's live gauges stop counting (its counters stay in the sums, as they
+    happened), and the GC roots of a build it did not finish are let go."""
     multiprocess.mark_process_dead(worker.pid)
+    drop_gc_roots(server.app.config.gcroot_dir, worker.pid)
 
 
 class NixeryServer(BaseApplication):
@@ -90,4 +93,5 @@ class NixeryServer(BaseApplication):
 def run(config: Config, app_factory: Callable[[Config], Any]) -> None:
     log.info("starting nixery", extra={"config": json.loads(json.dumps(config.summary()))})
     prepare_metrics_dir(config.state_dir)
+    drop_gc_roots(config.gcroot_dir)
     NixeryServer(config, app_factory).run()

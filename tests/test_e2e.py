@@ -223,3 +223,47 @@ def test_start_up_logs_the_configuration_without_secrets(start_server, pkgset):
     assert start["config"]["source"] == {"kind": "path", "argument": str(pkgset.resolve())}
     assert start["config"]["layer_budget"] == 94 and start["config"]["git_token"] == "<set>"
     assert "very-secret-token" not in server.log()
+
+
+def test_only_manifests_are_served_as_manifests(server):
+    manifest = requests.get(f"{server.url}/v2/hello/manifests/latest", timeout=120).json()
+    for digest in (manifest["config"]["digest"], manifest["layers"][0]["digest"]):
+        response = requests.get(f"{server.url}/v2/hello/manifests/{digest}", timeout=30)
+        assert response.status_code == 404 and errors_of(response)[0]["code"] == "MANIFEST_UNKNOWN"
+
+
+def test_a_client_that_takes_no_docker_manifests_gets_a_clear_404(server):
+    oci_only = {"Accept": "application/vnd.oci.image.manifest.v1+json"}
+    response = requests.get(f"{server.url}/v2/hello/manifests/latest", headers=oci_only, timeout=120)
+    assert response.status_code == 404
+    assert MANIFEST_V2 in errors_of(response)[0]["message"]
+    both = {"Accept": f"application/vnd.oci.image.manifest.v1+json, {MANIFEST_V2};q=0.9"}
+    assert requests.get(f"{server.url}/v2/hello/manifests/latest", headers=both, timeout=120).status_code == 200
+
+
+def test_unsatisfiable_ranges_are_416_with_the_size(server):
+    manifest = requests.get(f"{server.url}/v2/hello/manifests/latest", timeout=120).json()
+    layer = manifest["layers"][0]
+    url = f"{server.url}/v2/hello/blobs/{layer['digest']}"
+    for header in ("bytes=" + "9" * 5000 + "-", "bytes=abc", f"bytes={layer['size']}-"):
+        response = requests.get(url, headers={"Range": header}, timeout=30)
+        assert response.status_code == 416, header[:40]
+        assert response.headers["Content-Range"] == f"bytes */{layer['size']}"
+        assert "Docker-Content-Digest" not in response.headers
+        assert errors_of(response)[0]["code"] == "RANGE_INVALID"
+
+
+def test_falcon_errors_below_v2_are_registry_json(server):
+    response = requests.post(f"{server.url}/v2/", timeout=10)
+    assert response.status_code == 405
+    assert errors_of(response)[0]["code"] == "UNSUPPORTED"
+
+
+def test_credentials_in_the_channel_url_never_reach_clients_or_logs(start_server):
+    server = start_server({"NIXERY_CHANNEL": "nixos-unstable",
+                           "NIXERY_CHANNEL_URL_TEMPLATE": "http://user:s3cret@127.0.0.1:9/{rev}.tar.gz"})
+    response = requests.get(f"{server.url}/v2/hello/manifests/latest", timeout=120)
+    assert response.status_code == 500
+    assert "127.0.0.1:9" in response.text and "s3cret" not in response.text
+    assert "s3cret" not in server.log()
+    assert "s3cret" not in requests.get(f"{server.url}/builds.json", timeout=10).text

@@ -21,6 +21,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Optional, Sequence
 
+from ..config import redact_url
+
 log = logging.getLogger(__name__)
 
 HELPER = Path(str(resources.files(__package__).joinpath("helper.nix")))
@@ -104,8 +106,9 @@ class Nix:
         except subprocess.TimeoutExpired:
             out, err = self._stop(proc)
             raise NixError(f"{what} timed out after {self.timeout}s",
-                           err.decode(errors="replace")) from None
-        stderr = err.decode(errors="replace")
+                           redact_url(err.decode(errors="replace"))) from None
+        # Nix quotes the URLs it fails to download, credentials and all.
+        stderr = redact_url(err.decode(errors="replace"))
         if proc.returncode != 0:
             raise NixError(f"{what} failed: {first_error_line(stderr)}", stderr)
         return out.decode()
@@ -146,7 +149,7 @@ class Nix:
     @contextlib.contextmanager
     def gc_roots(self) -> Iterator[Path]:
         """A directory whose links keep a build's outputs alive until the image is written."""
-        root = self.gcroot_dir / uuid.uuid4().hex
+        root = self.gcroot_dir / f"{os.getpid()}-{uuid.uuid4().hex}"
         root.mkdir(parents=True)
         try:
             yield root
@@ -168,6 +171,15 @@ class Nix:
                   "building")
         outputs = {n: resolved[n] for n in list(names) + list(optional) if n in resolved}
         return Closure(packages=outputs, paths=self.closure(sorted(set(outputs.values()))))
+
+
+def drop_gc_roots(gcroot_dir: Path, pid: Optional[int] = None) -> None:
+    """Removes the roots of a worker that died mid-build (`pid`), or of every earlier run.
+
+    A killed worker never reaches `gc_roots`' clean-up, and its roots would pin
+    store paths for good; the master calls this at start-up and when a worker exits."""
+    for root in gcroot_dir.glob(f"{pid}-*" if pid else "*"):
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def parse_path_info(raw: str) -> dict[str, StorePath]:

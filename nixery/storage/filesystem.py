@@ -79,6 +79,9 @@ class FilesystemBackend(Backend):
 
     def _publish(self, tmp_path: Path, key: str, media_type: str) -> None:
         path = self._path(key)
+        if path.exists():  # content-addressed: whoever published first wrote the same bytes
+            os.unlink(tmp_path)
+            return
         self._atomic_write(Path(str(path) + _TYPE_SUFFIX), media_type.encode())
         os.chmod(tmp_path, 0o644)
         os.replace(tmp_path, path)
