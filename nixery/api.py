@@ -17,7 +17,7 @@ import falcon
 from . import image
 from .builder import Builder, BuildStats
 from .errors import RegistryError, blob_unknown, manifest_unknown
-from .manifest import MANIFEST_MEDIA_TYPE
+from .manifest import MANIFEST_MEDIA_TYPE, OCI_MANIFEST_MEDIA_TYPE, Document, as_oci
 from .storage import Backend, LocalFile, Redirect, StorageError, blob_key
 
 API_VERSION_HEADER = ("Docker-Distribution-API-Version", "registry/2.0")
@@ -25,8 +25,9 @@ _PATH_RE = re.compile(r"^/v2/(?P<name>.+)/(?P<kind>manifests|blobs)/(?P<referenc
 _PUSH_RE = re.compile(r"^/v2/.+/(blobs/uploads(/.*)?|manifests/[^/]+|blobs/[^/]+)$")
 # At most 19 digits: any larger number is beyond every blob (and int() refuses huge ones).
 _RANGE_RE = re.compile(r"^bytes=(\d{0,19})-(\d{0,19})$")
-# What a client must accept to be given a manifest: Nixery writes Docker schema 2 only.
-_ACCEPTABLE = (MANIFEST_MEDIA_TYPE, "*/*", "application/*")
+# Nixery builds Docker schema 2 manifests, and gives the OCI form to clients that take only that.
+_DOCKER_ACCEPTS = (MANIFEST_MEDIA_TYPE, "*/*", "application/*")
+MANIFEST_MEDIA_TYPES = (MANIFEST_MEDIA_TYPE, OCI_MANIFEST_MEDIA_TYPE)
 READ_METHODS = ("GET", "HEAD")
 
 
@@ -81,7 +82,6 @@ class Registry:
             if kind == "blobs":
                 self.blob(req, resp, reference)
             else:
-                _check_accept(req)
                 if ":" in reference:
                     self.manifest_by_digest(req, resp, reference)
                 else:
@@ -90,6 +90,7 @@ class Registry:
             raise RegistryError(503, "UNAVAILABLE", f"storage failed: {e}") from None
 
     def manifest_by_tag(self, req: falcon.Request, resp: falcon.Response, name: str, tag: str) -> None:
+        media_type = _negotiate(req)
         # req.context.build is what the metrics and the recent-builds page learn of this request.
         started = time.monotonic()
         try:
@@ -99,25 +100,31 @@ class Registry:
             raise
         req.context.build = dataclasses.replace(result.stats, tag=tag,
                                                 duration=round(time.monotonic() - started, 3))
-        self._manifest(req, resp, result.manifest.data, result.manifest.digest)
+        document = result.manifest
+        if media_type == OCI_MANIFEST_MEDIA_TYPE:
+            document = as_oci(document)
+            # Stored too, so that the client can fetch it again by the digest it was given.
+            if self.storage.stat(blob_key(document.digest)) is None:
+                self.storage.write(blob_key(document.digest), document.data, document.media_type)
+        self._manifest(req, resp, document)
 
     def manifest_by_digest(self, req: falcon.Request, resp: falcon.Response, digest: str) -> None:
         # Layers and configs share the content store: only a manifest is served as one
         # (and only a manifest, which is small, is ever read into memory).
         info = self.storage.stat(blob_key(digest)) if image.validate_digest(digest) else None
-        data = self.storage.read(blob_key(digest)) if info and info.media_type == MANIFEST_MEDIA_TYPE else None
+        data = self.storage.read(blob_key(digest)) if info and info.media_type in MANIFEST_MEDIA_TYPES else None
         if data is None:
             raise manifest_unknown("manifest unknown", {"digest": digest})
-        self._manifest(req, resp, data, digest)
+        self._manifest(req, resp, Document(info.media_type, data))
 
     @staticmethod
-    def _manifest(req: falcon.Request, resp: falcon.Response, data: bytes, digest: str) -> None:
-        resp.content_type = MANIFEST_MEDIA_TYPE
-        resp.set_header("Docker-Content-Digest", digest)
-        resp.set_header("ETag", f'"{digest}"')
-        resp.content_length = len(data)
+    def _manifest(req: falcon.Request, resp: falcon.Response, document: Document) -> None:
+        resp.content_type = document.media_type
+        resp.set_header("Docker-Content-Digest", document.digest)
+        resp.set_header("ETag", f'"{document.digest}"')
+        resp.content_length = len(document.data)
         if req.method == "GET":
-            resp.data = data
+            resp.data = document.data
 
     def blob(self, req: falcon.Request, resp: falcon.Response, digest: str) -> None:
         if not image.validate_digest(digest):
@@ -184,11 +191,14 @@ def _unsatisfiable(header: str, size: int) -> RegistryError:
     return error
 
 
-def _check_accept(req: falcon.Request) -> None:
-    """A client that names the manifest types it takes, none of them ours, gets a clear 404
-    rather than a document it cannot parse. No Accept header means anything goes."""
+def _negotiate(req: falcon.Request) -> str:
+    """The manifest type to answer with: Docker schema 2 unless the client names only OCI.
+    A client that names neither gets a clear 404 rather than a document it cannot parse."""
     offered = [part.split(";")[0].strip().lower() for part in (req.get_header("Accept") or "").split(",")]
     offered = [media_type for media_type in offered if media_type]
-    if offered and not any(media_type in _ACCEPTABLE for media_type in offered):
-        raise manifest_unknown(f"this registry serves only {MANIFEST_MEDIA_TYPE} manifests",
-                               {"accept": offered})
+    if not offered or any(media_type in _DOCKER_ACCEPTS for media_type in offered):
+        return MANIFEST_MEDIA_TYPE
+    if OCI_MANIFEST_MEDIA_TYPE in offered:
+        return OCI_MANIFEST_MEDIA_TYPE
+    raise manifest_unknown(f"this registry serves {' or '.join(MANIFEST_MEDIA_TYPES)} manifests",
+                           {"accept": offered})

@@ -13,6 +13,9 @@ from typing import Sequence
 
 MANIFEST_MEDIA_TYPE = "application/vnd.docker.distribution.manifest.v2+json"
 CONFIG_MEDIA_TYPE = "application/vnd.docker.container.image.v1+json"
+OCI_MANIFEST_MEDIA_TYPE = "application/vnd.oci.image.manifest.v1+json"
+OCI_CONFIG_MEDIA_TYPE = "application/vnd.oci.image.config.v1+json"
+OCI_LAYER_MEDIA_TYPE = "application/vnd.oci.image.layer.v1.tar+gzip"
 # Fixed so that the same contents give the same config digest on every build.
 CREATED = "1970-01-01T00:00:01Z"
 DEFAULT_PATH = "/bin:/usr/bin:/sbin:/usr/sbin"
@@ -68,4 +71,20 @@ def image_manifest(config: Descriptor, layers: Sequence[Descriptor]) -> Document
         "mediaType": MANIFEST_MEDIA_TYPE,
         "config": describe(config),
         "layers": [describe(layer) for layer in layers],
+    }))
+
+
+def as_oci(docker: Document) -> Document:
+    """The same image for a client that takes only OCI manifests: the same config and layer
+    blobs (Docker's image config is a valid OCI config), named with OCI media types."""
+    source = json.loads(docker.data)
+
+    def describe(entry: dict, media_type: str) -> dict[str, object]:
+        return {"mediaType": media_type, "digest": entry["digest"], "size": entry["size"]}
+
+    return Document(OCI_MANIFEST_MEDIA_TYPE, _serialise({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST_MEDIA_TYPE,
+        "config": describe(source["config"], OCI_CONFIG_MEDIA_TYPE),
+        "layers": [describe(layer, OCI_LAYER_MEDIA_TYPE) for layer in source["layers"]],
     }))

@@ -6,6 +6,7 @@ import concurrent.futures
 import hashlib
 import http.client
 import json
+import os
 import subprocess
 import time
 
@@ -232,13 +233,27 @@ def test_only_manifests_are_served_as_manifests(server):
         assert response.status_code == 404 and errors_of(response)[0]["code"] == "MANIFEST_UNKNOWN"
 
 
-def test_a_client_that_takes_no_docker_manifests_gets_a_clear_404(server):
-    oci_only = {"Accept": "application/vnd.oci.image.manifest.v1+json"}
-    response = requests.get(f"{server.url}/v2/hello/manifests/latest", headers=oci_only, timeout=120)
+def test_oci_only_clients_get_the_oci_form_and_others_a_clear_404(server):
+    url = f"{server.url}/v2/hello/manifests/latest"
+    docker = requests.get(url, timeout=120)
+    oci = requests.get(url, headers={"Accept": "application/vnd.oci.image.manifest.v1+json"}, timeout=120)
+    assert oci.status_code == 200
+    assert oci.headers["Content-Type"] == "application/vnd.oci.image.manifest.v1+json"
+    assert oci.headers["Docker-Content-Digest"] == "sha256:" + hashlib.sha256(oci.content).hexdigest()
+    body = oci.json()
+    assert body["config"]["mediaType"] == "application/vnd.oci.image.config.v1+json"
+    assert {layer["mediaType"] for layer in body["layers"]} == {"application/vnd.oci.image.layer.v1.tar+gzip"}
+    # The same blobs as the Docker form, and fetchable again by its own digest.
+    assert [layer["digest"] for layer in body["layers"]] == [layer["digest"] for layer in docker.json()["layers"]]
+    again = requests.get(f"{server.url}/v2/hello/manifests/{oci.headers['Docker-Content-Digest']}", timeout=30)
+    assert again.content == oci.content and again.headers["Content-Type"] == oci.headers["Content-Type"]
+    # Offered both, a client gets the Docker form; offered neither, a clear 404.
+    both = {"Accept": f"application/vnd.oci.image.manifest.v1+json, {MANIFEST_V2};q=0.9"}
+    assert requests.get(url, headers=both, timeout=120).headers["Content-Type"] == MANIFEST_V2
+    schema1 = {"Accept": "application/vnd.docker.distribution.manifest.v1+prettyjws"}
+    response = requests.get(url, headers=schema1, timeout=120)
     assert response.status_code == 404
     assert MANIFEST_V2 in errors_of(response)[0]["message"]
-    both = {"Accept": f"application/vnd.oci.image.manifest.v1+json, {MANIFEST_V2};q=0.9"}
-    assert requests.get(f"{server.url}/v2/hello/manifests/latest", headers=both, timeout=120).status_code == 200
 
 
 def test_unsatisfiable_ranges_are_416_with_the_size(server):
@@ -267,3 +282,18 @@ def test_credentials_in_the_channel_url_never_reach_clients_or_logs(start_server
     assert "127.0.0.1:9" in response.text and "s3cret" not in response.text
     assert "s3cret" not in server.log()
     assert "s3cret" not in requests.get(f"{server.url}/builds.json", timeout=10).text
+
+
+def test_start_up_removes_what_dead_workers_left(start_server, pkgset, tmp_path):
+    tmp = tmp_path / "shared" / "storage" / "tmp"
+    tmp.mkdir(parents=True)
+    stale, fresh = tmp / "stale-upload", tmp / "fresh-upload"
+    stale.write_bytes(b"left by a killed worker")
+    fresh.write_bytes(b"another instance is writing this")
+    os.utime(stale, (time.time() - 2 * 86400,) * 2)
+    dead_worker_roots = tmp_path / "shared" / "state" / "gcroots" / "12345-0123abcd"
+    dead_worker_roots.mkdir(parents=True)
+    (dead_worker_roots / "out").symlink_to(pkgset)
+    start_server({"NIXERY_PKGS_PATH": str(pkgset), "STORAGE_PATH": str(tmp.parent)}, workdir=tmp_path / "shared")
+    assert not stale.exists() and fresh.exists()
+    assert not dead_worker_roots.exists(), "GC roots of an earlier run pin store paths for good"

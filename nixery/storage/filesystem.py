@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import BinaryIO, Iterator, Optional
 
@@ -18,6 +19,8 @@ from . import Backend, BlobInfo, LocalFile, StorageError, Upload, check_key
 
 _TYPE_SUFFIX = ".type"
 _TMP_DIR = "tmp"
+# No upload takes this long: older temporary files were left by a killed worker.
+_STALE_TMP_SECONDS = 24 * 3600
 
 
 class _FileUpload(Upload):
@@ -102,6 +105,15 @@ class FilesystemBackend(Backend):
                 if not upload.committed:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(tmp)
+
+    def check(self) -> None:
+        """Removes what killed workers left in tmp/; other instances sharing the directory
+        may be uploading, so only files older than any upload are touched."""
+        cutoff = time.time() - _STALE_TMP_SECONDS
+        for path in (self.root / _TMP_DIR).iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
 
     def locate(self, key: str) -> Optional[LocalFile]:
         info = self.stat(key)
