@@ -85,6 +85,18 @@ class _Credentials(pygit2.RemoteCallbacks):
         raise pygit2.GitError("authentication refused" if self.offered
                               else "authentication required, and no credentials are configured")
 
+    def certificate_check(self, certificate: None, valid: bool, host: bytes) -> bool:
+        """Connects only to a host libgit2 verified: TLS as usual, ssh by ~/.ssh/known_hosts.
+
+        libgit2 (libssh2) checks the ssh host key against $HOME/.ssh/known_hosts
+        (plain, `[host]:port` or hashed entries) and passes the outcome as
+        `valid`, but pygit2's default callback accepts every ssh host key,
+        unknown or mismatched, which would let a man in the middle serve a
+        forged package set. False fails the fetch with "invalid or unknown
+        remote ssh hostkey".
+        """
+        return valid
+
     def _candidates(self, ssh_user: str, url_user: Optional[str],
                     allowed: CredentialType) -> Iterator[tuple[str, pygit2.Keypair | pygit2.UserPass]]:
         if allowed & CredentialType.SSH_KEY:
