@@ -13,7 +13,8 @@ def _help_text() -> str:
     lines = ["Configuration comes from the environment (read once, at start-up):", ""]
     for var in configuration.VARIABLES:
         default = f" (default: {var.default})" if var.default else ""
-        lines.append(f"  {var.name:<28} {var.help}{default}")
+        secret = " Secret: never logged or shown." if var.secret else ""
+        lines.append(f"  {var.name:<28} {var.help}{default}{secret}")
     return "\n".join(lines)
 
 
