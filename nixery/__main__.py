@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -25,27 +26,41 @@ def main(argv: list[str] | None = None) -> int:
                     "pulling HOST/shell/git gives an image holding those nixpkgs packages.",
         epilog=_help_text(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check-config", action="store_true",
-                        help="validate the configuration, print it (secrets redacted) and exit")
+                        help="validate the configuration, check that Nix can build and storage can be written, "
+                             "print the configuration (secrets redacted) and exit")
     args = parser.parse_args(argv)
     try:
         config = configuration.load(os.environ)
     except configuration.ConfigError as e:
         print(f"nixery: configuration error: {e}", file=sys.stderr)
         return 2
-    from . import logs
+    from . import logs, preflight
     logs.setup(config.log_level)
+    from .app import create_app, make_storage
+    from .popularity import PopularityError
+    from .sources import make_source
+    from .storage import StorageError
+    try:
+        storage = make_storage(config)
+    except StorageError as e:
+        print(f"nixery: storage cannot be used: {e}", file=sys.stderr)
+        return 2
+    findings = preflight.run(config, os.environ, storage,
+                             check_source=lambda: make_source(config).resolve("latest"))
+    for finding in findings:
+        if finding.fatal:
+            print(f"nixery: {finding.message}", file=sys.stderr)
+        else:
+            logging.getLogger("nixery.preflight").warning(finding.message)
+    if any(finding.fatal for finding in findings):
+        return 2
     if args.check_config:
         import json
         print(json.dumps(config.summary(), indent=2))
         return 0
-    from .app import create_app, make_storage
-    from .popularity import PopularityError
-    from .storage import StorageError
     try:
         # Each worker builds its own app after the fork; building one here first
-        # turns an unreachable bucket or bad popularity data into a start-up error.
-        storage = make_storage(config)
-        storage.check()
+        # turns bad popularity data into a start-up error.
         create_app(config, storage)
     except (StorageError, PopularityError) as e:
         print(f"nixery: {e}", file=sys.stderr)

@@ -223,7 +223,11 @@ def _checked(env: Mapping[str, str], name: str, allowed: tuple[str, ...],
 def load(env: Mapping[str, str] = os.environ) -> Config:
     """Validate the environment into a Config, or raise ConfigError naming the variable."""
     gcs = _gcs(env)
-    backend = "gcs" if gcs else _checked(env, "NIXERY_STORAGE_BACKEND", ("filesystem", "gcs"))
+    backend = _checked(env, "NIXERY_STORAGE_BACKEND", ("filesystem", "gcs"))
+    if gcs and env.get("NIXERY_STORAGE_BACKEND") == "filesystem":
+        raise ConfigError("GCS_BUCKET (or BUCKET) is set but NIXERY_STORAGE_BACKEND=filesystem: "
+                          "unset one of them")
+    backend = "gcs" if gcs else backend
     storage_path = Path(env.get("STORAGE_PATH") or _home_dir(env, "XDG_DATA_HOME", ".local/share"))
     state_dir = Path(env.get("NIXERY_STATE_DIR") or _home_dir(env, "XDG_CACHE_HOME", ".cache"))
     allow = tuple(c.strip() for c in (env.get("NIXERY_CHANNEL_ALLOW") or "").split(",") if c.strip())

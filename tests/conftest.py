@@ -149,6 +149,10 @@ class NixCounter:
     def path(self) -> str:
         return f"{self.bin}:{os.environ['PATH']}"
 
+    def reset(self) -> None:
+        """Forget the calls so far (a server's start-up check builds a trivial derivation)."""
+        self.calls.write_text("")
+
     def count(self, tool: Optional[str] = None) -> int:
         lines = self.calls.read_text().splitlines()
         return len([line for line in lines if tool is None or line.split(" ", 1)[0] == tool])

@@ -109,3 +109,8 @@ def make_package_set(directory: Path, salt: str = "", slow_seconds: int = 3,
             .replace("@BIG_COUNT@", str(big_count)).replace("@BIG_MB@", str(big_mb)))
     (directory / "default.nix").write_text(text)
     return directory
+
+
+if __name__ == "__main__":
+    import sys
+    make_package_set(Path(sys.argv[1]).resolve())

@@ -73,6 +73,7 @@ def test_help_describes_every_variable():
 
 
 def test_check_config_prints_the_effective_configuration(tmp_path):
+    (tmp_path / "default.nix").write_text("{ }\n")
     result = run_nixery("--check-config", NIXERY_PKGS_PATH=str(tmp_path), STORAGE_PATH=str(tmp_path / "s"),
                         NIXERY_GIT_TOKEN="tok3n")
     assert result.returncode == 0, result.stderr

@@ -115,6 +115,7 @@ def test_failing_build_is_500_with_a_short_reason(server):
 def test_ten_concurrent_pulls_run_nix_once(start_server, fresh_pkgset, nix_counter):
     server = start_server({"NIXERY_PKGS_PATH": str(fresh_pkgset), "PATH": nix_counter.path(),
                            "NIXERY_WORKERS": "3", "NIXERY_THREADS": "4"})
+    nix_counter.reset()
     url = f"{server.url}/v2/slowbuild/slow/manifests/latest"
     with concurrent.futures.ThreadPoolExecutor(10) as pool:
         responses = list(pool.map(lambda _: requests.get(url, timeout=180), range(10)))

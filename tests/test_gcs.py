@@ -274,6 +274,7 @@ def test_second_server_serves_what_the_first_built_without_uploading(
     generations = {name: blob.generation for name, blob in objects.items()}
 
     second = start_server({**env, "PATH": nix_counter.path()})
+    nix_counter.reset()
     offset = emulator.log_offset()
     rootfs = pull_and_unpack(second.host, "shell/hello", tmp_path, tag=commit)
     assert chroot_run(rootfs, "/bin/hello") == "Hello, world!\n"

@@ -131,6 +131,7 @@ def test_git_tags_build_their_own_revisions(start_server, repo, nix_counter, tmp
 
 def test_pinned_image_is_served_again_without_nix(start_server, repo, nix_counter, tmp_path):
     server = start_server({"NIXERY_PKGS_REPO": repo.url, "PATH": nix_counter.path()})
+    nix_counter.reset()
     assert marker_of(server, repo.commits["one"], tmp_path / "first") == "one"
     assert nix_counter.count() > 0
     before = nix_counter.count()
@@ -165,6 +166,7 @@ def test_two_servers_share_the_manifest_cache(start_server, repo, nix_counter, t
     storage = str(tmp_path / "shared-storage")
     first = start_server({"NIXERY_PKGS_REPO": repo.url, "STORAGE_PATH": storage})
     second = start_server({"NIXERY_PKGS_REPO": repo.url, "STORAGE_PATH": storage, "PATH": nix_counter.path()})
+    nix_counter.reset()
     assert first.workdir != second.workdir
     assert marker_of(first, repo.commits["three"], tmp_path / "first") == "three"
     assert marker_of(second, repo.commits["three"], tmp_path / "second") == "three"

@@ -9,6 +9,7 @@ no extended attributes are needed and a visible object always has its type.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 import time
@@ -18,6 +19,9 @@ from typing import BinaryIO, Iterator, Optional
 from . import Backend, BlobInfo, LocalFile, StorageError, Upload, check_key
 
 _TYPE_SUFFIX = ".type"
+_OS_ERRORS = {errno.ENOSPC: "storage full", errno.EDQUOT: "storage full (quota)",
+              errno.EROFS: "storage read-only", errno.EACCES: "storage not writable (permission denied)",
+              errno.EPERM: "storage not writable (permission denied)"}
 _TMP_DIR = "tmp"
 # No upload takes this long: older temporary files were left by a killed worker.
 _STALE_TMP_SECONDS = 24 * 3600
@@ -107,14 +111,30 @@ class FilesystemBackend(Backend):
                         os.unlink(tmp)
 
     def check(self) -> None:
-        """Removes what killed workers left in tmp/; other instances sharing the directory
-        may be uploading, so only files older than any upload are touched."""
+        """Removes what killed workers left in tmp/ (other instances sharing the directory
+        may be uploading, so only files older than any upload are touched), then writes and
+        reads back a file: a read-only or full disk is found at start-up, not at a pull."""
         cutoff = time.time() - _STALE_TMP_SECONDS
         for path in (self.root / _TMP_DIR).iterdir():
             with contextlib.suppress(FileNotFoundError):
                 if path.stat().st_mtime < cutoff:
                     path.unlink()
+        probe = self.root / _TMP_DIR / f"check-{os.getpid()}"
+        try:
+            probe.write_bytes(b"nixery")
+            if probe.read_bytes() != b"nixery":
+                raise StorageError(f"{self.root}: a file read back differs from what was written")
+        except OSError as e:
+            raise StorageError(f"{self.root}: {describe_os_error(e)}") from None
+        finally:
+            with contextlib.suppress(OSError):
+                probe.unlink()
 
     def locate(self, key: str) -> Optional[LocalFile]:
         info = self.stat(key)
         return LocalFile(str(self._path(key)), info) if info else None
+
+
+def describe_os_error(e: OSError) -> str:
+    """The reason a client or operator can act on: full, read-only, not permitted."""
+    return _OS_ERRORS.get(e.errno, e.strerror or type(e).__name__)

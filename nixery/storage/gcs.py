@@ -286,11 +286,19 @@ class GcsBackend(Backend):
             expiration=datetime.timedelta(seconds=self.config.signed_url_ttl))
 
     def check(self) -> None:
-        """Lists one object: the smallest request that proves the bucket exists and is ours to read.
+        """Writes, reads back and deletes one object under tmp/: the smallest requests that prove
+        the bucket exists and that this instance may do what a build does in it.
 
         (Reading the bucket's own metadata would need more than object access.)
         """
-        with self.failures("reaching the bucket"):
-            next(iter(self._bucket().list_blobs(max_results=1, retry=_RETRY, timeout=_TIMEOUT)), None)
+        probe = self._bucket().blob(f"{TMP_PREFIX}check-{uuid.uuid4().hex}")
+        with self.failures("writing a test object"):
+            probe.upload_from_string(b"nixery", retry=_RETRY, timeout=_TIMEOUT)
+        with self.failures("reading a test object back"):
+            data = probe.download_as_bytes(retry=_RETRY, timeout=_TIMEOUT)
+            with contextlib.suppress(api_exceptions.NotFound):
+                probe.delete(retry=_RETRY, timeout=_TIMEOUT)
+        if data != b"nixery":
+            raise StorageError(f"GCS bucket {self.config.bucket}: a test object read back differs from what was written")
         log.info("gcs bucket reachable", extra={"bucket": self.config.bucket,
                                                 "blob_urls": "signed" if self._signer else "public"})

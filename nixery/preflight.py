@@ -1,0 +1,174 @@
+"""Checks, before serving, that a pull will find what it needs.
+
+On a machine that is not set up, the first pull fails deep inside Nix or the
+storage with a message that says little to a new user ("the group 'nixbld'
+specified in 'build-users-group' does not exist", as a 500). Each check here
+turns one such cause into one line that names it and its fix. `nixery
+--check-config` and start-up run them all and stop on a fatal one; the rest
+are warnings. On a machine that is set up they cost well under a second: the
+build check's output path is fixed, so once built it is only looked up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import socket
+import subprocess
+from importlib import resources
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Optional
+
+from .config import VARIABLE_NAMES, Config, SourceKind, redact_url
+from .nix import first_error_line
+from .storage import Backend, StorageError
+
+NIX_COMMANDS = ("nix-build", "nix-instantiate", "nix-store", "nix")
+DAEMON_SOCKET = Path("/nix/var/nix/daemon-socket/socket")
+NIX_STATE = Path("/nix/var/nix")
+BUILD_CHECK = Path(str(resources.files("nixery.nix").joinpath("preflight.nix")))
+BUILD_CHECK_TIMEOUT = 120
+INSTALL_HINT = "run scripts/install-deps as root, or install Nix (Debian: apt-get install nix-bin)"
+
+# Variables of Nix and of the platform that look like Nixery's but are not typos.
+_NOT_OURS = frozenset({
+    "NIX_PATH", "NIX_REMOTE", "NIX_CONFIG", "NIX_CONF_DIR", "NIX_USER_CONF_FILES", "NIX_STORE_DIR",
+    "NIX_STATE_DIR", "NIX_LOG_DIR", "NIX_DATA_DIR", "NIX_BIN_DIR", "NIX_SSL_CERT_FILE",
+    "NIX_BUILD_CORES", "NIX_BUILD_TOP", "NIX_PROFILES", "NIX_USER_PROFILE_DIR", "NIX_SHOW_STATS",
+    "NIX_IGNORE_SYMLINK_STORE", "NIX_DAEMON_SOCKET_PATH", "NIX_PAGER", "NIX_CC", "NIX_LDFLAGS",
+    "NIX_CFLAGS_COMPILE", "NIX_HARDENING_ENABLE", "NIX_ENFORCE_PURITY", "NIX_STORE",
+    "NIXPKGS_ALLOW_UNFREE", "NIXPKGS_ALLOW_BROKEN", "NIXPKGS_ALLOW_INSECURE", "NIXPKGS_CONFIG",
+})
+
+
+@dataclasses.dataclass(frozen=True)
+class Finding:
+    """One problem: `fatal` ones stop start-up; `message` names the cause and the fix in one line."""
+
+    fatal: bool
+    message: str
+
+
+def error(message: str) -> Finding:
+    return Finding(True, message)
+
+
+def warning(message: str) -> Finding:
+    return Finding(False, message)
+
+
+def run(config: Config, env: Mapping[str, str], storage: Backend,
+        check_source: Optional[Callable[[], None]] = None) -> list[Finding]:
+    """Every finding, cheapest checks first; Nix is only tried once it is known to be there.
+
+    `check_source` reaches a git source's remote (it raises when it cannot)."""
+    findings = list(misspelt_variables(env))
+    findings += nix_findings(env)
+    findings += storage_findings(storage, config)
+    findings += source_findings(config, check_source)
+    return findings
+
+
+def misspelt_variables(env: Mapping[str, str]) -> Iterable[Finding]:
+    """A typo in a variable name silently leaves the default in place; name the intended one."""
+    for name in sorted(env):
+        if name in VARIABLE_NAMES or name in _NOT_OURS:
+            continue
+        close = difflib.get_close_matches(name, sorted(VARIABLE_NAMES), n=1, cutoff=0.8)
+        if close:
+            yield warning(f"{name} is not a Nixery variable and is ignored; did you mean {close[0]}?")
+        elif name.startswith("NIXERY_"):
+            yield warning(f"{name} is not a Nixery variable and is ignored (nixery --help lists them)")
+
+
+def nix_findings(env: Mapping[str, str]) -> list[Finding]:
+    path = env.get("PATH", os.defpath)
+    missing = [c for c in NIX_COMMANDS if not _which(c, path)]
+    if missing:
+        return [error(f"{', '.join(missing)} not found on PATH: {INSTALL_HINT}")]
+    if not _local_store_writable() and not _daemon_answers():
+        return [error(f"the Nix store is not writable by uid {os.getuid()} and no nix-daemon answers at "
+                      f"{DAEMON_SOCKET}: run Nixery as root, or start the nix-daemon "
+                      f"(systemctl start nix-daemon)")]
+    problem = _build_problem(env)
+    return [error(problem)] if problem else []
+
+
+def _which(command: str, path: str) -> bool:
+    return any(os.access(os.path.join(d, command), os.X_OK) for d in path.split(os.pathsep) if d)
+
+
+def _local_store_writable() -> bool:
+    """As Nix's `auto` store decides: the local store if its state directory (or, on a new
+    machine, the place it would be made) is writable."""
+    for candidate in (NIX_STATE, *NIX_STATE.parents):
+        if candidate.exists():
+            return os.access(candidate, os.W_OK)
+    return False
+
+
+def _daemon_answers() -> bool:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(2)
+        try:
+            s.connect(str(DAEMON_SOCKET))
+        except OSError:
+            return False
+    return True
+
+
+def _build_problem(env: Mapping[str, str]) -> Optional[str]:
+    """Builds preflight.nix; None if it built, else the line to show."""
+    try:
+        proc = subprocess.run(["nix-build", str(BUILD_CHECK), "--no-out-link",
+                               # Whether a cache has the output is not the question: can this machine build?
+                               "--option", "substituters", ""],
+                              capture_output=True, text=True, timeout=BUILD_CHECK_TIMEOUT,
+                              stdin=subprocess.DEVNULL, env=dict(env))
+    except subprocess.TimeoutExpired:
+        return f"Nix did not build a trivial derivation within {BUILD_CHECK_TIMEOUT}s: is the store locked by a stuck build?"
+    if proc.returncode == 0:
+        return None
+    return explain_build_failure(proc.stderr)
+
+
+def explain_build_failure(stderr: str) -> str:
+    """Nix's raw text for the usual causes on a machine not set up, as cause and fix."""
+    line = first_error_line(stderr)
+    if "build-users-group" in stderr and "does not exist" in stderr:
+        return ("Nix has no build users (the group named by build-users-group, nixbld by default, "
+                "does not exist): run scripts/install-deps as root, which creates them as the Nix "
+                "installer does")
+    if "sandbox" in line or "namespace" in line:
+        return f"Nix cannot set up its build sandbox here ({line}): set sandbox = false in /etc/nix/nix.conf"
+    if "Permission denied" in line or "Operation not permitted" in line:
+        return f"Nix cannot write its store ({line}): run Nixery as root or start the nix-daemon"
+    return f"Nix cannot build a trivial derivation: {line}"
+
+
+def storage_findings(storage: Backend, config: Config) -> list[Finding]:
+    where = (f"STORAGE_PATH={config.storage_path}" if config.storage_backend == "filesystem"
+             else f"bucket {config.gcs.bucket if config.gcs else '?'}")
+    try:
+        storage.check()
+    except StorageError as e:
+        if "full" in str(e):
+            return [warning(f"storage ({where}) is full: new images fail with 503 until space is freed")]
+        return [error(f"storage ({where}) cannot be used: {e}")]
+    return []
+
+
+def source_findings(config: Config, check_source: Optional[Callable[[], None]]) -> list[Finding]:
+    source = config.source
+    if source.kind is SourceKind.PATH and not (Path(source.argument) / "default.nix").is_file():
+        return [error(f"NIXERY_PKGS_PATH={source.argument} has no default.nix: point it at the "
+                      f"directory whose default.nix is the package set")]
+    if source.kind is SourceKind.GIT and check_source is not None:
+        try:
+            check_source()
+        except Exception as e:  # any failure to reach it is only a warning: the remote may be down
+            reason = getattr(e, "message", None) or str(e) or type(e).__name__
+            return [warning(f"NIXERY_PKGS_REPO={redact_url(source.argument)} cannot be reached now "
+                            f"({redact_url(reason)}); pulls fail until it can")]
+    return []

@@ -1,0 +1,149 @@
+"""The preflight: each problem a new machine can have stops `nixery --check-config` (and
+start-up) with exit 2 and one line naming the cause and the fix, or warns.
+
+The machine states are made for real, in a private mount namespace (`unshare --mount`),
+so the real machine is untouched: an /etc without Nix's build users, an empty /nix, a
+read-only Nix state directory, a read-only or full storage directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def nixery_env(tmp_path: Path, **env: str) -> dict[str, str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("NIXERY_", "NIX_", "GCS_"))}
+    pkgs = tmp_path / "pkgs"
+    pkgs.mkdir(exist_ok=True)
+    (pkgs / "default.nix").write_text("{ }\n")
+    return {**clean, "PYTHONPATH": str(ROOT), "NIXERY_PKGS_PATH": str(pkgs),
+            "STORAGE_PATH": str(tmp_path / "storage"), "NIXERY_STATE_DIR": str(tmp_path / "state"), **env}
+
+
+def check_config(env: dict[str, str], setup: str = "") -> subprocess.CompletedProcess:
+    """`nixery --check-config`, after `setup` (shell) in a mount namespace of its own."""
+    command = f"{shlex.quote(sys.executable)} -m nixery --check-config"
+    script = f"set -e\n{setup}\nexec {command}" if setup else f"exec {command}"
+    return subprocess.run([shutil.which("unshare"), "--mount", "--propagation", "private", shutil.which("bash"),
+                           "-c", script],
+                          capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+
+
+def warnings(result: subprocess.CompletedProcess) -> list[str]:
+    return [json.loads(line)["message"] for line in result.stderr.splitlines()
+            if line.startswith("{") and json.loads(line)["level"] == "WARNING"]
+
+
+def fatal_line(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("nixery: ")]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
+def test_a_machine_that_is_set_up_passes_in_under_a_second(tmp_path):
+    env = nixery_env(tmp_path)
+    assert check_config(env).returncode == 0  # the first run may build the check's derivation
+    started = time.monotonic()
+    result = check_config(env)
+    elapsed = time.monotonic() - started
+    assert result.returncode == 0, result.stderr
+    assert warnings(result) == []
+    # Python's own start-up is in this figure too; the bound is loose on purpose (noisy machine).
+    assert elapsed < 3, f"--check-config took {elapsed:.2f}s"
+
+
+def test_nix_not_on_path(tmp_path):
+    result = check_config(nixery_env(tmp_path, PATH=str(tmp_path / "empty-bin")))
+    line = fatal_line(result)
+    assert "nix-build" in line and "not found on PATH" in line and "install-deps" in line
+
+
+WITHOUT_BUILD_USERS = """
+cp -a /etc {etc}
+for f in group gshadow passwd shadow; do sed -i '/^nixbld/d' {etc}/$f; done
+rm -rf {etc}/nix
+mount --bind {etc} /etc
+mount -t tmpfs tmpfs /nix
+"""
+
+
+def test_missing_build_users_are_named_with_the_fix(tmp_path):
+    result = check_config(nixery_env(tmp_path), WITHOUT_BUILD_USERS.format(etc=tmp_path / "etc"))
+    line = fatal_line(result)
+    assert "build users" in line and "nixbld" in line and "scripts/install-deps" in line
+    assert "specified in 'build-users-group'" not in line  # not Nix's raw text
+
+
+def test_store_not_writable_and_no_daemon(tmp_path):
+    setup = "mkdir -p /nix/var/nix && mount --bind /nix/var/nix /nix/var/nix && mount -o remount,ro,bind /nix/var/nix"
+    line = fatal_line(check_config(nixery_env(tmp_path), setup))
+    assert "Nix store is not writable" in line and "nix-daemon" in line
+
+
+def _storage_dirs(storage: Path) -> str:
+    return f"mkdir -p {storage}/layers {storage}/builds {storage}/manifests {storage}/tmp"
+
+
+def test_read_only_storage(tmp_path):
+    storage = tmp_path / "storage"
+    setup = f"{_storage_dirs(storage)}\nmount --bind {storage} {storage}\nmount -o remount,ro,bind {storage}"
+    line = fatal_line(check_config(nixery_env(tmp_path), setup))
+    assert f"STORAGE_PATH={storage}" in line and "read-only" in line
+
+
+def test_full_storage_is_a_warning(tmp_path):
+    storage = tmp_path / "storage"
+    storage.mkdir()
+    setup = (f"mount -t tmpfs -o size=64k tmpfs {storage}\n{_storage_dirs(storage)}\n"
+             f"dd if=/dev/zero of={storage}/filler bs=4k count=64 2>/dev/null || true")
+    result = check_config(nixery_env(tmp_path), setup)
+    assert result.returncode == 0, result.stderr
+    assert any("is full" in w and "503" in w for w in warnings(result)), result.stderr
+
+
+def test_package_path_without_default_nix(tmp_path):
+    empty = tmp_path / "empty-set"
+    empty.mkdir()
+    line = fatal_line(check_config(nixery_env(tmp_path, NIXERY_PKGS_PATH=str(empty))))
+    assert f"NIXERY_PKGS_PATH={empty} has no default.nix" in line
+
+
+def test_unreachable_git_source_is_a_warning(tmp_path):
+    env = nixery_env(tmp_path, NIXERY_PKGS_REPO=f"file://{tmp_path}/no-such-repo.git")
+    del env["NIXERY_PKGS_PATH"]
+    result = check_config(env)
+    assert result.returncode == 0, result.stderr
+    assert any("NIXERY_PKGS_REPO" in w and "cannot be reached" in w for w in warnings(result)), result.stderr
+
+
+@pytest.mark.parametrize("typo, meant", [
+    ("NIXERY_PKG_PATH", "NIXERY_PKGS_PATH"), ("NIX_TIMOUT", "NIX_TIMEOUT"), ("GCS_BUCKT", "GCS_BUCKET"),
+])
+def test_misspelt_variables_name_the_real_one(tmp_path, typo, meant):
+    result = check_config(nixery_env(tmp_path, **{typo: "1"}))
+    assert result.returncode == 0, result.stderr
+    assert f"{typo} is not a Nixery variable and is ignored; did you mean {meant}?" in warnings(result)
+
+
+def test_nix_own_variables_are_not_typos(tmp_path):
+    result = check_config(nixery_env(tmp_path, NIX_PATH="nixpkgs=/x", NIX_REMOTE="", NIX_SSL_CERT_FILE="/x"))
+    assert result.returncode == 0 and warnings(result) == [], result.stderr
+
+
+def test_conflicting_storage_settings_stop(tmp_path):
+    line = fatal_line(check_config(nixery_env(tmp_path, GCS_BUCKET="nixery-images",
+                                              NIXERY_STORAGE_BACKEND="filesystem")))
+    assert "GCS_BUCKET" in line and "NIXERY_STORAGE_BACKEND=filesystem" in line
