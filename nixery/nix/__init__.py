@@ -45,6 +45,10 @@ class UnknownPackages(Exception):
         self.names = tuple(names)
 
 
+class UnsupportedSystem(Exception):
+    """The package set cannot build for the image's system (a plain set asked for arm64); the message says why."""
+
+
 @dataclasses.dataclass(frozen=True)
 class StorePath:
     path: str
@@ -137,11 +141,14 @@ class Nix:
 
     def resolve(self, names: Sequence[str], optional: Sequence[str], source: SourceArgs,
                 system: str) -> dict[str, str]:
-        """Name -> output path for every name that resolved; raises UnknownPackages listing all others."""
+        """Name -> output path for every name that resolved; raises UnknownPackages listing all others,
+        UnsupportedSystem when the set cannot build for `system` at all."""
         raw = self._run(["nix-instantiate", "--eval", "--strict", "--json", "-A", "resolve",
                          *self._helper_args(names, optional, source, system)],
                         f"evaluating {source.description}")
         data = json.loads(raw)
+        if data.get("unsupported"):
+            raise UnsupportedSystem(data["unsupported"])
         if data["unknown"]:
             raise UnknownPackages(data["unknown"])
         return data["packages"]
