@@ -6,7 +6,7 @@ import logging
 
 import falcon
 
-from . import popularity, web
+from . import health, popularity, web
 from .api import API_VERSION_HEADER, Registry, VersionCheck
 from .builder import Builder
 from .config import Config
@@ -73,4 +73,5 @@ def create_app(config: Config, storage: Backend | None = None) -> falcon.App:
     app.add_sink(Registry(builder, storage), prefix="/v2/")
     app.add_route("/metrics", MetricsResource(metrics))
     web.add_routes(app, config, recent)
+    health.add_routes(app, storage)
     return app
