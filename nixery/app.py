@@ -61,7 +61,7 @@ def create_app(config: Config, storage: Backend | None = None) -> falcon.App:
     storage = storage or make_storage(config)
     metrics = Metrics()
     recent = RecentBuilds(config.state_dir)
-    nix = Nix(config.nix_timeout, config.gcroot_dir, on_invoke=metrics.count_nix)
+    nix = Nix(config.nix_timeout, config.gcroot_dir, on_invoke=metrics.count_nix, cache=config.binary_cache)
     builder = Builder(storage, nix, make_source(config), popularity.load(config.popularity_url),
                       config.layer_budget, config.state_dir)
     app = falcon.App(middleware=[_ApiVersion(), MetricsMiddleware(metrics), BuildRecorder(recent)])
