@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from . import config as configuration
+from . import __version__, config as configuration
 
 
 def _help_text() -> str:
@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
         description="A container registry that builds images on demand with Nix: "
                     "pulling HOST/shell/git gives an image holding those nixpkgs packages.",
         epilog=_help_text(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"nixery {__version__}")
     parser.add_argument("--check-config", action="store_true",
                         help="validate the configuration, print it (secrets redacted) and exit")
     args = parser.parse_args(argv)
