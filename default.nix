@@ -40,6 +40,7 @@ let
       cryptography
       gcp-storage-emulator
       websocket-client
+      pyyaml
     ];
 
   # The tests that need neither a network, a Nix store nor root: run at build time.

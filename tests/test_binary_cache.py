@@ -12,6 +12,7 @@ import json
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -55,7 +56,9 @@ def test_second_instance_substitutes_what_the_first_built(tmp_path, fresh_pkgset
 
     first = start_server({**shared, "NIXERY_BINARY_CACHE_SECRET_KEY": str(secret)})
     (tmp_path / "first").mkdir()
+    started = time.monotonic()
     rootfs = pull_and_unpack(first.host, "greeter", tmp_path / "first")
+    first_seconds = time.monotonic() - started
     assert "Hello, world!" in chroot_run(rootfs, "/bin/greeter")
     manifest_first = requests.get(f"{first.url}/v2/greeter/manifests/latest", timeout=60).json()
     # Everything the image holds: the package and the optional ones every image gets.
@@ -81,7 +84,9 @@ def test_second_instance_substitutes_what_the_first_built(tmp_path, fresh_pkgset
         patch.setattr(sys, "executable", str(wrapper))
         second = start_server(shared)
     (tmp_path / "second").mkdir()
+    started = time.monotonic()
     rootfs = pull_and_unpack(second.host, "greeter", tmp_path / "second")
+    second_seconds = time.monotonic() - started
     assert "Hello, world!" in chroot_run(rootfs, "/bin/greeter")
     manifest_second = requests.get(f"{second.url}/v2/greeter/manifests/latest", timeout=60).json()
     # The same store paths, archived by the second instance from its own store: the same layers.
@@ -92,7 +97,9 @@ def test_second_instance_substitutes_what_the_first_built(tmp_path, fresh_pkgset
     built_by_second = [i["path"] for i in substituted if i.get("ultimate")]
     assert built_by_second == [], f"the second instance built {built_by_second}"
     assert all(any(s.startswith("nixery-test-1:") for s in i.get("signatures", [])) for i in substituted)
-    print(f"\nsecond instance: {len(substituted)} store paths substituted, {len(built_by_second)} built")
+    print(f"\nfirst instance: built {len(built_here)} store paths, pull took {first_seconds:.2f} s; "
+          f"second instance: {len(substituted)} substituted, {len(built_by_second)} built, "
+          f"pull took {second_seconds:.2f} s")
 
 
 def test_an_unsigned_or_foreign_cache_is_refused(tmp_path):

@@ -665,7 +665,7 @@ def tests_imports() -> set[str]:
 IMPORT_PACKAGES = {"pytest": "pytest", "requests": "requests", "falcon": "falcon", "pygit2": "pygit2",
                    "google": "google-cloud-storage", "cryptography": "cryptography", "websocket": "websocket-client",
                    "prometheus_client": "prometheus-client", "gcp_storage_emulator": "gcp-storage-emulator",
-                   "networkx": "networkx", "isal": "isal", "gunicorn": "gunicorn"}
+                   "networkx": "networkx", "isal": "isal", "gunicorn": "gunicorn", "yaml": "pyyaml"}
 # Programs the tests run, and the dev shell package that provides each.
 TEST_PROGRAMS = {"skopeo": "skopeo", "umoci": "umoci", "sshd": "openssh", "chromium": "chromium",
                  "kubectl": "kubectl", "unshare": "util-linux", "nix": "nix", "git": "git", "busybox": "busybox-static"}
