@@ -649,6 +649,19 @@ def test_default_nix_package():
     assert "nixery = nixery.__main__:main" in setup["entry_points"]["console_scripts"]
 
 
+@needs_lib
+def test_build_time_tests_need_no_nix(tmp_path):
+    """The tests default.nix runs in the build sandbox pass with nothing on PATH (no Nix, no
+    skopeo, no network clients) and an unreachable HOME, as in the sandbox."""
+    paths = flake_value('outputs.packages."x86_64-linux".default.args.enabledTestPaths')
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *paths],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={"PATH": str(empty), "HOME": "/homeless-shelter", "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def imported_by_tests() -> set[str]:
     """Top-level modules the tests import that are neither the standard library nor the project's."""
     local = {p.stem for p in (ROOT / "tests").glob("*.py")} | {"nixery"}
