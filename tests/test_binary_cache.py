@@ -20,7 +20,9 @@ import requests
 
 from conftest import NIX_ENV, chroot_run, pull_and_unpack
 from nixery import config as configuration
+from nixery.config import BinaryCacheConfig
 from nixery.image import OPTIONAL_PACKAGES
+from nixery.nix.cache import substituter_options
 
 NIX = ["nix", "--extra-experimental-features", "nix-command"]
 
@@ -97,9 +99,36 @@ def test_second_instance_substitutes_what_the_first_built(tmp_path, fresh_pkgset
     built_by_second = [i["path"] for i in substituted if i.get("ultimate")]
     assert built_by_second == [], f"the second instance built {built_by_second}"
     assert all(any(s.startswith("nixery-test-1:") for s in i.get("signatures", [])) for i in substituted)
+
+    # The same options with another key: the cache's paths are refused, and built instead.
+    other_store = tmp_path / "third-store" / "nix"
+    other_store.mkdir(parents=True)
+    _, foreign = nix_key(tmp_path / "third-store", "someone-else-1")
+    options = substituter_options(BinaryCacheConfig(f"file://{cache}", foreign, None))
+    build = subprocess.run(in_store(other_store, "nix-build", *options, "--no-out-link", str(fresh_pkgset),
+                                    "-A", "greeter"), capture_output=True, text=True, timeout=300,
+                           env={**NIX_ENV, "PATH": "/usr/bin:/bin:/usr/sbin:/sbin"})
+    assert build.returncode == 0, build.stderr
+    assert "is not signed by any of the keys in 'trusted-public-keys'" in build.stderr
+    assert "building '" in build.stderr and "copying path" not in build.stderr
+    assert all(info.get("ultimate") for info in path_info(outputs[:1], other_store))
+
     print(f"\nfirst instance: built {len(built_here)} store paths, pull took {first_seconds:.2f} s; "
           f"second instance: {len(substituted)} substituted, {len(built_by_second)} built, "
           f"pull took {second_seconds:.2f} s")
+
+
+def test_a_cache_that_cannot_be_written_costs_no_pull(tmp_path, pkgset, start_server):
+    """The copy fails (the cache's directory is under a file): logged, and the image is served."""
+    secret, public = nix_key(tmp_path, "nixery-test-3")
+    (tmp_path / "not-a-directory").write_text("")
+    server = start_server({"NIXERY_PKGS_PATH": str(pkgset), "NIXERY_BINARY_CACHE_PUBLIC_KEY": public,
+                           "NIXERY_BINARY_CACHE": f"file://{tmp_path}/not-a-directory/cache",
+                           "NIXERY_BINARY_CACHE_SECRET_KEY": str(secret)})
+    response = requests.get(f"{server.url}/v2/hello/manifests/latest", timeout=300)
+    assert response.status_code == 200, response.text
+    failures = [e for e in server.log_entries() if e.get("message") == "binary cache copy failed"]
+    assert failures and failures[0]["reason"].startswith("copying to the binary cache failed: error:")
 
 
 def test_an_unsigned_or_foreign_cache_is_refused(tmp_path):

@@ -181,8 +181,9 @@ class Nix:
                    "-A", "contents", *self._helper_args(names, optional, source, system)],
                   "building")
         outputs = {n: resolved[n] for n in list(names) + list(optional) if n in resolved}
-        closure = Closure(packages=outputs, paths=self.closure(sorted(set(outputs.values()))))
-        self._share(sorted(set(outputs.values())))
+        paths = sorted(set(outputs.values()))
+        closure = Closure(packages=outputs, paths=self.closure(paths))
+        self._share(paths)
         return closure
 
     def _share(self, outputs: Sequence[str]) -> None:
