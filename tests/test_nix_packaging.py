@@ -650,6 +650,14 @@ def test_default_nix_package():
 
 
 @needs_lib
+def test_nixery_version_is_the_packages():
+    version = flake_value('outputs.packages."x86_64-linux".default.version')
+    printed = subprocess.run([sys.executable, "-m", "nixery", "--version"], capture_output=True, text=True,
+                             cwd=ROOT, timeout=60)
+    assert printed.returncode == 0 and printed.stdout == f"nixery {version}\n"
+
+
+@needs_lib
 def test_build_time_tests_need_no_nix(tmp_path):
     """The tests default.nix runs in the build sandbox pass with nothing on PATH (no Nix, no
     skopeo, no network clients) and an unreachable HOME, as in the sandbox."""
