@@ -1,4 +1,6 @@
-# Nixery, the Python application.
+# Nixery, the Python application: the one Nix package definition. The flake's
+# package, dev shell and container image all take it (and its dependency lists)
+# from here.
 #
 #   nix-build                                   # with <nixpkgs>
 #   nix-build --arg pkgs 'import /path/to/nixpkgs { }'
@@ -15,6 +17,40 @@
   coreutils ? pkgs.coreutils,
 }:
 
+let
+  # setup.py's install_requires, as nixpkgs names them. GCS support is always
+  # included here (it is the `gcs` extra for pip users).
+  dependencies =
+    ps: with ps; [
+      falcon
+      gunicorn
+      google-cloud-storage
+      google-auth
+      pygit2
+      networkx
+      isal
+      prometheus-client
+    ];
+
+  # setup.py's `test` extra: what the test suite imports besides Nixery's own dependencies.
+  testDependencies =
+    ps: with ps; [
+      pytest
+      requests
+      cryptography
+      gcp-storage-emulator
+      websocket-client
+      pyyaml
+    ];
+
+  # The tests that need neither a network, a Nix store nor root: run at build time.
+  offlineTests = [
+    "tests/test_image.py"
+    "tests/test_layers.py"
+    "tests/test_config.py"
+    "tests/test_rootfs.py"
+  ];
+in
 python3Packages.buildPythonApplication {
   pname = "nixery";
   # nixery/__init__.py's __version__, which setup.py repeats.
@@ -23,37 +59,33 @@ python3Packages.buildPythonApplication {
   );
   pyproject = true;
 
-  # Only what the build needs, so that editing the tests, the README or the
-  # Nix files does not rebuild the package.
+  # Only what the build and its offline tests need, so that editing the other
+  # tests, the README or the Nix files does not rebuild the package.
   src = lib.fileset.toSource {
     root = ./.;
-    fileset = lib.fileset.unions [
-      ./setup.py
-      ./nixery
-      ./static
-      (lib.fileset.maybeMissing ./setup.cfg)
-      (lib.fileset.maybeMissing ./pyproject.toml)
-      (lib.fileset.maybeMissing ./MANIFEST.in)
-      (lib.fileset.maybeMissing ./README.md)
-      (lib.fileset.maybeMissing ./LICENSE)
-    ];
+    fileset = lib.fileset.unions (
+      [
+        ./setup.py
+        ./nixery
+        ./static
+        ./pytest.ini
+        ./tests/conftest.py
+        ./tests/pkgset.py
+        (lib.fileset.maybeMissing ./setup.cfg)
+        (lib.fileset.maybeMissing ./pyproject.toml)
+        (lib.fileset.maybeMissing ./MANIFEST.in)
+        (lib.fileset.maybeMissing ./README.md)
+        ./LICENSE
+      ]
+      ++ map (test: ./. + "/${test}") offlineTests
+    );
   };
 
   build-system = [ python3Packages.setuptools ];
+  dependencies = dependencies python3Packages;
 
-  dependencies = with python3Packages; [
-    falcon
-    gunicorn
-    google-cloud-storage
-    google-auth
-    pygit2
-    networkx
-    isal
-    prometheus-client
-  ];
-
-  # The service runs nix-instantiate, nix-store and `nix path-info`; git is
-  # there for the ssh and credential helpers of git package sources.
+  # The service runs nix-instantiate, nix-build and `nix path-info`/`nix copy`;
+  # git is there for the ssh and credential helpers of git package sources.
   makeWrapperArgs = [
     "--prefix"
     "PATH"
@@ -65,12 +97,12 @@ python3Packages.buildPythonApplication {
     ])
   ];
 
-  # The test suite drives a real Nix store (and a daemon), which the build
-  # sandbox does not have; importing the modules is checked instead.
-  doCheck = false;
+  nativeCheckInputs = [ python3Packages.pytestCheckHook ] ++ testDependencies python3Packages;
+  enabledTestPaths = offlineTests;
   pythonImportsCheck = [
     "nixery"
     "nixery.app"
+    "nixery.storage.gcs"
   ];
 
   # The Nix helper and the web page are package data: without them the service cannot work.
@@ -83,14 +115,22 @@ python3Packages.buildPythonApplication {
     done
   '';
 
+  passthru = {
+    # Functions of a Python package set, for the flake's dev shell (and anyone
+    # building an environment around Nixery) instead of a second list.
+    inherit dependencies testDependencies;
+  };
+
   meta = {
     description = "Container registry that builds images on demand with Nix";
     longDescription = ''
       Nixery serves container images whose contents are named in the image
       name: pulling HOST/shell/git/htop builds, with Nix, an image holding
       a shell, git and htop from nixpkgs (or from another package set).
+      This is the Python implementation, not nixpkgs' `nixery` (Go).
     '';
-    homepage = "https://nixery.dev";
+    # No homepage: this project has no public address yet, and nixery.dev is
+    # the original (Go) Nixery's.
     license = lib.licenses.mit;
     mainProgram = "nixery";
     platforms = lib.platforms.linux;

@@ -152,8 +152,10 @@
         }
       );
 
-      nixosModules.default = import ./module.nix;
-      nixosModules.nixery = self.nixosModules.default;
+      # The path itself, as nixpkgs passes modules: the module system then knows
+      # its file, and importing both names declares the options once.
+      nixosModules.default = ./module.nix;
+      nixosModules.nixery = ./module.nix;
 
       # Nixery's Nix helper, for building an image's contents without Nixery:
       #
@@ -210,6 +212,7 @@
                 environment.systemPackages = [
                   pkgs.skopeo
                   pkgs.umoci
+                  pkgs.curl
                 ];
                 virtualisation.memorySize = 2048;
               };
@@ -239,14 +242,19 @@
 
               # The service runs as its own unprivileged user.
               machine.succeed("systemctl show nixery.service -p User | grep -x User=nixery")
+
+              # The probes a load balancer or Kubernetes uses.
+              machine.succeed("curl -sf http://localhost:8080/healthz")
+              machine.succeed("curl -sf http://localhost:8080/readyz")
             '';
           };
         }
       );
 
       devShells = forAllSystems (
-        { pkgs, ... }:
+        { pkgs, system }:
         let
+          nixery = self.packages.${system}.default;
           # Only the busybox binary: its applets would shadow coreutils & co.
           busyboxStatic = pkgs.runCommand "busybox-static" { } ''
             mkdir -p $out/bin
@@ -254,27 +262,21 @@
           '';
         in
         {
+          # `nix develop -c pytest`: Nixery's dependencies and the tests', from the
+          # package's own lists, and the programs the tests run.
           default = pkgs.mkShell {
             # The static busybox that test package sets build with.
             BUSYBOX = "${pkgs.pkgsStatic.busybox}/bin/busybox";
             packages = [
-              (pkgs.python3.withPackages (
-                ps: with ps; [
-                  falcon
-                  gunicorn
-                  google-cloud-storage
-                  google-auth
-                  pygit2
-                  networkx
-                  isal
-                  prometheus-client
-                  pytest
-                ]
-              ))
+              (pkgs.python3.withPackages (ps: nixery.dependencies ps ++ nixery.testDependencies ps))
               pkgs.nix
               pkgs.git
               pkgs.skopeo
               pkgs.umoci
+              pkgs.openssh # sshd for the git-over-ssh tests
+              pkgs.chromium # the web page test
+              pkgs.kubectl # kubectl kustomize for deploy/kubernetes
+              pkgs.util-linux # unshare and mount for the binary cache test
               busyboxStatic
             ];
           };

@@ -49,6 +49,15 @@ let
     "signing.keyFile" = "GCS_SIGNING_KEY";
     "signing.account" = "GCS_SIGNING_ACCOUNT";
     nixTimeout = "NIX_TIMEOUT";
+    "binaryCache.url" = "NIXERY_BINARY_CACHE";
+    "binaryCache.publicKey" = "NIXERY_BINARY_CACHE_PUBLIC_KEY";
+    "binaryCache.secretKeyFile" = "NIXERY_BINARY_CACHE_SECRET_KEY";
+    auth = "NIXERY_AUTH";
+    htpasswdFile = "NIXERY_HTPASSWD";
+    "tokenAuth.realm" = "NIXERY_TOKEN_REALM";
+    "tokenAuth.service" = "NIXERY_TOKEN_SERVICE";
+    "tokenAuth.issuer" = "NIXERY_TOKEN_ISSUER";
+    "tokenAuth.publicKeyFile" = "NIXERY_TOKEN_PUBLIC_KEY";
     popularityUrl = "NIX_POPULARITY_URL";
     layerBudget = "NIXERY_LAYER_BUDGET";
     workers = "NIXERY_WORKERS";
@@ -78,15 +87,23 @@ let
   credentials = filterAttrs (_: path: path != null) {
     ssh-key = cfg.sshKeyFile;
     gcs-signing-key = cfg.signing.keyFile;
+    gcs-credentials = cfg.gcs.credentialsFile;
+    binary-cache-key = cfg.binaryCache.secretKeyFile;
+    htpasswd = cfg.htpasswdFile;
+    token-public-key = cfg.tokenAuth.publicKeyFile;
   };
+  credentialPath = id: path: if path == null then null else "%d/${id}";
 
   # What a variable is set to when it is not simply the option's value.
   # null leaves the variable unset (Nixery then uses its own default).
   renderedValues = {
     # The channel is the default source; it is dropped when another is chosen.
     channel = if cfg.pkgsRepo == null && cfg.pkgsPath == null then cfg.channel else null;
-    sshKeyFile = if cfg.sshKeyFile == null then null else "%d/ssh-key";
-    "signing.keyFile" = if cfg.signing.keyFile == null then null else "%d/gcs-signing-key";
+    sshKeyFile = credentialPath "ssh-key" cfg.sshKeyFile;
+    "signing.keyFile" = credentialPath "gcs-signing-key" cfg.signing.keyFile;
+    "binaryCache.secretKeyFile" = credentialPath "binary-cache-key" cfg.binaryCache.secretKeyFile;
+    htpasswdFile = credentialPath "htpasswd" cfg.htpasswdFile;
+    "tokenAuth.publicKeyFile" = credentialPath "token-public-key" cfg.tokenAuth.publicKeyFile;
     "storage.path" = if cfg.storage.backend == "filesystem" then cfg.storage.path else null;
   };
 
@@ -117,7 +134,48 @@ let
       # Nix's own cache (fetched channel tarballs, evaluation cache).
       XDG_CACHE_HOME = cacheDir;
     }
+    # Read by google-auth, not by Nixery.
+    // optionalAttrs (cfg.gcs.credentialsFile != null) {
+      GOOGLE_APPLICATION_CREDENTIALS = credentialPath "gcs-credentials" cfg.gcs.credentialsFile;
+    }
     // cfg.extraEnvironment;
+
+  # ProtectHome hides /home, /root and /run/user; a package source there is
+  # bound back in, read-only, instead of failing at the first pull.
+  underHome = path: lib.any (dir: hasPrefix dir path) [ "/home/" "/root/" "/run/user/" ];
+  localPath = value:
+    if value == null || builtins.isPath value then null
+    else if hasPrefix "file://" value then lib.removePrefix "file://" value
+    else if hasPrefix "/" value then value
+    else null;
+  homeSources = lib.filter (path: path != null && underHome path) [
+    (localPath cfg.pkgsPath)
+    (localPath cfg.pkgsRepo)
+  ];
+
+  # The directory of a file:// binary cache, which the service writes.
+  binaryCacheDir =
+    let url = cfg.binaryCache.url; in
+    if url != null && hasPrefix "file://" url then lib.head (lib.splitString "?" (lib.removePrefix "file://" url)) else null;
+
+  # known_hosts lines from programs.ssh.knownHosts (those with a key written out).
+  systemKnownHosts = lib.concatMap (
+    host:
+    let
+      key = if host.publicKey or null != null then host.publicKey
+        else if host.publicKeyFile or null != null then lib.fileContents host.publicKeyFile
+        else null;
+    in
+    optional (key != null) "${concatStringsSep "," host.hostNames} ${key}"
+  ) (lib.attrValues config.programs.ssh.knownHosts);
+  knownHostsFile = pkgs.writeText "nixery-known-hosts" (concatStringsSep "\n" cfg.knownHosts + "\n");
+
+  # The address nginx reaches Nixery on.
+  upstreamHost =
+    if cfg.listenAddress == "0.0.0.0" then "127.0.0.1"
+    else if cfg.listenAddress == "::" then "[::1]"
+    else if lib.hasInfix ":" cfg.listenAddress then "[${cfg.listenAddress}]"
+    else cfg.listenAddress;
 
   storageOutsideState =
     cfg.storage.backend == "filesystem" && !hasPrefix "${stateDir}/" "${cfg.storage.path}/";
@@ -131,24 +189,29 @@ in
 
     package = mkOption {
       type = types.package;
-      default = pkgs.nixery or (pkgs.callPackage ./default.nix { });
-      defaultText = literalExpression "pkgs.nixery or (pkgs.callPackage ./default.nix { })";
+      # Always this repository's package: nixpkgs' own `pkgs.nixery` is the
+      # original Go Nixery, which reads other settings, so it is never picked
+      # by default (nor is any overlay's attribute of that name).
+      default = pkgs.callPackage ./default.nix { };
+      defaultText = literalExpression "pkgs.callPackage ./default.nix { } # this repository's default.nix";
       description = ''
-        The Nixery package to run. Defaults to `pkgs.nixery` where an overlay
-        (such as this flake's `overlays.default`) provides it, and to the
-        package built from this repository's {file}`default.nix` otherwise.
+        The Nixery package to run: by default the one built from this
+        repository's {file}`default.nix` with the system's nixpkgs. The flake
+        user may set it to `nixery.packages.''${system}.default` instead.
       '';
     };
 
     port = mkEnvOption "port" {
-      type = types.port;
+      # types.port less 0, which Nixery refuses.
+      type = types.ints.between 1 65535;
       default = 8080;
       description = "TCP port the registry listens on.";
     };
 
     listenAddress = mkEnvOption "listenAddress" {
       type = types.str;
-      default = "0.0.0.0";
+      default = if cfg.nginx.enable then "127.0.0.1" else "0.0.0.0";
+      defaultText = literalExpression ''if config.services.nixery.nginx.enable then "127.0.0.1" else "0.0.0.0"'';
       example = "127.0.0.1";
       description = ''
         Address to bind to: an IPv4 or IPv6 address (`::` for all IPv6
@@ -262,9 +325,8 @@ in
       description = ''
         Google Cloud Storage bucket of the `gcs` storage backend. Google's
         application default credentials are used to reach it (on Google
-        Cloud, the machine's service account; elsewhere set
-        `GOOGLE_APPLICATION_CREDENTIALS` in
-        {option}`services.nixery.extraEnvironment`).
+        Cloud, the machine's service account; elsewhere a key file given as
+        {option}`services.nixery.gcs.credentialsFile`).
       '';
     };
 
@@ -290,6 +352,130 @@ in
         description = ''
           E-mail address of the service account that owns
           {option}`services.nixery.signing.keyFile`.
+        '';
+      };
+    };
+
+    gcs.credentialsFile = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "/run/secrets/nixery-gcs.json";
+      description = ''
+        Google credentials file (a service account's JSON key) for the bucket,
+        handed to the service with systemd's `LoadCredential` and named by
+        `GOOGLE_APPLICATION_CREDENTIALS`; a service account's JSON key also
+        signs blob URLs. A path as a string, outside the Nix store. Unset,
+        Google's application default credentials apply (on Google Cloud, the
+        machine's service account).
+      '';
+    };
+
+    binaryCache = {
+      url = mkEnvOption "binaryCache.url" {
+        type = types.nullOr types.str;
+        default = null;
+        example = "s3://my-nixery-cache?endpoint=storage.googleapis.com";
+        description = ''
+          A Nix binary cache shared by several Nixery instances: what this one
+          builds is copied there (when {option}`services.nixery.binaryCache.secretKeyFile`
+          is set), and every build substitutes from it, so no instance builds
+          what another already built. The nix-daemon is told to trust it
+          (`trusted-substituters`, `trusted-public-keys`). A `file://` directory
+          is created and made writable for the service.
+        '';
+      };
+
+      publicKey = mkEnvOption "binaryCache.publicKey" {
+        type = types.nullOr types.str;
+        default = null;
+        example = "nixery-1:3XtOvTrMRmIahZk01+5ITpnqcLOqqPkUCyZhHBZ6Jjg=";
+        description = "Public key that every path in the cache is signed with (paths are never accepted unsigned).";
+      };
+
+      secretKeyFile = mkEnvOption "binaryCache.secretKeyFile" {
+        type = types.nullOr types.str;
+        default = null;
+        example = "/run/secrets/nixery-cache.secret";
+        description = ''
+          Nix secret key (`nix key generate-secret`) that signs what this
+          instance copies to the cache; unset, the instance only reads it. A
+          path as a string, handed over with `LoadCredential`.
+        '';
+      };
+    };
+
+    knownHosts = mkOption {
+      type = types.listOf types.str;
+      default = systemKnownHosts;
+      defaultText = literalExpression "the entries of programs.ssh.knownHosts that have a key";
+      example = [ "github.com ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl" ];
+      description = ''
+        `known_hosts` lines for ssh URLs in {option}`services.nixery.pkgsRepo`.
+        Nixery (libgit2) checks a server's host key against
+        {file}`~/.ssh/known_hosts` of the service user, so the lines are
+        linked to {file}`${stateDir}/.ssh/known_hosts`. By default, the hosts
+        of {option}`programs.ssh.knownHosts`. An unknown host key fails the fetch.
+      '';
+    };
+
+    auth = mkEnvOption "auth" {
+      type = types.nullOr (types.enum [ "off" "build" "all" ]);
+      default = null;
+      description = ''
+        Which requests need credentials: `off`, `build` (pulls that would build
+        an image) or `all`. Unset, Nixery's own default applies.
+      '';
+    };
+
+    htpasswdFile = mkEnvOption "htpasswdFile" {
+      type = types.nullOr types.str;
+      default = null;
+      example = "/run/secrets/nixery.htpasswd";
+      description = ''
+        An htpasswd file of the users allowed to pull (basic authentication).
+        A path as a string, handed over with `LoadCredential`.
+      '';
+    };
+
+    tokenAuth = {
+      realm = mkEnvOption "tokenAuth.realm" {
+        type = types.nullOr types.str;
+        default = null;
+        example = "https://auth.example.org/token";
+        description = "Token authentication: the URL clients get their bearer tokens from.";
+      };
+      service = mkEnvOption "tokenAuth.service" {
+        type = types.nullOr types.str;
+        default = null;
+        example = "nixery.example.org";
+        description = "Token authentication: the service name tokens must be issued for.";
+      };
+      issuer = mkEnvOption "tokenAuth.issuer" {
+        type = types.nullOr types.str;
+        default = null;
+        example = "auth.example.org";
+        description = "Token authentication: the issuer tokens must name.";
+      };
+      publicKeyFile = mkEnvOption "tokenAuth.publicKeyFile" {
+        type = types.nullOr types.str;
+        default = null;
+        example = "/run/secrets/nixery-token.pub";
+        description = ''
+          Token authentication: the public key (PEM) that verifies tokens, handed
+          over with `LoadCredential`.
+        '';
+      };
+    };
+
+    nginx = {
+      enable = mkEnableOption "an nginx virtual host in front of Nixery (TLS, buffering and timeouts for a public instance)";
+      virtualHost = mkOption {
+        type = types.str;
+        example = "nixery.example.org";
+        description = ''
+          Name of the nginx virtual host that proxies to Nixery. TLS and the
+          like are set on `services.nginx.virtualHosts.<name>` as usual (for
+          example `enableACME` and `forceSSL`).
         '';
       };
     };
@@ -403,15 +589,38 @@ in
         message = "services.nixery: storage.path must be an absolute path.";
       }
       {
-        assertion =
-          lib.all (path: isAbsolute path && !inStore path) [
-            cfg.sshKeyFile
-            cfg.signing.keyFile
-            cfg.environmentFile
-          ];
-        message = "services.nixery: sshKeyFile, signing.keyFile and environmentFile must be absolute paths outside the Nix store (which anyone can read).";
+        assertion = lib.all (path: isAbsolute path && !inStore path) (
+          [ cfg.environmentFile ] ++ lib.attrValues credentials
+        );
+        message = "services.nixery: sshKeyFile, signing.keyFile, gcs.credentialsFile, binaryCache.secretKeyFile, htpasswdFile, tokenAuth.publicKeyFile and environmentFile must be absolute paths outside the Nix store (which anyone can read).";
+      }
+      {
+        assertion = cfg.gcs.credentialsFile != null -> cfg.bucket != null;
+        message = "services.nixery: gcs.credentialsFile only applies to a bucket.";
+      }
+      {
+        assertion = (cfg.binaryCache.url == null) == (cfg.binaryCache.publicKey == null);
+        message = "services.nixery: set binaryCache.url and binaryCache.publicKey together (cached paths are only trusted signed).";
+      }
+      {
+        assertion = cfg.binaryCache.secretKeyFile != null -> cfg.binaryCache.url != null;
+        message = "services.nixery: binaryCache.secretKeyFile needs binaryCache.url.";
+      }
+      {
+        assertion = cfg.nginx.enable -> !cfg.openFirewall;
+        message = "services.nixery: with nginx in front, keep Nixery's own port closed (openFirewall = false) and open nginx's.";
       }
     ];
+
+    # Hardened systems restrict who may use the nix-daemon (allowed-users = @users).
+    nix.settings = {
+      extra-allowed-users = [ "nixery" ];
+    }
+    // optionalAttrs (cfg.binaryCache.url != null) {
+      # A daemon only substitutes from a cache a client names when it is trusted.
+      extra-trusted-substituters = [ cfg.binaryCache.url ];
+      extra-trusted-public-keys = [ cfg.binaryCache.publicKey ];
+    };
 
     users.users.nixery = {
       isSystemUser = true;
@@ -423,11 +632,53 @@ in
 
     networking.firewall.allowedTCPPorts = optional cfg.openFirewall cfg.port;
 
-    systemd.tmpfiles.settings = optionalAttrs storageOutsideState {
-      "10-nixery".${cfg.storage.path}.d = {
-        user = "nixery";
-        group = "nixery";
-        mode = "0750";
+    systemd.tmpfiles.settings."10-nixery" =
+      let
+        ownDir = {
+          d = {
+            user = "nixery";
+            group = "nixery";
+            mode = "0750";
+          };
+        };
+      in
+      optionalAttrs storageOutsideState { ${cfg.storage.path} = ownDir; }
+      // optionalAttrs (binaryCacheDir != null) { ${binaryCacheDir} = ownDir; }
+      // optionalAttrs (cfg.knownHosts != [ ]) {
+        "${stateDir}/.ssh".d = {
+          user = "nixery";
+          group = "nixery";
+          mode = "0700";
+        };
+        # Where libgit2 looks: ~/.ssh/known_hosts of the service user.
+        "${stateDir}/.ssh/known_hosts"."L+".argument = "${knownHostsFile}";
+      };
+
+    services.nginx = mkIf cfg.nginx.enable {
+      enable = true;
+      # Host, X-Forwarded-Host (the web page's pull command) and friends.
+      recommendedProxySettings = lib.mkDefault true;
+      virtualHosts.${cfg.nginx.virtualHost} = {
+        # Slow or idle clients wait on nginx, not on a Gunicorn thread.
+        extraConfig = ''
+          client_header_timeout 10s;
+          client_body_timeout 10s;
+          send_timeout 60s;
+          keepalive_timeout 30s;
+          # A pull-only registry takes no request bodies.
+          client_max_body_size 4k;
+        '';
+        locations."/" = {
+          proxyPass = "http://${upstreamHost}:${toString cfg.port}";
+          extraConfig = ''
+            proxy_request_buffering on;
+            proxy_buffering on;
+            proxy_connect_timeout 5s;
+            # A manifest request may build an image: up to nixTimeout, and more.
+            proxy_read_timeout ${toString (cfg.nixTimeout + 60)}s;
+            proxy_send_timeout 60s;
+          '';
+        };
       };
     };
 
@@ -457,7 +708,8 @@ in
         CacheDirectory = "nixery";
         CacheDirectoryMode = "0750";
         WorkingDirectory = stateDir;
-        ReadWritePaths = optional storageOutsideState cfg.storage.path;
+        ReadWritePaths = optional storageOutsideState cfg.storage.path ++ optional (binaryCacheDir != null) binaryCacheDir;
+        BindReadOnlyPaths = homeSources;
 
         LoadCredential = lib.mapAttrsToList (id: path: "${id}:${path}") credentials;
         EnvironmentFile = optional (cfg.environmentFile != null) cfg.environmentFile;
@@ -469,7 +721,14 @@ in
         AmbientCapabilities = optional (cfg.port < 1024) "CAP_NET_BIND_SERVICE";
         NoNewPrivileges = true;
         ProtectSystem = "strict";
-        ProtectHome = true;
+        # tmpfs rather than true when a source under /home is bound back in.
+        ProtectHome = if homeSources == [ ] then true else "tmpfs";
+        # The nix-daemon's socket works from a user namespace (the daemon checks
+        # the peer's uid, which maps to the real one), but a port below 1024
+        # needs a capability in the host's namespace.
+        PrivateUsers = cfg.port >= 1024;
+        # Neither Python nor the Nix client reads /proc beyond the process' own.
+        ProcSubset = "pid";
         PrivateTmp = true;
         PrivateDevices = true;
         ProtectKernelTunables = true;

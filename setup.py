@@ -23,6 +23,6 @@ setup(
         "prometheus-client>=0.17",
     ],
     extras_require={"test": ["pytest>=7", "requests>=2.28", "gcp-storage-emulator", "cryptography",
-                             "websocket-client"]},
+                             "websocket-client", "pyyaml"]},
     entry_points={"console_scripts": ["nixery = nixery.__main__:main"]},
 )

@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 
-from . import config as configuration
+from . import __version__, config as configuration
 
 
 def _help_text() -> str:
@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
         description="A container registry that builds images on demand with Nix: "
                     "pulling HOST/shell/git gives an image holding those nixpkgs packages.",
         epilog=_help_text(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"nixery {__version__}")
     parser.add_argument("--check-config", action="store_true",
                         help="validate the configuration, check that Nix can build and storage can be written, "
                              "print the configuration (secrets redacted) and exit")

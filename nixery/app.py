@@ -6,7 +6,7 @@ import logging
 
 import falcon
 
-from . import popularity, web
+from . import health, popularity, web
 from .api import API_VERSION_HEADER, Registry, VersionCheck
 from .builder import Builder
 from .config import Config
@@ -61,7 +61,7 @@ def create_app(config: Config, storage: Backend | None = None) -> falcon.App:
     storage = storage or make_storage(config)
     metrics = Metrics()
     recent = RecentBuilds(config.state_dir)
-    nix = Nix(config.nix_timeout, config.gcroot_dir, on_invoke=metrics.count_nix)
+    nix = Nix(config.nix_timeout, config.gcroot_dir, on_invoke=metrics.count_nix, cache=config.binary_cache)
     builder = Builder(storage, nix, make_source(config), popularity.load(config.popularity_url),
                       config.layer_budget, config.state_dir)
     app = falcon.App(middleware=[_ApiVersion(), MetricsMiddleware(metrics), BuildRecorder(recent)])
@@ -73,4 +73,5 @@ def create_app(config: Config, storage: Backend | None = None) -> falcon.App:
     app.add_sink(Registry(builder, storage), prefix="/v2/")
     app.add_route("/metrics", MetricsResource(metrics))
     web.add_routes(app, config, recent)
+    health.add_routes(app, storage)
     return app

@@ -21,7 +21,7 @@ from . import archive, layers, manifest, rootfs
 from .errors import build_failed, manifest_unknown, unavailable
 from .image import OPTIONAL_PACKAGES, Image
 from .locks import file_lock
-from .nix import Closure, Nix, NixError, UnknownPackages
+from .nix import Closure, Nix, NixError, UnknownPackages, UnsupportedSystem
 from .sources import Source
 from .storage import Backend, StorageError, blob_key
 
@@ -170,6 +170,8 @@ class Builder:
         except UnknownPackages as e:
             raise manifest_unknown(f"unknown packages: {', '.join(e.names)}",
                                    {"unknown": list(e.names)}) from None
+        except UnsupportedSystem as e:
+            raise manifest_unknown(str(e), {"system": image.arch.nix_system}) from None
         except NixError as e:
             log.error("nix failed", extra={"image": image.name, "reason": e.reason, "nix_log": e.log})
             raise build_failed(e.reason) from None

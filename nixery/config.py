@@ -66,6 +66,13 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("GCS_SIGNING_ACCOUNT", None, "Service account e-mail that owns GCS_SIGNING_KEY."),
     Variable("GCS_SIGNED_URL_TTL", "300", "Seconds a signed blob URL stays valid."),
     Variable("NIX_TIMEOUT", "60", "Seconds a Nix build may take."),
+    Variable("NIXERY_BINARY_CACHE", None,
+             "Nix store URL of a binary cache shared by instances (file:///..., s3://...): built paths are copied there and substituted from it."),
+    Variable("NIXERY_BINARY_CACHE_PUBLIC_KEY", None,
+             "Public key (name:base64) that paths in NIXERY_BINARY_CACHE must be signed with."),
+    Variable("NIXERY_BINARY_CACHE_SECRET_KEY", None,
+             "Nix secret key file that signs what this instance copies to NIXERY_BINARY_CACHE (unset: read only).",
+             secret=True),
     Variable("NIX_POPULARITY_URL", None,
              "URL or file of popularity data (JSON: store path name -> count)."),
     Variable("NIXERY_LAYER_BUDGET", "94", "Most store-path layers in an image (the root layer is extra)."),
@@ -94,6 +101,15 @@ class GcsConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class BinaryCacheConfig:
+    """A Nix binary cache shared by instances; without `secret_key` this instance only reads it."""
+
+    url: str
+    public_key: str
+    secret_key: Optional[Path]
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     port: int = 8080
     listen_address: str = "0.0.0.0"
@@ -108,6 +124,7 @@ class Config:
     state_dir: Path = Path("state")
     gcs: Optional[GcsConfig] = None
     nix_timeout: int = 60
+    binary_cache: Optional[BinaryCacheConfig] = None
     popularity_url: Optional[str] = None
     layer_budget: int = 94
     workers: int = 2
@@ -136,6 +153,9 @@ class Config:
             "gcs_bucket": self.gcs.bucket if self.gcs else None,
             "gcs_signing": bool(self.gcs and self.gcs.signing_key),
             "nix_timeout": self.nix_timeout,
+            "binary_cache": ({"url": redact_url(self.binary_cache.url),
+                              "writes": self.binary_cache.secret_key is not None}
+                             if self.binary_cache else None),
             "popularity_url": redact_url(self.popularity_url) if self.popularity_url else None,
             "layer_budget": self.layer_budget,
             "workers": self.workers,
@@ -212,6 +232,32 @@ def _gcs(env: Mapping[str, str]) -> Optional[GcsConfig]:
                      signed_url_ttl=_int(env, "GCS_SIGNED_URL_TTL", 1, 7 * 24 * 3600))
 
 
+_NIX_KEY_RE = re.compile(r"[A-Za-z0-9._-]+:[A-Za-z0-9+/]+={0,2}")
+
+
+def _binary_cache(env: Mapping[str, str]) -> Optional[BinaryCacheConfig]:
+    url = env.get("NIXERY_BINARY_CACHE")
+    public = env.get("NIXERY_BINARY_CACHE_PUBLIC_KEY")
+    secret = env.get("NIXERY_BINARY_CACHE_SECRET_KEY")
+    if not url:
+        if public or secret:
+            raise ConfigError("NIXERY_BINARY_CACHE_PUBLIC_KEY and _SECRET_KEY need NIXERY_BINARY_CACHE")
+        return None
+    # Nixery adds parameters of its own (secret-key, compression) to the URL.
+    if not re.fullmatch(r"(file:///|s3://|https?://|ssh://|ssh-ng://)[A-Za-z0-9._~/:@%+=&?-]+", url) \
+            or "secret-key=" in url:
+        raise ConfigError(f"NIXERY_BINARY_CACHE={redact_url(url)!r} is not a file:///, s3://, http(s):// "
+                          "or ssh:// store URL (without a secret-key parameter)")
+    # Paths from the cache are trusted by their signature, never unsigned (require-sigs stays on).
+    if not public or not _NIX_KEY_RE.fullmatch(public):
+        raise ConfigError("NIXERY_BINARY_CACHE needs NIXERY_BINARY_CACHE_PUBLIC_KEY (name:base64, as "
+                          "`nix key convert-secret-to-public` prints it)")
+    if secret and not (re.fullmatch(r"/[A-Za-z0-9._/%+-]+", secret) and Path(secret).is_file()):
+        raise ConfigError(f"NIXERY_BINARY_CACHE_SECRET_KEY={secret!r} is not a readable file "
+                          "at an absolute path of plain characters")
+    return BinaryCacheConfig(url=url, public_key=public, secret_key=Path(secret) if secret else None)
+
+
 def _checked(env: Mapping[str, str], name: str, allowed: tuple[str, ...],
              normalise: Callable[[str], str] = str) -> str:
     value = normalise(env.get(name) or _default(name))
@@ -257,6 +303,7 @@ def load(env: Mapping[str, str] = os.environ) -> Config:
         state_dir=state_dir,
         gcs=gcs,
         nix_timeout=_int(env, "NIX_TIMEOUT", 1, 24 * 3600),
+        binary_cache=_binary_cache(env),
         popularity_url=popularity,
         layer_budget=_int(env, "NIXERY_LAYER_BUDGET", 1, 120),
         workers=_int(env, "NIXERY_WORKERS", 1, 64),

@@ -21,7 +21,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Optional, Sequence
 
-from ..config import redact_url
+from ..config import BinaryCacheConfig, redact_url
+from . import cache as binary_cache
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,10 @@ class UnknownPackages(Exception):
     def __init__(self, names: Sequence[str]):
         super().__init__(", ".join(names))
         self.names = tuple(names)
+
+
+class UnsupportedSystem(Exception):
+    """The package set cannot build for the image's system (a plain set asked for arm64); the message says why."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,10 +92,12 @@ def first_error_line(text: str) -> str:
 class Nix:
     """Runs Nix for one service; `on_invoke` hears each command's name (the metrics count them)."""
 
-    def __init__(self, timeout: int, gcroot_dir: Path, on_invoke: Optional[Callable[[str], None]] = None):
+    def __init__(self, timeout: int, gcroot_dir: Path, on_invoke: Optional[Callable[[str], None]] = None,
+                 cache: Optional[BinaryCacheConfig] = None):
         self.timeout = timeout
         self.gcroot_dir = gcroot_dir
         self.on_invoke = on_invoke
+        self.cache = cache
 
     def _run(self, args: Sequence[str], what: str) -> str:
         if self.on_invoke:
@@ -137,11 +144,14 @@ class Nix:
 
     def resolve(self, names: Sequence[str], optional: Sequence[str], source: SourceArgs,
                 system: str) -> dict[str, str]:
-        """Name -> output path for every name that resolved; raises UnknownPackages listing all others."""
+        """Name -> output path for every name that resolved; raises UnknownPackages listing all others,
+        UnsupportedSystem when the set cannot build for `system` at all."""
         raw = self._run(["nix-instantiate", "--eval", "--strict", "--json", "-A", "resolve",
                          *self._helper_args(names, optional, source, system)],
                         f"evaluating {source.description}")
         data = json.loads(raw)
+        if data.get("unsupported"):
+            raise UnsupportedSystem(data["unsupported"])
         if data["unknown"]:
             raise UnknownPackages(data["unknown"])
         return data["packages"]
@@ -166,11 +176,25 @@ class Nix:
         """Builds what `resolve` found (GC roots in `roots`) and returns the runtime closure.
 
         Resolving is the caller's separate step so that evaluation and building are timed apart."""
-        self._run(["nix-build", "--out-link", str(roots / "out"),
+        substitute = binary_cache.substituter_options(self.cache) if self.cache else []
+        self._run(["nix-build", *substitute, "--out-link", str(roots / "out"),
                    "-A", "contents", *self._helper_args(names, optional, source, system)],
                   "building")
         outputs = {n: resolved[n] for n in list(names) + list(optional) if n in resolved}
-        return Closure(packages=outputs, paths=self.closure(sorted(set(outputs.values()))))
+        paths = sorted(set(outputs.values()))
+        closure = Closure(packages=outputs, paths=self.closure(paths))
+        self._share(paths)
+        return closure
+
+    def _share(self, outputs: Sequence[str]) -> None:
+        """Copies a build's closure to the shared binary cache; a failure costs other
+        instances a rebuild, not this pull, so it is logged and the image is served."""
+        if not (self.cache and self.cache.secret_key and outputs):
+            return
+        try:
+            self._run(binary_cache.copy_command(self.cache, outputs), "copying to the binary cache")
+        except NixError as e:
+            log.warning("binary cache copy failed", extra={"reason": e.reason, "nix_log": e.log})
 
 
 def drop_gc_roots(gcroot_dir: Path, pid: Optional[int] = None) -> None:

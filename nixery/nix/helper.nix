@@ -12,7 +12,7 @@
 #   system    the target system, e.g. "x86_64-linux"
 #
 # Attributes:
-#   resolve   data for the service: { unknown = [ names ]; packages = { name = outPath; }; }
+#   resolve   data for the service: { unsupported = null or why; unknown = [ names ]; packages = { name = outPath; }; }
 #   contents  the resolved derivations, in the order of `packages` then `optional`
 { packages ? "[]", optional ? "[]", srcType ? "path", srcArgs ? "", system ? builtins.currentSystem }:
 let
@@ -25,7 +25,21 @@ let
     else throw "nixery: unknown srcType ${srcType}";
 
   imported = import src;
-  pkgs = if builtins.isFunction imported then imported { inherit system; } else imported;
+  # A set taking `system` (as nixpkgs does) builds for any system it knows. A plain
+  # attribute set, or a function without a `system` argument, only gives what it
+  # gives for the machine evaluating it: asked for another system it is refused,
+  # instead of quietly serving this machine's binaries under another architecture.
+  takesSystem = builtins.isFunction imported && builtins.functionArgs imported ? system;
+  systemError =
+    if takesSystem || system == builtins.currentSystem then null
+    else "the package set builds only for ${builtins.currentSystem}"
+      + " (it is ${if builtins.isFunction imported then "a function without a `system` argument" else "a plain attribute set"}),"
+      + " not for ${system}";
+  pkgs =
+    if systemError != null then throw "nixery: ${systemError}"
+    else if takesSystem then imported { inherit system; }
+    else if builtins.isFunction imported then imported { }
+    else imported;
 
   upper = [ "A" "B" "C" "D" "E" "F" "G" "H" "I" "J" "K" "L" "M" "N" "O" "P" "Q" "R" "S" "T" "U" "V" "W" "X" "Y" "Z" ];
   lower = [ "a" "b" "c" "d" "e" "f" "g" "h" "i" "j" "k" "l" "m" "n" "o" "p" "q" "r" "s" "t" "u" "v" "w" "x" "y" "z" ];
@@ -72,7 +86,9 @@ let
   found = builtins.filter (r: r.value != null) (resolvedRequired ++ resolvedOptional);
 in
 {
-  resolve = {
+  # `unsupported` is null, or why the set cannot build for `system` (then nothing resolves).
+  resolve = if systemError != null then { unsupported = systemError; unknown = [ ]; packages = { }; } else {
+    unsupported = null;
     unknown = map (r: r.name) (builtins.filter (r: r.value == null) resolvedRequired);
     packages = builtins.listToAttrs found;
   };

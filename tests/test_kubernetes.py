@@ -1,0 +1,118 @@
+"""deploy/kubernetes, rendered by `kubectl kustomize` as a user would, checked for what a
+cluster needs to run Nixery: the flake's image, probes on the health endpoints, a Service
+in front of the container port, a PodDisruptionBudget that covers the pods, and the
+Workload Identity and signing wiring the README describes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from nixery import config as nixery_config
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE = ROOT / "deploy" / "kubernetes"
+KUBECTL = shutil.which("kubectl")
+
+
+def render(directory: Path) -> dict[str, dict]:
+    result = subprocess.run([KUBECTL, "kustomize", str(directory)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return {doc["kind"]: doc for doc in yaml.safe_load_all(result.stdout) if doc}
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, dict]:
+    if KUBECTL is None:
+        pytest.fail("kubectl is not installed (it renders the kustomize base)")
+    return render(BASE)
+
+
+def container(rendered: dict[str, dict]) -> dict:
+    (only,) = rendered["Deployment"]["spec"]["template"]["spec"]["containers"]
+    return only
+
+
+def test_the_base_renders_every_object(rendered):
+    assert set(rendered) == {"Deployment", "Service", "PodDisruptionBudget", "ServiceAccount", "ConfigMap"}
+
+
+def test_deployment_runs_the_flakes_image_with_probes_on_the_health_endpoints(rendered):
+    nixery = container(rendered)
+    # The flake's image is `nixery:latest` (packages.image: name "nixery", tag "latest").
+    assert nixery["image"] == "nixery:latest"
+    assert nixery["ports"] == [{"name": "http", "containerPort": 8080}]
+    assert nixery["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert nixery["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert nixery["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    # /readyz may wait out GCS' 10 s of retries before it answers 503.
+    assert nixery["readinessProbe"]["timeoutSeconds"] > 10
+    resources = nixery["resources"]
+    assert resources["requests"]["memory"] and resources["limits"]["memory"]
+    assert resources["requests"]["ephemeral-storage"], "the Nix store lives in the container's writable layer"
+    spec = rendered["Deployment"]["spec"]
+    assert spec["replicas"] >= 2 and spec["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+
+
+def test_probe_paths_are_the_apps_routes(rendered):
+    from falcon import testing
+    from nixery.app import create_app
+
+    config = nixery_config.load({"NIXERY_PKGS_PATH": str(ROOT), "STORAGE_PATH": "/tmp/nixery-k8s-test/storage",
+                                 "NIXERY_STATE_DIR": "/tmp/nixery-k8s-test/state"})
+    client = testing.TestClient(create_app(config))
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        path = container(rendered)[probe]["httpGet"]["path"]
+        assert client.simulate_get(path).status_code == 200, path
+
+
+def test_service_reaches_the_container_port(rendered):
+    service = rendered["Service"]["spec"]
+    assert service["ports"] == [{"name": "http", "port": 80, "targetPort": "http"}]
+    pod_labels = rendered["Deployment"]["spec"]["template"]["metadata"]["labels"]
+    assert service["selector"].items() <= pod_labels.items()
+
+
+def test_disruption_budget_covers_the_pods(rendered):
+    budget = rendered["PodDisruptionBudget"]
+    assert budget["apiVersion"] == "policy/v1" and budget["spec"]["minAvailable"] == 1
+    pod_labels = rendered["Deployment"]["spec"]["template"]["metadata"]["labels"]
+    assert budget["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert budget["spec"]["minAvailable"] < rendered["Deployment"]["spec"]["replicas"]
+
+
+def test_settings_are_nixerys_and_storage_is_shared(rendered):
+    nixery = container(rendered)
+    settings = dict(rendered["ConfigMap"]["data"])
+    assert [ref["configMapRef"]["name"] for ref in nixery["envFrom"]] == [rendered["ConfigMap"]["metadata"]["name"]]
+    settings.update({e["name"]: e["value"] for e in nixery["env"]})
+    assert set(settings) <= nixery_config.VARIABLE_NAMES, set(settings) - nixery_config.VARIABLE_NAMES
+    # Replicas share what they build only through a bucket.
+    assert settings["GCS_BUCKET"]
+    # Workload Identity: the pods' service account is bound to the Google account that signs.
+    spec = rendered["Deployment"]["spec"]["template"]["spec"]
+    account = rendered["ServiceAccount"]
+    assert spec["serviceAccountName"] == account["metadata"]["name"]
+    assert account["metadata"]["annotations"]["iam.gke.io/gcp-service-account"] == settings["GCS_SIGNING_ACCOUNT"]
+    mounts = {m["name"]: m["mountPath"] for m in nixery["volumeMounts"]}
+    assert settings["GCS_SIGNING_KEY"].startswith(mounts["gcs-signing"] + "/")
+
+
+def test_an_overlay_sets_image_and_bucket(tmp_path, rendered):
+    """What the README tells users to write: an overlay over the base."""
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        f"resources:\n  - {os.path.relpath(BASE, overlay)}\n"
+        "images:\n  - name: nixery\n    newName: registry.example.org/nixery\n    newTag: \"0.1.0\"\n"
+        "configMapGenerator:\n  - name: nixery-config\n    behavior: merge\n    literals:\n"
+        "      - GCS_BUCKET=acme-nixery\n")
+    objects = render(overlay)
+    assert container(objects)["image"] == "registry.example.org/nixery:0.1.0"
+    assert objects["ConfigMap"]["data"]["GCS_BUCKET"] == "acme-nixery"
