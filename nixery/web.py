@@ -22,7 +22,7 @@ from typing import Any, Iterable
 import falcon
 
 from . import image
-from .config import Config, SourceKind
+from .config import AuthLevel, Config, SourceKind, redact_url
 from .recent import RecentBuilds
 
 STATIC_PACKAGE = "nixery.static"
@@ -172,6 +172,7 @@ class IndexPage:
         body = self.templates.index.substitute(
             host=esc(host),
             pull_note=self._pull_note(req, host),
+            login=login_text(self.config, host),
             meta_rows=_meta_rows(),
             optional=_codes(image.OPTIONAL_PACKAGES),
             tags=self.source.tags(host),
@@ -202,8 +203,38 @@ class IndexPage:
             ("Storage", f"<code>{esc(self.config.storage_backend)}</code>"),
             ("Layer budget", f"{esc(self.config.layer_budget)} layers per image, plus the root layer"),
             ("Build timeout", f"{esc(self.config.nix_timeout)} seconds per Nix step"),
+            ("Access", ACCESS[self.config.auth.level]),
         ]
         return "\n".join(f"    <dt>{name}</dt><dd>{value}</dd>" for name, value in rows)
+
+
+ACCESS = {
+    AuthLevel.OFF: "open: anyone who can reach this instance pulls and builds images",
+    AuthLevel.BUILD: "images already built are open to all; building a new image needs a login",
+    AuthLevel.ALL: "private: every pull needs a login",
+}
+
+
+def login_text(config: Config, host: str) -> str:
+    """How to log in, for an instance that asks for it; what it is checked against, never with what."""
+    level = config.auth.level
+    if level is AuthLevel.OFF:
+        return ""
+    who = ("Images that are already built can be pulled without logging in; building a new image needs "
+           "a login." if level is AuthLevel.BUILD else "Every pull needs a login.")
+    if config.auth.token:
+        against = (f"Logins go through the token service at <code>{esc(redact_url(config.auth.token.realm))}"
+                   f"</code>: use your account there.")
+    else:
+        against = "Ask this instance's operator for a user name and password."
+    anonymous = (" Docker asks for a login before any pull from an instance that challenges it, so Docker "
+                 "users log in even for built images; skopeo, podman and Kubernetes pull them without."
+                 if level is AuthLevel.BUILD and not config.auth.token else "")
+    return (f'<p class="note">{who} {against}{anonymous}</p>'
+            f'<pre class="command"><code>docker login {esc(host)}</code></pre>'
+            f"<p>skopeo and podman: <code>skopeo login {esc(host)}</code>, or <code>--creds USER:PASSWORD</code> "
+            f"on one command. Kubernetes: an image pull secret of type "
+            f"<code>kubernetes.io/dockerconfigjson</code> for <code>{esc(host)}</code>.</p>")
 
 
 def _meta_rows() -> str:
