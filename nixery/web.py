@@ -166,6 +166,8 @@ class IndexPage:
         self.store = store
         self.templates = templates
         self.source = SourceText(config)
+        # Image names and build errors of a private instance are for those who may pull.
+        self.private = config.auth.level is AuthLevel.ALL
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         host = request_host(req)
@@ -176,8 +178,8 @@ class IndexPage:
             meta_rows=_meta_rows(),
             optional=_codes(image.OPTIONAL_PACKAGES),
             tags=self.source.tags(host),
-            builds=builds_table(self.store.builds()[:BUILDS_SHOWN]),
-            errors=errors_list(self.store.errors()[:ERRORS_SHOWN]),
+            builds=PRIVATE_BUILDS if self.private else builds_table(self.store.builds()[:BUILDS_SHOWN]),
+            errors="" if self.private else errors_list(self.store.errors()[:ERRORS_SHOWN]),
             packages=self.source.packages(),
             budget=esc(self.config.layer_budget),
             pin=self.source.pinning(host),
@@ -208,6 +210,8 @@ class IndexPage:
         return "\n".join(f"    <dt>{name}</dt><dd>{value}</dd>" for name, value in rows)
 
 
+PRIVATE_BUILDS = ('<p class="empty">This instance is private (every pull needs a login), so its recent '
+                  "builds and errors are not listed here.</p>")
 ACCESS = {
     AuthLevel.OFF: "open: anyone who can reach this instance pulls and builds images",
     AuthLevel.BUILD: "images already built are open to all; building a new image needs a login",
@@ -281,14 +285,19 @@ def errors_list(errors: list[dict[str, Any]]) -> str:
 
 
 class BuildsJson:
-    """`/builds.json`: the recent builds and errors for scripts, newest first."""
+    """`/builds.json`: the recent builds and errors for scripts, newest first (403 on a private instance)."""
 
-    def __init__(self, store: RecentBuilds):
+    def __init__(self, store: RecentBuilds, private: bool):
         self.store = store
+        self.private = private
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         resp.content_type = "application/json"
         resp.cache_control = ["no-cache"]
+        if self.private:
+            resp.status = falcon.HTTP_403
+            resp.data = json.dumps({"error": "this instance is private: its builds are not listed"}).encode()
+            return
         resp.data = json.dumps({"builds": self.store.builds(), "errors": self.store.errors()}).encode()
 
     on_head = on_get
@@ -333,5 +342,5 @@ def add_routes(app: falcon.App, config: Config, store: RecentBuilds) -> None:
     not_found = NotFound(templates)
     app.add_route("/", IndexPage(config, store, templates))
     app.add_route("/static/{file}", StaticFiles(files, not_found))
-    app.add_route("/builds.json", BuildsJson(store))
+    app.add_route("/builds.json", BuildsJson(store, private=config.auth.level is AuthLevel.ALL))
     app.add_sink(not_found, prefix=re.compile(r"/(?!v2/)"))
