@@ -219,12 +219,21 @@ class AuthMiddleware:
             return
         if self.level is AuthLevel.ALL or name is None:
             raise self.challenge(name, "authentication required")
-        req.context.authorise_build = functools.partial(self.refuse_build, name)
+        req.context.authorise_build = functools.partial(self.refuse_build, req, name)
 
-    def refuse_build(self, name: str) -> None:
+    def refuse_build(self, req: falcon.Request, name: str) -> None:
         """What an anonymous client at level `build` gets for an image that is not built yet."""
+        req.context.build_refused = True
         raise self.challenge(name, "authentication required to build a new image "
                                    "(images already built can be pulled without logging in)")
+
+    def process_response(self, req: falcon.Request, resp: falcon.Response, resource: object,
+                         req_succeeded: bool) -> None:
+        """A refused build is no build: the recent builds and the build metrics (which read
+        `req.context.build` after this runs) do not count it, so anonymous clients cannot crowd
+        real failures off the page."""
+        if req.context.get("build_refused"):
+            req.context.build = None
 
     def challenge(self, name: Optional[str], message: str, error: Optional[str] = None) -> RegistryError:
         refusal = RegistryError(401, "UNAUTHORIZED", message, {"name": name, "action": "pull"} if name else None)

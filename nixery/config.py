@@ -340,9 +340,10 @@ def _auth(env: Mapping[str, str]) -> AuthConfig:
         token = TokenConfig(realm, env["NIXERY_TOKEN_SERVICE"], env["NIXERY_TOKEN_ISSUER"],
                             _public_keys(env["NIXERY_TOKEN_PUBLIC_KEY"]))
     users = _htpasswd(htpasswd) if htpasswd else ()
-    default = "all" if users or token else "off"
-    level = AuthLevel(_checked({"NIXERY_AUTH": env.get("NIXERY_AUTH") or default}, "NIXERY_AUTH",
-                               tuple(level.value for level in AuthLevel), str.lower))
+    value = (env.get("NIXERY_AUTH") or ("all" if users or token else "off")).lower()
+    if value not in {level.value for level in AuthLevel}:
+        raise ConfigError(f"NIXERY_AUTH={value!r} must be one of off, build, all")
+    level = AuthLevel(value)
     if level is not AuthLevel.OFF and not (users or token):
         raise ConfigError(f"NIXERY_AUTH={level.value} needs NIXERY_HTPASSWD or the NIXERY_TOKEN_ variables")
     return AuthConfig(level, users, token)

@@ -227,6 +227,9 @@ def test_build_level_serves_built_images_to_all_and_builds_only_for_users(
     page = get(server.url + "/").text
     assert "Images that are already built can be pulled without logging in" in page
     assert "<code>hello:latest</code>" in page, "at level build the page lists what anyone may pull"
+    builds = get(server.url + "/builds.json").json()
+    assert [(b["image"], b["outcome"]) for b in builds["builds"]] == [("hello", "built")]
+    assert builds["errors"] == [], "refused builds are not build errors"
     assert f"docker login {server.host}" in page
 
 
