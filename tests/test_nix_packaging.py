@@ -55,7 +55,7 @@ REQUIRED_OPTIONS = {
 }
 PYTHON_DEPENDENCIES = {
     "falcon", "gunicorn", "google-cloud-storage", "google-auth",
-    "pygit2", "networkx", "isal", "prometheus-client",
+    "pygit2", "networkx", "isal", "prometheus-client", "bcrypt", "pyjwt", "cryptography",
 }
 
 # A stand-in for the parts of nixpkgs that the packaging uses. Option
