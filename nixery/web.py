@@ -179,7 +179,7 @@ class IndexPage:
             optional=_codes(image.OPTIONAL_PACKAGES),
             tags=self.source.tags(host),
             builds=PRIVATE_BUILDS if self.private else builds_table(self.store.builds()[:BUILDS_SHOWN]),
-            errors="" if self.private else errors_list(self.store.errors()[:ERRORS_SHOWN]),
+            errors=PRIVATE_ERRORS if self.private else errors_list(self.store.errors()[:ERRORS_SHOWN]),
             packages=self.source.packages(),
             budget=esc(self.config.layer_budget),
             pin=self.source.pinning(host),
@@ -212,6 +212,7 @@ class IndexPage:
 
 PRIVATE_BUILDS = ('<p class="empty">This instance is private (every pull needs a login), so its recent '
                   "builds and errors are not listed here.</p>")
+PRIVATE_ERRORS = '<p class="empty">Not listed on a private instance.</p>'
 ACCESS = {
     AuthLevel.OFF: "open: anyone who can reach this instance pulls and builds images",
     AuthLevel.BUILD: "images already built are open to all; building a new image needs a login",
@@ -226,6 +227,9 @@ def login_text(config: Config, host: str) -> str:
         return ""
     who = ("Images that are already built can be pulled without logging in; building a new image needs "
            "a login." if level is AuthLevel.BUILD else "Every pull needs a login.")
+    if level is AuthLevel.BUILD and config.source.kind is SourceKind.PATH:
+        who += (" Here a pull by tag always runs Nix (a directory has no revisions to pin), so without a "
+                "login, images are pulled by digest.")
     if config.auth.token:
         against = (f"Logins go through the token service at <code>{esc(redact_url(config.auth.token.realm))}"
                    f"</code>: use your account there.")
