@@ -10,6 +10,7 @@ the password.
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import hashlib
 import http.server
 import json
@@ -236,6 +237,23 @@ def test_build_level_serves_built_images_to_all_and_builds_only_for_users(
     assert [(b["image"], b["outcome"]) for b in builds["builds"]] == [("hello", "built")]
     assert builds["errors"] == [], "refused builds are not build errors"
     assert f"docker login {server.host}" in page
+
+
+def test_anonymous_pulls_queued_behind_a_users_build_get_its_image(
+        tmp_path_factory, fresh_pkgset, htpasswd, tmp_path):
+    counter = NixCounter(tmp_path / "nix")
+    server = start(tmp_path_factory.mktemp("queued"), {
+        "NIXERY_PKGS_PATH": str(fresh_pkgset), "NIXERY_HTPASSWD": str(htpasswd), "NIXERY_AUTH": "build",
+        "PATH": counter.path()})
+    url = f"{server.url}/v2/slowbuild/manifests/latest"
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        user = pool.submit(get, url, auth=(USER, PASSWORD))
+        time.sleep(1)  # the build (three seconds of `sleep`) holds the image's lock by now
+        anonymous = pool.submit(get, url)
+        answers = [user.result(), anonymous.result()]
+    assert [a.status_code for a in answers] == [200, 200]
+    assert answers[0].headers["Docker-Content-Digest"] == answers[1].headers["Docker-Content-Digest"]
+    assert counter.count("nix-build") == 1
 
 
 # ------------------------------------------------------------------------- token auth --
