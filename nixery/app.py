@@ -65,6 +65,7 @@ def create_app(config: Config, storage: Backend | None = None) -> falcon.App:
     nix = Nix(config.nix_timeout, config.gcroot_dir, on_invoke=metrics.count_nix)
     builder = Builder(storage, nix, make_source(config), popularity.load(config.popularity_url),
                       config.layer_budget, config.state_dir)
+    # Auth last: its process_response runs first, before the build recorders read req.context.build.
     app = falcon.App(middleware=[_ApiVersion(), MetricsMiddleware(metrics), BuildRecorder(recent),
                                 AuthMiddleware(config.auth)])
     app.req_options.strip_url_path_trailing_slash = True
