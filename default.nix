@@ -30,6 +30,9 @@ let
       networkx
       isal
       prometheus-client
+      bcrypt
+      pyjwt
+      cryptography
     ];
 
   # setup.py's `test` extra: what the test suite imports besides Nixery's own dependencies.
@@ -37,7 +40,6 @@ let
     ps: with ps; [
       pytest
       requests
-      cryptography
       gcp-storage-emulator
       websocket-client
       pyyaml

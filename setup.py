@@ -21,8 +21,11 @@ setup(
         "networkx>=3.0",
         "isal>=1.5",
         "prometheus-client>=0.17",
+        "bcrypt>=4.0",
+        "PyJWT[crypto]>=2.8",
+        "cryptography>=41",
     ],
-    extras_require={"test": ["pytest>=7", "requests>=2.28", "gcp-storage-emulator", "cryptography",
-                             "websocket-client", "pyyaml"]},
+    extras_require={"test": ["pytest>=7", "requests>=2.28", "gcp-storage-emulator", "websocket-client",
+                             "pyyaml"]},
     entry_points={"console_scripts": ["nixery = nixery.__main__:main"]},
 )

@@ -51,7 +51,7 @@ class _LimitedReader:
 
 
 class VersionCheck:
-    """`/v2/`: tells clients this is a registry and needs no authentication."""
+    """`/v2/`: tells clients this is a registry (nixery/auth.py challenges them first when a login is needed)."""
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         resp.content_type = "application/json"
@@ -94,7 +94,7 @@ class Registry:
         # req.context.build is what the metrics and the recent-builds page learn of this request.
         started = time.monotonic()
         try:
-            result = self.builder.manifest(image.parse(name, tag))
+            result = self.builder.manifest(image.parse(name, tag), req.context.get("authorise_build"))
         except Exception as e:
             req.context.build = _failed_build(name, tag, e, time.monotonic() - started)
             raise

@@ -8,6 +8,7 @@ import falcon
 
 from . import health, popularity, web
 from .api import API_VERSION_HEADER, Registry, VersionCheck
+from .auth import AuthMiddleware
 from .builder import Builder
 from .config import Config
 from .errors import RegistryError
@@ -64,7 +65,9 @@ def create_app(config: Config, storage: Backend | None = None) -> falcon.App:
     nix = Nix(config.nix_timeout, config.gcroot_dir, on_invoke=metrics.count_nix, cache=config.binary_cache)
     builder = Builder(storage, nix, make_source(config), popularity.load(config.popularity_url),
                       config.layer_budget, config.state_dir)
-    app = falcon.App(middleware=[_ApiVersion(), MetricsMiddleware(metrics), BuildRecorder(recent)])
+    # Auth last: its process_response runs first, before the build recorders read req.context.build.
+    app = falcon.App(middleware=[_ApiVersion(), MetricsMiddleware(metrics), BuildRecorder(recent),
+                                AuthMiddleware(config.auth)])
     app.req_options.strip_url_path_trailing_slash = True
     app.add_error_handler(Exception, _unexpected_error)
     app.add_error_handler(falcon.HTTPError, _http_error)

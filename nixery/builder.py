@@ -93,8 +93,11 @@ class Builder:
         self.lock_dir = state_dir / "locks"
         self.recent_dir = state_dir / "recent"
 
-    def manifest(self, image: Image) -> Result:
-        """The manifest for `image`, built if needed; raises RegistryError for the client."""
+    def manifest(self, image: Image, authorise_build: Optional[Callable[[], None]] = None) -> Result:
+        """The manifest for `image`, built if needed; raises RegistryError for the client.
+
+        `authorise_build` is called when Nix would have to run (nothing cached or just built
+        serves the request); it raises to refuse a client that may only pull what is built."""
         stats = BuildStats(image=image.name, tag=image.tag)
         resolved = self.source.resolve(image.tag)
         # Once the revision is fixed the tag no longer matters: `latest` and `release-v2` resolving
@@ -112,6 +115,8 @@ class Builder:
                     return Result(cached, stats)
                 if not cache_key and (recent := self._recent(flight_key, waited_since, stats)):
                     return Result(recent, stats)
+                if authorise_build:
+                    authorise_build()
                 document = self._build(image, resolved.args, stats)
                 if cache_key:
                     self.storage.write(f"manifests/{cache_key}", document.data, document.media_type)

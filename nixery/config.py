@@ -79,6 +79,17 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("NIXERY_WORKERS", "2", "Gunicorn worker processes."),
     Variable("NIXERY_THREADS", "8", "Threads per worker (builds and downloads in parallel)."),
     Variable("NIXERY_LOG_LEVEL", "INFO", "Log level: DEBUG, INFO, WARNING or ERROR."),
+    Variable("NIXERY_AUTH", None,
+             "Who must log in: off, build (pulling a built image is open, building a new one needs a login) "
+             "or all (every /v2/ request); default all when NIXERY_HTPASSWD or token auth is set, else off."),
+    Variable("NIXERY_HTPASSWD", None, "htpasswd file of the users who may log in (bcrypt entries, htpasswd -B).",
+             secret=True),
+    Variable("NIXERY_TOKEN_REALM", None,
+             "URL of an external token service (Docker token auth); needs the other NIXERY_TOKEN_ variables."),
+    Variable("NIXERY_TOKEN_SERVICE", None, "Service name the token service issues tokens for (their aud claim)."),
+    Variable("NIXERY_TOKEN_ISSUER", None, "The token service's name in its tokens (their iss claim)."),
+    Variable("NIXERY_TOKEN_PUBLIC_KEY", None,
+             "PEM file of the public key(s) or certificate(s) whose private keys sign the tokens."),
 )
 
 VARIABLE_NAMES = frozenset(v.name for v in VARIABLES)
@@ -98,6 +109,31 @@ class GcsConfig:
     signing_key: Optional[Path]
     signing_account: Optional[str]
     signed_url_ttl: int
+
+
+class AuthLevel(str, enum.Enum):
+    OFF = "off"
+    BUILD = "build"
+    ALL = "all"
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenConfig:
+    """An external token service whose JWTs Nixery accepts; `public_keys` verify their signatures."""
+
+    realm: str
+    service: str
+    issuer: str
+    public_keys: tuple[object, ...] = dataclasses.field(repr=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class AuthConfig:
+    """Who must log in, and against what: `htpasswd` holds (user, bcrypt hash) pairs, read at start-up."""
+
+    level: AuthLevel = AuthLevel.OFF
+    htpasswd: tuple[tuple[str, str], ...] = dataclasses.field(default=(), repr=False)
+    token: Optional[TokenConfig] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +166,7 @@ class Config:
     workers: int = 2
     threads: int = 8
     log_level: str = "INFO"
+    auth: AuthConfig = AuthConfig()
 
     @property
     def gcroot_dir(self) -> Path:
@@ -161,6 +198,13 @@ class Config:
             "workers": self.workers,
             "threads": self.threads,
             "log_level": self.log_level,
+            "auth": {
+                "level": self.auth.level.value,
+                "htpasswd_users": len(self.auth.htpasswd) if self.auth.htpasswd else None,
+                "token_realm": redact_url(self.auth.token.realm) if self.auth.token else None,
+                "token_service": self.auth.token.service if self.auth.token else None,
+                "token_issuer": self.auth.token.issuer if self.auth.token else None,
+            },
         }
 
 
@@ -266,6 +310,91 @@ def _checked(env: Mapping[str, str], name: str, allowed: tuple[str, ...],
     return value
 
 
+# What `htpasswd -B` writes: $2y$, cost, 22 characters of salt and 31 of hash.
+_BCRYPT_RE = re.compile(r"\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}")
+_TOKEN_VARIABLES = ("NIXERY_TOKEN_REALM", "NIXERY_TOKEN_SERVICE", "NIXERY_TOKEN_ISSUER", "NIXERY_TOKEN_PUBLIC_KEY")
+_PEM_RE = re.compile(rb"-----BEGIN ([A-Z ]+)-----.+?-----END \1-----", re.S)
+
+
+def _htpasswd(path: str) -> tuple[tuple[str, str], ...]:
+    """The users of an htpasswd file. Errors name the line, never its content (it is secret)."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"NIXERY_HTPASSWD={path!r} cannot be read: {type(e).__name__}") from None
+    entries: dict[str, str] = {}
+    for number, line in enumerate(lines, 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        user, _, hashed = line.strip().partition(":")
+        if not user or not _BCRYPT_RE.fullmatch(hashed):
+            raise ConfigError(f"NIXERY_HTPASSWD line {number} is not user:bcrypt-hash "
+                              "(only bcrypt entries, as `htpasswd -B` writes them, are accepted)")
+        if user in entries:
+            raise ConfigError(f"NIXERY_HTPASSWD names the user on line {number} twice")
+        entries[user] = hashed
+    if not entries:
+        raise ConfigError(f"NIXERY_HTPASSWD={path!r} has no users")
+    return tuple(entries.items())
+
+
+def _public_keys(path: str) -> tuple[object, ...]:
+    """Every public key or certificate in a PEM file, as the keys tokens are verified with."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+    usable = (rsa.RSAPublicKey, ec.EllipticCurvePublicKey, ed25519.Ed25519PublicKey, ed448.Ed448PublicKey)
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError(f"NIXERY_TOKEN_PUBLIC_KEY={path!r} cannot be read: {type(e).__name__}") from None
+    keys = []
+    for block in _PEM_RE.finditer(data):
+        try:
+            if block.group(1) == b"CERTIFICATE":
+                keys.append(x509.load_pem_x509_certificate(block.group(0)).public_key())
+            elif block.group(1) == b"PUBLIC KEY":
+                keys.append(load_pem_public_key(block.group(0)))
+            else:
+                raise ValueError(block.group(1).decode())
+        except ValueError:
+            raise ConfigError(f"NIXERY_TOKEN_PUBLIC_KEY={path!r} holds something that is neither a public key "
+                              "nor a certificate (a private key does not belong here)") from None
+    if not keys:
+        raise ConfigError(f"NIXERY_TOKEN_PUBLIC_KEY={path!r} holds no PEM public key or certificate")
+    if not all(isinstance(key, usable) for key in keys):
+        raise ConfigError(f"NIXERY_TOKEN_PUBLIC_KEY={path!r} holds a key that is not RSA, EC or EdDSA")
+    return tuple(keys)
+
+
+def _auth(env: Mapping[str, str]) -> AuthConfig:
+    htpasswd = env.get("NIXERY_HTPASSWD")
+    given = [name for name in _TOKEN_VARIABLES if env.get(name)]
+    if given and len(given) < len(_TOKEN_VARIABLES):
+        missing = sorted(set(_TOKEN_VARIABLES) - set(given))
+        raise ConfigError(f"token auth needs {', '.join(missing)} as well as {', '.join(given)}")
+    if htpasswd and given:
+        raise ConfigError("set NIXERY_HTPASSWD or the NIXERY_TOKEN_ variables, not both")
+    token = None
+    if given:
+        realm = env["NIXERY_TOKEN_REALM"]
+        if not re.match(r"^https?://[^\s\"]+$", realm):
+            raise ConfigError(f"NIXERY_TOKEN_REALM={redact_url(realm)!r} is not an http(s) URL")
+        for name in ("NIXERY_TOKEN_SERVICE", "NIXERY_TOKEN_ISSUER"):
+            if '"' in env[name] or not env[name].isprintable():
+                raise ConfigError(f"{name} may not contain quotes or control characters")
+        token = TokenConfig(realm, env["NIXERY_TOKEN_SERVICE"], env["NIXERY_TOKEN_ISSUER"],
+                            _public_keys(env["NIXERY_TOKEN_PUBLIC_KEY"]))
+    users = _htpasswd(htpasswd) if htpasswd else ()
+    value = (env.get("NIXERY_AUTH") or ("all" if users or token else "off")).lower()
+    if value not in {level.value for level in AuthLevel}:
+        raise ConfigError(f"NIXERY_AUTH={value!r} must be one of off, build, all")
+    level = AuthLevel(value)
+    if level is not AuthLevel.OFF and not (users or token):
+        raise ConfigError(f"NIXERY_AUTH={level.value} needs NIXERY_HTPASSWD or the NIXERY_TOKEN_ variables")
+    return AuthConfig(level, users, token)
+
+
 def load(env: Mapping[str, str] = os.environ) -> Config:
     """Validate the environment into a Config, or raise ConfigError naming the variable."""
     gcs = _gcs(env)
@@ -309,4 +438,5 @@ def load(env: Mapping[str, str] = os.environ) -> Config:
         workers=_int(env, "NIXERY_WORKERS", 1, 64),
         threads=_int(env, "NIXERY_THREADS", 1, 256),
         log_level=_checked(env, "NIXERY_LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR"), str.upper),
+        auth=_auth(env),
     )

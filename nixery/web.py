@@ -22,7 +22,7 @@ from typing import Any, Iterable
 import falcon
 
 from . import image
-from .config import Config, SourceKind
+from .config import AuthLevel, Config, SourceKind, redact_url
 from .recent import RecentBuilds
 
 STATIC_PACKAGE = "nixery.static"
@@ -166,17 +166,20 @@ class IndexPage:
         self.store = store
         self.templates = templates
         self.source = SourceText(config)
+        # Image names and build errors of a private instance are for those who may pull.
+        self.private = config.auth.level is AuthLevel.ALL
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         host = request_host(req)
         body = self.templates.index.substitute(
             host=esc(host),
             pull_note=self._pull_note(req, host),
+            login=login_text(self.config, host),
             meta_rows=_meta_rows(),
             optional=_codes(image.OPTIONAL_PACKAGES),
             tags=self.source.tags(host),
-            builds=builds_table(self.store.builds()[:BUILDS_SHOWN]),
-            errors=errors_list(self.store.errors()[:ERRORS_SHOWN]),
+            builds=PRIVATE_BUILDS if self.private else builds_table(self.store.builds()[:BUILDS_SHOWN]),
+            errors=PRIVATE_ERRORS if self.private else errors_list(self.store.errors()[:ERRORS_SHOWN]),
             packages=self.source.packages(),
             budget=esc(self.config.layer_budget),
             pin=self.source.pinning(host),
@@ -202,8 +205,44 @@ class IndexPage:
             ("Storage", f"<code>{esc(self.config.storage_backend)}</code>"),
             ("Layer budget", f"{esc(self.config.layer_budget)} layers per image, plus the root layer"),
             ("Build timeout", f"{esc(self.config.nix_timeout)} seconds per Nix step"),
+            ("Access", ACCESS[self.config.auth.level]),
         ]
         return "\n".join(f"    <dt>{name}</dt><dd>{value}</dd>" for name, value in rows)
+
+
+PRIVATE_BUILDS = ('<p class="empty">This instance is private (every pull needs a login), so its recent '
+                  "builds and errors are not listed here.</p>")
+PRIVATE_ERRORS = '<p class="empty">Not listed on a private instance.</p>'
+ACCESS = {
+    AuthLevel.OFF: "open: anyone who can reach this instance pulls and builds images",
+    AuthLevel.BUILD: "images already built are open to all; building a new image needs a login",
+    AuthLevel.ALL: "private: every pull needs a login",
+}
+
+
+def login_text(config: Config, host: str) -> str:
+    """How to log in, for an instance that asks for it; what it is checked against, never with what."""
+    level = config.auth.level
+    if level is AuthLevel.OFF:
+        return ""
+    who = ("Images that are already built can be pulled without logging in; building a new image needs "
+           "a login." if level is AuthLevel.BUILD else "Every pull needs a login.")
+    if level is AuthLevel.BUILD and config.source.kind is SourceKind.PATH:
+        who += (" Here a pull by tag always runs Nix (a directory has no revisions to pin), so without a "
+                "login, images are pulled by digest.")
+    if config.auth.token:
+        against = (f"Logins go through the token service at <code>{esc(redact_url(config.auth.token.realm))}"
+                   f"</code>: use your account there.")
+    else:
+        against = "Ask this instance's operator for a user name and password."
+    anonymous = (" Docker asks for a login before any pull from an instance that challenges it, so Docker "
+                 "users log in even for built images; skopeo, podman and Kubernetes pull them without."
+                 if level is AuthLevel.BUILD and not config.auth.token else "")
+    return (f'<p class="note">{who} {against}{anonymous}</p>'
+            f'<pre class="command"><code>docker login {esc(host)}</code></pre>'
+            f"<p>skopeo and podman: <code>skopeo login {esc(host)}</code>, or <code>--creds USER:PASSWORD</code> "
+            f"on one command. Kubernetes: an image pull secret of type "
+            f"<code>kubernetes.io/dockerconfigjson</code> for <code>{esc(host)}</code>.</p>")
 
 
 def _meta_rows() -> str:
@@ -250,14 +289,19 @@ def errors_list(errors: list[dict[str, Any]]) -> str:
 
 
 class BuildsJson:
-    """`/builds.json`: the recent builds and errors for scripts, newest first."""
+    """`/builds.json`: the recent builds and errors for scripts, newest first (403 on a private instance)."""
 
-    def __init__(self, store: RecentBuilds):
+    def __init__(self, store: RecentBuilds, private: bool):
         self.store = store
+        self.private = private
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         resp.content_type = "application/json"
         resp.cache_control = ["no-cache"]
+        if self.private:
+            resp.status = falcon.HTTP_403
+            resp.data = json.dumps({"error": "this instance is private: its builds are not listed"}).encode()
+            return
         resp.data = json.dumps({"builds": self.store.builds(), "errors": self.store.errors()}).encode()
 
     on_head = on_get
@@ -302,5 +346,5 @@ def add_routes(app: falcon.App, config: Config, store: RecentBuilds) -> None:
     not_found = NotFound(templates)
     app.add_route("/", IndexPage(config, store, templates))
     app.add_route("/static/{file}", StaticFiles(files, not_found))
-    app.add_route("/builds.json", BuildsJson(store))
+    app.add_route("/builds.json", BuildsJson(store, private=config.auth.level is AuthLevel.ALL))
     app.add_sink(not_found, prefix=re.compile(r"/(?!v2/)"))

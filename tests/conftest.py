@@ -67,7 +67,8 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"nixery exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                if requests.get(self.url + "/v2/", timeout=1).status_code == 200:
+                # 401: the instance asks for a login (NIXERY_AUTH), and is up.
+                if requests.get(self.url + "/v2/", timeout=1).status_code in (200, 401):
                     return self
             except requests.ConnectionError:
                 pass
@@ -158,16 +159,19 @@ class NixCounter:
         return len([line for line in lines if tool is None or line.split(" ", 1)[0] == tool])
 
 
-def skopeo_pull(host: str, name: str, dest: Path, tag: str = "latest") -> subprocess.CompletedProcess:
-    """`skopeo copy` into an OCI layout at dest (tag `tag`); returns the finished process."""
-    return subprocess.run(["skopeo", "copy", "--src-tls-verify=false", f"docker://{host}/{name}:{tag}",
+def skopeo_pull(host: str, name: str, dest: Path, tag: str = "latest",
+                creds: Optional[str] = None) -> subprocess.CompletedProcess:
+    """`skopeo copy` into an OCI layout at dest (tag `tag`), logging in with `user:password` when
+    given; returns the finished process."""
+    login = ["--src-creds", creds] if creds else []
+    return subprocess.run(["skopeo", "copy", "--src-tls-verify=false", *login, f"docker://{host}/{name}:{tag}",
                            f"oci:{dest}:{tag}"], capture_output=True, text=True, timeout=300)
 
 
-def pull_and_unpack(host: str, name: str, workdir: Path, tag: str = "latest") -> Path:
+def pull_and_unpack(host: str, name: str, workdir: Path, tag: str = "latest", creds: Optional[str] = None) -> Path:
     """Pulls with skopeo and unpacks with umoci; returns the rootfs."""
     oci = workdir / "oci"
-    result = skopeo_pull(host, name, oci, tag)
+    result = skopeo_pull(host, name, oci, tag, creds)
     assert result.returncode == 0, result.stderr
     bundle = workdir / "bundle"
     unpack = subprocess.run(["umoci", "unpack", "--image", f"{oci}:{tag}", str(bundle)],
