@@ -5,7 +5,7 @@ import random
 import subprocess
 import sys
 
-from nixery.layers import POPULARITY_THRESHOLD, SIZE_THRESHOLD, group
+from nixery.layers import POPULARITY_THRESHOLD, SIZE_THRESHOLD, closure_popularity, group
 from nixery.nix import StorePath
 
 
@@ -34,9 +34,17 @@ def covers_exactly(layers, full):
     return sorted(seen) == sorted(full) and len(seen) == len(set(seen))
 
 
+def test_a_closure_within_the_budget_gets_one_layer_per_path():
+    full, roots = random_closure(94, seed=5)
+    layers = group(full, roots, {}, budget=94)
+    assert sorted(layer.paths for layer in layers) == sorted((p,) for p in full)
+    assert covers_exactly(group(full, roots, {}, budget=93), full)
+    assert len(group(full, roots, {}, budget=93)) <= 93
+
+
 def test_dominated_paths_share_a_layer():
     c = closure(sp("app", ["lib"]), sp("lib", ["libc"]), sp("libc"), sp("tool", ["libc"]))
-    layers = group(c, [sp("app").path, sp("tool").path], {}, budget=10)
+    layers = group(c, [sp("app").path, sp("tool").path], {}, budget=3)
     by_top = {min(layer.paths): layer.paths for layer in layers}
     assert covers_exactly(layers, c)
     # libc is shared by app and tool: it is its own layer; lib goes with app, which alone needs it.
@@ -46,10 +54,71 @@ def test_dominated_paths_share_a_layer():
 
 def test_budget_is_respected_and_everything_is_covered():
     full, roots = random_closure(300, seed=1)
-    for budget in (1, 2, 5, 20, 94):
+    for budget in (1, 2, 5, 20, 94, 299, 300):
         layers = group(full, roots, {}, budget)
         assert 1 <= len(layers) <= budget
         assert covers_exactly(layers, full)
+
+
+def test_closure_popularity_counts_the_paths_that_depend_on_each_path():
+    c = closure(sp("app", ["lib", "libc"]), sp("lib", ["libc"]), sp("libc"), sp("tool", ["libc"]))
+    assert closure_popularity(c) == {sp("app").path: 1, sp("tool").path: 1, sp("lib").path: 2, sp("libc").path: 4}
+
+
+def nixpkgs_like(*wanted: str) -> tuple[dict, list]:
+    """A closure shaped like nixpkgs': everything links libc, many things zlib and openssl,
+    each program has a private library or two; `wanted` are the requested programs."""
+    graph = {
+        "libc": [], "zlib": ["libc"], "openssl": ["libc"], "pcre": ["libc"], "expat": ["libc"],
+        "ncurses": ["libc"], "readline": ["ncurses", "libc"], "sqlite": ["readline", "zlib", "libc"],
+        "curl": ["curlLib", "openssl", "zlib", "libc"], "curlLib": ["nghttp", "openssl", "zlib", "libc"],
+        "nghttp": ["libc"], "git": ["curlLib", "gitPerl", "pcre", "expat", "zlib", "openssl", "libc"],
+        "gitPerl": ["perl"], "perl": ["libc"], "jq": ["onig", "libc"], "onig": ["libc"],
+        "python": ["pyLib", "openssl", "zlib", "sqlite", "readline", "expat", "libc"], "pyLib": ["libc"],
+        "requests": ["python", "urllib", "idna"], "urllib": ["python"], "idna": ["python"],
+    }
+    needed, stack = set(), list(wanted)
+    while stack:
+        name = stack.pop()
+        if name not in needed:
+            needed.add(name)
+            stack.extend(graph[name])
+    return closure(*(sp(n, graph[n], 1_000_000 + len(n)) for n in needed)), [sp(n).path for n in wanted]
+
+
+def test_beyond_the_budget_the_most_shared_paths_keep_their_own_layers():
+    full, roots = nixpkgs_like("git", "jq", "python", "requests")
+    layers = group(full, roots, {}, budget=8)
+    assert len(layers) <= 8 and covers_exactly(layers, full)
+    alone = {layer.paths[0] for layer in layers if len(layer.paths) == 1}
+    # Everything links libc; zlib and openssl are next: they stay alone, as they would in any other image.
+    assert {sp("libc").path, sp("zlib").path, sp("openssl").path} <= alone
+    # What only jq needs travels with jq.
+    assert (sp("jq").path, sp("onig").path) in [layer.paths for layer in layers]
+
+
+def test_shared_paths_give_the_same_layers_in_related_images():
+    """git and curl/git: every layer of git that curl/git also needs is byte-for-byte the same layer."""
+    for budget in (6, 8):
+        git, git_roots = nixpkgs_like("git")
+        both, both_roots = nixpkgs_like("curl", "git")
+        assert len(both) > budget
+        git_layers = {layer.paths for layer in group(git, git_roots, {}, budget)}
+        both_layers = {layer.paths for layer in group(both, both_roots, {}, budget)}
+        shared = git_layers & both_layers
+        shared_paths = {p for paths in shared for p in paths}
+        assert {sp("libc").path, sp("zlib").path, sp("openssl").path} <= shared_paths, budget
+
+
+def test_configured_popularity_wins_over_the_closure_graph():
+    full, roots = nixpkgs_like("git", "jq")
+    without = group(full, roots, {}, budget=6)
+    assert (sp("pcre").path,) not in [layer.paths for layer in without]
+    # Popularity data says pcre is everywhere (in a real package set it might be).
+    name = os.path.basename(sp("pcre").path).split("-", 1)[1]
+    layers = group(full, roots, {name: 500}, budget=6)
+    assert (sp("pcre").path,) in [layer.paths for layer in layers]
+    assert covers_exactly(layers, full) and len(layers) <= 6
 
 
 def test_popular_and_large_paths_get_their_own_layers():
@@ -93,3 +162,19 @@ def test_popularity_data_loads_from_a_file(tmp_path):
     bad.write_text('["not", "a", "map"]')
     with pytest.raises(popularity.PopularityError, match="NIX_POPULARITY_URL"):
         popularity.load(str(bad))
+
+
+def test_popularity_command_counts_the_packages_whose_closures_hold_each_path(pkgset, tmp_path):
+    from conftest import NIX_ENV
+    from nixery import popularity
+    out = tmp_path / "popularity.json"
+    result = subprocess.run([sys.executable, "-m", "nixery", "popularity", "--path", str(pkgset), "--build",
+                             "--attr", "git", "--attr", "curl", "--attr", "python3Packages.requests",
+                             "--attr", "nosuchpackage", "-o", str(out)],
+                            env={**os.environ, **NIX_ENV}, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    data = popularity.load(str(out))
+    assert data["glibc-2.40"] == 3 and data["openssl-3.3.2"] == 3
+    assert data["curl-8.11.0-lib"] == 2  # git and curl, not python
+    assert data["git-2.47.0"] == 1 and data["python3.12-idna-3.10"] == 1
+    assert "3 packages counted" in result.stderr

@@ -26,6 +26,9 @@ from ..config import redact_url
 log = logging.getLogger(__name__)
 
 HELPER = Path(str(resources.files(__package__).joinpath("helper.nix")))
+PACKAGES = Path(str(resources.files(__package__).joinpath("packages.nix")))
+# Paths per command line when a list of store paths may be long (ARG_MAX is about 2 MB).
+ARGV_CHUNK = 5000
 KILL_GRACE_SECONDS = 10
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
@@ -171,6 +174,34 @@ class Nix:
                   "building")
         outputs = {n: resolved[n] for n in list(names) + list(optional) if n in resolved}
         return Closure(packages=outputs, paths=self.closure(sorted(set(outputs.values()))))
+
+
+    def list_packages(self, source: SourceArgs, system: str,
+                      attrs: Optional[Sequence[str]] = None) -> dict[str, tuple[str, str]]:
+        """Attribute path -> (output path, derivation) for the set's derivations (`packages.nix`).
+
+        Read-write mode writes the derivations to the store, so that they can be realised."""
+        raw = self._run(["nix-instantiate", "--eval", "--strict", "--json", "--read-write-mode", str(PACKAGES),
+                         "--argstr", "srcType", source.kind, "--argstr", "srcArgs", source.argument,
+                         "--argstr", "system", system,
+                         "--argstr", "attrs", json.dumps(list(attrs) if attrs is not None else None)],
+                        f"listing the packages of {source.description}")
+        return {name: (entry["out"], entry["drv"]) for name, entry in json.loads(raw).items()}
+
+    def realise(self, derivations: Sequence[str], keep_going: bool = False) -> None:
+        """Builds `derivations` (their `out` output) without evaluating anything again."""
+        flags = ["--keep-going"] if keep_going else []
+        for i in range(0, len(derivations), ARGV_CHUNK):
+            self._run(["nix-store", "--realise", *flags, *(f"{d}!out" for d in derivations[i:i + ARGV_CHUNK])],
+                      "building")
+
+    def invalid(self, paths: Sequence[str]) -> set[str]:
+        """Which of `paths` are not in the store."""
+        found: set[str] = set()
+        for i in range(0, len(paths), ARGV_CHUNK):
+            found.update(self._run(["nix-store", "--check-validity", "--print-invalid",
+                                    *paths[i:i + ARGV_CHUNK]], "checking store paths").split())
+        return found
 
 
 def drop_gc_roots(gcroot_dir: Path, pid: Optional[int] = None) -> None:
