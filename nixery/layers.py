@@ -6,17 +6,19 @@ path downloads it once. When the closure fits the budget, that is what every
 path gets.
 
 Beyond the budget some paths must share layers. Which ones stay alone is
-decided by popularity: the configured data (NIX_POPULARITY_URL, the original
-Nixery's format) when there is any, otherwise a popularity read off the
-closure graph itself, as nixpkgs' `buildLayeredImage` does: a path counts as
-many times as there are paths in the closure that depend on it. A C library
-every program links is popular; a program's private plug-in is not.
-The most popular paths, as many as the budget allows, then hang directly off
-the image root in the original Nixery's graph (root -> requested packages ->
-references), and the root's children in the dominator tree each become a
-layer with everything they dominate: what only one package needs travels with
-that package. If the requested packages alone exceed the budget, the layers
-rated lowest (popularity x size) are merged until it fits, as upstream does.
+decided by popularity x size: popularity from the configured data
+(NIX_POPULARITY_URL, the original Nixery's format) when there is any,
+otherwise read off the closure graph itself, as nixpkgs' `buildLayeredImage`
+does: a path counts as many times as there are paths in the closure that
+depend on it. A C library every program links is popular; a program's
+private plug-in is not. The paths rated highest keep layers of their own
+(and paths above upstream's size or popularity thresholds always do). The
+others are grouped with upstream's dominator tree (image root -> requested
+packages -> references): those whose nearest kept dominator is the same path
+share one layer, so what only git needs travels together, apart from git
+itself, and the same set is found again in the next image that has git.
+As many paths are kept as the budget allows: each costs its own layer and at
+most one more for what it dominates.
 
 Pure data in, data out, with every tie broken by store path, so the same
 closure gives the same layers in the same order whatever the hash seed.
@@ -88,37 +90,28 @@ def _counts(closure: Mapping[str, StorePath], popularity: Mapping[str, int]) -> 
     return closure_popularity(closure)
 
 
-def _graph(closure: Mapping[str, StorePath], roots: Sequence[str], promoted: Sequence[str]) -> nx.DiGraph:
+def _dominators(closure: Mapping[str, StorePath], roots: Sequence[str]) -> dict[str, str]:
+    """Each path's immediate dominator in the graph image root -> requested packages -> references."""
     graph = nx.DiGraph()
     graph.add_node(ROOT)
     graph.add_nodes_from(sorted(closure))
-    graph.add_edges_from((ROOT, path) for path in sorted(set(roots) | set(promoted)) if path in closure)
+    graph.add_edges_from((ROOT, path) for path in sorted(set(roots)) if path in closure)
     for path in sorted(closure):
         graph.add_edges_from((path, ref) for ref in closure[path].references if ref in closure and ref != path)
-    return graph
-
-
-def _dominator_groups(closure: Mapping[str, StorePath], roots: Sequence[str],
-                      promoted: Sequence[str]) -> dict[str, list[str]]:
-    """Top path -> every path it dominates (itself included), for each child of the image root."""
-    graph = _graph(closure, roots, promoted)
     idom = nx.immediate_dominators(graph, ROOT)
-    children: dict[str, list[str]] = {}
-    for node, dominator in idom.items():
-        if node != ROOT:
-            children.setdefault(dominator, []).append(node)
-    groups = {}
-    for top in children.get(ROOT, ()):
-        found, stack = [], [top]
-        while stack:
-            node = stack.pop()
-            found.append(node)
-            stack.extend(children.get(node, ()))
-        groups[top] = found
-    # Paths the root cannot reach (none when `roots` covers the closure) still belong in the image.
-    reached = {path for paths in groups.values() for path in paths}
-    for path in sorted(set(closure) - reached):
-        groups[path] = [path]
+    # Paths the root cannot reach (none when `roots` covers the closure) hang off the root.
+    return {path: idom.get(path, ROOT) for path in closure}
+
+
+def _grouped(closure: Mapping[str, StorePath], idom: Mapping[str, str],
+             kept: set[str]) -> dict[str, list[str]]:
+    """Every kept path alone; every other path with the others whose nearest kept dominator is its own."""
+    groups: dict[str, list[str]] = {path: [path] for path in kept}
+    for path in sorted(set(closure) - kept):
+        owner = idom[path]
+        while owner != ROOT and owner not in kept:
+            owner = idom[owner]
+        groups.setdefault(f"{owner}\0rest", []).append(path)
     return groups
 
 
@@ -128,38 +121,24 @@ def group(closure: Mapping[str, StorePath], roots: Sequence[str],
     if budget < 1:
         raise ValueError("the layer budget must be at least 1")
     counts = _counts(closure, popularity)
-
-    def layer(paths: Sequence[str], top: str) -> Layer:
-        size = sum(closure[p].nar_size for p in paths)
-        return Layer(paths=tuple(sorted(paths)), rating=counts[top] * size, size=size)
-
     if len(closure) <= budget:
-        layers = [layer([path], path) for path in closure]
+        groups = {path: [path] for path in closure}
     else:
-        forced = [p for p in closure if closure[p].nar_size > SIZE_THRESHOLD or counts[p] >= POPULARITY_THRESHOLD]
-        ranked = sorted(closure, key=lambda p: (-counts[p], -closure[p].nar_size, p))
-
-        def groups_with(k: int) -> dict[str, list[str]]:
-            return _dominator_groups(closure, roots, forced + ranked[:k])
-
-        # Promoting a path to the root never merges groups, so the count grows with k:
-        # the largest k that fits is found by bisection.
-        low, high = 0, len(ranked)
-        best = groups_with(0)
-        while low < high:
-            middle = (low + high + 1) // 2
-            candidate = groups_with(middle)
-            if len(candidate) <= budget:
-                low, best = middle, candidate
-            else:
-                high = middle - 1
-        layers = [layer(paths, top) for top, paths in best.items()]
-
-    layers.sort(key=lambda layer: (layer.rating, layer.paths))
-    while len(layers) > budget:
-        low_layer, next_low = layers[0], layers[1]
-        merged = Layer(paths=tuple(sorted(low_layer.paths + next_low.paths)),
-                       rating=low_layer.rating + next_low.rating, size=low_layer.size + next_low.size)
-        layers = sorted([merged, *layers[2:]], key=lambda layer: (layer.rating, layer.paths))
+        # Kept alone first: the paths above upstream's thresholds, then by popularity x size.
+        forced = sorted(p for p in closure if closure[p].nar_size > SIZE_THRESHOLD
+                        or counts[p] >= POPULARITY_THRESHOLD)
+        ranked = forced + sorted(set(closure) - set(forced),
+                                 key=lambda p: (-counts[p] * closure[p].nar_size, -counts[p], p))
+        idom = _dominators(closure, roots)
+        # Each kept path adds its own layer and at most one of the paths it dominates:
+        # from budget - 1 kept paths down until the layers fit (one layer, all paths, always does).
+        kept = budget - 1
+        while len(groups := _grouped(closure, idom, set(ranked[:kept]))) > budget:
+            kept = max(0, kept - max(1, (len(groups) - budget + 1) // 2))
+    layers = []
+    for paths in groups.values():
+        size = sum(closure[p].nar_size for p in paths)
+        rating = max(counts[p] for p in paths) * size
+        layers.append(Layer(paths=tuple(sorted(paths)), rating=rating, size=size))
     layers.sort(key=lambda layer: (-layer.rating, layer.paths))
     return layers
