@@ -60,6 +60,16 @@ class StorePath:
         return os.path.basename(self.path).split("-", 1)[-1]
 
 
+class Resolved(dict):
+    """Name -> output path of every name that resolved, carrying what builds them:
+    `derivations` maps each name to "<drv>!<output>", which `nix-store --realise`
+    builds without evaluating the package set a second time."""
+
+    def __init__(self, packages: Mapping[str, str], derivations: Mapping[str, str]):
+        super().__init__(packages)
+        self.derivations = dict(derivations)
+
+
 @dataclasses.dataclass(frozen=True)
 class Closure:
     # Requested package name -> its output path, in the order the image lists them.
@@ -139,15 +149,18 @@ class Nix:
             return proc.communicate()
 
     def resolve(self, names: Sequence[str], optional: Sequence[str], source: SourceArgs,
-                system: str) -> dict[str, str]:
-        """Name -> output path for every name that resolved; raises UnknownPackages listing all others."""
-        raw = self._run(["nix-instantiate", "--eval", "--strict", "--json", "-A", "resolve",
+                system: str) -> Resolved:
+        """Name -> output path for every name that resolved; raises UnknownPackages listing all others.
+
+        The image's one evaluation of the package set: read-write mode writes the derivations
+        to the store, and `build` realises them."""
+        raw = self._run(["nix-instantiate", "--eval", "--strict", "--json", "--read-write-mode", "-A", "resolve",
                          *self._helper_args(names, optional, source, system)],
                         f"evaluating {source.description}")
         data = json.loads(raw)
         if data["unknown"]:
             raise UnknownPackages(data["unknown"])
-        return data["packages"]
+        return Resolved(data["packages"], data["derivations"])
 
     @contextlib.contextmanager
     def gc_roots(self) -> Iterator[Path]:
@@ -165,20 +178,19 @@ class Nix:
         return parse_path_info(raw)
 
     def build(self, names: Sequence[str], optional: Sequence[str], source: SourceArgs,
-              system: str, roots: Path, resolved: Mapping[str, str]) -> Closure:
+              system: str, roots: Path, resolved: Resolved) -> Closure:
         """Builds what `resolve` found (GC roots in `roots`) and returns the runtime closure.
 
-        Resolving is the caller's separate step so that evaluation and building are timed apart."""
-        self._run(["nix-build", "--out-link", str(roots / "out"),
-                   "-A", "contents", *self._helper_args(names, optional, source, system)],
-                  "building")
+        Resolving is the caller's separate step so that evaluation and building are timed apart;
+        building realises the derivations the resolve instantiated, so nothing is evaluated twice."""
+        self.realise(sorted(set(resolved.derivations.values())), roots=roots)
         outputs = {n: resolved[n] for n in list(names) + list(optional) if n in resolved}
         return Closure(packages=outputs, paths=self.closure(sorted(set(outputs.values()))))
 
 
     def list_packages(self, source: SourceArgs, system: str,
                       attrs: Optional[Sequence[str]] = None) -> dict[str, tuple[str, str]]:
-        """Attribute path -> (output path, derivation) for the set's derivations (`packages.nix`).
+        """Attribute path -> (output path, "<drv>!<output>") for the set's derivations (`packages.nix`).
 
         Read-write mode writes the derivations to the store, so that they can be realised."""
         raw = self._run(["nix-instantiate", "--eval", "--strict", "--json", "--read-write-mode", str(PACKAGES),
@@ -186,14 +198,13 @@ class Nix:
                          "--argstr", "system", system,
                          "--argstr", "attrs", json.dumps(list(attrs) if attrs is not None else None)],
                         f"listing the packages of {source.description}")
-        return {name: (entry["out"], entry["drv"]) for name, entry in json.loads(raw).items()}
+        return {name: (entry["out"], entry["realise"]) for name, entry in json.loads(raw).items()}
 
-    def realise(self, derivations: Sequence[str], keep_going: bool = False) -> None:
-        """Builds `derivations` (their `out` output) without evaluating anything again."""
-        flags = ["--keep-going"] if keep_going else []
+    def realise(self, derivations: Sequence[str], roots: Optional[Path] = None, keep_going: bool = False) -> None:
+        """Builds "<drv>!<output>"s without evaluating anything again; GC roots in `roots` if given."""
+        flags = (["--keep-going"] if keep_going else []) + (["--add-root", str(roots / "out")] if roots else [])
         for i in range(0, len(derivations), ARGV_CHUNK):
-            self._run(["nix-store", "--realise", *flags, *(f"{d}!out" for d in derivations[i:i + ARGV_CHUNK])],
-                      "building")
+            self._run(["nix-store", "--realise", *flags, *derivations[i:i + ARGV_CHUNK]], "building")
 
     def invalid(self, paths: Sequence[str]) -> set[str]:
         """Which of `paths` are not in the store."""

@@ -1,5 +1,5 @@
 # Lists the derivations of a package set for `nixery popularity`:
-#   { "<attribute path>" = { out = outPath; drv = drvPath; }; }
+#   { "<attribute path>" = { out = outPath; realise = "<drv>!<output>"; }; }
 # Top-level derivations, and those one level down in sets marked
 # `recurseForDerivations` (nixpkgs' python3Packages and the like); a package
 # that fails to evaluate (broken, unfree, unsupported) is left out.
@@ -18,7 +18,7 @@ let
   try = v: default: let r = builtins.tryEval v; in if r.success then r.value else default;
   isDrv = v: try (builtins.isAttrs v && (v.type or null) == "derivation") false;
   recurses = v: try (builtins.isAttrs v && (v.recurseForDerivations or false) == true) false;
-  paths = v: try (builtins.deepSeq v.drvPath { out = v.outPath; drv = v.drvPath; }) null;
+  paths = v: try (builtins.deepSeq v.drvPath { out = v.outPath; realise = "${v.drvPath}!${v.outputName or "out"}"; }) null;
 
   wanted = builtins.fromJSON attrs;
   at = name: builtins.foldl' (set: part: if set != null && builtins.isAttrs set then set.${part} or null else null)
