@@ -19,7 +19,7 @@ setup(
         "google-auth>=2.20",
         "pygit2>=1.12",
         "networkx>=3.0",
-        "isal>=1.5",
+        "isal>=1.6",  # igzip_threaded leaves the stream it writes to open (1.6)
         "prometheus-client>=0.17",
     ],
     extras_require={"test": ["pytest>=7", "requests>=2.28", "gcp-storage-emulator", "cryptography",
