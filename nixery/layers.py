@@ -12,7 +12,7 @@ otherwise read off the closure graph itself, as nixpkgs' `buildLayeredImage`
 does: a path counts as many times as there are paths in the closure that
 depend on it. A C library every program links is popular; a program's
 private plug-in is not. The paths rated highest keep layers of their own
-(and paths above upstream's size or popularity thresholds always do). The
+(paths above upstream's size or popularity thresholds first). The
 others are grouped with upstream's dominator tree (image root -> requested
 packages -> references): those whose nearest kept dominator is the same path
 share one layer, so what only git needs travels together, apart from git
@@ -124,11 +124,11 @@ def group(closure: Mapping[str, StorePath], roots: Sequence[str],
     if len(closure) <= budget:
         groups = {path: [path] for path in closure}
     else:
-        # Kept alone first: the paths above upstream's thresholds, then by popularity x size.
-        forced = sorted(p for p in closure if closure[p].nar_size > SIZE_THRESHOLD
-                        or counts[p] >= POPULARITY_THRESHOLD)
-        ranked = forced + sorted(set(closure) - set(forced),
-                                 key=lambda p: (-counts[p] * closure[p].nar_size, -counts[p], p))
+        # Kept alone first: the paths above upstream's thresholds, then the others; each by popularity x size.
+        def rank(p: str) -> tuple[bool, int, int, str]:
+            above = closure[p].nar_size > SIZE_THRESHOLD or counts[p] >= POPULARITY_THRESHOLD
+            return not above, -counts[p] * closure[p].nar_size, -counts[p], p
+        ranked = sorted(closure, key=rank)
         idom = _dominators(closure, roots)
         # Each kept path adds its own layer and at most one of the paths it dominates:
         # from budget - 1 kept paths down until the layers fit (one layer, all paths, always does).
