@@ -12,10 +12,13 @@ what it downloaded.
 The ideal is one layer per store path: every distinct store path of the
 corpus archived once on its own (Nixery's own archiver, so compression is
 the same), plus each image's root layer, config and manifest, which no
-layering can share. The same per-path sizes estimate what other budgets
-would download (no pull: each layer's size taken as the sum of its paths').
+layering can share. The same per-path sizes estimate what other budgets and
+other layerings would download (no pull: each layer's size taken as the sum
+of its paths'): the original Nixery's without popularity data (dominator
+groups, lowest rated merged) and nixpkgs' buildLayeredImage (its popularity
+contest: the most depended-on paths alone, the rest in the last layer).
 
-    python3 bench/sharing.py [--budget 94] [--estimate 40,20]
+    python3 bench/sharing.py [--budget 94] [--estimate 94,40,20,10]
 """
 
 from __future__ import annotations
@@ -26,7 +29,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from pathlib import Path
 
@@ -35,8 +37,10 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from conftest import NIX_ENV, Server  # noqa: E402
 from pkgset import make_package_set  # noqa: E402
 
+import networkx as nx  # noqa: E402
+
 from nixery import archive, image, layers  # noqa: E402
-from nixery.nix import Nix, SourceArgs  # noqa: E402
+from nixery.nix import Nix, SourceArgs, StorePath  # noqa: E402
 
 CORPUS = [
     "shell", "shell/git", "shell/git/curl", "git", "curl/git", "curl", "jq", "git/jq", "shell/jq/curl",
@@ -55,6 +59,33 @@ class Counter:
         return len(data)
 
 
+def upstream_layers(closure: dict[str, StorePath], roots: list[str], budget: int) -> list[tuple[str, ...]]:
+    """The original Nixery's layering without popularity data (every path counts 1)."""
+    graph = nx.DiGraph()
+    graph.add_edges_from(("<root>", p) for p in roots)
+    graph.add_edges_from(("<root>", p) for p in closure if closure[p].nar_size > layers.SIZE_THRESHOLD)
+    graph.add_edges_from((p, r) for p in closure for r in closure[p].references if r in closure and r != p)
+    idom = nx.immediate_dominators(graph, "<root>")
+    groups: dict[str, list[str]] = {}
+    for path in closure:
+        top = path
+        while idom[top] != "<root>":
+            top = idom[top]
+        groups.setdefault(top, []).append(path)
+    rated = sorted((sum(closure[p].nar_size for p in paths), tuple(sorted(paths))) for paths in groups.values())
+    while len(rated) > budget:  # the two lowest rated (popularity 1 x size) merge
+        (size_a, a), (size_b, b) = rated[0], rated[1]
+        rated = sorted([(size_a + size_b, tuple(sorted(a + b))), *rated[2:]])
+    return [paths for _, paths in rated]
+
+
+def build_layered_image_layers(closure: dict[str, StorePath], budget: int) -> list[tuple[str, ...]]:
+    """nixpkgs' buildLayeredImage: the budget - 1 most depended-on paths alone, the rest in one layer."""
+    counts = layers.closure_popularity(closure)
+    order = sorted(closure, key=lambda p: (-counts[p], p))
+    return [(p,) for p in order[:budget - 1]] + ([tuple(sorted(order[budget - 1:]))] if len(order) >= budget else [])
+
+
 def blob_sizes(oci: Path) -> dict[str, int]:
     directory = oci / "blobs" / "sha256"
     return {p.name: p.stat().st_size for p in directory.iterdir()} if directory.exists() else {}
@@ -63,7 +94,7 @@ def blob_sizes(oci: Path) -> dict[str, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget", type=int, default=94, help="NIXERY_LAYER_BUDGET of the server")
-    parser.add_argument("--estimate", default="40,20,10", help="other budgets to estimate from per-path sizes")
+    parser.add_argument("--estimate", default="94,40,20,10", help="budgets to estimate from per-path sizes")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="nixery-sharing-"))
@@ -122,17 +153,25 @@ def main() -> None:
           f"{per_image_fixed / 1e6:.2f} MB)")
     print(f"downloaded / ideal                         {total / ideal:9.3f}   (target <= 1.15)")
 
+    layerings = {
+        "nixery": lambda outputs, paths, budget: [g.paths for g in layers.group(paths, list(outputs.values()), {}, budget)],
+        "original Nixery": lambda outputs, paths, budget: upstream_layers(paths, list(outputs.values()), budget),
+        "buildLayeredImage": lambda outputs, paths, budget: build_layered_image_layers(paths, budget),
+    }
+    print("\nestimated from per-path sizes, x ideal (no popularity data):")
+    print(f"{'budget':>8} " + " ".join(f"{name:>18}" for name in layerings))
     for budget in [int(b) for b in args.estimate.split(",") if b]:
-        seen: set[tuple[str, ...]] = set()
-        estimate, start = 0, time.monotonic()
-        for outputs, paths in closures.values():
-            for layer in layers.group(paths, list(outputs.values()), {}, budget):
-                if layer.paths not in seen:
-                    seen.add(layer.paths)
-                    estimate += sum(path_size[p] for p in layer.paths)
-        estimate += per_image_fixed
-        print(f"estimate at budget {budget:<3} (per-path sizes)    {estimate / 1e6:9.2f} MB   "
-              f"{estimate / ideal:.3f} x ideal   (grouping took {time.monotonic() - start:.2f} s)")
+        row = []
+        for layering in layerings.values():
+            seen: set[tuple[str, ...]] = set()
+            estimate = per_image_fixed
+            for outputs, paths in closures.values():
+                for group in layering(outputs, paths, budget):
+                    if group not in seen:
+                        seen.add(group)
+                        estimate += sum(path_size[p] for p in group)
+            row.append(estimate / ideal)
+        print(f"{budget:>8} " + " ".join(f"{ratio:>17.3f}x" for ratio in row))
 
 
 if __name__ == "__main__":
