@@ -15,8 +15,10 @@ of each is compared, so that other load on the machine hurts both alike.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -83,6 +85,7 @@ def main() -> None:
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="nixery-bench-"))
+    atexit.register(shutil.rmtree, work, True)  # storage and OCI layouts: hundreds of MB
     pkgset = make_package_set(work / "pkgset", salt=f"bench-{args.count}-{args.mb}",
                               big_count=args.count, big_mb=args.mb)
     t = time.monotonic()

@@ -14,7 +14,9 @@ derivations it instantiated. Prints each Nix command run and its time.
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -53,6 +55,7 @@ def main() -> None:
     os.environ.update(NIX_ENV)
 
     work = Path(tempfile.mkdtemp(prefix="nixery-resolve-"))
+    atexit.register(shutil.rmtree, work, True)  # storage and OCI layouts: hundreds of MB
     salt = uuid.uuid4().hex[:8]
     make_package_set(work / "pkgset", salt=salt)
     wide = work / "wide"

@@ -19,11 +19,13 @@ machine hurts both alike; every round's figures are printed too.
 from __future__ import annotations
 
 import argparse
+import atexit
 import hashlib
 import http.client
 import json
 import os
 import statistics
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -118,6 +120,7 @@ def main() -> None:
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="nixery-serve-"))
+    atexit.register(shutil.rmtree, work, True)  # storage and OCI layouts: hundreds of MB
     blob = work / "blob"
     blob_hex = make_blob(blob, args.mb)
     size = blob.stat().st_size

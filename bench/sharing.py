@@ -24,8 +24,10 @@ contest: the most depended-on paths alone, the rest in the last layer).
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -98,6 +100,7 @@ def main() -> None:
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="nixery-sharing-"))
+    atexit.register(shutil.rmtree, work, True)  # storage and OCI layouts: hundreds of MB
     pkgset = make_package_set(work / "pkgset", salt=f"sharing-{uuid.uuid4().hex[:8]}")
     server = Server(work / "nixery", {"NIXERY_PKGS_PATH": str(pkgset), "NIXERY_LAYER_BUDGET": str(args.budget),
                                       "NIX_TIMEOUT": "600"})
