@@ -75,8 +75,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     source.add_argument("--tarball", help="the URL of a tarball of the package set (a nixpkgs archive)")
     parser.add_argument("--attr", action="append", dest="attrs",
                         help="a package to count (dotted attribute path; repeatable); default: all of them")
-    parser.add_argument("--build", action="store_true",
-                        help="build packages whose outputs are not in the store (otherwise they are skipped)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--build", action="store_true",
+                       help="build packages whose outputs are not in the store (otherwise they are skipped)")
+    where.add_argument("--store", help="read the closures from this store instead of the local one, for example "
+                                       "the binary cache the set is built into (file://..., s3://..., https://...)")
     parser.add_argument("--system", default=None, help="the system to evaluate for (default: this machine's)")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds each Nix command may take")
     parser.add_argument("-o", "--output", help="file to write (default: standard output)")
@@ -89,7 +92,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         packages = nix.list_packages(SourceArgs(kind, argument, argument), system, args.attrs)
         outputs = {name: out for name, (out, _) in packages.items()}
-        missing = nix.invalid(sorted(set(outputs.values())))
+        missing = nix.invalid(sorted(set(outputs.values())), args.store)
         if missing and args.build:
             try:
                 nix.realise(sorted({drv for out, drv in packages.values() if out in missing}), keep_going=True)
@@ -97,7 +100,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print(f"nixery popularity: {e.reason}", file=sys.stderr)
             missing = nix.invalid(sorted(missing))
         present = {name: out for name, out in outputs.items() if out not in missing}
-        paths = nix.closure(sorted(set(present.values()))) if present else {}
+        paths = nix.closure(sorted(set(present.values())), args.store) if present else {}
     except NixError as e:
         print(f"nixery popularity: {e.reason}", file=sys.stderr)
         return 1
@@ -107,7 +110,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     else:
         sys.stdout.write(data)
     print(f"nixery popularity: {len(present)} packages counted, {len(outputs) - len(present)} not in the "
-          f"store skipped{'' if args.build else ' (--build builds them)'}", file=sys.stderr)
+          f"store skipped{'' if args.build or args.store else ' (--build builds them)'}", file=sys.stderr)
     return 0
 
 

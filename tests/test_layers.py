@@ -175,3 +175,23 @@ def test_popularity_command_counts_the_packages_whose_closures_hold_each_path(pk
     assert data["curl-8.11.0-lib"] == 2  # git and curl, not python
     assert data["git-2.47.0"] == 1 and data["python3.12-idna-3.10"] == 1
     assert "3 packages counted" in result.stderr
+
+
+def test_popularity_command_reads_closures_from_a_binary_cache(pkgset, tmp_path):
+    from conftest import NIX_ENV
+    from nixery import popularity
+    env = {**os.environ, **NIX_ENV}
+    git = subprocess.run(["nix-build", str(pkgset), "-A", "git", "--no-out-link"], env=env,
+                         capture_output=True, text=True, check=True).stdout.strip()
+    cache = f"file://{tmp_path / 'cache'}"
+    subprocess.run(["nix", "--extra-experimental-features", "nix-command", "copy", "--to", cache, git],
+                   env=env, capture_output=True, text=True, check=True)
+    out = tmp_path / "popularity.json"
+    result = subprocess.run([sys.executable, "-m", "nixery.popularity", "--path", str(pkgset), "--store", cache,
+                             "--attr", "git", "--attr", "nodejs", "-o", str(out)],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    data = popularity.load(str(out))
+    # git's closure came from the cache; nodejs is not in it, so it is skipped (nothing is built).
+    assert data["git-2.47.0"] == 1 and data["glibc-2.40"] == 1 and "nodejs-22.11.0" not in data
+    assert "1 packages counted, 1 not in the store skipped" in result.stderr

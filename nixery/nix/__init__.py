@@ -172,9 +172,11 @@ class Nix:
         finally:
             shutil.rmtree(root, ignore_errors=True)
 
-    def closure(self, outputs: Sequence[str]) -> dict[str, StorePath]:
+    def closure(self, outputs: Sequence[str], store: Optional[str] = None) -> dict[str, StorePath]:
+        """The runtime closure of `outputs`, from the local store or from `store` (a binary cache URL)."""
         raw = self._run(["nix", "--extra-experimental-features", "nix-command", "path-info",
-                         "--json", "--recursive", *outputs], "querying the closure")
+                         *(["--store", store] if store else []), "--json", "--recursive", *outputs],
+                        "querying the closure")
         return parse_path_info(raw)
 
     def build(self, names: Sequence[str], optional: Sequence[str], source: SourceArgs,
@@ -206,12 +208,16 @@ class Nix:
         for i in range(0, len(derivations), ARGV_CHUNK):
             self._run(["nix-store", "--realise", *flags, *derivations[i:i + ARGV_CHUNK]], "building")
 
-    def invalid(self, paths: Sequence[str]) -> set[str]:
-        """Which of `paths` are not in the store."""
+    def invalid(self, paths: Sequence[str], store: Optional[str] = None) -> set[str]:
+        """Which of `paths` are not in the local store, or in `store` if given."""
         found: set[str] = set()
         for i in range(0, len(paths), ARGV_CHUNK):
-            found.update(self._run(["nix-store", "--check-validity", "--print-invalid",
-                                    *paths[i:i + ARGV_CHUNK]], "checking store paths").split())
+            raw = self._run(["nix", "--extra-experimental-features", "nix-command", "path-info",
+                             *(["--store", store] if store else []), "--json", *paths[i:i + ARGV_CHUNK]],
+                            "checking store paths")
+            data = json.loads(raw)
+            entries = data.items() if isinstance(data, dict) else ((e["path"], e) for e in data)
+            found.update(path for path, info in entries if info is None or info.get("valid") is False)
         return found
 
 
