@@ -19,7 +19,7 @@ setup(
         "google-auth>=2.20",
         "pygit2>=1.12",
         "networkx>=3.0",
-        "isal>=1.5",
+        "isal>=1.6",  # igzip_threaded leaves the stream it writes to open (1.6)
         "prometheus-client>=0.17",
         "bcrypt>=4.0",
         "PyJWT[crypto]>=2.8",

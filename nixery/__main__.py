@@ -20,11 +20,16 @@ def _help_text() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["popularity"]:
+        from .popularity import main as popularity_main
+        return popularity_main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="nixery",
         description="A container registry that builds images on demand with Nix: "
                     "pulling HOST/shell/git gives an image holding those nixpkgs packages.",
-        epilog=_help_text(), formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=_help_text() + "\n\n`nixery popularity --help`: compute popularity data for a package set.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"nixery {__version__}")
     parser.add_argument("--check-config", action="store_true",
                         help="validate the configuration, check that Nix can build and storage can be written, "

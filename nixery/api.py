@@ -32,11 +32,17 @@ READ_METHODS = ("GET", "HEAD")
 
 
 class _LimitedReader:
-    """A file object that ends after `remaining` bytes (a Range response)."""
+    """A file object that ends after `remaining` bytes (a Range response).
+
+    It has the file's `fileno`, so Gunicorn sends the range with sendfile(2) from the
+    current offset for Content-Length bytes; a server without sendfile reads it."""
 
     def __init__(self, f, remaining: int):
         self.f = f
         self.remaining = remaining
+
+    def fileno(self) -> int:
+        return self.f.fileno()
 
     def read(self, size: int = -1) -> bytes:
         if self.remaining <= 0:

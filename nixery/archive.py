@@ -15,7 +15,7 @@ import stat
 import tarfile
 from typing import BinaryIO, Iterable, Iterator
 
-from isal import isal_zlib
+from isal import igzip_threaded
 
 # Nix sets every store file's mtime to 1; the root layer uses the same.
 MTIME = 1
@@ -24,6 +24,8 @@ CHUNK = 1 << 20
 # (bench/layers.py prints both); a layer is compressed once and served many times.
 COMPRESSION_LEVEL = 1
 LAYER_MEDIA_TYPE = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+# Layers archived at once by one build: one per core this process may run on.
+THREADS = len(os.sched_getaffinity(0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,31 +45,34 @@ class LayerDigests:
     size: int
 
 
-class _CompressingHasher:
-    """A write-only file: tar bytes in, gzip bytes out to `out`, both hashed on the way."""
+class _HashingWriter:
+    """A write-only file that hashes and counts what it passes on to `out`."""
 
     def __init__(self, out: BinaryIO):
         self.out = out
-        self.tar_hash = hashlib.sha256()
-        self.gz_hash = hashlib.sha256()
+        self.hash = hashlib.sha256()
         self.size = 0
-        self.compressor = isal_zlib.compressobj(COMPRESSION_LEVEL, isal_zlib.DEFLATED, 31)
-
-    def _emit(self, data: bytes) -> None:
-        if data:
-            self.gz_hash.update(data)
-            self.size += len(data)
-            self.out.write(data)
 
     def write(self, data: bytes) -> int:
-        self.tar_hash.update(data)
-        self._emit(self.compressor.compress(data))
+        self.hash.update(data)
+        self.size += len(data)
+        self.out.write(data)
         return len(data)
 
-    def finish(self) -> LayerDigests:
-        self._emit(self.compressor.flush())
-        return LayerDigests(digest="sha256:" + self.gz_hash.hexdigest(),
-                            diff_id="sha256:" + self.tar_hash.hexdigest(), size=self.size)
+    def flush(self) -> None:
+        pass
+
+
+class _TarSink:
+    """Where tarfile writes: the tar's bytes are hashed (the diff_id) and handed to the compressor."""
+
+    def __init__(self, gz: BinaryIO):
+        self.gz = gz
+        self.hash = hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.hash.update(data)
+        return self.gz.write(data)
 
 
 def _info(name: str, mode: int) -> tarfile.TarInfo:
@@ -128,7 +133,21 @@ def write_layer(out: BinaryIO, store_paths: Iterable[str] = (),
     """Writes one gzip'd tar of `entries` then `store_paths` to `out` and returns its digests."""
     store_paths = sorted(store_paths)
     entries = list(entries)
-    sink = _CompressingHasher(out)
+    compressed = _HashingWriter(out)
+    # igzip_threaded compresses each 1 MiB block on a thread of its own, without the GIL, and writes
+    # (so hashes) the result there too: this thread only reads files and hashes the tar. Blocks are
+    # cut at fixed offsets of the tar stream, so the same tar always gives the same bytes.
+    gz = igzip_threaded.open(compressed, "wb", compresslevel=COMPRESSION_LEVEL, threads=1, block_size=CHUNK)
+    try:
+        sink = _TarSink(gz)
+        _write_tar(sink, store_paths, entries)
+    finally:
+        gz.close()
+    return LayerDigests(digest="sha256:" + compressed.hash.hexdigest(),
+                        diff_id="sha256:" + sink.hash.hexdigest(), size=compressed.size)
+
+
+def _write_tar(sink: _TarSink, store_paths: list[str], entries: list[Entry]) -> None:
     tar = tarfile.open(fileobj=sink, mode="w|", bufsize=CHUNK, format=tarfile.GNU_FORMAT,  # type: ignore[call-overload]
                        encoding="utf-8")
     tar.copybufsize = CHUNK
@@ -149,5 +168,4 @@ def write_layer(out: BinaryIO, store_paths: Iterable[str] = (),
     for store_path in store_paths:
         _add_store_path(tar, store_path)
     tar.close()
-    return sink.finish()
 

@@ -32,7 +32,9 @@ def gunicorn_options(config: Config) -> dict[str, Any]:
         "timeout": config.nix_timeout * 3 + 60,
         "graceful_timeout": 30,
         "keepalive": 5,
-        "sendfile": True,
+        # No "sendfile" key: Gunicorn reads any value of that setting, True included, as --no-sendfile
+        # (tests/test_config.py).
+        # Unset, blobs go out with sendfile(2) (whole blobs and ranges: see api._LimitedReader).
         "accesslog": None,
         "errorlog": "-",
         "loglevel": config.log_level.lower(),

@@ -44,6 +44,19 @@ let
       dd if=/dev/urandom bs=49152 count=$(( ${toString mb} * 8 / ${toString files} )) 2>/dev/null | base64 > $out/data/text-$i
     done
   '';
+  # A nixpkgs-like library or program of about `kb` KiB (half random, half base64), whose
+  # nix-support/runtime-deps names `deps`: runtime references, as a real package's RPATH makes them.
+  # Programs also get bin/ scripts (shebang: busybox) that print their name.
+  pkg = name: kb: deps: bins: mk name ''
+    mkdir -p $out/lib $out/nix-support
+    dd if=/dev/urandom of=$out/lib/lib${name}.so bs=1024 count=${toString (kb / 2 + 1)} 2>/dev/null
+    dd if=/dev/urandom bs=768 count=${toString (kb / 2 + 1)} 2>/dev/null | base64 > $out/lib/${name}.txt
+    echo ${builtins.concatStringsSep " " (map toString deps)} > $out/nix-support/runtime-deps
+    ${builtins.concatStringsSep "\n" (map (b: ''
+      mkdir -p $out/bin
+      printf '#!${busybox}/bin/sh\necho %s\n' ${b} > $out/bin/${b} && chmod +x $out/bin/${b}
+    '') bins)}
+  '';
   busybox = mk "busybox" ''
     mkdir -p $out/bin && cp ${bb} $out/bin/busybox
     for c in sh cat echo ls sleep; do ln -s busybox $out/bin/$c; done
@@ -86,7 +99,61 @@ in rec {
   '';
   _7zip = script "7z" "echo seven";
   tools = { greet = script "greet" "echo nested-greet"; };
-  python3Packages = { requests = script "requests" "echo requests"; };
+  # A nixpkgs-shaped family for layering and sharing (bench/sharing.py): sizes in KiB, roughly
+  # a tenth of nixpkgs' own; references as nixpkgs has them (everything links glibc, ...).
+  glibc = pkg "glibc-2.40" 3000 [ ] [ "ldd" ];
+  libgcc = pkg "gcc-14-lib" 900 [ glibc ] [ ];
+  zlib = pkg "zlib-1.3.1" 150 [ glibc ] [ ];
+  bzip2 = pkg "bzip2-1.0.8" 120 [ glibc ] [ "bzip2" ];
+  xz = pkg "xz-5.6.3" 350 [ glibc ] [ "xz" ];
+  zstd = pkg "zstd-1.5.6" 500 [ glibc ] [ "zstd" ];
+  openssl = pkg "openssl-3.3.2" 1800 [ glibc ] [ "openssl" ];
+  libffi = pkg "libffi-3.4.6" 80 [ glibc ] [ ];
+  ncurses = pkg "ncurses-6.4" 900 [ glibc ] [ "tput" ];
+  readline = pkg "readline-8.2p13" 400 [ ncurses glibc ] [ ];
+  libxcrypt = pkg "libxcrypt-4.4.36" 200 [ glibc ] [ ];
+  pcre2 = pkg "pcre2-10.44" 700 [ glibc ] [ ];
+  expat = pkg "expat-2.6.4" 250 [ glibc ] [ ];
+  sqlite = pkg "sqlite-3.46.1" 1500 [ readline zlib glibc ] [ "sqlite3" ];
+  libunistring = pkg "libunistring-1.2" 1600 [ glibc ] [ ];
+  libidn2 = pkg "libidn2-2.3.7" 300 [ libunistring glibc ] [ ];
+  nghttp2 = pkg "nghttp2-1.64.0-lib" 250 [ glibc ] [ ];
+  brotli = pkg "brotli-1.1.0-lib" 600 [ glibc ] [ ];
+  libssh2 = pkg "libssh2-1.11.1" 350 [ openssl zlib glibc ] [ ];
+  libpsl = pkg "libpsl-0.21.5" 150 [ libidn2 libunistring glibc ] [ ];
+  curlLib = pkg "curl-8.11.0-lib" 900 [ nghttp2 libidn2 libpsl libssh2 brotli zstd openssl zlib glibc ] [ ];
+  curl = pkg "curl-8.11.0-bin" 300 [ curlLib openssl zlib glibc ] [ "curl" ];
+  perl = pkg "perl-5.40.0" 6000 [ libxcrypt zlib glibc ] [ "perl" ];
+  git = pkg "git-2.47.0" 8000 [ curlLib perl pcre2 expat openssl zlib glibc ] [ "git" ];
+  oniguruma = pkg "oniguruma-6.9.9-lib" 500 [ glibc ] [ ];
+  jq = pkg "jq-1.7.1-bin" 350 [ oniguruma glibc ] [ "jq" ];
+  gnused = pkg "gnused-4.9" 700 [ glibc ] [ "sed" ];
+  gawk = pkg "gawk-5.3.1" 1800 [ readline ncurses glibc ] [ "awk" "gawk" ];
+  gnugrep = pkg "gnugrep-3.11" 800 [ pcre2 glibc ] [ "grep" ];
+  less = pkg "less-668" 250 [ ncurses pcre2 glibc ] [ "less" ];
+  htop = pkg "htop-3.3.0" 350 [ ncurses glibc ] [ "htop" ];
+  vim = pkg "vim-9.1.0787" 4000 [ ncurses libgcc glibc ] [ "vim" "vi" ];
+  openssh = pkg "openssh-9.9p1" 2000 [ openssl zlib libxcrypt glibc ] [ "ssh" "scp" ];
+  wget = pkg "wget-1.25.0" 1000 [ openssl pcre2 libidn2 libpsl zlib glibc ] [ "wget" ];
+  rsync = pkg "rsync-3.3.0" 600 [ openssl zstd xz zlib glibc ] [ "rsync" ];
+  gnutar = pkg "gnutar-1.35" 900 [ xz bzip2 zstd glibc ] [ "tar" ];
+  tzdata = pkg "tzdata-2024b" 1500 [ ] [ ];
+  icu = pkg "icu4c-74.2" 12000 [ libgcc glibc ] [ ];
+  libuv = pkg "libuv-1.49.2" 400 [ glibc ] [ ];
+  nodejs = pkg "nodejs-22.11.0" 20000 [ icu libuv openssl zlib brotli libgcc glibc ] [ "node" "npm" ];
+  python3 = pkg "python3-3.12.7" 16000 [ openssl zlib bzip2 xz libffi sqlite readline ncurses expat libxcrypt tzdata glibc ] [ "python3" ];
+  python3Packages = rec {
+    idna = pkg "python3.12-idna-3.10" 500 [ python3 ] [ ];
+    certifi = pkg "python3.12-certifi-2024.8.30" 300 [ python3 ] [ ];
+    urllib3 = pkg "python3.12-urllib3-2.2.3" 900 [ python3 ] [ ];
+    charset-normalizer = pkg "python3.12-charset-normalizer-3.4.0" 700 [ python3 ] [ ];
+    requests = pkg "python3.12-requests-2.32.3" 600 [ python3 idna certifi urllib3 charset-normalizer ] [ "requests" ];
+    libyaml = pkg "libyaml-0.2.5" 200 [ glibc ] [ ];
+    pyyaml = pkg "python3.12-pyyaml-6.0.2" 900 [ python3 libyaml ] [ ];
+    six = pkg "python3.12-six-1.16.0" 100 [ python3 ] [ ];
+    python-dateutil = pkg "python3.12-python-dateutil-2.9.0" 800 [ python3 six ] [ ];
+    pip = pkg "python3.12-pip-24.0" 3000 [ python3 ] [ "pip" ];
+  };
   # A wide closure for layering and the benchmark: @BIG_COUNT@ packages of @BIG_MB@ MiB each.
   big = mk "big" ''
     mkdir -p $out

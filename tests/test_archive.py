@@ -84,3 +84,18 @@ def test_memory_stays_bounded_for_big_files(tmp_path):
     tracemalloc.stop()
     assert digests.size > 64 << 20
     assert peak < 16 << 20, f"peak {peak} bytes for a 64 MiB layer"
+
+
+def test_layers_archived_at_once_on_several_threads_are_byte_identical(tree, tmp_path):
+    """Builds archive an image's layers in parallel: the bytes must not depend on the scheduling."""
+    import concurrent.futures
+    big = tmp_path / "nix/store/cccc-big"
+    big.mkdir(parents=True)
+    (big / "data").write_bytes(os.urandom(3 << 20) + b"text " * (1 << 20))
+    paths = [str(tree), str(big)]
+    expected = archive(paths)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: archive(paths), range(8)))
+    assert all(result == expected for result in results)
+    data, digests = expected
+    assert digests.diff_id == "sha256:" + hashlib.sha256(gzip.decompress(data)).hexdigest()

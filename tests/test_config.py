@@ -82,3 +82,16 @@ def test_check_config_prints_the_effective_configuration(tmp_path):
                         NIXERY_GIT_TOKEN="tok3n")
     assert result.returncode == 0, result.stderr
     assert '"kind": "path"' in result.stdout and "tok3n" not in result.stdout
+
+
+def test_gunicorn_sends_blobs_with_sendfile(tmp_path, monkeypatch):
+    """Gunicorn reads any value of its `sendfile` setting, True included, as --no-sendfile;
+    Nixery's options must leave it on (bench/serve.py shows the cost: reads and writes of 8 KiB)."""
+    from gunicorn.config import Config as GunicornConfig
+    from nixery.server import gunicorn_options
+    monkeypatch.delenv("SENDFILE", raising=False)
+    cfg = GunicornConfig()
+    for key, value in gunicorn_options(config.load({"NIXERY_PKGS_PATH": str(tmp_path)})).items():
+        if key in cfg.settings:
+            cfg.set(key, value)
+    assert cfg.sendfile is True

@@ -240,7 +240,7 @@ def test_metrics_after_two_pulls(start_server, fresh_pkgset, tmp_path):
     assert moved(before, after, "nixery_layer_bytes_total", result="reused") == sum(second[d] for d in shared)
     for step in ("evaluate", "build", "layer", "upload"):
         assert moved(before, after, "nixery_build_step_duration_seconds_count", step=step) == 2, step
-    for command in ("nix-instantiate", "nix-build", "nix"):
+    for command in ("nix-instantiate", "nix-store", "nix"):
         assert moved(before, after, "nixery_nix_invocations_total", command=command) == 2, command
     assert moved(before, after, "nixery_http_requests_total", route=MANIFESTS_ROUTE, method="GET", status="200") == 2
     # Routes are labelled by template: image names never become label values.

@@ -27,6 +27,9 @@ from . import cache as binary_cache
 log = logging.getLogger(__name__)
 
 HELPER = Path(str(resources.files(__package__).joinpath("helper.nix")))
+PACKAGES = Path(str(resources.files(__package__).joinpath("packages.nix")))
+# Paths per command line when a list of store paths may be long (ARG_MAX is about 2 MB).
+ARGV_CHUNK = 5000
 KILL_GRACE_SECONDS = 10
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
@@ -60,6 +63,16 @@ class StorePath:
     def name(self) -> str:
         """The name without the hash, as popularity data keys it (`hello-2.12`)."""
         return os.path.basename(self.path).split("-", 1)[-1]
+
+
+class Resolved(dict):
+    """Name -> output path of every name that resolved, carrying what builds them:
+    `derivations` maps each name to "<drv>!<output>", which `nix-store --realise`
+    builds without evaluating the package set a second time."""
+
+    def __init__(self, packages: Mapping[str, str], derivations: Mapping[str, str]):
+        super().__init__(packages)
+        self.derivations = dict(derivations)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,10 +156,13 @@ class Nix:
             return proc.communicate()
 
     def resolve(self, names: Sequence[str], optional: Sequence[str], source: SourceArgs,
-                system: str) -> dict[str, str]:
+                system: str) -> Resolved:
         """Name -> output path for every name that resolved; raises UnknownPackages listing all others,
-        UnsupportedSystem when the set cannot build for `system` at all."""
-        raw = self._run(["nix-instantiate", "--eval", "--strict", "--json", "-A", "resolve",
+        UnsupportedSystem when the set cannot build for `system` at all.
+
+        The image's one evaluation of the package set: read-write mode writes the derivations
+        to the store, and `build` realises them."""
+        raw = self._run(["nix-instantiate", "--eval", "--strict", "--json", "--read-write-mode", "-A", "resolve",
                          *self._helper_args(names, optional, source, system)],
                         f"evaluating {source.description}")
         data = json.loads(raw)
@@ -154,7 +170,7 @@ class Nix:
             raise UnsupportedSystem(data["unsupported"])
         if data["unknown"]:
             raise UnknownPackages(data["unknown"])
-        return data["packages"]
+        return Resolved(data["packages"], data["derivations"])
 
     @contextlib.contextmanager
     def gc_roots(self) -> Iterator[Path]:
@@ -166,20 +182,21 @@ class Nix:
         finally:
             shutil.rmtree(root, ignore_errors=True)
 
-    def closure(self, outputs: Sequence[str]) -> dict[str, StorePath]:
+    def closure(self, outputs: Sequence[str], store: Optional[str] = None) -> dict[str, StorePath]:
+        """The runtime closure of `outputs`, from the local store or from `store` (a binary cache URL)."""
         raw = self._run(["nix", "--extra-experimental-features", "nix-command", "path-info",
-                         "--json", "--recursive", *outputs], "querying the closure")
+                         *(["--store", store] if store else []), "--json", "--recursive", *outputs],
+                        "querying the closure")
         return parse_path_info(raw)
 
     def build(self, names: Sequence[str], optional: Sequence[str], source: SourceArgs,
-              system: str, roots: Path, resolved: Mapping[str, str]) -> Closure:
+              system: str, roots: Path, resolved: Resolved) -> Closure:
         """Builds what `resolve` found (GC roots in `roots`) and returns the runtime closure.
 
-        Resolving is the caller's separate step so that evaluation and building are timed apart."""
+        Resolving is the caller's separate step so that evaluation and building are timed apart;
+        building realises the derivations the resolve instantiated, so nothing is evaluated twice."""
         substitute = binary_cache.substituter_options(self.cache) if self.cache else []
-        self._run(["nix-build", *substitute, "--out-link", str(roots / "out"),
-                   "-A", "contents", *self._helper_args(names, optional, source, system)],
-                  "building")
+        self.realise(sorted(set(resolved.derivations.values())), roots=roots, options=substitute)
         outputs = {n: resolved[n] for n in list(names) + list(optional) if n in resolved}
         paths = sorted(set(outputs.values()))
         closure = Closure(packages=outputs, paths=self.closure(paths))
@@ -195,6 +212,40 @@ class Nix:
             self._run(binary_cache.copy_command(self.cache, outputs), "copying to the binary cache")
         except NixError as e:
             log.warning("binary cache copy failed", extra={"reason": e.reason, "nix_log": e.log})
+
+
+    def list_packages(self, source: SourceArgs, system: str,
+                      attrs: Optional[Sequence[str]] = None) -> dict[str, tuple[str, str]]:
+        """Attribute path -> (output path, "<drv>!<output>") for the set's derivations (`packages.nix`).
+
+        Read-write mode writes the derivations to the store, so that they can be realised."""
+        raw = self._run(["nix-instantiate", "--eval", "--strict", "--json", "--read-write-mode", str(PACKAGES),
+                         "--argstr", "srcType", source.kind, "--argstr", "srcArgs", source.argument,
+                         "--argstr", "system", system,
+                         "--argstr", "attrs", json.dumps(list(attrs) if attrs is not None else None)],
+                        f"listing the packages of {source.description}")
+        return {name: (entry["out"], entry["realise"]) for name, entry in json.loads(raw).items()}
+
+    def realise(self, derivations: Sequence[str], roots: Optional[Path] = None, keep_going: bool = False,
+                options: Sequence[str] = ()) -> None:
+        """Builds "<drv>!<output>"s without evaluating anything again; GC roots in `roots` if given,
+        Nix `options` (the shared binary cache's substituter) added to the command."""
+        flags = ([*options] + (["--keep-going"] if keep_going else [])
+                 + (["--add-root", str(roots / "out")] if roots else []))
+        for i in range(0, len(derivations), ARGV_CHUNK):
+            self._run(["nix-store", "--realise", *flags, *derivations[i:i + ARGV_CHUNK]], "building")
+
+    def invalid(self, paths: Sequence[str], store: Optional[str] = None) -> set[str]:
+        """Which of `paths` are not in the local store, or in `store` if given."""
+        found: set[str] = set()
+        for i in range(0, len(paths), ARGV_CHUNK):
+            raw = self._run(["nix", "--extra-experimental-features", "nix-command", "path-info",
+                             *(["--store", store] if store else []), "--json", *paths[i:i + ARGV_CHUNK]],
+                            "checking store paths")
+            data = json.loads(raw)
+            entries = data.items() if isinstance(data, dict) else ((e["path"], e) for e in data)
+            found.update(path for path, info in entries if info is None or info.get("valid") is False)
+        return found
 
 
 def drop_gc_roots(gcroot_dir: Path, pid: Optional[int] = None) -> None:

@@ -12,7 +12,10 @@
 #   system    the target system, e.g. "x86_64-linux"
 #
 # Attributes:
-#   resolve   data for the service: { unsupported = null or why; unknown = [ names ]; packages = { name = outPath; }; }
+#   resolve   data for the service: { unsupported = null or why; unknown = [ names ];
+#             packages = { name = outPath; }; derivations = { name = "<drv>!<output>"; }; },
+#             evaluated with --read-write-mode so that the service builds the derivations
+#             without evaluating the set again
 #   contents  the resolved derivations, in the order of `packages` then `optional`
 { packages ? "[]", optional ? "[]", srcType ? "path", srcArgs ? "", system ? builtins.currentSystem }:
 let
@@ -46,15 +49,19 @@ let
   toLower = builtins.replaceStrings upper lower;
   startsWithDigit = s: builtins.match "[0-9].*" s != null;
 
+  # Lower-cased attribute name -> the set's names with that spelling. Built once per set and
+  # evaluation (the package set's own index is shared by every name), not one scan per lookup.
+  indexOf = set: builtins.groupBy toLower (builtins.attrNames set);
+
   # The attribute of `set` that `part` names: verbatim, then with nixpkgs'
   # leading underscore for names starting with a digit, then ignoring case
   # (registry names are lower case, nixpkgs' are not). null if none.
-  lookup = set: part:
+  lookup = set: index: part:
     let
       candidates = [ part ] ++ (if startsWithDigit part then [ ("_" + part) ] else [ ]);
       exact = builtins.filter (c: builtins.hasAttr c set) candidates;
-      folded = map toLower candidates;
-      loose = builtins.filter (n: builtins.elem (toLower n) folded) (builtins.attrNames set);
+      loose = builtins.sort builtins.lessThan
+        (builtins.concatLists (map (c: index.${toLower c} or [ ]) candidates));
     in
       if exact != [ ] then set.${builtins.head exact}
       else if loose != [ ] then set.${builtins.head loose}
@@ -64,19 +71,30 @@ let
 
   # Walks a dotted name through nested sets; null when any step is missing.
   find = name:
-    builtins.foldl'
-      (acc: part: if acc != null && isSet acc then lookup acc part else null)
-      pkgs
-      (builtins.filter builtins.isString (builtins.split "\\." name));
+    let
+      step = acc: part:
+        if acc != null && isSet acc.set then
+          let value = lookup acc.set acc.index part;
+          in if value == null then null else { set = value; index = indexOf value; }
+        else null;
+      found = builtins.foldl' step { set = pkgs; index = pkgsIndex; }
+        (builtins.filter builtins.isString (builtins.split "\\." name));
+    in
+      if found == null then null else found.set;
+  pkgsIndex = indexOf pkgs;
 
-  # A name resolves when it reaches a derivation whose paths evaluate
-  # (a package that throws, e.g. marked broken, counts as unknown).
+  # A name resolves when it reaches a derivation whose paths evaluate (a package
+  # that throws, e.g. marked broken, counts as unknown): its output path, and
+  # what `nix-store --realise` builds without evaluating again ("<drv>!<output>").
   resolveOne = name:
     let
       value = find name;
       paths = builtins.tryEval (
         if value != null && (value.type or null) == "derivation"
-        then builtins.deepSeq value.drvPath value.outPath
+        then builtins.deepSeq value.drvPath {
+          out = value.outPath;
+          realise = "${value.drvPath}!${value.outputName or "out"}";
+        }
         else null);
     in
       if paths.success then paths.value else null;
@@ -90,7 +108,8 @@ in
   resolve = if systemError != null then { unsupported = systemError; unknown = [ ]; packages = { }; } else {
     unsupported = null;
     unknown = map (r: r.name) (builtins.filter (r: r.value == null) resolvedRequired);
-    packages = builtins.listToAttrs found;
+    packages = builtins.listToAttrs (map (r: { inherit (r) name; value = r.value.out; }) found);
+    derivations = builtins.listToAttrs (map (r: { inherit (r) name; value = r.value.realise; }) found);
   };
   contents = map (r: find r.name) found;
 }
