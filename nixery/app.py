@@ -9,12 +9,12 @@ import falcon
 from . import popularity, web
 from .api import API_VERSION_HEADER, Registry, VersionCheck
 from .builder import Builder
-from .config import Config
+from .config import Config, SourceKind
 from .errors import RegistryError
 from .metrics import Metrics, MetricsMiddleware, MetricsResource
 from .nix import Nix
 from .recent import BuildRecorder, RecentBuilds
-from .sources import make_source
+from .sources import Source
 from .storage import Backend
 
 log = logging.getLogger(__name__)
@@ -26,6 +26,20 @@ def make_storage(config: Config) -> Backend:
         return GcsBackend(config.gcs)
     from .storage.filesystem import FilesystemBackend
     return FilesystemBackend(config.storage_path)
+
+
+def make_source(config: Config) -> Source:
+    """The configured source; pygit2 is only imported when a git repository is."""
+    if config.source.kind is SourceKind.PATH:
+        from .sources.path import PathSource
+        return PathSource(config.source.argument)
+    if config.source.kind is SourceKind.CHANNEL:
+        from .sources.channel import ChannelSource
+        return ChannelSource(config.source.argument, config.channel_url_template, config.channel_allow)
+    from .sources.git import GitSettings, GitSource
+    return GitSource(GitSettings(url=config.source.argument, ttl=config.git_ttl, ssh_key=config.ssh_key,
+                                 token=config.git_token, mirrors_dir=config.state_dir / "git",
+                                 lock_dir=config.state_dir / "locks"))
 
 
 def _registry_error(req: falcon.Request, resp: falcon.Response, error: RegistryError, params) -> None:

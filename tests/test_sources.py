@@ -27,10 +27,10 @@ import requests
 from pygit2.enums import CredentialType
 
 from conftest import chroot_run, make_package_set, pull_and_unpack
-from nixery.config import Config, PackageSource, SourceKind
 from nixery.errors import RegistryError
-from nixery.git import GitSource, _Credentials
-from nixery.sources import ChannelSource, PathSource
+from nixery.sources.channel import ChannelSource
+from nixery.sources.git import GitSettings, GitSource, _Credentials
+from nixery.sources.path import PathSource
 
 SALT = "sources-test"
 TOKEN = "s3cret-token-never-logged"
@@ -239,7 +239,8 @@ def git_http(repo) -> Iterator[GitHttpServer]:
 
 
 def git_source(url: str, state_dir: Path, token: str | None) -> GitSource:
-    return GitSource(Config(source=PackageSource(SourceKind.GIT, url), state_dir=state_dir, git_token=token))
+    return GitSource(GitSettings(url=url, ttl=60, ssh_key=None, token=token, mirrors_dir=state_dir / "git",
+                                 lock_dir=state_dir / "locks"))
 
 
 def test_https_token_is_offered_and_a_wrong_one_refused(repo, git_http, tmp_path):

@@ -28,11 +28,11 @@ from typing import Iterator, Optional
 import pygit2
 from pygit2.enums import CheckoutStrategy, CredentialType, FetchPrune
 
-from .config import Config, redact_url
-from .errors import RegistryError, build_failed, manifest_unknown
-from .locks import file_lock
-from .nix import SourceArgs
-from .sources import COMMIT_RE, Resolved
+from ..config import redact_url
+from ..errors import RegistryError, build_failed, manifest_unknown
+from ..locks import file_lock
+from ..nix import SourceArgs
+from . import COMMIT_RE, Resolved
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,18 @@ IO_TIMEOUT_MS = 120_000
 MISS_FETCH_FLOOR = 10.0
 SSH_KEY_FILES = ("id_ed25519", "id_ecdsa", "id_rsa")
 TOKEN_USERNAME = "x-access-token"
+
+
+@dataclasses.dataclass(frozen=True)
+class GitSettings:
+    """What a git source needs of the configuration, and where it may keep its mirrors and locks."""
+
+    url: str
+    ttl: int
+    ssh_key: Optional[Path]
+    token: Optional[str] = dataclasses.field(repr=False)
+    mirrors_dir: Path
+    lock_dir: Path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,17 +137,17 @@ def _keypair(user: str, private: Path) -> pygit2.Keypair:
 class GitSource:
     """NIXERY_PKGS_REPO: tags are git references, resolved to commits, which pin the cache."""
 
-    def __init__(self, config: Config):
-        self.url = config.source.argument
+    def __init__(self, settings: GitSettings):
+        self.url = settings.url
         self.name = redact_url(self.url)
-        self.ttl = config.git_ttl
-        self.ssh_key = config.ssh_key
-        self.token = config.git_token
-        root = config.state_dir / "git" / hashlib.sha256(self.name.encode()).hexdigest()[:16]
+        self.ttl = settings.ttl
+        self.ssh_key = settings.ssh_key
+        self.token = settings.token
+        root = settings.mirrors_dir / hashlib.sha256(self.name.encode()).hexdigest()[:16]
         self.mirror = root / "mirror.git"
         self.checkouts = root / "checkouts"
         self.state_file = root / "fetch-state.json"
-        self.lock_dir = config.state_dir / "locks"
+        self.lock_dir = settings.lock_dir
         pygit2.settings.server_connect_timeout = CONNECT_TIMEOUT_MS
         pygit2.settings.server_timeout = IO_TIMEOUT_MS
 
