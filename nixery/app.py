@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import falcon
 
@@ -13,7 +14,7 @@ from .config import Config, SourceKind
 from .errors import RegistryError
 from .metrics import Metrics, MetricsMiddleware, MetricsResource
 from .nix import Nix
-from .recent import BuildRecorder, RecentBuilds
+from .history import BuildHistory, BuildRecorder
 from .sources import Source
 from .storage import Backend
 
@@ -38,8 +39,8 @@ def make_source(config: Config) -> Source:
         return ChannelSource(config.source.argument, config.channel_url_template, config.channel_allow)
     from .sources.git import GitSettings, GitSource
     return GitSource(GitSettings(url=config.source.argument, ttl=config.git_ttl, ssh_key=config.ssh_key,
-                                 token=config.git_token, mirrors_dir=config.state_dir / "git",
-                                 lock_dir=config.state_dir / "locks"))
+                                 token=config.git_token, ssh_dir=config.ssh_dir, ssh_agent=config.ssh_agent,
+                                 mirrors_dir=config.state.git, lock_dir=config.state.locks))
 
 
 def _registry_error(req: falcon.Request, resp: falcon.Response, error: RegistryError, params) -> None:
@@ -71,14 +72,16 @@ class _ApiVersion:
         resp.set_header(*API_VERSION_HEADER)
 
 
-def create_app(config: Config, storage: Backend | None = None) -> falcon.App:
+def create_app(config: Config, storage: Backend | None = None, *,
+               metrics_dir: Path | None = None) -> falcon.App:
+    """The app; `metrics_dir` is given by the server, whose workers sum their metrics there."""
     storage = storage or make_storage(config)
-    metrics = Metrics()
-    recent = RecentBuilds(config.state_dir)
-    nix = Nix(config.nix_timeout, config.gcroot_dir, on_invoke=metrics.count_nix)
+    metrics = Metrics(metrics_dir)
+    history = BuildHistory(config.state)
+    nix = Nix(config.nix_timeout, config.state.gcroots, on_invoke=metrics.count_nix)
     builder = Builder(storage, nix, make_source(config), popularity.load(config.popularity_url),
-                      config.layer_budget, config.state_dir)
-    app = falcon.App(middleware=[_ApiVersion(), MetricsMiddleware(metrics), BuildRecorder(recent)])
+                      config.layer_budget, config.state)
+    app = falcon.App(middleware=[_ApiVersion(), MetricsMiddleware(metrics), BuildRecorder(history)])
     app.req_options.strip_url_path_trailing_slash = True
     app.add_error_handler(Exception, _unexpected_error)
     app.add_error_handler(falcon.HTTPError, _http_error)
@@ -86,5 +89,5 @@ def create_app(config: Config, storage: Backend | None = None) -> falcon.App:
     app.add_route("/v2", VersionCheck())
     app.add_sink(Registry(builder, storage), prefix="/v2/")
     app.add_route("/metrics", MetricsResource(metrics))
-    web.add_routes(app, config, recent)
+    web.add_routes(app, config, history)
     return app

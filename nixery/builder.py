@@ -12,12 +12,12 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import time
-from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
 
 from . import archive, layers, manifest, rootfs
+from .atomic import write_atomic
+from .config import StateLayout
 from .errors import build_failed, manifest_unknown, unavailable
 from .image import OPTIONAL_PACKAGES, Image
 from .locks import file_lock
@@ -29,9 +29,9 @@ log = logging.getLogger(__name__)
 
 # Bump when the bytes a record describes would change (tar layout, compression).
 RECORD_VERSION = "nixery-layer-v1"
-# An unpinned image built this recently is served to requests that queued behind the
-# build (a request may wait in a worker's accept queue before its clock starts).
-RECENT_SECONDS = 10.0
+# An unpinned image built this recently is served (from the build memo) to requests that
+# queued behind the build (a request may wait in a worker's accept queue before its clock starts).
+MEMO_SECONDS = 10.0
 
 
 @dataclasses.dataclass
@@ -71,27 +71,20 @@ class Result:
     stats: BuildStats
 
 
-@dataclasses.dataclass(frozen=True)
-class _LayerRecord:
-    digest: str
-    diff_id: str
-    size: int
-
-
 def _hex(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
 class Builder:
     def __init__(self, storage: Backend, nix: Nix, source: Source, popularity: Mapping[str, int],
-                 budget: int, state_dir: Path):
+                 budget: int, state: StateLayout):
         self.storage = storage
         self.nix = nix
         self.source = source
         self.popularity = popularity
         self.budget = budget
-        self.lock_dir = state_dir / "locks"
-        self.recent_dir = state_dir / "recent"
+        self.lock_dir = state.locks
+        self.memo_dir = state.build_memo
 
     def manifest(self, image: Image) -> Result:
         """The manifest for `image`, built if needed; raises RegistryError for the client."""
@@ -110,8 +103,8 @@ class Builder:
                 # Whoever held the lock may have built this image while we waited.
                 if cache_key and (cached := self._cached(cache_key, stats)):
                     return Result(cached, stats)
-                if not cache_key and (recent := self._recent(flight_key, waited_since, stats)):
-                    return Result(recent, stats)
+                if not cache_key and (memo := self._memo(flight_key, waited_since, stats)):
+                    return Result(memo, stats)
                 document = self._build(image, resolved.args, stats)
                 if cache_key:
                     self.storage.write(f"manifests/{cache_key}", document.data, document.media_type)
@@ -128,10 +121,11 @@ class Builder:
         stats.cached = True
         return manifest.Document(manifest.MANIFEST_MEDIA_TYPE, data)
 
-    def _recent(self, flight_key: str, since: float, stats: BuildStats) -> Optional[manifest.Document]:
-        path = self.recent_dir / flight_key
+    def _memo(self, flight_key: str, since: float, stats: BuildStats) -> Optional[manifest.Document]:
+        """The image built under `flight_key` moments ago (the build memo), if still in storage."""
+        path = self.memo_dir / flight_key
         try:
-            if path.stat().st_mtime < since - RECENT_SECONDS:
+            if path.stat().st_mtime < since - MEMO_SECONDS:
                 return None
             digest = path.read_text().strip()
         except FileNotFoundError:
@@ -143,10 +137,8 @@ class Builder:
         return manifest.Document(manifest.MANIFEST_MEDIA_TYPE, data)
 
     def _remember(self, flight_key: str, document: manifest.Document) -> None:
-        self.recent_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.recent_dir / f".{flight_key}.{os.getpid()}"
-        tmp.write_text(document.digest)
-        os.replace(tmp, self.recent_dir / flight_key)
+        self.memo_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.memo_dir / flight_key, document.digest.encode())
 
     def _timed(self, stats: BuildStats, step: str, fn: Callable[[], object]) -> object:
         start = time.monotonic()
@@ -187,7 +179,7 @@ class Builder:
         return document
 
     def _write_layers(self, closure: Closure, groups: Sequence[layers.Layer],
-                      stats: BuildStats) -> list[_LayerRecord]:
+                      stats: BuildStats) -> list[archive.LayerDigests]:
         records = [self._layer(f"paths\n{chr(10).join(group.paths)}", stats,
                                lambda out, paths=group.paths: archive.write_layer(out, store_paths=paths))
                    for group in groups]
@@ -197,12 +189,12 @@ class Builder:
         return records
 
     def _layer(self, content: str, stats: BuildStats,
-               write: Callable[..., archive.LayerDigests]) -> _LayerRecord:
+               write: Callable[..., archive.LayerDigests]) -> archive.LayerDigests:
         """A layer's record, archiving it only when no valid record exists for the same content."""
         record_key = f"builds/{_hex(RECORD_VERSION + chr(10) + content)}"
         raw = self.storage.read(record_key)
         if raw is not None:
-            record = _LayerRecord(**json.loads(raw))
+            record = archive.LayerDigests(**json.loads(raw))
             if self.storage.stat(blob_key(record.digest)) is not None:
                 stats.layers_reused += 1
                 stats.bytes_reused += record.size
@@ -210,8 +202,7 @@ class Builder:
         with self.storage.upload() as upload:
             digests = write(upload.file)
             upload.commit(blob_key(digests.digest), archive.LAYER_MEDIA_TYPE)
-        record = _LayerRecord(digests.digest, digests.diff_id, digests.size)
-        self.storage.write(record_key, json.dumps(dataclasses.asdict(record)).encode(), "application/json")
+        self.storage.write(record_key, json.dumps(dataclasses.asdict(digests)).encode(), "application/json")
         stats.layers_built += 1
-        stats.bytes_written += record.size
-        return record
+        stats.bytes_written += digests.size
+        return digests

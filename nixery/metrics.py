@@ -1,11 +1,11 @@
 """Prometheus metrics: what the operator of an instance graphs and alerts on.
 
 Gunicorn runs several worker processes, so the values live in
-prometheus_client's multiprocess files (the server points
-PROMETHEUS_MULTIPROC_DIR at a fresh directory before the workers start) and
-`/metrics` adds up every worker's files, including those of workers that
-have since exited. Without that directory (an app made in a test or a
-script) the process's own registry is served instead.
+prometheus_client's multiprocess files (the server makes a fresh directory,
+the state layout's `prometheus`, before the workers start, and hands it to
+each worker's app) and `/metrics` adds up every worker's files, including
+those of workers that have since exited. Without that directory (an app made
+in a test or a script) the process's own registry is served instead.
 
 Requests are labelled with the route's template, never the raw path, so that
 image names cannot grow the number of series without bound.
@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
+from typing import Optional
 
 import falcon
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
@@ -40,7 +42,8 @@ def route_of(req: falcon.Request) -> str:
 class Metrics:
     """Every metric Nixery exports, registered in a registry of its own (so an app can be made twice)."""
 
-    def __init__(self) -> None:
+    def __init__(self, multiprocess_dir: Optional[Path] = None) -> None:
+        self.multiprocess_dir = multiprocess_dir
         self.registry = CollectorRegistry()
         self.requests = Counter("nixery_http_requests", "HTTP requests answered, by route template and status.",
                                 ["route", "method", "status"], registry=self.registry)
@@ -77,10 +80,10 @@ class Metrics:
 
     def exposition(self) -> bytes:
         """The text format, summed over all workers when running under the server."""
-        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # prometheus_client's own switch
+        if self.multiprocess_dir is None:
             return generate_latest(self.registry)
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
+        multiprocess.MultiProcessCollector(registry, path=str(self.multiprocess_dir))
         return generate_latest(registry)
 
 

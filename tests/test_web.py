@@ -28,8 +28,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from nixery import web
 from nixery.builder import BuildStats
-from nixery.config import Config, PackageSource, SourceKind
-from nixery.recent import RecentBuilds, entry
+from nixery.config import StateLayout, load
+from nixery.history import BuildHistory, entry
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -282,7 +282,7 @@ def test_failed_build_in_recent_errors(server):
 
 
 def _record_many(state_dir: str, worker: int, count: int) -> None:
-    store = RecentBuilds(Path(state_dir), builds_kept=1000)
+    store = BuildHistory(StateLayout.under(Path(state_dir)), builds_kept=1000)
     for i in range(count):
         store.record(entry(BuildStats(image=f"w{worker}/n{i}"), time.time()))
 
@@ -290,10 +290,10 @@ def _record_many(state_dir: str, worker: int, count: int) -> None:
 def test_recent_builds_are_shared_and_trimmed(tmp_path):
     with multiprocessing.get_context("fork").Pool(4) as pool:
         pool.starmap(_record_many, [(str(tmp_path), w, 25) for w in range(4)])
-    images = [b["image"] for b in RecentBuilds(tmp_path).builds()]
+    images = [b["image"] for b in BuildHistory(StateLayout.under(tmp_path)).builds()]
     assert len(set(images)) == len(images) == 100, "no process's write was lost"
 
-    store = RecentBuilds(tmp_path / "small", builds_kept=3, errors_kept=2)
+    store = BuildHistory(StateLayout.under(tmp_path / "small"), builds_kept=3, errors_kept=2)
     for i in range(5):
         store.record(entry(BuildStats(image=f"bad{i}", reason=f"why {i}", status=500), time.time()))
         store.record(entry(BuildStats(image=f"good{i}"), time.time()))
@@ -305,18 +305,18 @@ def test_recent_builds_are_shared_and_trimmed(tmp_path):
     ("https://builder:s3cret-token@git.example.org/pkgs.git", "s3cret-token"),
 ])
 def test_page_never_shows_secrets(tmp_path, argument, secret):
-    config = Config(source=PackageSource(SourceKind.GIT, argument), git_token="tok-123456", state_dir=tmp_path)
+    config = load({"HOME": str(tmp_path), "NIXERY_PKGS_REPO": argument, "NIXERY_GIT_TOKEN": "tok-123456"})
     app = falcon.App()
-    web.add_routes(app, config, RecentBuilds(tmp_path))
+    web.add_routes(app, config, BuildHistory(config.state))
     page = falcon.testing.TestClient(app).simulate_get("/").text
     assert "git.example.org/pkgs.git" in page
     assert secret not in page and "tok-123456" not in page
 
 
 def test_page_lists_allowed_channels(tmp_path):
-    config = Config(channel_allow=("nixos-24.05",), state_dir=tmp_path)
+    config = load({"HOME": str(tmp_path), "NIXERY_CHANNEL_ALLOW": "nixos-24.05"})
     app = falcon.App()
-    web.add_routes(app, config, RecentBuilds(tmp_path))
+    web.add_routes(app, config, BuildHistory(config.state))
     page = falcon.testing.TestClient(app).simulate_get("/").text
     assert "the nixpkgs channel <code>nixos-unstable</code>" in page
     assert "Tags may also name the channels <code>nixos-24.05</code>." in page

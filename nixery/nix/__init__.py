@@ -51,11 +51,6 @@ class StorePath:
     references: tuple[str, ...]
     nar_size: int
 
-    @property
-    def name(self) -> str:
-        """The name without the hash, as popularity data keys it (`hello-2.12`)."""
-        return os.path.basename(self.path).split("-", 1)[-1]
-
 
 @dataclasses.dataclass(frozen=True)
 class Closure:
