@@ -7,11 +7,10 @@ from pathlib import Path
 
 import falcon
 
-from . import popularity, web
+from . import error_handlers, popularity, web
 from .api import API_VERSION_HEADER, Registry, VersionCheck
 from .builder import Builder
 from .config import Config, SourceKind
-from .errors import RegistryError
 from .metrics import Metrics, MetricsMiddleware, MetricsResource
 from .nix import Nix
 from .history import BuildHistory, BuildRecorder
@@ -43,30 +42,6 @@ def make_source(config: Config) -> Source:
                                  mirrors_dir=config.state.git, lock_dir=config.state.locks))
 
 
-def _registry_error(req: falcon.Request, resp: falcon.Response, error: RegistryError, params) -> None:
-    resp.status = falcon.code_to_http_status(error.status)
-    resp.content_type = "application/json"
-    resp.set_headers(error.headers)
-    resp.data = error.body()
-
-
-def _http_error(req: falcon.Request, resp: falcon.Response, error: falcon.HTTPError, params) -> None:
-    """Falcon's own errors (a method a route lacks, a malformed header) in the registry's
-    JSON shape under /v2/, as plain text elsewhere."""
-    if not req.path.startswith("/v2"):
-        resp.status = error.status
-        resp.content_type = "text/plain"
-        resp.text = error.title or "error"
-        return
-    code = {404: "NOT_FOUND", 405: "UNSUPPORTED"}.get(error.status_code, "UNKNOWN")
-    _registry_error(req, resp, RegistryError(error.status_code, code, error.title or "error"), params)
-
-
-def _unexpected_error(req: falcon.Request, resp: falcon.Response, error: Exception, params) -> None:
-    log.exception("unhandled error", extra={"path": req.path})
-    _registry_error(req, resp, RegistryError(500, "UNKNOWN", f"internal error: {type(error).__name__}"), params)
-
-
 class _ApiVersion:
     def process_response(self, req: falcon.Request, resp: falcon.Response, resource, req_succeeded) -> None:
         resp.set_header(*API_VERSION_HEADER)
@@ -83,9 +58,7 @@ def create_app(config: Config, storage: Backend | None = None, *,
                       config.layer_budget, config.state)
     app = falcon.App(middleware=[_ApiVersion(), MetricsMiddleware(metrics), BuildRecorder(history)])
     app.req_options.strip_url_path_trailing_slash = True
-    app.add_error_handler(Exception, _unexpected_error)
-    app.add_error_handler(falcon.HTTPError, _http_error)
-    app.add_error_handler(RegistryError, _registry_error)
+    error_handlers.register(app)
     app.add_route("/v2", VersionCheck())
     app.add_sink(Registry(builder, storage), prefix="/v2/")
     app.add_route("/metrics", MetricsResource(metrics))

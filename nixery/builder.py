@@ -18,12 +18,11 @@ from typing import Callable, Mapping, Optional, Sequence
 from . import archive, layers, manifest, rootfs
 from .atomic import write_atomic
 from .config import StateLayout
-from .errors import build_failed, manifest_unknown, unavailable
 from .image import OPTIONAL_PACKAGES, Image
 from .locks import file_lock
-from .nix import Closure, Nix, NixError, UnknownPackages
+from .nix import Closure, Nix, NixError
 from .sources import Source
-from .storage import Backend, StorageError, blob_key
+from .storage import Backend, blob_key
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +70,17 @@ class Result:
     stats: BuildStats
 
 
+def in_media_type(storage: Backend, document: manifest.Document, media_type: str) -> manifest.Document:
+    """A stored Docker manifest in the form a client takes. The OCI form is stored too, so
+    that the client can fetch it again by the digest it was given."""
+    if media_type != manifest.OCI_MANIFEST_MEDIA_TYPE:
+        return document
+    oci = manifest.as_oci(document)
+    if storage.stat(blob_key(oci.digest)) is None:
+        storage.write(blob_key(oci.digest), oci.data, oci.media_type)
+    return oci
+
+
 def _hex(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -86,8 +96,15 @@ class Builder:
         self.lock_dir = state.locks
         self.memo_dir = state.build_memo
 
-    def manifest(self, image: Image) -> Result:
-        """The manifest for `image`, built if needed; raises RegistryError for the client."""
+    def manifest(self, image: Image, media_type: str = manifest.MANIFEST_MEDIA_TYPE) -> Result:
+        """The manifest for `image` as `media_type` (Docker schema 2 or its OCI form), built if needed.
+
+        Raises what the steps raise (RegistryError, StorageError, NixError, UnknownPackages);
+        the app's error handlers tell the client."""
+        result = self._docker_manifest(image)
+        return Result(in_media_type(self.storage, result.manifest, media_type), result.stats)
+
+    def _docker_manifest(self, image: Image) -> Result:
         stats = BuildStats(image=image.name, tag=image.tag)
         resolved = self.source.resolve(image.tag)
         # Once the revision is fixed the tag no longer matters: `latest` and `release-v2` resolving
@@ -95,24 +112,21 @@ class Builder:
         cache_key = _hex(f"{RECORD_VERSION}|{resolved.cache_key}|{image.arch.nix_system}|"
                          f"{','.join(image.packages)}") if resolved.cache_key else None
         flight_key = cache_key or _hex(f"{resolved.args.kind}|{resolved.args.argument}|{image.key}")
-        try:
+        if cache_key and (cached := self._cached(cache_key, stats)):
+            return Result(cached, stats)
+        waited_since = time.time()
+        with file_lock(self.lock_dir, flight_key):
+            # Whoever held the lock may have built this image while we waited.
             if cache_key and (cached := self._cached(cache_key, stats)):
                 return Result(cached, stats)
-            waited_since = time.time()
-            with file_lock(self.lock_dir, flight_key):
-                # Whoever held the lock may have built this image while we waited.
-                if cache_key and (cached := self._cached(cache_key, stats)):
-                    return Result(cached, stats)
-                if not cache_key and (memo := self._memo(flight_key, waited_since, stats)):
-                    return Result(memo, stats)
-                document = self._build(image, resolved.args, stats)
-                if cache_key:
-                    self.storage.write(f"manifests/{cache_key}", document.data, document.media_type)
-                else:
-                    self._remember(flight_key, document)
-                return Result(document, stats)
-        except StorageError as e:
-            raise unavailable(f"storage failed: {e}") from None
+            if not cache_key and (memo := self._memo(flight_key, waited_since, stats)):
+                return Result(memo, stats)
+            document = self._build(image, resolved.args, stats)
+            if cache_key:
+                self.storage.write(f"manifests/{cache_key}", document.data, document.media_type)
+            else:
+                self._remember(flight_key, document)
+            return Result(document, stats)
 
     def _cached(self, cache_key: str, stats: BuildStats) -> Optional[manifest.Document]:
         data = self.storage.read(f"manifests/{cache_key}")
@@ -159,12 +173,10 @@ class Builder:
                 groups = self._timed(stats, "layer", lambda: layers.group(
                     closure.paths, list(closure.packages.values()), self.popularity, self.budget))
                 descriptors = self._timed(stats, "upload", lambda: self._write_layers(closure, groups, stats))
-        except UnknownPackages as e:
-            raise manifest_unknown(f"unknown packages: {', '.join(e.names)}",
-                                   {"unknown": list(e.names)}) from None
         except NixError as e:
+            # The whole log goes to the server's log only; the client gets `e.reason`.
             log.error("nix failed", extra={"image": image.name, "reason": e.reason, "nix_log": e.log})
-            raise build_failed(e.reason) from None
+            raise
         env = [f"PATH={manifest.DEFAULT_PATH}"]
         if "cacert" in closure.packages:
             env.append(f"SSL_CERT_FILE={rootfs.CACERT_BUNDLE}")

@@ -14,7 +14,6 @@ image names cannot grow the number of series without bound.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Optional
 
@@ -24,19 +23,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from .builder import BuildStats
 
 BUILD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
-_REGISTRY_PATH = re.compile(r"^/v2/.+/(?P<kind>manifests|blobs)/[^/]+$")
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 def route_of(req: falcon.Request) -> str:
-    """A bounded label for the request's route: the URI template, or the registry path's shape."""
-    if req.uri_template:
-        return req.uri_template
-    match = _REGISTRY_PATH.match(req.path)
-    if match:
-        kind = match.group("kind")
-        return f"/v2/{{name}}/{kind}/{{{'reference' if kind == 'manifests' else 'digest'}}}"
-    return "/v2/{other}" if req.path.startswith("/v2/") else "{unmatched}"
+    """A bounded label for the request's route: the URI template, or the one the registry's
+    sink matched (it leaves it in `req.context.route`)."""
+    return req.uri_template or req.context.get("route") or "{unmatched}"
 
 
 class Metrics:
