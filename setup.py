@@ -1,5 +1,7 @@
 from setuptools import find_packages, setup
 
+GCS = ["google-cloud-storage>=2.10", "google-auth>=2.20"]
+
 setup(
     name="nixery",
     version="0.1.0",
@@ -12,17 +14,19 @@ setup(
     package_dir={"nixery.static": "static"},
     package_data={"nixery.nix": ["*.nix"], "nixery.static": ["*"]},
     include_package_data=True,
+    # The one list of Python dependencies (the Nix package installs the same, with GCS).
     install_requires=[
         "falcon>=3.1",
         "gunicorn>=21",
-        "google-cloud-storage>=2.10",
-        "google-auth>=2.20",
         "pygit2>=1.12",
         "networkx>=3.0",
         "isal>=1.5",
         "prometheus-client>=0.17",
     ],
-    extras_require={"test": ["pytest>=7", "requests>=2.28", "gcp-storage-emulator", "cryptography",
-                             "websocket-client"]},
+    extras_require={
+        # The GCS backend (BUCKET / GCS_BUCKET): without it, a bucket is a start-up error naming the variable.
+        "gcs": GCS,
+        "test": [*GCS, "pytest>=7", "requests>=2.28", "gcp-storage-emulator", "cryptography", "websocket-client"],
+    },
     entry_points={"console_scripts": ["nixery = nixery.__main__:main"]},
 )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import importlib.util
 import os
 import re
 from pathlib import Path
@@ -228,6 +229,10 @@ def _gcs(env: Mapping[str, str]) -> Optional[GcsConfig]:
         return None
     if not re.fullmatch(r"[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]", bucket):
         raise ConfigError(f"GCS_BUCKET={bucket!r} is not a valid bucket name")
+    if not _gcs_installed():
+        variable = "GCS_BUCKET" if env.get("GCS_BUCKET") else "BUCKET"
+        raise ConfigError(f"{variable}={bucket!r} needs Nixery's GCS support, which is not installed: "
+                          "pip install 'nixery[gcs]'")
     key = env.get("GCS_SIGNING_KEY")
     account = env.get("GCS_SIGNING_ACCOUNT")
     if bool(key) != bool(account):
@@ -237,6 +242,14 @@ def _gcs(env: Mapping[str, str]) -> Optional[GcsConfig]:
     return GcsConfig(bucket=bucket, signing_key=Path(key) if key else None,
                      signing_account=account or None,
                      signed_url_ttl=_int(env, "GCS_SIGNED_URL_TTL", 1, 7 * 24 * 3600))
+
+
+def _gcs_installed() -> bool:
+    """Whether the `gcs` extra's client library is importable (found, not imported: it is slow)."""
+    try:
+        return importlib.util.find_spec("google.cloud.storage") is not None
+    except ModuleNotFoundError:  # not even the `google` namespace
+        return False
 
 
 def _checked(env: Mapping[str, str], name: str, allowed: tuple[str, ...],
