@@ -1,7 +1,5 @@
 from setuptools import find_packages, setup
 
-GCS = ["google-cloud-storage>=2.10", "google-auth>=2.20"]
-
 setup(
     name="nixery",
     version="0.1.0",
@@ -25,8 +23,10 @@ setup(
     ],
     extras_require={
         # The GCS backend (BUCKET / GCS_BUCKET): without it, a bucket is a start-up error naming the variable.
-        "gcs": GCS,
-        "test": [*GCS, "pytest>=7", "requests>=2.28", "gcp-storage-emulator", "cryptography", "websocket-client"],
+        # Literal lists (tests read this file with ast.literal_eval); the tests need the GCS extra too.
+        "gcs": ["google-cloud-storage>=2.10", "google-auth>=2.20"],
+        "test": ["google-cloud-storage>=2.10", "google-auth>=2.20", "pytest>=7", "requests>=2.28",
+                 "gcp-storage-emulator", "cryptography", "websocket-client"],
     },
     entry_points={"console_scripts": ["nixery = nixery.__main__:main"]},
 )
