@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Mapping, Optional, Sequence
 
 from ..config import redact_url
+from ..layers import StorePath
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +44,6 @@ class UnknownPackages(Exception):
     def __init__(self, names: Sequence[str]):
         super().__init__(", ".join(names))
         self.names = tuple(names)
-
-
-@dataclasses.dataclass(frozen=True)
-class StorePath:
-    path: str
-    references: tuple[str, ...]
-    nar_size: int
 
 
 @dataclasses.dataclass(frozen=True)
