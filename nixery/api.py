@@ -17,7 +17,7 @@ import time
 import falcon
 
 from . import image
-from .builder import Builder, BuildStats
+from .builder import BuildStats, ManifestBuilder
 from .error_handlers import as_registry_error
 from .errors import RegistryError, blob_unknown, manifest_unknown
 from .manifest import MANIFEST_MEDIA_TYPE, OCI_MANIFEST_MEDIA_TYPE, Document
@@ -65,7 +65,7 @@ class VersionCheck:
 class Registry:
     """The sink for everything below `/v2/`."""
 
-    def __init__(self, builder: Builder, storage: Backend):
+    def __init__(self, builder: ManifestBuilder, storage: Backend):
         self.builder = builder
         self.storage = storage
 

@@ -9,7 +9,7 @@ import falcon
 
 from . import error_handlers, popularity, web
 from .api import API_VERSION_HEADER, Registry, VersionCheck
-from .builder import Builder
+from .builder import Builder, ManifestBuilder
 from .config import Config, SourceKind
 from .metrics import Metrics, MetricsMiddleware, MetricsResource
 from .nix import Nix
@@ -47,15 +47,17 @@ class _ApiVersion:
         resp.set_header(*API_VERSION_HEADER)
 
 
-def create_app(config: Config, storage: Backend | None = None, *,
+def create_app(config: Config, storage: Backend | None = None, *, builder: ManifestBuilder | None = None,
                metrics_dir: Path | None = None) -> falcon.App:
-    """The app; `metrics_dir` is given by the server, whose workers sum their metrics there."""
+    """The app. `metrics_dir` is given by the server, whose workers sum their metrics there;
+    `builder` by the fast tests, whose stand-in runs no Nix."""
     storage = storage or make_storage(config)
     metrics = Metrics(metrics_dir)
     history = BuildHistory(config.state)
-    nix = Nix(config.nix_timeout, config.state.gcroots, on_invoke=metrics.count_nix)
-    builder = Builder(storage, nix, make_source(config), popularity.load(config.popularity_url),
-                      config.layer_budget, config.state)
+    if builder is None:
+        nix = Nix(config.nix_timeout, config.state.gcroots, on_invoke=metrics.count_nix)
+        builder = Builder(storage, nix, make_source(config), popularity.load(config.popularity_url),
+                          config.layer_budget, config.state)
     app = falcon.App(middleware=[_ApiVersion(), MetricsMiddleware(metrics), BuildRecorder(history)])
     app.req_options.strip_url_path_trailing_slash = True
     error_handlers.register(app)

@@ -13,7 +13,7 @@ import hashlib
 import json
 import logging
 import time
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Protocol, Sequence
 
 from . import archive, layers, manifest, rootfs
 from .atomic import write_atomic
@@ -68,6 +68,13 @@ class BuildStats:
 class Result:
     manifest: manifest.Document
     stats: BuildStats
+
+
+class ManifestBuilder(Protocol):
+    """What the HTTP layer asks of a builder (`Builder`; the fast tests' stand-in has no Nix)."""
+
+    def manifest(self, image: Image, media_type: str = manifest.MANIFEST_MEDIA_TYPE) -> Result:
+        """The stored manifest for `image` as `media_type`, or an exception the error handlers know."""
 
 
 def in_media_type(storage: Backend, document: manifest.Document, media_type: str) -> manifest.Document:

@@ -93,7 +93,11 @@ class NixeryServer(BaseApplication):
                 self.cfg.set(key, value)
 
     def load(self) -> Any:
-        return self.app_factory(self.config, metrics_dir=self.config.state.prometheus)
+        """Runs in each worker once its signal handlers are set: from "worker ready" on, it serves
+        and stops cleanly on SIGTERM (scripts and tests wait for one line per worker)."""
+        app = self.app_factory(self.config, metrics_dir=self.config.state.prometheus)
+        log.info("worker ready", extra={"pid": os.getpid()})
+        return app
 
 
 def run(config: Config, app_factory: Callable[..., Any]) -> None:

@@ -26,7 +26,8 @@ import pytest
 import requests
 from pygit2.enums import CredentialType
 
-from conftest import chroot_run, make_package_set, pull_and_unpack
+from pkgset import make_package_set
+from support import chroot_run, pull_and_unpack
 from nixery.config import StateLayout
 from nixery.errors import RegistryError
 from nixery.sources.channel import ChannelSource
@@ -148,7 +149,7 @@ def test_pinned_image_is_served_again_without_nix(start_server, repo, nix_counte
 
 
 def test_new_commit_on_default_branch_is_served_after_the_ttl(start_server, repo, tmp_path):
-    ttl = 4
+    ttl = 3
     moving = repo.clone(tmp_path)
     server = start_server({"NIXERY_PKGS_REPO": moving.url, "NIXERY_GIT_TTL": str(ttl)})
     assert manifest(server, "threeonly", "latest").status_code == 200
