@@ -39,8 +39,10 @@ def start_server(tmp_path) -> Iterator:
         return server.start()
 
     yield start
+    for server in servers:  # all at once: each takes a moment to stop
+        server.terminate()
     for server in servers:
-        server.stop()
+        server.wait()
 
 
 @pytest.fixture

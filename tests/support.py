@@ -12,6 +12,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -83,14 +84,22 @@ class Server:
             time.sleep(0.05)
         raise RuntimeError(f"nixery did not start:\n{self.log()}")
 
-    def stop(self) -> None:
+    def terminate(self) -> None:
+        """Asks the server to stop (SIGTERM to Gunicorn and its workers); `wait` for it after."""
         if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, 15)
+            os.killpg(self.proc.pid, signal.SIGTERM)
+
+    def wait(self) -> None:
+        if self.proc and self.proc.poll() is None:
             try:
                 self.proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, 9)
+                os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+
+    def stop(self) -> None:
+        self.terminate()
+        self.wait()
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

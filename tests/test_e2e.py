@@ -130,9 +130,11 @@ def test_nix_timeout_is_a_500_and_kills_the_build(start_server, tmp_path):
     assert response.status_code == 500
     [error] = errors_of(response)
     assert error["code"] == "UNKNOWN" and "timed out after 3s" in error["message"]
-    time.sleep(1)
+    deadline = time.monotonic() + 1  # a second for the killed processes to be gone
     for pattern in (str(slow), "sleep 117"):  # nix-build, and the builder in its own session
-        leftovers = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
+        while (leftovers := subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()) \
+                and time.monotonic() < deadline:
+            time.sleep(0.1)
         assert leftovers == [], f"{pattern} survived the timeout"
     # The server is still there for the next request.
     assert requests.get(f"{server.url}/v2/", timeout=10).status_code == 200
