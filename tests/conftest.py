@@ -50,10 +50,10 @@ def nix_counter(tmp_path) -> Iterator[NixCounter]:
     yield NixCounter(tmp_path / "nix-counter")
 
 
-@pytest.fixture(scope="module")
-def module_server(tmp_path_factory, pkgset) -> Iterator[Server]:
-    """One server over the shared package set for all the tests of a module that only read
-    from it (they may build, but none depends on what another built or did not)."""
-    server = Server(tmp_path_factory.mktemp("module-server"), {"NIXERY_PKGS_PATH": str(pkgset)}).start()
+@pytest.fixture(scope="session")
+def shared_server(tmp_path_factory, pkgset) -> Iterator[Server]:
+    """One server over the shared package set for every test that only reads from it (they
+    may build, but none depends on what another built or did not, nor on counts it did not take)."""
+    server = Server(tmp_path_factory.mktemp("shared-server"), {"NIXERY_PKGS_PATH": str(pkgset)}).start()
     yield server
     server.stop()

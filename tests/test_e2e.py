@@ -18,9 +18,9 @@ MANIFEST_V2 = "application/vnd.docker.distribution.manifest.v2+json"
 
 
 @pytest.fixture
-def server(module_server):
-    """These tests only read: they share one server (and what it built)."""
-    return module_server
+def server(shared_server):
+    """These tests only read: they share one server (and what it built) with test_web.py."""
+    return shared_server
 
 
 def test_shell_image_runs_in_a_chroot(server, tmp_path):

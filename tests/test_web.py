@@ -41,9 +41,10 @@ MANIFESTS_ROUTE = "/v2/{name}/manifests/{reference}"
 
 
 @pytest.fixture
-def server(module_server):
-    """These tests only read (the metrics they check are counted before and after)."""
-    return module_server
+def server(shared_server):
+    """These tests only read (the metrics they check are counted before and after): they share
+    one server with test_e2e.py."""
+    return shared_server
 
 
 class Browser:
