@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import uuid
+import warnings
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -28,7 +29,7 @@ def fresh_pkgset(tmp_path) -> Path:
 
 @pytest.fixture
 def start_server(tmp_path) -> Iterator:
-    """Factory: start_server(env={...}, workdir=None) -> a running Server; all are stopped after the test."""
+    """Factory: start_server(env={...}, workdir=None) -> a running Server; all are told to stop after the test."""
     servers: list[Server] = []
 
     def start(env: dict[str, str], workdir: Optional[Path] = None) -> Server:
@@ -39,10 +40,22 @@ def start_server(tmp_path) -> Iterator:
         return server.start()
 
     yield start
-    for server in servers:  # all at once: each takes a moment to stop
-        server.terminate()
     for server in servers:
-        server.wait()
+        server.terminate()
+    _stopping.extend(servers)
+
+
+# Servers told to stop at the end of their test, reaped at the end of the session: Gunicorn
+# takes up to a second to stop, and no test needs to wait for the one before it to be gone.
+_stopping: list[Server] = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _reap_servers() -> Iterator[None]:
+    yield
+    for server in _stopping:
+        if not server.wait():
+            warnings.warn(f"nixery in {server.workdir} ignored SIGTERM for 20 s and was killed")
 
 
 @pytest.fixture

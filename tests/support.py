@@ -89,13 +89,16 @@ class Server:
         if self.proc and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
 
-    def wait(self) -> None:
+    def wait(self) -> bool:
+        """Waits for the server to exit; False if it ignored SIGTERM for 20 s and had to be killed."""
         if self.proc and self.proc.poll() is None:
             try:
                 self.proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+                return False
+        return True
 
     def stop(self) -> None:
         self.terminate()
