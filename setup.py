@@ -12,11 +12,10 @@ setup(
     package_dir={"nixery.static": "static"},
     package_data={"nixery.nix": ["*.nix"], "nixery.static": ["*"]},
     include_package_data=True,
+    # The one list of Python dependencies (the Nix package installs the same, with GCS).
     install_requires=[
         "falcon>=3.1",
         "gunicorn>=21",
-        "google-cloud-storage>=2.10",
-        "google-auth>=2.20",
         "pygit2>=1.12",
         "networkx>=3.0",
         "isal>=1.6",  # igzip_threaded leaves the stream it writes to open (1.6)
@@ -25,7 +24,12 @@ setup(
         "PyJWT[crypto]>=2.8",
         "cryptography>=41",
     ],
-    extras_require={"test": ["pytest>=7", "requests>=2.28", "gcp-storage-emulator", "websocket-client",
-                             "pyyaml"]},
+    extras_require={
+        # The GCS backend (BUCKET / GCS_BUCKET): without it, a bucket is a start-up error naming the variable.
+        # Literal lists (tests read this file with ast.literal_eval); the tests need the GCS extra too.
+        "gcs": ["google-cloud-storage>=2.10", "google-auth>=2.20"],
+        "test": ["google-cloud-storage>=2.10", "google-auth>=2.20", "pytest>=7", "requests>=2.28",
+                 "gcp-storage-emulator", "websocket-client", "pyyaml"],
+    },
     entry_points={"console_scripts": ["nixery = nixery.__main__:main"]},
 )

@@ -42,9 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from . import logs, preflight
     logs.setup(config.log_level)
-    from .app import create_app, make_storage
+    from .app import create_app, make_source, make_storage
     from .popularity import PopularityError
-    from .sources import make_source
     from .storage import StorageError
     try:
         storage = make_storage(config)

@@ -1,8 +1,11 @@
 """The registry's HTTP resources (distribution spec, pull side only).
 
-Thin by design: parse and validate the request, call the builder or the
-storage, set headers. Repository names contain slashes, so everything below
-`/v2/` goes through one sink that matches the spec's path shapes.
+Thin by design: parse and validate the request (with Falcon's own helpers for
+ranges, negotiation and headers), call the builder or the storage, write the
+response. Errors are raised and rendered by `error_handlers`. Repository names
+contain slashes, so everything below `/v2/` goes through one sink that matches
+the spec's path shapes; it leaves the route it matched in `req.context.route`
+for the metrics.
 """
 
 from __future__ import annotations
@@ -10,23 +13,22 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
-from typing import Optional
 
 import falcon
 
 from . import image
-from .builder import Builder, BuildStats
+from .builder import BuildStats, ManifestBuilder
+from .error_handlers import as_registry_error
 from .errors import RegistryError, blob_unknown, manifest_unknown
-from .manifest import MANIFEST_MEDIA_TYPE, OCI_MANIFEST_MEDIA_TYPE, Document, as_oci
-from .storage import Backend, LocalFile, Redirect, StorageError, blob_key
+from .manifest import MANIFEST_MEDIA_TYPE, OCI_MANIFEST_MEDIA_TYPE, Document
+from .storage import Backend, LocalFile, Redirect, blob_key
 
 API_VERSION_HEADER = ("Docker-Distribution-API-Version", "registry/2.0")
 _PATH_RE = re.compile(r"^/v2/(?P<name>.+)/(?P<kind>manifests|blobs)/(?P<reference>[^/]+)$")
 _PUSH_RE = re.compile(r"^/v2/.+/(blobs/uploads(/.*)?|manifests/[^/]+|blobs/[^/]+)$")
-# At most 19 digits: any larger number is beyond every blob (and int() refuses huge ones).
-_RANGE_RE = re.compile(r"^bytes=(\d{0,19})-(\d{0,19})$")
-# Nixery builds Docker schema 2 manifests, and gives the OCI form to clients that take only that.
-_DOCKER_ACCEPTS = (MANIFEST_MEDIA_TYPE, "*/*", "application/*")
+# The metrics' label for each kind of path below /v2/ (a template: names never become labels).
+ROUTES = {"manifests": "/v2/{name}/manifests/{reference}", "blobs": "/v2/{name}/blobs/{digest}"}
+OTHER_ROUTE = "/v2/{other}"
 MANIFEST_MEDIA_TYPES = (MANIFEST_MEDIA_TYPE, OCI_MANIFEST_MEDIA_TYPE)
 READ_METHODS = ("GET", "HEAD")
 
@@ -69,12 +71,13 @@ class VersionCheck:
 class Registry:
     """The sink for everything below `/v2/`."""
 
-    def __init__(self, builder: Builder, storage: Backend):
+    def __init__(self, builder: ManifestBuilder, storage: Backend):
         self.builder = builder
         self.storage = storage
 
     def __call__(self, req: falcon.Request, resp: falcon.Response, **_: str) -> None:
         match = _PATH_RE.match(req.path)
+        req.context.route = ROUTES[match.group("kind")] if match else OTHER_ROUTE
         if req.method not in READ_METHODS:
             if _PUSH_RE.match(req.path):
                 raise RegistryError(405, "UNSUPPORTED", "this registry is read-only: it builds images, "
@@ -84,35 +87,26 @@ class Registry:
             raise RegistryError(404, "NOT_FOUND", "no such endpoint", {"path": req.path})
         name, kind, reference = match.group("name", "kind", "reference")
         image.validate_name(name)
-        try:
-            if kind == "blobs":
-                self.blob(req, resp, reference)
-            else:
-                if ":" in reference:
-                    self.manifest_by_digest(req, resp, reference)
-                else:
-                    self.manifest_by_tag(req, resp, name, reference)
-        except StorageError as e:
-            raise RegistryError(503, "UNAVAILABLE", f"storage failed: {e}") from None
+        if kind == "blobs":
+            self.blob(req, resp, reference)
+        elif ":" in reference:
+            self.manifest_by_digest(req, resp, reference)
+        else:
+            self.manifest_by_tag(req, resp, name, reference)
 
     def manifest_by_tag(self, req: falcon.Request, resp: falcon.Response, name: str, tag: str) -> None:
         media_type = _negotiate(req)
-        # req.context.build is what the metrics and the recent-builds page learn of this request.
+        # req.context.build is what the metrics and the build history learn of this request.
         started = time.monotonic()
         try:
-            result = self.builder.manifest(image.parse(name, tag), req.context.get("authorise_build"))
+            result = self.builder.manifest(image.parse(name, tag), media_type,
+                                           authorise_build=req.context.get("authorise_build"))
         except Exception as e:
             req.context.build = _failed_build(name, tag, e, time.monotonic() - started)
             raise
         req.context.build = dataclasses.replace(result.stats, tag=tag,
                                                 duration=round(time.monotonic() - started, 3))
-        document = result.manifest
-        if media_type == OCI_MANIFEST_MEDIA_TYPE:
-            document = as_oci(document)
-            # Stored too, so that the client can fetch it again by the digest it was given.
-            if self.storage.stat(blob_key(document.digest)) is None:
-                self.storage.write(blob_key(document.digest), document.data, document.media_type)
-        self._manifest(req, resp, document)
+        self._manifest(req, resp, result.manifest)
 
     def manifest_by_digest(self, req: falcon.Request, resp: falcon.Response, digest: str) -> None:
         # Layers and configs share the content store: only a manifest is served as one
@@ -127,7 +121,7 @@ class Registry:
     def _manifest(req: falcon.Request, resp: falcon.Response, document: Document) -> None:
         resp.content_type = document.media_type
         resp.set_header("Docker-Content-Digest", document.digest)
-        resp.set_header("ETag", f'"{document.digest}"')
+        resp.etag = document.digest
         resp.content_length = len(document.data)
         if req.method == "GET":
             resp.data = document.data
@@ -140,19 +134,19 @@ class Registry:
             raise blob_unknown(digest)
         size = location.info.size
         redirect = isinstance(location, Redirect) and req.method == "GET"
-        start, end = (0, size) if redirect else _byte_range(req.get_header("Range"), size)
+        start, end = (0, size) if redirect else _byte_range(req, size)
         resp.content_type = location.info.media_type
         resp.set_header("Docker-Content-Digest", digest)
-        resp.set_header("ETag", f'"{digest}"')
+        resp.etag = digest
         if redirect:
             resp.status = falcon.HTTP_307
             resp.location = location.url
             return
-        resp.set_header("Accept-Ranges", "bytes")
+        resp.accept_ranges = "bytes"
         resp.content_length = end - start
         if start or end != size:
             resp.status = falcon.HTTP_206
-            resp.set_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
+            resp.content_range = (start, end - 1, size)
         if req.method == "HEAD":
             return
         assert isinstance(location, LocalFile)
@@ -165,27 +159,27 @@ class Registry:
 
 
 def _failed_build(name: str, tag: str, error: Exception, duration: float) -> BuildStats:
-    """A failed manifest request, with the reason its client was given (the error handlers' wording)."""
-    if isinstance(error, RegistryError):
-        reason, status = error.message, error.status
-    else:
-        reason, status = f"internal error: {type(error).__name__}", 500
-    return BuildStats(image=name, tag=tag, duration=round(duration, 3), reason=reason, status=status)
+    """A failed manifest request, with the reason its client is given (the error handlers' wording)."""
+    told = as_registry_error(error)
+    return BuildStats(image=name, tag=tag, duration=round(duration, 3), reason=told.message, status=told.status)
 
 
-def _byte_range(header: Optional[str], size: int) -> tuple[int, int]:
-    """[start, end) for a single-range `Range` header; the whole blob when absent."""
-    if not header:
+def _byte_range(req: falcon.Request, size: int) -> tuple[int, int]:
+    """[start, end) for a single-range `Range` header (Falcon parses it); the whole blob when absent."""
+    header = req.get_header("Range", default="")
+    try:
+        requested = req.range
+    except falcon.HTTPInvalidHeader:
+        raise _unsatisfiable(header, size) from None
+    if requested is None:
         return 0, size
-    match = _RANGE_RE.match(header.strip())
-    if not match or match.groups() == ("", ""):
+    if req.range_unit != "bytes":
         raise _unsatisfiable(header, size)
-    first, last = match.groups()
-    if first == "":
-        start, end = max(0, size - int(last)), size
+    first, last = requested
+    if first < 0:  # a suffix: the last -first bytes
+        start, end = max(0, size + first), size
     else:
-        start = int(first)
-        end = min(size, int(last) + 1) if last else size
+        start, end = first, size if last == -1 else min(size, last + 1)
     if start >= size or start >= end:
         raise _unsatisfiable(header, size)
     return start, end
@@ -198,13 +192,10 @@ def _unsatisfiable(header: str, size: int) -> RegistryError:
 
 
 def _negotiate(req: falcon.Request) -> str:
-    """The manifest type to answer with: Docker schema 2 unless the client names only OCI.
-    A client that names neither gets a clear 404 rather than a document it cannot parse."""
-    offered = [part.split(";")[0].strip().lower() for part in (req.get_header("Accept") or "").split(",")]
-    offered = [media_type for media_type in offered if media_type]
-    if not offered or any(media_type in _DOCKER_ACCEPTS for media_type in offered):
-        return MANIFEST_MEDIA_TYPE
-    if OCI_MANIFEST_MEDIA_TYPE in offered:
-        return OCI_MANIFEST_MEDIA_TYPE
+    """The manifest type to answer with: Docker schema 2 unless the client takes only OCI.
+    A client that takes neither gets a clear 404 rather than a document it cannot parse."""
+    for media_type in MANIFEST_MEDIA_TYPES:
+        if req.client_accepts(media_type):
+            return media_type
     raise manifest_unknown(f"this registry serves {' or '.join(MANIFEST_MEDIA_TYPES)} manifests",
-                           {"accept": offered})
+                           {"accept": req.accept})

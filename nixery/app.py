@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import falcon
 
-from . import health, popularity, web
+from . import error_handlers, health, popularity, web
 from .api import API_VERSION_HEADER, Registry, VersionCheck
 from .auth import AuthMiddleware
-from .builder import Builder
-from .config import Config
-from .errors import RegistryError
+from .builder import Builder, ManifestBuilder
+from .config import Config, SourceKind
 from .metrics import Metrics, MetricsMiddleware, MetricsResource
 from .nix import Nix
-from .recent import BuildRecorder, RecentBuilds
-from .sources import make_source
+from .history import BuildHistory, BuildRecorder
+from .sources import Source
 from .storage import Backend
 
 log = logging.getLogger(__name__)
@@ -29,28 +29,18 @@ def make_storage(config: Config) -> Backend:
     return FilesystemBackend(config.storage_path)
 
 
-def _registry_error(req: falcon.Request, resp: falcon.Response, error: RegistryError, params) -> None:
-    resp.status = falcon.code_to_http_status(error.status)
-    resp.content_type = "application/json"
-    resp.set_headers(error.headers)
-    resp.data = error.body()
-
-
-def _http_error(req: falcon.Request, resp: falcon.Response, error: falcon.HTTPError, params) -> None:
-    """Falcon's own errors (a method a route lacks, a malformed header) in the registry's
-    JSON shape under /v2/, as plain text elsewhere."""
-    if not req.path.startswith("/v2"):
-        resp.status = error.status
-        resp.content_type = "text/plain"
-        resp.text = error.title or "error"
-        return
-    code = {404: "NOT_FOUND", 405: "UNSUPPORTED"}.get(error.status_code, "UNKNOWN")
-    _registry_error(req, resp, RegistryError(error.status_code, code, error.title or "error"), params)
-
-
-def _unexpected_error(req: falcon.Request, resp: falcon.Response, error: Exception, params) -> None:
-    log.exception("unhandled error", extra={"path": req.path})
-    _registry_error(req, resp, RegistryError(500, "UNKNOWN", f"internal error: {type(error).__name__}"), params)
+def make_source(config: Config) -> Source:
+    """The configured source; pygit2 is only imported when a git repository is."""
+    if config.source.kind is SourceKind.PATH:
+        from .sources.path import PathSource
+        return PathSource(config.source.argument)
+    if config.source.kind is SourceKind.CHANNEL:
+        from .sources.channel import ChannelSource
+        return ChannelSource(config.source.argument, config.channel_url_template, config.channel_allow)
+    from .sources.git import GitSettings, GitSource
+    return GitSource(GitSettings(url=config.source.argument, ttl=config.git_ttl, ssh_key=config.ssh_key,
+                                 token=config.git_token, ssh_dir=config.ssh_dir, ssh_agent=config.ssh_agent,
+                                 mirrors_dir=config.state.git, lock_dir=config.state.locks))
 
 
 class _ApiVersion:
@@ -58,23 +48,25 @@ class _ApiVersion:
         resp.set_header(*API_VERSION_HEADER)
 
 
-def create_app(config: Config, storage: Backend | None = None) -> falcon.App:
+def create_app(config: Config, storage: Backend | None = None, *, builder: ManifestBuilder | None = None,
+               metrics_dir: Path | None = None) -> falcon.App:
+    """The app. `metrics_dir` is given by the server, whose workers sum their metrics there;
+    `builder` by the fast tests, whose stand-in runs no Nix."""
     storage = storage or make_storage(config)
-    metrics = Metrics()
-    recent = RecentBuilds(config.state_dir)
-    nix = Nix(config.nix_timeout, config.gcroot_dir, on_invoke=metrics.count_nix, cache=config.binary_cache)
-    builder = Builder(storage, nix, make_source(config), popularity.load(config.popularity_url),
-                      config.layer_budget, config.state_dir)
+    metrics = Metrics(metrics_dir)
+    history = BuildHistory(config.state)
+    if builder is None:
+        nix = Nix(config.nix_timeout, config.state.gcroots, on_invoke=metrics.count_nix, cache=config.binary_cache)
+        builder = Builder(storage, nix, make_source(config), popularity.load(config.popularity_url),
+                          config.layer_budget, config.state)
     # Auth last: its process_response runs first, before the build recorders read req.context.build.
-    app = falcon.App(middleware=[_ApiVersion(), MetricsMiddleware(metrics), BuildRecorder(recent),
+    app = falcon.App(middleware=[_ApiVersion(), MetricsMiddleware(metrics), BuildRecorder(history),
                                 AuthMiddleware(config.auth)])
     app.req_options.strip_url_path_trailing_slash = True
-    app.add_error_handler(Exception, _unexpected_error)
-    app.add_error_handler(falcon.HTTPError, _http_error)
-    app.add_error_handler(RegistryError, _registry_error)
+    error_handlers.register(app)
     app.add_route("/v2", VersionCheck())
     app.add_sink(Registry(builder, storage), prefix="/v2/")
     app.add_route("/metrics", MetricsResource(metrics))
-    web.add_routes(app, config, recent)
+    web.add_routes(app, config, history)
     health.add_routes(app, storage)
     return app

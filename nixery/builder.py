@@ -13,26 +13,25 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import time
-from pathlib import Path
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Protocol, Sequence
 
 from . import archive, layers, manifest, rootfs
-from .errors import build_failed, manifest_unknown, unavailable
+from .atomic import write_atomic
+from .config import StateLayout
 from .image import OPTIONAL_PACKAGES, Image
 from .locks import file_lock
-from .nix import Closure, Nix, NixError, UnknownPackages, UnsupportedSystem
+from .nix import Closure, Nix, NixError
 from .sources import Source
-from .storage import Backend, StorageError, blob_key
+from .storage import Backend, blob_key
 
 log = logging.getLogger(__name__)
 
 # Bump when the bytes a record describes would change (tar layout, compression).
 RECORD_VERSION = "nixery-layer-v1"
-# An unpinned image built this recently is served to requests that queued behind the
-# build (a request may wait in a worker's accept queue before its clock starts).
-RECENT_SECONDS = 10.0
+# An unpinned image built this recently is served (from the build memo) to requests that
+# queued behind the build (a request may wait in a worker's accept queue before its clock starts).
+MEMO_SECONDS = 10.0
 
 
 @dataclasses.dataclass
@@ -72,11 +71,24 @@ class Result:
     stats: BuildStats
 
 
-@dataclasses.dataclass(frozen=True)
-class _LayerRecord:
-    digest: str
-    diff_id: str
-    size: int
+class ManifestBuilder(Protocol):
+    """What the HTTP layer asks of a builder (`Builder`; the fast tests' stand-in has no Nix)."""
+
+    def manifest(self, image: Image, media_type: str = manifest.MANIFEST_MEDIA_TYPE,
+                 authorise_build: Optional[Callable[[], None]] = None) -> Result:
+        """The stored manifest for `image` as `media_type`, or an exception the error handlers know;
+        `authorise_build` is called before Nix would run, and raises to refuse the client."""
+
+
+def in_media_type(storage: Backend, document: manifest.Document, media_type: str) -> manifest.Document:
+    """A stored Docker manifest in the form a client takes. The OCI form is stored too, so
+    that the client can fetch it again by the digest it was given."""
+    if media_type != manifest.OCI_MANIFEST_MEDIA_TYPE:
+        return document
+    oci = manifest.as_oci(document)
+    if storage.stat(blob_key(oci.digest)) is None:
+        storage.write(blob_key(oci.digest), oci.data, oci.media_type)
+    return oci
 
 
 def _hex(text: str) -> str:
@@ -85,20 +97,27 @@ def _hex(text: str) -> str:
 
 class Builder:
     def __init__(self, storage: Backend, nix: Nix, source: Source, popularity: Mapping[str, int],
-                 budget: int, state_dir: Path):
+                 budget: int, state: StateLayout):
         self.storage = storage
         self.nix = nix
         self.source = source
         self.popularity = popularity
         self.budget = budget
-        self.lock_dir = state_dir / "locks"
-        self.recent_dir = state_dir / "recent"
+        self.lock_dir = state.locks
+        self.memo_dir = state.build_memo
 
-    def manifest(self, image: Image, authorise_build: Optional[Callable[[], None]] = None) -> Result:
-        """The manifest for `image`, built if needed; raises RegistryError for the client.
+    def manifest(self, image: Image, media_type: str = manifest.MANIFEST_MEDIA_TYPE,
+                 authorise_build: Optional[Callable[[], None]] = None) -> Result:
+        """The manifest for `image` as `media_type` (Docker schema 2 or its OCI form), built if needed.
 
         `authorise_build` is called when Nix would have to run (nothing cached or just built
-        serves the request); it raises to refuse a client that may only pull what is built."""
+        serves the request); it raises to refuse a client that may only pull what is built.
+        Raises what the steps raise (RegistryError, StorageError, NixError, UnknownPackages);
+        the app's error handlers tell the client."""
+        result = self._docker_manifest(image, authorise_build)
+        return Result(in_media_type(self.storage, result.manifest, media_type), result.stats)
+
+    def _docker_manifest(self, image: Image, authorise_build: Optional[Callable[[], None]]) -> Result:
         stats = BuildStats(image=image.name, tag=image.tag)
         resolved = self.source.resolve(image.tag)
         # Once the revision is fixed the tag no longer matters: `latest` and `release-v2` resolving
@@ -106,26 +125,23 @@ class Builder:
         cache_key = _hex(f"{RECORD_VERSION}|{resolved.cache_key}|{image.arch.nix_system}|"
                          f"{','.join(image.packages)}") if resolved.cache_key else None
         flight_key = cache_key or _hex(f"{resolved.args.kind}|{resolved.args.argument}|{image.key}")
-        try:
+        if cache_key and (cached := self._cached(cache_key, stats)):
+            return Result(cached, stats)
+        waited_since = time.time()
+        with file_lock(self.lock_dir, flight_key):
+            # Whoever held the lock may have built this image while we waited.
             if cache_key and (cached := self._cached(cache_key, stats)):
                 return Result(cached, stats)
-            waited_since = time.time()
-            with file_lock(self.lock_dir, flight_key):
-                # Whoever held the lock may have built this image while we waited.
-                if cache_key and (cached := self._cached(cache_key, stats)):
-                    return Result(cached, stats)
-                if not cache_key and (recent := self._recent(flight_key, waited_since, stats)):
-                    return Result(recent, stats)
-                if authorise_build:
-                    authorise_build()
-                document = self._build(image, resolved.args, stats)
-                if cache_key:
-                    self.storage.write(f"manifests/{cache_key}", document.data, document.media_type)
-                else:
-                    self._remember(flight_key, document)
-                return Result(document, stats)
-        except StorageError as e:
-            raise unavailable(f"storage failed: {e}") from None
+            if not cache_key and (memo := self._memo(flight_key, waited_since, stats)):
+                return Result(memo, stats)
+            if authorise_build:
+                authorise_build()
+            document = self._build(image, resolved.args, stats)
+            if cache_key:
+                self.storage.write(f"manifests/{cache_key}", document.data, document.media_type)
+            else:
+                self._remember(flight_key, document)
+            return Result(document, stats)
 
     def _cached(self, cache_key: str, stats: BuildStats) -> Optional[manifest.Document]:
         data = self.storage.read(f"manifests/{cache_key}")
@@ -134,10 +150,11 @@ class Builder:
         stats.cached = True
         return manifest.Document(manifest.MANIFEST_MEDIA_TYPE, data)
 
-    def _recent(self, flight_key: str, since: float, stats: BuildStats) -> Optional[manifest.Document]:
-        path = self.recent_dir / flight_key
+    def _memo(self, flight_key: str, since: float, stats: BuildStats) -> Optional[manifest.Document]:
+        """The image built under `flight_key` moments ago (the build memo), if still in storage."""
+        path = self.memo_dir / flight_key
         try:
-            if path.stat().st_mtime < since - RECENT_SECONDS:
+            if path.stat().st_mtime < since - MEMO_SECONDS:
                 return None
             digest = path.read_text().strip()
         except FileNotFoundError:
@@ -149,10 +166,8 @@ class Builder:
         return manifest.Document(manifest.MANIFEST_MEDIA_TYPE, data)
 
     def _remember(self, flight_key: str, document: manifest.Document) -> None:
-        self.recent_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.recent_dir / f".{flight_key}.{os.getpid()}"
-        tmp.write_text(document.digest)
-        os.replace(tmp, self.recent_dir / flight_key)
+        self.memo_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.memo_dir / flight_key, document.digest.encode())
 
     def _timed(self, stats: BuildStats, step: str, fn: Callable[[], object]) -> object:
         start = time.monotonic()
@@ -173,14 +188,10 @@ class Builder:
                 groups = self._timed(stats, "layer", lambda: layers.group(
                     closure.paths, list(closure.packages.values()), self.popularity, self.budget))
                 descriptors = self._timed(stats, "upload", lambda: self._write_layers(closure, groups, stats))
-        except UnknownPackages as e:
-            raise manifest_unknown(f"unknown packages: {', '.join(e.names)}",
-                                   {"unknown": list(e.names)}) from None
-        except UnsupportedSystem as e:
-            raise manifest_unknown(str(e), {"system": image.arch.nix_system}) from None
         except NixError as e:
+            # The whole log goes to the server's log only; the client gets `e.reason`.
             log.error("nix failed", extra={"image": image.name, "reason": e.reason, "nix_log": e.log})
-            raise build_failed(e.reason) from None
+            raise
         env = [f"PATH={manifest.DEFAULT_PATH}"]
         if "cacert" in closure.packages:
             env.append(f"SSL_CERT_FILE={rootfs.CACERT_BUNDLE}")
@@ -195,7 +206,7 @@ class Builder:
         return document
 
     def _write_layers(self, closure: Closure, groups: Sequence[layers.Layer],
-                      stats: BuildStats) -> list[_LayerRecord]:
+                      stats: BuildStats) -> list[archive.LayerDigests]:
         """Every layer's record, the root layer last. Layers are independent, so they are
         archived on as many threads as there are cores (reading, isa-l and hashlib release
         the GIL), largest first so that no big layer starts last; each thread counts into
@@ -219,12 +230,12 @@ class Builder:
         return records
 
     def _layer(self, content: str, stats: BuildStats,
-               write: Callable[..., archive.LayerDigests]) -> _LayerRecord:
+               write: Callable[..., archive.LayerDigests]) -> archive.LayerDigests:
         """A layer's record, archiving it only when no valid record exists for the same content."""
         record_key = f"builds/{_hex(RECORD_VERSION + chr(10) + content)}"
         raw = self.storage.read(record_key)
         if raw is not None:
-            record = _LayerRecord(**json.loads(raw))
+            record = archive.LayerDigests(**json.loads(raw))
             if self.storage.stat(blob_key(record.digest)) is not None:
                 stats.layers_reused += 1
                 stats.bytes_reused += record.size
@@ -232,8 +243,7 @@ class Builder:
         with self.storage.upload() as upload:
             digests = write(upload.file)
             upload.commit(blob_key(digests.digest), archive.LAYER_MEDIA_TYPE)
-        record = _LayerRecord(digests.digest, digests.diff_id, digests.size)
-        self.storage.write(record_key, json.dumps(dataclasses.asdict(record)).encode(), "application/json")
+        self.storage.write(record_key, json.dumps(dataclasses.asdict(digests)).encode(), "application/json")
         stats.layers_built += 1
-        stats.bytes_written += record.size
-        return record
+        stats.bytes_written += digests.size
+        return digests

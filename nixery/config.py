@@ -1,7 +1,8 @@
 """Nixery's configuration, read once from the environment at start-up.
 
 Everything else receives a `Config` (or a part of it) as an argument; no other
-module reads `os.environ`, so a test can build any configuration it needs and
+module reads `os.environ` (the server only sets the one variable that
+prometheus_client reads), so a test can build any configuration it needs and
 a typo in a variable is reported once, at start-up, naming the variable.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import importlib.util
 import os
 import re
 from pathlib import Path
@@ -146,32 +148,55 @@ class BinaryCacheConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class StateLayout:
+    """The one description of what lives under NIXERY_STATE_DIR (node-local, never shared
+    between instances); every module that keeps state there takes its folder from here."""
+
+    locks: Path  # file locks: one build per image, one git fetch, one writer of the history
+    gcroots: Path  # GC roots of builds in progress (the server clears dead workers' roots)
+    git: Path  # git mirrors and the checkouts exported from them, a folder per repository
+    prometheus: Path  # prometheus_client's multiprocess files, made afresh at each start
+    history: Path  # the recent builds and failures the web page and /builds.json show
+    build_memo: Path  # unpinned images' digests, for a few seconds after their build
+
+    @classmethod
+    def under(cls, root: Path) -> "StateLayout":
+        return cls(locks=root / "locks", gcroots=root / "gcroots", git=root / "git",
+                   prometheus=root / "prometheus", history=root / "history", build_memo=root / "build-memo")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
-    port: int = 8080
-    listen_address: str = "0.0.0.0"
-    source: PackageSource = PackageSource(SourceKind.CHANNEL, DEFAULT_CHANNEL)
-    channel_url_template: str = DEFAULT_CHANNEL_URL
-    channel_allow: tuple[str, ...] = ()
-    git_ttl: int = 60
-    ssh_key: Optional[Path] = None
-    git_token: Optional[str] = dataclasses.field(default=None, repr=False)
-    storage_backend: str = "filesystem"
-    storage_path: Path = Path("storage")
-    state_dir: Path = Path("state")
-    gcs: Optional[GcsConfig] = None
-    nix_timeout: int = 60
-    binary_cache: Optional[BinaryCacheConfig] = None
-    popularity_url: Optional[str] = None
-    layer_budget: int = 94
-    workers: int = 2
-    threads: int = 8
-    log_level: str = "INFO"
-    auth: AuthConfig = AuthConfig()
+    """The validated configuration. No defaults here: `load` applies those of `VARIABLES`,
+    so there is one place that says what an unset variable means."""
+
+    port: int
+    listen_address: str
+    source: PackageSource
+    channel_url_template: str
+    channel_allow: tuple[str, ...]
+    git_ttl: int
+    ssh_key: Optional[Path]
+    git_token: Optional[str] = dataclasses.field(repr=False)
+    # Where libgit2 finds the default ssh keys, and whether an SSH agent is there (SSH_AUTH_SOCK).
+    ssh_dir: Path
+    ssh_agent: bool
+    storage_backend: str
+    storage_path: Path
+    state_dir: Path
+    gcs: Optional[GcsConfig]
+    nix_timeout: int
+    binary_cache: Optional[BinaryCacheConfig]
+    popularity_url: Optional[str]
+    layer_budget: int
+    workers: int
+    threads: int
+    log_level: str
+    auth: AuthConfig
 
     @property
-    def gcroot_dir(self) -> Path:
-        """Where builds in progress keep their GC roots (the server clears it of dead workers' roots)."""
-        return self.state_dir / "gcroots"
+    def state(self) -> StateLayout:
+        return StateLayout.under(self.state_dir)
 
     def summary(self) -> dict[str, object]:
         """The effective configuration with secrets left out, for the start-up log and the web page."""
@@ -246,15 +271,18 @@ def _source(env: Mapping[str, str]) -> PackageSource:
         if not re.match(r"^(https?://|ssh://|file://|/|[\w.-]+@[\w.-]+:)", url):
             raise ConfigError(f"NIXERY_PKGS_REPO={redact_url(url)!r} is not an https, ssh, file:// URL or absolute path")
         return PackageSource(SourceKind.GIT, url)
-    channel = given.get("NIXERY_CHANNEL", DEFAULT_CHANNEL)
+    channel = given.get("NIXERY_CHANNEL", _default("NIXERY_CHANNEL"))
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", channel):
         raise ConfigError(f"NIXERY_CHANNEL={channel!r} is not a channel name or commit")
     return PackageSource(SourceKind.CHANNEL, channel)
 
 
+def _home(env: Mapping[str, str]) -> Path:
+    return Path(env.get("HOME") or Path.home())
+
+
 def _home_dir(env: Mapping[str, str], xdg: str, fallback: str) -> Path:
-    base = env.get(xdg) or str(Path(env.get("HOME") or Path.home()) / fallback)
-    return Path(base) / "nixery"
+    return Path(env.get(xdg) or _home(env) / fallback) / "nixery"
 
 
 def _gcs(env: Mapping[str, str]) -> Optional[GcsConfig]:
@@ -265,6 +293,10 @@ def _gcs(env: Mapping[str, str]) -> Optional[GcsConfig]:
         return None
     if not re.fullmatch(r"[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]", bucket):
         raise ConfigError(f"GCS_BUCKET={bucket!r} is not a valid bucket name")
+    if not _gcs_installed():
+        variable = "GCS_BUCKET" if env.get("GCS_BUCKET") else "BUCKET"
+        raise ConfigError(f"{variable}={bucket!r} needs Nixery's GCS support, which is not installed: "
+                          "pip install 'nixery[gcs]'")
     key = env.get("GCS_SIGNING_KEY")
     account = env.get("GCS_SIGNING_ACCOUNT")
     if bool(key) != bool(account):
@@ -300,6 +332,14 @@ def _binary_cache(env: Mapping[str, str]) -> Optional[BinaryCacheConfig]:
         raise ConfigError(f"NIXERY_BINARY_CACHE_SECRET_KEY={secret!r} is not a readable file "
                           "at an absolute path of plain characters")
     return BinaryCacheConfig(url=url, public_key=public, secret_key=Path(secret) if secret else None)
+
+
+def _gcs_installed() -> bool:
+    """Whether the `gcs` extra's client library is importable (found, not imported: it is slow)."""
+    try:
+        return importlib.util.find_spec("google.cloud.storage") is not None
+    except ModuleNotFoundError:  # not even the `google` namespace
+        return False
 
 
 def _checked(env: Mapping[str, str], name: str, allowed: tuple[str, ...],
@@ -409,7 +449,7 @@ def load(env: Mapping[str, str] = os.environ) -> Config:
     for channel in allow:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", channel):
             raise ConfigError(f"NIXERY_CHANNEL_ALLOW names {channel!r}, which is not a channel name")
-    template = env.get("NIXERY_CHANNEL_URL_TEMPLATE") or DEFAULT_CHANNEL_URL
+    template = env.get("NIXERY_CHANNEL_URL_TEMPLATE") or _default("NIXERY_CHANNEL_URL_TEMPLATE")
     if "{rev}" not in template:
         raise ConfigError("NIXERY_CHANNEL_URL_TEMPLATE must contain {rev}")
     ssh_key = env.get("NIXERY_SSH_KEY")
@@ -420,13 +460,15 @@ def load(env: Mapping[str, str] = os.environ) -> Config:
         raise ConfigError(f"NIX_POPULARITY_URL={popularity!r} is neither an http(s) URL nor a file")
     return Config(
         port=_int(env, "PORT", 1, 65535),
-        listen_address=env.get("NIXERY_LISTEN_ADDRESS") or "0.0.0.0",
+        listen_address=env.get("NIXERY_LISTEN_ADDRESS") or _default("NIXERY_LISTEN_ADDRESS"),
         source=_source(env),
         channel_url_template=template,
         channel_allow=allow,
         git_ttl=_int(env, "NIXERY_GIT_TTL", 0, 7 * 24 * 3600),
         ssh_key=Path(ssh_key) if ssh_key else None,
         git_token=env.get("NIXERY_GIT_TOKEN") or None,
+        ssh_dir=_home(env) / ".ssh",
+        ssh_agent=bool(env.get("SSH_AUTH_SOCK")),
         storage_backend=backend,
         storage_path=storage_path,
         state_dir=state_dir,

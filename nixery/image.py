@@ -11,12 +11,12 @@ import dataclasses
 import re
 
 from .errors import RegistryError
+from .manifest import SHA256_RE
 
 # The distribution spec's grammar (spec.md, "Pulling manifests").
 NAME_RE = re.compile(r"[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*(/[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*)*")
 TAG_RE = re.compile(r"[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}")
 DIGEST_RE = re.compile(r"[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]+")
-SHA256_RE = re.compile(r"sha256:[a-f0-9]{64}")
 
 MAX_NAME_LENGTH = 255
 

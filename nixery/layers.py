@@ -32,12 +32,20 @@ from typing import Mapping, Sequence
 
 import networkx as nx
 
-from .nix import StorePath
 
 ROOT = "<image-root>"
 # Thresholds from the original Nixery: a path above either always gets a layer of its own.
 SIZE_THRESHOLD = 100 * 1000 * 1000
 POPULARITY_THRESHOLD = 1000
+
+
+@dataclasses.dataclass(frozen=True)
+class StorePath:
+    """What layering needs of a store path; `nix` reads these from `nix path-info`."""
+
+    path: str
+    references: tuple[str, ...]
+    nar_size: int
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from typing import Sequence
 
 MANIFEST_MEDIA_TYPE = "application/vnd.docker.distribution.manifest.v2+json"
@@ -19,6 +20,8 @@ OCI_LAYER_MEDIA_TYPE = "application/vnd.oci.image.layer.v1.tar+gzip"
 # Fixed so that the same contents give the same config digest on every build.
 CREATED = "1970-01-01T00:00:01Z"
 DEFAULT_PATH = "/bin:/usr/bin:/sbin:/usr/sbin"
+# The one digest algorithm Nixery names blobs with (storage keys are built from it).
+SHA256_RE = re.compile(r"sha256:[a-f0-9]{64}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,11 +1,11 @@
 """Prometheus metrics: what the operator of an instance graphs and alerts on.
 
 Gunicorn runs several worker processes, so the values live in
-prometheus_client's multiprocess files (the server points
-PROMETHEUS_MULTIPROC_DIR at a fresh directory before the workers start) and
-`/metrics` adds up every worker's files, including those of workers that
-have since exited. Without that directory (an app made in a test or a
-script) the process's own registry is served instead.
+prometheus_client's multiprocess files (the server makes a fresh directory,
+the state layout's `prometheus`, before the workers start, and hands it to
+each worker's app) and `/metrics` adds up every worker's files, including
+those of workers that have since exited. Without that directory (an app made
+in a test or a script) the process's own registry is served instead.
 
 Requests are labelled with the route's template, never the raw path, so that
 image names cannot grow the number of series without bound.
@@ -14,7 +14,8 @@ image names cannot grow the number of series without bound.
 from __future__ import annotations
 
 import os
-import re
+from pathlib import Path
+from typing import Optional
 
 import falcon
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
@@ -22,25 +23,20 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from .builder import BuildStats
 
 BUILD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
-_REGISTRY_PATH = re.compile(r"^/v2/.+/(?P<kind>manifests|blobs)/[^/]+$")
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 def route_of(req: falcon.Request) -> str:
-    """A bounded label for the request's route: the URI template, or the registry path's shape."""
-    if req.uri_template:
-        return req.uri_template
-    match = _REGISTRY_PATH.match(req.path)
-    if match:
-        kind = match.group("kind")
-        return f"/v2/{{name}}/{kind}/{{{'reference' if kind == 'manifests' else 'digest'}}}"
-    return "/v2/{other}" if req.path.startswith("/v2/") else "{unmatched}"
+    """A bounded label for the request's route: the URI template, or the one the registry's
+    sink matched (it leaves it in `req.context.route`)."""
+    return req.uri_template or req.context.get("route") or "{unmatched}"
 
 
 class Metrics:
     """Every metric Nixery exports, registered in a registry of its own (so an app can be made twice)."""
 
-    def __init__(self) -> None:
+    def __init__(self, multiprocess_dir: Optional[Path] = None) -> None:
+        self.multiprocess_dir = multiprocess_dir
         self.registry = CollectorRegistry()
         self.requests = Counter("nixery_http_requests", "HTTP requests answered, by route template and status.",
                                 ["route", "method", "status"], registry=self.registry)
@@ -77,10 +73,10 @@ class Metrics:
 
     def exposition(self) -> bytes:
         """The text format, summed over all workers when running under the server."""
-        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # prometheus_client's own switch
+        if self.multiprocess_dir is None:
             return generate_latest(self.registry)
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
+        multiprocess.MultiProcessCollector(registry, path=str(self.multiprocess_dir))
         return generate_latest(registry)
 
 

@@ -17,7 +17,7 @@ import urllib.request
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence
 
-from .nix import StorePath
+from .layers import StorePath
 
 
 class PopularityError(Exception):

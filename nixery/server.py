@@ -57,13 +57,15 @@ class JsonGunicornLogger(glogging.Logger):
             handler.setFormatter(JsonFormatter())
 
 
-def prepare_metrics_dir(state_dir: Path) -> None:
-    """A fresh PROMETHEUS_MULTIPROC_DIR for the workers, made in the master before they fork.
+def prepare_metrics_dir(directory: Path) -> None:
+    """A fresh metrics directory for the workers, made in the master before they fork.
 
-    Fresh, or an earlier run's files would add its counts to this one's. prometheus_client
-    picks where values live when it is first imported, and the start-up check has imported
-    it already, so it is asked to pick again now that the directory is set."""
-    directory = state_dir / "prometheus"
+    Fresh, or an earlier run's files would add its counts to this one's. Nixery hands the
+    directory to the workers' apps and to `mark_process_dead` itself; the environment
+    variable is set only because prometheus_client's multiprocess values read it when each
+    one is made (the library has no other way to be told), and this is the one place that
+    writes it. The library picks where values live when it is first imported, and the
+    start-up check has imported it already, so it is asked to pick again now."""
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
@@ -73,12 +75,16 @@ def prepare_metrics_dir(state_dir: Path) -> None:
 def _child_exit(server: Any, worker: Any) -> None:
     """A dead worker's live gauges stop counting (its counters stay in the sums, as they
     happened), and the GC roots of a build it did not finish are let go."""
-    multiprocess.mark_process_dead(worker.pid)
-    drop_gc_roots(server.app.config.gcroot_dir, worker.pid)
+    state = server.app.config.state
+    multiprocess.mark_process_dead(worker.pid, str(state.prometheus))
+    drop_gc_roots(state.gcroots, worker.pid)
 
 
 class NixeryServer(BaseApplication):
-    def __init__(self, config: Config, app_factory: Callable[[Config], Any]):
+    """Gunicorn with Nixery's settings; each worker makes its app with `app_factory`,
+    its metrics summed across workers through the state layout's `prometheus` folder."""
+
+    def __init__(self, config: Config, app_factory: Callable[..., Any]):
         self.config = config
         self.app_factory = app_factory
         super().__init__()
@@ -89,11 +95,15 @@ class NixeryServer(BaseApplication):
                 self.cfg.set(key, value)
 
     def load(self) -> Any:
-        return self.app_factory(self.config)
+        """Runs in each worker once its signal handlers are set: from "worker ready" on, it serves
+        and stops cleanly on SIGTERM (scripts and tests wait for one line per worker)."""
+        app = self.app_factory(self.config, metrics_dir=self.config.state.prometheus)
+        log.info("worker ready", extra={"pid": os.getpid()})
+        return app
 
 
-def run(config: Config, app_factory: Callable[[Config], Any]) -> None:
+def run(config: Config, app_factory: Callable[..., Any]) -> None:
     log.info("starting nixery", extra={"config": json.loads(json.dumps(config.summary()))})
-    prepare_metrics_dir(config.state_dir)
-    drop_gc_roots(config.gcroot_dir)
+    prepare_metrics_dir(config.state.prometheus)
+    drop_gc_roots(config.state.gcroots)
     NixeryServer(config, app_factory).run()

@@ -23,7 +23,7 @@ import falcon
 
 from . import image
 from .config import AuthLevel, Config, SourceKind, redact_url
-from .recent import RecentBuilds
+from .history import BuildHistory
 
 STATIC_PACKAGE = "nixery.static"
 CONTENT_TYPES = {".css": "text/css; charset=utf-8", ".svg": "image/svg+xml"}
@@ -161,7 +161,7 @@ class SourceText:
 class IndexPage:
     """`/`: the documentation, recent builds and errors, and the configuration that is safe to show."""
 
-    def __init__(self, config: Config, store: RecentBuilds, templates: Templates):
+    def __init__(self, config: Config, store: BuildHistory, templates: Templates):
         self.config = config
         self.store = store
         self.templates = templates
@@ -291,7 +291,7 @@ def errors_list(errors: list[dict[str, Any]]) -> str:
 class BuildsJson:
     """`/builds.json`: the recent builds and errors for scripts, newest first (403 on a private instance)."""
 
-    def __init__(self, store: RecentBuilds, private: bool):
+    def __init__(self, store: BuildHistory, private: bool):
         self.store = store
         self.private = private
 
@@ -339,7 +339,7 @@ class StaticFiles:
     on_head = on_get
 
 
-def add_routes(app: falcon.App, config: Config, store: RecentBuilds) -> None:
+def add_routes(app: falcon.App, config: Config, store: BuildHistory) -> None:
     """The page, its files, the JSON view, and the 404 page for every other path outside `/v2/`."""
     files = static_files()
     templates = Templates(files)

@@ -8,7 +8,7 @@ import platform
 import pytest
 import requests
 
-from conftest import skopeo_pull
+from support import skopeo_pull
 from nixery.nix import Nix, SourceArgs, UnsupportedSystem
 
 HOST_SYSTEM = {"x86_64": "x86_64-linux", "aarch64": "aarch64-linux"}[platform.machine()]

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import NIX_ENV, chroot_run, pull_and_unpack
+from support import NIX_ENV, chroot_run, pull_and_unpack
 from nixery import config as configuration
 from nixery.config import BinaryCacheConfig
 from nixery.image import OPTIONAL_PACKAGES

@@ -47,6 +47,15 @@ def test_bad_values_name_the_variable(env, variable):
         config.load({"HOME": "/root", **env})
 
 
+def test_a_bucket_without_the_gcs_extra_names_the_variable(monkeypatch):
+    assert config.load({"HOME": "/root", "GCS_BUCKET": "images"}).storage_backend == "gcs"
+    monkeypatch.setitem(sys.modules, "google.cloud.storage", None)  # as if `nixery[gcs]` were not installed
+    for variable in ("GCS_BUCKET", "BUCKET"):
+        with pytest.raises(config.ConfigError, match=rf"^{variable}='images' needs .*nixery\[gcs\]"):
+            config.load({"HOME": "/root", variable: "images"})
+    assert config.load({"HOME": "/root"}).storage_backend == "filesystem"
+
+
 def test_token_in_a_url_is_redacted():
     c = config.load({"HOME": "/root", "NIXERY_PKGS_REPO": "https://user:s3cret@git.example/pkgs.git",
                      "NIXERY_GIT_TOKEN": "tok3n"})

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import requests
 
-from conftest import NIX_ENV, ROOT, chroot_run, free_port, pull_and_unpack
+from support import NIX_ENV, ROOT, chroot_run, free_port, pull_and_unpack
 
 FRESH_MACHINE = """
 set -e

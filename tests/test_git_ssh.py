@@ -20,7 +20,8 @@ from typing import Iterator, Optional
 import pytest
 import requests
 
-from conftest import chroot_run, free_port, make_package_set, pull_and_unpack
+from pkgset import make_package_set
+from support import chroot_run, free_port, pull_and_unpack
 
 SSHD = Path("/usr/sbin/sshd")
 SALT = "git-ssh-test"

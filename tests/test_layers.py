@@ -170,7 +170,7 @@ needs_nix = pytest.mark.skipif(shutil.which("nix-instantiate") is None,
 
 @needs_nix
 def test_popularity_command_counts_the_packages_whose_closures_hold_each_path(pkgset, tmp_path):
-    from conftest import NIX_ENV
+    from support import NIX_ENV
     from nixery import popularity
     out = tmp_path / "popularity.json"
     result = subprocess.run([sys.executable, "-m", "nixery", "popularity", "--path", str(pkgset), "--build",
@@ -187,7 +187,7 @@ def test_popularity_command_counts_the_packages_whose_closures_hold_each_path(pk
 
 @needs_nix
 def test_popularity_command_reads_closures_from_a_binary_cache(pkgset, tmp_path):
-    from conftest import NIX_ENV
+    from support import NIX_ENV
     from nixery import popularity
     env = {**os.environ, **NIX_ENV}
     git = subprocess.run(["nix-build", str(pkgset), "-A", "git", "--no-out-link"], env=env,

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import NIX_ENV, oci_manifest
+from support import NIX_ENV, oci_manifest
 
 
 def closure(pkgset: Path, *attrs: str) -> set[str]:

@@ -26,11 +26,13 @@ import pytest
 import requests
 from pygit2.enums import CredentialType
 
-from conftest import chroot_run, make_package_set, pull_and_unpack
-from nixery.config import Config, PackageSource, SourceKind
+from pkgset import make_package_set
+from support import chroot_run, pull_and_unpack
+from nixery.config import StateLayout
 from nixery.errors import RegistryError
-from nixery.git import GitSource, _Credentials
-from nixery.sources import ChannelSource, PathSource
+from nixery.sources.channel import ChannelSource
+from nixery.sources.git import GitSettings, GitSource, _Credentials
+from nixery.sources.path import PathSource
 
 SALT = "sources-test"
 TOKEN = "s3cret-token-never-logged"
@@ -148,7 +150,7 @@ def test_pinned_image_is_served_again_without_nix(start_server, repo, nix_counte
 
 
 def test_new_commit_on_default_branch_is_served_after_the_ttl(start_server, repo, tmp_path):
-    ttl = 4
+    ttl = 3
     moving = repo.clone(tmp_path)
     server = start_server({"NIXERY_PKGS_REPO": moving.url, "NIXERY_GIT_TTL": str(ttl)})
     assert manifest(server, "threeonly", "latest").status_code == 200
@@ -241,7 +243,9 @@ def git_http(repo) -> Iterator[GitHttpServer]:
 
 
 def git_source(url: str, state_dir: Path, token: str | None) -> GitSource:
-    return GitSource(Config(source=PackageSource(SourceKind.GIT, url), state_dir=state_dir, git_token=token))
+    state = StateLayout.under(state_dir)
+    return GitSource(GitSettings(url=url, ttl=60, ssh_key=None, token=token, ssh_dir=state_dir / "no-ssh",
+                                 ssh_agent=False, mirrors_dir=state.git, lock_dir=state.locks))
 
 
 def test_https_token_is_offered_and_a_wrong_one_refused(repo, git_http, tmp_path):
@@ -268,26 +272,27 @@ def offered(callbacks, url_user: str | None, allowed) -> list[tuple]:
         offers.append((type(credential).__name__, credential.credential_tuple))
 
 
-def test_credentials_are_offered_as_git_users_expect(tmp_path, monkeypatch):
+def test_credentials_are_offered_as_git_users_expect(tmp_path):
     ssh = tmp_path / ".ssh"
     ssh.mkdir()
     for name in ("id_ed25519", "id_rsa", "id_rsa.pub"):
         (ssh / name).write_text("key")
-    monkeypatch.setenv("HOME", str(tmp_path))
-    monkeypatch.setenv("SSH_AUTH_SOCK", str(tmp_path / "agent.sock"))
     key = CredentialType.SSH_KEY
-    assert offered(_Credentials(None, None), "git", key) == [
+    assert offered(_Credentials(None, None, ssh, ssh_agent=False), "git", key) == [
+        ("Keypair", ("git", None, str(ssh / "id_ed25519"), "")),
+        ("Keypair", ("git", str(ssh / "id_rsa.pub"), str(ssh / "id_rsa"), ""))]
+    assert offered(_Credentials(None, None, ssh, ssh_agent=True), "git", key) == [
         ("KeypairFromAgent", ("git", None, None, None)),
         ("Keypair", ("git", None, str(ssh / "id_ed25519"), "")),
         ("Keypair", ("git", str(ssh / "id_rsa.pub"), str(ssh / "id_rsa"), ""))]
     explicit = tmp_path / "deploy-key"
     explicit.write_text("key")
-    assert offered(_Credentials(explicit, TOKEN), "deploy", key) == [("Keypair", ("deploy", None, str(explicit), ""))]
-    assert _Credentials(None, None).credentials("url", None, CredentialType.USERNAME).credential_tuple == ("git",)
+    assert offered(_Credentials(explicit, TOKEN, ssh, ssh_agent=True), "deploy", key) == [("Keypair", ("deploy", None, str(explicit), ""))]
+    assert _Credentials(None, None, ssh, ssh_agent=False).credentials("url", None, CredentialType.USERNAME).credential_tuple == ("git",)
     https = CredentialType.USERPASS_PLAINTEXT
-    assert offered(_Credentials(None, TOKEN), None, https) == [("UserPass", ("x-access-token", TOKEN))]
-    assert offered(_Credentials(None, TOKEN), "oauth2", https) == [("UserPass", ("oauth2", TOKEN))]
-    assert offered(_Credentials(None, None), None, https) == []
+    assert offered(_Credentials(None, TOKEN, ssh, ssh_agent=False), None, https) == [("UserPass", ("x-access-token", TOKEN))]
+    assert offered(_Credentials(None, TOKEN, ssh, ssh_agent=False), "oauth2", https) == [("UserPass", ("oauth2", TOKEN))]
+    assert offered(_Credentials(None, None, ssh, ssh_agent=False), None, https) == []
 
 
 def test_source_errors_are_500_naming_the_source_never_its_credentials(start_server, repo, git_http):

@@ -23,13 +23,13 @@ import falcon.testing
 import pytest
 import requests
 import websocket
-from conftest import oci_manifest, skopeo_pull
+from support import oci_manifest, skopeo_pull
 from prometheus_client.parser import text_string_to_metric_families
 
 from nixery import web
 from nixery.builder import BuildStats
-from nixery.config import Config, PackageSource, SourceKind
-from nixery.recent import RecentBuilds, entry
+from nixery.config import StateLayout, load
+from nixery.history import BuildHistory, entry
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -41,8 +41,10 @@ MANIFESTS_ROUTE = "/v2/{name}/manifests/{reference}"
 
 
 @pytest.fixture
-def server(start_server, pkgset):
-    return start_server({"NIXERY_PKGS_PATH": str(pkgset)})
+def server(shared_server):
+    """These tests only read (the metrics they check are counted before and after): they share
+    one server with test_e2e.py."""
+    return shared_server
 
 
 class Browser:
@@ -171,39 +173,6 @@ def test_page_in_headless_chromium(server, browser, tmp_path):
     print(f"screenshots in {shots}")
 
 
-def test_page_names_the_requested_host_escaped(server):
-    page = requests.get(server.url + "/", headers={"Host": "registry.example.org:5000"}, timeout=30)
-    assert page.status_code == 200 and page.headers["Content-Type"] == "text/html; charset=utf-8"
-    assert "docker pull registry.example.org:5000/shell/git/htop" in page.text
-    assert "default-src 'none'" in page.headers["Content-Security-Policy"]
-    behind_proxy = requests.get(server.url + "/", headers={"X-Forwarded-Host": "nixery.internal"}, timeout=30)
-    assert "docker pull nixery.internal/shell/git/htop" in behind_proxy.text
-    hostile = requests.get(server.url + "/", headers={"Host": '<script>alert("x")</script>'}, timeout=30)
-    assert hostile.status_code == 200
-    assert "<script" not in hostile.text and f"docker pull {web.PLACEHOLDER_HOST}/" in hostile.text
-    # What this instance serves: its package source, storage and layer budget.
-    assert "the package set in the directory" in page.text and "only the tag <code>latest</code>" in page.text
-    assert "<code>filesystem</code>" in page.text and "94 layers per image" in page.text
-    assert requests.head(server.url + "/", timeout=30).content == b""
-
-
-def test_static_files_and_not_found_pages(server):
-    css = requests.get(server.url + "/static/style.css", timeout=30)
-    assert css.status_code == 200 and css.headers["Content-Type"] == "text/css; charset=utf-8"
-    assert "prefers-color-scheme" in css.text
-    icon = requests.get(server.url + "/static/favicon.svg", timeout=30)
-    assert icon.headers["Content-Type"] == "image/svg+xml"
-    for path in ("/nope", "/static/nope.css", "/static/page.html", "/v2x", "/index.html"):
-        response = requests.get(server.url + path, timeout=30)
-        assert response.status_code == 404, path
-        assert response.headers["Content-Type"] == "text/html; charset=utf-8", path
-        assert "Nothing here" in response.text and "Pull an image" not in response.text, path
-    marked = requests.get(server.url + "/<b>x</b>", timeout=30)
-    assert "<b>x</b>" not in marked.text and "&lt;b&gt;x&lt;/b&gt;" in marked.text
-    registry = requests.get(server.url + "/v2/hello/tags/list", timeout=30)
-    assert registry.status_code == 404 and registry.json()["errors"][0]["code"] == "NOT_FOUND"
-
-
 def scrape(server) -> dict[tuple[str, tuple], float]:
     response = requests.get(server.url + "/metrics", timeout=30)
     assert response.status_code == 200 and response.headers["Content-Type"].startswith("text/plain")
@@ -249,6 +218,7 @@ def test_metrics_after_two_pulls(start_server, fresh_pkgset, tmp_path):
 
 
 def test_failed_build_in_recent_errors(server):
+    before = scrape(server)
     failed = requests.get(f"{server.url}/v2/broken/manifests/latest", timeout=120)
     assert failed.status_code == 500
     reason = failed.json()["errors"][0]["message"]
@@ -276,13 +246,13 @@ def test_failed_build_in_recent_errors(server):
     steps = {e["step"]: e["duration"] for e in logged if e.get("message") == "build step"}
     assert set(steps) == {"evaluate", "build"}, steps
 
-    metrics = scrape(server)
-    assert metrics[("nixery_builds_total", (("outcome", "failed"),))] == 1
-    assert metrics[("nixery_builds_total", (("outcome", "rejected"),))] == 1
+    after = scrape(server)
+    assert moved(before, after, "nixery_builds_total", outcome="failed") == 1
+    assert moved(before, after, "nixery_builds_total", outcome="rejected") == 1
 
 
 def _record_many(state_dir: str, worker: int, count: int) -> None:
-    store = RecentBuilds(Path(state_dir), builds_kept=1000)
+    store = BuildHistory(StateLayout.under(Path(state_dir)), builds_kept=1000)
     for i in range(count):
         store.record(entry(BuildStats(image=f"w{worker}/n{i}"), time.time()))
 
@@ -290,10 +260,10 @@ def _record_many(state_dir: str, worker: int, count: int) -> None:
 def test_recent_builds_are_shared_and_trimmed(tmp_path):
     with multiprocessing.get_context("fork").Pool(4) as pool:
         pool.starmap(_record_many, [(str(tmp_path), w, 25) for w in range(4)])
-    images = [b["image"] for b in RecentBuilds(tmp_path).builds()]
+    images = [b["image"] for b in BuildHistory(StateLayout.under(tmp_path)).builds()]
     assert len(set(images)) == len(images) == 100, "no process's write was lost"
 
-    store = RecentBuilds(tmp_path / "small", builds_kept=3, errors_kept=2)
+    store = BuildHistory(StateLayout.under(tmp_path / "small"), builds_kept=3, errors_kept=2)
     for i in range(5):
         store.record(entry(BuildStats(image=f"bad{i}", reason=f"why {i}", status=500), time.time()))
         store.record(entry(BuildStats(image=f"good{i}"), time.time()))
@@ -305,18 +275,18 @@ def test_recent_builds_are_shared_and_trimmed(tmp_path):
     ("https://builder:s3cret-token@git.example.org/pkgs.git", "s3cret-token"),
 ])
 def test_page_never_shows_secrets(tmp_path, argument, secret):
-    config = Config(source=PackageSource(SourceKind.GIT, argument), git_token="tok-123456", state_dir=tmp_path)
+    config = load({"HOME": str(tmp_path), "NIXERY_PKGS_REPO": argument, "NIXERY_GIT_TOKEN": "tok-123456"})
     app = falcon.App()
-    web.add_routes(app, config, RecentBuilds(tmp_path))
+    web.add_routes(app, config, BuildHistory(config.state))
     page = falcon.testing.TestClient(app).simulate_get("/").text
     assert "git.example.org/pkgs.git" in page
     assert secret not in page and "tok-123456" not in page
 
 
 def test_page_lists_allowed_channels(tmp_path):
-    config = Config(channel_allow=("nixos-24.05",), state_dir=tmp_path)
+    config = load({"HOME": str(tmp_path), "NIXERY_CHANNEL_ALLOW": "nixos-24.05"})
     app = falcon.App()
-    web.add_routes(app, config, RecentBuilds(tmp_path))
+    web.add_routes(app, config, BuildHistory(config.state))
     page = falcon.testing.TestClient(app).simulate_get("/").text
     assert "the nixpkgs channel <code>nixos-unstable</code>" in page
     assert "Tags may also name the channels <code>nixos-24.05</code>." in page

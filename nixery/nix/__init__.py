@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Mapping, Optional, Sequence
 
 from ..config import BinaryCacheConfig, redact_url
+from ..layers import StorePath
 from . import cache as binary_cache
 
 log = logging.getLogger(__name__)
@@ -52,17 +53,9 @@ class UnknownPackages(Exception):
 class UnsupportedSystem(Exception):
     """The package set cannot build for the image's system (a plain set asked for arm64); the message says why."""
 
-
-@dataclasses.dataclass(frozen=True)
-class StorePath:
-    path: str
-    references: tuple[str, ...]
-    nar_size: int
-
-    @property
-    def name(self) -> str:
-        """The name without the hash, as popularity data keys it (`hello-2.12`)."""
-        return os.path.basename(self.path).split("-", 1)[-1]
+    def __init__(self, reason: str, system: str):
+        super().__init__(reason)
+        self.system = system
 
 
 class Resolved(dict):
@@ -167,7 +160,7 @@ class Nix:
                         f"evaluating {source.description}")
         data = json.loads(raw)
         if data.get("unsupported"):
-            raise UnsupportedSystem(data["unsupported"])
+            raise UnsupportedSystem(data["unsupported"], system)
         if data["unknown"]:
             raise UnknownPackages(data["unknown"])
         return Resolved(data["packages"], data["derivations"])

@@ -15,7 +15,7 @@ import dataclasses
 import re
 from typing import BinaryIO, Optional, Union
 
-from ..image import SHA256_RE
+from ..manifest import SHA256_RE
 
 _KEY_RE = re.compile(r"(layers/sha256:[a-f0-9]{64}|(builds|manifests)/[a-f0-9]{64})")
 

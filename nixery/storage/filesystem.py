@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import BinaryIO, Iterator, Optional
 
+from ..atomic import write_atomic
 from . import Backend, BlobInfo, LocalFile, StorageError, Upload, check_key
 
 _TYPE_SUFFIX = ".type"
@@ -70,33 +71,19 @@ class FilesystemBackend(Backend):
         except FileNotFoundError:
             return None
 
-    def _atomic_write(self, path: Path, data: bytes) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.root / _TMP_DIR)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-
     def _publish(self, tmp_path: Path, key: str, media_type: str) -> None:
         path = self._path(key)
         if path.exists():  # content-addressed: whoever published first wrote the same bytes
             os.unlink(tmp_path)
             return
-        self._atomic_write(Path(str(path) + _TYPE_SUFFIX), media_type.encode())
+        write_atomic(Path(str(path) + _TYPE_SUFFIX), media_type.encode(), self.root / _TMP_DIR)
         os.chmod(tmp_path, 0o644)
         os.replace(tmp_path, path)
 
     def write(self, key: str, data: bytes, media_type: str) -> None:
         path = self._path(key)
-        self._atomic_write(Path(str(path) + _TYPE_SUFFIX), media_type.encode())
-        self._atomic_write(path, data)
+        write_atomic(Path(str(path) + _TYPE_SUFFIX), media_type.encode(), self.root / _TMP_DIR)
+        write_atomic(path, data, self.root / _TMP_DIR)
 
     @contextlib.contextmanager
     def upload(self) -> Iterator[Upload]:

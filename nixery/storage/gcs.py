@@ -51,7 +51,6 @@ CHUNK_SIZE = 8 << 20
 # A registry client waits for the answer, so give up on an unreachable bucket
 # after seconds, not the library's two minutes.
 RETRY_SECONDS = 10.0
-_RETRY = DEFAULT_RETRY.with_timeout(RETRY_SECONDS)
 _TIMEOUT = (5.0, 60.0)  # connect, read
 _TOKEN_URI = "https://oauth2.googleapis.com/token"
 _REQUEST_PREFIX = re.compile(r"^[A-Z]+ \S+: ")
@@ -138,7 +137,7 @@ class _GcsUpload(Upload):
     def __init__(self, backend: "GcsBackend", tmp: storage.Blob):
         self.backend = backend
         self.tmp = tmp
-        self.writer = BlobWriter(tmp, chunk_size=CHUNK_SIZE, retry=_RETRY, timeout=_TIMEOUT)
+        self.writer = BlobWriter(tmp, chunk_size=CHUNK_SIZE, retry=backend.retry, timeout=_TIMEOUT)
         self.file = _LayerFile(backend, self.writer)  # type: ignore[assignment]
 
     def commit(self, key: str, media_type: str) -> None:
@@ -166,8 +165,9 @@ class _GcsUpload(Upload):
 class GcsBackend(Backend):
     name = "gcs"
 
-    def __init__(self, config: GcsConfig):
+    def __init__(self, config: GcsConfig, retry_seconds: float = RETRY_SECONDS):
         self.config = config
+        self.retry = DEFAULT_RETRY.with_timeout(retry_seconds)
         self._key_signer = load_signing_credentials(config)
         self._lock = threading.Lock()
         self._client: Optional[storage.Client] = None
@@ -203,7 +203,7 @@ class GcsBackend(Backend):
             raise StorageError(f"GCS bucket {self.config.bucket}: {action} failed: {reason}") from None
 
     def _get(self, key: str) -> Optional[storage.Blob]:
-        return self._bucket().get_blob(check_key(key), retry=_RETRY, timeout=_TIMEOUT)
+        return self._bucket().get_blob(check_key(key), retry=self.retry, timeout=_TIMEOUT)
 
     def stat(self, key: str) -> Optional[BlobInfo]:
         with self.failures(f"stat {key}"):
@@ -213,7 +213,7 @@ class GcsBackend(Backend):
     def read(self, key: str) -> Optional[bytes]:
         with self.failures(f"read {key}"):
             try:
-                return self._bucket().blob(check_key(key)).download_as_bytes(retry=_RETRY, timeout=_TIMEOUT)
+                return self._bucket().blob(check_key(key)).download_as_bytes(retry=self.retry, timeout=_TIMEOUT)
             except api_exceptions.NotFound:
                 return None
 
@@ -227,13 +227,13 @@ class GcsBackend(Backend):
         with self.failures(f"write {key}"):
             blob = self._bucket().blob(check_key(key))
             if not key.startswith("layers/"):
-                blob.upload_from_string(data, content_type=media_type, retry=_RETRY, timeout=_TIMEOUT)
+                blob.upload_from_string(data, content_type=media_type, retry=self.retry, timeout=_TIMEOUT)
                 return
-            if blob.exists(retry=_RETRY, timeout=_TIMEOUT):
+            if blob.exists(retry=self.retry, timeout=_TIMEOUT):
                 return
             with contextlib.suppress(api_exceptions.PreconditionFailed):
                 blob.upload_from_string(data, content_type=media_type, if_generation_match=0,
-                                        retry=_RETRY, timeout=_TIMEOUT)
+                                        retry=self.retry, timeout=_TIMEOUT)
 
     @contextlib.contextmanager
     def upload(self) -> Iterator[Upload]:
@@ -254,16 +254,16 @@ class GcsBackend(Backend):
         publish the same layer at once, the first wins and the second is a no-op.
         """
         bucket = self._bucket()
-        if bucket.get_blob(key, retry=_RETRY, timeout=_TIMEOUT) is not None:
+        if bucket.get_blob(key, retry=self.retry, timeout=_TIMEOUT) is not None:
             return
         tmp.content_type = media_type
-        tmp.patch(retry=_RETRY, timeout=_TIMEOUT)
+        tmp.patch(retry=self.retry, timeout=_TIMEOUT)
         target = bucket.blob(key)
         token: Optional[str] = None
         with contextlib.suppress(api_exceptions.PreconditionFailed):
             while True:  # large objects may take several rewrite calls
                 token, _, _ = target.rewrite(tmp, token=token, if_generation_match=0,
-                                             retry=_RETRY, timeout=_TIMEOUT)
+                                             retry=self.retry, timeout=_TIMEOUT)
                 if token is None:
                     break
 
@@ -293,11 +293,11 @@ class GcsBackend(Backend):
         """
         probe = self._bucket().blob(f"{TMP_PREFIX}check-{uuid.uuid4().hex}")
         with self.failures("writing a test object"):
-            probe.upload_from_string(b"nixery", retry=_RETRY, timeout=_TIMEOUT)
+            probe.upload_from_string(b"nixery", retry=self.retry, timeout=_TIMEOUT)
         with self.failures("reading a test object back"):
-            data = probe.download_as_bytes(retry=_RETRY, timeout=_TIMEOUT)
+            data = probe.download_as_bytes(retry=self.retry, timeout=_TIMEOUT)
             with contextlib.suppress(api_exceptions.NotFound):
-                probe.delete(retry=_RETRY, timeout=_TIMEOUT)
+                probe.delete(retry=self.retry, timeout=_TIMEOUT)
         if data != b"nixery":
             raise StorageError(f"GCS bucket {self.config.bucket}: a test object read back differs from what was written")
         log.info("gcs bucket reachable", extra={"bucket": self.config.bucket,

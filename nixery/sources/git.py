@@ -28,11 +28,12 @@ from typing import Iterator, Optional
 import pygit2
 from pygit2.enums import CheckoutStrategy, CredentialType, FetchPrune
 
-from .config import Config, redact_url
-from .errors import RegistryError, build_failed, manifest_unknown
-from .locks import file_lock
-from .nix import SourceArgs
-from .sources import COMMIT_RE, Resolved
+from ..atomic import write_atomic
+from ..config import redact_url
+from ..errors import RegistryError, build_failed, manifest_unknown
+from ..locks import file_lock
+from ..nix import SourceArgs
+from . import COMMIT_RE, Resolved
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,20 @@ TOKEN_USERNAME = "x-access-token"
 
 
 @dataclasses.dataclass(frozen=True)
+class GitSettings:
+    """What a git source needs of the configuration, and where it may keep its mirrors and locks."""
+
+    url: str
+    ttl: int
+    ssh_key: Optional[Path]
+    token: Optional[str] = dataclasses.field(repr=False)
+    ssh_dir: Path  # where the default keys are looked for
+    ssh_agent: bool  # whether SSH_AUTH_SOCK names an agent (libgit2 reads it itself)
+    mirrors_dir: Path
+    lock_dir: Path
+
+
+@dataclasses.dataclass(frozen=True)
 class _FetchState:
     """The last fetch attempt: when it ended and, if it failed, the client's one-line reason."""
 
@@ -61,16 +76,19 @@ class _FetchState:
 class _Credentials(pygit2.RemoteCallbacks):
     """Offers credentials the way git users expect, each at most once, then gives up.
 
-    ssh: NIXERY_SSH_KEY if set; otherwise the SSH agent, then ~/.ssh's default keys.
+    ssh: NIXERY_SSH_KEY if set; otherwise the SSH agent, then ~/.ssh's default keys
+    (the configuration says where ~/.ssh is and whether an agent runs).
     https: NIXERY_GIT_TOKEN (a token embedded in the URL is used by libgit2 itself).
     libgit2 asks again after every refusal, so without the "at most once" a
     wrong key would loop forever.
     """
 
-    def __init__(self, ssh_key: Optional[Path], token: Optional[str]):
+    def __init__(self, ssh_key: Optional[Path], token: Optional[str], ssh_dir: Path, ssh_agent: bool):
         super().__init__()
         self.ssh_key = ssh_key
         self.token = token
+        self.ssh_dir = ssh_dir
+        self.ssh_agent = ssh_agent
         self.offered: set[str] = set()
 
     def credentials(self, url: str, username_from_url: Optional[str],
@@ -108,10 +126,10 @@ class _Credentials(pygit2.RemoteCallbacks):
         if self.ssh_key:
             yield "key", _keypair(user, self.ssh_key)
             return
-        if os.environ.get("SSH_AUTH_SOCK"):
+        if self.ssh_agent:
             yield "agent", pygit2.KeypairFromAgent(user)
         for name in SSH_KEY_FILES:
-            path = Path.home() / ".ssh" / name
+            path = self.ssh_dir / name
             if path.is_file():
                 yield name, _keypair(user, path)
 
@@ -125,17 +143,17 @@ def _keypair(user: str, private: Path) -> pygit2.Keypair:
 class GitSource:
     """NIXERY_PKGS_REPO: tags are git references, resolved to commits, which pin the cache."""
 
-    def __init__(self, config: Config):
-        self.url = config.source.argument
+    def __init__(self, settings: GitSettings):
+        self.url = settings.url
         self.name = redact_url(self.url)
-        self.ttl = config.git_ttl
-        self.ssh_key = config.ssh_key
-        self.token = config.git_token
-        root = config.state_dir / "git" / hashlib.sha256(self.name.encode()).hexdigest()[:16]
+        self.ttl = settings.ttl
+        self.token = settings.token
+        self.settings = settings
+        root = settings.mirrors_dir / hashlib.sha256(self.name.encode()).hexdigest()[:16]
         self.mirror = root / "mirror.git"
         self.checkouts = root / "checkouts"
         self.state_file = root / "fetch-state.json"
-        self.lock_dir = config.state_dir / "locks"
+        self.lock_dir = settings.lock_dir
         pygit2.settings.server_connect_timeout = CONNECT_TIMEOUT_MS
         pygit2.settings.server_timeout = IO_TIMEOUT_MS
 
@@ -206,7 +224,8 @@ class GitSource:
             self._init_mirror()
             repo = pygit2.Repository(str(self.mirror))
             repo.remotes.create_anonymous(self.url).fetch(
-                REFSPECS, callbacks=_Credentials(self.ssh_key, self.token), prune=FetchPrune.PRUNE)
+                REFSPECS, callbacks=_Credentials(self.settings.ssh_key, self.token, self.settings.ssh_dir,
+                                                 self.settings.ssh_agent), prune=FetchPrune.PRUNE)
             state = _FetchState(time.time(), None)
             log.info("fetched repository", extra={"source": self.name,
                                                   "duration": round(time.monotonic() - start, 3)})
@@ -232,9 +251,7 @@ class GitSource:
         os.rename(tmp, self.mirror)
 
     def _write_state(self, state: _FetchState) -> None:
-        tmp = self.state_file.with_name(f".{self.state_file.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(dataclasses.asdict(state)))
-        os.replace(tmp, self.state_file)
+        write_atomic(self.state_file, json.dumps(dataclasses.asdict(state)).encode())
 
     def _checkout(self, commit: str) -> SourceArgs:
         """The commit's tree as a directory for Nix, exported on first use and reused after."""

@@ -1,4 +1,4 @@
-"""Recent builds and build errors, kept on disk so that every Gunicorn worker sees them all.
+"""The build history: recent builds and build errors, kept on disk so that every Gunicorn worker sees them all.
 
 Workers are processes that share nothing in memory, so a list in one of them
 would show a user a third of the story. Each finished build is appended to a
@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
-from pathlib import Path
 from typing import Any
 
 import falcon
 
+from .atomic import write_atomic
 from .builder import BuildStats
+from .config import StateLayout
 from .locks import file_lock
 
 log = logging.getLogger(__name__)
@@ -51,12 +51,12 @@ def entry(stats: BuildStats, finished: float) -> dict[str, Any]:
     }
 
 
-class RecentBuilds:
+class BuildHistory:
     """The last `builds_kept` builds and `errors_kept` failures, newest last on disk."""
 
-    def __init__(self, state_dir: Path, builds_kept: int = 50, errors_kept: int = 20):
-        self.directory = state_dir / "history"
-        self.lock_dir = state_dir / "locks"
+    def __init__(self, state: StateLayout, builds_kept: int = 50, errors_kept: int = 20):
+        self.directory = state.history
+        self.lock_dir = state.locks
         self.builds_kept = builds_kept
         self.errors_kept = errors_kept
 
@@ -85,9 +85,7 @@ class RecentBuilds:
         """Rewrites the whole (small) file: trimming and appending in one atomic step."""
         self.directory.mkdir(parents=True, exist_ok=True)
         items = (self._read(name) + [item])[-kept:]
-        tmp = self.directory / f".{name}.tmp"
-        tmp.write_text("".join(json.dumps(i) + "\n" for i in items))
-        os.replace(tmp, self.directory / name)
+        write_atomic(self.directory / name, "".join(json.dumps(i) + "\n" for i in items).encode())
 
 
 def _log_fields(item: dict[str, Any]) -> dict[str, Any]:
@@ -104,7 +102,7 @@ class BuildRecorder:
     """Falcon middleware: logs every manifest request that reached the builder, and keeps
     the real builds and failures (not cache hits, which would crowd them out) for the page."""
 
-    def __init__(self, store: RecentBuilds):
+    def __init__(self, store: BuildHistory):
         self.store = store
 
     def process_response(self, req: falcon.Request, resp: falcon.Response, resource: object,

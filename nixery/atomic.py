@@ -1,0 +1,32 @@
+"""Atomic file writes: a reader (another worker, another instance) sees the old file or the new, never half.
+
+Every small file Nixery keeps on disk (storage objects and their media types,
+git fetch state, the build history, the build memo) is written here: into a
+temporary file in the same file system, flushed to disk, then renamed over the
+target, which POSIX makes atomic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+
+def write_atomic(path: Path, data: bytes, tmp_dir: Optional[Path] = None) -> None:
+    """Replaces `path` with `data` in one step; the temporary file lives in `tmp_dir`
+    (default: beside `path`), which must be on the same file system."""
+    fd, tmp = tempfile.mkstemp(dir=tmp_dir or path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,48 @@
+"""Package sources: what Nix should import for a tag, and whether that is pinned.
+
+A pinned source (a nixpkgs commit, a resolved git commit) yields a cache key:
+the same key always means the same packages, so its manifests can be cached
+in storage and served without running Nix. An unpinned one (a channel name,
+a local directory) yields none and is built each time; its layers are still
+reused through their content-keyed records.
+
+One module per kind, like `storage/`: `channel` (nixpkgs tarballs), `git`
+(a repository mirrored with pygit2) and `path` (a local directory); the app's
+`make_source` picks the configured one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from typing import Callable, Optional, Protocol
+
+from ..nix import SourceArgs
+
+COMMIT_RE = re.compile(r"[0-9a-f]{40}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Resolved:
+    """A tag's meaning: `cache_key` names the fixed revision (None when it can move).
+
+    What Nix imports is only prepared when Nix runs: a git checkout costs an
+    export, which a request answered from the manifest cache must not pay.
+    """
+
+    cache_key: Optional[str]
+    prepare: Callable[[], SourceArgs]
+
+    @functools.cached_property
+    def args(self) -> SourceArgs:
+        return self.prepare()
+
+    @classmethod
+    def ready(cls, args: SourceArgs, cache_key: Optional[str]) -> "Resolved":
+        return cls(cache_key, lambda: args)
+
+
+class Source(Protocol):
+    def resolve(self, tag: str) -> Resolved:
+        """Raises a MANIFEST_UNKNOWN RegistryError for a tag this source does not serve."""

@@ -1,0 +1,232 @@
+"""What the tests share: real Nixery servers, real registry clients, and the stand-in builder of the fast tier.
+
+Servers are started as a user would start them (`python -m nixery`, Gunicorn
+and all) with the environment a test gives; images are pulled with skopeo,
+unpacked with umoci and run in a chroot. The fast tier runs the same app in
+process (`falcon.testing`) with `StandInBuilder` in place of Nix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import requests
+
+from nixery import archive, manifest
+from nixery.builder import BuildStats, Result, in_media_type
+from nixery.image import Image
+from nixery.nix import NixError, UnknownPackages
+from nixery.storage import Backend, StorageError, blob_key
+
+ROOT = Path(__file__).resolve().parent.parent
+# No binary cache is reachable here: asking one costs seconds per Nix call. A download that
+# fails (the tests' unreachable tarball URLs) fails at once instead of retrying with back-off.
+NIX_ENV = {"NIX_CONFIG": "substituters =\nwarn-dirty = false\ndownload-attempts = 1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A running `python -m nixery` with its own storage, state and log file."""
+
+    def __init__(self, workdir: Path, env: dict[str, str]):
+        self.workdir = workdir
+        self.port = free_port()
+        self.log_path = workdir / f"server-{self.port}.log"
+        self.env = {**os.environ, **NIX_ENV, "PORT": str(self.port), "NIXERY_LISTEN_ADDRESS": "127.0.0.1",
+                    "STORAGE_PATH": str(workdir / "storage"), "NIXERY_STATE_DIR": str(workdir / "state"),
+                    "NIXERY_WORKERS": "2", "PYTHONPATH": str(ROOT), **env}
+        for key in ("NIXERY_CHANNEL", "NIXERY_PKGS_REPO", "NIXERY_PKGS_PATH", "BUCKET", "GCS_BUCKET"):
+            if key not in env:
+                self.env.pop(key, None)
+        self.proc: Optional[subprocess.Popen] = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 30) -> "Server":
+        """Returns once every worker has made its app (and so handles SIGTERM: a worker
+        still booting when the server is stopped misses the signal, and Gunicorn then
+        waits its whole graceful timeout for it) and the registry answers."""
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "nixery"], env=self.env, cwd=self.workdir,
+                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        workers = int(self.env["NIXERY_WORKERS"])
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"nixery exited with {self.proc.returncode}:\n{self.log()}")
+            ready = len({e.get("pid") for e in self.log_entries() if e.get("message") == "worker ready"})
+            try:
+                # 401: the instance asks for a login (NIXERY_AUTH), and is up.
+                if ready >= workers and requests.get(self.url + "/v2/", timeout=1).status_code in (200, 401):
+                    return self
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"nixery did not start:\n{self.log()}")
+
+    def terminate(self) -> None:
+        """Asks the server to stop (SIGTERM to Gunicorn and its workers); `wait` for it after."""
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+
+    def wait(self) -> bool:
+        """Waits for the server to exit; False if it ignored SIGTERM for 20 s and had to be killed."""
+        if self.proc and self.proc.poll() is None:
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+                return False
+        return True
+
+    def stop(self) -> None:
+        self.terminate()
+        self.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_entries(self) -> list[dict]:
+        entries = []
+        for line in self.log().splitlines():
+            if line.startswith("{"):
+                try:
+                    entries.append(json.loads(line))
+                except ValueError:
+                    pass
+        return entries
+
+
+class NixCounter:
+    """A PATH prefix whose nix, nix-build, nix-instantiate and nix-store log each call, then run the real one."""
+
+    def __init__(self, directory: Path):
+        self.bin = directory / "bin"
+        self.bin.mkdir(parents=True)
+        self.calls = directory / "calls"
+        self.calls.touch()
+        for tool in ("nix", "nix-build", "nix-instantiate", "nix-store"):
+            real = shutil.which(tool)
+            assert real, f"{tool} is not installed"
+            script = self.bin / tool
+            script.write_text(f'#!/bin/sh\necho "{tool} $*" >> "{self.calls}"\nexec "{real}" "$@"\n')
+            script.chmod(0o755)
+
+    def path(self) -> str:
+        return f"{self.bin}:{os.environ['PATH']}"
+
+    def reset(self) -> None:
+        """Forget the calls so far (a server's start-up check builds a trivial derivation)."""
+        self.calls.write_text("")
+
+    def count(self, tool: Optional[str] = None) -> int:
+        lines = self.calls.read_text().splitlines()
+        return len([line for line in lines if tool is None or line.split(" ", 1)[0] == tool])
+
+
+def skopeo_pull(host: str, name: str, dest: Path, tag: str = "latest",
+                creds: Optional[str] = None) -> subprocess.CompletedProcess:
+    """`skopeo copy` into an OCI layout at dest (tag `tag`), logging in with `user:password` when
+    given; returns the finished process."""
+    login = ["--src-creds", creds] if creds else []
+    return subprocess.run(["skopeo", "copy", "--src-tls-verify=false", *login, f"docker://{host}/{name}:{tag}",
+                           f"oci:{dest}:{tag}"], capture_output=True, text=True, timeout=300)
+
+
+def pull_and_unpack(host: str, name: str, workdir: Path, tag: str = "latest", creds: Optional[str] = None) -> Path:
+    """Pulls with skopeo and unpacks with umoci; returns the rootfs."""
+    oci = workdir / "oci"
+    result = skopeo_pull(host, name, oci, tag, creds)
+    assert result.returncode == 0, result.stderr
+    bundle = workdir / "bundle"
+    unpack = subprocess.run(["umoci", "unpack", "--image", f"{oci}:{tag}", str(bundle)],
+                            capture_output=True, text=True, timeout=300)
+    assert unpack.returncode == 0, unpack.stderr
+    return bundle / "rootfs"
+
+
+def chroot_run(rootfs: Path, *argv: str) -> str:
+    chroot = shutil.which("chroot") or "/usr/sbin/chroot"
+    result = subprocess.run([chroot, str(rootfs), *argv], capture_output=True, text=True, timeout=60,
+                            env={"PATH": "/bin:/usr/bin"})
+    assert result.returncode == 0, f"{argv} failed: {result.stderr}"
+    return result.stdout
+
+
+def oci_manifest(oci: Path, tag: str = "latest") -> dict:
+    index = json.loads((oci / "index.json").read_text())
+    digest = next(m["digest"] for m in index["manifests"]
+                  if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == tag)
+    return json.loads((oci / "blobs" / "sha256" / digest.split(":")[1]).read_text())
+
+
+def errors_of(response) -> list[dict]:
+    """The registry error list of a response (requests' or falcon.testing's)."""
+    assert response.headers["Content-Type"].startswith("application/json")
+    body = response.json() if callable(response.json) else response.json
+    return body["errors"]
+
+
+class StandInBuilder:
+    """The builder's interface without Nix, for the fast tier: every image is the same small
+    image, really archived and stored (a config and one layer of a few hundred kB of
+    incompressible bytes), so that blobs, ranges and digests are real.
+
+    A few package names make it fail the way the real builder's steps do, with their own
+    exception types, so the app's error handling is what answers: `nosuch*` packages are
+    unknown (all of them named), `broken` fails in Nix, `storage-down` finds storage
+    unreachable and `crash` raises something nobody foresaw."""
+
+    def __init__(self, storage: Backend, workdir: Path):
+        self.storage = storage
+        tree = workdir / "stand-in-layer" / "bin"
+        tree.mkdir(parents=True)
+        (tree / "payload").write_bytes(random.Random(7).randbytes(300_000))
+        with storage.upload() as upload:
+            layer = archive.write_layer(upload.file, store_paths=[str(tree.parent)])
+            upload.commit(blob_key(layer.digest), archive.LAYER_MEDIA_TYPE)
+        config = manifest.image_config("amd64", [layer.diff_id], [f"PATH={manifest.DEFAULT_PATH}"])
+        storage.write(blob_key(config.digest), config.data, config.media_type)
+        self.layer = manifest.Descriptor(archive.LAYER_MEDIA_TYPE, layer.digest, layer.size)
+        self.config = config.descriptor()
+        self.document = manifest.image_manifest(self.config, [self.layer])
+        storage.write(blob_key(self.document.digest), self.document.data, self.document.media_type)
+        self.requests: list[Image] = []
+
+    def manifest(self, image: Image, media_type: str = manifest.MANIFEST_MEDIA_TYPE,
+                 authorise_build: Optional[Callable[[], None]] = None) -> Result:
+        self.requests.append(image)
+        unknown = [name for name in image.packages if name.startswith("nosuch")]
+        if unknown:
+            raise UnknownPackages(unknown)
+        if "broken" in image.packages:
+            raise NixError("building failed: builder for broken failed with exit code 1", "the whole log")
+        if "storage-down" in image.packages:
+            raise StorageError("GCS bucket test: stat failed: cannot connect to Google Cloud Storage")
+        if "crash" in image.packages:
+            raise KeyError("stand-in crash")
+        stats = BuildStats(image=image.name, tag=image.tag, layers=1, layers_reused=1,
+                           bytes_reused=self.layer.size)
+        return Result(in_media_type(self.storage, self.document, media_type), stats)
