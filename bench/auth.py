@@ -28,7 +28,7 @@ import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-from conftest import Server  # noqa: E402
+from support import Server  # noqa: E402
 from pkgset import make_package_set  # noqa: E402
 
 

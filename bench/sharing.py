@@ -36,7 +36,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-from conftest import NIX_ENV, Server  # noqa: E402
+from support import NIX_ENV, Server  # noqa: E402
 from pkgset import make_package_set  # noqa: E402
 
 import networkx as nx  # noqa: E402

@@ -14,7 +14,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -53,16 +52,14 @@ def fatal_line(result: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-def test_a_machine_that_is_set_up_passes_in_under_a_second(tmp_path):
+def test_a_machine_that_is_set_up_passes_without_warnings(tmp_path):
+    """(What the checks cost is measured by bench/preflight.py.)"""
     env = nixery_env(tmp_path)
-    assert check_config(env).returncode == 0  # the first run may build the check's derivation
-    started = time.monotonic()
-    result = check_config(env)
-    elapsed = time.monotonic() - started
-    assert result.returncode == 0, result.stderr
-    assert warnings(result) == []
-    # Python's own start-up is in this figure too; the bound is loose on purpose (noisy machine).
-    assert elapsed < 3, f"--check-config took {elapsed:.2f}s"
+    for _ in range(2):  # the first run may build the check's derivation; the second looks it up
+        result = check_config(env)
+        assert result.returncode == 0, result.stderr
+        assert warnings(result) == []
+        assert json.loads(result.stdout)["source"]["kind"] == "path"
 
 
 def test_nix_not_on_path(tmp_path):
