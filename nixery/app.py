@@ -7,13 +7,13 @@ from pathlib import Path
 
 import falcon
 
-from . import error_handlers, health, popularity, web
+from . import error_handlers, health, image, popularity, web
 from .api import API_VERSION_HEADER, Registry, VersionCheck
 from .auth import AuthMiddleware
 from .builder import Builder, ManifestBuilder
 from .config import Config, SourceKind
 from .metrics import Metrics, MetricsMiddleware, MetricsResource
-from .nix import Nix
+from .nix import Nix, NixError
 from .history import BuildHistory, BuildRecorder
 from .sources import Source
 from .storage import Backend
@@ -43,6 +43,17 @@ def make_source(config: Config) -> Source:
                                  mirrors_dir=config.state.git, lock_dir=config.state.locks))
 
 
+def platforms(config: Config, nix: Nix) -> tuple[image.Architecture, ...]:
+    """NIXERY_PLATFORMS, or the platforms this instance's Nix builds (its system and extra-platforms)."""
+    if config.platforms:
+        return tuple(image.PLATFORMS[p] for p in config.platforms)
+    try:
+        return image.platforms_for(nix.systems())
+    except NixError as e:
+        log.warning("cannot read Nix's platforms; offering amd64 only", extra={"reason": e.reason})
+        return (image.AMD64,)
+
+
 class _ApiVersion:
     def process_response(self, req: falcon.Request, resp: falcon.Response, resource, req_succeeded) -> None:
         resp.set_header(*API_VERSION_HEADER)
@@ -58,7 +69,7 @@ def create_app(config: Config, storage: Backend | None = None, *, builder: Manif
     if builder is None:
         nix = Nix(config.nix_timeout, config.state.gcroots, on_invoke=metrics.count_nix, cache=config.binary_cache)
         builder = Builder(storage, nix, make_source(config), popularity.load(config.popularity_url),
-                          config.layer_budget, config.state)
+                          config.layer_budget, config.state, platforms(config, nix), config.nix_snapshotter)
     # Auth last: its process_response runs first, before the build recorders read req.context.build.
     app = falcon.App(middleware=[_ApiVersion(), MetricsMiddleware(metrics), BuildRecorder(history),
                                 AuthMiddleware(config.auth)])
