@@ -226,3 +226,22 @@ def test_a_platform_the_set_cannot_build_is_left_out_of_the_index(start_server, 
     server = start_server({"NIXERY_PKGS_PATH": str(plain), "NIXERY_PLATFORMS": "linux/amd64,linux/arm64"})
     listed = get(server, "/v2/hello/manifests/latest", f"{MANIFEST_LIST}, {MANIFEST_V2}")
     assert [e["platform"]["architecture"] for e in listed.json()["manifests"]] == ["amd64"]
+
+
+def test_nix_snapshotter_annotations_are_a_setting(start_server, pkgset, shared_server):
+    server = start_server({"NIXERY_PKGS_PATH": str(pkgset), "NIXERY_NIX_SNAPSHOTTER": "true"})
+    raw = json.loads(skopeo("inspect", "--tls-verify=false", "--raw", f"docker://{server.host}/hello:latest"))
+    config = inspect_config(server.host, "hello")
+    *store_layers, root_layer = raw["layers"]
+    for layer, entry in zip(store_layers, config["history"]):
+        notes = dict(layer["annotations"])
+        assert notes.pop("containerd.io/snapshot/nix-layer") == "true"
+        assert sorted(notes.values()) == entry["created_by"].split()
+        assert set(notes) == {f"containerd.io/snapshot/nix-store-path.{i}" for i in range(len(notes))}
+    assert "annotations" not in root_layer, "the root layer is unpacked as usual"
+    # The OCI form carries them too; without the setting the same layers come without them.
+    oci = get(server, "/v2/hello/manifests/latest", OCI_MANIFEST).json()
+    assert [layer.get("annotations") for layer in oci["layers"]] == [layer.get("annotations") for layer in raw["layers"]]
+    plain = get(shared_server, "/v2/hello/manifests/latest", MANIFEST_V2).json()
+    assert [layer["digest"] for layer in plain["layers"]] == [layer["digest"] for layer in raw["layers"]]
+    assert all("annotations" not in layer for layer in plain["layers"])
