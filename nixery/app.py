@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -43,15 +44,18 @@ def make_source(config: Config) -> Source:
                                  mirrors_dir=config.state.git, lock_dir=config.state.locks))
 
 
-def platforms(config: Config, nix: Nix) -> tuple[image.Architecture, ...]:
-    """NIXERY_PLATFORMS, or the platforms this instance's Nix builds (its system and extra-platforms)."""
+def with_platforms(config: Config) -> Config:
+    """`config` with NIXERY_PLATFORMS filled in when unset: the platforms this instance's Nix
+    builds (its system and extra-platforms). The server calls it once, before forking workers."""
     if config.platforms:
-        return tuple(image.PLATFORMS[p] for p in config.platforms)
+        return config
     try:
-        return image.platforms_for(nix.systems())
+        systems = Nix(config.nix_timeout, config.state.gcroots).systems()
     except NixError as e:
-        log.warning("cannot read Nix's platforms; offering amd64 only", extra={"reason": e.reason})
-        return (image.AMD64,)
+        log.warning("cannot read Nix's platforms; offering linux/amd64 only", extra={"reason": e.reason})
+        systems = [image.AMD64.nix_system]
+    names = {arch: name for name, arch in image.PLATFORMS.items()}
+    return dataclasses.replace(config, platforms=tuple(names[arch] for arch in image.platforms_for(systems)))
 
 
 class _ApiVersion:
@@ -68,8 +72,9 @@ def create_app(config: Config, storage: Backend | None = None, *, builder: Manif
     history = BuildHistory(config.state)
     if builder is None:
         nix = Nix(config.nix_timeout, config.state.gcroots, on_invoke=metrics.count_nix, cache=config.binary_cache)
+        platforms = tuple(image.PLATFORMS[name] for name in with_platforms(config).platforms)
         builder = Builder(storage, nix, make_source(config), popularity.load(config.popularity_url),
-                          config.layer_budget, config.state, platforms(config, nix), config.nix_snapshotter)
+                          config.layer_budget, config.state, platforms, config.nix_snapshotter)
     # Auth last: its process_response runs first, before the build recorders read req.context.build.
     app = falcon.App(middleware=[_ApiVersion(), MetricsMiddleware(metrics), BuildRecorder(history),
                                 AuthMiddleware(config.auth)])

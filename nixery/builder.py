@@ -143,6 +143,9 @@ class Builder:
         serves the request); it raises to refuse a client that may only pull what is built.
         Raises what the steps raise (RegistryError, StorageError, NixError, UnknownPackages);
         the app's error handlers tell the client."""
+        if not image.arch_given and self.platforms:
+            # A name without `arm64/` is for the first platform listed (this machine's, by default).
+            image = dataclasses.replace(image, arch=self.platforms[0])
         if media_type in manifest.ENTRY_MEDIA_TYPES and len(self.platforms) > 1 and not image.arch_given:
             return self._index(image, media_type, authorise_build)
         result = self._docker_manifest(image, authorise_build)

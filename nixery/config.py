@@ -230,7 +230,7 @@ class Config:
                              if self.binary_cache else None),
             "popularity_url": redact_url(self.popularity_url) if self.popularity_url else None,
             "layer_budget": self.layer_budget,
-            "platforms": list(self.platforms) or "detected from Nix",
+            "platforms": list(self.platforms),
             "nix_snapshotter": self.nix_snapshotter,
             "workers": self.workers,
             "threads": self.threads,

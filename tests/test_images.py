@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 import requests
 
+from nixery.app import with_platforms
+from nixery.config import ConfigError, load
 from pkgset import make_emulated_package_set
-from support import chroot_run, pull_and_unpack, skopeo_pull
+from support import chroot_run, pull_and_unpack
 
 MANIFEST_V2 = "application/vnd.docker.distribution.manifest.v2+json"
 MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
@@ -204,7 +206,7 @@ def test_one_name_serves_every_platform(start_server, emulated, tmp_path):
     assert index.headers["Content-Type"] == OCI_INDEX
     assert {e["mediaType"] for e in index.json()["manifests"]} == {OCI_MANIFEST}
 
-    # A Docker-only client still gets one Docker manifest (amd64), the list's first entry.
+    # A Docker-only client still gets one Docker manifest: the first platform listed, amd64.
     docker_only = get(server, "/v2/shell/hello/manifests/latest", MANIFEST_V2)
     assert docker_only.headers["Content-Type"] == MANIFEST_V2
     assert docker_only.headers["Docker-Content-Digest"] == entries[0]["digest"]
@@ -245,3 +247,25 @@ def test_nix_snapshotter_annotations_are_a_setting(start_server, pkgset, shared_
     plain = get(shared_server, "/v2/hello/manifests/latest", MANIFEST_V2).json()
     assert [layer["digest"] for layer in plain["layers"]] == [layer["digest"] for layer in raw["layers"]]
     assert all("annotations" not in layer for layer in plain["layers"])
+
+
+def test_default_platforms_are_what_nix_builds(tmp_path, monkeypatch, pkgset):
+    config = load({"HOME": str(tmp_path), "NIXERY_PKGS_PATH": str(pkgset)})
+    assert config.platforms == ()
+    # This machine: x86_64-linux, with i686-linux and the x86_64-v* levels as extra platforms (not offered).
+    assert with_platforms(config).platforms == ("linux/amd64",)
+    monkeypatch.setenv("NIX_CONFIG", "extra-platforms = aarch64-linux i686-linux")
+    assert with_platforms(config).platforms == ("linux/amd64", "linux/arm64")
+    # A configured list is kept as it is, order and all.
+    chosen = load({"HOME": str(tmp_path), "NIXERY_PKGS_PATH": str(pkgset), "NIXERY_PLATFORMS": "linux/arm64,linux/amd64"})
+    assert with_platforms(chosen).platforms == ("linux/arm64", "linux/amd64")
+    with pytest.raises(ConfigError, match="NIXERY_PLATFORMS names 'linux/s390x'"):
+        load({"HOME": str(tmp_path), "NIXERY_PLATFORMS": "linux/amd64,linux/s390x"})
+
+
+def test_the_first_platform_listed_is_the_single_manifest_clients_get(start_server, emulated):
+    server = start_server({"NIXERY_PKGS_PATH": str(emulated), "NIXERY_PLATFORMS": "linux/arm64,linux/amd64"})
+    single = get(server, "/v2/hello/manifests/latest", MANIFEST_V2).json()
+    assert get(server, f"/v2/hello/blobs/{single['config']['digest']}").json()["architecture"] == "arm64"
+    listed = get(server, "/v2/hello/manifests/latest", f"{MANIFEST_LIST}, {MANIFEST_V2}").json()
+    assert [e["platform"]["architecture"] for e in listed["manifests"]] == ["arm64", "amd64"]
