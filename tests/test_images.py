@@ -219,6 +219,12 @@ def test_one_name_serves_every_platform(start_server, emulated, tmp_path):
     other = start_server(env)
     relisted = get(other, "/v2/shell/hello/manifests/latest", f"{MANIFEST_LIST}, {MANIFEST_V2}")
     assert relisted.content == listed.content
+    # ... and the same SBOM, artifact and document alike, made from the manifest alone.
+    arm64 = entries[1]["digest"]
+    referrers = [get(server_, f"/v2/shell/hello/referrers/{arm64}").json() for server_ in (server, other)]
+    assert referrers[0] == referrers[1] and len(referrers[0]["manifests"]) == 1
+    artifact = get(other, f"/v2/shell/hello/manifests/{referrers[1]['manifests'][0]['digest']}", OCI_MANIFEST).json()
+    assert artifact["subject"]["digest"] == arm64
 
 
 def test_a_platform_the_set_cannot_build_is_left_out_of_the_index(start_server, tmp_path, pkgset):
