@@ -60,6 +60,7 @@ let
     "tokenAuth.publicKeyFile" = "NIXERY_TOKEN_PUBLIC_KEY";
     popularityUrl = "NIX_POPULARITY_URL";
     layerBudget = "NIXERY_LAYER_BUDGET";
+    platforms = "NIXERY_PLATFORMS";
     workers = "NIXERY_WORKERS";
     threads = "NIXERY_THREADS";
     logLevel = "NIXERY_LOG_LEVEL";
@@ -503,6 +504,28 @@ in
       description = ''
         The most store-path layers an image gets (the root layer comes on
         top). Less popular paths are merged into shared layers.
+      '';
+    };
+
+    platforms = mkEnvOption "platforms" {
+      type = types.nullOr (
+        types.listOf (
+          types.enum [
+            "linux/amd64"
+            "linux/arm64"
+          ]
+        )
+      );
+      default = null;
+      example = [
+        "linux/amd64"
+        "linux/arm64"
+      ];
+      description = ''
+        The platforms an image is offered for: a client that takes a manifest
+        list or OCI index gets one entry per platform, each built when first
+        asked for. Null: the platforms the Nix daemon builds for (its `system`
+        and `extra-platforms`, e.g. with `boot.binfmt.emulatedSystems`).
       '';
     };
 

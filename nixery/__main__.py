@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from . import logs, preflight
     logs.setup(config.log_level)
-    from .app import create_app, make_source, make_storage
+    from .app import create_app, make_source, make_storage, with_platforms
     from .popularity import PopularityError
     from .storage import StorageError
     try:
@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger("nixery.preflight").warning(finding.message)
     if any(finding.fatal for finding in findings):
         return 2
+    # Nix's platforms are read here, once: the workers inherit the result.
+    config = with_platforms(config)
     if args.check_config:
         import json
         print(json.dumps(config.summary(), indent=2))

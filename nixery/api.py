@@ -16,20 +16,26 @@ import time
 
 import falcon
 
-from . import image
+from . import image, sbom
 from .builder import BuildStats, ManifestBuilder
 from .error_handlers import as_registry_error
 from .errors import RegistryError, blob_unknown, manifest_unknown
-from .manifest import MANIFEST_MEDIA_TYPE, OCI_MANIFEST_MEDIA_TYPE, Document
+from .manifest import (MANIFEST_LIST_MEDIA_TYPE, MANIFEST_MEDIA_TYPE, OCI_INDEX_MEDIA_TYPE, OCI_MANIFEST_MEDIA_TYPE,
+                       Document)
 from .storage import Backend, LocalFile, Redirect, blob_key
 
 API_VERSION_HEADER = ("Docker-Distribution-API-Version", "registry/2.0")
-_PATH_RE = re.compile(r"^/v2/(?P<name>.+)/(?P<kind>manifests|blobs)/(?P<reference>[^/]+)$")
+_PATH_RE = re.compile(r"^/v2/(?P<name>.+)/(?P<kind>manifests|blobs|referrers)/(?P<reference>[^/]+)$")
 _PUSH_RE = re.compile(r"^/v2/.+/(blobs/uploads(/.*)?|manifests/[^/]+|blobs/[^/]+)$")
 # The metrics' label for each kind of path below /v2/ (a template: names never become labels).
-ROUTES = {"manifests": "/v2/{name}/manifests/{reference}", "blobs": "/v2/{name}/blobs/{digest}"}
+ROUTES = {"manifests": "/v2/{name}/manifests/{reference}", "blobs": "/v2/{name}/blobs/{digest}",
+          "referrers": "/v2/{name}/referrers/{digest}"}
 OTHER_ROUTE = "/v2/{other}"
 MANIFEST_MEDIA_TYPES = (MANIFEST_MEDIA_TYPE, OCI_MANIFEST_MEDIA_TYPE)
+# The multi-platform type a client gets for each single-image type, when it names it in Accept.
+INDEX_FOR = {MANIFEST_MEDIA_TYPE: MANIFEST_LIST_MEDIA_TYPE, OCI_MANIFEST_MEDIA_TYPE: OCI_INDEX_MEDIA_TYPE}
+# What a manifest request by digest may be answered with.
+SERVED_MEDIA_TYPES = MANIFEST_MEDIA_TYPES + tuple(INDEX_FOR.values())
 READ_METHODS = ("GET", "HEAD")
 
 
@@ -89,6 +95,8 @@ class Registry:
         image.validate_name(name)
         if kind == "blobs":
             self.blob(req, resp, reference)
+        elif kind == "referrers":
+            self.referrers(req, resp, reference)
         elif ":" in reference:
             self.manifest_by_digest(req, resp, reference)
         else:
@@ -112,10 +120,22 @@ class Registry:
         # Layers and configs share the content store: only a manifest is served as one
         # (and only a manifest, which is small, is ever read into memory).
         info = self.storage.stat(blob_key(digest)) if image.validate_digest(digest) else None
-        data = self.storage.read(blob_key(digest)) if info and info.media_type in MANIFEST_MEDIA_TYPES else None
+        data = self.storage.read(blob_key(digest)) if info and info.media_type in SERVED_MEDIA_TYPES else None
         if data is None:
             raise manifest_unknown("manifest unknown", {"digest": digest})
         self._manifest(req, resp, Document(info.media_type, data))
+
+    def referrers(self, req: falcon.Request, resp: falcon.Response, digest: str) -> None:
+        """OCI 1.1 referrers: an image index of the artifacts (the SBOM) whose subject is `digest`."""
+        artifact_type = req.get_param("artifactType")
+        # A digest of another algorithm cannot name anything here: it has no referrers.
+        index = sbom.referrers(self.storage, digest if image.validate_digest(digest) else None, artifact_type)
+        resp.content_type = index.media_type
+        if artifact_type is not None:
+            resp.set_header("OCI-Filters-Applied", "artifactType")
+        resp.content_length = len(index.data)
+        if req.method == "GET":
+            resp.data = index.data
 
     @staticmethod
     def _manifest(req: falcon.Request, resp: falcon.Response, document: Document) -> None:
@@ -192,10 +212,13 @@ def _unsatisfiable(header: str, size: int) -> RegistryError:
 
 
 def _negotiate(req: falcon.Request) -> str:
-    """The manifest type to answer with: Docker schema 2 unless the client takes only OCI.
+    """The manifest type to answer with: Docker schema 2 unless the client takes only OCI, and
+    the manifest list (or OCI index) of that type when the client names it in `Accept` (a
+    `*/*` does not count: a client that never asked for a list would not know what to do with it).
     A client that takes neither gets a clear 404 rather than a document it cannot parse."""
+    named = {part.split(";", 1)[0].strip().lower() for part in (req.accept or "").split(",")}
     for media_type in MANIFEST_MEDIA_TYPES:
         if req.client_accepts(media_type):
-            return media_type
+            return INDEX_FOR[media_type] if INDEX_FOR[media_type] in named else media_type
     raise manifest_unknown(f"this registry serves {' or '.join(MANIFEST_MEDIA_TYPES)} manifests",
                            {"accept": req.accept})

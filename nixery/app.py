@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
 import falcon
 
-from . import error_handlers, health, popularity, web
+from . import error_handlers, health, image, popularity, web
 from .api import API_VERSION_HEADER, Registry, VersionCheck
 from .auth import AuthMiddleware
 from .builder import Builder, ManifestBuilder
 from .config import Config, SourceKind
 from .metrics import Metrics, MetricsMiddleware, MetricsResource
-from .nix import Nix
+from .nix import Nix, NixError
 from .history import BuildHistory, BuildRecorder
 from .sources import Source
 from .storage import Backend
@@ -43,6 +44,20 @@ def make_source(config: Config) -> Source:
                                  mirrors_dir=config.state.git, lock_dir=config.state.locks))
 
 
+def with_platforms(config: Config) -> Config:
+    """`config` with NIXERY_PLATFORMS filled in when unset: the platforms this instance's Nix
+    builds (its system and extra-platforms). The server calls it once, before forking workers."""
+    if config.platforms:
+        return config
+    try:
+        systems = Nix(config.nix_timeout, config.state.gcroots).systems()
+    except NixError as e:
+        log.warning("cannot read Nix's platforms; offering linux/amd64 only", extra={"reason": e.reason})
+        systems = [image.AMD64.nix_system]
+    names = {arch: name for name, arch in image.PLATFORMS.items()}
+    return dataclasses.replace(config, platforms=tuple(names[arch] for arch in image.platforms_for(systems)))
+
+
 class _ApiVersion:
     def process_response(self, req: falcon.Request, resp: falcon.Response, resource, req_succeeded) -> None:
         resp.set_header(*API_VERSION_HEADER)
@@ -57,8 +72,9 @@ def create_app(config: Config, storage: Backend | None = None, *, builder: Manif
     history = BuildHistory(config.state)
     if builder is None:
         nix = Nix(config.nix_timeout, config.state.gcroots, on_invoke=metrics.count_nix, cache=config.binary_cache)
+        platforms = tuple(image.PLATFORMS[name] for name in with_platforms(config).platforms)
         builder = Builder(storage, nix, make_source(config), popularity.load(config.popularity_url),
-                          config.layer_budget, config.state)
+                          config.layer_budget, config.state, platforms, config.nix_snapshotter)
     # Auth last: its process_response runs first, before the build recorders read req.context.build.
     app = falcon.App(middleware=[_ApiVersion(), MetricsMiddleware(metrics), BuildRecorder(history),
                                 AuthMiddleware(config.auth)])

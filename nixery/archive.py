@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import os
 import stat
 import tarfile
@@ -30,12 +31,17 @@ THREADS = len(os.sched_getaffinity(0))
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
-    """A synthetic tar entry (the root layer's directories and symlinks)."""
+    """A synthetic tar entry (the root layer's directories, symlinks and small text files).
+
+    `content` is a file's text (UTF-8); `uid`/`gid` own it (the non-root user's home)."""
 
     name: str
-    kind: str  # "dir" or "symlink"
+    kind: str  # "dir", "symlink" or "file"
     mode: int = 0o755
     target: str = ""
+    content: str = ""
+    uid: int = 0
+    gid: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,11 +163,17 @@ def _write_tar(sink: _TarSink, store_paths: list[str], entries: list[Entry]) -> 
     synthetic.update((e.name, e) for e in entries)
     for entry in sorted(synthetic.values(), key=lambda e: e.name):
         info = _info(entry.name, entry.mode)
+        info.uid, info.gid = entry.uid, entry.gid
         if entry.kind == "dir":
             info.type = tarfile.DIRTYPE
         elif entry.kind == "symlink":
             info.type = tarfile.SYMTYPE
             info.linkname = entry.target
+        elif entry.kind == "file":
+            data = entry.content.encode()
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+            continue
         else:
             raise ValueError(f"unknown entry kind {entry.kind}")
         tar.addfile(info)

@@ -19,16 +19,24 @@ from typing import Callable, Mapping, Optional, Protocol, Sequence
 from . import archive, layers, manifest, rootfs
 from .atomic import write_atomic
 from .config import StateLayout
-from .image import OPTIONAL_PACKAGES, Image
+from .image import OPTIONAL_PACKAGES, Architecture, Image
 from .locks import file_lock
-from .nix import Closure, Nix, NixError
-from .sources import Source
+from .nix import Closure, Nix, NixError, UnsupportedSystem
+from .sources import Resolved, Source
 from .storage import Backend, blob_key
 
 log = logging.getLogger(__name__)
 
 # Bump when the bytes a record describes would change (tar layout, compression).
 RECORD_VERSION = "nixery-layer-v1"
+# Bump when the same closure would give another config or manifest (users, labels, history),
+# so that cached manifests of pinned images are built again.
+IMAGE_VERSION = "nixery-image-v2"
+PACKAGES_LABEL = "dev.nixery.packages"
+SOURCE_LABEL = "org.opencontainers.image.source"
+REVISION_LABEL = "org.opencontainers.image.revision"
+ROOT_LAYER_HISTORY = ("nixery root layer: /bin, /etc, /lib, ... as symlinks into the packages; "
+                      "/etc/passwd, /etc/group, /tmp")
 # An unpinned image built this recently is served (from the build memo) to requests that
 # queued behind the build (a request may wait in a worker's accept queue before its clock starts).
 MEMO_SECONDS = 10.0
@@ -81,8 +89,10 @@ class ManifestBuilder(Protocol):
 
 
 def in_media_type(storage: Backend, document: manifest.Document, media_type: str) -> manifest.Document:
-    """A stored Docker manifest in the form a client takes. The OCI form is stored too, so
-    that the client can fetch it again by the digest it was given."""
+    """A stored Docker manifest in the form a client takes (a client that takes a multi-platform
+    type gets the single-image type it lists). The OCI form is stored too, so that the client can
+    fetch it again by the digest it was given."""
+    media_type = manifest.ENTRY_MEDIA_TYPES.get(media_type, media_type)
     if media_type != manifest.OCI_MANIFEST_MEDIA_TYPE:
         return document
     oci = manifest.as_oci(document)
@@ -95,9 +105,24 @@ def _hex(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def _combined(image: Image, parts: Sequence[BuildStats]) -> BuildStats:
+    """One request's stats from those of the platforms it built: cached only if all were."""
+    stats = BuildStats(image=image.name, tag=image.tag, cached=all(p.cached for p in parts))
+    for part in parts:
+        stats.layers += part.layers
+        stats.layers_built += part.layers_built
+        stats.layers_reused += part.layers_reused
+        stats.bytes_written += part.bytes_written
+        stats.bytes_reused += part.bytes_reused
+        for step, seconds in part.steps.items():
+            stats.steps[step] = max(stats.steps.get(step, 0.0), seconds)
+    return stats
+
+
 class Builder:
     def __init__(self, storage: Backend, nix: Nix, source: Source, popularity: Mapping[str, int],
-                 budget: int, state: StateLayout):
+                 budget: int, state: StateLayout, platforms: Sequence[Architecture] = (),
+                 nix_snapshotter: bool = False):
         self.storage = storage
         self.nix = nix
         self.source = source
@@ -105,25 +130,63 @@ class Builder:
         self.budget = budget
         self.lock_dir = state.locks
         self.memo_dir = state.build_memo
+        # The platforms a name without `arm64/` is offered for, as an index (NIXERY_PLATFORMS).
+        self.platforms = tuple(platforms)
+        self.nix_snapshotter = nix_snapshotter
 
     def manifest(self, image: Image, media_type: str = manifest.MANIFEST_MEDIA_TYPE,
                  authorise_build: Optional[Callable[[], None]] = None) -> Result:
-        """The manifest for `image` as `media_type` (Docker schema 2 or its OCI form), built if needed.
+        """The manifest for `image` as `media_type` (Docker schema 2 or its OCI form, or a manifest
+        list or OCI index of every platform when the client takes one), built if needed.
 
         `authorise_build` is called when Nix would have to run (nothing cached or just built
         serves the request); it raises to refuse a client that may only pull what is built.
         Raises what the steps raise (RegistryError, StorageError, NixError, UnknownPackages);
         the app's error handlers tell the client."""
+        if not image.arch_given and self.platforms:
+            # A name without `arm64/` is for the first platform listed (this machine's, by default).
+            image = dataclasses.replace(image, arch=self.platforms[0])
+        if media_type in manifest.ENTRY_MEDIA_TYPES and len(self.platforms) > 1 and not image.arch_given:
+            return self._index(image, media_type, authorise_build)
         result = self._docker_manifest(image, authorise_build)
         return Result(in_media_type(self.storage, result.manifest, media_type), result.stats)
+
+    def _index(self, image: Image, media_type: str, authorise_build: Optional[Callable[[], None]]) -> Result:
+        """The index of `image` on every configured platform. Its entries name each platform's
+        manifest digest, so every platform not built yet is built now, in parallel; each is
+        stored on its own and served again to the next index or single-platform request.
+        A platform the package set cannot build for (UnsupportedSystem) is left out, unless
+        none is left."""
+        variants = [dataclasses.replace(image, arch=arch) for arch in self.platforms]
+        outcomes: list[Optional[Result]] = []
+        unsupported: list[UnsupportedSystem] = []
+        with concurrent.futures.ThreadPoolExecutor(len(variants), thread_name_prefix="platform") as pool:
+            futures = [pool.submit(self._docker_manifest, variant, authorise_build) for variant in variants]
+            for future in futures:
+                try:
+                    outcomes.append(future.result())
+                except UnsupportedSystem as e:
+                    log.info("platform left out of the index", extra={"image": image.name, "reason": str(e)})
+                    unsupported.append(e)
+                    outcomes.append(None)
+        built = [(variant, result) for variant, result in zip(variants, outcomes) if result is not None]
+        if not built:
+            raise unsupported[0]
+        entries = [(in_media_type(self.storage, result.manifest, media_type).descriptor(), variant.arch.docker_arch)
+                   for variant, result in built]
+        index = manifest.image_index(media_type, entries)
+        if self.storage.stat(blob_key(index.digest)) is None:
+            self.storage.write(blob_key(index.digest), index.data, index.media_type)
+        return Result(index, _combined(image, [result.stats for _, result in built]))
 
     def _docker_manifest(self, image: Image, authorise_build: Optional[Callable[[], None]]) -> Result:
         stats = BuildStats(image=image.name, tag=image.tag)
         resolved = self.source.resolve(image.tag)
         # Once the revision is fixed the tag no longer matters: `latest` and `release-v2` resolving
         # to one commit share a manifest. A cached image never prepares the source (no git export).
-        cache_key = _hex(f"{RECORD_VERSION}|{resolved.cache_key}|{image.arch.nix_system}|"
-                         f"{','.join(image.packages)}") if resolved.cache_key else None
+        cache_key = _hex(f"{RECORD_VERSION}|{IMAGE_VERSION}|{resolved.cache_key}|{image.arch.nix_system}|"
+                         f"{','.join(image.packages)}|{image.nonroot}|{self.nix_snapshotter}") \
+            if resolved.cache_key else None
         flight_key = cache_key or _hex(f"{resolved.args.kind}|{resolved.args.argument}|{image.key}")
         if cache_key and (cached := self._cached(cache_key, stats)):
             return Result(cached, stats)
@@ -136,7 +199,7 @@ class Builder:
                 return Result(memo, stats)
             if authorise_build:
                 authorise_build()
-            document = self._build(image, resolved.args, stats)
+            document = self._build(image, resolved, stats)
             if cache_key:
                 self.storage.write(f"manifests/{cache_key}", document.data, document.media_type)
             else:
@@ -178,7 +241,8 @@ class Builder:
             log.info("build step", extra={"image": stats.image, "step": step,
                                            "duration": stats.steps[step]})
 
-    def _build(self, image: Image, source_args, stats: BuildStats) -> manifest.Document:
+    def _build(self, image: Image, resolved_source: Resolved, stats: BuildStats) -> manifest.Document:
+        source_args = resolved_source.args
         try:
             with self.nix.gc_roots() as roots:
                 resolved = self._timed(stats, "evaluate", lambda: self.nix.resolve(
@@ -187,7 +251,8 @@ class Builder:
                     image.packages, OPTIONAL_PACKAGES, source_args, image.arch.nix_system, roots, resolved))
                 groups = self._timed(stats, "layer", lambda: layers.group(
                     closure.paths, list(closure.packages.values()), self.popularity, self.budget))
-                descriptors = self._timed(stats, "upload", lambda: self._write_layers(closure, groups, stats))
+                descriptors = self._timed(stats, "upload", lambda: self._write_layers(
+                    closure, groups, stats, image.nonroot))
         except NixError as e:
             # The whole log goes to the server's log only; the client gets `e.reason`.
             log.error("nix failed", extra={"image": image.name, "reason": e.reason, "nix_log": e.log})
@@ -195,23 +260,36 @@ class Builder:
         env = [f"PATH={manifest.DEFAULT_PATH}"]
         if "cacert" in closure.packages:
             env.append(f"SSL_CERT_FILE={rootfs.CACERT_BUNDLE}")
-        config = manifest.image_config(image.arch.docker_arch, [d.diff_id for d in descriptors], env,
-                                       ["bash"] if image.shell else [])
+        user = rootfs.NONROOT if image.nonroot else None
+        if user:
+            env.append(f"HOME={user.home}")
+        labels = {PACKAGES_LABEL: ",".join(image.packages)}
+        if resolved_source.source_url:
+            labels[SOURCE_LABEL] = resolved_source.source_url
+        if resolved_source.revision:
+            labels[REVISION_LABEL] = resolved_source.revision
+        config = manifest.image_config(
+            image.arch.docker_arch, [d.diff_id for d in descriptors], env, ["bash"] if image.shell else [],
+            history=[" ".join(group.paths) for group in groups] + [ROOT_LAYER_HISTORY], labels=labels,
+            user=f"{user.uid}:{user.uid}" if user else "", workdir=user.home if user else "")
         self.storage.write(blob_key(config.digest), config.data, config.media_type)
+        annotations = [manifest.nix_layer_annotations(group.paths) if self.nix_snapshotter else ()
+                       for group in groups] + [()]
         document = manifest.image_manifest(
             config.descriptor(),
-            [manifest.Descriptor(archive.LAYER_MEDIA_TYPE, d.digest, d.size) for d in descriptors])
+            [manifest.Descriptor(archive.LAYER_MEDIA_TYPE, d.digest, d.size, notes)
+             for d, notes in zip(descriptors, annotations)])
         self.storage.write(blob_key(document.digest), document.data, document.media_type)
         stats.layers = len(descriptors)
         return document
 
     def _write_layers(self, closure: Closure, groups: Sequence[layers.Layer],
-                      stats: BuildStats) -> list[archive.LayerDigests]:
+                      stats: BuildStats, nonroot: bool = False) -> list[archive.LayerDigests]:
         """Every layer's record, the root layer last. Layers are independent, so they are
         archived on as many threads as there are cores (reading, isa-l and hashlib release
         the GIL), largest first so that no big layer starts last; each thread counts into
         its own stats, added up here."""
-        entries = rootfs.root_entries(closure.packages)
+        entries = rootfs.root_entries(closure.packages, nonroot)
         jobs = [(f"paths\n{chr(10).join(group.paths)}",
                  lambda out, paths=group.paths: archive.write_layer(out, store_paths=paths)) for group in groups]
         jobs.append((f"root\n{json.dumps([dataclasses.astuple(e) for e in entries])}",

@@ -38,6 +38,8 @@ class Variable:
 
 
 DEFAULT_CHANNEL = "nixos-unstable"
+# OCI platforms an image can be offered for (nixery/image.py maps them to Nix systems).
+PLATFORM_NAMES = ("linux/amd64", "linux/arm64")
 DEFAULT_CHANNEL_URL = "https://github.com/NixOS/nixpkgs/archive/{rev}.tar.gz"
 
 # The single list of variables: `--help`, the README table test and the
@@ -78,6 +80,11 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("NIX_POPULARITY_URL", None,
              "URL or file of popularity data (JSON: store path name -> count)."),
     Variable("NIXERY_LAYER_BUDGET", "94", "Most store-path layers in an image (the root layer is extra)."),
+    Variable("NIXERY_PLATFORMS", None,
+             "Comma-separated OCI platforms (linux/amd64, linux/arm64) an image is offered for, as an index "
+             "to clients that take one (default: those this instance's Nix builds: its system and extra-platforms)."),
+    Variable("NIXERY_NIX_SNAPSHOTTER", "false",
+             "true: annotate layers with their store paths for nix-snapshotter (changes manifest digests)."),
     Variable("NIXERY_WORKERS", "2", "Gunicorn worker processes."),
     Variable("NIXERY_THREADS", "8", "Threads per worker (builds and downloads in parallel)."),
     Variable("NIXERY_LOG_LEVEL", "INFO", "Log level: DEBUG, INFO, WARNING or ERROR."),
@@ -189,6 +196,9 @@ class Config:
     binary_cache: Optional[BinaryCacheConfig]
     popularity_url: Optional[str]
     layer_budget: int
+    # OCI platforms images are offered for; empty: the ones this instance's Nix can build (asked at start).
+    platforms: tuple[str, ...]
+    nix_snapshotter: bool
     workers: int
     threads: int
     log_level: str
@@ -220,6 +230,8 @@ class Config:
                              if self.binary_cache else None),
             "popularity_url": redact_url(self.popularity_url) if self.popularity_url else None,
             "layer_budget": self.layer_budget,
+            "platforms": list(self.platforms),
+            "nix_snapshotter": self.nix_snapshotter,
             "workers": self.workers,
             "threads": self.threads,
             "log_level": self.log_level,
@@ -283,6 +295,15 @@ def _home(env: Mapping[str, str]) -> Path:
 
 def _home_dir(env: Mapping[str, str], xdg: str, fallback: str) -> Path:
     return Path(env.get(xdg) or _home(env) / fallback) / "nixery"
+
+
+def _platforms(env: Mapping[str, str]) -> tuple[str, ...]:
+    raw = env.get("NIXERY_PLATFORMS") or ""
+    platforms = tuple(dict.fromkeys(p.strip() for p in raw.split(",") if p.strip()))
+    for platform in platforms:
+        if platform not in PLATFORM_NAMES:
+            raise ConfigError(f"NIXERY_PLATFORMS names {platform!r}; known platforms: {', '.join(PLATFORM_NAMES)}")
+    return platforms
 
 
 def _gcs(env: Mapping[str, str]) -> Optional[GcsConfig]:
@@ -477,6 +498,8 @@ def load(env: Mapping[str, str] = os.environ) -> Config:
         binary_cache=_binary_cache(env),
         popularity_url=popularity,
         layer_budget=_int(env, "NIXERY_LAYER_BUDGET", 1, 120),
+        platforms=_platforms(env),
+        nix_snapshotter=_checked(env, "NIXERY_NIX_SNAPSHOTTER", ("true", "false"), str.lower) == "true",
         workers=_int(env, "NIXERY_WORKERS", 1, 64),
         threads=_int(env, "NIXERY_THREADS", 1, 256),
         log_level=_checked(env, "NIXERY_LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR"), str.upper),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from typing import Sequence
 
 from .errors import RegistryError
 from .manifest import SHA256_RE
@@ -23,6 +24,8 @@ MAX_NAME_LENGTH = 255
 META_PACKAGES: dict[str, tuple[str, ...]] = {
     "shell": ("bashInteractive", "coreutils", "moreutils", "nano"),
 }
+# Meta-packages that change how the image runs rather than what it holds.
+NONROOT = "nonroot"
 # Added to every image where the package set has them: TLS roots and
 # /etc/services / /etc/protocols are what users expect of a base system.
 OPTIONAL_PACKAGES: tuple[str, ...] = ("cacert", "iana-etc")
@@ -37,6 +40,16 @@ class Architecture:
 AMD64 = Architecture("x86_64-linux", "amd64")
 ARM64 = Architecture("aarch64-linux", "arm64")
 ARCH_META = {"arm64": ARM64}
+# The platforms images can be offered for (NIXERY_PLATFORMS, config.PLATFORM_NAMES), by OCI name
+# and by Nix system.
+PLATFORMS = {"linux/amd64": AMD64, "linux/arm64": ARM64}
+BY_SYSTEM = {arch.nix_system: arch for arch in PLATFORMS.values()}
+
+
+def platforms_for(systems: Sequence[str]) -> tuple[Architecture, ...]:
+    """The platforms of the Nix systems an instance builds for (NIXERY_PLATFORMS' default), in
+    Nix's order; systems images are not offered for (i686-linux, x86_64-v3-linux) are left out."""
+    return tuple(dict.fromkeys(BY_SYSTEM[s] for s in systems if s in BY_SYSTEM)) or (AMD64,)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,11 +59,16 @@ class Image:
     packages: tuple[str, ...]
     arch: Architecture
     shell: bool
+    # Runs as the unprivileged `nonroot` user (the `nonroot` meta-package).
+    nonroot: bool = False
+    # The name chose the architecture (`arm64/...`): never offered as a multi-platform index.
+    arch_given: bool = False
 
     @property
     def key(self) -> str:
         """What makes two requests the same build, whatever the name's spelling."""
-        return f"{self.arch.nix_system}|{self.tag}|{','.join(self.packages)}"
+        user = "|nonroot" if self.nonroot else ""
+        return f"{self.arch.nix_system}|{self.tag}|{','.join(self.packages)}{user}"
 
 
 def validate_name(name: str) -> None:
@@ -80,12 +98,16 @@ def parse(name: str, tag: str) -> Image:
     validate_tag(tag)
     components = name.split("/")
     arch = AMD64
-    shell = False
+    arch_given = shell = nonroot = False
     packages: list[str] = []
     leading = True
     for component in components:
         if leading and component in ARCH_META:
             arch = ARCH_META[component]
+            arch_given = True
+            continue
+        if leading and component == NONROOT:
+            nonroot = True
             continue
         if leading and component in META_PACKAGES:
             shell = shell or component == "shell"
@@ -95,4 +117,5 @@ def parse(name: str, tag: str) -> Image:
         packages.append(component)
     if not packages:
         raise RegistryError(400, "NAME_INVALID", "the name asks for no packages", {"name": name})
-    return Image(name=name, tag=tag, packages=tuple(sorted(set(packages))), arch=arch, shell=shell)
+    return Image(name=name, tag=tag, packages=tuple(sorted(set(packages))), arch=arch, shell=shell,
+                 nonroot=nonroot, arch_given=arch_given)

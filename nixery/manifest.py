@@ -10,13 +10,21 @@ import dataclasses
 import hashlib
 import json
 import re
-from typing import Sequence
+from typing import Mapping, Optional, Sequence
 
 MANIFEST_MEDIA_TYPE = "application/vnd.docker.distribution.manifest.v2+json"
 CONFIG_MEDIA_TYPE = "application/vnd.docker.container.image.v1+json"
 OCI_MANIFEST_MEDIA_TYPE = "application/vnd.oci.image.manifest.v1+json"
 OCI_CONFIG_MEDIA_TYPE = "application/vnd.oci.image.config.v1+json"
 OCI_LAYER_MEDIA_TYPE = "application/vnd.oci.image.layer.v1.tar+gzip"
+MANIFEST_LIST_MEDIA_TYPE = "application/vnd.docker.distribution.manifest.list.v2+json"
+OCI_INDEX_MEDIA_TYPE = "application/vnd.oci.image.index.v1+json"
+# The single-image type each multi-platform type lists.
+ENTRY_MEDIA_TYPES = {MANIFEST_LIST_MEDIA_TYPE: MANIFEST_MEDIA_TYPE, OCI_INDEX_MEDIA_TYPE: OCI_MANIFEST_MEDIA_TYPE}
+# Layer annotations that nix-snapshotter reads (its docs/architecture.md, "Image manifest"):
+# it mounts these store paths from the node's Nix store instead of unpacking the layer.
+NIX_LAYER_ANNOTATION = "containerd.io/snapshot/nix-layer"
+NIX_STORE_PATH_ANNOTATION = "containerd.io/snapshot/nix-store-path.{}"
 # Fixed so that the same contents give the same config digest on every build.
 CREATED = "1970-01-01T00:00:01Z"
 DEFAULT_PATH = "/bin:/usr/bin:/sbin:/usr/sbin"
@@ -29,6 +37,13 @@ class Descriptor:
     media_type: str
     digest: str
     size: int
+    annotations: tuple[tuple[str, str], ...] = ()
+
+
+def nix_layer_annotations(store_paths: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    """nix-snapshotter's annotations for a layer holding exactly `store_paths`."""
+    return ((NIX_LAYER_ANNOTATION, "true"),
+            *((NIX_STORE_PATH_ANNOTATION.format(i), path) for i, path in enumerate(sorted(store_paths))))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,30 +65,51 @@ def _serialise(value: object) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
 
 
+def json_document(media_type: str, value: object) -> Document:
+    """Any JSON document (an SBOM, an artifact manifest), serialised as Nixery serialises all."""
+    return Document(media_type, _serialise(value))
+
+
 def image_config(architecture: str, diff_ids: Sequence[str], env: Sequence[str],
-                 cmd: Sequence[str] = ()) -> Document:
+                 cmd: Sequence[str] = (), *, history: Optional[Sequence[str]] = None,
+                 labels: Optional[Mapping[str, str]] = None, user: str = "", workdir: str = "") -> Document:
+    """The image config. `history` describes each layer (`docker history` shows it: the store
+    paths a layer holds), `labels` what the image is (`docker inspect`), `user` whom it runs as."""
     config: dict[str, object] = {"Env": list(env)}
     if cmd:
         config["Cmd"] = list(cmd)
+    if labels:
+        config["Labels"] = dict(labels)
+    if user:
+        config["User"] = user
+    if workdir:
+        config["WorkingDir"] = workdir
+    described = list(history) if history is not None else ["nixery"] * len(diff_ids)
+    if len(described) != len(diff_ids):
+        raise ValueError("one history entry per layer")
     return Document(CONFIG_MEDIA_TYPE, _serialise({
         "architecture": architecture,
         "os": "linux",
         "created": CREATED,
         "config": config,
         "rootfs": {"type": "layers", "diff_ids": list(diff_ids)},
-        "history": [{"created": CREATED, "created_by": "nixery"} for _ in diff_ids],
+        "history": [{"created": CREATED, "created_by": text, "comment": "nixery"} for text in described],
     }))
 
 
-def image_manifest(config: Descriptor, layers: Sequence[Descriptor]) -> Document:
-    def describe(d: Descriptor) -> dict[str, object]:
-        return {"mediaType": d.media_type, "digest": d.digest, "size": d.size}
+def _describe(d: Descriptor) -> dict[str, object]:
+    described: dict[str, object] = {"mediaType": d.media_type, "digest": d.digest, "size": d.size}
+    if d.annotations:
+        described["annotations"] = dict(d.annotations)
+    return described
 
+
+def image_manifest(config: Descriptor, layers: Sequence[Descriptor]) -> Document:
     return Document(MANIFEST_MEDIA_TYPE, _serialise({
         "schemaVersion": 2,
         "mediaType": MANIFEST_MEDIA_TYPE,
-        "config": describe(config),
-        "layers": [describe(layer) for layer in layers],
+        "config": _describe(config),
+        "layers": [_describe(layer) for layer in layers],
     }))
 
 
@@ -83,11 +119,21 @@ def as_oci(docker: Document) -> Document:
     source = json.loads(docker.data)
 
     def describe(entry: dict, media_type: str) -> dict[str, object]:
-        return {"mediaType": media_type, "digest": entry["digest"], "size": entry["size"]}
+        return {**entry, "mediaType": media_type}
 
     return Document(OCI_MANIFEST_MEDIA_TYPE, _serialise({
         "schemaVersion": 2,
         "mediaType": OCI_MANIFEST_MEDIA_TYPE,
         "config": describe(source["config"], OCI_CONFIG_MEDIA_TYPE),
         "layers": [describe(layer, OCI_LAYER_MEDIA_TYPE) for layer in source["layers"]],
+    }))
+
+
+def image_index(media_type: str, entries: Sequence[tuple[Descriptor, str]]) -> Document:
+    """A Docker manifest list or OCI image index of (manifest, Docker architecture) pairs,
+    listed in the given order (the configured platforms' order)."""
+    return Document(media_type, _serialise({
+        "schemaVersion": 2,
+        "mediaType": media_type,
+        "manifests": [{**_describe(d), "platform": {"architecture": arch, "os": "linux"}} for d, arch in entries],
     }))

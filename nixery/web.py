@@ -204,6 +204,8 @@ class IndexPage:
             ("Package source", self.source.description()),
             ("Storage", f"<code>{esc(self.config.storage_backend)}</code>"),
             ("Layer budget", f"{esc(self.config.layer_budget)} layers per image, plus the root layer"),
+            ("Platforms", _codes(self.config.platforms) if self.config.platforms
+             else "the platforms this instance's Nix builds for"),
             ("Build timeout", f"{esc(self.config.nix_timeout)} seconds per Nix step"),
             ("Access", ACCESS[self.config.auth.level]),
         ]
@@ -251,6 +253,8 @@ def _meta_rows() -> str:
     rows += [(name, (f"build for <code>{esc(arch.nix_system)}</code> ({esc(arch.docker_arch)}) instead of "
                      f"<code>{esc(image.AMD64.nix_system)}</code>"))
              for name, arch in image.ARCH_META.items()]
+    rows.append((image.NONROOT, "run as the unprivileged user <code>nonroot</code> (uid 65532), whose home "
+                                "<code>/home/nonroot</code> and <code>/tmp</code> are writable"))
     return "\n".join(f"      <tr><td><code>{esc(name)}</code></td><td>{meaning}</td></tr>" for name, meaning in rows)
 
 

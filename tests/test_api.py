@@ -301,3 +301,23 @@ def test_builds_json_lists_what_was_built(fast):
     assert (newest["image"], newest["tag"], newest["outcome"]) == ("arm64/hello", "v1-not-served", "built")
     assert newest["layers"] == 1 and newest["size"] == fast.builder.layer.size
     assert json.loads(json.dumps(newest)) == newest
+
+
+def test_one_platform_answers_a_list_client_with_a_manifest_and_referrers_with_an_index(fast):
+    url = "/v2/hello/manifests/latest"
+    listed = fast.client.simulate_get(url, headers={
+        "Accept": f"application/vnd.docker.distribution.manifest.list.v2+json, {MANIFEST_V2}"})
+    assert listed.headers["Content-Type"] == MANIFEST_V2  # one platform: no list to choose from
+    referrers = fast.client.simulate_get(f"/v2/hello/referrers/{listed.headers['Docker-Content-Digest']}")
+    assert referrers.status_code == 200
+    assert referrers.headers["Content-Type"] == "application/vnd.oci.image.index.v1+json"
+    (entry,) = referrers.json["manifests"]
+    assert entry["artifactType"] == "application/spdx+json"
+    artifact = fast.client.simulate_get(f"/v2/hello/manifests/{entry['digest']}", headers={"Accept": OCI_MANIFEST})
+    assert artifact.status_code == 200 and digest_of(artifact.content) == entry["digest"]
+    # A digest of another algorithm names nothing here: no referrers, not an error.
+    other = fast.client.simulate_get(f"/v2/hello/referrers/sha512:{'a' * 128}")
+    assert other.status_code == 200 and other.json["manifests"] == []
+    assert fast.client.simulate_head(f"/v2/hello/referrers/{listed.headers['Docker-Content-Digest']}").status_code == 200
+    page = fast.client.simulate_get("/").text
+    assert "<code>nonroot</code>" in page and "referrers" in page

@@ -55,6 +55,7 @@ OPTION_VARIABLES = {
     "binaryCache.secretKeyFile": "NIXERY_BINARY_CACHE_SECRET_KEY",
     "popularityUrl": "NIX_POPULARITY_URL",
     "layerBudget": "NIXERY_LAYER_BUDGET",
+    "platforms": "NIXERY_PLATFORMS",
     "workers": "NIXERY_WORKERS",
     "threads": "NIXERY_THREADS",
     "logLevel": "NIXERY_LOG_LEVEL",
@@ -75,7 +76,7 @@ OPTIONS_WITHOUT_VARIABLE = {"enable", "package", "openFirewall", "environmentFil
 # Variables without an option: the module sets them itself, they are an alias, a secret for
 # environmentFile, or rarely changed (extraEnvironment).
 VARIABLES_WITHOUT_OPTION = {"NIXERY_STATE_DIR", "BUCKET", "NIXERY_GIT_TOKEN", "NIXERY_CHANNEL_URL_TEMPLATE",
-                            "NIXERY_GIT_TTL", "GCS_SIGNED_URL_TTL"}
+                            "NIXERY_GIT_TTL", "GCS_SIGNED_URL_TTL", "NIXERY_NIX_SNAPSHOTTER"}
 # Variables the service gets that are not Nixery's.
 FOREIGN_VARIABLES = {"NIX_REMOTE", "XDG_CACHE_HOME", "GOOGLE_APPLICATION_CREDENTIALS"}
 # Values an option's type is asked about, to compare with what Nixery accepts.
@@ -226,7 +227,7 @@ def test_each_option_sets_its_variable(tmp_path):
         "storage": {"backend": "gcs", "path": "/srv/unused"}, "bucket": "my-nixery-layers",
         "signing": {"keyFile": "/run/keys/gcs.pem", "account": "nixery@example.iam.gserviceaccount.com"},
         "nixTimeout": 120, "popularityUrl": "https://example.org/popularity.json", "layerBudget": 60,
-        "workers": 4, "threads": 16, "logLevel": "DEBUG",
+        "platforms": ["linux/arm64", "linux/amd64"], "workers": 4, "threads": 16, "logLevel": "DEBUG",
         "binaryCache": {"url": "file:///var/cache/nixery-bincache", "publicKey": "nixery-1:AAAA",
                         "secretKeyFile": "/run/keys/cache.secret"},
         "auth": "build", "htpasswdFile": "/run/keys/htpasswd",
@@ -239,7 +240,7 @@ def test_each_option_sets_its_variable(tmp_path):
         "storage.backend": "gcs", "storage.path": None, "bucket": "my-nixery-layers",
         "signing.keyFile": "%d/gcs-signing-key", "signing.account": "nixery@example.iam.gserviceaccount.com",
         "nixTimeout": "120", "popularityUrl": "https://example.org/popularity.json", "layerBudget": "60",
-        "workers": "4", "threads": "16", "logLevel": "DEBUG",
+        "platforms": "linux/arm64,linux/amd64", "workers": "4", "threads": "16", "logLevel": "DEBUG",
         "binaryCache.url": "file:///var/cache/nixery-bincache", "binaryCache.publicKey": "nixery-1:AAAA",
         "binaryCache.secretKeyFile": "%d/binary-cache-key",
         "auth": "build", "htpasswdFile": "%d/htpasswd", "tokenAuth.realm": "https://auth.example.org/token",

@@ -31,3 +31,20 @@ def test_no_env_without_coreutils(tmp_path):
     hello = make(tmp_path, "hello", ["bin/hello"])
     names = {e.name for e in root_entries({"hello": hello})}
     assert "usr/bin/env" not in names and "bin/hello" in names
+
+
+def test_accounts_unless_a_package_brings_its_own(tmp_path):
+    hello = make(tmp_path, "hello", ["bin/hello"])
+    entries = {e.name: e for e in root_entries({"hello": hello})}
+    assert entries["etc/passwd"].kind == "file"
+    assert entries["etc/passwd"].content == ("root:x:0:0:root:/root:/bin/sh\n"
+                                             "nobody:x:65534:65534:nobody:/var/empty:/bin/false\n")
+    assert {"etc/group", "etc/shadow", "etc/nsswitch.conf", "root"} <= set(entries)
+    assert "home/nonroot" not in entries
+    # A package with its own /etc/passwd keeps it; the other files are still added.
+    users = make(tmp_path, "users", ["etc/passwd"])
+    entries = {e.name: e for e in root_entries({"users": users, "hello": hello}, nonroot=True)}
+    assert entries["etc/passwd"].kind == "symlink" and entries["etc/passwd"].target == f"{users}/etc/passwd"
+    assert "nonroot:x:65532:" in entries["etc/group"].content
+    home = entries["home/nonroot"]
+    assert (home.kind, home.uid, home.gid) == ("dir", 65532, 65532)

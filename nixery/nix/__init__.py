@@ -228,6 +228,20 @@ class Nix:
         for i in range(0, len(derivations), ARGV_CHUNK):
             self._run(["nix-store", "--realise", *flags, *derivations[i:i + ARGV_CHUNK]], "building")
 
+    def systems(self) -> list[str]:
+        """The systems this Nix builds for: its `system`, then its `extra-platforms` (read once,
+        at start-up, for the default of NIXERY_PLATFORMS)."""
+        raw = self._run(["nix", "--extra-experimental-features", "nix-command", "show-config", "--json"],
+                        "reading Nix's settings")
+        settings = json.loads(raw)
+
+        def value(name: str) -> object:  # Nix 2.8 wraps each value as {"value": ...}; later Nix may not.
+            entry = settings.get(name)
+            return entry.get("value") if isinstance(entry, dict) else entry
+
+        extra = value("extra-platforms") or []
+        return [str(value("system")), *(extra.split() if isinstance(extra, str) else map(str, extra))]
+
     def invalid(self, paths: Sequence[str], store: Optional[str] = None) -> set[str]:
         """Which of `paths` are not in the local store, or in `store` if given."""
         found: set[str] = set()

@@ -33,14 +33,20 @@ class Resolved:
 
     cache_key: Optional[str]
     prepare: Callable[[], SourceArgs]
+    # Provenance for the image's labels (org.opencontainers.image.source / .revision): the
+    # source's URL (credentials removed) and the pinned revision, where the source has them.
+    # A local directory has neither: its path would differ between instances, and so would digests.
+    source_url: Optional[str] = None
+    revision: Optional[str] = None
 
     @functools.cached_property
     def args(self) -> SourceArgs:
         return self.prepare()
 
     @classmethod
-    def ready(cls, args: SourceArgs, cache_key: Optional[str]) -> "Resolved":
-        return cls(cache_key, lambda: args)
+    def ready(cls, args: SourceArgs, cache_key: Optional[str], source_url: Optional[str] = None,
+              revision: Optional[str] = None) -> "Resolved":
+        return cls(cache_key, lambda: args, source_url, revision)
 
 
 class Source(Protocol):

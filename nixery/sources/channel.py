@@ -32,4 +32,5 @@ class ChannelSource:
         url = self.url_template.replace("{rev}", rev)
         pinned = COMMIT_RE.fullmatch(rev) is not None
         return Resolved.ready(SourceArgs("tarball", url, f"nixpkgs {rev}"),
-                              f"tarball:{redact_url(url)}" if pinned else None)
+                              f"tarball:{redact_url(url)}" if pinned else None,
+                              redact_url(url), rev if pinned else None)

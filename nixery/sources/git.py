@@ -159,7 +159,7 @@ class GitSource:
 
     def resolve(self, tag: str) -> Resolved:
         commit = self._commit(tag)
-        return Resolved(f"git:{self.name}:{commit}", lambda: self._checkout(commit))
+        return Resolved(f"git:{self.name}:{commit}", lambda: self._checkout(commit), self.name, commit)
 
     def _commit(self, tag: str) -> str:
         """The commit `tag` names, fetching when the branch data is stale or the tag unknown."""
