@@ -57,7 +57,7 @@ class AccessLog:
             length = len(resp.data)
         self.log.info("request", extra={
             "method": req.method,
-            "path": req.path,
+            "path": req.env.get("PATH_INFO") or req.path,  # as sent: req.path lost its trailing slash
             "query": req.query_string or None,
             "status": resp.status_code,
             "bytes": length,

@@ -18,8 +18,10 @@ import time
 from typing import Optional, Sequence
 
 SUGGESTIONS_MAX = 3
-# How alike two names must be (difflib's ratio) to be offered.
-CUTOFF = 0.7
+# How alike two names must be (difflib's ratio) to be offered, and how much less alike than the
+# closest one the others may be ("gti" is 0.67 like "git"; "hellp" 0.8 like "hello", 0.62 like "oldHello").
+CUTOFF = 0.6
+MARGIN = 0.1
 # Revisions whose names one worker keeps; an unpinned source's names are listed again after this long.
 REVISIONS_KEPT = 4
 UNPINNED_TTL = 300.0
@@ -50,7 +52,8 @@ class NameIndex:
                 if (matcher.real_quick_ratio() >= CUTOFF and matcher.quick_ratio() >= CUTOFF
                         and (ratio := matcher.ratio()) >= CUTOFF):
                     scored.append((-ratio, name))
-        return [name for _, name in sorted(scored)[:limit]]
+        scored.sort()
+        return [name for score, name in scored[:limit] if score <= scored[0][0] + MARGIN]
 
 
 class Suggestions:
