@@ -25,7 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-from conftest import NIX_ENV  # noqa: E402
+from support import NIX_ENV  # noqa: E402
 from pkgset import make_package_set  # noqa: E402
 
 from nixery.image import OPTIONAL_PACKAGES  # noqa: E402
