@@ -18,7 +18,7 @@ from typing import Callable, Mapping, Optional, Protocol, Sequence
 
 from . import archive, layers, manifest, rootfs
 from .atomic import write_atomic
-from .config import StateLayout
+from .config import StateLayout, redact_url
 from .image import OPTIONAL_PACKAGES, Image
 from .locks import file_lock
 from .nix import PROGRESS_RE, Closure, Nix, NixError, UnavailablePackages, UnknownPackages, UnsupportedSystem, listening
@@ -156,7 +156,8 @@ class Builder:
                 return Result(memo, stats)
             if authorise_build:
                 authorise_build()
-            revision = resolved.cache_key or f"{resolved.args.kind}:{resolved.args.argument}"
+            # Logged and shown while the build runs: a URL's credentials are hidden.
+            revision = resolved.cache_key or redact_url(f"{resolved.args.kind}:{resolved.args.argument}")
             document = self._build(image, resolved.args, stats, revision, pinned=cache_key is not None)
             if cache_key:
                 self.storage.write(f"manifests/{cache_key}", document.data, document.media_type)
