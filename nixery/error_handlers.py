@@ -20,7 +20,7 @@ the infrastructure (storage, Nix itself, a timeout, a bug) are 5xx:
 | unknown, removed or renamed package, not a package, unsupported system | 404 | MANIFEST_UNKNOWN |
 | unfree, broken or insecure package (the set's config refuses it) | 403 | DENIED |
 | a package's build fails (its builder exits non-zero) | 422 | UNKNOWN |
-| Nix cannot run, an evaluation error of the set, a timeout | 500 | UNKNOWN |
+| Nix cannot run, an evaluation error of the set, a timeout, a builder killed | 500 | UNKNOWN |
 | storage fails | 503 | UNAVAILABLE |
 """
 

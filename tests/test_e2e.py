@@ -115,7 +115,7 @@ def test_ten_concurrent_pulls_run_nix_once(start_server, fresh_pkgset, nix_count
     url = f"{server.url}/v2/slowbuild/slow/manifests/latest"
     with concurrent.futures.ThreadPoolExecutor(10) as pool:
         responses = list(pool.map(lambda _: requests.get(url, timeout=180), range(10)))
-    assert [r.status_code for r in responses] == [200] * 10
+    assert [r.status_code for r in responses] == [200] * 10, [r.text for r in responses if r.status_code != 200]
     assert len({r.headers["Docker-Content-Digest"] for r in responses}) == 1
     # One evaluation (nix-instantiate), whose derivations nix-store builds: the set is not evaluated again.
     assert nix_counter.count("nix-instantiate") == 1

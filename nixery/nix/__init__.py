@@ -44,8 +44,9 @@ _IMPURE_VARIABLES = re.compile(r"NIXPKGS_ALLOW_.*|NIXPKGS_CONFIG")
 # Nix's own progress lines on stderr (what it builds, fetches or copies), as opposed to builders' output.
 PROGRESS_RE = re.compile(r"(building '|copying (path|\d+ paths)|these \d+ (derivations|paths) will be|"
                          r"downloading '|fetching |querying |unpacking |evaluating |warning: )")
-# A derivation's own builder failed: the same inputs fail the same way, so the request is at fault.
-_BUILDER_FAILED = re.compile(r"builder for '(/nix/store/[^']+\.drv)' failed")
+# A derivation's own builder exited non-zero: the same inputs fail the same way, so the request is at
+# fault. A builder killed by a signal ("failed due to signal 9") is not: the machine did that.
+_BUILDER_FAILED = re.compile(r"builder for '(/nix/store/[^']+\.drv)' failed with exit code")
 # Names `explain` asks Nix about, at most: one evaluation each, only for failed requests.
 EXPLAINED_MAX = 3
 # Who hears the stderr lines of the Nix processes this thread runs (the builder, for the log and the page).
