@@ -53,8 +53,9 @@ class AccessLog:
     def process_response(self, req, resp, resource, req_succeeded: bool) -> None:
         started = req.context.get("access_started")
         length = resp.content_length
-        if length is None and resp.data is not None:
-            length = len(resp.data)
+        if length is None and resp.stream is None:
+            body = resp.render_body()  # rendered once: Falcon keeps what it rendered
+            length = len(body) if body is not None else 0
         self.log.info("request", extra={
             "method": req.method,
             "path": req.env.get("PATH_INFO") or req.path,  # as sent: req.path lost its trailing slash
