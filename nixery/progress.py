@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -31,22 +32,47 @@ class Tracker:
     def __init__(self, path: Path, item: dict[str, Any]):
         self.path = path
         self.item = item
+        self._lock = threading.Lock()
         self._written = 0.0
+        self._pending: Optional[threading.Timer] = None
+        self.done = False
 
     def step(self, name: str) -> None:
-        self.item.update(step=name, step_started=time.time(), detail=None)
+        with self._lock:
+            self.item.update(step=name, step_started=time.time(), detail=None)
         self._write()
 
     def note(self, line: str) -> None:
-        """The latest Nix progress line ("building '/nix/store/...drv'")."""
-        self.item["detail"] = line[:300]
-        if time.monotonic() - self._written >= NOTE_INTERVAL:
-            self._write()
+        """The latest Nix progress line ("building '/nix/store/...drv'"); a burst of lines is written
+        once per NOTE_INTERVAL, the last of it when the interval is over."""
+        with self._lock:
+            self.item["detail"] = line[:300]
+            wait = NOTE_INTERVAL - (time.monotonic() - self._written)
+            if wait > 0:
+                if self._pending is None:
+                    self._pending = threading.Timer(wait, self._write)
+                    self._pending.daemon = True
+                    self._pending.start()
+                return
+        self._write()
 
     def _write(self) -> None:
-        self._written = time.monotonic()
-        with contextlib.suppress(OSError):  # the page is a view; a full disk must not fail the build
-            write_atomic(self.path, json.dumps(self.item).encode())
+        with self._lock:
+            self._pending = None
+            if self.done:
+                return
+            self._written = time.monotonic()
+            data = json.dumps(self.item).encode()
+            with contextlib.suppress(OSError):  # the page is a view; a full disk must not fail the build
+                write_atomic(self.path, data)
+
+    def finish(self) -> None:
+        with self._lock:
+            self.done = True
+            if self._pending:
+                self._pending.cancel()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
 
 
 class InProgress:
@@ -72,8 +98,7 @@ class InProgress:
         finally:
             if self.on_change:
                 self.on_change(-1)
-            with contextlib.suppress(FileNotFoundError):
-                tracker.path.unlink()
+            tracker.finish()
 
     def builds(self, now: Optional[float] = None) -> list[dict[str, Any]]:
         """Oldest first, each with its `elapsed` and `step_elapsed` seconds."""

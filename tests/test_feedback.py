@@ -124,6 +124,7 @@ def test_a_long_build_shows_its_progress(start_server, tmp_path):
             seen = running[0]
             gauge = scrape(server)["nixery_builds_in_progress"]
             page = requests.get(server.url + "/", timeout=10).text
+            logged_meanwhile = server.log_entries()
         time.sleep(0.2)
     assert seen is not None, "the build never showed up in progress"
     assert (seen["image"], seen["tag"], seen["packages"]) == ("slowbuild", "latest", ["slowbuild"])
@@ -138,6 +139,9 @@ def test_a_long_build_shows_its_progress(start_server, tmp_path):
     assert started and started[0]["packages"] == ["slowbuild"] and started[0]["revision"]
     progress = [e["nix"] for e in entries if e.get("message") == "nix progress" and e.get("image") == "slowbuild"]
     assert any(line.startswith("building '/nix/store/") and "slow-build.drv" in line for line in progress), progress
+    # Streamed as it happened: the line was in the log while the build still ran.
+    assert any(e.get("message") == "nix progress" and "slow-build.drv" in e["nix"] for e in logged_meanwhile)
+    assert seen["detail"] and "slow-build.drv" in seen["detail"], seen
     info = requests.get(f"{server.url}/metrics", timeout=30).text
     assert 'nixery_build_info{source="path",version="' in info
 
