@@ -25,11 +25,11 @@
 #   explain   forces the `packages` without catching anything: Nix's error is the set's own
 #             message (an alias that throws "has been removed"), for the names `resolve`
 #             reported as `throws` or `fails`
+#   contents  the resolved derivations, in the order of `packages` then `optional`
 #
 # The set gets an explicit `config` (and no overlays) when it takes them, as nixpkgs does, so
 # that the service user's ~/.config/nixpkgs does not change what is served; the service runs
 # Nix without NIXPKGS_ALLOW_* variables, which nixpkgs reads itself.
-#   contents  the resolved derivations, in the order of `packages` then `optional`
 { packages ? "[]", optional ? "[]", srcType ? "path", srcArgs ? "", system ? builtins.currentSystem,
   allowUnfree ? "false", listed ? "[]" }:
 let
