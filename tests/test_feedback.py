@@ -36,11 +36,16 @@ def error_of(server, name: str) -> tuple[int, dict]:
 
 
 @pytest.fixture
-def server(start_server, pkgset, nix_counter):
-    """The test set, served with NIXPKGS_ALLOW_UNFREE=1 in the service's environment: nixpkgs
-    would read it, Nixery must not let it."""
+def server(start_server, pkgset, nix_counter, tmp_path):
+    """The test set, served with NIXPKGS_ALLOW_UNFREE=1 in the service's environment and a
+    ~/.config/nixpkgs/config.nix that allows everything: nixpkgs would read both, Nixery must not
+    let them change what it serves."""
+    home = tmp_path / "home"
+    (home / ".config" / "nixpkgs").mkdir(parents=True)
+    (home / ".config" / "nixpkgs" / "config.nix").write_text(
+        "{ allowUnfree = true; allowBroken = true; allowUnsupportedSystem = true; }\n")
     started = start_server({"NIXERY_PKGS_PATH": str(pkgset), "NIXPKGS_ALLOW_UNFREE": "1",
-                            "NIXPKGS_ALLOW_BROKEN": "1", "PATH": nix_counter.path()})
+                            "NIXPKGS_ALLOW_BROKEN": "1", "HOME": str(home), "PATH": nix_counter.path()})
     nix_counter.reset()
     return started
 
