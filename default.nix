@@ -33,6 +33,7 @@ let
       bcrypt
       pyjwt
       cryptography
+      rapidfuzz
     ];
 
   # setup.py's `test` extra: what the test suite imports besides Nixery's own dependencies.

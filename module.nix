@@ -64,6 +64,9 @@ let
     workers = "NIXERY_WORKERS";
     threads = "NIXERY_THREADS";
     logLevel = "NIXERY_LOG_LEVEL";
+    accessLog = "NIXERY_ACCESS_LOG";
+    hideDetails = "NIXERY_HIDE_DETAILS";
+    allowUnfree = "NIXERY_ALLOW_UNFREE";
   };
 
   # An option whose description ends by naming its variable, so that the
@@ -112,6 +115,8 @@ let
     value:
     if value == null then
       null
+    else if builtins.isBool value then
+      (if value then "true" else "false")
     else if builtins.isList value then
       concatStringsSep "," value
     else if builtins.isPath value then
@@ -550,6 +555,30 @@ in
       ];
       default = "INFO";
       description = "Log level of the service.";
+    };
+
+    accessLog = mkEnvOption "accessLog" {
+      type = types.bool;
+      default = false;
+      description = "Log every HTTP request as a JSON line.";
+    };
+
+    hideDetails = mkEnvOption "hideDetails" {
+      type = types.bool;
+      default = false;
+      description = ''
+        Keep the recent builds and errors, and every server path, off the
+        web page (and /builds.json), as a public instance may want.
+      '';
+    };
+
+    allowUnfree = mkEnvOption "allowUnfree" {
+      type = types.bool;
+      default = false;
+      description = ''
+        Serve packages with unfree licenses (nixpkgs' `config.allowUnfree`).
+        Broken and insecure packages are refused either way.
+      '';
     };
 
     environmentFile = mkOption {

@@ -23,6 +23,7 @@ setup(
         "bcrypt>=4.0",
         "PyJWT[crypto]>=2.8",
         "cryptography>=41",
+        "rapidfuzz>=3.0",  # "did you mean": close names among tens of thousands, in C++
     ],
     extras_require={
         # The GCS backend (BUCKET / GCS_BUCKET): without it, a bucket is a start-up error naming the variable.

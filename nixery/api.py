@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
+from urllib.parse import urlencode
 
 import falcon
 
@@ -22,14 +23,16 @@ from .error_handlers import as_registry_error
 from .errors import RegistryError, blob_unknown, manifest_unknown
 from .manifest import (MANIFEST_LIST_MEDIA_TYPE, MANIFEST_MEDIA_TYPE, OCI_INDEX_MEDIA_TYPE, OCI_MANIFEST_MEDIA_TYPE,
                        Document)
+from .sources import Source
 from .storage import Backend, LocalFile, Redirect, blob_key
 
 API_VERSION_HEADER = ("Docker-Distribution-API-Version", "registry/2.0")
 _PATH_RE = re.compile(r"^/v2/(?P<name>.+)/(?P<kind>manifests|blobs|referrers)/(?P<reference>[^/]+)$")
+_TAGS_RE = re.compile(r"^/v2/(?P<name>.+)/tags/list$")
 _PUSH_RE = re.compile(r"^/v2/.+/(blobs/uploads(/.*)?|manifests/[^/]+|blobs/[^/]+)$")
 # The metrics' label for each kind of path below /v2/ (a template: names never become labels).
 ROUTES = {"manifests": "/v2/{name}/manifests/{reference}", "blobs": "/v2/{name}/blobs/{digest}",
-          "referrers": "/v2/{name}/referrers/{digest}"}
+          "referrers": "/v2/{name}/referrers/{digest}", "tags": "/v2/{name}/tags/list"}
 OTHER_ROUTE = "/v2/{other}"
 MANIFEST_MEDIA_TYPES = (MANIFEST_MEDIA_TYPE, OCI_MANIFEST_MEDIA_TYPE)
 # The multi-platform type a client gets for each single-image type, when it names it in Accept.
@@ -77,18 +80,23 @@ class VersionCheck:
 class Registry:
     """The sink for everything below `/v2/`."""
 
-    def __init__(self, builder: ManifestBuilder, storage: Backend):
+    def __init__(self, builder: ManifestBuilder, storage: Backend, source: Source):
         self.builder = builder
         self.storage = storage
+        self.source = source
 
     def __call__(self, req: falcon.Request, resp: falcon.Response, **_: str) -> None:
         match = _PATH_RE.match(req.path)
-        req.context.route = ROUTES[match.group("kind")] if match else OTHER_ROUTE
+        tags = _TAGS_RE.match(req.path)
+        req.context.route = ROUTES[match.group("kind")] if match else ROUTES["tags"] if tags else OTHER_ROUTE
         if req.method not in READ_METHODS:
             if _PUSH_RE.match(req.path):
                 raise RegistryError(405, "UNSUPPORTED", "this registry is read-only: it builds images, "
                                     "it does not accept pushes or deletes", {"method": req.method})
             raise RegistryError(404, "NOT_FOUND", "no such endpoint", {"path": req.path})
+        if tags:
+            self.tags_list(req, resp, tags.group("name"))
+            return
         if match is None:
             raise RegistryError(404, "NOT_FOUND", "no such endpoint", {"path": req.path})
         name, kind, reference = match.group("name", "kind", "reference")
@@ -115,6 +123,23 @@ class Registry:
         req.context.build = dataclasses.replace(result.stats, tag=tag,
                                                 duration=round(time.monotonic() - started, 3))
         self._manifest(req, resp, result.manifest)
+
+    def tags_list(self, req: falcon.Request, resp: falcon.Response, name: str) -> None:
+        """The tags the source serves: every name is an image of the same tags. `n` and `last` page
+        through them in lexical order, with a `Link` to the next page (the distribution spec)."""
+        image.validate_name(name)
+        number = req.get_param("n")
+        if number is not None and not (number.isdigit() and len(number) <= 6):
+            raise RegistryError(400, "PAGINATION_NUMBER_INVALID", "invalid number of results requested",
+                                {"n": number})
+        last = req.get_param("last")
+        tags = [tag for tag in self.source.tags() if last is None or tag > last]
+        if number is not None and int(number) < len(tags):
+            tags = tags[:int(number)]
+            if tags:
+                # Quoted as the spec shows it (Falcon's append_link leaves rel unquoted).
+                resp.set_header("Link", f'</v2/{name}/tags/list?{urlencode({"n": number, "last": tags[-1]})}>; rel="next"')
+        resp.media = {"name": name, "tags": tags}
 
     def manifest_by_digest(self, req: falcon.Request, resp: falcon.Response, digest: str) -> None:
         # Layers and configs share the content store: only a manifest is served as one

@@ -14,8 +14,10 @@ from .auth import AuthMiddleware
 from .builder import Builder, ManifestBuilder
 from .config import Config, SourceKind
 from .metrics import Metrics, MetricsMiddleware, MetricsResource
-from .nix import Nix, NixError
+from .nix import Nix
 from .history import BuildHistory, BuildRecorder
+from .logs import AccessLog
+from .progress import InProgress
 from .sources import Source
 from .storage import Backend
 
@@ -49,11 +51,10 @@ def with_platforms(config: Config) -> Config:
     builds (its system and extra-platforms). The server calls it once, before forking workers."""
     if config.platforms:
         return config
-    try:
-        systems = Nix(config.nix_timeout, config.state.gcroots).systems()
-    except NixError as e:
-        log.warning("cannot read Nix's platforms; offering linux/amd64 only", extra={"reason": e.reason})
-        systems = [image.AMD64.nix_system]
+    systems = Nix(config.nix_timeout, config.state.gcroots).systems()
+    if systems is None:
+        log.warning("cannot read Nix's platforms; offering linux/amd64 only")
+        systems = (image.AMD64.nix_system,)
     names = {arch: name for name, arch in image.PLATFORMS.items()}
     return dataclasses.replace(config, platforms=tuple(names[arch] for arch in image.platforms_for(systems)))
 
@@ -69,20 +70,27 @@ def create_app(config: Config, storage: Backend | None = None, *, builder: Manif
     `builder` by the fast tests, whose stand-in runs no Nix."""
     storage = storage or make_storage(config)
     metrics = Metrics(metrics_dir)
+    metrics.describe(config.source.kind.value)
     history = BuildHistory(config.state)
+    in_progress = InProgress(config.state, on_change=metrics.count_in_progress)
+    source = None
     if builder is None:
-        nix = Nix(config.nix_timeout, config.state.gcroots, on_invoke=metrics.count_nix, cache=config.binary_cache)
+        nix = Nix(config.nix_timeout, config.state.gcroots, on_invoke=metrics.count_nix, cache=config.binary_cache,
+                  allow_unfree=config.allow_unfree)
+        source = make_source(config)
         platforms = tuple(image.PLATFORMS[name] for name in with_platforms(config).platforms)
-        builder = Builder(storage, nix, make_source(config), popularity.load(config.popularity_url),
-                          config.layer_budget, config.state, platforms, config.nix_snapshotter)
+        builder = Builder(storage, nix, source, popularity.load(config.popularity_url),
+                          config.layer_budget, config.state, platforms=platforms,
+                          nix_snapshotter=config.nix_snapshotter, systems=nix.systems(), in_progress=in_progress)
     # Auth last: its process_response runs first, before the build recorders read req.context.build.
-    app = falcon.App(middleware=[_ApiVersion(), MetricsMiddleware(metrics), BuildRecorder(history),
-                                AuthMiddleware(config.auth)])
+    # The access log first: its process_response runs last, once the response is complete.
+    app = falcon.App(middleware=[*([AccessLog()] if config.access_log else []), _ApiVersion(),
+                                MetricsMiddleware(metrics), BuildRecorder(history), AuthMiddleware(config.auth)])
     app.req_options.strip_url_path_trailing_slash = True
     error_handlers.register(app)
     app.add_route("/v2", VersionCheck())
-    app.add_sink(Registry(builder, storage), prefix="/v2/")
+    app.add_sink(Registry(builder, storage, source or make_source(config)), prefix="/v2/")
     app.add_route("/metrics", MetricsResource(metrics))
-    web.add_routes(app, config, history)
+    web.add_routes(app, config, history, in_progress)
     health.add_routes(app, storage)
     return app

@@ -18,11 +18,13 @@ from typing import Callable, Mapping, Optional, Protocol, Sequence
 
 from . import archive, layers, manifest, rootfs
 from .atomic import write_atomic
-from .config import StateLayout
+from .config import StateLayout, redact_url
 from .image import OPTIONAL_PACKAGES, Architecture, Image
 from .locks import file_lock
-from .nix import Closure, Nix, NixError, UnsupportedSystem
+from .nix import PROGRESS_RE, Closure, Nix, NixError, UnavailablePackages, UnknownPackages, UnsupportedSystem, listening
+from .progress import InProgress, Tracker
 from .sources import Resolved, Source
+from .suggest import Suggestions
 from .storage import Backend, blob_key
 
 log = logging.getLogger(__name__)
@@ -101,10 +103,6 @@ def in_media_type(storage: Backend, document: manifest.Document, media_type: str
     return oci
 
 
-def _hex(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
 def _combined(image: Image, parts: Sequence[BuildStats]) -> BuildStats:
     """One request's stats from those of the platforms it built: cached only if all were."""
     stats = BuildStats(image=image.name, tag=image.tag, cached=all(p.cached for p in parts))
@@ -119,10 +117,28 @@ def _combined(image: Image, parts: Sequence[BuildStats]) -> BuildStats:
     return stats
 
 
+def _heard(image: str, tracker: Tracker, line: str) -> None:
+    """A line Nix wrote while building `image`: its progress goes to the log and the page as it
+    happens, builders' own output only to the debug log (the whole of it is logged if Nix fails)."""
+    if PROGRESS_RE.match(line):
+        log.info("nix progress", extra={"image": image, "nix": line})
+        tracker.note(line)
+    elif line:
+        log.debug("nix output", extra={"image": image, "nix": line})
+
+
+def _hex(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 class Builder:
+    """`platforms` are those an image is offered for (NIXERY_PLATFORMS); `systems` are those this instance's Nix builds for (None: unknown, nothing refused before
+    Nix runs); `in_progress` shows running builds; `suggestions` keeps the set's names."""
+
     def __init__(self, storage: Backend, nix: Nix, source: Source, popularity: Mapping[str, int],
-                 budget: int, state: StateLayout, platforms: Sequence[Architecture] = (),
-                 nix_snapshotter: bool = False):
+                 budget: int, state: StateLayout, *, platforms: Sequence[Architecture] = (),
+                 nix_snapshotter: bool = False, systems: Optional[Sequence[str]] = None,
+                 in_progress: Optional[InProgress] = None, suggestions: Optional[Suggestions] = None):
         self.storage = storage
         self.nix = nix
         self.source = source
@@ -133,6 +149,9 @@ class Builder:
         # The platforms a name without `arm64/` is offered for, as an index (NIXERY_PLATFORMS).
         self.platforms = tuple(platforms)
         self.nix_snapshotter = nix_snapshotter
+        self.systems = systems
+        self.in_progress = in_progress or InProgress(state)
+        self.suggestions = suggestions or Suggestions()
 
     def manifest(self, image: Image, media_type: str = manifest.MANIFEST_MEDIA_TYPE,
                  authorise_build: Optional[Callable[[], None]] = None) -> Result:
@@ -190,6 +209,7 @@ class Builder:
         flight_key = cache_key or _hex(f"{resolved.args.kind}|{resolved.args.argument}|{image.key}")
         if cache_key and (cached := self._cached(cache_key, stats)):
             return Result(cached, stats)
+        self._check_system(image)
         waited_since = time.time()
         with file_lock(self.lock_dir, flight_key):
             # Whoever held the lock may have built this image while we waited.
@@ -199,12 +219,22 @@ class Builder:
                 return Result(memo, stats)
             if authorise_build:
                 authorise_build()
-            document = self._build(image, resolved, stats)
+            # Logged and shown while the build runs: a URL's credentials are hidden.
+            revision = resolved.cache_key or redact_url(f"{resolved.args.kind}:{resolved.args.argument}")
+            document = self._build(image, resolved, stats, revision, pinned=cache_key is not None)
             if cache_key:
                 self.storage.write(f"manifests/{cache_key}", document.data, document.media_type)
             else:
                 self._remember(flight_key, document)
             return Result(document, stats)
+
+    def _check_system(self, image: Image) -> None:
+        """Refuses at once, without starting Nix, a system this instance's Nix cannot build for."""
+        system = image.arch.nix_system
+        if self.systems is not None and system not in self.systems:
+            raise UnsupportedSystem(f"this instance cannot build for {system}: its Nix builds for "
+                                    f"{', '.join(sorted(self.systems))} (no builder or extra-platforms "
+                                    f"entry for {system})", system)
 
     def _cached(self, cache_key: str, stats: BuildStats) -> Optional[manifest.Document]:
         data = self.storage.read(f"manifests/{cache_key}")
@@ -232,8 +262,11 @@ class Builder:
         self.memo_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(self.memo_dir / flight_key, document.digest.encode())
 
-    def _timed(self, stats: BuildStats, step: str, fn: Callable[[], object]) -> object:
+    def _timed(self, stats: BuildStats, step: str, fn: Callable[[], object],
+               tracker: Optional[Tracker] = None) -> object:
         start = time.monotonic()
+        if tracker:
+            tracker.step(step)
         try:
             return fn()
         finally:
@@ -241,22 +274,49 @@ class Builder:
             log.info("build step", extra={"image": stats.image, "step": step,
                                            "duration": stats.steps[step]})
 
-    def _build(self, image: Image, resolved_source: Resolved, stats: BuildStats) -> manifest.Document:
+    def _build(self, image: Image, resolved_source: Resolved, stats: BuildStats, revision: str,
+               pinned: bool) -> manifest.Document:
         source_args = resolved_source.args
+        log.info("build started", extra={"image": image.name, "tag": image.tag, "packages": list(image.packages),
+                                         "system": image.arch.nix_system, "revision": revision})
+        with self.in_progress.build(image.name, image.tag, image.packages, revision) as tracker, \
+                listening(lambda line: _heard(image.name, tracker, line)):
+            try:
+                with self.nix.gc_roots() as roots:
+                    resolved = self._timed(stats, "evaluate", lambda: self._resolve(
+                        image, source_args, revision, pinned), tracker)
+                    closure: Closure = self._timed(stats, "build", lambda: self.nix.build(
+                        image.packages, OPTIONAL_PACKAGES, source_args, image.arch.nix_system, roots, resolved),
+                        tracker)
+                    groups = self._timed(stats, "layer", lambda: layers.group(
+                        closure.paths, list(closure.packages.values()), self.popularity, self.budget), tracker)
+                    descriptors = self._timed(stats, "upload", lambda: self._write_layers(
+                        closure, groups, stats, image.nonroot), tracker)
+            except NixError as e:
+                # The whole log goes to the server's log only; the client gets `e.reason`.
+                log.error("nix failed", extra={"image": image.name, "reason": e.reason, "nix_log": e.log})
+                raise
+        return self._finish(image, resolved_source, closure, groups, descriptors, stats)
+
+    def _resolve(self, image: Image, source_args, revision: str, pinned: bool):
+        """The evaluation, with suggestions for unknown names from the set's names (listed once per revision)."""
         try:
-            with self.nix.gc_roots() as roots:
-                resolved = self._timed(stats, "evaluate", lambda: self.nix.resolve(
-                    image.packages, OPTIONAL_PACKAGES, source_args, image.arch.nix_system))
-                closure: Closure = self._timed(stats, "build", lambda: self.nix.build(
-                    image.packages, OPTIONAL_PACKAGES, source_args, image.arch.nix_system, roots, resolved))
-                groups = self._timed(stats, "layer", lambda: layers.group(
-                    closure.paths, list(closure.packages.values()), self.popularity, self.budget))
-                descriptors = self._timed(stats, "upload", lambda: self._write_layers(
-                    closure, groups, stats, image.nonroot))
-        except NixError as e:
-            # The whole log goes to the server's log only; the client gets `e.reason`.
-            log.error("nix failed", extra={"image": image.name, "reason": e.reason, "nix_log": e.log})
+            return self.nix.resolve(image.packages, OPTIONAL_PACKAGES, source_args, image.arch.nix_system,
+                                    listed=self.suggestions.listed(revision, pinned))
+        except (UnknownPackages, UnavailablePackages) as e:
+            unknown = e if isinstance(e, UnknownPackages) else e.unknown
+            if unknown is not None:
+                self.suggestions.learn(revision, pinned, unknown.listed)
+                for name in unknown.names:
+                    close = self.suggestions.suggest(revision, name, unknown.stopped_in.get(name, ""))
+                    if close:
+                        unknown.suggestions[name] = close
             raise
+
+    def _finish(self, image: Image, resolved_source: Resolved, closure: Closure, groups: Sequence[layers.Layer],
+                descriptors: Sequence[archive.LayerDigests], stats: BuildStats) -> manifest.Document:
+        """The image config (users, labels, a history entry per layer naming its store paths) and
+        the manifest, both stored."""
         env = [f"PATH={manifest.DEFAULT_PATH}"]
         if "cacert" in closure.packages:
             env.append(f"SSL_CERT_FILE={rootfs.CACERT_BUNDLE}")

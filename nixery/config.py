@@ -88,6 +88,12 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("NIXERY_WORKERS", "2", "Gunicorn worker processes."),
     Variable("NIXERY_THREADS", "8", "Threads per worker (builds and downloads in parallel)."),
     Variable("NIXERY_LOG_LEVEL", "INFO", "Log level: DEBUG, INFO, WARNING or ERROR."),
+    Variable("NIXERY_ACCESS_LOG", "false", "true: log every HTTP request as a JSON line (method, path, status, "
+             "bytes, duration, client)."),
+    Variable("NIXERY_HIDE_DETAILS", "false", "true: the web page shows no recent builds or errors and no server "
+             "paths, and /builds.json answers 403 (for a public instance)."),
+    Variable("NIXERY_ALLOW_UNFREE", "false", "true: serve packages with unfree licenses (nixpkgs' "
+             "config.allowUnfree); broken and insecure packages are always refused."),
     Variable("NIXERY_AUTH", None,
              "Who must log in: off, build (pulling a built image is open, building a new one needs a login) "
              "or all (every /v2/ request); default all when NIXERY_HTPASSWD or token auth is set, else off."),
@@ -203,6 +209,9 @@ class Config:
     threads: int
     log_level: str
     auth: AuthConfig
+    access_log: bool
+    hide_details: bool
+    allow_unfree: bool
 
     @property
     def state(self) -> StateLayout:
@@ -235,6 +244,9 @@ class Config:
             "workers": self.workers,
             "threads": self.threads,
             "log_level": self.log_level,
+            "access_log": self.access_log,
+            "hide_details": self.hide_details,
+            "allow_unfree": self.allow_unfree,
             "auth": {
                 "level": self.auth.level.value,
                 "htpasswd_users": len(self.auth.htpasswd) if self.auth.htpasswd else None,
@@ -371,6 +383,11 @@ def _checked(env: Mapping[str, str], name: str, allowed: tuple[str, ...],
     return value
 
 
+def _boolean(env: Mapping[str, str], name: str) -> bool:
+    value = _checked(env, name, ("true", "false", "1", "0", "yes", "no"), str.lower)
+    return value in ("true", "1", "yes")
+
+
 # What `htpasswd -B` writes: $2y$, cost, 22 characters of salt and 31 of hash.
 _BCRYPT_RE = re.compile(r"\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}")
 _TOKEN_VARIABLES = ("NIXERY_TOKEN_REALM", "NIXERY_TOKEN_SERVICE", "NIXERY_TOKEN_ISSUER", "NIXERY_TOKEN_PUBLIC_KEY")
@@ -503,5 +520,8 @@ def load(env: Mapping[str, str] = os.environ) -> Config:
         workers=_int(env, "NIXERY_WORKERS", 1, 64),
         threads=_int(env, "NIXERY_THREADS", 1, 256),
         log_level=_checked(env, "NIXERY_LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR"), str.upper),
+        access_log=_boolean(env, "NIXERY_ACCESS_LOG"),
+        hide_details=_boolean(env, "NIXERY_HIDE_DETAILS"),
+        allow_unfree=_boolean(env, "NIXERY_ALLOW_UNFREE"),
         auth=_auth(env),
     )

@@ -6,6 +6,22 @@ own errors when a build fails. Each type gets a handler here that renders the
 distribution spec's JSON error body, so the wording a client sees (and the
 build history records) is decided once, and no code path answers with HTML
 or a bare status below `/v2/`.
+
+The status says whose fault it is. Docker's and skopeo's registry clients read
+the body of a 4xx answer and print its message, but show only "received
+unexpected HTTP status" for a 5xx; so every failure that the same request
+will meet again (a name the set lacks or refuses, a package whose build
+fails, a system this instance cannot build for, a tag the source does not
+serve) is a 4xx whose message is the reason in one line, and only faults of
+the infrastructure (storage, Nix itself, a timeout, a bug) are 5xx:
+
+| failure | status | code |
+| --- | --- | --- |
+| unknown, removed or renamed package, not a package, unsupported system | 404 | MANIFEST_UNKNOWN |
+| unfree, broken or insecure package (the set's config refuses it) | 403 | DENIED |
+| a package's build fails (its builder exits non-zero) | 422 | UNKNOWN |
+| Nix cannot run, an evaluation error of the set, a timeout, a builder killed | 500 | UNKNOWN |
+| storage fails | 503 | UNAVAILABLE |
 """
 
 from __future__ import annotations
@@ -16,18 +32,73 @@ from typing import Any, Callable
 import falcon
 
 from .errors import RegistryError, build_failed, manifest_unknown, unavailable
-from .nix import NixError, UnknownPackages, UnsupportedSystem
+from .nix import BuildFailed, NixError, Problem, UnavailablePackages, UnknownPackages, UnsupportedSystem
 from .storage import StorageError
 
 log = logging.getLogger(__name__)
+
+# The set's refusals that its configuration decides (403); every other problem is 404.
+_DENIED_KINDS = frozenset({"unfree", "broken", "insecure"})
+
+
+def _unknown_text(error: UnknownPackages) -> str:
+    """`unknown packages: hellp (did you mean hello?), nosuch`."""
+    def one(name: str) -> str:
+        close = error.suggestions.get(name)
+        return f"{name} (did you mean {' or '.join(close)}?)" if close else name
+    return "unknown packages: " + ", ".join(one(name) for name in error.names)
+
+
+def _unknown_detail(error: UnknownPackages) -> dict[str, Any]:
+    detail: dict[str, Any] = {"unknown": list(error.names)}
+    if error.suggestions:
+        detail["suggestions"] = error.suggestions
+    return detail
+
+
+def problem_text(problem: Problem) -> str:
+    """One package's refusal, in nixpkgs' terms."""
+    name, detail = problem.name, problem.detail
+    if problem.kind == "removed":
+        return f"{name}: {detail}"
+    if problem.kind == "unfree":
+        return (f"{name} has an unfree license ({detail or 'unfree'}), and this instance does not serve "
+                f"unfree packages (its operator can allow them with NIXERY_ALLOW_UNFREE=true)")
+    if problem.kind == "broken":
+        return f"{name} is marked as broken in the package set"
+    if problem.kind == "insecure":
+        return f"{name} is marked as insecure in the package set (known issues: {detail})"
+    if problem.kind == "unsupported":
+        return f"{name} is not available on {detail} in the package set"
+    if problem.kind == "not-a-package":
+        return (f"{name} is not a package but {detail}"
+                + (f": name one of its packages, {name}.NAME" if detail == "a set of packages" else ""))
+    if problem.kind == "throws":
+        return f"{name} fails to evaluate in the package set"
+    return f"{name} cannot be evaluated: {detail}" if detail else f"{name} cannot be evaluated"
+
+
+def _unavailable(error: UnavailablePackages) -> RegistryError:
+    texts = [problem_text(p) for p in error.problems]
+    detail: dict[str, Any] = {"packages": [{"name": p.name, "reason": p.kind, "detail": p.detail}
+                                           for p in error.problems]}
+    if error.unknown:
+        texts.append(_unknown_text(error.unknown))
+        detail.update(_unknown_detail(error.unknown))
+    message = "; ".join(texts)
+    if error.unknown is None and all(p.kind in _DENIED_KINDS for p in error.problems):
+        return RegistryError(403, "DENIED", message, detail)
+    return manifest_unknown(message, detail)
+
 
 # Most specific first: `as_registry_error` takes the first type an exception is an instance of.
 _TRANSLATIONS: dict[type[Exception], Callable[[Any], RegistryError]] = {
     RegistryError: lambda error: error,
     StorageError: lambda error: unavailable(f"storage failed: {error}"),
-    UnknownPackages: lambda error: manifest_unknown(f"unknown packages: {', '.join(error.names)}",
-                                                    {"unknown": list(error.names)}),
+    UnknownPackages: lambda error: manifest_unknown(_unknown_text(error), _unknown_detail(error)),
+    UnavailablePackages: _unavailable,
     UnsupportedSystem: lambda error: manifest_unknown(str(error), {"system": error.system}),
+    BuildFailed: lambda error: RegistryError(422, "UNKNOWN", error.reason),
     NixError: lambda error: build_failed(error.reason),
 }
 _FALCON_CODES = {404: "NOT_FOUND", 405: "UNSUPPORTED"}

@@ -37,3 +37,32 @@ def setup(level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+
+
+class AccessLog:
+    """Falcon middleware (NIXERY_ACCESS_LOG): one JSON line per request on the `nixery.access` logger,
+    at INFO whatever NIXERY_LOG_LEVEL says, after the response is complete."""
+
+    def __init__(self) -> None:
+        self.log = logging.getLogger("nixery.access")
+        self.log.setLevel(logging.INFO)
+
+    def process_request(self, req, resp) -> None:
+        req.context.access_started = time.monotonic()
+
+    def process_response(self, req, resp, resource, req_succeeded: bool) -> None:
+        started = req.context.get("access_started")
+        length = resp.content_length
+        if length is None and resp.stream is None:
+            body = resp.render_body()  # rendered once: Falcon keeps what it rendered
+            length = len(body) if body is not None else 0
+        self.log.info("request", extra={
+            "method": req.method,
+            "path": req.env.get("PATH_INFO") or req.path,  # as sent: req.path lost its trailing slash
+            "query": req.query_string or None,
+            "status": resp.status_code,
+            "bytes": length,
+            "duration": round(time.monotonic() - started, 4) if started is not None else None,
+            "client": req.remote_addr,
+            "user_agent": req.user_agent,
+        })

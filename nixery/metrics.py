@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import Optional
 
 import falcon
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest,
+                               multiprocess)
 
+from . import __version__
 from .builder import BuildStats
 
 BUILD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
@@ -54,6 +56,18 @@ class Metrics:
                                    "or reused from it.", ["result"], registry=self.registry)
         self.nix_invocations = Counter("nixery_nix_invocations", "Nix processes started, by command.",
                                        ["command"], registry=self.registry)
+        # livesum: the builds of every worker that is alive, added up (a dead worker's stop counting).
+        self.in_progress = Gauge("nixery_builds_in_progress", "Builds running now (Nix, layering, upload).",
+                                 registry=self.registry, multiprocess_mode="livesum")
+        self.info = Gauge("nixery_build_info", "Always 1; the labels say which Nixery runs and what it serves.",
+                          ["version", "source"], registry=self.registry, multiprocess_mode="max")
+
+    def describe(self, source_kind: str) -> None:
+        """Sets `nixery_build_info` for this instance."""
+        self.info.labels(__version__, source_kind).set(1)
+
+    def count_in_progress(self, change: int) -> None:
+        self.in_progress.inc(change)
 
     def count_nix(self, command: str) -> None:
         self.nix_invocations.labels(os.path.basename(command)).inc()

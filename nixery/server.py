@@ -47,12 +47,39 @@ def gunicorn_options(config: Config) -> dict[str, Any]:
     }
 
 
+class QuietProbes(logging.Filter):
+    """Gunicorn warns of every request line it cannot parse, and registry clients send one on
+    every pull: skopeo and Docker try TLS first on a plain-HTTP port. The first such line of a
+    process is kept (at INFO, saying what it means); later ones go to the debug log only."""
+
+    MARK = "Invalid HTTP request line"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.WARNING or self.MARK not in record.getMessage():
+            return True
+        if self.seen:
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger("gunicorn.error").isEnabledFor(logging.DEBUG)
+        self.seen = True
+        record.levelno, record.levelname = logging.INFO, "INFO"
+        record.msg = (f"{record.getMessage()} (a client tried TLS or another protocol on this plain-HTTP port, "
+                      "as registry clients do before falling back to HTTP; further ones are logged at DEBUG)")
+        record.args = ()
+        return True
+
+
 class JsonGunicornLogger(glogging.Logger):
     """Gunicorn's own lines (start-up, worker boots and exits) in the JSON shape of Nixery's,
-    so that a log collector reading stderr gets nothing but JSON objects."""
+    so that a log collector reading stderr gets nothing but JSON objects; clients' TLS probes
+    are not a warning each (`QuietProbes`)."""
 
     def setup(self, cfg: Any) -> None:
         super().setup(cfg)
+        self.error_log.addFilter(QuietProbes())
         for handler in self.error_log.handlers:
             handler.setFormatter(JsonFormatter())
 

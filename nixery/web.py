@@ -24,6 +24,7 @@ import falcon
 from . import image
 from .config import AuthLevel, Config, SourceKind, redact_url
 from .history import BuildHistory
+from .progress import InProgress
 
 STATIC_PACKAGE = "nixery.static"
 CONTENT_TYPES = {".css": "text/css; charset=utf-8", ".svg": "image/svg+xml"}
@@ -113,12 +114,16 @@ class SourceText:
         self.argument = str(config.summary()["source"]["argument"])  # type: ignore[index]
 
     def description(self) -> str:
+        """With NIXERY_HIDE_DETAILS, a repository's URL and a directory's path are not named."""
         kind = self.config.source.kind
+        hidden = self.config.hide_details
         if kind is SourceKind.CHANNEL:
             return f"the nixpkgs channel <code>{esc(self.argument)}</code>"
         if kind is SourceKind.GIT:
-            return f"the package set in the git repository <code>{esc(self.argument)}</code>"
-        return f"the package set in the directory <code>{esc(self.argument)}</code> on the server"
+            return ("the package set in a git repository" if hidden
+                    else f"the package set in the git repository <code>{esc(self.argument)}</code>")
+        return ("a package set in a directory on the server" if hidden
+                else f"the package set in the directory <code>{esc(self.argument)}</code> on the server")
 
     def tags(self, host: str) -> str:
         kind = self.config.source.kind
@@ -161,13 +166,16 @@ class SourceText:
 class IndexPage:
     """`/`: the documentation, recent builds and errors, and the configuration that is safe to show."""
 
-    def __init__(self, config: Config, store: BuildHistory, templates: Templates):
+    def __init__(self, config: Config, store: BuildHistory, templates: Templates, in_progress: InProgress):
         self.config = config
         self.store = store
         self.templates = templates
+        self.in_progress = in_progress
         self.source = SourceText(config)
-        # Image names and build errors of a private instance are for those who may pull.
+        # Image names and build errors of a private instance are for those who may pull; a public
+        # one may keep them to itself (NIXERY_HIDE_DETAILS).
         self.private = config.auth.level is AuthLevel.ALL
+        self.hidden = self.private or config.hide_details
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         host = request_host(req)
@@ -178,8 +186,10 @@ class IndexPage:
             meta_rows=_meta_rows(),
             optional=_codes(image.OPTIONAL_PACKAGES),
             tags=self.source.tags(host),
-            builds=PRIVATE_BUILDS if self.private else builds_table(self.store.builds()[:BUILDS_SHOWN]),
-            errors=PRIVATE_ERRORS if self.private else errors_list(self.store.errors()[:ERRORS_SHOWN]),
+            builds=(PRIVATE_BUILDS if self.private else HIDDEN_BUILDS if self.hidden
+                    else in_progress_table(self.in_progress.builds()) + builds_table(self.store.builds()[:BUILDS_SHOWN])),
+            errors=PRIVATE_ERRORS if self.private else HIDDEN_ERRORS if self.hidden
+            else errors_list(self.store.errors()[:ERRORS_SHOWN]),
             packages=self.source.packages(),
             budget=esc(self.config.layer_budget),
             pin=self.source.pinning(host),
@@ -215,6 +225,8 @@ class IndexPage:
 PRIVATE_BUILDS = ('<p class="empty">This instance is private (every pull needs a login), so its recent '
                   "builds and errors are not listed here.</p>")
 PRIVATE_ERRORS = '<p class="empty">Not listed on a private instance.</p>'
+HIDDEN_BUILDS = '<p class="empty">This instance does not list its recent builds and errors.</p>'
+HIDDEN_ERRORS = '<p class="empty">Not listed on this instance.</p>'
 ACCESS = {
     AuthLevel.OFF: "open: anyone who can reach this instance pulls and builds images",
     AuthLevel.BUILD: "images already built are open to all; building a new image needs a login",
@@ -284,6 +296,23 @@ def builds_table(builds: list[dict[str, Any]]) -> str:
             f'    <tbody>\n{chr(10).join(rows)}\n    </tbody>\n</table>\n</div>')
 
 
+def in_progress_table(builds: list[dict[str, Any]]) -> str:
+    """Builds running now, with their step and how long they have taken so far."""
+    if not builds:
+        return ""
+    rows = []
+    for b in builds:
+        detail = f'<span class="reason">{esc(b["detail"])}</span>' if b.get("detail") else ""
+        rows.append(f'      <tr><td class="image"><code>{esc(b["image"])}:{esc(b["tag"])}</code></td>'
+                    f'<td data-label="step"><span class="badge running">{esc(b["step"])}</span>{detail}</td>'
+                    f'<td class="num" data-label="running for">{human_seconds(b["elapsed"])}</td></tr>')
+    return ('<h3 id="running">Building now</h3>\n'
+            '<div class="scroll" role="region" aria-labelledby="running" tabindex="0">\n<table class="builds">\n'
+            '    <thead><tr><th scope="col">image</th><th scope="col">step</th>'
+            '<th scope="col" class="num">running for</th></tr></thead>\n'
+            f'    <tbody>\n{chr(10).join(rows)}\n    </tbody>\n</table>\n</div>\n')
+
+
 def errors_list(errors: list[dict[str, Any]]) -> str:
     if not errors:
         return '<p class="empty">No failed builds recently.</p>'
@@ -293,20 +322,23 @@ def errors_list(errors: list[dict[str, Any]]) -> str:
 
 
 class BuildsJson:
-    """`/builds.json`: the recent builds and errors for scripts, newest first (403 on a private instance)."""
+    """`/builds.json`: builds in progress (oldest first), then the recent builds and errors for scripts,
+    newest first (403 on a private instance, or one that hides its details)."""
 
-    def __init__(self, store: BuildHistory, private: bool):
+    def __init__(self, store: BuildHistory, private: bool, in_progress: InProgress):
         self.store = store
         self.private = private
+        self.in_progress = in_progress
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         resp.content_type = "application/json"
         resp.cache_control = ["no-cache"]
         if self.private:
             resp.status = falcon.HTTP_403
-            resp.data = json.dumps({"error": "this instance is private: its builds are not listed"}).encode()
+            resp.data = json.dumps({"error": "this instance does not list its builds"}).encode()
             return
-        resp.data = json.dumps({"builds": self.store.builds(), "errors": self.store.errors()}).encode()
+        resp.data = json.dumps({"in_progress": self.in_progress.builds(), "builds": self.store.builds(),
+                                "errors": self.store.errors()}).encode()
 
     on_head = on_get
 
@@ -343,12 +375,14 @@ class StaticFiles:
     on_head = on_get
 
 
-def add_routes(app: falcon.App, config: Config, store: BuildHistory) -> None:
+def add_routes(app: falcon.App, config: Config, store: BuildHistory, in_progress: InProgress | None = None) -> None:
     """The page, its files, the JSON view, and the 404 page for every other path outside `/v2/`."""
+    in_progress = in_progress or InProgress(config.state)
     files = static_files()
     templates = Templates(files)
     not_found = NotFound(templates)
-    app.add_route("/", IndexPage(config, store, templates))
+    app.add_route("/", IndexPage(config, store, templates, in_progress))
     app.add_route("/static/{file}", StaticFiles(files, not_found))
-    app.add_route("/builds.json", BuildsJson(store, private=config.auth.level is AuthLevel.ALL))
+    app.add_route("/builds.json", BuildsJson(store, config.auth.level is AuthLevel.ALL or config.hide_details,
+                                             in_progress))
     app.add_sink(not_found, prefix=re.compile(r"/(?!v2/)"))

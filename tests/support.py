@@ -25,7 +25,7 @@ import requests
 from nixery import archive, manifest
 from nixery.builder import BuildStats, Result, in_media_type
 from nixery.image import Image
-from nixery.nix import NixError, UnknownPackages
+from nixery.nix import BuildFailed, NixError, UnknownPackages
 from nixery.storage import Backend, StorageError, blob_key
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -196,8 +196,8 @@ class StandInBuilder:
 
     A few package names make it fail the way the real builder's steps do, with their own
     exception types, so the app's error handling is what answers: `nosuch*` packages are
-    unknown (all of them named), `broken` fails in Nix, `storage-down` finds storage
-    unreachable and `crash` raises something nobody foresaw."""
+    unknown (all of them named), `broken` fails to build, `nix-down` cannot run Nix,
+    `storage-down` finds storage unreachable and `crash` raises something nobody foresaw."""
 
     def __init__(self, storage: Backend, workdir: Path):
         self.storage = storage
@@ -222,7 +222,10 @@ class StandInBuilder:
         if unknown:
             raise UnknownPackages(unknown)
         if "broken" in image.packages:
-            raise NixError("building failed: builder for broken failed with exit code 1", "the whole log")
+            raise BuildFailed("broken failed to build: builder for broken failed with exit code 1", "the whole log",
+                              "/nix/store/broken.drv")
+        if "nix-down" in image.packages:
+            raise NixError("nix-store is not installed or not on PATH")
         if "storage-down" in image.packages:
             raise StorageError("GCS bucket test: stat failed: cannot connect to Google Cloud Storage")
         if "crash" in image.packages:

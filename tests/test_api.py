@@ -72,7 +72,9 @@ def test_version_check(fast):
     ("/v2/Hello/manifests/latest", 400, "NAME_INVALID"),
     ("/v2/../etc/manifests/latest", 400, "NAME_INVALID"),
     ("/v2/hello/manifests/.bad", 400, "TAG_INVALID"),
-    ("/v2/hello/tags/list", 404, "NOT_FOUND"),
+    ("/v2/Hello/tags/list", 400, "NAME_INVALID"),
+    ("/v2/hello/tags/list?n=x", 400, "PAGINATION_NUMBER_INVALID"),
+    ("/v2/hello/tags/lists", 404, "NOT_FOUND"),
 ])
 def test_bad_requests_get_registry_errors(fast, path, status, code):
     # The path reaches the app as written: no dot segments resolved (Gunicorn does not either).
@@ -206,11 +208,17 @@ def test_failures_of_the_build_steps_become_registry_errors_and_history(fast):
     assert error["code"] == "MANIFEST_UNKNOWN" and sorted(error["detail"]["unknown"]) == ["nosuchother", "nosuchthing"]
     assert error["message"] == "unknown packages: nosuchother, nosuchthing"
 
+    # A build that fails will fail again: a 4xx, whose message registry clients print.
     broken = fast.client.simulate_get("/v2/broken/manifests/latest")
-    assert broken.status_code == 500
+    assert broken.status_code == 422
     [error] = errors_of(broken)
-    assert error == {"code": "UNKNOWN", "message": "building failed: builder for broken failed with exit code 1"}
+    assert error == {"code": "UNKNOWN", "message": "broken failed to build: builder for broken failed with exit code 1"}
     assert "the whole log" not in broken.text, "Nix's log goes to the server log only"
+
+    # Nix itself failing is the instance's fault: a 5xx.
+    nix_down = fast.client.simulate_get("/v2/nix-down/manifests/latest")
+    assert nix_down.status_code == 500
+    assert errors_of(nix_down)[0] == {"code": "UNKNOWN", "message": "nix-store is not installed or not on PATH"}
 
     down = fast.client.simulate_get("/v2/storage-down/manifests/latest")
     assert down.status_code == 503
@@ -225,7 +233,8 @@ def test_failures_of_the_build_steps_become_registry_errors_and_history(fast):
     history = fast.client.simulate_get("/builds.json").json["errors"]
     told = {item["image"]: (item["outcome"], item["reason"]) for item in history}
     assert told["shell/hello/nosuchthing/nosuchother"] == ("rejected", "unknown packages: nosuchother, nosuchthing")
-    assert told["broken"] == ("failed", "building failed: builder for broken failed with exit code 1")
+    assert told["broken"] == ("rejected", "broken failed to build: builder for broken failed with exit code 1")
+    assert told["nix-down"] == ("failed", "nix-store is not installed or not on PATH")
     assert told["storage-down"][0] == "failed" and told["storage-down"][1].startswith("storage failed: ")
     assert told["crash"] == ("failed", "internal error: KeyError")
 
@@ -240,8 +249,8 @@ def scrape(fast) -> dict[tuple[str, tuple], float]:
 def test_metrics_label_requests_by_route_template(fast):
     before = scrape(fast)
     layer = fast.builder.layer.digest
-    for path in ("/v2/hello/manifests/latest", f"/v2/hello/blobs/{layer}", "/v2/hello/tags/list", "/v2/",
-                 "/nope", "/v2/broken/manifests/latest"):
+    for path in ("/v2/hello/manifests/latest", f"/v2/hello/blobs/{layer}", "/v2/hello/tags/lists", "/v2/",
+                 "/nope", "/v2/nix-down/manifests/latest", "/v2/hello/tags/list"):
         fast.client.simulate_get(path)
     after = scrape(fast)
 
@@ -252,11 +261,12 @@ def test_metrics_label_requests_by_route_template(fast):
     assert moved("/v2/{name}/manifests/{reference}", "200") == 1
     assert moved("/v2/{name}/manifests/{reference}", "500") == 1
     assert moved("/v2/{name}/blobs/{digest}", "200") == 1
+    assert moved("/v2/{name}/tags/list", "200") == 1
     assert moved("/v2/{other}", "404") == 1
     assert moved("/v2", "200") == 1
     assert moved("{unmatched}", "404") == 1
     routes = {dict(labels).get("route") for (_, labels) in after} - {None}
-    assert not any("hello" in route or "broken" in route for route in routes), routes
+    assert not any("hello" in route or "nix-down" in route for route in routes), routes
     builds = {outcome: after.get(("nixery_builds_total", (("outcome", outcome),)), 0.0)
               - before.get(("nixery_builds_total", (("outcome", outcome),)), 0.0) for outcome in ("built", "failed")}
     assert builds == {"built": 1, "failed": 1}
@@ -291,8 +301,29 @@ def test_static_files_and_not_found_pages(fast):
         assert "Nothing here" in response.text and "Pull an image" not in response.text, path
     marked = fast.client.simulate_get("/<b>x</b>")
     assert "<b>x</b>" not in marked.text and "&lt;b&gt;x&lt;/b&gt;" in marked.text
-    registry = fast.client.simulate_get("/v2/hello/tags/list")
+    registry = fast.client.simulate_get("/v2/hello/tags/lists")
     assert registry.status_code == 404 and errors_of(registry)[0]["code"] == "NOT_FOUND"
+
+
+def test_tags_list_pages_through_the_sources_tags(tmp_path):
+    """The distribution spec's tag listing, with `n` and `last`, over a channel source's tags."""
+    config = load({"HOME": str(tmp_path), "STORAGE_PATH": str(tmp_path / "storage"),
+                   "NIXERY_STATE_DIR": str(tmp_path / "state"), "NIXERY_CHANNEL": "nixos-unstable",
+                   "NIXERY_CHANNEL_ALLOW": "nixos-24.05,nixos-24.11"})
+    storage = FilesystemBackend(config.storage_path)
+    client = falcon.testing.TestClient(create_app(config, storage, builder=StandInBuilder(storage, tmp_path)))
+    every = client.simulate_get("/v2/shell/git/tags/list")
+    assert every.status_code == 200 and every.headers["Content-Type"].startswith("application/json")
+    assert every.json == {"name": "shell/git", "tags": ["latest", "nixos-24.05", "nixos-24.11"]}
+    assert "Link" not in every.headers
+
+    first = client.simulate_get("/v2/shell/git/tags/list", params={"n": "2"})
+    assert first.json["tags"] == ["latest", "nixos-24.05"]
+    assert first.headers["Link"] == '</v2/shell/git/tags/list?n=2&last=nixos-24.05>; rel="next"'
+    rest = client.simulate_get("/v2/shell/git/tags/list", params={"n": "2", "last": "nixos-24.05"})
+    assert rest.json["tags"] == ["nixos-24.11"] and "Link" not in rest.headers
+    assert client.simulate_get("/v2/shell/git/tags/list", params={"n": "0"}).json["tags"] == []
+    assert client.simulate_head("/v2/shell/git/tags/list").status_code == 200
 
 
 def test_builds_json_lists_what_was_built(fast):

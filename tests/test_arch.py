@@ -8,7 +8,7 @@ import platform
 import pytest
 import requests
 
-from support import skopeo_pull
+from support import NIX_ENV, skopeo_pull
 from nixery.nix import Nix, SourceArgs, UnsupportedSystem
 
 HOST_SYSTEM = {"x86_64": "x86_64-linux", "aarch64": "aarch64-linux"}[platform.machine()]
@@ -30,7 +30,10 @@ def wrapped_set(tmp_path, pkgset, kind: str):
 @pytest.mark.skipif(OTHER_PREFIX != "arm64", reason="the other architecture's meta-package is arm64 only")
 def test_plain_set_refuses_arm64_with_a_registry_error(tmp_path, pkgset, start_server):
     source = wrapped_set(tmp_path, pkgset, "plain")
-    server = start_server({"NIXERY_PKGS_PATH": str(source)})
+    # Nix told it can build for the other system, so that the set's own refusal is what answers
+    # (an instance that cannot is refused before Nix runs: tests/test_feedback.py).
+    server = start_server({"NIXERY_PKGS_PATH": str(source),
+                           "NIX_CONFIG": f"{NIX_ENV['NIX_CONFIG']}\nextra-platforms = {OTHER_SYSTEM}"})
 
     response = requests.get(f"{server.url}/v2/arm64/hello/manifests/latest", timeout=120)
     assert response.status_code == 404, response.text

@@ -39,6 +39,14 @@ def test_readyz_is_503_without_nix_on_path(client, monkeypatch):
     assert client.simulate_get("/healthz").status_code == 200
 
 
+def test_readyz_is_503_through_the_app_with_storage_gone(client, tmp_path):
+    shutil.rmtree(tmp_path / "storage")  # before the first probe: nothing cached yet
+    ready = client.simulate_get("/readyz")
+    assert ready.status_code == 503 and ready.json["status"] == "unavailable"
+    assert ready.json["reason"].startswith("filesystem storage failed:")
+    assert client.simulate_get("/healthz").status_code == 200
+
+
 def test_readyz_follows_storage_and_caches_its_answer(tmp_path):
     root = tmp_path / "storage"
     now = [100.0]

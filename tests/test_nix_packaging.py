@@ -59,6 +59,9 @@ OPTION_VARIABLES = {
     "workers": "NIXERY_WORKERS",
     "threads": "NIXERY_THREADS",
     "logLevel": "NIXERY_LOG_LEVEL",
+    "accessLog": "NIXERY_ACCESS_LOG",
+    "hideDetails": "NIXERY_HIDE_DETAILS",
+    "allowUnfree": "NIXERY_ALLOW_UNFREE",
     "auth": "NIXERY_AUTH",
     "htpasswdFile": "NIXERY_HTPASSWD",
     "tokenAuth.realm": "NIXERY_TOKEN_REALM",
@@ -228,6 +231,7 @@ def test_each_option_sets_its_variable(tmp_path):
         "signing": {"keyFile": "/run/keys/gcs.pem", "account": "nixery@example.iam.gserviceaccount.com"},
         "nixTimeout": 120, "popularityUrl": "https://example.org/popularity.json", "layerBudget": 60,
         "platforms": ["linux/arm64", "linux/amd64"], "workers": 4, "threads": 16, "logLevel": "DEBUG",
+        "accessLog": True, "hideDetails": True, "allowUnfree": True,
         "binaryCache": {"url": "file:///var/cache/nixery-bincache", "publicKey": "nixery-1:AAAA",
                         "secretKeyFile": "/run/keys/cache.secret"},
         "auth": "build", "htpasswdFile": "/run/keys/htpasswd",
@@ -241,6 +245,7 @@ def test_each_option_sets_its_variable(tmp_path):
         "signing.keyFile": "%d/gcs-signing-key", "signing.account": "nixery@example.iam.gserviceaccount.com",
         "nixTimeout": "120", "popularityUrl": "https://example.org/popularity.json", "layerBudget": "60",
         "platforms": "linux/arm64,linux/amd64", "workers": "4", "threads": "16", "logLevel": "DEBUG",
+        "accessLog": "true", "hideDetails": "true", "allowUnfree": "true",
         "binaryCache.url": "file:///var/cache/nixery-bincache", "binaryCache.publicKey": "nixery-1:AAAA",
         "binaryCache.secretKeyFile": "%d/binary-cache-key",
         "auth": "build", "htpasswdFile": "%d/htpasswd", "tokenAuth.realm": "https://auth.example.org/token",
@@ -267,6 +272,7 @@ def test_each_option_sets_its_variable(tmp_path):
     assert loaded.gcs.signing_key == tmp_path / "credentials" / "gcs-signing-key"
     assert loaded.binary_cache.secret_key == tmp_path / "credentials" / "binary-cache-key"
     assert (loaded.nix_timeout, loaded.layer_budget, loaded.workers, loaded.threads) == (120, 60, 4, 16)
+    assert loaded.access_log and loaded.hide_details and loaded.allow_unfree
 
 
 @needs_lib
@@ -275,7 +281,8 @@ def test_module_option_defaults_are_nixerys_defaults(module_options):
         if variable not in VARIABLES or VARIABLES[variable].default is None:
             continue
         default = module_options[option]["default"]
-        rendered = ",".join(default) if isinstance(default, list) else str(default)
+        rendered = (",".join(default) if isinstance(default, list)
+                    else str(default).lower() if isinstance(default, bool) else str(default))
         assert rendered == VARIABLES[variable].default, (
             f"services.nixery.{option} defaults to {default!r}, Nixery's {variable} to {VARIABLES[variable].default!r}")
 

@@ -8,6 +8,7 @@ that no other revision has, so an image shows which revision built it.
 from __future__ import annotations
 
 import base64
+import json
 import concurrent.futures
 import dataclasses
 import functools
@@ -122,7 +123,7 @@ def test_git_tags_build_their_own_revisions(start_server, repo, nix_counter, tmp
         assert manifest(server, f"{label}only", tag).status_code == 200
         other = next(o for o in ("one", "two", "three") if o != label)
         missing = manifest(server, f"{other}only", tag)
-        assert missing.status_code == 404 and error_of(missing)["detail"] == {"unknown": [f"{other}only"]}
+        assert missing.status_code == 404 and error_of(missing)["detail"]["unknown"] == [f"{other}only"]
 
     for tag in ("release-v9", "0" * 40, "bad..ref"):
         response = manifest(server, "marker", tag)
@@ -415,3 +416,27 @@ def test_channel_and_path_tag_rules():
     with pytest.raises(RegistryError) as unknown:
         path.resolve("v1")
     assert unknown.value.status == 404 and unknown.value.code == "MANIFEST_UNKNOWN"
+
+
+# ------------------------------------------------------------------- tags --
+
+def skopeo_inspect(host: str, name: str) -> dict:
+    """`skopeo inspect` as users run it, tags and all (it lists them through /v2/<name>/tags/list)."""
+    result = subprocess.run(["skopeo", "inspect", "--tls-verify=false", f"docker://{host}/{name}:latest"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_skopeo_inspect_lists_the_tags_of_each_source(start_server, repo, tarballs, pkgset, tmp_path):
+    git_server = start_server({"NIXERY_PKGS_REPO": repo.url})
+    assert skopeo_inspect(git_server.host, "marker")["RepoTags"] == ["latest", "main", "release-v1", "release-v2"]
+
+    tarballs.add("nixos-test", write_revision(tmp_path / "channel", "channel"))
+    channel_server = start_server({"NIXERY_CHANNEL": "nixos-test", "NIXERY_CHANNEL_URL_TEMPLATE": tarballs.template,
+                                   "NIXERY_CHANNEL_ALLOW": "nixos-24.11,nixos-extra"})
+    assert skopeo_inspect(channel_server.host, "shell/marker")["RepoTags"] == ["latest", "nixos-24.11", "nixos-extra"]
+
+    path_server = start_server({"NIXERY_PKGS_PATH": str(pkgset)})
+    inspected = skopeo_inspect(path_server.host, "hello")
+    assert inspected["RepoTags"] == ["latest"] and inspected["Architecture"] == "amd64"

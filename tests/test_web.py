@@ -152,7 +152,7 @@ def png_size(path: Path) -> tuple[int, int]:
 
 def test_page_in_headless_chromium(server, browser, tmp_path):
     assert requests.get(f"{server.url}/v2/shell/hello/manifests/latest", timeout=120).status_code == 200
-    assert requests.get(f"{server.url}/v2/broken/manifests/latest", timeout=120).status_code == 500
+    assert requests.get(f"{server.url}/v2/broken/manifests/latest", timeout=120).status_code == 422
     shots = tmp_path / "screenshots"
     shots.mkdir()
     for label, (width, height) in (("desktop", DESKTOP), ("phone", PHONE)):
@@ -219,8 +219,9 @@ def test_metrics_after_two_pulls(start_server, fresh_pkgset, tmp_path):
 
 def test_failed_build_in_recent_errors(server):
     before = scrape(server)
+    # A package whose build fails is the request's fault (it fails again): a 4xx, "rejected".
     failed = requests.get(f"{server.url}/v2/broken/manifests/latest", timeout=120)
-    assert failed.status_code == 500
+    assert failed.status_code == 422
     reason = failed.json()["errors"][0]["message"]
     rejected = requests.get(f"{server.url}/v2/shell/nosuchpkg/manifests/latest", timeout=120)
     assert rejected.status_code == 404
@@ -229,7 +230,7 @@ def test_failed_build_in_recent_errors(server):
     newest, older = data["errors"][:2]
     assert (newest["image"], newest["outcome"]) == ("shell/nosuchpkg", "rejected")
     assert newest["reason"] == "unknown packages: nosuchpkg"
-    assert (older["image"], older["tag"], older["outcome"]) == ("broken", "latest", "failed")
+    assert (older["image"], older["tag"], older["outcome"]) == ("broken", "latest", "rejected")
     assert older["reason"] == reason and "broken" in reason and "\n" not in reason
     assert older["duration"] > 0
     assert [b["image"] for b in data["builds"][:2]] == ["shell/nosuchpkg", "broken"]
@@ -241,14 +242,14 @@ def test_failed_build_in_recent_errors(server):
     lines = [line for line in server.log().splitlines() if line]
     assert all(isinstance(json.loads(line), dict) for line in lines), "stderr is JSON lines only, Gunicorn's too"
     logged = [e for e in server.log_entries() if e.get("image") == "broken"]
-    assert any(e["message"] == "image build failed" and e["reason"] == reason and e["level"] == "WARNING"
-               for e in logged), logged
+    assert any(e["message"] == "image rejected" and e["reason"] == reason for e in logged), logged
+    assert any(e["message"] == "nix failed" and e["level"] == "ERROR" and "meant to fail" in e["nix_log"]
+               for e in logged), "the whole Nix log is in the server log"
     steps = {e["step"]: e["duration"] for e in logged if e.get("message") == "build step"}
     assert set(steps) == {"evaluate", "build"}, steps
 
     after = scrape(server)
-    assert moved(before, after, "nixery_builds_total", outcome="failed") == 1
-    assert moved(before, after, "nixery_builds_total", outcome="rejected") == 1
+    assert moved(before, after, "nixery_builds_total", outcome="rejected") == 2
 
 
 def _record_many(state_dir: str, worker: int, count: int) -> None:
@@ -281,6 +282,29 @@ def test_page_never_shows_secrets(tmp_path, argument, secret):
     page = falcon.testing.TestClient(app).simulate_get("/").text
     assert "git.example.org/pkgs.git" in page
     assert secret not in page and "tok-123456" not in page
+
+
+def test_hidden_details_keep_paths_and_history_off_the_page(tmp_path, pkgset):
+    """NIXERY_HIDE_DETAILS, for a public instance: no server path, no image anyone asked for."""
+    def client(hide: str):
+        config = load({"HOME": str(tmp_path), "NIXERY_PKGS_PATH": str(pkgset), "NIXERY_HIDE_DETAILS": hide})
+        store = BuildHistory(config.state)
+        store.record(entry(BuildStats(image="someones/secret-project", reason="unknown packages: x", status=404),
+                           time.time()))
+        app = falcon.App()
+        web.add_routes(app, config, store)
+        return falcon.testing.TestClient(app)
+
+    shown = client("false")
+    assert str(pkgset) in shown.simulate_get("/").text
+    assert "someones/secret-project" in shown.simulate_get("/").text
+    assert shown.simulate_get("/builds.json").status_code == 200
+
+    hidden = client("true")
+    page = hidden.simulate_get("/").text
+    assert str(pkgset) not in page and str(tmp_path) not in page and "someones/secret-project" not in page
+    assert "does not list its recent builds" in page
+    assert hidden.simulate_get("/builds.json").status_code == 403
 
 
 def test_page_lists_allowed_channels(tmp_path):

@@ -1,13 +1,17 @@
 """Calls to Nix: resolve names with the helper, build them, read the closure.
 
 User input reaches Nix only as `--argstr` values (lists as JSON), never as
-Nix source. stdout and stderr are read together and the whole process group
-is killed on timeout, so a chatty or stuck Nix cannot hang a worker.
+Nix source. stdout and stderr are read together (stderr line by line, so that
+Nix's progress reaches the log as it happens) and the whole process group is
+killed on timeout, so a chatty or stuck Nix cannot hang a worker. Nix runs
+without the NIXPKGS_ALLOW_* variables, which nixpkgs reads itself: what an
+instance serves depends on its configuration, not on its service user's shell.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import json
 import logging
@@ -16,6 +20,8 @@ import re
 import shutil
 import signal
 import subprocess
+import threading
+import time
 import uuid
 from importlib import resources
 from pathlib import Path
@@ -33,6 +39,19 @@ PACKAGES = Path(str(resources.files(__package__).joinpath("packages.nix")))
 ARGV_CHUNK = 5000
 KILL_GRACE_SECONDS = 10
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+# Variables nixpkgs reads behind its `config`'s back (check-meta, impure.nix): never passed to Nix.
+_IMPURE_VARIABLES = re.compile(r"NIXPKGS_ALLOW_.*|NIXPKGS_CONFIG")
+# Nix's own progress lines on stderr (what it builds, fetches or copies), as opposed to builders' output.
+PROGRESS_RE = re.compile(r"(building '|copying (path|\d+ paths)|these \d+ (derivations|paths) will be|"
+                         r"downloading '|fetching |querying |unpacking |evaluating |warning: )")
+# A derivation's own builder exited non-zero: the same inputs fail the same way, so the request is at
+# fault. A builder killed by a signal ("failed due to signal 9") is not: the machine did that.
+_BUILDER_FAILED = re.compile(r"builder for '(/nix/store/[^']+\.drv)' failed with exit code")
+# Names `explain` asks Nix about, at most: one evaluation each, only for failed requests.
+EXPLAINED_MAX = 3
+# Who hears the stderr lines of the Nix processes this thread runs (the builder, for the log and the page).
+_listener: contextvars.ContextVar[Optional[Callable[[str], None]]] = contextvars.ContextVar("nix_listener",
+                                                                                            default=None)
 
 
 class NixError(Exception):
@@ -44,10 +63,48 @@ class NixError(Exception):
         self.log = log_text
 
 
+class BuildFailed(NixError):
+    """A derivation's builder failed: the request will fail the same way again (a 4xx).
+    `derivation` is the store path of the derivation that failed."""
+
+    def __init__(self, reason: str, log_text: str, derivation: str):
+        super().__init__(reason, log_text)
+        self.derivation = derivation
+
+
 class UnknownPackages(Exception):
-    def __init__(self, names: Sequence[str]):
+    """Names the package set does not have. `stopped_in` maps each to the path of the set its
+    lookup stopped in ("" for the top level), `listed` holds the names of those sets that
+    the evaluation listed, and `suggestions` is filled in by whoever holds the name index."""
+
+    def __init__(self, names: Sequence[str], stopped_in: Optional[Mapping[str, str]] = None,
+                 listed: Optional[Mapping[str, Sequence[str]]] = None):
         super().__init__(", ".join(names))
         self.names = tuple(names)
+        self.stopped_in = dict(stopped_in or {})
+        self.listed = dict(listed or {})
+        self.suggestions: dict[str, list[str]] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """A name the set has but will not give as a package. `kind` is nixpkgs' reason:
+    removed (the set's own message in `detail`), unfree (the licence), broken, insecure
+    (the known issues), unsupported (the system), not-a-package (what it is instead), or
+    fails (Nix's message)."""
+
+    name: str
+    kind: str
+    detail: str
+
+
+class UnavailablePackages(Exception):
+    """Some names cannot be served, for the set's own reasons; `unknown` holds any that it lacks."""
+
+    def __init__(self, problems: Sequence[Problem], unknown: Optional[UnknownPackages] = None):
+        super().__init__("; ".join(f"{p.name}: {p.kind}" for p in problems))
+        self.problems = tuple(problems)
+        self.unknown = unknown
 
 
 class UnsupportedSystem(Exception):
@@ -95,36 +152,130 @@ def first_error_line(text: str) -> str:
     return (lines[-1] if lines else "nix failed without output")[:500]
 
 
+@contextlib.contextmanager
+def listening(listener: Callable[[str], None]) -> Iterator[None]:
+    """Within the block, `listener` hears every stderr line of the Nix processes this thread runs."""
+    token = _listener.set(listener)
+    try:
+        yield
+    finally:
+        _listener.reset(token)
+
+
+def nix_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment Nix runs in: the service's own, without what nixpkgs reads behind `config`."""
+    return {k: v for k, v in environ.items() if not _IMPURE_VARIABLES.fullmatch(k)}
+
+
+class _Process:
+    """A Nix process in its own session whose stdout is collected while stderr is read line by line."""
+
+    def __init__(self, args: Sequence[str], listener: Optional[Callable[[str], None]]):
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                                     start_new_session=True, env=nix_environment(os.environ))
+        self.listener = listener
+        self.out = bytearray()
+        self.err: list[str] = []
+        self.readers = [threading.Thread(target=self._read_out, daemon=True),
+                        threading.Thread(target=self._read_err, daemon=True)]
+        for reader in self.readers:
+            reader.start()
+
+    def _read_out(self) -> None:
+        assert self.proc.stdout
+        for chunk in iter(lambda: self.proc.stdout.read(65536), b""):
+            self.out += chunk
+
+    def _read_err(self) -> None:
+        assert self.proc.stderr
+        for raw in self.proc.stderr:
+            line = raw.decode(errors="replace")
+            self.err.append(line)
+            if self.listener:
+                try:
+                    self.listener(redact_url(_ANSI.sub("", line).rstrip()))
+                except Exception:  # a listener's fault must not lose Nix's output
+                    log.exception("nix progress listener failed")
+
+    def finish(self, timeout: Optional[float]) -> None:
+        """Waits for the process and its output; raises TimeoutExpired (the process still runs)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self.proc.wait(timeout=timeout)
+        for reader in self.readers:
+            reader.join(None if deadline is None else max(0.0, deadline - time.monotonic()) + 1)
+
+    def stop(self) -> None:
+        """SIGTERM first: Nix then stops its builders, which run in sessions of their own
+        and would outlive a SIGKILL'd client. SIGKILL the group if it does not exit."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.finish(KILL_GRACE_SECONDS)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.finish(KILL_GRACE_SECONDS)
+
+    @property
+    def stderr(self) -> str:
+        # Nix quotes the URLs it fails to download, credentials and all.
+        return redact_url("".join(self.err))
+
+
 class Nix:
-    """Runs Nix for one service; `on_invoke` hears each command's name (the metrics count them)."""
+    """Runs Nix for one service; `on_invoke` hears each command's name (the metrics count them).
+    `allow_unfree` is the package set's `config.allowUnfree` (NIXERY_ALLOW_UNFREE)."""
 
     def __init__(self, timeout: int, gcroot_dir: Path, on_invoke: Optional[Callable[[str], None]] = None,
-                 cache: Optional[BinaryCacheConfig] = None):
+                 cache: Optional[BinaryCacheConfig] = None, allow_unfree: bool = False):
         self.timeout = timeout
         self.gcroot_dir = gcroot_dir
         self.on_invoke = on_invoke
         self.cache = cache
+        self.allow_unfree = allow_unfree
 
     def _run(self, args: Sequence[str], what: str) -> str:
         if self.on_invoke:
             self.on_invoke(args[0])
         log.debug("running nix", extra={"argv": list(args)})
         try:
-            proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
+            process = _Process(args, _listener.get())
         except FileNotFoundError:
             raise NixError(f"{args[0]} is not installed or not on PATH") from None
         try:
-            out, err = proc.communicate(timeout=self.timeout)
+            process.finish(self.timeout)
         except subprocess.TimeoutExpired:
-            out, err = self._stop(proc)
-            raise NixError(f"{what} timed out after {self.timeout}s",
-                           redact_url(err.decode(errors="replace"))) from None
-        # Nix quotes the URLs it fails to download, credentials and all.
-        stderr = redact_url(err.decode(errors="replace"))
-        if proc.returncode != 0:
+            process.stop()
+            raise NixError(f"{what} timed out after {self.timeout}s", process.stderr) from None
+        stderr = process.stderr
+        if process.proc.returncode != 0:
+            failed = _BUILDER_FAILED.search(_ANSI.sub("", stderr))
+            if failed:
+                raise BuildFailed(f"{what} failed: {first_error_line(stderr)}", stderr, failed.group(1))
             raise NixError(f"{what} failed: {first_error_line(stderr)}", stderr)
-        return out.decode()
+        return bytes(process.out).decode()
+
+    def systems(self) -> Optional[tuple[str, ...]]:
+        """The systems this Nix builds for, its own first: its `system`, `extra-platforms` and the
+        systems of its remote `builders`; None when Nix cannot say (then nothing is refused before
+        evaluation). Read once at start-up (the default of NIXERY_PLATFORMS, and refusing
+        `arm64/...` at once on an instance that cannot build it)."""
+        try:
+            raw = self._run(["nix", "--extra-experimental-features", "nix-command", "show-config", "--json"],
+                            "reading Nix's settings")
+            settings = json.loads(raw)
+
+            def value(name: str) -> object:  # Nix 2.8 wraps each value as {"value": ...}; later Nix may not.
+                entry = settings.get(name)
+                return entry.get("value") if isinstance(entry, dict) else entry
+
+            extra = value("extra-platforms") or []
+            systems = [str(value("system")), *(extra.split() if isinstance(extra, str) else map(str, extra))]
+            builders = str(value("builders") or "")
+        except (NixError, ValueError, KeyError, TypeError, AttributeError) as e:
+            log.warning("cannot read the systems Nix builds for", extra={"reason": str(e)})
+            return None
+        return tuple(dict.fromkeys([*systems, *sorted(remote_builder_systems(builders))]))
 
     def _helper_args(self, names: Sequence[str], optional: Sequence[str], source: SourceArgs,
                      system: str) -> list[str]:
@@ -133,37 +284,53 @@ class Nix:
                 "--argstr", "optional", json.dumps(list(optional)),
                 "--argstr", "srcType", source.kind,
                 "--argstr", "srcArgs", source.argument,
-                "--argstr", "system", system]
-
-    @staticmethod
-    def _stop(proc: subprocess.Popen) -> tuple[bytes, bytes]:
-        """SIGTERM first: Nix then stops its builders, which run in sessions of their own
-        and would outlive a SIGKILL'd client. SIGKILL the group if it does not exit."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            return proc.communicate(timeout=KILL_GRACE_SECONDS)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            return proc.communicate()
+                "--argstr", "system", system,
+                "--argstr", "allowUnfree", "true" if self.allow_unfree else "false"]
 
     def resolve(self, names: Sequence[str], optional: Sequence[str], source: SourceArgs,
-                system: str) -> Resolved:
-        """Name -> output path for every name that resolved; raises UnknownPackages listing all others,
-        UnsupportedSystem when the set cannot build for `system` at all.
+                system: str, listed: Sequence[str] = ()) -> Resolved:
+        """Name -> output path for every name that resolved; raises UnknownPackages listing all others
+        (with the names of the sets they stopped in, except the `listed` ones the caller holds),
+        UnavailablePackages for names the set refuses (nixpkgs' reasons), UnsupportedSystem when
+        the set cannot build for `system` at all.
 
         The image's one evaluation of the package set: read-write mode writes the derivations
-        to the store, and `build` realises them."""
+        to the store, and `build` realises them. Only a name that fails with an error of its own
+        (an alias that throws "has been removed") costs one more evaluation, to read that error."""
         raw = self._run(["nix-instantiate", "--eval", "--strict", "--json", "--read-write-mode", "-A", "resolve",
-                         *self._helper_args(names, optional, source, system)],
+                         *self._helper_args(names, optional, source, system),
+                         "--argstr", "listed", json.dumps(list(listed))],
                         f"evaluating {source.description}")
         data = json.loads(raw)
         if data.get("unsupported"):
             raise UnsupportedSystem(data["unsupported"], system)
-        if data["unknown"]:
-            raise UnknownPackages(data["unknown"])
+        unknown = (UnknownPackages(data["unknown"], data.get("stoppedIn"), data.get("names"))
+                   if data["unknown"] else None)
+        if data.get("problems"):
+            problems = [Problem(p["name"], p["kind"], p["detail"]) for p in data["problems"]]
+            raise UnavailablePackages(self._explained(problems, source, system), unknown)
+        if unknown:
+            raise unknown
         return Resolved(data["packages"], data["derivations"])
+
+    def _explained(self, problems: Sequence[Problem], source: SourceArgs, system: str) -> list[Problem]:
+        """Names that throw get the set's own message: `explain` evaluates each without catching
+        it (an error cannot be caught with its message in the Nix language)."""
+        explained = []
+        for i, problem in enumerate(problems):
+            if problem.kind in ("throws", "fails") and i < EXPLAINED_MAX:
+                try:
+                    self._run(["nix-instantiate", "--eval", "--strict", "--json", "-A", "explain",
+                               *self._helper_args([problem.name], [], source, system)],
+                              f"explaining {problem.name}")
+                except NixError as e:
+                    message = first_error_line(e.log).removeprefix("error:").strip()
+                    if problem.kind == "throws" and message:
+                        problem = Problem(problem.name, "removed", message)
+                    elif message:
+                        problem = Problem(problem.name, "fails", message)
+            explained.append(problem)
+        return explained
 
     @contextlib.contextmanager
     def gc_roots(self) -> Iterator[Path]:
@@ -189,7 +356,10 @@ class Nix:
         Resolving is the caller's separate step so that evaluation and building are timed apart;
         building realises the derivations the resolve instantiated, so nothing is evaluated twice."""
         substitute = binary_cache.substituter_options(self.cache) if self.cache else []
-        self.realise(sorted(set(resolved.derivations.values())), roots=roots, options=substitute)
+        try:
+            self.realise(sorted(set(resolved.derivations.values())), roots=roots, options=substitute)
+        except BuildFailed as e:
+            raise BuildFailed(_build_failure_reason(e, resolved), e.log, e.derivation) from None
         outputs = {n: resolved[n] for n in list(names) + list(optional) if n in resolved}
         paths = sorted(set(outputs.values()))
         closure = Closure(packages=outputs, paths=self.closure(paths))
@@ -228,20 +398,6 @@ class Nix:
         for i in range(0, len(derivations), ARGV_CHUNK):
             self._run(["nix-store", "--realise", *flags, *derivations[i:i + ARGV_CHUNK]], "building")
 
-    def systems(self) -> list[str]:
-        """The systems this Nix builds for: its `system`, then its `extra-platforms` (read once,
-        at start-up, for the default of NIXERY_PLATFORMS)."""
-        raw = self._run(["nix", "--extra-experimental-features", "nix-command", "show-config", "--json"],
-                        "reading Nix's settings")
-        settings = json.loads(raw)
-
-        def value(name: str) -> object:  # Nix 2.8 wraps each value as {"value": ...}; later Nix may not.
-            entry = settings.get(name)
-            return entry.get("value") if isinstance(entry, dict) else entry
-
-        extra = value("extra-platforms") or []
-        return [str(value("system")), *(extra.split() if isinstance(extra, str) else map(str, extra))]
-
     def invalid(self, paths: Sequence[str], store: Optional[str] = None) -> set[str]:
         """Which of `paths` are not in the local store, or in `store` if given."""
         found: set[str] = set()
@@ -253,6 +409,36 @@ class Nix:
             entries = data.items() if isinstance(data, dict) else ((e["path"], e) for e in data)
             found.update(path for path, info in entries if info is None or info.get("valid") is False)
         return found
+
+
+def _build_failure_reason(error: BuildFailed, resolved: Resolved) -> str:
+    """Names the requested package whose build failed, or says that a dependency's did."""
+    nix_line = first_error_line(error.log).removeprefix("error:").strip()
+    names = sorted(name for name, drv in resolved.derivations.items() if drv.split("!")[0] == error.derivation)
+    if names:
+        return f"{names[0]} failed to build: {nix_line}"
+    return f"a dependency failed to build: {nix_line}"
+
+
+def remote_builder_systems(builders: str) -> set[str]:
+    """The systems of Nix's `builders` setting (machine specs separated by ";" or new lines, or
+    "@file" naming a machines file): each spec's second field lists them, comma-separated."""
+    specs: list[str] = []
+    for part in re.split(r"[;\n]", builders):
+        part = part.strip()
+        if part.startswith("@"):
+            try:
+                specs += Path(part[1:]).read_text().splitlines()
+            except OSError:
+                continue
+        elif part:
+            specs.append(part)
+    systems: set[str] = set()
+    for spec in specs:
+        fields = spec.split("#", 1)[0].split()
+        if len(fields) >= 2 and fields[1] != "-":
+            systems.update(s for s in fields[1].split(",") if s)
+    return systems
 
 
 def drop_gc_roots(gcroot_dir: Path, pid: Optional[int] = None) -> None:

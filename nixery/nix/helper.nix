@@ -10,22 +10,41 @@
 #   srcType   "path" (a directory holding the set) or "tarball" (a URL that fetchTarball reads)
 #   srcArgs   the path or URL
 #   system    the target system, e.g. "x86_64-linux"
+#   allowUnfree  "true" or "false": the set's `config.allowUnfree` (NIXERY_ALLOW_UNFREE)
+#   listed    JSON list of set paths ("" is the top level) whose attribute names the service
+#             holds already for this revision; the names of other sets an unknown name stopped
+#             in are returned, for "did you mean"
 #
 # Attributes:
 #   resolve   data for the service: { unsupported = null or why; unknown = [ names ];
+#             stoppedIn = { name = set path; }; names = { set path = [ names ]; };
+#             problems = [ { name; kind; detail; } ];
 #             packages = { name = outPath; }; derivations = { name = "<drv>!<output>"; }; },
 #             evaluated with --read-write-mode so that the service builds the derivations
 #             without evaluating the set again
+#   explain   forces the `packages` without catching anything: Nix's error is the set's own
+#             message (an alias that throws "has been removed"), for the names `resolve`
+#             reported as `throws` or `fails`
 #   contents  the resolved derivations, in the order of `packages` then `optional`
-{ packages ? "[]", optional ? "[]", srcType ? "path", srcArgs ? "", system ? builtins.currentSystem }:
+#
+# The set gets an explicit `config` (and no overlays) when it takes them, as nixpkgs does, so
+# that the service user's ~/.config/nixpkgs does not change what is served; the service runs
+# Nix without NIXPKGS_ALLOW_* variables, which nixpkgs reads itself.
+{ packages ? "[]", optional ? "[]", srcType ? "path", srcArgs ? "", system ? builtins.currentSystem,
+  allowUnfree ? "false", listed ? "[]" }:
 let
   names = builtins.fromJSON packages;
   optionalNames = builtins.fromJSON optional;
+  listedSets = builtins.fromJSON listed;
 
   src =
     if srcType == "path" then /. + srcArgs
     else if srcType == "tarball" then builtins.fetchTarball { url = srcArgs; }
     else throw "nixery: unknown srcType ${srcType}";
+
+  # What nixpkgs' check-meta reads; anything not set here is nixpkgs' default (refuse).
+  config = { allowUnfree = allowUnfree == "true"; };
+  unfreeAllowed = config.allowUnfree;
 
   imported = import src;
   # A set taking `system` (as nixpkgs does) builds for any system it knows. A plain
@@ -38,22 +57,27 @@ let
     else "the package set builds only for ${builtins.currentSystem}"
       + " (it is ${if builtins.isFunction imported then "a function without a `system` argument" else "a plain attribute set"}),"
       + " not for ${system}";
+  # Only the arguments the function declares: a set without `config` is called as before.
+  arguments = builtins.intersectAttrs (builtins.functionArgs imported)
+    { inherit system config; overlays = [ ]; };
   pkgs =
     if systemError != null then throw "nixery: ${systemError}"
-    else if takesSystem then imported { inherit system; }
-    else if builtins.isFunction imported then imported { }
+    else if builtins.isFunction imported then imported arguments
     else imported;
 
   upper = [ "A" "B" "C" "D" "E" "F" "G" "H" "I" "J" "K" "L" "M" "N" "O" "P" "Q" "R" "S" "T" "U" "V" "W" "X" "Y" "Z" ];
   lower = [ "a" "b" "c" "d" "e" "f" "g" "h" "i" "j" "k" "l" "m" "n" "o" "p" "q" "r" "s" "t" "u" "v" "w" "x" "y" "z" ];
   toLower = builtins.replaceStrings upper lower;
   startsWithDigit = s: builtins.match "[0-9].*" s != null;
+  try = v: default: let r = builtins.tryEval v; in if r.success then r.value else default;
+  parts = name: builtins.filter builtins.isString (builtins.split "\\." name);
 
   # Lower-cased attribute name -> the set's names with that spelling. Built once per set and
   # evaluation (the package set's own index is shared by every name), not one scan per lookup.
   indexOf = set: builtins.groupBy toLower (builtins.attrNames set);
+  pkgsIndex = indexOf pkgs;
 
-  # The attribute of `set` that `part` names: verbatim, then with nixpkgs'
+  # The attribute name of `set` that `part` names: verbatim, then with nixpkgs'
   # leading underscore for names starting with a digit, then ignoring case
   # (registry names are lower case, nixpkgs' are not). null if none.
   lookup = set: index: part:
@@ -63,53 +87,98 @@ let
       loose = builtins.sort builtins.lessThan
         (builtins.concatLists (map (c: index.${toLower c} or [ ]) candidates));
     in
-      if exact != [ ] then set.${builtins.head exact}
-      else if loose != [ ] then set.${builtins.head loose}
+      if exact != [ ] then builtins.head exact
+      else if loose != [ ] then builtins.head loose
       else null;
 
-  isSet = v: (builtins.tryEval (builtins.isAttrs v)).value or false;
-
-  # Walks a dotted name through nested sets; null when any step is missing.
-  find = name:
+  # Walks a dotted name through nested sets. `value` is what it reached, or null:
+  # then `stop` says why ("missing", or "throws" when a step's value throws, as
+  # nixpkgs' removed aliases do) and `at` is the path of the last set reached.
+  walk = name:
     let
       step = acc: part:
-        if acc != null && isSet acc.set then
-          let value = lookup acc.set acc.index part;
-          in if value == null then null else { set = value; index = indexOf value; }
-        else null;
-      found = builtins.foldl' step { set = pkgs; index = pkgsIndex; }
-        (builtins.filter builtins.isString (builtins.split "\\." name));
-    in
-      if found == null then null else found.set;
-  pkgsIndex = indexOf pkgs;
+        if acc.value == null then acc
+        else if !(try (builtins.isAttrs acc.value) false) then
+          acc // { value = null; stop = if try (builtins.seq acc.value true) false then "missing" else "throws"; }
+        else
+          let attr = lookup acc.value acc.index part;
+          in if attr == null then acc // { value = null; stop = "missing"; at = acc.path; }
+          else { value = acc.value.${attr}; index = indexOf acc.value.${attr}; at = acc.path; path = acc.path ++ [ attr ]; stop = null; };
+    in builtins.foldl' step { value = pkgs; index = pkgsIndex; at = [ ]; path = [ ]; stop = null; } (parts name);
 
-  # A name resolves when it reaches a derivation whose paths evaluate (a package
-  # that throws, e.g. marked broken, counts as unknown): its output path, and
-  # what `nix-store --realise` builds without evaluating again ("<drv>!<output>").
+  # Why a derivation whose paths do not evaluate is refused, read off its meta the way
+  # nixpkgs' check-meta reads it (in its order: unfree, broken, unsupported, insecure);
+  # "fails" when meta says nothing (Nix's own message is then fetched with `explain`).
+  refusal = drv:
+    let
+      meta = try (drv.meta or { }) { };
+      licenses = try (let l = meta.license or [ ]; in if builtins.isList l then l else [ l ]) [ ];
+      licenseNames = try (builtins.concatStringsSep ", "
+        (map (l: if builtins.isAttrs l then l.shortName or l.spdxId or "unfree" else toString l) licenses)) "";
+      unfree = try ((meta.unfree or false) == true
+        || builtins.any (l: builtins.isAttrs l && (l.free or true) == false) licenses) false;
+      broken = try ((meta.broken or false) == true) false;
+      platforms = try (meta.platforms or null) null;
+      badPlatforms = try (meta.badPlatforms or [ ]) [ ];
+      unsupported = try (
+        (platforms != null && builtins.all builtins.isString platforms && !(builtins.elem system platforms))
+        || builtins.elem system badPlatforms) false;
+      vulnerabilities = try (builtins.filter builtins.isString (meta.knownVulnerabilities or [ ])) [ ];
+    in
+      if unfree && !unfreeAllowed then { kind = "unfree"; detail = licenseNames; }
+      else if broken then { kind = "broken"; detail = ""; }
+      else if unsupported then { kind = "unsupported"; detail = system; }
+      else if vulnerabilities != [ ] then { kind = "insecure"; detail = builtins.concatStringsSep "; " vulnerabilities; }
+      else { kind = "fails"; detail = ""; };
+
+  # One name's outcome: { ok = { out; realise; } } when it reaches a derivation whose paths
+  # evaluate (what `nix-store --realise` builds without evaluating again: "<drv>!<output>"),
+  # else { missing = set path } or { problem = { kind; detail; } }.
   resolveOne = name:
     let
-      value = find name;
-      paths = builtins.tryEval (
-        if value != null && (value.type or null) == "derivation"
-        then builtins.deepSeq value.drvPath {
-          out = value.outPath;
-          realise = "${value.drvPath}!${value.outputName or "out"}";
-        }
-        else null);
+      walked = walk name;
+      value = walked.value;
+      forced = builtins.tryEval (builtins.seq value true);
+      isDrv = try (builtins.isAttrs value && (value.type or null) == "derivation") false;
+      paths = builtins.tryEval (builtins.deepSeq value.drvPath {
+        out = value.outPath;
+        realise = "${value.drvPath}!${value.outputName or "out"}";
+      });
+      what =
+        if try (builtins.isFunction value) false then "a function"
+        else if try (builtins.isAttrs value) false then "a set of packages"
+        else "a value";
     in
-      if paths.success then paths.value else null;
+      if walked.stop == "missing" then { missing = builtins.concatStringsSep "." walked.at; }
+      else if walked.stop == "throws" || !forced.success then { problem = { kind = "throws"; detail = ""; }; }
+      else if !isDrv then { problem = { kind = "not-a-package"; detail = what; }; }
+      else if paths.success then { ok = paths.value; }
+      else { problem = refusal value; };
 
   resolvedRequired = map (n: { name = n; value = resolveOne n; }) names;
   resolvedOptional = map (n: { name = n; value = resolveOne n; }) optionalNames;
-  found = builtins.filter (r: r.value != null) (resolvedRequired ++ resolvedOptional);
+  found = builtins.filter (r: r.value ? ok) (resolvedRequired ++ resolvedOptional);
+  missing = builtins.filter (r: r.value ? missing) resolvedRequired;
+  # The sets unknown names stopped in, by path, whose names the service does not hold yet.
+  setsToList = builtins.filter (path: !(builtins.elem path listedSets))
+    (builtins.attrNames (builtins.listToAttrs (map (r: { name = r.value.missing; value = null; }) missing)));
+  setAt = path: if path == "" then pkgs else builtins.foldl' (set: part: set.${part}) pkgs (parts path);
 in
 {
   # `unsupported` is null, or why the set cannot build for `system` (then nothing resolves).
-  resolve = if systemError != null then { unsupported = systemError; unknown = [ ]; packages = { }; } else {
+  resolve = if systemError != null then { unsupported = systemError; unknown = [ ]; problems = [ ]; packages = { }; } else {
     unsupported = null;
-    unknown = map (r: r.name) (builtins.filter (r: r.value == null) resolvedRequired);
-    packages = builtins.listToAttrs (map (r: { inherit (r) name; value = r.value.out; }) found);
-    derivations = builtins.listToAttrs (map (r: { inherit (r) name; value = r.value.realise; }) found);
+    unknown = map (r: r.name) missing;
+    stoppedIn = builtins.listToAttrs (map (r: { inherit (r) name; value = r.value.missing; }) missing);
+    names = builtins.listToAttrs (map (path: { name = path; value =
+      let set = setAt path; in if (set.type or null) == "derivation" then [ ] else builtins.attrNames set; }) setsToList);
+    problems = map (r: { inherit (r) name; inherit (r.value.problem) kind detail; })
+      (builtins.filter (r: r.value ? problem) resolvedRequired);
+    packages = builtins.listToAttrs (map (r: { inherit (r) name; value = r.value.ok.out; }) found);
+    derivations = builtins.listToAttrs (map (r: { inherit (r) name; value = r.value.ok.realise; }) found);
   };
-  contents = map (r: find r.name) found;
+  contents = map (r: (walk r.name).value) found;
+  # No tryEval: evaluating this fails with the set's own error for the first name that has one.
+  explain = map (n: let v = (walk n).value; in
+    if builtins.isAttrs v && (v.type or null) == "derivation" then builtins.seq v.drvPath v.outPath else builtins.seq v null) names;
 }

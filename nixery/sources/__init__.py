@@ -52,3 +52,7 @@ class Resolved:
 class Source(Protocol):
     def resolve(self, tag: str) -> Resolved:
         """Raises a MANIFEST_UNKNOWN RegistryError for a tag this source does not serve."""
+
+    def tags(self) -> list[str]:
+        """The tags this source serves by name (`latest`, channels, branches and tags; not every
+        commit, which any 40-hex tag names), for `/v2/<name>/tags/list`."""

@@ -21,6 +21,9 @@ class ChannelSource:
         self.url_template = url_template
         self.allowed = allowed
 
+    def tags(self) -> list[str]:
+        return sorted({"latest", *self.allowed})
+
     def resolve(self, tag: str) -> Resolved:
         if tag == "latest":
             rev = self.channel

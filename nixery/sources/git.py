@@ -31,6 +31,7 @@ from pygit2.enums import CheckoutStrategy, CredentialType, FetchPrune
 from ..atomic import write_atomic
 from ..config import redact_url
 from ..errors import RegistryError, build_failed, manifest_unknown
+from ..image import TAG_RE
 from ..locks import file_lock
 from ..nix import SourceArgs
 from . import COMMIT_RE, Resolved
@@ -156,6 +157,20 @@ class GitSource:
         self.lock_dir = settings.lock_dir
         pygit2.settings.server_connect_timeout = CONNECT_TIMEOUT_MS
         pygit2.settings.server_timeout = IO_TIMEOUT_MS
+
+    def tags(self) -> list[str]:
+        """`latest` and the repository's branches and tags whose names are valid image tags
+        (fetched first when the branch data is stale, as for a pull)."""
+        if self._stale():
+            self._fetch(since=time.time())
+        names = {"latest"}
+        if (self.mirror / "HEAD").exists():
+            repo = pygit2.Repository(str(self.mirror))
+            for ref in repo.references:
+                for prefix in ("refs/heads/", "refs/tags/"):
+                    if ref.startswith(prefix) and TAG_RE.fullmatch(ref[len(prefix):]):
+                        names.add(ref[len(prefix):])
+        return sorted(names)
 
     def resolve(self, tag: str) -> Resolved:
         commit = self._commit(tag)

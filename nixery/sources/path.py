@@ -18,3 +18,6 @@ class PathSource:
             raise manifest_unknown(f"tag {tag} is not served: a local package set only has 'latest'",
                                    {"tag": tag})
         return Resolved.ready(SourceArgs("path", self.path, f"package set at {self.path}"), None)
+
+    def tags(self) -> list[str]:
+        return ["latest"]

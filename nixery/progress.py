@@ -1,0 +1,131 @@
+"""Builds in progress: what each running build is doing now, for the page, `/builds.json` and the metrics.
+
+A build can take minutes, and Gunicorn's workers share nothing in memory, so
+each build in progress keeps a small JSON file under the state directory's
+history folder (written atomically at each step, and at most twice a second
+for Nix's progress lines), removed when the build ends. A worker that dies
+mid-build leaves its file behind: readers drop files whose process is gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+from .atomic import write_atomic
+from .config import StateLayout
+
+FOLDER = "in-progress"
+# Nix's progress lines rewrite the file at most this often.
+NOTE_INTERVAL = 0.5
+
+
+class Tracker:
+    """One build in progress; `step` and `note` update what readers see."""
+
+    def __init__(self, path: Path, item: dict[str, Any]):
+        self.path = path
+        self.item = item
+        self._lock = threading.Lock()
+        self._written = 0.0
+        self._pending: Optional[threading.Timer] = None
+        self.done = False
+
+    def step(self, name: str) -> None:
+        with self._lock:
+            self.item.update(step=name, step_started=time.time(), detail=None)
+        self._write()
+
+    def note(self, line: str) -> None:
+        """The latest Nix progress line ("building '/nix/store/...drv'"); a burst of lines is written
+        once per NOTE_INTERVAL, the last of it when the interval is over."""
+        with self._lock:
+            self.item["detail"] = line[:300]
+            wait = NOTE_INTERVAL - (time.monotonic() - self._written)
+            if wait > 0:
+                if self._pending is None:
+                    self._pending = threading.Timer(wait, self._write)
+                    self._pending.daemon = True
+                    self._pending.start()
+                return
+        self._write()
+
+    def _write(self) -> None:
+        with self._lock:
+            self._pending = None
+            if self.done:
+                return
+            self._written = time.monotonic()
+            data = json.dumps(self.item).encode()
+            with contextlib.suppress(OSError):  # the page is a view; a full disk must not fail the build
+                write_atomic(self.path, data)
+
+    def finish(self) -> None:
+        with self._lock:
+            self.done = True
+            if self._pending:
+                self._pending.cancel()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+class InProgress:
+    """The builds in progress on this instance (every worker's); `on_change` hears +1 and -1."""
+
+    def __init__(self, state: StateLayout, on_change: Optional[Callable[[int], None]] = None):
+        self.directory = state.history / FOLDER
+        self.on_change = on_change
+
+    @contextlib.contextmanager
+    def build(self, image: str, tag: str, packages: Sequence[str], revision: str) -> Iterator[Tracker]:
+        now = time.time()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        tracker = Tracker(self.directory / f"{os.getpid()}-{uuid.uuid4().hex}.json",
+                          {"image": image, "tag": tag, "packages": list(packages), "revision": revision,
+                           "started": now, "step": "start", "step_started": now, "detail": None,
+                           "pid": os.getpid()})
+        tracker._write()
+        if self.on_change:
+            self.on_change(1)
+        try:
+            yield tracker
+        finally:
+            if self.on_change:
+                self.on_change(-1)
+            tracker.finish()
+
+    def builds(self, now: Optional[float] = None) -> list[dict[str, Any]]:
+        """Oldest first, each with its `elapsed` and `step_elapsed` seconds."""
+        now = time.time() if now is None else now
+        items = []
+        for path in self.directory.glob("*.json"):
+            try:
+                item = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if not _alive(int(item.get("pid", 0))):
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                continue
+            item["elapsed"] = round(now - item["started"], 1)
+            item["step_elapsed"] = round(now - item["step_started"], 1)
+            items.append(item)
+        return sorted(items, key=lambda item: item["started"])
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
