@@ -37,9 +37,13 @@ def nix_key(directory: Path, name: str) -> tuple[Path, str]:
 
 
 def in_store(store: Path, *argv: str) -> list[str]:
-    """argv run with `store` as /nix, in a mount namespace of its own."""
+    """argv run with `store` as /nix, in a mount namespace of its own.
+
+    Its builds run without build users: those are the machine's uids, shared by both stores, and
+    Nix kills every process of a build user before it builds as that user, so two stores that
+    build at once (another test's server on the real store) would kill each other's builders."""
     return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
-            'mount --bind "$0" /nix && exec "$@"', str(store), *argv]
+            'mount --bind "$0" /nix && NIX_CONFIG="$NIX_CONFIG\nbuild-users-group =" exec "$@"', str(store), *argv]
 
 
 def path_info(closure_of: list[str], store: Path | None = None) -> list[dict]:

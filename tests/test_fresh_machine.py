@@ -25,6 +25,10 @@ set -e
 cp -a /etc {tmp}/etc
 for f in group gshadow passwd shadow; do sed -i '/^nixbld/d' {tmp}/etc/$f; done
 rm -rf {tmp}/etc/nix
+# The uids the real machine's build users have belong to other accounts here, so that the build
+# users made in this state get others: Nix kills every process of a build user's uid before it
+# builds as it, and this state's builds must not kill those of the real store's.
+for i in $(seq 1 32); do echo "taken$i:x:$((30000 + i)):65534::/nonexistent:/usr/sbin/nologin" >> {tmp}/etc/passwd; done
 mount --bind {tmp}/etc /etc
 mount -t tmpfs tmpfs /nix
 if getent group nixbld >/dev/null || [ -e /etc/nix ] || [ -n "$(ls -A /nix)" ]; then
