@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import uuid
 import warnings
@@ -13,6 +14,21 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from pkgset import make_package_set  # noqa: E402
 from support import NixCounter, Server  # noqa: E402
+
+
+# Most of the suite waits: on servers starting, Nix, skopeo, git and the GCS emulator. With
+# pytest-xdist installed, the whole suite (`pytest` without paths) runs on this many workers,
+# one module per worker at a time (module-scoped servers are started once).
+PARALLEL_WORKERS = 4
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config: pytest.Config) -> None:
+    whole_suite = config.args_source == pytest.Config.ArgsSource.TESTPATHS
+    if (whole_suite and config.pluginmanager.hasplugin("xdist") and config.option.numprocesses is None
+            and "PYTEST_XDIST_WORKER" not in os.environ):
+        config.option.numprocesses = PARALLEL_WORKERS
+        config.option.dist = "loadscope"
 
 
 @pytest.fixture(scope="session")

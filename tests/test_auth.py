@@ -250,7 +250,10 @@ def test_anonymous_pulls_queued_behind_a_users_build_get_its_image(
     url = f"{server.url}/v2/slowbuild/manifests/latest"
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         user = pool.submit(get, url, auth=(USER, PASSWORD))
-        time.sleep(1)  # the build (three seconds of `sleep`) holds the image's lock by now
+        # Once Nix builds (three seconds of `sleep`), the user's request holds the image's lock.
+        deadline = time.monotonic() + 60
+        while counter.count("nix-store") == 0 and time.monotonic() < deadline and not user.done():
+            time.sleep(0.02)
         anonymous = pool.submit(get, url)
         answers = [user.result(), anonymous.result()]
     assert [a.status_code for a in answers] == [200, 200]
