@@ -348,7 +348,9 @@ class Builder:
         """Every layer's record, the root layer last. Layers are independent, so they are
         archived on as many threads as there are cores (reading, isa-l and hashlib release
         the GIL), largest first so that no big layer starts last; each thread counts into
-        its own stats, added up here."""
+        its own stats, added up here. The first layer that fails fails the build at once:
+        the layers not yet started are dropped (in a storage outage each would wait out
+        its own retries before failing the same way)."""
         entries = rootfs.root_entries(closure.packages, nonroot)
         jobs = [(f"paths\n{chr(10).join(group.paths)}",
                  lambda out, paths=group.paths: archive.write_layer(out, store_paths=paths)) for group in groups]
@@ -359,6 +361,11 @@ class Builder:
         with concurrent.futures.ThreadPoolExecutor(archive.THREADS, thread_name_prefix="layer") as pool:
             futures = {i: pool.submit(self._layer, jobs[i][0], parts[i], jobs[i][1])
                        for i in sorted(range(len(jobs)), key=lambda i: -sizes[i])}
+            done, _ = concurrent.futures.wait(futures.values(), return_when=concurrent.futures.FIRST_EXCEPTION)
+            failed = next((f for f in done if f.exception() is not None), None)
+            if failed is not None:
+                pool.shutdown(cancel_futures=True)
+                raise failed.exception()
             records = [futures[i].result() for i in range(len(jobs))]
         for part in parts:
             stats.layers_built += part.layers_built

@@ -69,6 +69,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("GCS_SIGNING_KEY", None, "PEM private key file used to sign blob URLs.", secret=True),
     Variable("GCS_SIGNING_ACCOUNT", None, "Service account e-mail that owns GCS_SIGNING_KEY."),
     Variable("GCS_SIGNED_URL_TTL", "300", "Seconds a signed blob URL stays valid."),
+    Variable("GCS_RETRY_SECONDS", "10", "Seconds a failing GCS request is retried before the client gets a 503."),
     Variable("NIX_TIMEOUT", "60", "Seconds a Nix build may take."),
     Variable("NIXERY_BINARY_CACHE", None,
              "Nix store URL of a binary cache shared by instances (file:///..., s3://...): built paths are copied there and substituted from it."),
@@ -124,6 +125,7 @@ class GcsConfig:
     signing_key: Optional[Path]
     signing_account: Optional[str]
     signed_url_ttl: int
+    retry_seconds: int
 
 
 class AuthLevel(str, enum.Enum):
@@ -233,6 +235,7 @@ class Config:
             "state_dir": str(self.state_dir),
             "gcs_bucket": self.gcs.bucket if self.gcs else None,
             "gcs_signing": bool(self.gcs and self.gcs.signing_key),
+            "gcs_retry_seconds": self.gcs.retry_seconds if self.gcs else None,
             "nix_timeout": self.nix_timeout,
             "binary_cache": ({"url": redact_url(self.binary_cache.url),
                               "writes": self.binary_cache.secret_key is not None}
@@ -338,7 +341,8 @@ def _gcs(env: Mapping[str, str]) -> Optional[GcsConfig]:
         raise ConfigError(f"GCS_SIGNING_KEY={key!r} is not a readable file")
     return GcsConfig(bucket=bucket, signing_key=Path(key) if key else None,
                      signing_account=account or None,
-                     signed_url_ttl=_int(env, "GCS_SIGNED_URL_TTL", 1, 7 * 24 * 3600))
+                     signed_url_ttl=_int(env, "GCS_SIGNED_URL_TTL", 1, 7 * 24 * 3600),
+                     retry_seconds=_int(env, "GCS_RETRY_SECONDS", 1, 600))
 
 
 _NIX_KEY_RE = re.compile(r"[A-Za-z0-9._-]+:[A-Za-z0-9+/]+={0,2}")

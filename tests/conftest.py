@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import uuid
 import warnings
@@ -13,6 +14,33 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from pkgset import make_package_set  # noqa: E402
 from support import NixCounter, Server  # noqa: E402
+
+
+# Most of the suite waits: on servers starting, Nix, skopeo, git and the GCS emulator. With
+# pytest-xdist installed, the whole suite (`pytest` without paths) runs on this many workers,
+# one module per worker at a time (module-scoped servers are started once).
+PARALLEL_WORKERS = 4
+# The modules that take longest (`pytest --durations=0`), handed out first so that none starts last.
+SLOWEST_MODULES = ("test_sources.py", "test_auth.py", "test_gcs.py", "test_preflight.py", "test_e2e.py",
+                   "test_sharing.py", "test_nix_packaging.py", "test_fresh_machine.py", "test_git_ssh.py",
+                   "test_web.py")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config: pytest.Config) -> None:
+    whole_suite = config.args_source == pytest.Config.ArgsSource.TESTPATHS
+    if (whole_suite and config.pluginmanager.hasplugin("xdist") and config.option.numprocesses is None
+            and "PYTEST_XDIST_WORKER" not in os.environ):
+        config.option.numprocesses = PARALLEL_WORKERS
+        config.option.dist = "loadscope"
+        config.option.loadscopereorder = False  # the order below, not by number of tests
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return SLOWEST_MODULES.index(name) if name in SLOWEST_MODULES else len(SLOWEST_MODULES)
+    items.sort(key=rank)  # stable: the order within a module is kept
 
 
 @pytest.fixture(scope="session")

@@ -32,7 +32,8 @@ from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage as gcs
 
 from support import NIX_ENV, Server, chroot_run, free_port, oci_manifest, pull_and_unpack
-from nixery.archive import LAYER_MEDIA_TYPE
+from nixery.archive import LAYER_MEDIA_TYPE, THREADS
+from nixery import config
 from nixery.config import GcsConfig
 from nixery.manifest import CONFIG_MEDIA_TYPE, MANIFEST_MEDIA_TYPE
 from nixery.storage import StorageError
@@ -240,7 +241,7 @@ def test_service_account_key_in_adc_signs_urls(emulator, signing_key, tmp_path, 
     monkeypatch.setenv("API_ENDPOINT_OVERRIDE", emulator.url)
     monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(key_file))
     try:
-        backend = GcsBackend(GcsConfig(emulator.bucket, None, None, 120))
+        backend = GcsBackend(GcsConfig(emulator.bucket, None, None, 120, 10))
         backend.check()
         key = "layers/sha256:" + "2" * 64
         backend.write(key, b"signed by adc", "text/plain")
@@ -307,17 +308,25 @@ def _assert_unavailable(response: requests.Response) -> str:
 
 
 def test_outage_gives_json_errors_and_the_pull_succeeds_after_it(start_server, emulator, pkgset, tmp_path):
-    server = start_server(gcs_env(emulator, NIXERY_PKGS_PATH=str(pkgset)))
+    # Two seconds of retries, not the default ten: what the clients get is the same.
+    server = start_server(gcs_env(emulator, NIXERY_PKGS_PATH=str(pkgset), GCS_RETRY_SECONDS="2"))
+    [start_line] = [e for e in server.log_entries() if e.get("message") == "starting nixery"]
+    assert start_line["config"]["gcs_retry_seconds"] == 2
     manifest = requests.get(f"{server.url}/v2/shell/hello/manifests/latest", timeout=120).json()
 
     emulator.stop()  # between the manifest and the blobs of a pull
     layer = manifest["layers"][0]["digest"]
-    # A blob and a build during the outage, at once: each is retried for seconds before its 503.
+    # A blob and a build during the outage, at once: each is retried for two seconds before its 503.
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         blob = pool.submit(requests.get, f"{server.url}/v2/shell/hello/blobs/{layer}", timeout=60)
         build = pool.submit(requests.get, f"{server.url}/v2/shell/greeter/manifests/latest", timeout=120)
         assert "cannot connect" in _assert_unavailable(blob.result())
         _assert_unavailable(build.result())
+    # The first layer that failed failed the build: of greeter's ten layers, only those already
+    # running on the THREADS archiving threads (or picked up as the first failed) were tried.
+    tried = [e for e in server.log_entries() if e.get("message") == "gcs request failed"
+             and e["action"].startswith("read builds/")]
+    assert 1 <= len(tried) < 2 * THREADS, tried
     assert server.proc.poll() is None
     assert requests.get(f"{server.url}/v2/", timeout=10).status_code == 200
 
@@ -334,8 +343,8 @@ def test_outage_gives_json_errors_and_the_pull_succeeds_after_it(start_server, e
 def test_interrupted_upload_leaves_nothing_and_uploads_stream(emulator, monkeypatch):
     """In process: a layer whose upload fails is never visible; memory stays near one chunk."""
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", emulator.url)
-    # Retried for one second, not the server's ten: what fails and what is left over is the same.
-    backend = GcsBackend(GcsConfig(emulator.bucket, None, None, 300), retry_seconds=1.0)
+    # Retried for one second, not the default ten: what fails and what is left over is the same.
+    backend = GcsBackend(GcsConfig(emulator.bucket, None, None, 300, 1))
     backend.check()
     key = "layers/sha256:" + "1" * 64
 
@@ -395,3 +404,12 @@ def test_start_up_stops_with_a_clear_message(emulator, tmp_path, case):
     else:
         assert "GCS_SIGNING_KEY" in last and str(key) in last
     assert secret not in result.stderr + result.stdout
+
+
+def test_retry_seconds_are_read_once_and_checked():
+    env = {"HOME": "/root", "GCS_BUCKET": "nixery-test"}
+    assert config.load(env).gcs.retry_seconds == 10
+    assert config.load({**env, "GCS_RETRY_SECONDS": "3"}).gcs.retry_seconds == 3
+    for bad in ("0", "601", "soon"):
+        with pytest.raises(config.ConfigError, match="GCS_RETRY_SECONDS"):
+            config.load({**env, "GCS_RETRY_SECONDS": bad})

@@ -48,9 +48,6 @@ TMP_PREFIX = "tmp/"
 # Bytes buffered before a resumable-upload request: the memory one upload holds.
 # GCS needs a multiple of 256 KiB; 8 MiB is its recommended minimum for throughput.
 CHUNK_SIZE = 8 << 20
-# A registry client waits for the answer, so give up on an unreachable bucket
-# after seconds, not the library's two minutes.
-RETRY_SECONDS = 10.0
 _TIMEOUT = (5.0, 60.0)  # connect, read
 _TOKEN_URI = "https://oauth2.googleapis.com/token"
 _REQUEST_PREFIX = re.compile(r"^[A-Z]+ \S+: ")
@@ -165,9 +162,11 @@ class _GcsUpload(Upload):
 class GcsBackend(Backend):
     name = "gcs"
 
-    def __init__(self, config: GcsConfig, retry_seconds: float = RETRY_SECONDS):
+    def __init__(self, config: GcsConfig):
         self.config = config
-        self.retry = DEFAULT_RETRY.with_timeout(retry_seconds)
+        # A registry client waits for the answer, so an unreachable bucket is given up on
+        # after GCS_RETRY_SECONDS, not the library's two minutes.
+        self.retry = DEFAULT_RETRY.with_timeout(float(config.retry_seconds))
         self._key_signer = load_signing_credentials(config)
         self._lock = threading.Lock()
         self._client: Optional[storage.Client] = None
