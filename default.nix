@@ -40,6 +40,7 @@ let
   testDependencies =
     ps: with ps; [
       pytest
+      pytest-xdist
       requests
       gcp-storage-emulator
       websocket-client

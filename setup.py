@@ -30,7 +30,8 @@ setup(
         # Literal lists (tests read this file with ast.literal_eval); the tests need the GCS extra too.
         "gcs": ["google-cloud-storage>=2.10", "google-auth>=2.20"],
         "test": ["google-cloud-storage>=2.10", "google-auth>=2.20", "pytest>=7", "requests>=2.28",
-                 "gcp-storage-emulator", "websocket-client", "pyyaml"],
+                 "gcp-storage-emulator", "websocket-client", "pyyaml",
+                 "pytest-xdist"],
     },
     entry_points={"console_scripts": ["nixery = nixery.__main__:main"]},
 )
