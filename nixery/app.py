@@ -10,7 +10,7 @@ import falcon
 from . import error_handlers, health, popularity, web
 from .api import API_VERSION_HEADER, Registry, VersionCheck
 from .auth import AuthMiddleware
-from .builder import Builder, ManifestBuilder
+from .builder import Builder, BuildLimits, ManifestBuilder
 from .config import Config, SourceKind
 from .metrics import Metrics, MetricsMiddleware, MetricsResource
 from .nix import Nix
@@ -58,7 +58,8 @@ def create_app(config: Config, storage: Backend | None = None, *, builder: Manif
     if builder is None:
         nix = Nix(config.nix_timeout, config.state.gcroots, on_invoke=metrics.count_nix, cache=config.binary_cache)
         builder = Builder(storage, nix, make_source(config), popularity.load(config.popularity_url),
-                          config.layer_budget, config.state)
+                          config.layer_budget, config.state,
+                          BuildLimits(config.max_builds, config.client_builds, config.failure_ttl))
     # Auth last: its process_response runs first, before the build recorders read req.context.build.
     app = falcon.App(middleware=[_ApiVersion(), MetricsMiddleware(metrics), BuildRecorder(history),
                                 AuthMiddleware(config.auth)])

@@ -19,8 +19,10 @@ from typing import Callable, Mapping, Optional, Protocol, Sequence
 from . import archive, layers, manifest, rootfs
 from .atomic import write_atomic
 from .config import StateLayout
+from .errors import RegistryError
+from .failures import FailureMemory
 from .image import OPTIONAL_PACKAGES, Image
-from .locks import file_lock
+from .locks import Slots, file_lock
 from .nix import Closure, Nix, NixError
 from .sources import Source
 from .storage import Backend, blob_key
@@ -32,6 +34,18 @@ RECORD_VERSION = "nixery-layer-v1"
 # An unpinned image built this recently is served (from the build memo) to requests that
 # queued behind the build (a request may wait in a worker's accept queue before its clock starts).
 MEMO_SECONDS = 10.0
+# What a client refused a new build is told to wait before trying again.
+RETRY_AFTER_SECONDS = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildLimits:
+    """How many builds run at once (`max_builds`, all clients; `client_builds`, one client address)
+    and how long a failure is answered from memory (`failure_ttl` seconds)."""
+
+    max_builds: int = 1
+    client_builds: int = 1
+    failure_ttl: int = 0
 
 
 @dataclasses.dataclass
@@ -75,9 +89,10 @@ class ManifestBuilder(Protocol):
     """What the HTTP layer asks of a builder (`Builder`; the fast tests' stand-in has no Nix)."""
 
     def manifest(self, image: Image, media_type: str = manifest.MANIFEST_MEDIA_TYPE,
-                 authorise_build: Optional[Callable[[], None]] = None) -> Result:
+                 authorise_build: Optional[Callable[[], None]] = None, client: str = "") -> Result:
         """The stored manifest for `image` as `media_type`, or an exception the error handlers know;
-        `authorise_build` is called before Nix would run, and raises to refuse the client."""
+        `authorise_build` is called before Nix would run, and raises to refuse the client;
+        `client` (its address) is counted against the per-client limit of new builds."""
 
 
 def in_media_type(storage: Backend, document: manifest.Document, media_type: str) -> manifest.Document:
@@ -97,7 +112,7 @@ def _hex(text: str) -> str:
 
 class Builder:
     def __init__(self, storage: Backend, nix: Nix, source: Source, popularity: Mapping[str, int],
-                 budget: int, state: StateLayout):
+                 budget: int, state: StateLayout, limits: BuildLimits = BuildLimits()):
         self.storage = storage
         self.nix = nix
         self.source = source
@@ -105,19 +120,23 @@ class Builder:
         self.budget = budget
         self.lock_dir = state.locks
         self.memo_dir = state.build_memo
+        self.limits = limits
+        self.failures = FailureMemory(state.memory, state.locks, limits.failure_ttl)
+        self.build_slots = Slots(state.locks, "build", limits.max_builds)
 
     def manifest(self, image: Image, media_type: str = manifest.MANIFEST_MEDIA_TYPE,
-                 authorise_build: Optional[Callable[[], None]] = None) -> Result:
+                 authorise_build: Optional[Callable[[], None]] = None, client: str = "") -> Result:
         """The manifest for `image` as `media_type` (Docker schema 2 or its OCI form), built if needed.
 
         `authorise_build` is called when Nix would have to run (nothing cached or just built
         serves the request); it raises to refuse a client that may only pull what is built.
         Raises what the steps raise (RegistryError, StorageError, NixError, UnknownPackages);
         the app's error handlers tell the client."""
-        result = self._docker_manifest(image, authorise_build)
+        result = self._docker_manifest(image, authorise_build, client)
         return Result(in_media_type(self.storage, result.manifest, media_type), result.stats)
 
-    def _docker_manifest(self, image: Image, authorise_build: Optional[Callable[[], None]]) -> Result:
+    def _docker_manifest(self, image: Image, authorise_build: Optional[Callable[[], None]],
+                         client: str) -> Result:
         stats = BuildStats(image=image.name, tag=image.tag)
         resolved = self.source.resolve(image.tag)
         # Once the revision is fixed the tag no longer matters: `latest` and `release-v2` resolving
@@ -125,23 +144,52 @@ class Builder:
         cache_key = _hex(f"{RECORD_VERSION}|{resolved.cache_key}|{image.arch.nix_system}|"
                          f"{','.join(image.packages)}") if resolved.cache_key else None
         flight_key = cache_key or _hex(f"{resolved.args.kind}|{resolved.args.argument}|{image.key}")
+        # Failures are remembered per revision where there is one, else per request (path sources).
+        failure_key = cache_key or flight_key
         if cache_key and (cached := self._cached(cache_key, stats)):
             return Result(cached, stats)
+        self._raise_remembered(failure_key)
         waited_since = time.time()
         with file_lock(self.lock_dir, flight_key):
-            # Whoever held the lock may have built this image while we waited.
+            # Whoever held the lock may have built this image, or failed to, while we waited:
+            # everyone who waited gets that one build's answer.
             if cache_key and (cached := self._cached(cache_key, stats)):
                 return Result(cached, stats)
             if not cache_key and (memo := self._memo(flight_key, waited_since, stats)):
                 return Result(memo, stats)
+            self._raise_remembered(failure_key)
             if authorise_build:
                 authorise_build()
-            document = self._build(image, resolved.args, stats)
+            document = self._limited_build(image, resolved.args, stats, client, failure_key)
             if cache_key:
                 self.storage.write(f"manifests/{cache_key}", document.data, document.media_type)
             else:
                 self._remember(flight_key, document)
             return Result(document, stats)
+
+    def _raise_remembered(self, failure_key: str) -> None:
+        error = self.failures.recall(failure_key)
+        if error is not None:
+            raise error
+
+    def _limited_build(self, image: Image, source_args, stats: BuildStats, client: str,
+                       failure_key: str) -> manifest.Document:
+        """A build within the limits: refused (429) when `client` already has its share of new builds
+        running, else run when one of the instance's build slots is free; its failure is remembered."""
+        client_slots = Slots(self.lock_dir, f"client {client}", self.limits.client_builds)
+        with client_slots.hold(wait=False) as allowed:
+            if not allowed:
+                error = RegistryError(429, "TOOMANYREQUESTS",
+                                      f"this address already has {self.limits.client_builds} new builds running; "
+                                      "retry when one has finished", {"client_builds": self.limits.client_builds})
+                error.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+                raise error
+            with self.build_slots.hold():
+                try:
+                    return self._build(image, source_args, stats)
+                except Exception as e:
+                    self.failures.remember(failure_key, e)
+                    raise
 
     def _cached(self, cache_key: str, stats: BuildStats) -> Optional[manifest.Document]:
         data = self.storage.read(f"manifests/{cache_key}")
@@ -197,13 +245,19 @@ class Builder:
             env.append(f"SSL_CERT_FILE={rootfs.CACERT_BUNDLE}")
         config = manifest.image_config(image.arch.docker_arch, [d.diff_id for d in descriptors], env,
                                        ["bash"] if image.shell else [])
-        self.storage.write(blob_key(config.digest), config.data, config.media_type)
+        self._store_blob(config)
         document = manifest.image_manifest(
             config.descriptor(),
             [manifest.Descriptor(archive.LAYER_MEDIA_TYPE, d.digest, d.size) for d in descriptors])
-        self.storage.write(blob_key(document.digest), document.data, document.media_type)
+        self._store_blob(document)
         stats.layers = len(descriptors)
         return document
+
+    def _store_blob(self, document: manifest.Document) -> None:
+        """Content-addressed: a blob already stored is not written again (so an image rebuilt
+        on full or read-only storage is still served when all its blobs are there)."""
+        if self.storage.stat(blob_key(document.digest)) is None:
+            self.storage.write(blob_key(document.digest), document.data, document.media_type)
 
     def _write_layers(self, closure: Closure, groups: Sequence[layers.Layer],
                       stats: BuildStats) -> list[archive.LayerDigests]:

@@ -67,7 +67,14 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("GCS_SIGNING_KEY", None, "PEM private key file used to sign blob URLs.", secret=True),
     Variable("GCS_SIGNING_ACCOUNT", None, "Service account e-mail that owns GCS_SIGNING_KEY."),
     Variable("GCS_SIGNED_URL_TTL", "300", "Seconds a signed blob URL stays valid."),
-    Variable("NIX_TIMEOUT", "60", "Seconds a Nix build may take."),
+    Variable("NIX_TIMEOUT", "60",
+             "Seconds a Nix build may run, and may stay silent (Nix's --timeout and --max-silent-time); "
+             "downloads of substitutes are not counted."),
+    Variable("NIXERY_MAX_BUILDS", None, "Builds running at once on this instance (default: the number of cores)."),
+    Variable("NIXERY_CLIENT_BUILDS", "2",
+             "New builds one client address may have running at once; more get 429 TOOMANYREQUESTS."),
+    Variable("NIXERY_FAILURE_TTL", "60",
+             "Seconds a failed build or an unknown name is answered from memory, per source revision (0: never)."),
     Variable("NIXERY_BINARY_CACHE", None,
              "Nix store URL of a binary cache shared by instances (file:///..., s3://...): built paths are copied there and substituted from it."),
     Variable("NIXERY_BINARY_CACHE_PUBLIC_KEY", None,
@@ -79,7 +86,16 @@ VARIABLES: tuple[Variable, ...] = (
              "URL or file of popularity data (JSON: store path name -> count)."),
     Variable("NIXERY_LAYER_BUDGET", "94", "Most store-path layers in an image (the root layer is extra)."),
     Variable("NIXERY_WORKERS", "2", "Gunicorn worker processes."),
-    Variable("NIXERY_THREADS", "8", "Threads per worker (builds and downloads in parallel)."),
+    Variable("NIXERY_THREADS", "64",
+             "Threads per worker: requests being served, downloads and requests waiting for a build "
+             "(a waiting thread sleeps; connections still sending their headers hold none)."),
+    Variable("NIXERY_HEADER_TIMEOUT", "10", "Seconds a client may take to send a request's headers."),
+    Variable("NIXERY_IO_TIMEOUT", "30",
+             "Seconds a client may stall reading a response (or sending a body) before it is cut off."),
+    Variable("NIXERY_CLIENT_CONNECTIONS", "64",
+             "Open connections one client address may have to each worker; more are answered 429."),
+    Variable("NIXERY_GRACE_PERIOD", None,
+             "Seconds a stopping server lets running builds and downloads finish (default: NIX_TIMEOUT)."),
     Variable("NIXERY_LOG_LEVEL", "INFO", "Log level: DEBUG, INFO, WARNING or ERROR."),
     Variable("NIXERY_AUTH", None,
              "Who must log in: off, build (pulling a built image is open, building a new one needs a login) "
@@ -158,11 +174,13 @@ class StateLayout:
     prometheus: Path  # prometheus_client's multiprocess files, made afresh at each start
     history: Path  # the recent builds and failures the web page and /builds.json show
     build_memo: Path  # unpinned images' digests, for a few seconds after their build
+    memory: Path  # failed builds and unknown names, one fixed-size table (nixery/failures.py)
 
     @classmethod
     def under(cls, root: Path) -> "StateLayout":
         return cls(locks=root / "locks", gcroots=root / "gcroots", git=root / "git",
-                   prometheus=root / "prometheus", history=root / "history", build_memo=root / "build-memo")
+                   prometheus=root / "prometheus", history=root / "history", build_memo=root / "build-memo",
+                   memory=root / "memory")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,11 +204,18 @@ class Config:
     state_dir: Path
     gcs: Optional[GcsConfig]
     nix_timeout: int
+    max_builds: int
+    client_builds: int
+    failure_ttl: int
     binary_cache: Optional[BinaryCacheConfig]
     popularity_url: Optional[str]
     layer_budget: int
     workers: int
     threads: int
+    header_timeout: int
+    io_timeout: int
+    client_connections: int
+    grace_period: int
     log_level: str
     auth: AuthConfig
 
@@ -215,6 +240,9 @@ class Config:
             "gcs_bucket": self.gcs.bucket if self.gcs else None,
             "gcs_signing": bool(self.gcs and self.gcs.signing_key),
             "nix_timeout": self.nix_timeout,
+            "max_builds": self.max_builds,
+            "client_builds": self.client_builds,
+            "failure_ttl": self.failure_ttl,
             "binary_cache": ({"url": redact_url(self.binary_cache.url),
                               "writes": self.binary_cache.secret_key is not None}
                              if self.binary_cache else None),
@@ -222,6 +250,10 @@ class Config:
             "layer_budget": self.layer_budget,
             "workers": self.workers,
             "threads": self.threads,
+            "header_timeout": self.header_timeout,
+            "io_timeout": self.io_timeout,
+            "client_connections": self.client_connections,
+            "grace_period": self.grace_period,
             "log_level": self.log_level,
             "auth": {
                 "level": self.auth.level.value,
@@ -238,8 +270,9 @@ def redact_url(value: str) -> str:
     return re.sub(r"(//[^/@:]+):[^/@]*@", r"\1:***@", value)
 
 
-def _int(env: Mapping[str, str], name: str, lo: int, hi: int) -> int:
-    raw = env.get(name) or _default(name)
+def _int(env: Mapping[str, str], name: str, lo: int, hi: int, default: Optional[int] = None) -> int:
+    """`name` as a whole number in [lo, hi]; `default` stands in for variables whose default is computed."""
+    raw = env.get(name) or _default(name) or str(default)
     try:
         value = int(raw)
     except ValueError:
@@ -474,11 +507,19 @@ def load(env: Mapping[str, str] = os.environ) -> Config:
         state_dir=state_dir,
         gcs=gcs,
         nix_timeout=_int(env, "NIX_TIMEOUT", 1, 24 * 3600),
+        max_builds=_int(env, "NIXERY_MAX_BUILDS", 1, 256, default=os.cpu_count() or 1),
+        client_builds=_int(env, "NIXERY_CLIENT_BUILDS", 1, 256),
+        failure_ttl=_int(env, "NIXERY_FAILURE_TTL", 0, 24 * 3600),
         binary_cache=_binary_cache(env),
         popularity_url=popularity,
         layer_budget=_int(env, "NIXERY_LAYER_BUDGET", 1, 120),
         workers=_int(env, "NIXERY_WORKERS", 1, 64),
-        threads=_int(env, "NIXERY_THREADS", 1, 256),
+        threads=_int(env, "NIXERY_THREADS", 1, 1024),
+        header_timeout=_int(env, "NIXERY_HEADER_TIMEOUT", 1, 3600),
+        io_timeout=_int(env, "NIXERY_IO_TIMEOUT", 1, 24 * 3600),
+        client_connections=_int(env, "NIXERY_CLIENT_CONNECTIONS", 1, 100_000),
+        grace_period=_int(env, "NIXERY_GRACE_PERIOD", 0, 7 * 24 * 3600,
+                          default=_int(env, "NIX_TIMEOUT", 1, 24 * 3600)),
         log_level=_checked(env, "NIXERY_LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR"), str.upper),
         auth=_auth(env),
     )

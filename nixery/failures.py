@@ -1,0 +1,119 @@
+"""Failed builds and unknown names, remembered for a short while per source revision.
+
+A retry storm (CI re-pulling a broken image, a scanner trying names) must not
+run Nix again and again: the first failure's answer is kept for
+`NIXERY_FAILURE_TTL` seconds under the image's key, which includes the source
+revision, so a new commit is built at once. Workers share nothing in memory,
+so the answers live on disk, in one fixed-size table file (`SLOTS` records of
+`RECORD_SIZE` bytes, the slot chosen by the key's hash): state stays bounded
+whatever clients ask for, and a colliding key only evicts an older answer.
+
+Only failures that would repeat are kept: Nix's own failures, unknown
+packages, unsupported systems and registry errors. A storage fault is not
+the image's fault and is never remembered.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from .errors import RegistryError
+from .locks import file_lock
+from .nix import NixError, UnknownPackages, UnsupportedSystem
+
+TABLE_FILE = "failures"
+SLOTS = 4096
+RECORD_SIZE = 2048
+
+
+def encode(error: Exception) -> Optional[dict[str, Any]]:
+    """The error as plain data, or None for errors that are not remembered."""
+    if isinstance(error, UnknownPackages):
+        return {"type": "unknown", "names": list(error.names)}
+    if isinstance(error, UnsupportedSystem):
+        return {"type": "system", "reason": str(error), "system": error.system}
+    if isinstance(error, NixError):
+        return {"type": "nix", "class": type(error).__name__, "reason": error.reason}
+    if isinstance(error, RegistryError):
+        return {"type": "registry", "status": error.status, "code": error.code, "message": error.message,
+                "detail": error.detail}
+    return None
+
+
+def decode(data: dict[str, Any]) -> Exception:
+    """The same exception type the build raised, so the error handlers tell every client the same."""
+    kind = data["type"]
+    if kind == "unknown":
+        return UnknownPackages(data["names"])
+    if kind == "system":
+        return UnsupportedSystem(data["reason"], data["system"])
+    if kind == "nix":
+        # A subclass of NixError (a kind of failure the error handlers tell apart) comes back as itself.
+        classes = {cls.__name__: cls for cls in _subclasses(NixError)}
+        cls = classes.get(data.get("class", ""), NixError)
+        try:
+            return cls(data["reason"], "")
+        except TypeError:
+            return NixError(data["reason"], "")
+    return RegistryError(data["status"], data["code"], data["message"], data.get("detail"))
+
+
+def _subclasses(cls: type) -> list[type]:
+    found = [cls]
+    for sub in cls.__subclasses__():
+        found.extend(_subclasses(sub))
+    return found
+
+
+class FailureMemory:
+    def __init__(self, directory: Path, lock_dir: Path, ttl: int):
+        self.path = directory / TABLE_FILE
+        self.lock_dir = lock_dir
+        self.ttl = ttl
+
+    @staticmethod
+    def _slot(key: str) -> int:
+        return int(key[:12], 16) % SLOTS
+
+    def remember(self, key: str, error: Exception) -> None:
+        """Keeps `error` for the TTL under `key` (a hex digest); errors that would not repeat are ignored."""
+        data = encode(error)
+        if data is None or self.ttl <= 0:
+            return
+        record = json.dumps({"key": key, "until": time.time() + self.ttl, "error": data}).encode()
+        if len(record) > RECORD_SIZE:
+            return  # an answer too long to keep is built again next time
+        slot = self._slot(key)
+        with file_lock(self.lock_dir, f"failure-slot {slot}"):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                os.pwrite(fd, record.ljust(RECORD_SIZE, b" "), slot * RECORD_SIZE)
+            finally:
+                os.close(fd)
+
+    def recall(self, key: str) -> Optional[Exception]:
+        """The error remembered under `key` within its TTL, or None."""
+        if self.ttl <= 0:
+            return None
+        slot = self._slot(key)
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        try:
+            with file_lock(self.lock_dir, f"failure-slot {slot}"):
+                raw = os.pread(fd, RECORD_SIZE, slot * RECORD_SIZE)
+        finally:
+            os.close(fd)
+        try:
+            record = json.loads(raw.strip(b"\0 ") or b"null")
+        except ValueError:
+            return None
+        if not record or record.get("key") != key or record.get("until", 0) < time.time():
+            return None
+        return decode(record["error"])
