@@ -36,7 +36,7 @@ in {
   sleepy = mk "sleepy" "sleep @SECONDS@; mkdir -p $out/bin; echo sleepy > $out/bin/sleepy";
   sleepier = mk "sleepier" "sleep @SECONDS@; mkdir -p $out/bin; echo sleepier > $out/bin/sleepier";
   hello = mk "hello" "mkdir -p $out/bin; echo hello-@SALT@ > $out/bin/hello";
-  big = mk "big" "mkdir -p $out; dd if=/dev/urandom of=$out/blob bs=1048576 count=@BIG_MB@ 2>/dev/null";
+  big = mk "big" "mkdir -p $out; dd if=/dev/urandom of=$out/blob bs=65536 count=$(( @BIG_MB@ * 16 ))";
 }
 '''
 
