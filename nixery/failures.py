@@ -4,9 +4,11 @@ A retry storm (CI re-pulling a broken image, a scanner trying names) must not
 run Nix again and again: the first failure's answer is kept for
 `NIXERY_FAILURE_TTL` seconds under the image's key, which includes the source
 revision, so a new commit is built at once. Workers share nothing in memory,
-so the answers live on disk, in one fixed-size table file (`SLOTS` records of
-`RECORD_SIZE` bytes, the slot chosen by the key's hash): state stays bounded
-whatever clients ask for, and a colliding key only evicts an older answer.
+so the answers live on disk, in one fixed-size table file: `BUCKETS` buckets of
+`WAYS` records of `RECORD_SIZE` bytes, the bucket chosen by the key's hash. State
+stays bounded whatever clients ask for; a new answer takes its key's old record,
+else an expired one, else the one expiring first, so thousands of live answers
+are kept before any is lost.
 
 Only failures that would repeat are kept: Nix's own failures, unknown
 packages, unsupported systems and registry errors. A storage fault is not
@@ -26,8 +28,10 @@ from .locks import file_lock
 from .nix import NixError, UnknownPackages, UnsupportedSystem
 
 TABLE_FILE = "failures"
-SLOTS = 4096
+BUCKETS = 1024
+WAYS = 8
 RECORD_SIZE = 2048
+BUCKET_SIZE = WAYS * RECORD_SIZE
 
 
 def encode(error: Exception) -> Optional[dict[str, Any]]:
@@ -69,6 +73,14 @@ def _subclasses(cls: type) -> list[type]:
     return found
 
 
+def _parse(raw: bytes) -> Optional[dict[str, Any]]:
+    try:
+        record = json.loads(raw.strip(b"\0 ") or b"null")
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
 class FailureMemory:
     def __init__(self, directory: Path, lock_dir: Path, ttl: int):
         self.path = directory / TABLE_FILE
@@ -76,23 +88,33 @@ class FailureMemory:
         self.ttl = ttl
 
     @staticmethod
-    def _slot(key: str) -> int:
-        return int(key[:12], 16) % SLOTS
+    def _bucket(key: str) -> int:
+        return int(key[:12], 16) % BUCKETS
+
+    def _records(self, fd: int, bucket: int) -> list[Optional[dict[str, Any]]]:
+        raw = os.pread(fd, BUCKET_SIZE, bucket * BUCKET_SIZE).ljust(BUCKET_SIZE, b"\0")
+        return [_parse(raw[i * RECORD_SIZE:(i + 1) * RECORD_SIZE]) for i in range(WAYS)]
 
     def remember(self, key: str, error: Exception) -> None:
         """Keeps `error` for the TTL under `key` (a hex digest); errors that would not repeat are ignored."""
         data = encode(error)
         if data is None or self.ttl <= 0:
             return
-        record = json.dumps({"key": key, "until": time.time() + self.ttl, "error": data}).encode()
+        now = time.time()
+        record = json.dumps({"key": key, "until": now + self.ttl, "error": data}).encode()
         if len(record) > RECORD_SIZE:
             return  # an answer too long to keep is built again next time
-        slot = self._slot(key)
-        with file_lock(self.lock_dir, f"failure-slot {slot}"):
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        bucket = self._bucket(key)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with file_lock(self.lock_dir, f"failure-bucket {bucket}"):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             try:
-                os.pwrite(fd, record.ljust(RECORD_SIZE, b" "), slot * RECORD_SIZE)
+                records = self._records(fd, bucket)
+                # Its own old record, else an empty or expired one, else the one expiring first.
+                way = min(range(WAYS), key=lambda i: (
+                    0 if records[i] and records[i].get("key") == key else 1,
+                    records[i].get("until", 0) if records[i] else 0))
+                os.pwrite(fd, record.ljust(RECORD_SIZE, b" "), bucket * BUCKET_SIZE + way * RECORD_SIZE)
             finally:
                 os.close(fd)
 
@@ -100,20 +122,18 @@ class FailureMemory:
         """The error remembered under `key` within its TTL, or None."""
         if self.ttl <= 0:
             return None
-        slot = self._slot(key)
+        bucket = self._bucket(key)
         try:
             fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
         try:
-            with file_lock(self.lock_dir, f"failure-slot {slot}"):
-                raw = os.pread(fd, RECORD_SIZE, slot * RECORD_SIZE)
+            with file_lock(self.lock_dir, f"failure-bucket {bucket}"):
+                records = self._records(fd, bucket)
         finally:
             os.close(fd)
-        try:
-            record = json.loads(raw.strip(b"\0 ") or b"null")
-        except ValueError:
-            return None
-        if not record or record.get("key") != key or record.get("until", 0) < time.time():
-            return None
-        return decode(record["error"])
+        now = time.time()
+        for record in records:
+            if record and record.get("key") == key and record.get("until", 0) >= now:
+                return decode(record["error"])
+        return None
