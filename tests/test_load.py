@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from support import Server, errors_of
+from support import NIX_ENV, Server, errors_of
 
 _FAILING_SET = r'''
 { system ? builtins.currentSystem, ... }:
@@ -262,17 +262,20 @@ def test_storage_faults_are_503_and_stored_images_are_served(tmp_path, pkgset, f
 
 
 def test_a_dead_workers_partial_upload_is_removed_at_once(start_server, pkgset, tmp_path):
-    packages = small_set(tmp_path / "set", pkgset, seconds=0, big_mb=400)
-    server = start_server({"NIXERY_PKGS_PATH": str(packages), "NIX_TIMEOUT": "300"})
+    packages = small_set(tmp_path / "set", pkgset, seconds=0, big_mb=300)
+    # The big path is built as root (no build user): on a shared machine, another Nix in a private
+    # mount namespace can take the same build user and kill a long build running as it.
+    server = start_server({"NIXERY_PKGS_PATH": str(packages), "NIX_TIMEOUT": "300",
+                           "NIX_CONFIG": NIX_ENV["NIX_CONFIG"] + "\nbuild-users-group ="})
     tmp = server.workdir / "storage" / "tmp"
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         pending = pool.submit(requests.get, f"{server.url}/v2/big/manifests/latest", timeout=300)
         deadline = time.monotonic() + 240
         partial = []
-        while not partial and time.monotonic() < deadline:
+        while not partial and not pending.done() and time.monotonic() < deadline:
             partial = [p for p in tmp.iterdir() if p.stat().st_size > 1_000_000]
-            time.sleep(0.05)
-        assert partial, "the upload never started"
+            time.sleep(0.02)
+        assert partial, f"the upload never started: {pending.result().text if pending.done() else 'timed out'}"
         pid = int(partial[0].name.split("-")[0])
         os.kill(pid, signal.SIGKILL)
         gone_by = time.monotonic() + 3
