@@ -302,3 +302,43 @@ def test_a_graceful_stop_refuses_new_connections_and_finishes_builds(start_serve
     waits = [e for e in server.log_entries() if e.get("message") == "stopping: waiting for requests in flight"]
     assert waits and any("/v2/sleepy/manifests/latest" in r for w in waits for r in w["requests"])
     all_log_lines_are_json(server)
+
+
+def test_builds_are_bounded_across_workers(start_server, pkgset, tmp_path):
+    """NIXERY_MAX_BUILDS=1: two images asked for at once by two addresses are built one after the other."""
+    packages = small_set(tmp_path / "set", pkgset, seconds=3)
+    server = start_server({"NIXERY_PKGS_PATH": str(packages), "NIXERY_MAX_BUILDS": "1"})
+
+    def get(name: str, address: str) -> float:
+        session = requests.Session()
+        session.get_adapter("http://").init_poolmanager(1, 1, source_address=(address, 0))
+        assert session.get(f"{server.url}/v2/{name}/manifests/latest", timeout=60).status_code == 200
+        return time.monotonic()
+
+    started = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        done = sorted(pool.map(get, ["sleepy", "sleepier"], ["127.0.0.3", "127.0.0.4"]))
+    assert done[1] - started >= 6, "the second build waited for the first one's slot"
+
+
+def test_a_client_that_stops_reading_loses_its_thread(start_server, pkgset, tmp_path):
+    packages = small_set(tmp_path / "set", pkgset, seconds=0, big_mb=32)
+    server = start_server({"NIXERY_PKGS_PATH": str(packages), "NIXERY_WORKERS": "1", "NIXERY_THREADS": "2",
+                           "NIXERY_IO_TIMEOUT": "2"})
+    document = requests.get(f"{server.url}/v2/big/manifests/latest", timeout=120).json()
+    layer = max(document["layers"], key=lambda blob: blob["size"])
+    stalled = []
+    try:
+        for _ in range(4):  # more than the worker's threads; none of them reads
+            s = socket.create_connection(("127.0.0.1", server.port), source_address=("127.0.0.5", 0))
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.sendall(f"GET /v2/big/blobs/{layer['digest']} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            stalled.append(s)
+        time.sleep(0.5)
+        started = time.monotonic()
+        assert requests.get(f"{server.url}/v2/", timeout=20).status_code == 200
+        assert time.monotonic() - started < 2 * 2 + 2, "threads came back after NIXERY_IO_TIMEOUT"
+    finally:
+        for s in stalled:
+            s.close()
+    all_log_lines_are_json(server)
