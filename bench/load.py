@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import os
 import socket
 import statistics
 import subprocess
@@ -28,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import requests
@@ -60,14 +62,16 @@ def session_from(address: str) -> requests.Session:
 
 
 def git_repo(root: Path, slow: int, mb: int) -> str:
-    work = make_package_set(root / "work", slow_seconds=slow, big_count=10, big_mb=max(1, mb // 15))
+    # A new salt: every store path is new, so the waited-for build really runs.
+    work = make_package_set(root / "work", salt=uuid.uuid4().hex[:12], slow_seconds=slow, big_count=10,
+                            big_mb=max(1, mb // 15))
     for args in (["init", "-q", "-b", "main"], ["add", "-A"], ["commit", "-q", "-m", "packages"]):
         subprocess.run(["git", "-C", str(work), "-c", "user.name=bench", "-c", "user.email=bench@example.com",
                         *args], check=True, capture_output=True)
     subprocess.run(["git", "clone", "-q", "--bare", str(work), str(root / "packages.git")], check=True)
     # The big image's store paths exist before the run: its request is all assembly.
     subprocess.run(["nix-build", str(work), "-A", "big", "--no-out-link"], check=True, capture_output=True,
-                   env={**__import__("os").environ, **NIX_ENV})
+                   env={**os.environ, **NIX_ENV})
     return f"file://{root / 'packages.git'}"
 
 
