@@ -49,6 +49,9 @@ let
     "signing.keyFile" = "GCS_SIGNING_KEY";
     "signing.account" = "GCS_SIGNING_ACCOUNT";
     nixTimeout = "NIX_TIMEOUT";
+    maxBuilds = "NIXERY_MAX_BUILDS";
+    clientBuilds = "NIXERY_CLIENT_BUILDS";
+    failureTtl = "NIXERY_FAILURE_TTL";
     "binaryCache.url" = "NIXERY_BINARY_CACHE";
     "binaryCache.publicKey" = "NIXERY_BINARY_CACHE_PUBLIC_KEY";
     "binaryCache.secretKeyFile" = "NIXERY_BINARY_CACHE_SECRET_KEY";
@@ -63,6 +66,10 @@ let
     platforms = "NIXERY_PLATFORMS";
     workers = "NIXERY_WORKERS";
     threads = "NIXERY_THREADS";
+    headerTimeout = "NIXERY_HEADER_TIMEOUT";
+    ioTimeout = "NIXERY_IO_TIMEOUT";
+    clientConnections = "NIXERY_CLIENT_CONNECTIONS";
+    gracePeriod = "NIXERY_GRACE_PERIOD";
     logLevel = "NIXERY_LOG_LEVEL";
     accessLog = "NIXERY_ACCESS_LOG";
     hideDetails = "NIXERY_HIDE_DETAILS";
@@ -489,7 +496,25 @@ in
     nixTimeout = mkEnvOption "nixTimeout" {
       type = types.ints.between 1 86400;
       default = 60;
-      description = "Seconds a Nix evaluation or build for one image may take.";
+      description = "Seconds a Nix build may run and may stay silent (downloads of substitutes are not counted).";
+    };
+
+    maxBuilds = mkEnvOption "maxBuilds" {
+      type = types.nullOr (types.ints.between 1 256);
+      default = null;
+      description = "Builds running at once (null: the number of cores).";
+    };
+
+    clientBuilds = mkEnvOption "clientBuilds" {
+      type = types.ints.between 1 256;
+      default = 2;
+      description = "New builds one client address may have running at once; more are answered 429.";
+    };
+
+    failureTtl = mkEnvOption "failureTtl" {
+      type = types.ints.between 0 86400;
+      default = 60;
+      description = "Seconds a failed build or an unknown name is answered from memory (0: never).";
     };
 
     popularityUrl = mkEnvOption "popularityUrl" {
@@ -541,9 +566,33 @@ in
     };
 
     threads = mkEnvOption "threads" {
-      type = types.ints.between 1 256;
-      default = 8;
-      description = "Threads per worker: how many builds and downloads run at once in each.";
+      type = types.ints.between 1 1024;
+      default = 64;
+      description = "Threads per worker: requests served, downloads and requests waiting for a build.";
+    };
+
+    headerTimeout = mkEnvOption "headerTimeout" {
+      type = types.ints.between 1 3600;
+      default = 10;
+      description = "Seconds a client may take to send a request's headers.";
+    };
+
+    ioTimeout = mkEnvOption "ioTimeout" {
+      type = types.ints.between 1 86400;
+      default = 30;
+      description = "Seconds a client may stall reading a response before it is cut off.";
+    };
+
+    clientConnections = mkEnvOption "clientConnections" {
+      type = types.ints.between 1 100000;
+      default = 64;
+      description = "Open connections one client address may have to each worker; more are answered 429.";
+    };
+
+    gracePeriod = mkEnvOption "gracePeriod" {
+      type = types.nullOr (types.ints.between 0 604800);
+      default = null;
+      description = "Seconds a stopping server lets builds and downloads finish (null: nixTimeout).";
     };
 
     logLevel = mkEnvOption "logLevel" {

@@ -15,7 +15,7 @@ setup(
     # The one list of Python dependencies (the Nix package installs the same, with GCS).
     install_requires=[
         "falcon>=3.1",
-        "gunicorn>=21",
+        "gunicorn>=27",
         "pygit2>=1.12",
         "networkx>=3.0",
         "isal>=1.6",  # igzip_threaded leaves the stream it writes to open (1.6)

@@ -116,7 +116,8 @@ class Registry:
         started = time.monotonic()
         try:
             result = self.builder.manifest(image.parse(name, tag), media_type,
-                                           authorise_build=req.context.get("authorise_build"))
+                                           authorise_build=req.context.get("authorise_build"),
+                                           client=req.remote_addr or "")
         except Exception as e:
             req.context.build = _failed_build(name, tag, e, time.monotonic() - started)
             raise
@@ -209,25 +210,38 @@ def _failed_build(name: str, tag: str, error: Exception, duration: float) -> Bui
     return BuildStats(image=name, tag=tag, duration=round(duration, 3), reason=told.message, status=told.status)
 
 
+_RANGE_SPEC_RE = re.compile(r"(\d*)-(\d*)")
+# Positions longer than this are past the end of any blob (and are never parsed as numbers).
+_MAX_DIGITS = 18
+
+
+def _position(digits: str) -> int:
+    return int(digits) if len(digits) <= _MAX_DIGITS else 1 << 63
+
+
 def _byte_range(req: falcon.Request, size: int) -> tuple[int, int]:
-    """[start, end) for a single-range `Range` header (Falcon parses it); the whole blob when absent."""
-    header = req.get_header("Range", default="")
-    try:
-        requested = req.range
-    except falcon.HTTPInvalidHeader:
-        raise _unsatisfiable(header, size) from None
-    if requested is None:
+    """[start, end) of the blob to send, per RFC 9110 section 14: the whole blob when there is no
+    `Range`, when its unit is not bytes, when it is malformed (`bytes=5-3` included) and for several
+    ranges (which a server may answer with the whole representation); 416 only for a well-formed
+    single range that starts past the end."""
+    unit, _, specs = req.get_header("Range", default="").partition("=")
+    if unit.strip().lower() != "bytes" or "," in specs:
         return 0, size
-    if req.range_unit != "bytes":
-        raise _unsatisfiable(header, size)
-    first, last = requested
-    if first < 0:  # a suffix: the last -first bytes
-        start, end = max(0, size + first), size
-    else:
-        start, end = first, size if last == -1 else min(size, last + 1)
-    if start >= size or start >= end:
-        raise _unsatisfiable(header, size)
-    return start, end
+    match = _RANGE_SPEC_RE.fullmatch(specs.strip())
+    if not match or not any(match.groups()):
+        return 0, size
+    first, last = match.groups()
+    if not first:  # a suffix: the last N bytes
+        length = _position(last)
+        if length == 0 or size == 0:
+            raise _unsatisfiable(req.get_header("Range"), size)
+        return max(0, size - length), size
+    start = _position(first)
+    if last and _position(last) < start:
+        return 0, size
+    if start >= size:
+        raise _unsatisfiable(req.get_header("Range"), size)
+    return start, size if not last else min(size, _position(last) + 1)
 
 
 def _unsatisfiable(header: str, size: int) -> RegistryError:

@@ -11,7 +11,7 @@ import falcon
 from . import error_handlers, health, image, popularity, web
 from .api import API_VERSION_HEADER, Registry, VersionCheck
 from .auth import AuthMiddleware
-from .builder import Builder, ManifestBuilder
+from .builder import Builder, BuildLimits, ManifestBuilder
 from .config import Config, SourceKind
 from .metrics import Metrics, MetricsMiddleware, MetricsResource
 from .nix import Nix
@@ -81,7 +81,9 @@ def create_app(config: Config, storage: Backend | None = None, *, builder: Manif
         platforms = tuple(image.PLATFORMS[name] for name in with_platforms(config).platforms)
         builder = Builder(storage, nix, source, popularity.load(config.popularity_url),
                           config.layer_budget, config.state, platforms=platforms,
-                          nix_snapshotter=config.nix_snapshotter, systems=nix.systems(), in_progress=in_progress)
+                          nix_snapshotter=config.nix_snapshotter, systems=nix.systems(), in_progress=in_progress,
+                          limits=BuildLimits(config.max_builds, config.client_builds, config.failure_ttl),
+                          explain=error_handlers.as_registry_error)
     # Auth last: its process_response runs first, before the build recorders read req.context.build.
     # The access log first: its process_response runs last, once the response is complete.
     app = falcon.App(middleware=[*([AccessLog()] if config.access_log else []), _ApiVersion(),

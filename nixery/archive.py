@@ -177,7 +177,13 @@ def _write_tar(sink: _TarSink, store_paths: list[str], entries: list[Entry]) -> 
         else:
             raise ValueError(f"unknown entry kind {entry.kind}")
         tar.addfile(info)
-    for store_path in store_paths:
-        _add_store_path(tar, store_path)
+    try:
+        for store_path in store_paths:
+            _add_store_path(tar, store_path)
+    except BaseException:
+        # The layer is abandoned (a full disk, say): its stream must not try to finish it when it is
+        # garbage-collected, which would fail again outside any handler and print a bare traceback.
+        tar.fileobj.closed = True  # type: ignore[attr-defined]
+        raise
     tar.close()
 

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Optional
 
 
-def write_atomic(path: Path, data: bytes, tmp_dir: Optional[Path] = None) -> None:
+def write_atomic(path: Path, data: bytes, tmp_dir: Optional[Path] = None, prefix: str = "") -> None:
     """Replaces `path` with `data` in one step; the temporary file lives in `tmp_dir`
-    (default: beside `path`), which must be on the same file system."""
-    fd, tmp = tempfile.mkstemp(dir=tmp_dir or path.parent, prefix=f".{path.name}.")
+    (default: beside `path`), which must be on the same file system, and its name starts with `prefix`."""
+    fd, tmp = tempfile.mkstemp(dir=tmp_dir or path.parent, prefix=f"{prefix}.{path.name}.")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

@@ -20,7 +20,9 @@ from . import archive, layers, manifest, rootfs
 from .atomic import write_atomic
 from .config import StateLayout, redact_url
 from .image import OPTIONAL_PACKAGES, Architecture, Image
-from .locks import file_lock
+from .errors import RegistryError
+from .failures import FailureMemory
+from .locks import Slots, file_lock
 from .nix import PROGRESS_RE, Closure, Nix, NixError, UnavailablePackages, UnknownPackages, UnsupportedSystem, listening
 from .progress import InProgress, Tracker
 from .sources import Resolved, Source
@@ -31,6 +33,22 @@ log = logging.getLogger(__name__)
 
 # Bump when the bytes a record describes would change (tar layout, compression).
 RECORD_VERSION = "nixery-layer-v1"
+# A package's build failed: a 4xx, since it will fail again, but a failed build all the same.
+BUILD_FAILED_STATUS = 422
+# What a client refused a new build is told to wait before trying again.
+RETRY_AFTER_SECONDS = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildLimits:
+    """How many builds run at once (`max_builds`, all clients; `client_builds`, one client address)
+    and how long a failure is answered from memory (`failure_ttl` seconds)."""
+
+    max_builds: int = 1
+    client_builds: int = 1
+    failure_ttl: int = 0
+
+
 # Bump when the same closure would give another config or manifest (users, labels, history),
 # so that cached manifests of pinned images are built again.
 IMAGE_VERSION = "nixery-image-v2"
@@ -64,10 +82,11 @@ class BuildStats:
 
     @property
     def outcome(self) -> str:
-        """built, cached, rejected (the request's fault: 4xx) or failed (the server's: 5xx)."""
+        """built, cached, rejected (the request's fault: 4xx) or failed (a build that failed, 422,
+        or the server's fault, 5xx)."""
         if self.reason is None:
             return "cached" if self.cached else "built"
-        return "rejected" if self.status < 500 else "failed"
+        return "rejected" if self.status < 500 and self.status != BUILD_FAILED_STATUS else "failed"
 
     @property
     def size(self) -> int:
@@ -85,9 +104,10 @@ class ManifestBuilder(Protocol):
     """What the HTTP layer asks of a builder (`Builder`; the fast tests' stand-in has no Nix)."""
 
     def manifest(self, image: Image, media_type: str = manifest.MANIFEST_MEDIA_TYPE,
-                 authorise_build: Optional[Callable[[], None]] = None) -> Result:
+                 authorise_build: Optional[Callable[[], None]] = None, client: str = "") -> Result:
         """The stored manifest for `image` as `media_type`, or an exception the error handlers know;
-        `authorise_build` is called before Nix would run, and raises to refuse the client."""
+        `authorise_build` is called before Nix would run, and raises to refuse the client;
+        `client` (its address) is counted against the per-client limit of new builds."""
 
 
 def in_media_type(storage: Backend, document: manifest.Document, media_type: str) -> manifest.Document:
@@ -138,7 +158,9 @@ class Builder:
     def __init__(self, storage: Backend, nix: Nix, source: Source, popularity: Mapping[str, int],
                  budget: int, state: StateLayout, *, platforms: Sequence[Architecture] = (),
                  nix_snapshotter: bool = False, systems: Optional[Sequence[str]] = None,
-                 in_progress: Optional[InProgress] = None, suggestions: Optional[Suggestions] = None):
+                 in_progress: Optional[InProgress] = None, suggestions: Optional[Suggestions] = None,
+                 limits: BuildLimits = BuildLimits(),
+                 explain: Optional[Callable[[Exception], RegistryError]] = None):
         self.storage = storage
         self.nix = nix
         self.source = source
@@ -150,27 +172,34 @@ class Builder:
         self.platforms = tuple(platforms)
         self.nix_snapshotter = nix_snapshotter
         self.systems = systems
+        self.limits = limits
+        # Failures are kept as what a client was told (`explain`: the app's error handlers' translation).
+        self.failures = FailureMemory(state.memory, state.locks, limits.failure_ttl,
+                                      explain or (lambda error: RegistryError(500, "UNKNOWN", str(error))))
+        self.build_slots = Slots(state.locks, "build", limits.max_builds)
         self.in_progress = in_progress or InProgress(state)
         self.suggestions = suggestions or Suggestions()
 
     def manifest(self, image: Image, media_type: str = manifest.MANIFEST_MEDIA_TYPE,
-                 authorise_build: Optional[Callable[[], None]] = None) -> Result:
+                 authorise_build: Optional[Callable[[], None]] = None, client: str = "") -> Result:
         """The manifest for `image` as `media_type` (Docker schema 2 or its OCI form, or a manifest
         list or OCI index of every platform when the client takes one), built if needed.
 
         `authorise_build` is called when Nix would have to run (nothing cached or just built
         serves the request); it raises to refuse a client that may only pull what is built.
+        `client` (its address) is counted against the per-client limit of new builds.
         Raises what the steps raise (RegistryError, StorageError, NixError, UnknownPackages);
         the app's error handlers tell the client."""
         if not image.arch_given and self.platforms:
             # A name without `arm64/` is for the first platform listed (this machine's, by default).
             image = dataclasses.replace(image, arch=self.platforms[0])
         if media_type in manifest.ENTRY_MEDIA_TYPES and len(self.platforms) > 1 and not image.arch_given:
-            return self._index(image, media_type, authorise_build)
-        result = self._docker_manifest(image, authorise_build)
+            return self._index(image, media_type, authorise_build, client)
+        result = self._docker_manifest(image, authorise_build, client)
         return Result(in_media_type(self.storage, result.manifest, media_type), result.stats)
 
-    def _index(self, image: Image, media_type: str, authorise_build: Optional[Callable[[], None]]) -> Result:
+    def _index(self, image: Image, media_type: str, authorise_build: Optional[Callable[[], None]],
+               client: str) -> Result:
         """The index of `image` on every configured platform. Its entries name each platform's
         manifest digest, so every platform not built yet is built now, in parallel; each is
         stored on its own and served again to the next index or single-platform request.
@@ -180,7 +209,7 @@ class Builder:
         outcomes: list[Optional[Result]] = []
         unsupported: list[UnsupportedSystem] = []
         with concurrent.futures.ThreadPoolExecutor(len(variants), thread_name_prefix="platform") as pool:
-            futures = [pool.submit(self._docker_manifest, variant, authorise_build) for variant in variants]
+            futures = [pool.submit(self._docker_manifest, variant, authorise_build, client) for variant in variants]
             for future in futures:
                 try:
                     outcomes.append(future.result())
@@ -198,7 +227,8 @@ class Builder:
             self.storage.write(blob_key(index.digest), index.data, index.media_type)
         return Result(index, _combined(image, [result.stats for _, result in built]))
 
-    def _docker_manifest(self, image: Image, authorise_build: Optional[Callable[[], None]]) -> Result:
+    def _docker_manifest(self, image: Image, authorise_build: Optional[Callable[[], None]],
+                         client: str) -> Result:
         stats = BuildStats(image=image.name, tag=image.tag)
         resolved = self.source.resolve(image.tag)
         # Once the revision is fixed the tag no longer matters: `latest` and `release-v2` resolving
@@ -207,26 +237,56 @@ class Builder:
                          f"{','.join(image.packages)}|{image.nonroot}|{self.nix_snapshotter}") \
             if resolved.cache_key else None
         flight_key = cache_key or _hex(f"{resolved.args.kind}|{resolved.args.argument}|{image.key}")
+        # Failures are remembered per revision where there is one, else per request (path sources).
+        failure_key = cache_key or flight_key
         if cache_key and (cached := self._cached(cache_key, stats)):
             return Result(cached, stats)
         self._check_system(image)
+        self._raise_remembered(failure_key)
         waited_since = time.time()
         with file_lock(self.lock_dir, flight_key):
-            # Whoever held the lock may have built this image while we waited.
+            # Whoever held the lock may have built this image, or failed to, while we waited:
+            # everyone who waited gets that one build's answer.
             if cache_key and (cached := self._cached(cache_key, stats)):
                 return Result(cached, stats)
             if not cache_key and (memo := self._memo(flight_key, waited_since, stats)):
                 return Result(memo, stats)
+            self._raise_remembered(failure_key)
             if authorise_build:
                 authorise_build()
             # Logged and shown while the build runs: a URL's credentials are hidden.
             revision = resolved.cache_key or redact_url(f"{resolved.args.kind}:{resolved.args.argument}")
-            document = self._build(image, resolved, stats, revision, pinned=cache_key is not None)
+            document = self._limited_build(image, resolved, stats, revision, cache_key is not None, client,
+                                           failure_key)
             if cache_key:
                 self.storage.write(f"manifests/{cache_key}", document.data, document.media_type)
             else:
                 self._remember(flight_key, document)
             return Result(document, stats)
+
+    def _raise_remembered(self, failure_key: str) -> None:
+        error = self.failures.recall(failure_key)
+        if error is not None:
+            raise error
+
+    def _limited_build(self, image: Image, resolved: Resolved, stats: BuildStats, revision: str, pinned: bool,
+                       client: str, failure_key: str) -> manifest.Document:
+        """A build within the limits: refused (429) when `client` already has its share of new builds
+        running, else run when one of the instance's build slots is free; its failure is remembered."""
+        client_slots = Slots(self.lock_dir, f"client {client}", self.limits.client_builds)
+        with client_slots.hold(wait=False) as allowed:
+            if not allowed:
+                error = RegistryError(429, "TOOMANYREQUESTS",
+                                      f"this address already has {self.limits.client_builds} new builds running; "
+                                      "retry when one has finished", {"client_builds": self.limits.client_builds})
+                error.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+                raise error
+            with self.build_slots.hold():
+                try:
+                    return self._build(image, resolved, stats, revision, pinned)
+                except Exception as e:
+                    self.failures.remember(failure_key, e)
+                    raise
 
     def _check_system(self, image: Image) -> None:
         """Refuses at once, without starting Nix, a system this instance's Nix cannot build for."""
@@ -332,16 +392,22 @@ class Builder:
             image.arch.docker_arch, [d.diff_id for d in descriptors], env, ["bash"] if image.shell else [],
             history=[" ".join(group.paths) for group in groups] + [ROOT_LAYER_HISTORY], labels=labels,
             user=f"{user.uid}:{user.uid}" if user else "", workdir=user.home if user else "")
-        self.storage.write(blob_key(config.digest), config.data, config.media_type)
+        self._store_blob(config)
         annotations = [manifest.nix_layer_annotations(group.paths) if self.nix_snapshotter else ()
                        for group in groups] + [()]
         document = manifest.image_manifest(
             config.descriptor(),
             [manifest.Descriptor(archive.LAYER_MEDIA_TYPE, d.digest, d.size, notes)
              for d, notes in zip(descriptors, annotations)])
-        self.storage.write(blob_key(document.digest), document.data, document.media_type)
+        self._store_blob(document)
         stats.layers = len(descriptors)
         return document
+
+    def _store_blob(self, document: manifest.Document) -> None:
+        """Content-addressed: a blob already stored is not written again (so an image rebuilt
+        on full or read-only storage is still served when all its blobs are there)."""
+        if self.storage.stat(blob_key(document.digest)) is None:
+            self.storage.write(blob_key(document.digest), document.data, document.media_type)
 
     def _write_layers(self, closure: Closure, groups: Sequence[layers.Layer],
                       stats: BuildStats, nonroot: bool = False) -> list[archive.LayerDigests]:

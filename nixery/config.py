@@ -70,7 +70,14 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("GCS_SIGNING_ACCOUNT", None, "Service account e-mail that owns GCS_SIGNING_KEY."),
     Variable("GCS_SIGNED_URL_TTL", "300", "Seconds a signed blob URL stays valid."),
     Variable("GCS_RETRY_SECONDS", "10", "Seconds a failing GCS request is retried before the client gets a 503."),
-    Variable("NIX_TIMEOUT", "60", "Seconds a Nix build may take."),
+    Variable("NIX_TIMEOUT", "60",
+             "Seconds a Nix build may run, and may stay silent (Nix's --timeout and --max-silent-time); "
+             "downloads of substitutes are not counted."),
+    Variable("NIXERY_MAX_BUILDS", None, "Builds running at once on this instance (default: the number of cores)."),
+    Variable("NIXERY_CLIENT_BUILDS", "2",
+             "New builds one client address may have running at once; more get 429 TOOMANYREQUESTS."),
+    Variable("NIXERY_FAILURE_TTL", "60",
+             "Seconds a failed build or an unknown name is answered from memory, per source revision (0: never)."),
     Variable("NIXERY_BINARY_CACHE", None,
              "Nix store URL of a binary cache shared by instances (file:///..., s3://...): built paths are copied there and substituted from it."),
     Variable("NIXERY_BINARY_CACHE_PUBLIC_KEY", None,
@@ -87,7 +94,16 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("NIXERY_NIX_SNAPSHOTTER", "false",
              "true: annotate layers with their store paths for nix-snapshotter (changes manifest digests)."),
     Variable("NIXERY_WORKERS", "2", "Gunicorn worker processes."),
-    Variable("NIXERY_THREADS", "8", "Threads per worker (builds and downloads in parallel)."),
+    Variable("NIXERY_THREADS", "64",
+             "Threads per worker: requests being served, downloads and requests waiting for a build "
+             "(a waiting thread sleeps; connections still sending their headers hold none)."),
+    Variable("NIXERY_HEADER_TIMEOUT", "10", "Seconds a client may take to send a request's headers."),
+    Variable("NIXERY_IO_TIMEOUT", "30",
+             "Seconds a client may stall reading a response (or sending a body) before it is cut off."),
+    Variable("NIXERY_CLIENT_CONNECTIONS", "64",
+             "Open connections one client address may have to each worker; more are answered 429."),
+    Variable("NIXERY_GRACE_PERIOD", None,
+             "Seconds a stopping server lets running builds and downloads finish (default: NIX_TIMEOUT)."),
     Variable("NIXERY_LOG_LEVEL", "INFO", "Log level: DEBUG, INFO, WARNING or ERROR."),
     Variable("NIXERY_ACCESS_LOG", "false", "true: log every HTTP request as a JSON line (method, path, status, "
              "bytes, duration, client)."),
@@ -173,11 +189,13 @@ class StateLayout:
     prometheus: Path  # prometheus_client's multiprocess files, made afresh at each start
     history: Path  # the recent builds and failures the web page and /builds.json show
     build_memo: Path  # unpinned images' digests, for a few seconds after their build
+    memory: Path  # failed builds and unknown names, one fixed-size table (nixery/failures.py)
 
     @classmethod
     def under(cls, root: Path) -> "StateLayout":
         return cls(locks=root / "locks", gcroots=root / "gcroots", git=root / "git",
-                   prometheus=root / "prometheus", history=root / "history", build_memo=root / "build-memo")
+                   prometheus=root / "prometheus", history=root / "history", build_memo=root / "build-memo",
+                   memory=root / "memory")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,6 +219,9 @@ class Config:
     state_dir: Path
     gcs: Optional[GcsConfig]
     nix_timeout: int
+    max_builds: int
+    client_builds: int
+    failure_ttl: int
     binary_cache: Optional[BinaryCacheConfig]
     popularity_url: Optional[str]
     layer_budget: int
@@ -209,6 +230,10 @@ class Config:
     nix_snapshotter: bool
     workers: int
     threads: int
+    header_timeout: int
+    io_timeout: int
+    client_connections: int
+    grace_period: int
     log_level: str
     auth: AuthConfig
     access_log: bool
@@ -237,6 +262,9 @@ class Config:
             "gcs_signing": bool(self.gcs and self.gcs.signing_key),
             "gcs_retry_seconds": self.gcs.retry_seconds if self.gcs else None,
             "nix_timeout": self.nix_timeout,
+            "max_builds": self.max_builds,
+            "client_builds": self.client_builds,
+            "failure_ttl": self.failure_ttl,
             "binary_cache": ({"url": redact_url(self.binary_cache.url),
                               "writes": self.binary_cache.secret_key is not None}
                              if self.binary_cache else None),
@@ -246,6 +274,10 @@ class Config:
             "nix_snapshotter": self.nix_snapshotter,
             "workers": self.workers,
             "threads": self.threads,
+            "header_timeout": self.header_timeout,
+            "io_timeout": self.io_timeout,
+            "client_connections": self.client_connections,
+            "grace_period": self.grace_period,
             "log_level": self.log_level,
             "access_log": self.access_log,
             "hide_details": self.hide_details,
@@ -265,8 +297,9 @@ def redact_url(value: str) -> str:
     return re.sub(r"(//[^/@:]+):[^/@]*@", r"\1:***@", value)
 
 
-def _int(env: Mapping[str, str], name: str, lo: int, hi: int) -> int:
-    raw = env.get(name) or _default(name)
+def _int(env: Mapping[str, str], name: str, lo: int, hi: int, default: Optional[int] = None) -> int:
+    """`name` as a whole number in [lo, hi]; `default` stands in for variables whose default is computed."""
+    raw = env.get(name) or _default(name) or str(default)
     try:
         value = int(raw)
     except ValueError:
@@ -516,13 +549,21 @@ def load(env: Mapping[str, str] = os.environ) -> Config:
         state_dir=state_dir,
         gcs=gcs,
         nix_timeout=_int(env, "NIX_TIMEOUT", 1, 24 * 3600),
+        max_builds=_int(env, "NIXERY_MAX_BUILDS", 1, 256, default=os.cpu_count() or 1),
+        client_builds=_int(env, "NIXERY_CLIENT_BUILDS", 1, 256),
+        failure_ttl=_int(env, "NIXERY_FAILURE_TTL", 0, 24 * 3600),
         binary_cache=_binary_cache(env),
         popularity_url=popularity,
         layer_budget=_int(env, "NIXERY_LAYER_BUDGET", 1, 120),
         platforms=_platforms(env),
         nix_snapshotter=_checked(env, "NIXERY_NIX_SNAPSHOTTER", ("true", "false"), str.lower) == "true",
         workers=_int(env, "NIXERY_WORKERS", 1, 64),
-        threads=_int(env, "NIXERY_THREADS", 1, 256),
+        threads=_int(env, "NIXERY_THREADS", 1, 1024),
+        header_timeout=_int(env, "NIXERY_HEADER_TIMEOUT", 1, 3600),
+        io_timeout=_int(env, "NIXERY_IO_TIMEOUT", 1, 24 * 3600),
+        client_connections=_int(env, "NIXERY_CLIENT_CONNECTIONS", 1, 100_000),
+        grace_period=_int(env, "NIXERY_GRACE_PERIOD", 0, 7 * 24 * 3600,
+                          default=_int(env, "NIX_TIMEOUT", 1, 24 * 3600)),
         log_level=_checked(env, "NIXERY_LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR"), str.upper),
         access_log=_boolean(env, "NIXERY_ACCESS_LOG"),
         hide_details=_boolean(env, "NIXERY_HIDE_DETAILS"),

@@ -31,6 +31,7 @@ from typing import Any, Callable
 
 import falcon
 
+from .builder import BUILD_FAILED_STATUS
 from .errors import RegistryError, build_failed, manifest_unknown, unavailable
 from .nix import BuildFailed, NixError, Problem, UnavailablePackages, UnknownPackages, UnsupportedSystem
 from .storage import StorageError
@@ -98,7 +99,7 @@ _TRANSLATIONS: dict[type[Exception], Callable[[Any], RegistryError]] = {
     UnknownPackages: lambda error: manifest_unknown(_unknown_text(error), _unknown_detail(error)),
     UnavailablePackages: _unavailable,
     UnsupportedSystem: lambda error: manifest_unknown(str(error), {"system": error.system}),
-    BuildFailed: lambda error: RegistryError(422, "UNKNOWN", error.reason),
+    BuildFailed: lambda error: RegistryError(BUILD_FAILED_STATUS, "UNKNOWN", error.reason),
     NixError: lambda error: build_failed(error.reason),
 }
 _FALCON_CODES = {404: "NOT_FOUND", 405: "UNSUPPORTED"}

@@ -82,9 +82,20 @@ class BuildHistory:
         return [json.loads(line) for line in text.splitlines() if line]
 
     def _append(self, name: str, item: dict[str, Any], kept: int) -> None:
-        """Rewrites the whole (small) file: trimming and appending in one atomic step."""
+        """Rewrites the whole (small) file: trimming and appending in one atomic step. The errors
+        file keeps `kept` of each outcome, so a storm of rejected names (a scanner's) cannot push
+        the real build failures off the list."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        items = (self._read(name) + [item])[-kept:]
+        items = self._read(name) + [item]
+        if name == ERRORS_FILE:
+            counts: dict[str, int] = {}
+            newest_first = []
+            for old in reversed(items):
+                counts[old["outcome"]] = counts.get(old["outcome"], 0) + 1
+                if counts[old["outcome"]] <= kept:
+                    newest_first.append(old)
+            items = newest_first[::-1]
+        items = items[-kept * (2 if name == ERRORS_FILE else 1):]
         write_atomic(self.directory / name, "".join(json.dumps(i) + "\n" for i in items).encode())
 
 

@@ -37,6 +37,15 @@ def setup(level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    sys.unraisablehook = _log_unraisable
+
+
+def _log_unraisable(unraisable: "sys.UnraisableHookArgs") -> None:
+    """An exception Python cannot raise (in a destructor, say) as a JSON line, not a bare traceback."""
+    logging.getLogger("nixery").warning(
+        "exception ignored", extra={"object": repr(unraisable.object)[:200]},
+        exc_info=(unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback)
+        if unraisable.exc_value is not None else None)
 
 
 class AccessLog:

@@ -16,6 +16,7 @@ from prometheus_client import multiprocess, values
 from .config import Config
 from .logs import JsonFormatter
 from .nix import drop_gc_roots
+from .storage.filesystem import drop_partial_uploads
 
 log = logging.getLogger(__name__)
 
@@ -25,12 +26,14 @@ def gunicorn_options(config: Config) -> dict[str, Any]:
         "bind": [f"[{config.listen_address}]:{config.port}" if ":" in config.listen_address
                  else f"{config.listen_address}:{config.port}"],
         "workers": config.workers,
-        # Threads keep a worker's heartbeat alive while one of them waits on Nix.
-        "worker_class": "gthread",
+        # Gunicorn's threaded worker, reading request heads in its event loop (nixery/worker.py):
+        # slow clients hold no thread, and threads waiting on a build sleep in a lock.
+        "worker_class": "nixery.worker.NixeryWorker",
         "threads": config.threads,
-        # A worker must outlive the longest Nix build plus archiving and upload.
+        # The master's heartbeat check: the worker's event loop beats while its threads build.
         "timeout": config.nix_timeout * 3 + 60,
-        "graceful_timeout": 30,
+        # A stopping worker lets builds and downloads finish this long (NIXERY_GRACE_PERIOD).
+        "graceful_timeout": config.grace_period,
         "keepalive": 5,
         # No "sendfile" key: Gunicorn reads any value of that setting, True included, as --no-sendfile
         # (tests/test_config.py).
@@ -101,10 +104,13 @@ def prepare_metrics_dir(directory: Path) -> None:
 
 def _child_exit(server: Any, worker: Any) -> None:
     """A dead worker's live gauges stop counting (its counters stay in the sums, as they
-    happened), and the GC roots of a build it did not finish are let go."""
-    state = server.app.config.state
-    multiprocess.mark_process_dead(worker.pid, str(state.prometheus))
-    drop_gc_roots(state.gcroots, worker.pid)
+    happened), and the GC roots of a build it did not finish are let go, and so are the
+    partial blobs it was writing (a worker's temporary files are named by its pid)."""
+    config = server.app.config
+    multiprocess.mark_process_dead(worker.pid, str(config.state.prometheus))
+    drop_gc_roots(config.state.gcroots, worker.pid)
+    if config.storage_backend == "filesystem":
+        drop_partial_uploads(config.storage_path, worker.pid)
 
 
 class NixeryServer(BaseApplication):

@@ -95,6 +95,8 @@ def nix_counter(tmp_path) -> Iterator[NixCounter]:
 def shared_server(tmp_path_factory, pkgset) -> Iterator[Server]:
     """One server over the shared package set for every test that only reads from it (they
     may build, but none depends on what another built or did not, nor on counts it did not take)."""
-    server = Server(tmp_path_factory.mktemp("shared-server"), {"NIXERY_PKGS_PATH": str(pkgset)}).start()
+    # Failures are not remembered here: the tests that share it each count their own failed build.
+    server = Server(tmp_path_factory.mktemp("shared-server"), {"NIXERY_PKGS_PATH": str(pkgset),
+                                                               "NIXERY_FAILURE_TTL": "0"}).start()
     yield server
     server.stop()

@@ -43,8 +43,11 @@ def free_port() -> int:
 class Server:
     """A running `python -m nixery` with its own storage, state and log file."""
 
-    def __init__(self, workdir: Path, env: dict[str, str]):
+    def __init__(self, workdir: Path, env: dict[str, str], wrapper: tuple[str, ...] = ()):
+        """`wrapper` is a command the server runs under (a private mount namespace, say), which
+        must end by exec'ing the command it is given."""
         self.workdir = workdir
+        self.wrapper = wrapper
         self.port = free_port()
         self.log_path = workdir / f"server-{self.port}.log"
         self.env = {**os.environ, **NIX_ENV, "PORT": str(self.port), "NIXERY_LISTEN_ADDRESS": "127.0.0.1",
@@ -68,7 +71,7 @@ class Server:
         still booting when the server is stopped misses the signal, and Gunicorn then
         waits its whole graceful timeout for it) and the registry answers."""
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "nixery"], env=self.env, cwd=self.workdir,
+        self.proc = subprocess.Popen([*self.wrapper, sys.executable, "-m", "nixery"], env=self.env, cwd=self.workdir,
                                      stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         workers = int(self.env["NIXERY_WORKERS"])
         deadline = time.monotonic() + timeout
@@ -216,7 +219,7 @@ class StandInBuilder:
         self.requests: list[Image] = []
 
     def manifest(self, image: Image, media_type: str = manifest.MANIFEST_MEDIA_TYPE,
-                 authorise_build: Optional[Callable[[], None]] = None) -> Result:
+                 authorise_build: Optional[Callable[[], None]] = None, client: str = "") -> Result:
         self.requests.append(image)
         unknown = [name for name in image.packages if name.startswith("nosuch")]
         if unknown:

@@ -50,6 +50,9 @@ OPTION_VARIABLES = {
     "signing.keyFile": "GCS_SIGNING_KEY",
     "signing.account": "GCS_SIGNING_ACCOUNT",
     "nixTimeout": "NIX_TIMEOUT",
+    "maxBuilds": "NIXERY_MAX_BUILDS",
+    "clientBuilds": "NIXERY_CLIENT_BUILDS",
+    "failureTtl": "NIXERY_FAILURE_TTL",
     "binaryCache.url": "NIXERY_BINARY_CACHE",
     "binaryCache.publicKey": "NIXERY_BINARY_CACHE_PUBLIC_KEY",
     "binaryCache.secretKeyFile": "NIXERY_BINARY_CACHE_SECRET_KEY",
@@ -58,6 +61,10 @@ OPTION_VARIABLES = {
     "platforms": "NIXERY_PLATFORMS",
     "workers": "NIXERY_WORKERS",
     "threads": "NIXERY_THREADS",
+    "headerTimeout": "NIXERY_HEADER_TIMEOUT",
+    "ioTimeout": "NIXERY_IO_TIMEOUT",
+    "clientConnections": "NIXERY_CLIENT_CONNECTIONS",
+    "gracePeriod": "NIXERY_GRACE_PERIOD",
     "logLevel": "NIXERY_LOG_LEVEL",
     "accessLog": "NIXERY_ACCESS_LOG",
     "hideDetails": "NIXERY_HIDE_DETAILS",
@@ -232,6 +239,8 @@ def test_each_option_sets_its_variable(tmp_path):
         "nixTimeout": 120, "popularityUrl": "https://example.org/popularity.json", "layerBudget": 60,
         "platforms": ["linux/arm64", "linux/amd64"], "workers": 4, "threads": 16, "logLevel": "DEBUG",
         "accessLog": True, "hideDetails": True, "allowUnfree": True,
+        "maxBuilds": 3, "clientBuilds": 4, "failureTtl": 30, "headerTimeout": 7, "ioTimeout": 45,
+        "clientConnections": 20, "gracePeriod": 90,
         "binaryCache": {"url": "file:///var/cache/nixery-bincache", "publicKey": "nixery-1:AAAA",
                         "secretKeyFile": "/run/keys/cache.secret"},
         "auth": "build", "htpasswdFile": "/run/keys/htpasswd",
@@ -246,6 +255,8 @@ def test_each_option_sets_its_variable(tmp_path):
         "nixTimeout": "120", "popularityUrl": "https://example.org/popularity.json", "layerBudget": "60",
         "platforms": "linux/arm64,linux/amd64", "workers": "4", "threads": "16", "logLevel": "DEBUG",
         "accessLog": "true", "hideDetails": "true", "allowUnfree": "true",
+        "maxBuilds": "3", "clientBuilds": "4", "failureTtl": "30", "headerTimeout": "7", "ioTimeout": "45",
+        "clientConnections": "20", "gracePeriod": "90",
         "binaryCache.url": "file:///var/cache/nixery-bincache", "binaryCache.publicKey": "nixery-1:AAAA",
         "binaryCache.secretKeyFile": "%d/binary-cache-key",
         "auth": "build", "htpasswdFile": "%d/htpasswd", "tokenAuth.realm": "https://auth.example.org/token",
@@ -273,6 +284,8 @@ def test_each_option_sets_its_variable(tmp_path):
     assert loaded.binary_cache.secret_key == tmp_path / "credentials" / "binary-cache-key"
     assert (loaded.nix_timeout, loaded.layer_budget, loaded.workers, loaded.threads) == (120, 60, 4, 16)
     assert loaded.access_log and loaded.hide_details and loaded.allow_unfree
+    assert (loaded.max_builds, loaded.client_builds, loaded.failure_ttl, loaded.header_timeout, loaded.io_timeout,
+            loaded.client_connections, loaded.grace_period) == (3, 4, 30, 7, 45, 20, 90)
 
 
 @needs_lib

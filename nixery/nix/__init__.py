@@ -234,7 +234,10 @@ class Nix:
         self.cache = cache
         self.allow_unfree = allow_unfree
 
-    def _run(self, args: Sequence[str], what: str) -> str:
+    def _run(self, args: Sequence[str], what: str, timeout: Optional[float] = -1) -> str:
+        """Runs one Nix command; `timeout` seconds (default: the build timeout; None: no limit,
+        for commands that Nix bounds itself) before its process group is stopped."""
+        timeout = self.timeout if timeout == -1 else timeout
         if self.on_invoke:
             self.on_invoke(args[0])
         log.debug("running nix", extra={"argv": list(args)})
@@ -243,10 +246,10 @@ class Nix:
         except FileNotFoundError:
             raise NixError(f"{args[0]} is not installed or not on PATH") from None
         try:
-            process.finish(self.timeout)
+            process.finish(timeout)
         except subprocess.TimeoutExpired:
             process.stop()
-            raise NixError(f"{what} timed out after {self.timeout}s", process.stderr) from None
+            raise NixError(f"{what} timed out after {timeout}s", process.stderr) from None
         stderr = process.stderr
         if process.proc.returncode != 0:
             failed = _BUILDER_FAILED.search(_ANSI.sub("", stderr))
@@ -392,11 +395,16 @@ class Nix:
     def realise(self, derivations: Sequence[str], roots: Optional[Path] = None, keep_going: bool = False,
                 options: Sequence[str] = ()) -> None:
         """Builds "<drv>!<output>"s without evaluating anything again; GC roots in `roots` if given,
-        Nix `options` (the shared binary cache's substituter) added to the command."""
-        flags = ([*options] + (["--keep-going"] if keep_going else [])
+        Nix `options` (the shared binary cache's substituter) added to the command.
+
+        The build timeout bounds each builder's run time and silence (Nix's own --timeout and
+        --max-silent-time), not the command: downloading a large closure of substitutes takes
+        as long as it takes (Nix's stalled-download-timeout stops a download that hangs)."""
+        bounds = ["--timeout", str(self.timeout), "--max-silent-time", str(self.timeout)]
+        flags = (bounds + [*options] + (["--keep-going"] if keep_going else [])
                  + (["--add-root", str(roots / "out")] if roots else []))
         for i in range(0, len(derivations), ARGV_CHUNK):
-            self._run(["nix-store", "--realise", *flags, *derivations[i:i + ARGV_CHUNK]], "building")
+            self._run(["nix-store", "--realise", *flags, *derivations[i:i + ARGV_CHUNK]], "building", timeout=None)
 
     def invalid(self, paths: Sequence[str], store: Optional[str] = None) -> set[str]:
         """Which of `paths` are not in the local store, or in `store` if given."""

@@ -22,7 +22,7 @@ from . import Backend, BlobInfo, LocalFile, StorageError, Upload, check_key
 _TYPE_SUFFIX = ".type"
 _OS_ERRORS = {errno.ENOSPC: "storage full", errno.EDQUOT: "storage full (quota)",
               errno.EROFS: "storage read-only", errno.EACCES: "storage not writable (permission denied)",
-              errno.EPERM: "storage not writable (permission denied)"}
+              errno.EPERM: "storage not writable (permission denied)", errno.EIO: "storage I/O error"}
 _TMP_DIR = "tmp"
 # No upload takes this long: older temporary files were left by a killed worker.
 _STALE_TMP_SECONDS = 24 * 3600
@@ -36,10 +36,34 @@ class _FileUpload(Upload):
         self.committed = False
 
     def commit(self, key: str, media_type: str) -> None:
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.backend._publish(self.tmp_path, key, media_type)
+        with _storage_errors():
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.backend._publish(self.tmp_path, key, media_type)
         self.committed = True
+
+
+@contextlib.contextmanager
+def _storage_errors() -> Iterator[None]:
+    """An OSError while writing (full, read-only) as the StorageError a client is told (503)."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in _OS_ERRORS:
+            raise
+        raise StorageError(describe_os_error(e)) from None
+
+
+def tmp_prefix(pid: int) -> str:
+    """Temporary files are named by the writing process, so that the master removes a dead worker's."""
+    return f"{pid}-"
+
+
+def drop_partial_uploads(root: Path, pid: int) -> None:
+    """Removes what worker `pid` was writing when it died (called by the master when it sees it die)."""
+    for path in (root.resolve() / _TMP_DIR).glob(f"{tmp_prefix(pid)}*"):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
 
 
 class FilesystemBackend(Backend):
@@ -82,20 +106,26 @@ class FilesystemBackend(Backend):
 
     def write(self, key: str, data: bytes, media_type: str) -> None:
         path = self._path(key)
-        write_atomic(Path(str(path) + _TYPE_SUFFIX), media_type.encode(), self.root / _TMP_DIR)
-        write_atomic(path, data, self.root / _TMP_DIR)
+        tmp_dir = self.root / _TMP_DIR
+        with _storage_errors():
+            write_atomic(Path(str(path) + _TYPE_SUFFIX), media_type.encode(), tmp_dir, tmp_prefix(os.getpid()))
+            write_atomic(path, data, tmp_dir, tmp_prefix(os.getpid()))
 
     @contextlib.contextmanager
     def upload(self) -> Iterator[Upload]:
-        fd, tmp = tempfile.mkstemp(dir=self.root / _TMP_DIR)
-        with os.fdopen(fd, "wb") as file:
-            upload = _FileUpload(self, file, Path(tmp))
-            try:
+        """A full or read-only disk found while the caller writes (or when the file is closed and its
+        buffer flushed) is a StorageError; the partial file is removed whatever happens."""
+        with _storage_errors():
+            fd, tmp = tempfile.mkstemp(dir=self.root / _TMP_DIR, prefix=tmp_prefix(os.getpid()))
+        upload: Optional[_FileUpload] = None
+        try:
+            with _storage_errors(), os.fdopen(fd, "wb") as file:
+                upload = _FileUpload(self, file, Path(tmp))
                 yield upload
-            finally:
-                if not upload.committed:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(tmp)
+        finally:
+            if upload is None or not upload.committed:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
 
     def check(self) -> None:
         """Removes what killed workers left in tmp/ (other instances sharing the directory

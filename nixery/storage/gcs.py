@@ -71,9 +71,9 @@ def _reason(error: BaseException) -> str:
         cause = f": {_reason(error.cause)}" if error.cause else ""
         return f"gave up retrying{cause}"
     if isinstance(error, (requests.ConnectionError, urllib3.exceptions.HTTPError, ConnectionError)):
-        return "cannot connect to Google Cloud Storage"
+        return "bucket unreachable: cannot connect to Google Cloud Storage"
     if isinstance(error, requests.Timeout):
-        return "Google Cloud Storage timed out"
+        return "bucket unreachable: Google Cloud Storage timed out"
     if isinstance(error, storage_exceptions.DataCorruption):
         return "checksum mismatch: the transfer was corrupted"
     if isinstance(error, api_exceptions.NotFound):

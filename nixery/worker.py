@@ -1,0 +1,315 @@
+"""Nixery's Gunicorn worker: Gunicorn's threaded worker, made safe for a public instance.
+
+Gunicorn's `gthread` worker hands a connection to a thread as soon as one byte
+arrives, and the thread then blocks until the headers are complete: twenty
+clients sending headers a byte at a time hold every thread. This worker reads
+headers in its event loop instead (non-blocking, up to NIXERY_HEADER_TIMEOUT
+for the whole head), so a thread is only taken by a request that is complete;
+slow and idle connections cost a socket and a buffer, and a worker holds up to
+Gunicorn's `worker_connections` of them. It also
+
+- caps the connections of one client address (NIXERY_CLIENT_CONNECTIONS per worker; more get 429),
+- gives every socket a thread uses a timeout (NIXERY_IO_TIMEOUT), so a client that stops
+  reading a blob (or sending a body) loses its thread after that long,
+- stops accepting while every thread is busy, so the other worker (or the kernel's
+  backlog) takes new connections instead of a queue behind waiting builds,
+- answers every error of its own and of Gunicorn's HTTP parser (400, 408, 414, 431, ...)
+  with a registry JSON body, and
+- on SIGTERM closes its listening sockets first, then lets running requests finish
+  within the grace period, logging what it waits for.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import selectors
+import socket
+import time
+from functools import partial
+from typing import Any, Optional
+
+from gunicorn.http import errors as http_errors
+from gunicorn.workers.gthread import TConn, ThreadWorker
+
+from .errors import RegistryError
+
+# Longest head read before the thread's parser takes over (and answers 414/431 as the limits say).
+MAX_HEAD_BYTES = 64 * 1024
+_WAIT_LOG_SECONDS = 5.0
+
+# Gunicorn's parser errors, most specific first: (types, status, code).
+_PARSER_ERRORS: tuple[tuple[tuple[type, ...], int, str], ...] = (
+    ((http_errors.LimitRequestLine,), 414, "URI_TOO_LONG"),
+    ((http_errors.LimitRequestHeaders,), 431, "HEADERS_TOO_LARGE"),
+    ((http_errors.UnsupportedTransferCoding,), 501, "UNSUPPORTED"),
+    ((http_errors.ExpectationFailed,), 417, "EXPECTATION_FAILED"),
+    ((http_errors.ForbiddenProxyRequest,), 403, "DENIED"),
+    ((http_errors.ParseException,), 400, "BAD_REQUEST"),
+)
+_REASONS = {400: "Bad Request", 403: "Forbidden", 408: "Request Timeout", 414: "URI Too Long",
+            417: "Expectation Failed", 429: "Too Many Requests", 431: "Request Header Fields Too Large",
+            500: "Internal Server Error", 501: "Not Implemented", 503: "Service Unavailable"}
+
+
+def error_response(error: RegistryError) -> bytes:
+    """A whole HTTP/1.1 response carrying `error`'s JSON body; the connection closes after it."""
+    body = error.body()
+    headers = {"Content-Type": "application/json", "Content-Length": str(len(body)), "Connection": "close",
+               "Docker-Distribution-API-Version": "registry/2.0", **error.headers}
+    head = f"HTTP/1.1 {error.status} {_REASONS.get(error.status, 'Error')}\r\n" + "".join(
+        f"{name}: {value}\r\n" for name, value in headers.items()) + "\r\n"
+    return head.encode("latin-1") + body
+
+
+def parser_error(exc: BaseException) -> Optional[RegistryError]:
+    """The registry error for a client's malformed request, or None for a server fault."""
+    for kinds, status, code in _PARSER_ERRORS:
+        if isinstance(exc, kinds):
+            return RegistryError(status, code, f"bad request: {exc}"[:300])
+    return None
+
+
+# The first bytes of a TLS handshake record (content type 22, protocol version 3.x).
+TLS_HANDSHAKE = b"\x16\x03"
+
+
+class TimedSocket(socket.socket):
+    """A client socket whose "blocking" mode has a timeout: Gunicorn's thread sets its socket
+    blocking before reading and writing, and a blocking read or sendfile to a client that
+    stopped reading would hold the thread for ever."""
+
+    io_timeout: float = 30.0
+
+    def setblocking(self, flag: bool) -> None:
+        self.settimeout(self.io_timeout if flag else 0.0)
+
+
+class NixeryConn(TConn):
+    """A connection that tells its worker when it closes (to count connections per address)
+    and carries the head read so far by the event loop."""
+
+    def __init__(self, worker: "NixeryWorker", *args: Any):
+        super().__init__(*args)
+        self.worker = worker
+        self.head: Optional[bytearray] = None
+        self.head_deadline = 0.0
+        self.released = False
+
+    def close(self, graceful: bool = False) -> None:
+        """Gunicorn's graceful close lingers up to 2 s for the client's FIN, in the event loop, so a
+        client that never closes would stall every connection of the worker: here the response is
+        followed by a FIN and whatever the client already sent is drained without waiting."""
+        try:
+            if graceful:
+                try:
+                    self.sock.shutdown(socket.SHUT_WR)
+                    self.sock.settimeout(0.0)
+                    for _ in range(16):
+                        if not self.sock.recv(4096):
+                            break
+                except OSError:
+                    pass
+            super().close(False)
+        finally:
+            self.worker.released(self)
+
+
+class NixeryWorker(ThreadWorker):
+    """Settings come from the Gunicorn config's `nixery_*` attributes (server.py sets them)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.per_address: collections.Counter[str] = collections.Counter()
+        self.reading: dict[NixeryConn, None] = {}  # connections whose head is being read, oldest first
+        self.busy = 0
+        self.serving: dict[NixeryConn, tuple[str, float]] = {}
+        self.last_wait_log = 0.0
+        config = self.app.config  # the NixeryServer's Config
+        self.limits = {"header_timeout": config.header_timeout, "client_connections": config.client_connections}
+        TimedSocket.io_timeout = float(config.io_timeout)
+
+    # -- accepting --------------------------------------------------------------------------
+
+    def set_accept_enabled(self, enabled: bool) -> None:
+        enabled = enabled and self.alive and self.busy < self.cfg.threads
+        super().set_accept_enabled(enabled)
+
+    def accept(self, listener: Any) -> None:
+        try:
+            raw, addr = listener.accept()
+        except OSError as e:
+            if e.errno in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
+                return
+            raise
+        client = TimedSocket(raw.family, raw.type, raw.proto, fileno=raw.detach())
+        address = addr[0] if isinstance(addr, tuple) else ""
+        if self.per_address[address] >= self.limits["client_connections"]:
+            error = RegistryError(429, "TOOMANYREQUESTS",
+                                  f"this address has {self.limits['client_connections']} connections open already")
+            error.headers["Retry-After"] = "1"
+            self._answer_and_close(client, error)
+            return
+        self.per_address[address] += 1
+        self.nr_conns += 1
+        conn = NixeryConn(self, self.cfg, client, addr, listener.getsockname())
+        self._read_head(conn)
+
+    @staticmethod
+    def _answer_and_close(sock: socket.socket, error: RegistryError) -> None:
+        try:
+            sock.setblocking(False)
+            sock.send(error_response(error))
+        except OSError:
+            pass
+        sock.close()
+
+    def released(self, conn: NixeryConn) -> None:
+        if conn.released:
+            return
+        conn.released = True
+        address = conn.client[0] if isinstance(conn.client, tuple) else ""
+        self.per_address[address] -= 1
+        if self.per_address[address] <= 0:
+            del self.per_address[address]
+
+    # -- reading heads in the event loop ------------------------------------------------------
+
+    def _read_head(self, conn: NixeryConn) -> None:
+        conn.sock.setblocking(False)
+        conn.head = bytearray()
+        conn.head_deadline = time.monotonic() + self.limits["header_timeout"]
+        self.reading[conn] = None
+        self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_head_readable, conn))
+
+    def _stop_reading(self, conn: NixeryConn) -> None:
+        self.reading.pop(conn, None)
+        try:
+            self.poller.unregister(conn.sock)
+        except (KeyError, ValueError, OSError):
+            pass
+
+    def _on_head_readable(self, conn: NixeryConn, _sock: Any) -> None:
+        try:
+            data = conn.sock.recv(MAX_HEAD_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._stop_reading(conn)
+            self.nr_conns -= 1
+            conn.close()
+            return
+        conn.head += data
+        if conn.head[:2] == TLS_HANDSHAKE:
+            # A client trying TLS first on this plain-HTTP port (skopeo and Docker do on every pull):
+            # it waits for the server's hello and sends no line the parser could refuse, so it is
+            # answered at once. Logged through Gunicorn's error log, where QuietProbes keeps it quiet.
+            self._stop_reading(conn)
+            self.nr_conns -= 1
+            self.log.warning("Invalid HTTP request line: a TLS handshake on this plain-HTTP port")
+            try:
+                conn.sock.send(error_response(RegistryError(400, "BAD_REQUEST", "this port speaks plain HTTP, not TLS")))
+            except OSError:
+                pass
+            conn.close()
+            return
+        if b"\r\n\r\n" in conn.head or b"\n\n" in conn.head or len(conn.head) > MAX_HEAD_BYTES:
+            self._stop_reading(conn)
+            self.enqueue_req(conn)
+
+    def on_client_socket_readable(self, conn: NixeryConn, client: Any) -> None:
+        """A kept-alive connection's next request: its head is read in the loop as well."""
+        self.poller.unregister(client)
+        self.keepalived_conns.remove(conn)
+        self._read_head(conn)
+
+    def murder_pending(self) -> None:
+        """Runs once per loop: also closes connections whose head is late (408) and, when
+        stopping, says what the worker waits for."""
+        super().murder_pending()
+        now = time.monotonic()
+        for conn in list(self.reading):
+            if conn.head_deadline > now:
+                break
+            self._stop_reading(conn)
+            self.nr_conns -= 1
+            if conn.head:
+                self._answer_and_close(conn.sock, RegistryError(
+                    408, "REQUEST_TIMEOUT", f"request headers not received within {self.limits['header_timeout']}s"))
+                self.released(conn)
+            else:
+                conn.close()
+        if not self.alive and now - self.last_wait_log >= _WAIT_LOG_SECONDS:
+            self._log_waiting(now)
+
+    # -- threads ---------------------------------------------------------------------------
+
+    def enqueue_req(self, conn: NixeryConn) -> None:
+        self.busy += 1
+        super().enqueue_req(conn)
+
+    def finish_request(self, conn: NixeryConn, fs: Any) -> None:
+        self.busy -= 1
+        super().finish_request(conn, fs)
+
+    def handle(self, conn: NixeryConn) -> Any:
+        if conn.head is not None:
+            head, conn.head = bytes(conn.head), None
+            conn.data_ready = True
+            conn.sock.setblocking(True)
+            conn.init()
+            conn.parser.unreader.unread(head)
+        self.serving[conn] = ("request", time.monotonic())
+        try:
+            return super().handle(conn)
+        finally:
+            self.serving.pop(conn, None)
+
+    def handle_request(self, req: Any, conn: NixeryConn) -> Any:
+        self.serving[conn] = (f"{req.method} {req.path}", time.monotonic())
+        return super().handle_request(req, conn)
+
+    def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
+        """Gunicorn's error pages, as registry JSON bodies."""
+        error = parser_error(exc)
+        if error is None:
+            self.log.exception("error handling request")
+            error = RegistryError(500, "UNKNOWN", f"internal error: {type(exc).__name__}")
+        else:
+            self.log.warning("invalid request", extra={"client": (addr or ("",))[0], "status": error.status,
+                                                       "reason": error.message})
+        try:
+            client.sendall(error_response(error))
+        except OSError:
+            pass
+
+    # -- stopping --------------------------------------------------------------------------
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        """Stop accepting at once: the listening sockets are closed (a connection made now is
+        refused by the kernel, not left unanswered), then requests in flight finish."""
+        if self.alive:
+            self.log.info("stopping: no new connections; finishing requests in flight",
+                          extra={"grace_period": self.cfg.graceful_timeout})
+        super().handle_exit(sig, frame)
+        self.method_queue.defer(self._close_listeners)
+
+    def _close_listeners(self) -> None:
+        self.set_accept_enabled(False)
+        for listener in self.sockets:
+            try:
+                listener.close()
+            except OSError:
+                pass
+
+    def _log_waiting(self, now: float) -> None:
+        self.last_wait_log = now
+        waiting = sorted(((what, round(now - since, 1)) for what, since in list(self.serving.values())),
+                         key=lambda item: -item[1])
+        if waiting:
+            self.log.info("stopping: waiting for requests in flight",
+                          extra={"requests": [f"{what} ({age}s)" for what, age in waiting[:20]],
+                                 "count": len(waiting)})
+
