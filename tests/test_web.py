@@ -250,7 +250,8 @@ def test_failed_build_in_recent_errors(server):
     assert set(steps) == {"evaluate", "build"}, steps
 
     after = scrape(server)
-    assert moved(before, after, "nixery_builds_total", outcome="rejected") == 2
+    assert moved(before, after, "nixery_builds_total", outcome="rejected") == 1
+    assert moved(before, after, "nixery_builds_total", outcome="failed") == 1
 
 
 def _record_many(state_dir: str, worker: int, count: int) -> None:
