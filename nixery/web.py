@@ -289,10 +289,17 @@ def builds_table(builds: list[dict[str, Any]]) -> str:
                     f'<td class="num" data-label="layers">{esc(layers)}</td>'
                     f'<td class="num" data-label="size">{human_bytes(b["size"]) if built else "–"}</td>'
                     f'<td data-label="finished">{_when(b)}</td></tr>')
-    return ('<div class="scroll" role="region" aria-labelledby="builds" tabindex="0">\n<table class="builds">\n'
-            '    <thead><tr><th scope="col">image</th><th scope="col">outcome</th>'
-            '<th scope="col" class="num">took</th><th scope="col" class="num">layers</th>'
-            '<th scope="col" class="num">size</th><th scope="col">finished</th></tr></thead>\n'
+    return _table("builds", ["image", "outcome", "#took", "#layers", "#size", "finished"], rows)
+
+
+def _table(labelled_by: str, columns: list[str], rows: list[str]) -> str:
+    """A scrollable table of builds, labelled by the heading `labelled_by`; a column named
+    `#name` holds numbers (right-aligned)."""
+    heads = "".join(f'<th scope="col" class="num">{name[1:]}</th>' if name.startswith("#")
+                    else f'<th scope="col">{name}</th>' for name in columns)
+    return (f'<div class="scroll" role="region" aria-labelledby="{labelled_by}" tabindex="0">\n'
+            '<table class="builds">\n'
+            f'    <thead><tr>{heads}</tr></thead>\n'
             f'    <tbody>\n{chr(10).join(rows)}\n    </tbody>\n</table>\n</div>')
 
 
@@ -306,11 +313,7 @@ def in_progress_table(builds: list[dict[str, Any]]) -> str:
         rows.append(f'      <tr><td class="image"><code>{esc(b["image"])}:{esc(b["tag"])}</code></td>'
                     f'<td data-label="step"><span class="badge running">{esc(b["step"])}</span>{detail}</td>'
                     f'<td class="num" data-label="running for">{human_seconds(b["elapsed"])}</td></tr>')
-    return ('<h3 id="running">Building now</h3>\n'
-            '<div class="scroll" role="region" aria-labelledby="running" tabindex="0">\n<table class="builds">\n'
-            '    <thead><tr><th scope="col">image</th><th scope="col">step</th>'
-            '<th scope="col" class="num">running for</th></tr></thead>\n'
-            f'    <tbody>\n{chr(10).join(rows)}\n    </tbody>\n</table>\n</div>\n')
+    return '<h3 id="running">Building now</h3>\n' + _table("running", ["image", "step", "#running for"], rows) + "\n"
 
 
 def errors_list(errors: list[dict[str, Any]]) -> str:
