@@ -48,41 +48,6 @@ def test_a_failing_build_runs_once_for_all_waiters_and_is_remembered(start_serve
     all_log_lines_are_json(server)
 
 
-def state_files(state: Path) -> int:
-    """Files under the state directory, less prometheus_client's (one set per worker process,
-    made at a worker's first request whichever name it is for)."""
-    return sum(len(files) for root, _, files in os.walk(state) if "prometheus" not in Path(root).parts)
-
-
-def test_unknown_names_cost_one_evaluation_and_no_state(start_server, pkgset, nix_counter):
-    server = start_server({"NIXERY_PKGS_PATH": str(pkgset), "PATH": nix_counter.path(),
-                           "NIXERY_CLIENT_BUILDS": "16", "NIXERY_FAILURE_TTL": "600"})
-    state = server.workdir / "state"
-    session = requests.Session()
-    assert session.get(f"{server.url}/v2/nosuchwarmup/manifests/latest", timeout=60).status_code == 404
-    assert session.get(f"{server.url}/v2/broken/manifests/latest", timeout=60).status_code == 422
-    before = state_files(state)
-    nix_counter.reset()
-
-    def ask(i: int) -> int:
-        return requests.get(f"{server.url}/v2/hello/nosuchname{i}/manifests/latest", timeout=120).status_code
-
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        statuses = list(pool.map(ask, range(1000)))
-    assert set(statuses) == {404}
-    after = state_files(state)
-    assert after == before, "a requested name leaves no file behind"
-    evaluations = nix_counter.count("nix-instantiate")
-    assert evaluations == 1000
-    nix_counter.reset()
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        assert set(pool.map(ask, range(100))) == {404}
-    assert nix_counter.count() == 0, "a repeated unknown name is answered from memory"
-    # The real failure before the storm is still on the errors list.
-    errors = requests.get(f"{server.url}/builds.json", timeout=30).json()["errors"]
-    assert "broken" in [e["image"] for e in errors if e["outcome"] == "failed"]
-
-
 def test_too_many_new_builds_from_one_address_is_429(start_server, pkgset, tmp_path):
     packages = small_set(tmp_path / "set", pkgset, seconds=3)
     server = start_server({"NIXERY_PKGS_PATH": str(packages), "NIXERY_CLIENT_BUILDS": "1"})
