@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
+from typing import Optional, Sequence
 
 import falcon
 
@@ -46,12 +47,13 @@ def make_source(config: Config) -> Source:
                                  mirrors_dir=config.state.git, lock_dir=config.state.locks))
 
 
-def with_platforms(config: Config) -> Config:
+def with_platforms(config: Config, systems: Optional[Sequence[str]] = None) -> Config:
     """`config` with NIXERY_PLATFORMS filled in when unset: the platforms this instance's Nix
-    builds (its system and extra-platforms). The server calls it once, before forking workers."""
+    builds (its system and extra-platforms; `systems` when the caller has read them already).
+    The server calls it once, before forking workers."""
     if config.platforms:
         return config
-    systems = Nix(config.nix_timeout, config.state.gcroots).systems()
+    systems = systems or Nix(config.nix_timeout, config.state.gcroots).systems()
     if systems is None:
         log.warning("cannot read Nix's platforms; offering linux/amd64 only")
         systems = (image.AMD64.nix_system,)
@@ -78,10 +80,11 @@ def create_app(config: Config, storage: Backend | None = None, *, builder: Manif
         nix = Nix(config.nix_timeout, config.state.gcroots, on_invoke=metrics.count_nix, cache=config.binary_cache,
                   allow_unfree=config.allow_unfree)
         source = make_source(config)
-        platforms = tuple(image.PLATFORMS[name] for name in with_platforms(config).platforms)
+        systems = nix.systems()  # read once: the platforms offered and the systems refused before Nix
+        platforms = tuple(image.PLATFORMS[name] for name in with_platforms(config, systems).platforms)
         builder = Builder(storage, nix, source, popularity.load(config.popularity_url),
                           config.layer_budget, config.state, platforms=platforms,
-                          nix_snapshotter=config.nix_snapshotter, systems=nix.systems(), in_progress=in_progress,
+                          nix_snapshotter=config.nix_snapshotter, systems=systems, in_progress=in_progress,
                           limits=BuildLimits(config.max_builds, config.client_builds, config.failure_ttl),
                           explain=error_handlers.as_registry_error)
     # Auth last: its process_response runs first, before the build recorders read req.context.build.
