@@ -1,12 +1,13 @@
-"""Nixery's Gunicorn worker: Gunicorn's threaded worker, made safe for a public instance.
+"""Nixery's Gunicorn worker: a threaded worker made safe for a public instance.
 
-Gunicorn's `gthread` worker hands a connection to a thread as soon as one byte
+Gunicorn's `gthread` worker hands a connection to a thread as soon as a byte
 arrives, and the thread then blocks until the headers are complete: twenty
-clients sending headers a byte at a time hold every thread. This worker reads
-headers in its event loop instead (non-blocking, up to NIXERY_HEADER_TIMEOUT
-for the whole head), so a thread is only taken by a request that is complete;
-slow and idle connections cost a socket and a buffer, and a worker holds up to
-Gunicorn's `worker_connections` of them. It also
+clients sending headers a byte at a time hold every thread. This worker, on an
+event loop of its own (nixery/threadloop.py, the same on every Gunicorn from 23
+on), reads headers in that loop instead (non-blocking, up to
+NIXERY_HEADER_TIMEOUT for the whole head), so a thread is only taken by a
+request that is complete; slow and idle connections cost a socket and a buffer,
+and a worker holds up to Gunicorn's `worker_connections` of them. It also
 
 - caps the connections of one client address (NIXERY_CLIENT_CONNECTIONS per worker; more get 429),
 - gives every socket a thread uses a timeout (NIXERY_IO_TIMEOUT), so a client that stops
@@ -30,22 +31,24 @@ from functools import partial
 from typing import Any, Optional
 
 from gunicorn.http import errors as http_errors
-from gunicorn.workers.gthread import TConn, ThreadWorker
 
 from .errors import RegistryError
+from .threadloop import BODY_ERRORS, Connection, ThreadLoopWorker
 
 # Longest head read before the thread's parser takes over (and answers 414/431 as the limits say).
 MAX_HEAD_BYTES = 64 * 1024
 _WAIT_LOG_SECONDS = 5.0
 
-# Gunicorn's parser errors, most specific first: (types, status, code).
+# Gunicorn's parser errors, most specific first: (types, status, code). Gunicorn 23 has no
+# ExpectationFailed (it ignores `Expect`); a missing class is an empty tuple, which matches nothing.
 _PARSER_ERRORS: tuple[tuple[tuple[type, ...], int, str], ...] = (
     ((http_errors.LimitRequestLine,), 414, "URI_TOO_LONG"),
     ((http_errors.LimitRequestHeaders,), 431, "HEADERS_TOO_LARGE"),
     ((http_errors.UnsupportedTransferCoding,), 501, "UNSUPPORTED"),
-    ((http_errors.ExpectationFailed,), 417, "EXPECTATION_FAILED"),
+    (tuple(getattr(http_errors, name) for name in ("ExpectationFailed",) if hasattr(http_errors, name)),
+     417, "EXPECTATION_FAILED"),
     ((http_errors.ForbiddenProxyRequest,), 403, "DENIED"),
-    ((http_errors.ParseException,), 400, "BAD_REQUEST"),
+    ((http_errors.ParseException, *BODY_ERRORS), 400, "BAD_REQUEST"),
 )
 _REASONS = {400: "Bad Request", 403: "Forbidden", 408: "Request Timeout", 414: "URI Too Long",
             417: "Expectation Failed", 429: "Too Many Requests", 431: "Request Header Fields Too Large",
@@ -75,7 +78,7 @@ TLS_HANDSHAKE = b"\x16\x03"
 
 
 class TimedSocket(socket.socket):
-    """A client socket whose "blocking" mode has a timeout: Gunicorn's thread sets its socket
+    """A client socket whose "blocking" mode has a timeout: a thread sets its socket
     blocking before reading and writing, and a blocking read or sendfile to a client that
     stopped reading would hold the thread for ever."""
 
@@ -85,7 +88,7 @@ class TimedSocket(socket.socket):
         self.settimeout(self.io_timeout if flag else 0.0)
 
 
-class NixeryConn(TConn):
+class NixeryConn(Connection):
     """A connection that tells its worker when it closes (to count connections per address)
     and carries the head read so far by the event loop."""
 
@@ -97,25 +100,13 @@ class NixeryConn(TConn):
         self.released = False
 
     def close(self, graceful: bool = False) -> None:
-        """Gunicorn's graceful close lingers up to 2 s for the client's FIN, in the event loop, so a
-        client that never closes would stall every connection of the worker: here the response is
-        followed by a FIN and whatever the client already sent is drained without waiting."""
         try:
-            if graceful:
-                try:
-                    self.sock.shutdown(socket.SHUT_WR)
-                    self.sock.settimeout(0.0)
-                    for _ in range(16):
-                        if not self.sock.recv(4096):
-                            break
-                except OSError:
-                    pass
-            super().close(False)
+            super().close(graceful)
         finally:
             self.worker.released(self)
 
 
-class NixeryWorker(ThreadWorker):
+class NixeryWorker(ThreadLoopWorker):
     """Settings come from the Gunicorn config's `nixery_*` attributes (server.py sets them)."""
 
     def __init__(self, *args: Any, **kwargs: Any):
@@ -226,9 +217,8 @@ class NixeryWorker(ThreadWorker):
         self._read_head(conn)
 
     def murder_pending(self) -> None:
-        """Runs once per loop: also closes connections whose head is late (408) and, when
+        """Runs once per loop: closes connections whose head is late (408) and, when
         stopping, says what the worker waits for."""
-        super().murder_pending()
         now = time.monotonic()
         for conn in list(self.reading):
             if conn.head_deadline > now:
@@ -257,8 +247,6 @@ class NixeryWorker(ThreadWorker):
     def handle(self, conn: NixeryConn) -> Any:
         if conn.head is not None:
             head, conn.head = bytes(conn.head), None
-            conn.data_ready = True
-            conn.sock.setblocking(True)
             conn.init()
             conn.parser.unreader.unread(head)
         self.serving[conn] = ("request", time.monotonic())

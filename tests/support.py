@@ -8,9 +8,11 @@ process (`falcon.testing`) with `StandInBuilder` in place of Nix.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -236,3 +238,17 @@ class StandInBuilder:
         stats = BuildStats(image=image.name, tag=image.tag, layers=1, layers_reused=1,
                            bytes_reused=self.layer.size)
         return Result(in_media_type(self.storage, self.document, media_type), stats)
+
+
+def setup_py_arguments() -> dict:
+    """The keyword arguments of setup() in setup.py, read without running it."""
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "setup":
+            return {k.arg: ast.literal_eval(k.value) for k in node.keywords
+                    if isinstance(k.value, (ast.Constant, ast.List, ast.Dict, ast.Tuple))}
+    raise AssertionError("setup.py calls no setup()")
+
+
+def requirement_names(requirements: list[str]) -> set[str]:
+    return {re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0].lower().replace("_", "-") for r in requirements}

@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from nixery import config as nixery_config
+from support import requirement_names, setup_py_arguments
 
 ROOT = Path(__file__).resolve().parent.parent
 NIX_DIR = Path(__file__).resolve().parent / "nix"
@@ -629,20 +630,6 @@ def test_flake_package_app_overlay_and_module():
                         f"{NIX_DIR}/nixos-stub.nix {{ _module.args.pkgs = pkgs; services.nixery.enable = true; }} ]; }})"
                         ".config.services.nixery.port")
     assert ports == 8080
-
-
-def setup_py_arguments() -> dict:
-    """The keyword arguments of setup() in setup.py, read without running it."""
-    tree = ast.parse((ROOT / "setup.py").read_text())
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "setup":
-            return {k.arg: ast.literal_eval(k.value) for k in node.keywords
-                    if isinstance(k.value, (ast.Constant, ast.List, ast.Dict, ast.Tuple))}
-    raise AssertionError("setup.py calls no setup()")
-
-
-def requirement_names(requirements: list[str]) -> set[str]:
-    return {re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0].lower().replace("_", "-") for r in requirements}
 
 
 @needs_lib
