@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import http.client
 import io
 import os
 import shlex
@@ -28,6 +29,7 @@ import subprocess
 import tarfile
 import tempfile
 import time
+import urllib.request
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -122,6 +124,14 @@ def stock_image(suite: str, packages: Sequence[str] = ()) -> str:
             if imported.returncode != 0:
                 raise RuntimeError(f"docker import failed: {imported.stderr}")
     return tag
+
+
+def pip_cache(home: str = "/root") -> tuple[str, ...]:
+    """`docker run` options that mount a pip cache kept on this machine at `home`/.cache/pip, so
+    that the wheels a container's pip downloads are downloaded once across runs."""
+    cache = CACHE_DIR / "pip"
+    cache.mkdir(parents=True, exist_ok=True)
+    return ("-v", f"{cache}:{home}/.cache/pip")
 
 
 def checkout_files(root: Path = ROOT) -> list[str]:
@@ -227,3 +237,19 @@ class Container:
             if line.startswith("127.0.0.1:"):
                 return int(line.rsplit(":", 1)[1])
         raise AssertionError(f"port {container_port} of {self.name} is not published on 127.0.0.1: {out!r}")
+
+
+def wait_for_registry(port: int, proc: subprocess.Popen, log: Path, timeout: float = 300) -> str:
+    """Waits until a registry answers `GET /v2/` on 127.0.0.1:`port`, and returns its address
+    (host:port); fails with the log of `proc` (what started it) if that ends first or time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"the server's command exited with {proc.returncode}:\n{log.read_text()[-6000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=2) as answer:
+                if answer.status == 200:
+                    return f"127.0.0.1:{port}"
+        except (OSError, http.client.HTTPException):
+            time.sleep(0.5)
+    raise AssertionError(f"no registry answered on port {port} within {timeout}s:\n{log.read_text()[-6000:]}")
