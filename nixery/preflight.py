@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import grp
 import os
+import pwd
 import socket
 import subprocess
 from importlib import resources
@@ -30,6 +32,9 @@ NIX_STATE = Path("/nix/var/nix")
 BUILD_CHECK = Path(str(resources.files("nixery.nix").joinpath("preflight.nix")))
 BUILD_CHECK_TIMEOUT = 120
 INSTALL_HINT = "run scripts/install-deps as root, or install Nix (Debian: apt-get install nix-bin)"
+# The group whose members may use the daemon's socket in Debian's nix-setup-systemd (the official
+# installer's socket is open to all; NixOS's follows nix.settings.allowed-users).
+DAEMON_GROUP = "nix-users"
 
 # Variables of Nix and of the platform that look like Nixery's but are not typos.
 _NOT_OURS = frozenset({
@@ -87,10 +92,20 @@ def nix_findings(env: Mapping[str, str]) -> list[Finding]:
     missing = [c for c in NIX_COMMANDS if not _which(c, path)]
     if missing:
         return [error(f"{', '.join(missing)} not found on PATH: {INSTALL_HINT}")]
-    if not _local_store_writable() and not _daemon_answers():
-        return [error(f"the Nix store is not writable by uid {os.getuid()} and no nix-daemon answers at "
-                      f"{DAEMON_SOCKET}: run Nixery as root, or start the nix-daemon "
-                      f"(systemctl start nix-daemon)")]
+    if not _local_store_writable():
+        daemon = _daemon_state()
+        if daemon == "refused":
+            user = _user_name()
+            group = _socket_group() or DAEMON_GROUP
+            named = group if group == DAEMON_GROUP else f"{group} ({DAEMON_GROUP} on Debian)"
+            return [error(f"the nix-daemon's socket {DAEMON_SOCKET} refuses {user} (permission denied): "
+                          f"as root, add the user to the group {named} that may use it "
+                          f"(adduser {user} {group}), then log in again")]
+        if daemon == "absent":
+            return [error(f"the Nix store is not writable by uid {os.getuid()} and no nix-daemon answers at "
+                          f"{DAEMON_SOCKET}: run Nixery as root, or start the nix-daemon (systemctl start "
+                          f"nix-daemon; on Debian, apt-get install nix-setup-systemd and add the user to "
+                          f"{DAEMON_GROUP})")]
     problem = _build_problem(env)
     return [error(problem)] if problem else []
 
@@ -108,14 +123,40 @@ def _local_store_writable() -> bool:
     return False
 
 
-def _daemon_answers() -> bool:
+def _daemon_state() -> str:
+    """"answers", "refused" (the socket or its directory is closed to this user: Nix would then
+    not even see the socket and fail on the store's permissions) or "absent"."""
     with socket.socket(socket.AF_UNIX) as s:
         s.settimeout(2)
         try:
             s.connect(str(DAEMON_SOCKET))
+        except PermissionError:
+            return "refused"
         except OSError:
-            return False
-    return True
+            return "absent"
+    return "answers"
+
+
+def _socket_group() -> Optional[str]:
+    """The group owning the socket or, where that cannot be seen, its directory (Debian's is
+    root:nix-users, mode 0770)."""
+    for path in (DAEMON_SOCKET, DAEMON_SOCKET.parent):
+        try:
+            gid = path.stat().st_gid
+        except OSError:
+            continue
+        try:
+            return grp.getgrgid(gid).gr_name
+        except KeyError:
+            return str(gid)
+    return None
+
+
+def _user_name() -> str:
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return f"uid {os.getuid()}"
 
 
 def _build_problem(env: Mapping[str, str]) -> Optional[str]:

@@ -1,0 +1,54 @@
+"""A user who is not root serves with Debian's nix-daemon, on a stock trixie (tests/containers.py).
+
+Root installs what needs root, as the README says: Debian's nix-daemon (`nix-setup-systemd`,
+whose socket only the `nix-users` group may use), then `scripts/example-pkgset`, which runs
+`scripts/install-deps`. The daemon is started as its systemd unit would start it. Then a user in
+`nix-users` runs `scripts/serve` and skopeo pulls `shell/hello` from outside, and a user not in
+the group is stopped before serving by the preflight's one line, which names the group.
+"""
+
+from __future__ import annotations
+
+import json
+
+from containers import Container, ensure_dockerd, pip_cache, stock_image, wait_for_registry
+from support import chroot_run, pull_and_unpack
+
+PORT = 8080
+ROOT_INSTALL = """
+apt-get update -qq
+DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nix-setup-systemd >/dev/null
+useradd --create-home --groups nix-users alice
+useradd --create-home bob
+"""
+SERVE = "NIXERY_PKGS_PATH=/srv/pkgs NIX_CONFIG='substituters =' /src/scripts/serve"
+
+
+def test_a_user_in_nix_users_serves_with_the_daemon(tmp_path):
+    ensure_dockerd()
+    with Container.start(stock_image("trixie"), publish=(PORT,), options=pip_cache()) as box:
+        box.copy_checkout("/src")
+        box.exec(ROOT_INSTALL)
+        daemon_log = tmp_path / "nix-daemon.log"
+        box.spawn("exec nix-daemon", daemon_log)  # ExecStart of Debian's nix-daemon.service
+        box.exec("for i in $(seq 100); do [ -S /nix/var/nix/daemon-socket/socket ] && exit 0; sleep 0.1; done; exit 1")
+        installed = box.exec("scripts/example-pkgset /srv/pkgs", workdir="/src").stdout
+        assert "nix-bin" not in installed, "Debian's Nix came with the daemon: none installed beside it"
+        assert "setup-nix: a nix-daemon is running" in installed, installed
+
+        # Not in nix-users: the preflight stops start-up with exit 2 and names the group.
+        refused = box.exec(SERVE, user="bob", workdir="/home/bob", check=False)
+        lines = [line for line in refused.stdout.splitlines() if line.startswith("nixery: ")]
+        assert refused.returncode == 2 and len(lines) == 1, refused.stdout
+        assert "nix-users" in lines[0] and "permission denied" in lines[0] and "adduser bob" in lines[0], lines[0]
+
+        # In nix-users: serves, building through the daemon (the store is root's).
+        log = tmp_path / "serve.log"
+        serve = box.spawn(SERVE, log, user="alice", workdir="/home/alice")
+        host = wait_for_registry(box.port(PORT), serve, log)
+        (tmp_path / "pull").mkdir()
+        rootfs = pull_and_unpack(host, "shell/hello", tmp_path / "pull")
+        assert chroot_run(rootfs, "/bin/hello").strip() == "Hello, world!"
+        started = json.loads(next(line for line in log.read_text().splitlines() if "starting nixery" in line))
+        assert started["config"]["storage_path"] == "/home/alice/.local/share/nixery"
+        assert box.exec("stat -c %U /nix/store /nix/var/nix/db").stdout.split() == ["root", "root"]
