@@ -73,8 +73,10 @@ python3Packages.buildPythonApplication {
         ./nixery
         ./static
         ./pytest.ini
+        # What the offline tests import besides nixery (tests/test_nix_package_source.py checks).
         ./tests/conftest.py
         ./tests/pkgset.py
+        ./tests/support.py
         (lib.fileset.maybeMissing ./setup.cfg)
         (lib.fileset.maybeMissing ./pyproject.toml)
         (lib.fileset.maybeMissing ./MANIFEST.in)

@@ -252,3 +252,13 @@ def setup_py_arguments() -> dict:
 
 def requirement_names(requirements: list[str]) -> set[str]:
     return {re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0].lower().replace("_", "-") for r in requirements}
+
+
+def nixpkgs_lib() -> Optional[Path]:
+    """nixpkgs' lib directory: NIXPKGS_LIB (the lib directory or a nixpkgs checkout), else ../shared."""
+    given = os.environ.get("NIXPKGS_LIB")
+    for candidate in ([Path(given)] if given else [ROOT.parent / "shared" / "nixpkgs-lib"]):
+        for directory in (candidate, candidate / "lib"):
+            if (directory / "default.nix").is_file() and (directory / "modules.nix").is_file():
+                return directory
+    return None

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from nixery import config as nixery_config
-from support import requirement_names, setup_py_arguments
+from support import nixpkgs_lib, requirement_names, setup_py_arguments
 
 ROOT = Path(__file__).resolve().parent.parent
 NIX_DIR = Path(__file__).resolve().parent / "nix"
@@ -93,16 +93,6 @@ FOREIGN_VARIABLES = {"NIX_REMOTE", "XDG_CACHE_HOME", "GOOGLE_APPLICATION_CREDENT
 # Values an option's type is asked about, to compare with what Nixery accepts.
 CANDIDATES = [-1, 0, 1, 2, 59, 60, 61, 63, 64, 65, 93, 94, 119, 120, 121, 255, 256, 257, 1023, 1024, 65535,
               65536, 86400, 86401, "filesystem", "gcs", "s3", "DEBUG", "INFO", "WARNING", "ERROR", "TRACE"]
-
-
-def nixpkgs_lib() -> Path | None:
-    """nixpkgs' lib directory: NIXPKGS_LIB (the lib directory or a nixpkgs checkout), else ../shared."""
-    given = os.environ.get("NIXPKGS_LIB")
-    for candidate in ([Path(given)] if given else [ROOT.parent / "shared" / "nixpkgs-lib"]):
-        for directory in (candidate, candidate / "lib"):
-            if (directory / "default.nix").is_file() and (directory / "modules.nix").is_file():
-                return directory
-    return None
 
 
 LIB = nixpkgs_lib()
