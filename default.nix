@@ -45,6 +45,7 @@ let
       gcp-storage-emulator
       websocket-client
       pyyaml
+      packaging
     ];
 
   # The tests that need neither a network, a Nix store nor root: run at build time.

@@ -26,6 +26,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+from packaging.utils import canonicalize_name
 
 from nixery import config as nixery_config
 from support import nixpkgs_lib, requirement_names, setup_py_arguments
@@ -622,6 +625,33 @@ def test_flake_package_app_overlay_and_module():
     assert ports == 8080
 
 
+def test_locked_nixpkgs_meets_every_runtime_requirement():
+    """The README's table of nixpkgs' versions at the locked revision (for the revision
+    flake.lock names) covers setup.py's runtime requirements as setup.py states them, and
+    every version it gives for the lock meets them: nixpkgs' build refuses a package whose
+    installed dependencies do not."""
+    locked = json.loads((ROOT / "flake.lock").read_text())["nodes"]["nixpkgs"]["locked"]["rev"]
+    text = readme_section("Deployment")
+    marker = f"<!-- nixpkgs versions at {locked} -->"
+    assert marker in text, f"README.md's table of nixpkgs versions is not for the locked revision {locked}"
+    rows = {}
+    for line in text.split(marker, 1)[1].strip().splitlines():
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells[0] not in ("package", "---"):
+            rows[canonicalize_name(cells[0])] = (SpecifierSet(cells[1].strip("`")),
+                                                 re.findall(r"\d+(?:\.\d+)+", cells[2]))
+    setup = setup_py_arguments()
+    requirements = [Requirement(r) for r in setup["install_requires"] + setup["extras_require"]["gcs"]]
+    assert {canonicalize_name(r.name) for r in requirements} == set(rows)
+    for requirement in requirements:
+        stated, versions = rows[canonicalize_name(requirement.name)]
+        assert stated == requirement.specifier, f"README says {requirement.name}{stated}, setup.py {requirement}"
+        assert versions and all(requirement.specifier.contains(v) for v in versions), (
+            f"nixpkgs at {locked[:7]} has {requirement.name} {' or '.join(versions)}; setup.py asks {requirement}")
+
+
 @needs_lib
 def test_default_nix_package():
     args = flake_value('removeAttrs outputs.packages."x86_64-linux".default.args [ "passthru" ]')
@@ -686,7 +716,7 @@ IMPORT_PACKAGES = {"pytest": "pytest", "requests": "requests", "falcon": "falcon
                    "google": "google-cloud-storage", "cryptography": "cryptography", "websocket": "websocket-client",
                    "prometheus_client": "prometheus-client", "gcp_storage_emulator": "gcp-storage-emulator",
                    "networkx": "networkx", "isal": "isal", "gunicorn": "gunicorn", "yaml": "pyyaml",
-                   "bcrypt": "bcrypt", "jwt": "pyjwt"}
+                   "bcrypt": "bcrypt", "jwt": "pyjwt", "packaging": "packaging"}
 # Programs the tests run, and the dev shell package that provides each.
 TEST_PROGRAMS = {"skopeo": "skopeo", "umoci": "umoci", "sshd": "openssh", "chromium": "chromium",
                  "kubectl": "kubectl", "unshare": "util-linux", "nix": "nix", "git": "git", "busybox": "busybox-static"}
