@@ -1,11 +1,14 @@
-"""The fast test tier and one real pull on Debian trixie's Python 3.13.
+"""The fast test tier and one real pull on Debian trixie's Python 3.13 and Gunicorn release.
 
-The machines the suite usually runs on have Python 3.11; Debian trixie ships 3.13. In a stock
-trixie container (tests/containers.py) with the Debian packages a test run needs (python3-venv,
-Nix, busybox-static for the test package sets, skopeo and umoci), Nixery's requirements as
-setup.py states them (with the GCS extra, which tests/test_config.py tries) are installed with pip into a virtual environment of Debian's Python, and
-with it the in-process tests run, and the end-to-end test that serves with Gunicorn, builds with
-Nix, pulls with skopeo and runs the image in a chroot.
+The machines the suite usually runs on have Python 3.11; Debian trixie ships 3.13, and Gunicorn
+23.0 (python3-gunicorn). In a stock trixie container (tests/containers.py) with the Debian
+packages a test run needs (python3-venv, Nix, busybox-static for the test package sets, skopeo
+and umoci), Nixery's requirements as setup.py states them (with the GCS extra, which
+tests/test_config.py tries), held to the Gunicorn release of trixie's python3-gunicorn (read
+from trixie's archive), are installed with pip into a virtual environment of Debian's Python. With it the in-process tests run, and the end-to-end test that
+serves with Gunicorn, builds with Nix, pulls with skopeo and runs the image in a chroot.
+(tests/test_gunicorn_versions.py tries the newer Gunicorns, and tests/test_fresh_machine.py serves
+on trixie with the newest, as scripts/install-deps installs it.)
 """
 
 from __future__ import annotations
@@ -32,13 +35,17 @@ def test_fast_tier_and_a_real_pull_on_trixie(tmp_path):
     ensure_dockerd()
     setup = setup_py_arguments()
     wanted = [r for r in setup["extras_require"]["test"] if Requirement(r).name in ("pytest", "requests")]
-    requirements = " ".join(shlex.quote(r) for r in [*setup["install_requires"], *setup["extras_require"]["gcs"],
-                                                     *wanted])
+    requirements = [*setup["install_requires"], *setup["extras_require"]["gcs"], *wanted]
     with Container.start(stock_image("trixie", packages=PACKAGES), options=pip_cache()) as box:
         box.copy_checkout("/src")
+        debian = box.exec("apt-get update -qq && apt-cache show --no-all-versions python3-gunicorn"
+                          " | sed -n 's/^Version: //p'").stdout.strip().splitlines()[-1]
+        gunicorn = re.match(r"(?:\d+:)?([\d.]+)", debian).group(1)  # 23.0.0-3 -> 23.0.0
+        pinned = " ".join(shlex.quote(r) for r in [*requirements, f"gunicorn=={gunicorn}"])
         box.exec(f"python3 -m venv /venv && /venv/bin/python -m pip install --quiet --disable-pip-version-check "
-                 f"{requirements}", timeout=900)
-        assert box.exec("/venv/bin/python -c 'import sys; print(sys.version)'").stdout.startswith("3.13.")
+                 f"{pinned}", timeout=900)
+        versions = box.exec("/venv/bin/python -c 'import sys, gunicorn; print(sys.version, gunicorn.__version__)'")
+        assert versions.stdout.startswith("3.13.") and versions.stdout.split()[-1] == gunicorn, versions.stdout
         box.exec(f"mkdir -p /etc/nix && printf {shlex.quote(NIX_CONF)} >> /etc/nix/nix.conf")
         run = box.exec(f"/venv/bin/python -m pytest -q -p no:cacheprovider -rfEs {' '.join(FAST_TIER)} {REAL_PULL}",
                        workdir="/src", check=False, timeout=900)
