@@ -58,10 +58,12 @@ def environment_requirements(version: str) -> list[str]:
 
 
 def newest_admitted() -> str:
-    """The newest Gunicorn on the package index that setup.py admits (asked with pip); when the
+    """The newest Gunicorn on the package index that setup.py admits (asked with the pip of an
+    environment of ours: the running Python's may be Debian's, which refuses pip); when the
     index cannot be reached, the newest such environment made before."""
     spec = str(gunicorn_requirement())
-    result = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--report", "-",
+    pip = environment(FIXED_VERSIONS[0]) / "bin" / "python"
+    result = subprocess.run([str(pip), "-m", "pip", "install", "--dry-run", "--quiet", "--report", "-",
                              "--no-deps", "--ignore-installed", "--disable-pip-version-check", spec],
                             capture_output=True, text=True, timeout=120)
     if result.returncode == 0:

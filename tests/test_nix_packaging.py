@@ -10,8 +10,9 @@ is evaluated with the same lib and packages, and shown with `nix flake show`; it
 
 What cannot run here: building the package (it needs nixpkgs' Python packages), the NixOS
 VM test (`nix flake check` on a machine with nixpkgs), fetching the locked nixpkgs (no
-network), and lib.fileset (Nix 2.14; Debian has 2.8), which the flake test replaces by a
-recorder of the files it is given.
+network), and lib.fileset (Nix 2.14; Debian bookworm has 2.8), which the flake test replaces by
+a recorder of the files it is given (tests/test_nix_package_source.py evaluates the real one with
+Debian trixie's Nix 2.26, in a container).
 """
 
 from __future__ import annotations
