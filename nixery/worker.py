@@ -39,14 +39,14 @@ from .threadloop import BODY_ERRORS, Connection, ThreadLoopWorker
 MAX_HEAD_BYTES = 64 * 1024
 _WAIT_LOG_SECONDS = 5.0
 
-# Gunicorn's parser errors, most specific first: (types, status, code). Gunicorn 23 has no
-# ExpectationFailed (it ignores `Expect`); a missing class is an empty tuple, which matches nothing.
+# Gunicorn 23 has no ExpectationFailed (it ignores `Expect`): there, nothing is answered 417.
+_EXPECTATION_FAILED = (http_errors.ExpectationFailed,) if hasattr(http_errors, "ExpectationFailed") else ()
+# Gunicorn's parser errors, most specific first: (types, status, code).
 _PARSER_ERRORS: tuple[tuple[tuple[type, ...], int, str], ...] = (
     ((http_errors.LimitRequestLine,), 414, "URI_TOO_LONG"),
     ((http_errors.LimitRequestHeaders,), 431, "HEADERS_TOO_LARGE"),
     ((http_errors.UnsupportedTransferCoding,), 501, "UNSUPPORTED"),
-    (tuple(getattr(http_errors, name) for name in ("ExpectationFailed",) if hasattr(http_errors, name)),
-     417, "EXPECTATION_FAILED"),
+    (_EXPECTATION_FAILED, 417, "EXPECTATION_FAILED"),
     ((http_errors.ForbiddenProxyRequest,), 403, "DENIED"),
     ((http_errors.ParseException, *BODY_ERRORS), 400, "BAD_REQUEST"),
 )
