@@ -46,8 +46,10 @@ def test_ranges_follow_rfc_9110_on_a_real_server(shared_server):
 
 
 def test_slow_clients_take_no_capacity_and_one_address_is_capped(start_server, pkgset):
+    # The slow heads must outlive the test (up to 20 s of half-second waits below on a loaded
+    # machine): with the default 10 s header timeout they were cut off before the cap was reached.
     server = start_server({"NIXERY_PKGS_PATH": str(pkgset), "NIXERY_THREADS": "4",
-                           "NIXERY_CLIENT_CONNECTIONS": "60"})
+                           "NIXERY_CLIENT_CONNECTIONS": "60", "NIXERY_HEADER_TIMEOUT": "60"})
     slow = []
     try:
         # 100 connections from another loopback address each send part of a head: more than
