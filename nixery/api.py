@@ -80,10 +80,12 @@ class VersionCheck:
 class Registry:
     """The sink for everything below `/v2/`."""
 
-    def __init__(self, builder: ManifestBuilder, storage: Backend, source: Source):
+    def __init__(self, builder: ManifestBuilder, storage: Backend, source: Source, max_packages: int = 0):
         self.builder = builder
         self.storage = storage
         self.source = source
+        # NIXERY_MAX_PACKAGES: the most components a name may have (0: any number).
+        self.max_packages = max_packages
 
     def __call__(self, req: falcon.Request, resp: falcon.Response, **_: str) -> None:
         match = _PATH_RE.match(req.path)
@@ -115,7 +117,7 @@ class Registry:
         # req.context.build is what the metrics and the build history learn of this request.
         started = time.monotonic()
         try:
-            result = self.builder.manifest(image.parse(name, tag), media_type,
+            result = self.builder.manifest(image.parse(name, tag, self.max_packages), media_type,
                                            authorise_build=req.context.get("authorise_build"),
                                            client=req.remote_addr or "")
         except Exception as e:

@@ -15,7 +15,7 @@ from .auth import AuthMiddleware
 from .builder import Builder, BuildLimits, ManifestBuilder
 from .config import Config, SourceKind
 from .metrics import Metrics, MetricsMiddleware, MetricsResource
-from .nix import Nix
+from .nix import EvalBounds, Nix
 from .history import BuildHistory, BuildRecorder
 from .logs import AccessLog
 from .progress import InProgress
@@ -78,14 +78,15 @@ def create_app(config: Config, storage: Backend | None = None, *, builder: Manif
     source = None
     if builder is None:
         nix = Nix(config.nix_timeout, config.state.gcroots, on_invoke=metrics.count_nix, cache=config.binary_cache,
-                  allow_unfree=config.allow_unfree)
+                  allow_unfree=config.allow_unfree, eval_bounds=EvalBounds(config.eval_memory, config.eval_timeout))
         source = make_source(config)
         systems = nix.systems()  # read once: the platforms offered and the systems refused before Nix
         platforms = tuple(image.PLATFORMS[name] for name in with_platforms(config, systems).platforms)
         builder = Builder(storage, nix, source, popularity.load(config.popularity_url),
                           config.layer_budget, config.state, platforms=platforms,
                           nix_snapshotter=config.nix_snapshotter, systems=systems, in_progress=in_progress,
-                          limits=BuildLimits(config.max_builds, config.client_builds, config.failure_ttl),
+                          limits=BuildLimits(config.max_builds, config.client_builds, config.failure_ttl,
+                                             config.max_image_size),
                           explain=error_handlers.as_registry_error)
     # Auth last: its process_response runs first, before the build recorders read req.context.build.
     # The access log first: its process_response runs last, once the response is complete.
@@ -94,7 +95,7 @@ def create_app(config: Config, storage: Backend | None = None, *, builder: Manif
     app.req_options.strip_url_path_trailing_slash = True
     error_handlers.register(app)
     app.add_route("/v2", VersionCheck())
-    app.add_sink(Registry(builder, storage, source or make_source(config)), prefix="/v2/")
+    app.add_sink(Registry(builder, storage, source or make_source(config), config.max_packages), prefix="/v2/")
     app.add_route("/metrics", MetricsResource(metrics))
     web.add_routes(app, config, history, in_progress)
     health.add_routes(app, storage)

@@ -18,12 +18,14 @@ from typing import Callable, Mapping, Optional, Protocol, Sequence
 
 from . import archive, layers, manifest, rootfs
 from .atomic import write_atomic
-from .config import StateLayout, redact_url
+from .config import StateLayout, format_size, redact_url
 from .image import OPTIONAL_PACKAGES, Architecture, Image
 from .errors import RegistryError
-from .failures import FailureMemory
+from .failures import FailedDerivations, FailureMemory
 from .locks import Slots, file_lock
-from .nix import PROGRESS_RE, Closure, Nix, NixError, UnavailablePackages, UnknownPackages, UnsupportedSystem, listening
+from .nix import (PROGRESS_RE, BuildFailed, Closure, Nix, NixError, UnavailablePackages, UnknownPackages,
+                  UnsupportedSystem, as_seen_by, listening)
+from .nix import Resolved as Evaluation
 from .progress import InProgress, Tracker
 from .sources import Resolved, Source
 from .suggest import Suggestions
@@ -41,12 +43,14 @@ RETRY_AFTER_SECONDS = 10
 
 @dataclasses.dataclass(frozen=True)
 class BuildLimits:
-    """How many builds run at once (`max_builds`, all clients; `client_builds`, one client address)
-    and how long a failure is answered from memory (`failure_ttl` seconds)."""
+    """How many builds run at once (`max_builds`, all clients; `client_builds`, one client address),
+    how long a failure is answered from memory (`failure_ttl` seconds) and the most bytes of
+    packages an image may hold (`max_image_size`; 0: no limit)."""
 
     max_builds: int = 1
     client_builds: int = 1
     failure_ttl: int = 0
+    max_image_size: int = 0
 
 
 # Bump when the same closure would give another config or manifest (users, labels, history),
@@ -176,6 +180,7 @@ class Builder:
         # Failures are kept as what a client was told (`explain`: the app's error handlers' translation).
         self.failures = FailureMemory(state.memory, state.locks, limits.failure_ttl,
                                       explain or (lambda error: RegistryError(500, "UNKNOWN", str(error))))
+        self.failed_derivations = FailedDerivations(state.memory, state.locks, limits.failure_ttl)
         self.build_slots = Slots(state.locks, "build", limits.max_builds)
         self.in_progress = in_progress or InProgress(state)
         self.suggestions = suggestions or Suggestions()
@@ -345,9 +350,9 @@ class Builder:
                 with self.nix.gc_roots() as roots:
                     resolved = self._timed(stats, "evaluate", lambda: self._resolve(
                         image, source_args, revision, pinned), tracker)
-                    closure: Closure = self._timed(stats, "build", lambda: self.nix.build(
-                        image.packages, OPTIONAL_PACKAGES, source_args, image.arch.nix_system, roots, resolved),
-                        tracker)
+                    closure: Closure = self._timed(stats, "build", lambda: self._realise(
+                        image, source_args, roots, resolved), tracker)
+                    self._refuse_oversized(closure)
                     groups = self._timed(stats, "layer", lambda: layers.group(
                         closure.paths, list(closure.packages.values()), self.popularity, self.budget), tracker)
                     descriptors = self._timed(stats, "upload", lambda: self._write_layers(
@@ -357,6 +362,36 @@ class Builder:
                 log.error("nix failed", extra={"image": image.name, "reason": e.reason, "nix_log": e.log})
                 raise
         return self._finish(image, resolved_source, closure, groups, descriptors, stats)
+
+    def _realise(self, image: Image, source_args, roots, resolved: Evaluation) -> Closure:
+        """The build of what the evaluation found, unless it needs a derivation that failed
+        within NIXERY_FAILURE_TTL (whatever image asked for it then): that failure is the answer,
+        without building. A derivation that fails now is remembered."""
+        failed = self.failed_derivations.recall()
+        if failed:
+            wanted = sorted({drv.split("!")[0] for drv in resolved.derivations.values()})
+            # The requested packages' own derivations first: no Nix call when one of them failed.
+            needed = (set(wanted) & failed.keys()) or (self.nix.requisites(wanted) & failed.keys())
+            if needed:
+                derivation = min(needed)
+                log.info("build needs a failed derivation", extra={"image": image.name, "derivation": derivation})
+                raise as_seen_by(BuildFailed("", failed[derivation], derivation), resolved)
+        try:
+            return self.nix.build(image.packages, OPTIONAL_PACKAGES, source_args, image.arch.nix_system, roots,
+                                  resolved)
+        except BuildFailed as e:
+            self.failed_derivations.remember(e)
+            raise
+
+    def _refuse_oversized(self, closure: Closure) -> None:
+        """Refuses an image whose packages take more than NIXERY_MAX_IMAGE_SIZE, before any layer
+        is archived (the packages are built by now: their size is only known from the store)."""
+        limit = self.limits.max_image_size
+        size = sum(path.nar_size for path in closure.paths.values())
+        if limit and size > limit:
+            raise RegistryError(403, "DENIED", f"the image's packages take {format_size(size)} ({size} bytes), "
+                                f"more than this instance's limit of {format_size(limit)} (NIXERY_MAX_IMAGE_SIZE)",
+                                {"size": size, "max_image_size": limit})
 
     def _resolve(self, image: Image, source_args, revision: str, pinned: bool):
         """The evaluation, with suggestions for unknown names from the set's names (listed once per revision)."""

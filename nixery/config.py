@@ -41,6 +41,10 @@ DEFAULT_CHANNEL = "nixos-unstable"
 # OCI platforms an image can be offered for (nixery/image.py maps them to Nix systems).
 PLATFORM_NAMES = ("linux/amd64", "linux/arm64")
 DEFAULT_CHANNEL_URL = "https://github.com/NixOS/nixpkgs/archive/{rev}.tar.gz"
+# Below this, Nix cannot even start an evaluation (NIXERY_EVAL_MEMORY).
+EVAL_MEMORY_LEAST = 64 << 20
+# The most components a repository name of 255 characters can have (NIXERY_MAX_PACKAGES' range).
+MAX_COMPONENTS = 128
 
 # The single list of variables: `--help`, the README table test and the
 # NixOS module test all read it, so none of them can drift from the code.
@@ -77,7 +81,20 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("NIXERY_CLIENT_BUILDS", "2",
              "New builds one client address may have running at once; more get 429 TOOMANYREQUESTS."),
     Variable("NIXERY_FAILURE_TTL", "60",
-             "Seconds a failed build or an unknown name is answered from memory, per source revision (0: never)."),
+             "Seconds a failed build or an unknown name is answered from memory, per source revision, and a "
+             "failed derivation, whatever image needs it (0: never)."),
+    Variable("NIXERY_MAX_IMAGE_SIZE", "1G",
+             "Most bytes of packages an image may hold (its closure's size in the Nix store; K, M, G or T: "
+             "powers of 1024; 0: no limit); a bigger image is refused before any layer is written."),
+    Variable("NIXERY_MAX_PACKAGES", "20",
+             "Most components in an image name (packages, shell, arm64, nonroot; 0: no limit); a longer name "
+             "is refused before Nix runs."),
+    Variable("NIXERY_EVAL_MEMORY", "2G",
+             "Memory one evaluation of the package set may take (the Nix process's data, RLIMIT_DATA; K, M, G "
+             "or T; at least 64M; 0: no limit)."),
+    Variable("NIXERY_EVAL_TIMEOUT", None,
+             "Seconds one evaluation of the package set may take, fetching a channel's tarball included "
+             "(default: NIX_TIMEOUT)."),
     Variable("NIXERY_BINARY_CACHE", None,
              "Nix store URL of a binary cache shared by instances (file:///..., s3://...): built paths are copied there and substituted from it."),
     Variable("NIXERY_BINARY_CACHE_PUBLIC_KEY", None,
@@ -222,6 +239,11 @@ class Config:
     max_builds: int
     client_builds: int
     failure_ttl: int
+    # Bounds on what one request may cost (bytes, components, bytes, seconds; 0: no bound).
+    max_image_size: int
+    max_packages: int
+    eval_memory: int
+    eval_timeout: int
     binary_cache: Optional[BinaryCacheConfig]
     popularity_url: Optional[str]
     layer_budget: int
@@ -265,6 +287,10 @@ class Config:
             "max_builds": self.max_builds,
             "client_builds": self.client_builds,
             "failure_ttl": self.failure_ttl,
+            "max_image_size": self.max_image_size,
+            "max_packages": self.max_packages,
+            "eval_memory": self.eval_memory,
+            "eval_timeout": self.eval_timeout,
             "binary_cache": ({"url": redact_url(self.binary_cache.url),
                               "writes": self.binary_cache.secret_key is not None}
                              if self.binary_cache else None),
@@ -306,6 +332,31 @@ def _int(env: Mapping[str, str], name: str, lo: int, hi: int, default: Optional[
         raise ConfigError(f"{name}={raw!r} is not a whole number") from None
     if not lo <= value <= hi:
         raise ConfigError(f"{name}={value} is out of range ({lo} to {hi})")
+    return value
+
+
+_SIZE_RE = re.compile(r"(\d+)([KMGT]?)", re.I)
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def format_size(value: int) -> str:
+    """Bytes as people read them, in the units the size variables take: 1.5G, 300M, 12K, 900 bytes."""
+    for unit in ("T", "G", "M", "K"):
+        if value >= _SIZE_UNITS[unit]:
+            return f"{value / _SIZE_UNITS[unit]:.3g}{unit}"
+    return f"{value} bytes"
+
+
+def _size(env: Mapping[str, str], name: str, least: int = 0) -> int:
+    """`name` as bytes: a whole number, or one with a K, M, G or T suffix (powers of 1024); 0 means
+    no limit, anything else must be at least `least`."""
+    raw = (env.get(name) or _default(name)).strip()
+    match = _SIZE_RE.fullmatch(raw)
+    if not match:
+        raise ConfigError(f"{name}={raw!r} is not a size (bytes, or a number with K, M, G or T: 512M, 2G)")
+    value = int(match.group(1)) * _SIZE_UNITS[match.group(2).upper()]
+    if 0 < value < least:
+        raise ConfigError(f"{name}={raw!r} is less than {least >> 20}M (0: no limit)")
     return value
 
 
@@ -552,6 +603,10 @@ def load(env: Mapping[str, str] = os.environ) -> Config:
         max_builds=_int(env, "NIXERY_MAX_BUILDS", 1, 256, default=os.cpu_count() or 1),
         client_builds=_int(env, "NIXERY_CLIENT_BUILDS", 1, 256),
         failure_ttl=_int(env, "NIXERY_FAILURE_TTL", 0, 24 * 3600),
+        max_image_size=_size(env, "NIXERY_MAX_IMAGE_SIZE"),
+        max_packages=_int(env, "NIXERY_MAX_PACKAGES", 0, MAX_COMPONENTS),
+        eval_memory=_size(env, "NIXERY_EVAL_MEMORY", least=EVAL_MEMORY_LEAST),
+        eval_timeout=_int(env, "NIXERY_EVAL_TIMEOUT", 1, 24 * 3600, default=_int(env, "NIX_TIMEOUT", 1, 24 * 3600)),
         binary_cache=_binary_cache(env),
         popularity_url=popularity,
         layer_budget=_int(env, "NIXERY_LAYER_BUDGET", 1, 120),

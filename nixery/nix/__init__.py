@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -27,7 +28,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Optional, Sequence
 
-from ..config import BinaryCacheConfig, redact_url
+from ..config import BinaryCacheConfig, format_size, redact_url
 from ..layers import StorePath
 from . import cache as binary_cache
 
@@ -47,6 +48,8 @@ PROGRESS_RE = re.compile(r"(building '|copying (path|\d+ paths)|these \d+ (deriv
 # A derivation's own builder exited non-zero: the same inputs fail the same way, so the request is at
 # fault. A builder killed by a signal ("failed due to signal 9") is not: the machine did that.
 _BUILDER_FAILED = re.compile(r"builder for '(/nix/store/[^']+\.drv)' failed with exit code")
+# What Nix says when an allocation fails (Boehm GC's out-of-memory handler, or a C++ allocation).
+_OUT_OF_MEMORY = re.compile(r"error: out of memory|std::bad_alloc")
 # Names `explain` asks Nix about, at most: one evaluation each, only for failed requests.
 EXPLAINED_MAX = 3
 # Who hears the stderr lines of the Nix processes this thread runs (the builder, for the log and the page).
@@ -57,10 +60,11 @@ _listener: contextvars.ContextVar[Optional[Callable[[str], None]]] = contextvars
 class NixError(Exception):
     """Nix failed; `reason` is one line for the client, `log` the whole story for the server log."""
 
-    def __init__(self, reason: str, log_text: str = ""):
+    def __init__(self, reason: str, log_text: str = "", timed_out: bool = False):
         super().__init__(reason)
         self.reason = reason
         self.log = log_text
+        self.timed_out = timed_out
 
 
 class BuildFailed(NixError):
@@ -70,6 +74,25 @@ class BuildFailed(NixError):
     def __init__(self, reason: str, log_text: str, derivation: str):
         super().__init__(reason, log_text)
         self.derivation = derivation
+
+
+class EvaluationLimit(NixError):
+    """An evaluation went past this instance's bound on its memory or time (`variable` names it).
+    The package set's code for this revision and these names is what costs it, so the request
+    will meet the same bound again: it is refused, as an image over the size limit is."""
+
+    def __init__(self, reason: str, log_text: str, variable: str):
+        super().__init__(reason, log_text)
+        self.variable = variable
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalBounds:
+    """What one evaluation of the package set may take: `memory` bytes of data (RLIMIT_DATA, which
+    bounds Boehm GC's heap and malloc alike; 0: no bound) and `seconds`."""
+
+    memory: int = 0
+    seconds: int = 60
 
 
 class UnknownPackages(Exception):
@@ -170,9 +193,14 @@ def nix_environment(environ: Mapping[str, str]) -> dict[str, str]:
 class _Process:
     """A Nix process in its own session whose stdout is collected while stderr is read line by line."""
 
-    def __init__(self, args: Sequence[str], listener: Optional[Callable[[str], None]]):
+    def __init__(self, args: Sequence[str], listener: Optional[Callable[[str], None]], memory: int = 0):
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
                                      start_new_session=True, env=nix_environment(os.environ))
+        if memory:
+            # Set from here, as the process starts: a preexec_fn may deadlock a threaded server's fork.
+            # Nix has not allocated anything worth counting yet, and what it forks later inherits it.
+            with contextlib.suppress(ProcessLookupError):
+                resource.prlimit(self.proc.pid, resource.RLIMIT_DATA, (memory, memory))
         self.listener = listener
         self.out = bytearray()
         self.err: list[str] = []
@@ -227,29 +255,32 @@ class Nix:
     `allow_unfree` is the package set's `config.allowUnfree` (NIXERY_ALLOW_UNFREE)."""
 
     def __init__(self, timeout: int, gcroot_dir: Path, on_invoke: Optional[Callable[[str], None]] = None,
-                 cache: Optional[BinaryCacheConfig] = None, allow_unfree: bool = False):
+                 cache: Optional[BinaryCacheConfig] = None, allow_unfree: bool = False,
+                 eval_bounds: Optional[EvalBounds] = None):
         self.timeout = timeout
+        self.eval_bounds = eval_bounds or EvalBounds(seconds=timeout)
         self.gcroot_dir = gcroot_dir
         self.on_invoke = on_invoke
         self.cache = cache
         self.allow_unfree = allow_unfree
 
-    def _run(self, args: Sequence[str], what: str, timeout: Optional[float] = -1) -> str:
+    def _run(self, args: Sequence[str], what: str, timeout: Optional[float] = -1, memory: int = 0) -> str:
         """Runs one Nix command; `timeout` seconds (default: the build timeout; None: no limit,
-        for commands that Nix bounds itself) before its process group is stopped."""
+        for commands that Nix bounds itself) before its process group is stopped, and at most
+        `memory` bytes of data (0: no bound)."""
         timeout = self.timeout if timeout == -1 else timeout
         if self.on_invoke:
             self.on_invoke(args[0])
         log.debug("running nix", extra={"argv": list(args)})
         try:
-            process = _Process(args, _listener.get())
+            process = _Process(args, _listener.get(), memory)
         except FileNotFoundError:
             raise NixError(f"{args[0]} is not installed or not on PATH") from None
         try:
             process.finish(timeout)
         except subprocess.TimeoutExpired:
             process.stop()
-            raise NixError(f"{what} timed out after {timeout}s", process.stderr) from None
+            raise NixError(f"{what} timed out after {timeout}s", process.stderr, timed_out=True) from None
         stderr = process.stderr
         if process.proc.returncode != 0:
             failed = _BUILDER_FAILED.search(_ANSI.sub("", stderr))
@@ -257,6 +288,21 @@ class Nix:
                 raise BuildFailed(f"{what} failed: {first_error_line(stderr)}", stderr, failed.group(1))
             raise NixError(f"{what} failed: {first_error_line(stderr)}", stderr)
         return bytes(process.out).decode()
+
+    def _evaluate(self, args: Sequence[str], what: str) -> str:
+        """Runs one evaluation of the package set within `eval_bounds`; raises EvaluationLimit
+        naming the bound it went past."""
+        bounds = self.eval_bounds
+        try:
+            return self._run(args, what, bounds.seconds, bounds.memory)
+        except NixError as e:
+            if e.timed_out:
+                raise EvaluationLimit(f"{what} took longer than {bounds.seconds}s, this instance's limit "
+                                      "(NIXERY_EVAL_TIMEOUT)", e.log, "NIXERY_EVAL_TIMEOUT") from None
+            if bounds.memory and _OUT_OF_MEMORY.search(e.log):
+                raise EvaluationLimit(f"{what} needed more than {format_size(bounds.memory)} of memory, this "
+                                      "instance's limit (NIXERY_EVAL_MEMORY)", e.log, "NIXERY_EVAL_MEMORY") from None
+            raise
 
     def systems(self) -> Optional[tuple[str, ...]]:
         """The systems this Nix builds for, its own first: its `system`, `extra-platforms` and the
@@ -300,7 +346,7 @@ class Nix:
         The image's one evaluation of the package set: read-write mode writes the derivations
         to the store, and `build` realises them. Only a name that fails with an error of its own
         (an alias that throws "has been removed") costs one more evaluation, to read that error."""
-        raw = self._run(["nix-instantiate", "--eval", "--strict", "--json", "--read-write-mode", "-A", "resolve",
+        raw = self._evaluate(["nix-instantiate", "--eval", "--strict", "--json", "--read-write-mode", "-A", "resolve",
                          *self._helper_args(names, optional, source, system),
                          "--argstr", "listed", json.dumps(list(listed))],
                         f"evaluating {source.description}")
@@ -323,7 +369,7 @@ class Nix:
         for i, problem in enumerate(problems):
             if problem.kind in ("throws", "fails") and i < EXPLAINED_MAX:
                 try:
-                    self._run(["nix-instantiate", "--eval", "--strict", "--json", "-A", "explain",
+                    self._evaluate(["nix-instantiate", "--eval", "--strict", "--json", "-A", "explain",
                                *self._helper_args([problem.name], [], source, system)],
                               f"explaining {problem.name}")
                 except NixError as e:
@@ -362,7 +408,7 @@ class Nix:
         try:
             self.realise(sorted(set(resolved.derivations.values())), roots=roots, options=substitute)
         except BuildFailed as e:
-            raise BuildFailed(_build_failure_reason(e, resolved), e.log, e.derivation) from None
+            raise as_seen_by(e, resolved) from None
         outputs = {n: resolved[n] for n in list(names) + list(optional) if n in resolved}
         paths = sorted(set(outputs.values()))
         closure = Closure(packages=outputs, paths=self.closure(paths))
@@ -385,7 +431,7 @@ class Nix:
         """Attribute path -> (output path, "<drv>!<output>") for the set's derivations (`packages.nix`).
 
         Read-write mode writes the derivations to the store, so that they can be realised."""
-        raw = self._run(["nix-instantiate", "--eval", "--strict", "--json", "--read-write-mode", str(PACKAGES),
+        raw = self._evaluate(["nix-instantiate", "--eval", "--strict", "--json", "--read-write-mode", str(PACKAGES),
                          "--argstr", "srcType", source.kind, "--argstr", "srcArgs", source.argument,
                          "--argstr", "system", system,
                          "--argstr", "attrs", json.dumps(list(attrs) if attrs is not None else None)],
@@ -406,6 +452,15 @@ class Nix:
         for i in range(0, len(derivations), ARGV_CHUNK):
             self._run(["nix-store", "--realise", *flags, *derivations[i:i + ARGV_CHUNK]], "building", timeout=None)
 
+    def requisites(self, derivations: Sequence[str]) -> set[str]:
+        """Every derivation that building `derivations` needs (their closure's .drv files, from the local store)."""
+        found: set[str] = set()
+        for i in range(0, len(derivations), ARGV_CHUNK):
+            raw = self._run(["nix-store", "--query", "--requisites", *derivations[i:i + ARGV_CHUNK]],
+                            "listing the derivations of a build")
+            found.update(path for path in raw.split() if path.endswith(".drv"))
+        return found
+
     def invalid(self, paths: Sequence[str], store: Optional[str] = None) -> set[str]:
         """Which of `paths` are not in the local store, or in `store` if given."""
         found: set[str] = set()
@@ -419,13 +474,13 @@ class Nix:
         return found
 
 
-def _build_failure_reason(error: BuildFailed, resolved: Resolved) -> str:
-    """Names the requested package whose build failed, or says that a dependency's did."""
+def as_seen_by(error: BuildFailed, resolved: Resolved) -> BuildFailed:
+    """`error` as the image of `resolved` sees it: naming its requested package whose build
+    failed, or saying that a dependency's did (Nix's own line follows)."""
     nix_line = first_error_line(error.log).removeprefix("error:").strip()
     names = sorted(name for name, drv in resolved.derivations.items() if drv.split("!")[0] == error.derivation)
-    if names:
-        return f"{names[0]} failed to build: {nix_line}"
-    return f"a dependency failed to build: {nix_line}"
+    reason = f"{names[0]} failed to build: {nix_line}" if names else f"a dependency failed to build: {nix_line}"
+    return BuildFailed(reason, error.log, error.derivation)
 
 
 def remote_builder_systems(builders: str) -> set[str]:
