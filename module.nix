@@ -52,6 +52,10 @@ let
     maxBuilds = "NIXERY_MAX_BUILDS";
     clientBuilds = "NIXERY_CLIENT_BUILDS";
     failureTtl = "NIXERY_FAILURE_TTL";
+    maxImageSize = "NIXERY_MAX_IMAGE_SIZE";
+    maxPackages = "NIXERY_MAX_PACKAGES";
+    evalMemory = "NIXERY_EVAL_MEMORY";
+    evalTimeout = "NIXERY_EVAL_TIMEOUT";
     "binaryCache.url" = "NIXERY_BINARY_CACHE";
     "binaryCache.publicKey" = "NIXERY_BINARY_CACHE_PUBLIC_KEY";
     "binaryCache.secretKeyFile" = "NIXERY_BINARY_CACHE_SECRET_KEY";
@@ -514,7 +518,49 @@ in
     failureTtl = mkEnvOption "failureTtl" {
       type = types.ints.between 0 86400;
       default = 60;
-      description = "Seconds a failed build or an unknown name is answered from memory (0: never).";
+      description = ''
+        Seconds a failed build or an unknown name is answered from memory, and
+        a failed derivation for any image that needs it (0: never).
+      '';
+    };
+
+    maxImageSize = mkEnvOption "maxImageSize" {
+      type = types.strMatching "[0-9]+[KMGTkmgt]?";
+      default = "1G";
+      example = "4G";
+      description = ''
+        Most bytes of packages an image may hold (its closure in the Nix
+        store; K, M, G or T are powers of 1024; "0": no limit). A bigger image
+        is refused with 403 before any layer is written.
+      '';
+    };
+
+    maxPackages = mkEnvOption "maxPackages" {
+      type = types.ints.between 0 128;
+      default = 20;
+      description = ''
+        Most components in an image name (packages and meta-packages such as
+        shell; 0: no limit). A longer name is refused before Nix runs.
+      '';
+    };
+
+    evalMemory = mkEnvOption "evalMemory" {
+      type = types.strMatching "[0-9]+[KMGTkmgt]?";
+      default = "2G";
+      description = ''
+        Memory one evaluation of the package set may take (RLIMIT_DATA of the
+        Nix process; K, M, G or T; at least 64M; "0": no limit). Past it the
+        request is refused with 403 naming the limit.
+      '';
+    };
+
+    evalTimeout = mkEnvOption "evalTimeout" {
+      type = types.nullOr (types.ints.between 1 86400);
+      default = null;
+      description = ''
+        Seconds one evaluation of the package set may take, fetching a
+        channel's tarball included (null: nixTimeout).
+      '';
     };
 
     popularityUrl = mkEnvOption "popularityUrl" {

@@ -22,6 +22,16 @@ def test_defaults(tmp_path):
     assert c.popularity_url is None
 
 
+def test_bounds_take_sizes_with_units(tmp_path):
+    c = config.load({"HOME": str(tmp_path)})
+    assert (c.max_image_size, c.max_packages, c.eval_memory, c.eval_timeout) == (1 << 30, 20, 2 << 30, 60)
+    c = config.load({"HOME": str(tmp_path), "NIXERY_MAX_IMAGE_SIZE": "512m", "NIXERY_EVAL_MEMORY": "0",
+                     "NIXERY_MAX_PACKAGES": "0", "NIX_TIMEOUT": "900"})
+    assert (c.max_image_size, c.max_packages, c.eval_memory, c.eval_timeout) == (512 << 20, 0, 0, 900)
+    assert config.load({"HOME": str(tmp_path), "NIXERY_MAX_IMAGE_SIZE": "3000"}).max_image_size == 3000
+    assert [config.format_size(n) for n in (900, 1536, 8388888, 2480218112)] == ["900 bytes", "1.5K", "8M", "2.31G"]
+
+
 def test_path_source_is_resolved(tmp_path):
     c = config.load({"HOME": str(tmp_path), "NIXERY_PKGS_PATH": str(tmp_path)})
     assert c.source == config.PackageSource(config.SourceKind.PATH, str(tmp_path.resolve()))
@@ -41,6 +51,12 @@ def test_path_source_is_resolved(tmp_path):
     ({"NIX_POPULARITY_URL": "/no/such/file.json"}, "NIX_POPULARITY_URL"),
     ({"NIXERY_CHANNEL_URL_TEMPLATE": "http://mirror/nixpkgs.tar.gz"}, "NIXERY_CHANNEL_URL_TEMPLATE"),
     ({"NIXERY_LOG_LEVEL": "LOUD"}, "NIXERY_LOG_LEVEL"),
+    ({"NIXERY_MAX_IMAGE_SIZE": "1.5G"}, "NIXERY_MAX_IMAGE_SIZE"),
+    ({"NIXERY_MAX_IMAGE_SIZE": "2 GB"}, "NIXERY_MAX_IMAGE_SIZE"),
+    ({"NIXERY_MAX_PACKAGES": "129"}, "NIXERY_MAX_PACKAGES"),
+    ({"NIXERY_EVAL_MEMORY": "10M"}, "NIXERY_EVAL_MEMORY"),
+    ({"NIXERY_EVAL_MEMORY": "-1"}, "NIXERY_EVAL_MEMORY"),
+    ({"NIXERY_EVAL_TIMEOUT": "0"}, "NIXERY_EVAL_TIMEOUT"),
 ])
 def test_bad_values_name_the_variable(env, variable):
     with pytest.raises(config.ConfigError, match=variable):

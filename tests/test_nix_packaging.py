@@ -53,6 +53,10 @@ OPTION_VARIABLES = {
     "maxBuilds": "NIXERY_MAX_BUILDS",
     "clientBuilds": "NIXERY_CLIENT_BUILDS",
     "failureTtl": "NIXERY_FAILURE_TTL",
+    "maxImageSize": "NIXERY_MAX_IMAGE_SIZE",
+    "maxPackages": "NIXERY_MAX_PACKAGES",
+    "evalMemory": "NIXERY_EVAL_MEMORY",
+    "evalTimeout": "NIXERY_EVAL_TIMEOUT",
     "binaryCache.url": "NIXERY_BINARY_CACHE",
     "binaryCache.publicKey": "NIXERY_BINARY_CACHE_PUBLIC_KEY",
     "binaryCache.secretKeyFile": "NIXERY_BINARY_CACHE_SECRET_KEY",
@@ -241,6 +245,7 @@ def test_each_option_sets_its_variable(tmp_path):
         "accessLog": True, "hideDetails": True, "allowUnfree": True,
         "maxBuilds": 3, "clientBuilds": 4, "failureTtl": 30, "headerTimeout": 7, "ioTimeout": 45,
         "clientConnections": 20, "gracePeriod": 90,
+        "maxImageSize": "3G", "maxPackages": 12, "evalMemory": "512M", "evalTimeout": 40,
         "binaryCache": {"url": "file:///var/cache/nixery-bincache", "publicKey": "nixery-1:AAAA",
                         "secretKeyFile": "/run/keys/cache.secret"},
         "auth": "build", "htpasswdFile": "/run/keys/htpasswd",
@@ -257,6 +262,7 @@ def test_each_option_sets_its_variable(tmp_path):
         "accessLog": "true", "hideDetails": "true", "allowUnfree": "true",
         "maxBuilds": "3", "clientBuilds": "4", "failureTtl": "30", "headerTimeout": "7", "ioTimeout": "45",
         "clientConnections": "20", "gracePeriod": "90",
+        "maxImageSize": "3G", "maxPackages": "12", "evalMemory": "512M", "evalTimeout": "40",
         "binaryCache.url": "file:///var/cache/nixery-bincache", "binaryCache.publicKey": "nixery-1:AAAA",
         "binaryCache.secretKeyFile": "%d/binary-cache-key",
         "auth": "build", "htpasswdFile": "%d/htpasswd", "tokenAuth.realm": "https://auth.example.org/token",
@@ -286,6 +292,8 @@ def test_each_option_sets_its_variable(tmp_path):
     assert loaded.access_log and loaded.hide_details and loaded.allow_unfree
     assert (loaded.max_builds, loaded.client_builds, loaded.failure_ttl, loaded.header_timeout, loaded.io_timeout,
             loaded.client_connections, loaded.grace_period) == (3, 4, 30, 7, 45, 20, 90)
+    assert (loaded.max_image_size, loaded.max_packages, loaded.eval_memory, loaded.eval_timeout) == \
+        (3 << 30, 12, 512 << 20, 40)
 
 
 @needs_lib
