@@ -6,6 +6,10 @@ Nix's progress reaches the log as it happens) and the whole process group is
 killed on timeout, so a chatty or stuck Nix cannot hang a worker. Nix runs
 without the NIXPKGS_ALLOW_* variables, which nixpkgs reads itself: what an
 instance serves depends on its configuration, not on its service user's shell.
+
+An evaluation runs the package set's code, which a tag may choose: it is
+bounded in memory and time (`EvalBounds`), and past a bound it is refused as
+the request's fault (`EvaluationLimit`), not the instance's.
 """
 
 from __future__ import annotations
@@ -199,8 +203,14 @@ class _Process:
         if memory:
             # Set from here, as the process starts: a preexec_fn may deadlock a threaded server's fork.
             # Nix has not allocated anything worth counting yet, and what it forks later inherits it.
-            with contextlib.suppress(ProcessLookupError):
+            try:
                 resource.prlimit(self.proc.pid, resource.RLIMIT_DATA, (memory, memory))
+            except ProcessLookupError:
+                pass  # already gone: it allocates nothing more
+            except OSError as e:  # not left to run unbounded
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+                raise NixError(f"cannot bound the memory of {args[0]} (NIXERY_EVAL_MEMORY): {e}") from None
         self.listener = listener
         self.out = bytearray()
         self.err: list[str] = []
