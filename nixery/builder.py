@@ -9,10 +9,12 @@ one only orders them, holds the per-image lock, and counts what happened.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
+import os
 import time
 from typing import Callable, Mapping, Optional, Protocol, Sequence
 
@@ -366,22 +368,37 @@ class Builder:
     def _realise(self, image: Image, source_args, roots, resolved: Evaluation) -> Closure:
         """The build of what the evaluation found, unless it needs a derivation that failed
         within NIXERY_FAILURE_TTL (whatever image asked for it then): that failure is the answer,
-        without building. A derivation that fails now is remembered."""
+        without building. A derivation that fails now is remembered.
+
+        Images asked for at once that share a requested package not built yet take turns (a lock
+        per such derivation, in one order): the next one finds it built, or its failure remembered,
+        instead of building it again after Nix's own lock on it is released."""
+        unbuilt = sorted({resolved.derivations[name].split("!")[0] for name in image.packages
+                          if name in resolved.derivations and not os.path.exists(resolved[name])}
+                         if self.limits.failure_ttl > 0 else ())
+        with contextlib.ExitStack() as held:
+            for derivation in unbuilt:
+                held.enter_context(file_lock(self.lock_dir, f"derivation {derivation}"))
+            self._refuse_failed_derivations(image, resolved)
+            try:
+                return self.nix.build(image.packages, OPTIONAL_PACKAGES, source_args, image.arch.nix_system, roots,
+                                      resolved)
+            except BuildFailed as e:
+                self.failed_derivations.remember(e)
+                raise
+
+    def _refuse_failed_derivations(self, image: Image, resolved: Evaluation) -> None:
+        """Raises the remembered failure of a derivation the image's build needs, if any."""
         failed = self.failed_derivations.recall()
-        if failed:
-            wanted = sorted({drv.split("!")[0] for drv in resolved.derivations.values()})
-            # The requested packages' own derivations first: no Nix call when one of them failed.
-            needed = (set(wanted) & failed.keys()) or (self.nix.requisites(wanted) & failed.keys())
-            if needed:
-                derivation = min(needed)
-                log.info("build needs a failed derivation", extra={"image": image.name, "derivation": derivation})
-                raise as_seen_by(BuildFailed("", failed[derivation], derivation), resolved)
-        try:
-            return self.nix.build(image.packages, OPTIONAL_PACKAGES, source_args, image.arch.nix_system, roots,
-                                  resolved)
-        except BuildFailed as e:
-            self.failed_derivations.remember(e)
-            raise
+        if not failed:
+            return
+        wanted = sorted({drv.split("!")[0] for drv in resolved.derivations.values()})
+        # The requested packages' own derivations first: no Nix call when one of them failed.
+        needed = (set(wanted) & failed.keys()) or (self.nix.requisites(wanted) & failed.keys())
+        if needed:
+            derivation = min(needed)
+            log.info("build needs a failed derivation", extra={"image": image.name, "derivation": derivation})
+            raise as_seen_by(BuildFailed("", failed[derivation], derivation), resolved)
 
     def _refuse_oversized(self, closure: Closure) -> None:
         """Refuses an image whose packages take more than NIXERY_MAX_IMAGE_SIZE, before any layer

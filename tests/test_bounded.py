@@ -132,11 +132,11 @@ def test_an_evaluation_that_runs_for_ever_is_stopped_at_the_time_limit(start_ser
 
 
 def test_twenty_names_needing_one_failing_package_run_one_build(start_server, pkgset, nix_counter, tmp_path):
-    """`failing/p0` ... `failing/p19` are twenty images, asked for at once by one client: the
-    first build's failure is remembered by derivation, and every other name that needs it (or
-    needs a package that depends on it) is answered with it without building."""
+    """`failing/p0` ... `failing/p19` are twenty images, asked for at once by one client, built
+    four at a time: the first build's failure is remembered by derivation, and every other name
+    that needs it (or needs a package that depends on it) is answered with it without building."""
     server = start_server({"NIXERY_PKGS_PATH": str(bounded_set(tmp_path / "set", pkgset)), "PATH": nix_counter.path(),
-                           "NIXERY_MAX_BUILDS": "1", "NIXERY_CLIENT_BUILDS": "32", "NIXERY_FAILURE_TTL": "600"})
+                           "NIXERY_MAX_BUILDS": "4", "NIXERY_CLIENT_BUILDS": "32", "NIXERY_FAILURE_TTL": "600"})
     nix_counter.reset()
     names = [f"failing/p{i}" for i in range(20)]
     with concurrent.futures.ThreadPoolExecutor(20) as pool:
