@@ -28,7 +28,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, ContextManager, Iterable, Iterator, Optional
 
 from .errors import RegistryError
 from .locks import file_lock
@@ -91,7 +91,7 @@ class _Table:
         raw = os.pread(fd, size, bucket * size).ljust(size, b"\0")
         return [_parse(raw[i * self.record_size:(i + 1) * self.record_size]) for i in range(WAYS)]
 
-    def _lock(self, bucket: int):
+    def _lock(self, bucket: int) -> ContextManager[None]:
         return file_lock(self.lock_dir, f"{self.path.name} bucket {bucket}")
 
     def put(self, key: str, ttl: int, record: dict[str, Any]) -> None:
