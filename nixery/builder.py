@@ -25,8 +25,8 @@ from .image import OPTIONAL_PACKAGES, Architecture, Image
 from .errors import RegistryError
 from .failures import FailedDerivations, FailureMemory
 from .locks import Slots, file_lock
-from .nix import (PROGRESS_RE, BuildFailed, Closure, Nix, NixError, UnavailablePackages, UnknownPackages,
-                  UnsupportedSystem, as_seen_by, listening)
+from .nix import (PROGRESS_RE, BuildFailed, Closure, DerivationFailed, Nix, NixError, UnavailablePackages,
+                  UnknownPackages, UnsupportedSystem, as_seen_by, listening)
 from .nix import Resolved as Evaluation
 from .progress import InProgress, Tracker
 from .sources import Resolved, Source
@@ -366,9 +366,9 @@ class Builder:
         return self._finish(image, resolved_source, closure, groups, descriptors, stats)
 
     def _realise(self, image: Image, source_args, roots, resolved: Evaluation) -> Closure:
-        """The build of what the evaluation found, unless it needs a derivation that failed
-        within NIXERY_FAILURE_TTL (whatever image asked for it then): that failure is the answer,
-        without building. A derivation that fails now is remembered.
+        """The build of what the evaluation found, unless it needs a derivation that failed or
+        timed out within NIXERY_FAILURE_TTL (whatever image asked for it then): that failure is the
+        answer, without building. A derivation that fails now is remembered.
 
         Images asked for at once that share a requested package not built yet take turns (a lock
         per such derivation, in one order): the next one finds it built, or its failure remembered,
@@ -383,7 +383,7 @@ class Builder:
             try:
                 return self.nix.build(image.packages, OPTIONAL_PACKAGES, source_args, image.arch.nix_system, roots,
                                       resolved)
-            except BuildFailed as e:
+            except DerivationFailed as e:
                 self.failed_derivations.remember(e)
                 raise
 
@@ -396,9 +396,9 @@ class Builder:
         # The requested packages' own derivations first: no Nix call when one of them failed.
         needed = (set(wanted) & failed.keys()) or (self.nix.requisites(wanted) & failed.keys())
         if needed:
-            derivation = min(needed)
-            log.info("build needs a failed derivation", extra={"image": image.name, "derivation": derivation})
-            raise as_seen_by(BuildFailed("", failed[derivation], derivation), resolved)
+            error = failed[min(needed)]
+            log.info("build needs a failed derivation", extra={"image": image.name, "derivation": error.derivation})
+            raise as_seen_by(error, resolved) if isinstance(error, BuildFailed) else error
 
     def _refuse_oversized(self, closure: Closure) -> None:
         """Refuses an image whose packages take more than NIXERY_MAX_IMAGE_SIZE, before any layer

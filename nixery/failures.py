@@ -32,7 +32,8 @@ from typing import Any, Callable, ContextManager, Iterable, Iterator, Optional
 
 from .errors import RegistryError
 from .locks import file_lock
-from .nix import BuildFailed, NixError, UnknownPackages, UnsupportedSystem, first_error_line
+from .nix import (BuildFailed, BuildTimedOut, DerivationFailed, NixError, UnknownPackages, UnsupportedSystem,
+                  first_error_line)
 from .storage import StorageError
 
 # What would repeat: the package set's answers and Nix's; a storage fault is the instance's, not the image's.
@@ -164,21 +165,28 @@ class FailureMemory:
 
 
 class FailedDerivations:
-    """Derivations whose builder failed, each with Nix's line about it, kept for the TTL
+    """Derivations whose build failed or timed out, each with Nix's line about it, kept for the TTL
     (NIXERY_FAILURE_TTL) under its .drv path: any image whose build needs one fails the same way."""
 
     def __init__(self, directory: Path, lock_dir: Path, ttl: int):
         self.table = _Table(directory / DERIVATIONS_FILE, lock_dir, DERIVATION_BUCKETS, DERIVATION_RECORD_SIZE)
         self.ttl = ttl
 
-    def remember(self, error: BuildFailed) -> None:
+    def remember(self, error: DerivationFailed) -> None:
         if self.ttl > 0:
             self.table.put(_hex(error.derivation), self.ttl,
-                           {"derivation": error.derivation, "line": first_error_line(error.log)[:LINE_KEPT]})
+                           {"derivation": error.derivation, "line": first_error_line(error.log)[:LINE_KEPT],
+                            "timed_out": isinstance(error, BuildTimedOut)})
 
-    def recall(self) -> dict[str, str]:
-        """Every derivation remembered as failed within the TTL -> Nix's line about its failure."""
+    def recall(self) -> dict[str, DerivationFailed]:
+        """Every derivation remembered within the TTL -> its failure, as the build that met it raised it
+        (the reason of a BuildFailed is for the caller to word for its image: `nix.as_seen_by`)."""
         if self.ttl <= 0:
             return {}
-        return {r["derivation"]: r["line"] for r in self.table.live()
-                if isinstance(r.get("derivation"), str) and isinstance(r.get("line"), str)}
+        failures: dict[str, DerivationFailed] = {}
+        for record in self.table.live():
+            drv, line = record.get("derivation"), record.get("line")
+            if isinstance(drv, str) and isinstance(line, str):
+                failures[drv] = (BuildTimedOut(f"building failed: {line}", line, drv) if record.get("timed_out")
+                                 else BuildFailed(f"building failed: {line}", line, drv))
+        return failures

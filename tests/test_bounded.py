@@ -18,7 +18,7 @@ from support import errors_of, skopeo_pull
 
 # Packages that cost what a hostile package set can make them cost. `hog` allocates without bound
 # while it is evaluated (30 million list elements, forced: about 3.4 GB unbounded); `spin` computes
-# for ever in little memory (2^40 calls); `failing` fails to build, `needsfailing` depends on it,
+# for ever in little memory (2^40 calls); `failing` fails to build, `needsfailing` depends on it, `sleepy` never finishes,
 # `p0`...`p19` are small packages a name can add to it.
 _SET = r'''
 { system ? builtins.currentSystem, ... }:
@@ -40,6 +40,7 @@ in rec {
     forced = toString (let f = n: if n == 0 then 0 else f (n - 1) + f (n - 1); in f 40);
   };
   failing = mk "failing" "echo 'failing on purpose' >&2; exit 3" { };
+  sleepy = mk "sleepy" "sleep 600" { };
   needsfailing = mk "needs-failing" "mkdir -p $out; echo ${failing} > $out/ref" { };
 } // builtins.listToAttrs (builtins.genList (i: { name = "p${toString i}"; value = small "p${toString i}"; }) 20)
 '''
@@ -155,3 +156,22 @@ def test_twenty_names_needing_one_failing_package_run_one_build(start_server, pk
     assert "a dependency failed to build: builder for '/nix/store/" in stderr and "-failing.drv'" in stderr, stderr
     builds = [line for line in nix_counter.calls.read_text().splitlines() if line.startswith("nix-store --realise")]
     assert len(builds) == 1, builds
+
+
+def test_a_derivation_that_timed_out_is_not_built_again_within_the_ttl(start_server, pkgset, nix_counter, tmp_path):
+    """A build stopped at NIX_TIMEOUT is the instance's bound (500), but the same derivation would
+    take as long again: five names needing it, asked for at once, wait for one build."""
+    server = start_server({"NIXERY_PKGS_PATH": str(bounded_set(tmp_path / "set", pkgset)), "PATH": nix_counter.path(),
+                           "NIX_TIMEOUT": "2", "NIXERY_MAX_BUILDS": "4", "NIXERY_CLIENT_BUILDS": "32"})
+    nix_counter.reset()
+    started = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(5) as pool:
+        responses = list(pool.map(lambda i: requests.get(f"{server.url}/v2/sleepy/p{i}/manifests/latest",
+                                                         timeout=120), range(5)))
+    assert [r.status_code for r in responses] == [500] * 5, [r.text for r in responses]
+    for response in responses:
+        [error] = errors_of(response)
+        assert "-sleepy.drv!out' from .drv file timed out after 2 seconds" in error["message"], error
+    builds = [line for line in nix_counter.calls.read_text().splitlines() if line.startswith("nix-store --realise")]
+    assert len(builds) == 1, builds
+    assert time.monotonic() - started < 30

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 from nixery.failures import DERIVATION_BUCKETS, DERIVATIONS_FILE, DERIVATION_RECORD_SIZE, WAYS, FailedDerivations
-from nixery.nix import BuildFailed
+from nixery.nix import BuildFailed, BuildTimedOut
 
 
 def failure(i: int) -> BuildFailed:
@@ -19,7 +19,14 @@ def test_a_failure_is_seen_by_another_worker_until_its_ttl(tmp_path, monkeypatch
     assert other.recall() == {}
     one.remember(failure(1))
     drv = "/nix/store/00000000000000000000000000000001-pkg-1.drv"
-    assert other.recall() == {drv: f"error: builder for '{drv}' failed with exit code 3;"}
+    [(key, error)] = other.recall().items()
+    assert key == error.derivation == drv and type(error) is BuildFailed
+    assert error.log == f"error: builder for '{drv}' failed with exit code 3;", "Nix's line, for the next image's reason"
+    slow = "/nix/store/00000000000000000000000000000002-slow.drv"
+    line = f"error: building of '{slow}!out' from .drv file timed out after 60 seconds"
+    one.remember(BuildTimedOut(f"building failed: {line}", f"building '{slow}'...\n{line}\n", slow))
+    timed_out = other.recall()[slow]
+    assert type(timed_out) is BuildTimedOut and timed_out.reason == f"building failed: {line}"
     later = time.time() + 61
     monkeypatch.setattr(time, "time", lambda: later)
     assert other.recall() == {}, "forgotten after the TTL"

@@ -52,6 +52,8 @@ PROGRESS_RE = re.compile(r"(building '|copying (path|\d+ paths)|these \d+ (deriv
 # A derivation's own builder exited non-zero: the same inputs fail the same way, so the request is at
 # fault. A builder killed by a signal ("failed due to signal 9") is not: the machine did that.
 _BUILDER_FAILED = re.compile(r"builder for '(/nix/store/[^']+\.drv)' failed with exit code")
+# Nix's --timeout or --max-silent-time stopped a builder.
+_BUILDER_TIMED_OUT = re.compile(r"building of '(/nix/store/[^'!]+\.drv)[^']*' from \.drv file timed out")
 # What Nix says when an allocation fails (Boehm GC's out-of-memory handler, or a C++ allocation).
 _OUT_OF_MEMORY = re.compile(r"error: out of memory|std::bad_alloc")
 # Names `explain` asks Nix about, at most: one evaluation each, only for failed requests.
@@ -71,13 +73,21 @@ class NixError(Exception):
         self.timed_out = timed_out
 
 
-class BuildFailed(NixError):
-    """A derivation's builder failed: the request will fail the same way again (a 4xx).
-    `derivation` is the store path of the derivation that failed."""
+class DerivationFailed(NixError):
+    """The build of one derivation did not finish; `derivation` is its store path (.drv)."""
 
     def __init__(self, reason: str, log_text: str, derivation: str):
         super().__init__(reason, log_text)
         self.derivation = derivation
+
+
+class BuildFailed(DerivationFailed):
+    """A derivation's builder failed: the request will fail the same way again (a 4xx)."""
+
+
+class BuildTimedOut(DerivationFailed):
+    """A derivation's builder ran or stayed silent longer than NIX_TIMEOUT (Nix stopped it):
+    a fault of the instance's bounds (a 5xx), met again by the same derivation."""
 
 
 class EvaluationLimit(NixError):
@@ -296,6 +306,9 @@ class Nix:
             failed = _BUILDER_FAILED.search(_ANSI.sub("", stderr))
             if failed:
                 raise BuildFailed(f"{what} failed: {first_error_line(stderr)}", stderr, failed.group(1))
+            timed_out = _BUILDER_TIMED_OUT.search(_ANSI.sub("", stderr))
+            if timed_out:
+                raise BuildTimedOut(f"{what} failed: {first_error_line(stderr)}", stderr, timed_out.group(1))
             raise NixError(f"{what} failed: {first_error_line(stderr)}", stderr)
         return bytes(process.out).decode()
 
