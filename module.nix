@@ -40,6 +40,7 @@ let
     listenAddress = "NIXERY_LISTEN_ADDRESS";
     channel = "NIXERY_CHANNEL";
     allowedChannels = "NIXERY_CHANNEL_ALLOW";
+    channelCommits = "NIXERY_CHANNEL_COMMITS";
     pkgsRepo = "NIXERY_PKGS_REPO";
     pkgsPath = "NIXERY_PKGS_PATH";
     sshKeyFile = "NIXERY_SSH_KEY";
@@ -261,6 +262,22 @@ in
         Channels that an image tag may name instead of the default one
         (`HOST/shell/git:nixos-24.11`). Empty: a tag may only be `latest`
         or a nixpkgs commit.
+      '';
+    };
+
+    channelCommits = mkEnvOption "channelCommits" {
+      type = types.either (types.enum [
+        "any"
+        "none"
+      ]) (types.nonEmptyListOf (types.strMatching "[0-9a-f]{40}"));
+      default = "any";
+      example = "none";
+      description = ''
+        Which nixpkgs commits a 40-hex image tag may name: `"any"`, `"none"`
+        (refused with 403 before Nix runs), or a list of commits. The archive
+        URL serves the commits of every fork, so on a public instance `"any"`
+        builds code of anyone's choosing (confined: it cannot read the
+        server's files or environment).
       '';
     };
 

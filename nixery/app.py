@@ -40,7 +40,8 @@ def make_source(config: Config) -> Source:
         return PathSource(config.source.argument)
     if config.source.kind is SourceKind.CHANNEL:
         from .sources.channel import ChannelSource
-        return ChannelSource(config.source.argument, config.channel_url_template, config.channel_allow)
+        return ChannelSource(config.source.argument, config.channel_url_template, config.channel_allow,
+                             config.channel_commits)
     from .sources.git import GitSettings, GitSource
     return GitSource(GitSettings(url=config.source.argument, ttl=config.git_ttl, ssh_key=config.ssh_key,
                                  token=config.git_token, ssh_dir=config.ssh_dir, ssh_agent=config.ssh_agent,

