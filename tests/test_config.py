@@ -22,6 +22,14 @@ def test_defaults(tmp_path):
     assert c.popularity_url is None
 
 
+def test_channel_commits(tmp_path):
+    def commits(value):
+        return config.load({"HOME": str(tmp_path), "NIXERY_CHANNEL_COMMITS": value}).channel_commits
+    assert config.load({"HOME": str(tmp_path)}).channel_commits is None
+    assert commits("any") is None and commits("None") == ()
+    assert commits(f" {'a' * 40}, {'b' * 40},{'a' * 40}") == ("a" * 40, "b" * 40)
+
+
 def test_path_source_is_resolved(tmp_path):
     c = config.load({"HOME": str(tmp_path), "NIXERY_PKGS_PATH": str(tmp_path)})
     assert c.source == config.PackageSource(config.SourceKind.PATH, str(tmp_path.resolve()))
@@ -40,6 +48,9 @@ def test_path_source_is_resolved(tmp_path):
     ({"NIXERY_PKGS_REPO": "ftp://example/x"}, "NIXERY_PKGS_REPO"),
     ({"NIX_POPULARITY_URL": "/no/such/file.json"}, "NIX_POPULARITY_URL"),
     ({"NIXERY_CHANNEL_URL_TEMPLATE": "http://mirror/nixpkgs.tar.gz"}, "NIXERY_CHANNEL_URL_TEMPLATE"),
+    ({"NIXERY_CHANNEL_URL_TEMPLATE": "http://mirror/{rev}.tar.gz http://other/"}, "NIXERY_CHANNEL_URL_TEMPLATE"),
+    ({"NIXERY_CHANNEL_COMMITS": "some"}, "NIXERY_CHANNEL_COMMITS"),
+    ({"NIXERY_CHANNEL_COMMITS": "A" * 40}, "NIXERY_CHANNEL_COMMITS"),
     ({"NIXERY_LOG_LEVEL": "LOUD"}, "NIXERY_LOG_LEVEL"),
 ])
 def test_bad_values_name_the_variable(env, variable):

@@ -25,6 +25,7 @@ import requests
 from pkgset import make_package_set
 from support import NIX_ENV, pull_and_unpack, skopeo_pull
 from nixery import preflight
+from nixery.nix import confine
 from nixery.config import VARIABLE_NAMES
 
 # Cloud credentials a server may hold in its environment, besides Nixery's own variables.
@@ -241,3 +242,12 @@ def test_a_build_cannot_write_to_the_hosts_files(start_server, tmp_path, secret)
         assert not escape.exists(), "the builder wrote into the host's /tmp"
     finally:
         escape.unlink(missing_ok=True)
+
+
+def test_nix_gets_no_variable_of_nixery_nor_credentials():
+    service = {name: "x" for name in WATCHED} | {"PATH": "/bin", "HOME": "/var/lib/nixery", "LC_ALL": "C.UTF-8",
+                                                  "NIX_REMOTE": "daemon", "https_proxy": "http://proxy:3128",
+                                                  "SSH_AUTH_SOCK": "/run/agent", "NIXPKGS_ALLOW_UNFREE": "1"}
+    assert set(confine.nix_environment(service)) == {"PATH", "HOME", "LC_ALL", "NIX_REMOTE", "https_proxy"}
+    with_cache = set(confine.nix_environment(service, cache_credentials=True))
+    assert with_cache - set(confine.nix_environment(service)) == {n for n in WATCHED if n.startswith("AWS_")}
