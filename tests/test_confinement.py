@@ -10,11 +10,16 @@ variables it may ask Nix for to a listener, and a builder that writes into the h
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import os
+import shutil
 import socket
+import subprocess
+import sys
 import tarfile
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Iterator
@@ -251,3 +256,67 @@ def test_nix_gets_no_variable_of_nixery_nor_credentials():
     assert set(confine.nix_environment(service)) == {"PATH", "HOME", "LC_ALL", "NIX_REMOTE", "https_proxy"}
     with_cache = set(confine.nix_environment(service, cache_credentials=True))
     assert with_cache - set(confine.nix_environment(service)) == {n for n in WATCHED if n.startswith("AWS_")}
+
+
+# ----------------------------------------------- where Nix cannot sandbox --
+
+def docker_ready() -> bool:
+    """Whether dockerd answers, starting it (as CI starts from nothing) if it is installed."""
+    if shutil.which("docker") is None:
+        return False
+    if subprocess.run(["docker", "info"], capture_output=True, timeout=60).returncode == 0:
+        return True
+    if shutil.which("dockerd") is None or os.getuid() != 0:
+        return False
+    subprocess.Popen(["dockerd"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if subprocess.run(["docker", "info"], capture_output=True, timeout=60).returncode == 0:
+            return True
+        time.sleep(1)
+    return False
+
+
+def skeleton_image() -> str:
+    """A Docker image of an empty merged-/usr root (links and directories only): the test mounts
+    this machine's /usr, /nix and Nix's configuration into it, so a container runs this machine's
+    Nix and Python under Docker's default confinement, which allows no namespaces."""
+    tag = "nixery-test-skeleton:1"
+    if subprocess.run(["docker", "image", "inspect", tag], capture_output=True).returncode == 0:
+        return tag
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name in ("bin", "lib", "lib64", "sbin"):
+            link = tarfile.TarInfo(name)
+            link.type, link.linkname = tarfile.SYMTYPE, f"usr/{name}"
+            tar.addfile(link)
+        for name in ("usr", "tmp", "etc", "root", "proc", "sys", "dev", "run", "var/tmp"):
+            directory = tarfile.TarInfo(name)
+            directory.type, directory.mode = tarfile.DIRTYPE, 0o1777 if "tmp" in name else 0o755
+            tar.addfile(directory)
+    imported = subprocess.run(["docker", "import", "-", tag], input=buffer.getvalue(), capture_output=True,
+                              timeout=120)
+    assert imported.returncode == 0, imported.stderr
+    return tag
+
+
+def test_where_nix_cannot_sandbox_start_up_warns(pkgset, tmp_path):
+    if not docker_ready():
+        pytest.skip("docker is not available to run Nix without namespaces")
+    root = Path(__file__).resolve().parent.parent
+    python = Path(sys.executable).resolve()
+    mounts = ["/usr:/usr:ro", "/nix:/nix", "/etc/nix:/etc/nix:ro", "/etc/passwd:/etc/passwd:ro",
+              "/etc/group:/etc/group:ro", f"{root}:{root}:ro", f"{pkgset}:{pkgset}:ro",
+              f"{python.parents[1]}:{python.parents[1]}:ro"]
+    env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "PYTHONPATH": str(root), "NIXERY_PKGS_PATH": str(pkgset),
+           "STORAGE_PATH": "/tmp/storage", "NIXERY_STATE_DIR": "/tmp/state", "NIX_CONFIG": NIX_ENV["NIX_CONFIG"]}
+    command = ["docker", "run", "--rm", *(f"--volume={m}" for m in mounts), *(f"--env={k}={v}" for k, v in env.items()),
+               skeleton_image(), str(python), "-m", "nixery", "--check-config"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "Nix cannot sandbox builds here" in result.stderr and "reach the network" in result.stderr, result.stderr
+    on_this_machine = subprocess.run([str(python), "-m", "nixery", "--check-config"], capture_output=True, text=True,
+                                     timeout=300, cwd=tmp_path, env={**os.environ, **env, "HOME": str(tmp_path),
+                                     "PATH": os.environ["PATH"], "STORAGE_PATH": str(tmp_path / "storage"),
+                                     "NIXERY_STATE_DIR": str(tmp_path / "state")})
+    assert on_this_machine.returncode == 0 and "sandbox" not in on_this_machine.stderr, on_this_machine.stderr
