@@ -22,13 +22,13 @@ from __future__ import annotations
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping
 
 # What Nix itself needs to run, find its store, configure itself, fetch through a proxy and
 # verify TLS; nothing of Nixery's own configuration, and no credential.
 _ALLOWED = re.compile(
     r"PATH|HOME|USER|LOGNAME|TMPDIR|TZ|TZDIR|LANG|LANGUAGE|LC_[A-Z_]+|LOCALE_ARCHIVE"
-    r"|XDG_(CACHE|CONFIG|DATA|STATE|RUNTIME)_(HOME|DIR|DIRS)|XDG_(CONFIG|DATA)_DIRS"
+    r"|XDG_(CACHE_HOME|CONFIG_HOME|DATA_HOME|STATE_HOME|RUNTIME_DIR|CONFIG_DIRS|DATA_DIRS)"
     r"|NIX_(REMOTE|CONFIG|CONF_DIR|USER_CONF_FILES|STORE_DIR|STATE_DIR|LOG_DIR|DATA_DIR|BIN_DIR"
     r"|DAEMON_SOCKET_PATH|SSL_CERT_FILE|IGNORE_SYMLINK_STORE|SSHOPTS)"
     r"|SSL_CERT_FILE|SSL_CERT_DIR|CURL_CA_BUNDLE"
@@ -51,6 +51,8 @@ def nix_environment(environ: Mapping[str, str], cache_credentials: bool = False)
 # unsandboxed where the kernel has no namespaces for it (the preflight warns then).
 # Under a nix-daemon these are the daemon's to decide (a client's `sandbox` is ignored).
 BUILD_OPTIONS: tuple[str, ...] = ("--option", "sandbox", "true")
+# The preflight's question: does the sandbox work here, without that fallback?
+SANDBOX_CHECK_OPTIONS: tuple[str, ...] = (*BUILD_OPTIONS, "--option", "sandbox-fallback", "false")
 
 
 def evaluation_options(kind: str, argument: str) -> list[str]:
@@ -82,6 +84,3 @@ def restriction_hint(nix_log: str) -> str:
         return (" (Nixery evaluates package sets in restricted mode: they may read only their own files"
                 " and fetch nothing but their own URL)")
     return ""
-
-
-SANDBOX_CHECK_OPTIONS: Sequence[str] = (*BUILD_OPTIONS, "--option", "sandbox-fallback", "false")
