@@ -28,7 +28,7 @@ import pytest
 import requests
 
 from pkgset import make_package_set
-from support import NIX_ENV, pull_and_unpack, skopeo_pull
+from support import NIX_ENV, chroot_run, pull_and_unpack, skopeo_pull
 from nixery import preflight
 from nixery.nix import confine
 from nixery.config import VARIABLE_NAMES
@@ -182,6 +182,27 @@ def test_a_path_set_cannot_read_the_servers_files(start_server, tmp_path, secret
     searched = requests.get(f"{server.url}/v2/leaksearch/manifests/latest", timeout=60).json()["errors"][0]
     assert "was not found in the Nix search path" in searched["message"]
     assert_nowhere_in_storage(server, secret)
+
+
+NIXPKGS_LIB = Path("/work/shared/nixpkgs-lib/lib")
+
+
+@pytest.mark.skipif(not NIXPKGS_LIB.is_dir(), reason=f"nixpkgs' lib/ is not at {NIXPKGS_LIB}")
+def test_nixpkgs_lib_evaluates_in_restricted_mode(start_server, tmp_path):
+    """nixpkgs' own library (reading its files, evaluating modules) works on the set's own files."""
+    pkgs = make_package_set(tmp_path / "pkgs", salt=uuid.uuid4().hex[:12])
+    shutil.copytree(NIXPKGS_LIB, pkgs / "lib")
+    default = pkgs / "default.nix"
+    default.write_text(default.read_text().replace("in rec {", """in rec {
+  nixlib = let nixpkgsLib = import ./lib;
+    answer = (nixpkgsLib.evalModules { modules = [ { options.x = nixpkgsLib.mkOption { default = 42; }; } ]; }).config.x;
+  in nixpkgsLib.makeOverridable ({ n }: script "nixlib" "echo ${nixpkgsLib.version} ${toString n}") { n = answer; };
+""", 1))
+    server = start_server({"NIXERY_PKGS_PATH": str(pkgs)})
+    rootfs = pulled(server, "nixlib", tmp_path)
+    # lib.version: lib/.version, and "pre-git" for a tree without its .version-suffix file.
+    version = (NIXPKGS_LIB / ".version").read_text().strip()
+    assert chroot_run(rootfs, "/bin/nixlib").split() == [version + "pre-git", "42"]
 
 
 @pytest.fixture
