@@ -357,6 +357,22 @@ def _channel_commits(env: Mapping[str, str]) -> Optional[tuple[str, ...]]:
     return commits
 
 
+# Files whose content is secret; GOOGLE_APPLICATION_CREDENTIALS is Google's library's, not ours.
+_SECRET_FILES = ("GCS_SIGNING_KEY", "NIXERY_HTPASSWD", "NIXERY_SSH_KEY", "NIXERY_BINARY_CACHE_SECRET_KEY",
+                 "GOOGLE_APPLICATION_CREDENTIALS")
+
+
+def _check_secrets_outside(source: PackageSource, env: Mapping[str, str]) -> None:
+    """Nix's restricted evaluation may read the whole package-set directory, so no secret may be in it."""
+    if source.kind is not SourceKind.PATH:
+        return
+    root = Path(source.argument)
+    for name in _SECRET_FILES:
+        if env.get(name) and Path(env[name]).expanduser().resolve().is_relative_to(root):
+            raise ConfigError(f"{name} lies inside NIXERY_PKGS_PATH={root}, all of which the package set's code "
+                              "may read: keep secrets outside it")
+
+
 def _home(env: Mapping[str, str]) -> Path:
     return Path(env.get("HOME") or Path.home())
 
@@ -552,13 +568,15 @@ def load(env: Mapping[str, str] = os.environ) -> Config:
     ssh_key = env.get("NIXERY_SSH_KEY")
     if ssh_key and not Path(ssh_key).is_file():
         raise ConfigError(f"NIXERY_SSH_KEY={ssh_key!r} is not a readable file")
+    source = _source(env)
+    _check_secrets_outside(source, env)
     popularity = env.get("NIX_POPULARITY_URL") or None
     if popularity and not re.match(r"^https?://", popularity) and not Path(popularity).is_file():
         raise ConfigError(f"NIX_POPULARITY_URL={popularity!r} is neither an http(s) URL nor a file")
     return Config(
         port=_int(env, "PORT", 1, 65535),
         listen_address=env.get("NIXERY_LISTEN_ADDRESS") or _default("NIXERY_LISTEN_ADDRESS"),
-        source=_source(env),
+        source=source,
         channel_url_template=template,
         channel_allow=allow,
         channel_commits=_channel_commits(env),

@@ -30,6 +30,19 @@ def test_channel_commits(tmp_path):
     assert commits(f" {'a' * 40}, {'b' * 40},{'a' * 40}") == ("a" * 40, "b" * 40)
 
 
+def test_no_secret_inside_the_package_set(tmp_path):
+    (tmp_path / "pkgs" / "keys").mkdir(parents=True)
+    key = tmp_path / "pkgs" / "keys" / "id_ed25519"
+    key.write_text("key")
+    (tmp_path / "outside").write_text("key")
+    env = {"HOME": str(tmp_path), "NIXERY_PKGS_PATH": str(tmp_path / "pkgs")}
+    with pytest.raises(config.ConfigError, match=r"^NIXERY_SSH_KEY lies inside NIXERY_PKGS_PATH"):
+        config.load({**env, "NIXERY_SSH_KEY": str(key)})
+    with pytest.raises(config.ConfigError, match=r"^GOOGLE_APPLICATION_CREDENTIALS lies inside"):
+        config.load({**env, "GOOGLE_APPLICATION_CREDENTIALS": str(tmp_path / "pkgs" / "keys" / ".." / "keys")})
+    assert config.load({**env, "NIXERY_SSH_KEY": str(tmp_path / "outside")}).ssh_key == tmp_path / "outside"
+
+
 def test_path_source_is_resolved(tmp_path):
     c = config.load({"HOME": str(tmp_path), "NIXERY_PKGS_PATH": str(tmp_path)})
     assert c.source == config.PackageSource(config.SourceKind.PATH, str(tmp_path.resolve()))
