@@ -41,6 +41,7 @@ let
     channel = "NIXERY_CHANNEL";
     allowedChannels = "NIXERY_CHANNEL_ALLOW";
     channelCommits = "NIXERY_CHANNEL_COMMITS";
+    allowedUris = "NIXERY_ALLOWED_URIS";
     pkgsRepo = "NIXERY_PKGS_REPO";
     pkgsPath = "NIXERY_PKGS_PATH";
     sshKeyFile = "NIXERY_SSH_KEY";
@@ -278,6 +279,18 @@ in
         URL serves the commits of every fork, so on a public instance `"any"`
         builds code of anyone's choosing (confined: it cannot read the
         server's files or environment).
+      '';
+    };
+
+    allowedUris = mkEnvOption "allowedUris" {
+      type = types.listOf (types.strMatching "[a-z][a-z0-9+.-]*://[^[:space:],]+");
+      default = [ ];
+      example = [ "https://github.com/NixOS/nixpkgs/archive/" ];
+      description = ''
+        URL prefixes that the package set's evaluation may fetch from (Nix's
+        `allowed-uris`; evaluation is restricted to the set's own files). A
+        channel's own tarball needs none; a set of your own that pins nixpkgs
+        with `fetchTarball` names its URL's prefix here.
       '';
     };
 

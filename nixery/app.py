@@ -79,7 +79,7 @@ def create_app(config: Config, storage: Backend | None = None, *, builder: Manif
     source = None
     if builder is None:
         nix = Nix(config.nix_timeout, config.state.gcroots, on_invoke=metrics.count_nix, cache=config.binary_cache,
-                  allow_unfree=config.allow_unfree)
+                  allow_unfree=config.allow_unfree, allowed_uris=config.allowed_uris)
         source = make_source(config)
         systems = nix.systems()  # read once: the platforms offered and the systems refused before Nix
         platforms = tuple(image.PLATFORMS[name] for name in with_platforms(config, systems).platforms)

@@ -56,6 +56,9 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("NIXERY_CHANNEL_COMMITS", "any",
              "Which nixpkgs commits a 40-hex tag may name on the channel source: any, none, or a "
              "comma-separated list of commits."),
+    Variable("NIXERY_ALLOWED_URIS", "",
+             "Comma-separated URL prefixes the package set's evaluation may fetch from (Nix's allowed-uris; "
+             "a channel's own tarball needs none)."),
     Variable("NIXERY_PKGS_REPO", None,
              "Git repository (https, ssh, file:// or path) of a package set; tags pick refs."),
     Variable("NIXERY_PKGS_PATH", None, "Local directory holding a package set."),
@@ -213,6 +216,8 @@ class Config:
     channel_allow: tuple[str, ...]
     # The commits a 40-hex tag may name on the channel source: None for any, () for none.
     channel_commits: Optional[tuple[str, ...]]
+    # URL prefixes evaluation may fetch from besides a channel's tarball (Nix's allowed-uris).
+    allowed_uris: tuple[str, ...]
     git_ttl: int
     ssh_key: Optional[Path]
     git_token: Optional[str] = dataclasses.field(repr=False)
@@ -258,6 +263,7 @@ class Config:
             "channel_url_template": redact_url(self.channel_url_template),
             "channel_allow": list(self.channel_allow),
             "channel_commits": "any" if self.channel_commits is None else list(self.channel_commits),
+            "allowed_uris": [redact_url(uri) for uri in self.allowed_uris],
             "git_ttl": self.git_ttl,
             "ssh_key": "<set>" if self.ssh_key else None,
             "git_token": "<set>" if self.git_token else None,
@@ -355,6 +361,15 @@ def _channel_commits(env: Mapping[str, str]) -> Optional[tuple[str, ...]]:
             raise ConfigError(f"NIXERY_CHANNEL_COMMITS names {commit!r}: give any, none, or full 40-hex "
                               "lower-case commits separated by commas")
     return commits
+
+
+def _allowed_uris(env: Mapping[str, str]) -> tuple[str, ...]:
+    uris = tuple(dict.fromkeys(u.strip() for u in (env.get("NIXERY_ALLOWED_URIS") or "").split(",") if u.strip()))
+    for uri in uris:
+        if not re.fullmatch(r"[a-z][a-z0-9+.-]*://\S+", uri):
+            raise ConfigError(f"NIXERY_ALLOWED_URIS names {redact_url(uri)!r}, which is not a URL prefix "
+                              "(scheme://..., without spaces)")
+    return uris
 
 
 # Files whose content is secret; GOOGLE_APPLICATION_CREDENTIALS is Google's library's, not ours.
@@ -580,6 +595,7 @@ def load(env: Mapping[str, str] = os.environ) -> Config:
         channel_url_template=template,
         channel_allow=allow,
         channel_commits=_channel_commits(env),
+        allowed_uris=_allowed_uris(env),
         git_ttl=_int(env, "NIXERY_GIT_TTL", 0, 7 * 24 * 3600),
         ssh_key=Path(ssh_key) if ssh_key else None,
         git_token=env.get("NIXERY_GIT_TOKEN") or None,

@@ -63,6 +63,7 @@ def test_path_source_is_resolved(tmp_path):
     ({"NIXERY_CHANNEL_URL_TEMPLATE": "http://mirror/nixpkgs.tar.gz"}, "NIXERY_CHANNEL_URL_TEMPLATE"),
     ({"NIXERY_CHANNEL_URL_TEMPLATE": "http://mirror/{rev}.tar.gz http://other/"}, "NIXERY_CHANNEL_URL_TEMPLATE"),
     ({"NIXERY_CHANNEL_COMMITS": "some"}, "NIXERY_CHANNEL_COMMITS"),
+    ({"NIXERY_ALLOWED_URIS": "https://ok.example/, github.com/NixOS"}, "NIXERY_ALLOWED_URIS"),
     ({"NIXERY_CHANNEL_COMMITS": "A" * 40}, "NIXERY_CHANNEL_COMMITS"),
     ({"NIXERY_LOG_LEVEL": "LOUD"}, "NIXERY_LOG_LEVEL"),
 ])

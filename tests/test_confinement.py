@@ -184,6 +184,24 @@ def test_a_path_set_cannot_read_the_servers_files(start_server, tmp_path, secret
     assert_nowhere_in_storage(server, secret)
 
 
+def test_a_set_fetches_only_the_urls_it_is_allowed(start_server, pkgset, tmp_path):
+    """A set of the operator's that pins another with fetchTarball fetches it once its URL's
+    prefix is in NIXERY_ALLOWED_URIS, and is refused (403, naming the URL) until then."""
+    pinned = tmp_path / "pinned"
+    pinned.mkdir()
+    with tarfile.open(pinned / "base.tar.gz", "w:gz") as tar:
+        tar.add(pkgset, arcname="base")
+    pkgs = tmp_path / "pkgs"
+    pkgs.mkdir()
+    (pkgs / "default.nix").write_text(f'import (builtins.fetchTarball "file://{pinned}/base.tar.gz") {{ }}\n')
+    refusing = start_server({"NIXERY_PKGS_PATH": str(pkgs)})
+    stderr = refused(refusing, "shell/hello", "latest", tmp_path)
+    # Nix checks a file:// URL that no prefix allows as the path it names.
+    assert f"access to absolute path '{pinned}/base.tar.gz' is forbidden in restricted mode" in stderr, stderr
+    allowing = start_server({"NIXERY_PKGS_PATH": str(pkgs), "NIXERY_ALLOWED_URIS": f"file://{pinned}/"})
+    assert (pulled(allowing, "shell/hello", tmp_path) / "bin" / "hello").exists()
+
+
 NIXPKGS_LIB = Path("/work/shared/nixpkgs-lib/lib")
 
 

@@ -224,15 +224,18 @@ class _Process:
 
 class Nix:
     """Runs Nix for one service; `on_invoke` hears each command's name (the metrics count them).
-    `allow_unfree` is the package set's `config.allowUnfree` (NIXERY_ALLOW_UNFREE)."""
+    `allow_unfree` is the package set's `config.allowUnfree` (NIXERY_ALLOW_UNFREE), `allowed_uris`
+    what its evaluation may fetch besides a channel's tarball (NIXERY_ALLOWED_URIS)."""
 
     def __init__(self, timeout: int, gcroot_dir: Path, on_invoke: Optional[Callable[[str], None]] = None,
-                 cache: Optional[BinaryCacheConfig] = None, allow_unfree: bool = False):
+                 cache: Optional[BinaryCacheConfig] = None, allow_unfree: bool = False,
+                 allowed_uris: Sequence[str] = ()):
         self.timeout = timeout
         self.gcroot_dir = gcroot_dir
         self.on_invoke = on_invoke
         self.cache = cache
         self.allow_unfree = allow_unfree
+        self.allowed_uris = tuple(allowed_uris)
 
     def _run(self, args: Sequence[str], what: str, timeout: Optional[float] = -1,
              cache_credentials: bool = False) -> str:
@@ -285,7 +288,7 @@ class Nix:
 
     def _helper_args(self, names: Sequence[str], optional: Sequence[str], source: SourceArgs,
                      system: str) -> list[str]:
-        return [*evaluation_options(source.kind, source.argument), str(HELPER),
+        return [*evaluation_options(source.kind, source.argument, self.allowed_uris), str(HELPER),
                 "--argstr", "packages", json.dumps(list(names)),
                 "--argstr", "optional", json.dumps(list(optional)),
                 "--argstr", "srcType", source.kind,
@@ -390,7 +393,7 @@ class Nix:
 
         Read-write mode writes the derivations to the store, so that they can be realised."""
         raw = self._run(["nix-instantiate", "--eval", "--strict", "--json", "--read-write-mode",
-                         *evaluation_options(source.kind, source.argument), str(PACKAGES),
+                         *evaluation_options(source.kind, source.argument, self.allowed_uris), str(PACKAGES),
                          "--argstr", "srcType", source.kind, "--argstr", "srcArgs", source.argument,
                          "--argstr", "system", system,
                          "--argstr", "attrs", json.dumps(list(attrs) if attrs is not None else None)],

@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 # What Nix itself needs to run, find its store, configure itself, fetch through a proxy and
 # verify TLS; nothing of Nixery's own configuration, and no credential.
@@ -55,17 +55,18 @@ BUILD_OPTIONS: tuple[str, ...] = ("--option", "sandbox", "true")
 SANDBOX_CHECK_OPTIONS: tuple[str, ...] = (*BUILD_OPTIONS, "--option", "sandbox-fallback", "false")
 
 
-def evaluation_options(kind: str, argument: str) -> list[str]:
+def evaluation_options(kind: str, argument: str, allowed_uris: Sequence[str] = ()) -> list[str]:
     """Restricted evaluation of a package set: ("path", directory) may read that directory,
     ("tarball", URL) may fetch that one URL (and read what it unpacks to); both may read the
-    helper's directory. Builds an evaluation imports from are sandboxed too."""
+    helper's directory and fetch below `allowed_uris` (NIXERY_ALLOWED_URIS: what a set of the
+    operator's pins, a nixpkgs tarball, say). Builds an evaluation imports from are sandboxed too."""
     if kind == "path":
-        source, uris = _search_path("nixery-source", Path(argument)), ""
+        source, uris = _search_path("nixery-source", Path(argument)), list(allowed_uris)
     elif kind == "tarball":
-        source, uris = [], argument
+        source, uris = [], [argument, *allowed_uris]
     else:
         raise ValueError(f"unknown source kind {kind}")
-    return ["--option", "restrict-eval", "true", "--option", "allowed-uris", uris,
+    return ["--option", "restrict-eval", "true", "--option", "allowed-uris", " ".join(uris),
             "--option", "nix-path", "", "--option", "allow-unsafe-native-code-during-evaluation", "false",
             *BUILD_OPTIONS, *_search_path("nixery", NIX_DIR), *source]
 
