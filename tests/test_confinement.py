@@ -2,10 +2,12 @@
 host's files, and nothing of it reaches any stored blob (nixery/nix/confine.py).
 
 Each set is the shared test set plus attributes an attacker would write: evaluation that reads a
-file the server can read (mode 0600, the server's own), a store copy of that file, `getEnv` of
-every variable of Nixery's configuration and of cloud credentials, a builder that dumps its
-environment, a fixed-output builder (the one kind with network in the sandbox) that sends the
-variables it may ask Nix for to a listener, and a builder that writes into the host's /tmp."""
+file the server can read (mode 0600, the server's own) by readFile, a store copy, fetchurl,
+import and a NIX_PATH entry; `getEnv` of every variable of Nixery's configuration and of cloud
+credentials; a builder that dumps its environment; a fixed-output builder (the one kind with
+network in the sandbox) that sends the variables it may ask Nix for to a listener; and builders
+that write into the host's /tmp, one of them asking to be built outside the sandbox. Where Nix
+cannot sandbox (a Docker container of this machine's Nix), start-up says so."""
 
 from __future__ import annotations
 
@@ -259,6 +261,7 @@ def test_commit_tags_refused_without_nix(start_server, channel_dir, nix_counter,
 
     listed = start_server(channel_env(channel_dir, NIXERY_CHANNEL_COMMITS="b" * 40 + "," + COMMIT,
                                       PATH=nix_counter.path()))
+    # A listed commit is fetched (here there is no such tarball: Nix's download fails, a 500).
     assert requests.get(f"{listed.url}/v2/shell/hello/manifests/{'b' * 40}", timeout=60).status_code == 500
     assert requests.get(f"{listed.url}/v2/shell/hello/manifests/{'c' * 40}", timeout=60).status_code == 403
     assert requests.get(f"{listed.url}/v2/shell/hello/manifests/{COMMIT}", timeout=120).status_code == 200
