@@ -40,6 +40,8 @@ let
     listenAddress = "NIXERY_LISTEN_ADDRESS";
     channel = "NIXERY_CHANNEL";
     allowedChannels = "NIXERY_CHANNEL_ALLOW";
+    channelCommits = "NIXERY_CHANNEL_COMMITS";
+    allowedUris = "NIXERY_ALLOWED_URIS";
     pkgsRepo = "NIXERY_PKGS_REPO";
     pkgsPath = "NIXERY_PKGS_PATH";
     sshKeyFile = "NIXERY_SSH_KEY";
@@ -265,6 +267,34 @@ in
         Channels that an image tag may name instead of the default one
         (`HOST/shell/git:nixos-24.11`). Empty: a tag may only be `latest`
         or a nixpkgs commit.
+      '';
+    };
+
+    channelCommits = mkEnvOption "channelCommits" {
+      type = types.either (types.enum [
+        "any"
+        "none"
+      ]) (types.nonEmptyListOf (types.strMatching "[0-9a-f]{40}"));
+      default = "any";
+      example = "none";
+      description = ''
+        Which nixpkgs commits a 40-hex image tag may name: `"any"`, `"none"`
+        (refused with 403 before Nix runs), or a list of commits. The archive
+        URL serves the commits of every fork, so on a public instance `"any"`
+        builds code of anyone's choosing (confined: it cannot read the
+        server's files or environment).
+      '';
+    };
+
+    allowedUris = mkEnvOption "allowedUris" {
+      type = types.listOf (types.strMatching "[a-z][a-z0-9+.-]*://[^[:space:],]+");
+      default = [ ];
+      example = [ "https://github.com/NixOS/nixpkgs/archive/" ];
+      description = ''
+        URL prefixes that the package set's evaluation may fetch from (Nix's
+        `allowed-uris`; evaluation is restricted to the set's own files). A
+        channel's own tarball needs none; a set of your own that pins nixpkgs
+        with `fetchTarball` names its URL's prefix here.
       '';
     };
 

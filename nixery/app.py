@@ -40,7 +40,8 @@ def make_source(config: Config) -> Source:
         return PathSource(config.source.argument)
     if config.source.kind is SourceKind.CHANNEL:
         from .sources.channel import ChannelSource
-        return ChannelSource(config.source.argument, config.channel_url_template, config.channel_allow)
+        return ChannelSource(config.source.argument, config.channel_url_template, config.channel_allow,
+                             config.channel_commits)
     from .sources.git import GitSettings, GitSource
     return GitSource(GitSettings(url=config.source.argument, ttl=config.git_ttl, ssh_key=config.ssh_key,
                                  token=config.git_token, ssh_dir=config.ssh_dir, ssh_agent=config.ssh_agent,
@@ -78,7 +79,8 @@ def create_app(config: Config, storage: Backend | None = None, *, builder: Manif
     source = None
     if builder is None:
         nix = Nix(config.nix_timeout, config.state.gcroots, on_invoke=metrics.count_nix, cache=config.binary_cache,
-                  allow_unfree=config.allow_unfree, eval_bounds=EvalBounds(config.eval_memory, config.eval_timeout))
+                  allow_unfree=config.allow_unfree, allowed_uris=config.allowed_uris,
+                  eval_bounds=EvalBounds(config.eval_memory, config.eval_timeout))
         source = make_source(config)
         systems = nix.systems()  # read once: the platforms offered and the systems refused before Nix
         platforms = tuple(image.PLATFORMS[name] for name in with_platforms(config, systems).platforms)

@@ -57,6 +57,12 @@ VARIABLES: tuple[Variable, ...] = (
              "URL of a nixpkgs tarball; {rev} is replaced by the channel or commit."),
     Variable("NIXERY_CHANNEL_ALLOW", "",
              "Comma-separated channels that a tag may name (empty: only latest and commits)."),
+    Variable("NIXERY_CHANNEL_COMMITS", "any",
+             "Which nixpkgs commits a 40-hex tag may name on the channel source: any, none, or a "
+             "comma-separated list of commits."),
+    Variable("NIXERY_ALLOWED_URIS", "",
+             "Comma-separated URL prefixes the package set's evaluation may fetch from (Nix's allowed-uris; "
+             "a channel's own tarball needs none)."),
     Variable("NIXERY_PKGS_REPO", None,
              "Git repository (https, ssh, file:// or path) of a package set; tags pick refs."),
     Variable("NIXERY_PKGS_PATH", None, "Local directory holding a package set."),
@@ -225,6 +231,10 @@ class Config:
     source: PackageSource
     channel_url_template: str
     channel_allow: tuple[str, ...]
+    # The commits a 40-hex tag may name on the channel source: None for any, () for none.
+    channel_commits: Optional[tuple[str, ...]]
+    # URL prefixes evaluation may fetch from besides a channel's tarball (Nix's allowed-uris).
+    allowed_uris: tuple[str, ...]
     git_ttl: int
     ssh_key: Optional[Path]
     git_token: Optional[str] = dataclasses.field(repr=False)
@@ -274,6 +284,8 @@ class Config:
             "source": {"kind": self.source.kind.value, "argument": redact_url(self.source.argument)},
             "channel_url_template": redact_url(self.channel_url_template),
             "channel_allow": list(self.channel_allow),
+            "channel_commits": "any" if self.channel_commits is None else list(self.channel_commits),
+            "allowed_uris": [redact_url(uri) for uri in self.allowed_uris],
             "git_ttl": self.git_ttl,
             "ssh_key": "<set>" if self.ssh_key else None,
             "git_token": "<set>" if self.git_token else None,
@@ -386,6 +398,45 @@ def _source(env: Mapping[str, str]) -> PackageSource:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", channel):
         raise ConfigError(f"NIXERY_CHANNEL={channel!r} is not a channel name or commit")
     return PackageSource(SourceKind.CHANNEL, channel)
+
+
+def _channel_commits(env: Mapping[str, str]) -> Optional[tuple[str, ...]]:
+    raw = (env.get("NIXERY_CHANNEL_COMMITS") or _default("NIXERY_CHANNEL_COMMITS")).strip()
+    if raw.lower() == "any":
+        return None
+    if raw.lower() == "none":
+        return ()
+    commits = tuple(dict.fromkeys(c.strip() for c in raw.split(",") if c.strip()))
+    for commit in commits:
+        if not re.fullmatch(r"[0-9a-f]{40}", commit):
+            raise ConfigError(f"NIXERY_CHANNEL_COMMITS names {commit!r}: give any, none, or full 40-hex "
+                              "lower-case commits separated by commas")
+    return commits
+
+
+def _allowed_uris(env: Mapping[str, str]) -> tuple[str, ...]:
+    uris = tuple(dict.fromkeys(u.strip() for u in (env.get("NIXERY_ALLOWED_URIS") or "").split(",") if u.strip()))
+    for uri in uris:
+        if not re.fullmatch(r"[a-z][a-z0-9+.-]*://\S+", uri):
+            raise ConfigError(f"NIXERY_ALLOWED_URIS names {redact_url(uri)!r}, which is not a URL prefix "
+                              "(scheme://..., without spaces)")
+    return uris
+
+
+# Files whose content is secret; GOOGLE_APPLICATION_CREDENTIALS is Google's library's, not ours.
+_SECRET_FILES = ("GCS_SIGNING_KEY", "NIXERY_HTPASSWD", "NIXERY_SSH_KEY", "NIXERY_BINARY_CACHE_SECRET_KEY",
+                 "GOOGLE_APPLICATION_CREDENTIALS")
+
+
+def _check_secrets_outside(source: PackageSource, env: Mapping[str, str]) -> None:
+    """Nix's restricted evaluation may read the whole package-set directory, so no secret may be in it."""
+    if source.kind is not SourceKind.PATH:
+        return
+    root = Path(source.argument)
+    for name in _SECRET_FILES:
+        if env.get(name) and Path(env[name]).expanduser().resolve().is_relative_to(root):
+            raise ConfigError(f"{name} lies inside NIXERY_PKGS_PATH={root}, all of which the package set's code "
+                              "may read: keep secrets outside it")
 
 
 def _home(env: Mapping[str, str]) -> Path:
@@ -578,18 +629,24 @@ def load(env: Mapping[str, str] = os.environ) -> Config:
     template = env.get("NIXERY_CHANNEL_URL_TEMPLATE") or _default("NIXERY_CHANNEL_URL_TEMPLATE")
     if "{rev}" not in template:
         raise ConfigError("NIXERY_CHANNEL_URL_TEMPLATE must contain {rev}")
+    if re.search(r"\s", template):  # Nix's allowed-uris, which holds the URL, is space-separated
+        raise ConfigError("NIXERY_CHANNEL_URL_TEMPLATE may not contain white space")
     ssh_key = env.get("NIXERY_SSH_KEY")
     if ssh_key and not Path(ssh_key).is_file():
         raise ConfigError(f"NIXERY_SSH_KEY={ssh_key!r} is not a readable file")
+    source = _source(env)
+    _check_secrets_outside(source, env)
     popularity = env.get("NIX_POPULARITY_URL") or None
     if popularity and not re.match(r"^https?://", popularity) and not Path(popularity).is_file():
         raise ConfigError(f"NIX_POPULARITY_URL={popularity!r} is neither an http(s) URL nor a file")
     return Config(
         port=_int(env, "PORT", 1, 65535),
         listen_address=env.get("NIXERY_LISTEN_ADDRESS") or _default("NIXERY_LISTEN_ADDRESS"),
-        source=_source(env),
+        source=source,
         channel_url_template=template,
         channel_allow=allow,
+        channel_commits=_channel_commits(env),
+        allowed_uris=_allowed_uris(env),
         git_ttl=_int(env, "NIXERY_GIT_TTL", 0, 7 * 24 * 3600),
         ssh_key=Path(ssh_key) if ssh_key else None,
         git_token=env.get("NIXERY_GIT_TOKEN") or None,

@@ -21,6 +21,7 @@ the infrastructure (storage, Nix itself, a timeout, a bug) are 5xx:
 | unfree, broken or insecure package (the set's config refuses it) | 403 | DENIED |
 | over a bound of the instance: a name's components, an image's size, an evaluation's memory or time | 403 | DENIED |
 | a package's build fails (its builder exits non-zero) | 422 | UNKNOWN |
+| the set's code reads a file or URL it may not (restricted evaluation) | 403 | DENIED |
 | Nix cannot run, an evaluation error of the set, a timeout, a builder killed | 500 | UNKNOWN |
 | storage fails | 503 | UNAVAILABLE |
 """
@@ -34,8 +35,8 @@ import falcon
 
 from .builder import BUILD_FAILED_STATUS
 from .errors import RegistryError, build_failed, manifest_unknown, unavailable
-from .nix import (BuildFailed, EvaluationLimit, NixError, Problem, UnavailablePackages, UnknownPackages,
-                  UnsupportedSystem)
+from .nix import (BuildFailed, EvaluationLimit, Forbidden, NixError, Problem, UnavailablePackages,
+                  UnknownPackages, UnsupportedSystem)
 from .storage import StorageError
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,7 @@ _TRANSLATIONS: dict[type[Exception], Callable[[Any], RegistryError]] = {
     UnsupportedSystem: lambda error: manifest_unknown(str(error), {"system": error.system}),
     BuildFailed: lambda error: RegistryError(BUILD_FAILED_STATUS, "UNKNOWN", error.reason),
     EvaluationLimit: lambda error: RegistryError(403, "DENIED", error.reason, {"limit": error.variable}),
+    Forbidden: lambda error: RegistryError(403, "DENIED", error.reason),
     NixError: lambda error: build_failed(error.reason),
 }
 _FALCON_CODES = {404: "NOT_FOUND", 405: "UNSUPPORTED"}

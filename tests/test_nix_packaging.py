@@ -41,6 +41,8 @@ OPTION_VARIABLES = {
     "listenAddress": "NIXERY_LISTEN_ADDRESS",
     "channel": "NIXERY_CHANNEL",
     "allowedChannels": "NIXERY_CHANNEL_ALLOW",
+    "channelCommits": "NIXERY_CHANNEL_COMMITS",
+    "allowedUris": "NIXERY_ALLOWED_URIS",
     "pkgsRepo": "NIXERY_PKGS_REPO",
     "pkgsPath": "NIXERY_PKGS_PATH",
     "sshKeyFile": "NIXERY_SSH_KEY",
@@ -237,6 +239,7 @@ def test_each_option_sets_its_variable(tmp_path):
     Nixery's config accepts the result."""
     settings = {
         "port": 9000, "listenAddress": "::", "allowedChannels": ["nixos-24.11", "nixos-unstable"],
+        "channelCommits": ["a" * 40, "b" * 40], "allowedUris": ["https://github.com/NixOS/nixpkgs/archive/"],
         "pkgsRepo": "ssh://git@git.example.org/pkgs.git", "sshKeyFile": "/run/keys/ssh",
         "storage": {"backend": "gcs", "path": "/srv/unused"}, "bucket": "my-nixery-layers",
         "signing": {"keyFile": "/run/keys/gcs.pem", "account": "nixery@example.iam.gserviceaccount.com"},
@@ -254,6 +257,7 @@ def test_each_option_sets_its_variable(tmp_path):
     }
     expected = {
         "port": "9000", "listenAddress": "::", "allowedChannels": "nixos-24.11,nixos-unstable",
+        "channelCommits": f"{'a' * 40},{'b' * 40}", "allowedUris": "https://github.com/NixOS/nixpkgs/archive/",
         "pkgsRepo": "ssh://git@git.example.org/pkgs.git", "sshKeyFile": "%d/ssh-key",
         "storage.backend": "gcs", "storage.path": None, "bucket": "my-nixery-layers",
         "signing.keyFile": "%d/gcs-signing-key", "signing.account": "nixery@example.iam.gserviceaccount.com",

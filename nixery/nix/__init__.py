@@ -4,8 +4,9 @@ User input reaches Nix only as `--argstr` values (lists as JSON), never as
 Nix source. stdout and stderr are read together (stderr line by line, so that
 Nix's progress reaches the log as it happens) and the whole process group is
 killed on timeout, so a chatty or stuck Nix cannot hang a worker. Nix runs
-without the NIXPKGS_ALLOW_* variables, which nixpkgs reads itself: what an
-instance serves depends on its configuration, not on its service user's shell.
+confined (`confine`): restricted evaluation, sandboxed builds and an allow-listed
+environment, so neither the package set's code nor the service user's shell
+(nixpkgs reads NIXPKGS_ALLOW_* itself) changes what is served or sees secrets.
 
 An evaluation runs the package set's code, which a tag may choose: it is
 bounded in memory and time (`EvalBounds`), and past a bound it is refused as
@@ -35,6 +36,7 @@ from typing import Callable, Iterator, Mapping, Optional, Sequence
 from ..config import BinaryCacheConfig, format_size, redact_url
 from ..layers import StorePath
 from . import cache as binary_cache
+from .confine import BUILD_OPTIONS, evaluation_options, nix_environment, restriction_hint
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +46,6 @@ PACKAGES = Path(str(resources.files(__package__).joinpath("packages.nix")))
 ARGV_CHUNK = 5000
 KILL_GRACE_SECONDS = 10
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-# Variables nixpkgs reads behind its `config`'s back (check-meta, impure.nix): never passed to Nix.
-_IMPURE_VARIABLES = re.compile(r"NIXPKGS_ALLOW_.*|NIXPKGS_CONFIG")
 # Nix's own progress lines on stderr (what it builds, fetches or copies), as opposed to builders' output.
 PROGRESS_RE = re.compile(r"(building '|copying (path|\d+ paths)|these \d+ (derivations|paths) will be|"
                          r"downloading '|fetching |querying |unpacking |evaluating |warning: )")
@@ -107,6 +107,11 @@ class EvalBounds:
 
     memory: int = 0
     seconds: int = 60
+
+
+class Forbidden(NixError):
+    """The evaluation reached outside what it may read or fetch (`confine`): the package set's
+    code asked for a file or URL of the server, and will ask again (a 4xx)."""
 
 
 class UnknownPackages(Exception):
@@ -199,17 +204,13 @@ def listening(listener: Callable[[str], None]) -> Iterator[None]:
         _listener.reset(token)
 
 
-def nix_environment(environ: Mapping[str, str]) -> dict[str, str]:
-    """The environment Nix runs in: the service's own, without what nixpkgs reads behind `config`."""
-    return {k: v for k, v in environ.items() if not _IMPURE_VARIABLES.fullmatch(k)}
-
-
 class _Process:
     """A Nix process in its own session whose stdout is collected while stderr is read line by line."""
 
-    def __init__(self, args: Sequence[str], listener: Optional[Callable[[str], None]], memory: int = 0):
+    def __init__(self, args: Sequence[str], listener: Optional[Callable[[str], None]], cache_credentials: bool,
+                 memory: int = 0):
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                                     start_new_session=True, env=nix_environment(os.environ))
+                                     start_new_session=True, env=nix_environment(os.environ, cache_credentials))
         if memory:
             # Set from here, as the process starts: a preexec_fn may deadlock a threaded server's fork.
             # Nix has not allocated anything worth counting yet, and what it forks later inherits it.
@@ -272,28 +273,32 @@ class _Process:
 
 class Nix:
     """Runs Nix for one service; `on_invoke` hears each command's name (the metrics count them).
-    `allow_unfree` is the package set's `config.allowUnfree` (NIXERY_ALLOW_UNFREE)."""
+    `allow_unfree` is the package set's `config.allowUnfree` (NIXERY_ALLOW_UNFREE), `allowed_uris`
+    what its evaluation may fetch besides a channel's tarball (NIXERY_ALLOWED_URIS)."""
 
     def __init__(self, timeout: int, gcroot_dir: Path, on_invoke: Optional[Callable[[str], None]] = None,
                  cache: Optional[BinaryCacheConfig] = None, allow_unfree: bool = False,
-                 eval_bounds: Optional[EvalBounds] = None):
+                 allowed_uris: Sequence[str] = (), eval_bounds: Optional[EvalBounds] = None):
         self.timeout = timeout
         self.eval_bounds = eval_bounds or EvalBounds(seconds=timeout)
         self.gcroot_dir = gcroot_dir
         self.on_invoke = on_invoke
         self.cache = cache
         self.allow_unfree = allow_unfree
+        self.allowed_uris = tuple(allowed_uris)
 
-    def _run(self, args: Sequence[str], what: str, timeout: Optional[float] = -1, memory: int = 0) -> str:
+    def _run(self, args: Sequence[str], what: str, timeout: Optional[float] = -1,
+             cache_credentials: bool = False, memory: int = 0) -> str:
         """Runs one Nix command; `timeout` seconds (default: the build timeout; None: no limit,
         for commands that Nix bounds itself) before its process group is stopped, and at most
-        `memory` bytes of data (0: no bound)."""
+        `memory` bytes of data (0: no bound).
+        `cache_credentials`: the command only talks to the binary cache, and gets its credentials."""
         timeout = self.timeout if timeout == -1 else timeout
         if self.on_invoke:
             self.on_invoke(args[0])
         log.debug("running nix", extra={"argv": list(args)})
         try:
-            process = _Process(args, _listener.get(), memory)
+            process = _Process(args, _listener.get(), cache_credentials, memory)
         except FileNotFoundError:
             raise NixError(f"{args[0]} is not installed or not on PATH") from None
         try:
@@ -309,7 +314,8 @@ class Nix:
             timed_out = _BUILDER_TIMED_OUT.search(_ANSI.sub("", stderr))
             if timed_out:
                 raise BuildTimedOut(f"{what} failed: {first_error_line(stderr)}", stderr, timed_out.group(1))
-            raise NixError(f"{what} failed: {first_error_line(stderr)}", stderr)
+            hint = restriction_hint(stderr)
+            raise (Forbidden if hint else NixError)(f"{what} failed: {first_error_line(stderr)}{hint}", stderr)
         return bytes(process.out).decode()
 
     def _evaluate(self, args: Sequence[str], what: str) -> str:
@@ -317,7 +323,7 @@ class Nix:
         naming the bound it went past."""
         bounds = self.eval_bounds
         try:
-            return self._run(args, what, bounds.seconds, bounds.memory)
+            return self._run(args, what, bounds.seconds, memory=bounds.memory)
         except NixError as e:
             if e.timed_out:
                 raise EvaluationLimit(f"{what} took longer than {bounds.seconds}s, this instance's limit "
@@ -351,7 +357,7 @@ class Nix:
 
     def _helper_args(self, names: Sequence[str], optional: Sequence[str], source: SourceArgs,
                      system: str) -> list[str]:
-        return [str(HELPER),
+        return [*evaluation_options(source.kind, source.argument, self.allowed_uris), str(HELPER),
                 "--argstr", "packages", json.dumps(list(names)),
                 "--argstr", "optional", json.dumps(list(optional)),
                 "--argstr", "srcType", source.kind,
@@ -370,9 +376,9 @@ class Nix:
         to the store, and `build` realises them. Only a name that fails with an error of its own
         (an alias that throws "has been removed") costs one more evaluation, to read that error."""
         raw = self._evaluate(["nix-instantiate", "--eval", "--strict", "--json", "--read-write-mode", "-A", "resolve",
-                         *self._helper_args(names, optional, source, system),
-                         "--argstr", "listed", json.dumps(list(listed))],
-                        f"evaluating {source.description}")
+                              *self._helper_args(names, optional, source, system),
+                              "--argstr", "listed", json.dumps(list(listed))],
+                             f"evaluating {source.description}")
         data = json.loads(raw)
         if data.get("unsupported"):
             raise UnsupportedSystem(data["unsupported"], system)
@@ -393,8 +399,8 @@ class Nix:
             if problem.kind in ("throws", "fails") and i < EXPLAINED_MAX:
                 try:
                     self._evaluate(["nix-instantiate", "--eval", "--strict", "--json", "-A", "explain",
-                               *self._helper_args([problem.name], [], source, system)],
-                              f"explaining {problem.name}")
+                                    *self._helper_args([problem.name], [], source, system)],
+                                   f"explaining {problem.name}")
                 except NixError as e:
                     message = first_error_line(e.log).removeprefix("error:").strip()
                     if problem.kind == "throws" and message:
@@ -418,7 +424,7 @@ class Nix:
         """The runtime closure of `outputs`, from the local store or from `store` (a binary cache URL)."""
         raw = self._run(["nix", "--extra-experimental-features", "nix-command", "path-info",
                          *(["--store", store] if store else []), "--json", "--recursive", *outputs],
-                        "querying the closure")
+                        "querying the closure", cache_credentials=store is not None)
         return parse_path_info(raw)
 
     def build(self, names: Sequence[str], optional: Sequence[str], source: SourceArgs,
@@ -444,7 +450,8 @@ class Nix:
         if not (self.cache and self.cache.secret_key and outputs):
             return
         try:
-            self._run(binary_cache.copy_command(self.cache, outputs), "copying to the binary cache")
+            self._run(binary_cache.copy_command(self.cache, outputs), "copying to the binary cache",
+                      cache_credentials=True)
         except NixError as e:
             log.warning("binary cache copy failed", extra={"reason": e.reason, "nix_log": e.log})
 
@@ -454,11 +461,12 @@ class Nix:
         """Attribute path -> (output path, "<drv>!<output>") for the set's derivations (`packages.nix`).
 
         Read-write mode writes the derivations to the store, so that they can be realised."""
-        raw = self._evaluate(["nix-instantiate", "--eval", "--strict", "--json", "--read-write-mode", str(PACKAGES),
-                         "--argstr", "srcType", source.kind, "--argstr", "srcArgs", source.argument,
-                         "--argstr", "system", system,
-                         "--argstr", "attrs", json.dumps(list(attrs) if attrs is not None else None)],
-                        f"listing the packages of {source.description}")
+        raw = self._evaluate(["nix-instantiate", "--eval", "--strict", "--json", "--read-write-mode",
+                              *evaluation_options(source.kind, source.argument, self.allowed_uris), str(PACKAGES),
+                              "--argstr", "srcType", source.kind, "--argstr", "srcArgs", source.argument,
+                              "--argstr", "system", system,
+                              "--argstr", "attrs", json.dumps(list(attrs) if attrs is not None else None)],
+                             f"listing the packages of {source.description}")
         return {name: (entry["out"], entry["realise"]) for name, entry in json.loads(raw).items()}
 
     def realise(self, derivations: Sequence[str], roots: Optional[Path] = None, keep_going: bool = False,
@@ -470,7 +478,7 @@ class Nix:
         --max-silent-time), not the command: downloading a large closure of substitutes takes
         as long as it takes (Nix's stalled-download-timeout stops a download that hangs)."""
         bounds = ["--timeout", str(self.timeout), "--max-silent-time", str(self.timeout)]
-        flags = (bounds + [*options] + (["--keep-going"] if keep_going else [])
+        flags = (bounds + [*BUILD_OPTIONS, *options] + (["--keep-going"] if keep_going else [])
                  + (["--add-root", str(roots / "out")] if roots else []))
         for i in range(0, len(derivations), ARGV_CHUNK):
             self._run(["nix-store", "--realise", *flags, *derivations[i:i + ARGV_CHUNK]], "building", timeout=None)
@@ -490,7 +498,7 @@ class Nix:
         for i in range(0, len(paths), ARGV_CHUNK):
             raw = self._run(["nix", "--extra-experimental-features", "nix-command", "path-info",
                              *(["--store", store] if store else []), "--json", *paths[i:i + ARGV_CHUNK]],
-                            "checking store paths")
+                            "checking store paths", cache_credentials=store is not None)
             data = json.loads(raw)
             entries = data.items() if isinstance(data, dict) else ((e["path"], e) for e in data)
             found.update(path for path, info in entries if info is None or info.get("valid") is False)
