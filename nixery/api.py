@@ -17,7 +17,7 @@ from urllib.parse import urlencode
 
 import falcon
 
-from . import image, sbom
+from . import image, parking, sbom
 from .builder import BuildStats, ManifestBuilder
 from .error_handlers import as_registry_error
 from .errors import RegistryError, blob_unknown, manifest_unknown
@@ -117,7 +117,9 @@ class Registry:
         try:
             result = self.builder.manifest(image.parse(name, tag), media_type,
                                            authorise_build=req.context.get("authorise_build"),
-                                           client=req.remote_addr or "")
+                                           client=req.remote_addr or "", parking=req.env.get(parking.ENVIRON_KEY))
+        except parking.Parked:
+            raise  # not an answer: the request runs again once the build it waits for is over
         except Exception as e:
             req.context.build = _failed_build(name, tag, e, time.monotonic() - started)
             raise
