@@ -134,9 +134,9 @@ def test_health_answers_while_every_thread_would_wait_for_a_build(start_server, 
             started = time.monotonic()
             assert requests.get(server.url + path, timeout=20).status_code == 200, path
             took.append(time.monotonic() - started)
+        assert max(took) < 1, took
         assert not any(f.done() for f in waiting), "the build was still running"
         responses = [f.result() for f in waiting]
-    assert max(took) < 1, took
     assert {r.status_code for r in responses} == {200} and len({r.content for r in responses}) == 1
     builds = [e for e in server.log_entries() if e.get("message") == "build started"]
     assert len(builds) == 1, "one build for the four"
@@ -166,9 +166,9 @@ def test_cached_pulls_stay_fast_while_200_clients_wait_for_a_build(start_server,
         times = sorted(cached_pull() for _ in range(50))
         still_waiting = sum(not f.done() for f in waiting)
         responses = [f.result() for f in waiting]
+    assert times[-1] < 1, f"p99 (the slowest of 50) {times[-1]:.2f} s, median {times[25]:.3f} s"
     assert still_waiting == 200, "the pulls were measured while all 200 waited"
     assert {r.status_code for r in responses} == {200} and len({r.content for r in responses}) == 1
-    assert times[-1] < 1, f"p99 (the slowest of 50) {times[-1]:.2f} s, median {times[25]:.3f} s"
     builds = [e for e in server.log_entries() if e.get("message") == "build started" and e.get("image") == "sleepy"]
     assert len(builds) == 1
 
