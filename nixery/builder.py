@@ -270,7 +270,7 @@ class Builder:
             # Logged and shown while the build runs: a URL's credentials are hidden.
             revision = resolved.cache_key or redact_url(f"{resolved.args.kind}:{resolved.args.argument}")
             document = self._limited_build(image, resolved, stats, revision, cache_key is not None, client,
-                                           failure_key)
+                                           failure_key, parking)
             if cache_key:
                 self.storage.write(f"manifests/{cache_key}", document.data, document.media_type)
             else:
@@ -283,9 +283,11 @@ class Builder:
             raise error
 
     def _limited_build(self, image: Image, resolved: Resolved, stats: BuildStats, revision: str, pinned: bool,
-                       client: str, failure_key: str) -> manifest.Document:
+                       client: str, failure_key: str, parking: Optional[Parking]) -> manifest.Document:
         """A build within the limits: refused (429) when `client` already has its share of new builds
-        running, else run when one of the instance's build slots is free; its failure is remembered."""
+        running, else run when one of the instance's build slots is free (with `parking`, a request
+        that finds none is parked until one is, letting go of the image's lock meanwhile); its
+        failure is remembered."""
         client_slots = Slots(self.lock_dir, f"client {client}", self.limits.client_builds)
         with client_slots.hold(wait=False) as allowed:
             if not allowed:
@@ -294,7 +296,9 @@ class Builder:
                                       "retry when one has finished", {"client_builds": self.limits.client_builds})
                 error.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
                 raise error
-            with self.build_slots.hold():
+            with self.build_slots.hold(wait=parking is None) as slot:
+                if not slot:
+                    raise Parked(f"{self.lock_dir}\0build slots", self.build_slots.wait_free)
                 try:
                     return self._build(image, resolved, stats, revision, pinned)
                 except Exception as e:

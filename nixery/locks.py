@@ -94,3 +94,8 @@ class Slots:
         finally:
             os.close(fd)
 
+    def wait_free(self) -> None:
+        """Returns once a slot is free (taking it for an instant)."""
+        with self.hold():
+            pass
+

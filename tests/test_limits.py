@@ -83,6 +83,8 @@ def test_behind_a_trusted_proxy_each_client_has_its_own_build_slot_and_lockout(s
     access = [e for e in server.log_entries() if e.get("logger") == "nixery.access"]
     clients = {e["client"] for e in access if e["path"].startswith("/v2/")}
     assert {*users, "127.0.0.2"} <= clients and not clients & {"6.6.6.6", "10.9.0.7", "198.51.100.1"}, clients
+    built = {e["client"] for e in server.log_entries() if e.get("message") in ("image built", "image build failed")}
+    assert built == {*users, "127.0.0.2"}, built
     all_log_lines_are_json(server)
 
 
@@ -141,6 +143,30 @@ def test_health_answers_while_every_thread_would_wait_for_a_build(start_server, 
     builds = [e for e in server.log_entries() if e.get("message") == "build started"]
     assert len(builds) == 1, "one build for the four"
     all_log_lines_are_json(server)
+
+
+def test_requests_waiting_for_a_build_slot_hold_no_thread(start_server, pkgset, tmp_path):
+    """NIXERY_MAX_BUILDS=1 and six new images asked for at once, more than the four threads: the
+    five waiting for the build slot are parked too."""
+    packages = small_set(tmp_path / "set", pkgset, seconds=6)
+    server = start_server({"NIXERY_PKGS_PATH": str(packages), "NIXERY_THREADS": "2", "NIXERY_MAX_BUILDS": "1",
+                           **LONG_BUILDS})
+    names = ["sleepy", "sleepier", "failing", "sleepy/sleepier", "hello", "hello/sleepier"]
+    with concurrent.futures.ThreadPoolExecutor(len(names)) as pool:
+        waiting = [pool.submit(lambda i: session_from(f"127.0.4.{i + 1}").get(
+            f"{server.url}/v2/{names[i]}/manifests/latest", timeout=120), i) for i in range(len(names))]
+        time.sleep(2)
+        took = []
+        for path in ("/healthz", "/readyz", "/healthz"):
+            started = time.monotonic()
+            assert requests.get(server.url + path, timeout=60).status_code == 200, path
+            took.append(time.monotonic() - started)
+        assert max(took) < 1, took
+        assert sum(f.done() for f in waiting) <= 1, "the builds were still running"
+        statuses = [f.result().status_code for f in waiting]
+    assert statuses == [200, 200, 422, 200, 200, 200]
+    started = [e["time"] for e in server.log_entries() if e.get("message") == "build started"]
+    assert len(started) == len(names), "each image built once"
 
 
 def test_cached_pulls_stay_fast_while_200_clients_wait_for_a_build(start_server, pkgset, tmp_path):
