@@ -152,7 +152,9 @@ class NixeryWorker(ThreadWorker):
         app = self.wsgi
 
         def parkable(environ: dict, start_response: Any) -> Any:
-            environ[ENVIRON_KEY] = self.local.conn.parking
+            conn = getattr(self.local, "conn", None)  # None: not an HTTP/1 request of handle_request's
+            if conn is not None:
+                environ[ENVIRON_KEY] = conn.parking
             return app(environ, start_response)
 
         self.wsgi = parkable
@@ -344,6 +346,8 @@ class NixeryWorker(ThreadWorker):
         except Parked as parked:
             conn.parked = parked  # no answer sent: finish_request parks the connection
             return False
+        finally:
+            self.local.conn = None
 
     # -- parked requests ---------------------------------------------------------------------
 

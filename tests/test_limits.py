@@ -15,6 +15,8 @@ import pytest
 import requests
 
 from load_support import all_log_lines_are_json, git_source, session_from, small_set
+from nixery import config
+from nixery.clients import TrustedProxies, head_headers
 from support import NIX_ENV, errors_of
 
 PASSWORD = f"pw-{uuid.uuid4().hex}"
@@ -217,3 +219,36 @@ def test_concurrent_wrong_passwords_get_at_most_the_limit_of_checks_across_worke
     assert other.status_code == 429 and other.headers["Retry-After"].isdigit()
     assert requests.get(url, auth=("bob", "x"), timeout=30).status_code == 429
     assert password_checks(server.url) == len(checked)
+
+
+# ---------------------------------------------------------------------------- in process --
+
+@pytest.mark.parametrize("peer, x_forwarded_for, forwarded, client", [
+    ("10.1.1.1", "1.1.1.1, 2.2.2.2", None, "2.2.2.2"),  # the client's own claim (1.1.1.1) is not believed
+    ("10.1.1.1", "1.1.1.1, 2.2.2.2, 10.3.3.3", None, "2.2.2.2"),  # through two trusted proxies
+    ("10.1.1.1", "10.2.2.2, 10.3.3.3", None, "10.2.2.2"),  # all trusted: the leftmost
+    ("10.1.1.1", "1.1.1.1, not-an-address", None, "10.1.1.1"),  # the proxy wrote garbage: the proxy
+    ("10.1.1.1", "", "for=1.2.3.4", "1.2.3.4"),
+    ("10.1.1.1", None, 'for=192.0.2.60;proto=http;by=203.0.113.43, for="[2001:db8:cafe::17]:4711"',
+     "2001:db8:cafe::17"),
+    ("10.1.1.1", None, 'For="198.51.100.17:8080", for=10.0.0.5', "198.51.100.17"),
+    ("10.1.1.1", None, "for=_hidden, for=10.9.9.9", "10.9.9.9"),  # an obfuscated client: as far as we see
+    ("10.1.1.1", None, "proto=https", "10.1.1.1"),
+    ("203.0.113.9", "1.1.1.1", "for=1.1.1.1", "203.0.113.9"),  # not a trusted peer: headers ignored
+    ("::ffff:10.1.1.1", "1.1.1.1", None, "1.1.1.1"),  # an IPv4 peer on an IPv6 socket
+    ("192.0.2.1", "2001:db8::1", None, "2001:db8::1"),
+])
+def test_the_client_is_the_rightmost_address_not_trusted(peer, x_forwarded_for, forwarded, client):
+    networks = config.load({"NIXERY_TRUSTED_PROXIES": "10.0.0.0/8, 192.0.2.1"}).trusted_proxies
+    assert TrustedProxies(networks).client(peer, x_forwarded_for, forwarded) == client
+
+
+def test_trusted_proxies_are_checked_at_start_and_read_from_a_raw_head():
+    for bad in ("10.0.0.0/33", "nginx", "10.0.0.1/8/2"):
+        with pytest.raises(config.ConfigError, match="NIXERY_TRUSTED_PROXIES"):
+            config.load({"NIXERY_TRUSTED_PROXIES": f"127.0.0.1,{bad}"})
+    assert config.load({}).trusted_proxies == ()
+    head = (b"GET /v2/ HTTP/1.1\r\nX-Forwarded-For: 1.1.1.1\r\nHost: x\r\nx-forwarded-for:2.2.2.2 \r\n\r\n"
+            b"X-Forwarded-For: 3")  # a body, not a header
+    assert head_headers(head, ("x-forwarded-for", "forwarded")) == {"x-forwarded-for": "1.1.1.1,2.2.2.2",
+                                                                     "forwarded": None}
