@@ -143,8 +143,8 @@ def test_wrong_passwords_and_users_are_401_and_logged_without_the_password(priva
 
 
 def test_failed_logins_from_one_address_are_slowed(private_server):
-    # One connection, so one Gunicorn worker (the counts are per worker): 0.05 s, doubling (the
-    # cap and the whole sequence are checked in process, below, without waiting them out).
+    # 0.05 s, doubling, whichever worker answers (the counts are shared; the cap and the whole
+    # sequence are checked in process, below, without waiting them out).
     session = requests.Session()
     url = f"{private_server.url}/v2/hello/manifests/latest"
     took = []

@@ -147,6 +147,29 @@ def test_health_answers_while_every_thread_would_wait_for_a_build(start_server, 
     all_log_lines_are_json(server)
 
 
+def test_a_parked_client_that_hangs_up_is_let_go(start_server, pkgset, tmp_path):
+    """NIXERY_CLIENT_CONNECTIONS=1 on one worker: once a waiting client hangs up, its address may
+    connect again while the build still runs."""
+    packages = small_set(tmp_path / "set", pkgset, seconds=8)
+    server = start_server({"NIXERY_PKGS_PATH": str(packages), "NIXERY_WORKERS": "1", "NIXERY_CLIENT_CONNECTIONS": "1",
+                           **LONG_BUILDS})
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        building = pool.submit(lambda: session_from("127.0.5.1").get(f"{server.url}/v2/sleepy/manifests/latest",
+                                                                    timeout=60))
+        time.sleep(1)
+        waiter = socket.create_connection(("127.0.0.1", server.port), source_address=("127.0.5.2", 0))
+        waiter.sendall(b"GET /v2/sleepy/manifests/latest HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(1)  # parked
+        again = session_from("127.0.5.2").get(f"{server.url}/v2/", timeout=10)
+        assert again.status_code == 429, "the parked connection counts for its address"
+        waiter.close()
+        time.sleep(0.5)
+        assert session_from("127.0.5.2").get(f"{server.url}/v2/", timeout=10).status_code == 200
+        assert not building.done(), "the build was still running"
+        assert building.result().status_code == 200
+    all_log_lines_are_json(server)
+
+
 def test_requests_waiting_for_a_build_slot_hold_no_thread(start_server, pkgset, tmp_path):
     """NIXERY_MAX_BUILDS=1 and six new images asked for at once, more than the four threads: the
     five waiting for the build slot are parked too."""
