@@ -569,7 +569,7 @@ in
     threads = mkEnvOption "threads" {
       type = types.ints.between 1 1024;
       default = 64;
-      description = "Threads per worker: requests served, downloads and requests waiting for a build.";
+      description = "Threads per worker: requests served, downloads and builds (requests waiting for another's build hold none).";
     };
 
     headerTimeout = mkEnvOption "headerTimeout" {

@@ -96,8 +96,8 @@ VARIABLES: tuple[Variable, ...] = (
              "true: annotate layers with their store paths for nix-snapshotter (changes manifest digests)."),
     Variable("NIXERY_WORKERS", "2", "Gunicorn worker processes."),
     Variable("NIXERY_THREADS", "64",
-             "Threads per worker: requests being served, downloads and requests waiting for a build "
-             "(a waiting thread sleeps; connections still sending their headers hold none)."),
+             "Threads per worker: requests being served, downloads and builds (requests waiting for "
+             "another's build, and connections still sending their headers, hold none)."),
     Variable("NIXERY_HEADER_TIMEOUT", "10", "Seconds a client may take to send a request's headers."),
     Variable("NIXERY_IO_TIMEOUT", "30",
              "Seconds a client may stall reading a response (or sending a body) before it is cut off."),

@@ -249,10 +249,7 @@ class NixeryWorker(ThreadWorker):
 
     def _stop_reading(self, conn: NixeryConn) -> None:
         self.reading.pop(conn, None)
-        try:
-            self.poller.unregister(conn.sock)
-        except (KeyError, ValueError, OSError):
-            pass
+        self._unwatch(conn)
 
     def _on_head_readable(self, conn: NixeryConn, _sock: Any) -> None:
         try:
