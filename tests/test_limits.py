@@ -32,6 +32,14 @@ def htpasswd(tmp_path_factory) -> Path:
     return path
 
 
+def wait_for_builds(server, count: int, timeout: float = 60) -> None:
+    """Returns once `count` builds have started (each holds its slots), so that timing does not."""
+    deadline = time.monotonic() + timeout
+    while len([e for e in server.log_entries() if e.get("message") == "build started"]) < count:
+        assert time.monotonic() < deadline, f"{count} builds did not start"
+        time.sleep(0.1)
+
+
 def password_checks(url: str) -> float:
     text = requests.get(f"{url}/metrics", timeout=10).text
     match = re.search(r"^nixery_password_checks_total (\S+)$", text, re.M)
@@ -60,7 +68,7 @@ def test_behind_a_trusted_proxy_each_client_has_its_own_build_slot_and_lockout(s
 
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         building = {user: pool.submit(pull, name, user) for user, name in users.items()}
-        time.sleep(1.5)  # every user's build is running
+        wait_for_builds(server, 3)
         for user in users:
             refused = pull("sleepier/hello", user)
             assert refused.status_code == 429 and errors_of(refused)[0]["code"] == "TOOMANYREQUESTS", user
@@ -68,7 +76,7 @@ def test_behind_a_trusted_proxy_each_client_has_its_own_build_slot_and_lockout(s
         # From an untrusted peer the header is ignored: two "users" are one address, with one slot.
         # (`failing` sleeps 4 s before it fails: the only slow derivation not built yet.)
         untrusted = pool.submit(pull, "failing", "198.51.100.1", "127.0.0.2")
-        time.sleep(1.5)
+        wait_for_builds(server, 4)
         refused = pull("hello/sleepier", "198.51.100.2", "127.0.0.2")
         assert refused.status_code == 429 and "already has 1 new builds" in errors_of(refused)[0]["message"]
         assert untrusted.result().status_code == 422
@@ -156,7 +164,7 @@ def test_a_parked_client_that_hangs_up_is_let_go(start_server, pkgset, tmp_path)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         building = pool.submit(lambda: session_from("127.0.5.1").get(f"{server.url}/v2/sleepy/manifests/latest",
                                                                     timeout=60))
-        time.sleep(1)
+        wait_for_builds(server, 1)
         waiter = socket.create_connection(("127.0.0.1", server.port), source_address=("127.0.5.2", 0))
         waiter.sendall(b"GET /v2/sleepy/manifests/latest HTTP/1.1\r\nHost: x\r\n\r\n")
         time.sleep(1)  # parked
