@@ -113,7 +113,7 @@ class Registry:
     def manifest_by_tag(self, req: falcon.Request, resp: falcon.Response, name: str, tag: str) -> None:
         media_type = _negotiate(req)
         # req.context.build is what the metrics and the build history learn of this request.
-        started = time.monotonic()
+        started = time.monotonic() - parking.waited(req.env)
         try:
             result = self.builder.manifest(image.parse(name, tag), media_type,
                                            authorise_build=req.context.get("authorise_build"),

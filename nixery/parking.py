@@ -15,7 +15,8 @@ Elsewhere (an app in a test, another server) the builder waits as before.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+import time
+from typing import Callable, Mapping
 
 # The WSGI environ key under which the worker offers to park a request.
 ENVIRON_KEY = "nixery.parking"
@@ -39,3 +40,10 @@ class Parked(Exception):
         super().__init__(key)
         self.key = key
         self.wait = wait
+
+
+def waited(environ: Mapping[str, object]) -> float:
+    """Seconds a request run again spent parked before this run (0 for one run the first time),
+    so that the durations logged and counted are the client's."""
+    offer = environ.get(ENVIRON_KEY)
+    return max(0.0, time.time() - offer.arrived) if isinstance(offer, Parking) and offer.replayed else 0.0

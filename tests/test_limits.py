@@ -152,6 +152,9 @@ def test_health_answers_while_every_thread_would_wait_for_a_build(start_server, 
     assert {r.status_code for r in responses} == {200} and len({r.content for r in responses}) == 1
     builds = [e for e in server.log_entries() if e.get("message") == "build started"]
     assert len(builds) == 1, "one build for the four"
+    # The three that waited were answered from the build's memo; their logged durations count the wait.
+    served = [e["duration"] for e in server.log_entries() if e.get("message") == "image served from cache"]
+    assert len(served) == 3 and min(served) > 15, served
     all_log_lines_are_json(server)
 
 
