@@ -98,4 +98,3 @@ class Slots:
         """Returns once a slot is free (taking it for an instant)."""
         with self.hold():
             pass
-
