@@ -75,6 +75,7 @@ let
     headerTimeout = "NIXERY_HEADER_TIMEOUT";
     ioTimeout = "NIXERY_IO_TIMEOUT";
     clientConnections = "NIXERY_CLIENT_CONNECTIONS";
+    trustedProxies = "NIXERY_TRUSTED_PROXIES";
     gracePeriod = "NIXERY_GRACE_PERIOD";
     logLevel = "NIXERY_LOG_LEVEL";
     accessLog = "NIXERY_ACCESS_LOG";
@@ -644,7 +645,7 @@ in
     threads = mkEnvOption "threads" {
       type = types.ints.between 1 1024;
       default = 64;
-      description = "Threads per worker: requests served, downloads and requests waiting for a build.";
+      description = "Threads per worker: requests served, downloads and builds (requests waiting for another's build hold none).";
     };
 
     headerTimeout = mkEnvOption "headerTimeout" {
@@ -663,6 +664,27 @@ in
       type = types.ints.between 1 100000;
       default = 64;
       description = "Open connections one client address may have to each worker; more are answered 429.";
+    };
+
+    trustedProxies = mkEnvOption "trustedProxies" {
+      type = types.listOf types.str;
+      # nginx connects from loopback, and appends the client to X-Forwarded-For only with
+      # recommendedProxySettings (without them, it would pass on whatever the client sent).
+      default =
+        if cfg.nginx.enable && (config.services.nginx.recommendedProxySettings or false) then [ "127.0.0.1" "::1" ] else [ ];
+      defaultText = literalExpression ''
+        if config.services.nixery.nginx.enable && config.services.nginx.recommendedProxySettings
+        then [ "127.0.0.1" "::1" ] else [ ]'';
+      example = [ "10.0.0.0/8" ];
+      description = ''
+        Addresses or CIDR networks of the reverse proxies in front of Nixery.
+        From them, the client's address is read from `X-Forwarded-For` (the
+        rightmost address that is not a trusted proxy) or `Forwarded`, and
+        every per-client limit (new builds, connections, login lockouts) and
+        log uses it. With {option}`services.nixery.nginx.enable` (and nginx's
+        `recommendedProxySettings`, which append the client to
+        `X-Forwarded-For`), nginx's loopback addresses.
+      '';
     };
 
     gracePeriod = mkEnvOption "gracePeriod" {

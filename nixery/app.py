@@ -12,11 +12,13 @@ import falcon
 from . import error_handlers, health, image, popularity, web
 from .api import API_VERSION_HEADER, Registry, VersionCheck
 from .auth import AuthMiddleware
+from .clients import RealClient, TrustedProxies
 from .builder import Builder, BuildLimits, ManifestBuilder
 from .config import Config, SourceKind
 from .metrics import Metrics, MetricsMiddleware, MetricsResource
 from .nix import EvalBounds, Nix
 from .history import BuildHistory, BuildRecorder
+from .lockout import FailedLogins
 from .logs import AccessLog
 from .progress import InProgress
 from .sources import Source
@@ -90,10 +92,14 @@ def create_app(config: Config, storage: Backend | None = None, *, builder: Manif
                           limits=BuildLimits(config.max_builds, config.client_builds, config.failure_ttl,
                                              config.max_image_size),
                           explain=error_handlers.as_registry_error)
+    # The real client first: every other middleware reads its address.
     # Auth last: its process_response runs first, before the build recorders read req.context.build.
-    # The access log first: its process_response runs last, once the response is complete.
-    app = falcon.App(middleware=[*([AccessLog()] if config.access_log else []), _ApiVersion(),
-                                MetricsMiddleware(metrics), BuildRecorder(history), AuthMiddleware(config.auth)])
+    # The access log next: its process_response runs last, once the response is complete.
+    app = falcon.App(middleware=[RealClient(TrustedProxies(config.trusted_proxies)),
+                                *([AccessLog()] if config.access_log else []), _ApiVersion(),
+                                MetricsMiddleware(metrics), BuildRecorder(history),
+                                AuthMiddleware(config.auth, FailedLogins(config.state.memory, config.state.locks),
+                                               on_check=metrics.count_password_check)])
     app.req_options.strip_url_path_trailing_slash = True
     error_handlers.register(app)
     app.add_route("/v2", VersionCheck())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import importlib.util
+import ipaddress
 import os
 import re
 from pathlib import Path
@@ -118,13 +119,16 @@ VARIABLES: tuple[Variable, ...] = (
              "true: annotate layers with their store paths for nix-snapshotter (changes manifest digests)."),
     Variable("NIXERY_WORKERS", "2", "Gunicorn worker processes."),
     Variable("NIXERY_THREADS", "64",
-             "Threads per worker: requests being served, downloads and requests waiting for a build "
-             "(a waiting thread sleeps; connections still sending their headers hold none)."),
+             "Threads per worker: requests being served, downloads and builds (requests waiting for "
+             "another's build, and connections still sending their headers, hold none)."),
     Variable("NIXERY_HEADER_TIMEOUT", "10", "Seconds a client may take to send a request's headers."),
     Variable("NIXERY_IO_TIMEOUT", "30",
              "Seconds a client may stall reading a response (or sending a body) before it is cut off."),
     Variable("NIXERY_CLIENT_CONNECTIONS", "64",
              "Open connections one client address may have to each worker; more are answered 429."),
+    Variable("NIXERY_TRUSTED_PROXIES", "",
+             "Comma-separated addresses or CIDR networks of reverse proxies: from them, the client's address is "
+             "read from X-Forwarded-For (or Forwarded), for every per-client limit and log."),
     Variable("NIXERY_GRACE_PERIOD", None,
              "Seconds a stopping server lets running builds and downloads finish (default: NIX_TIMEOUT)."),
     Variable("NIXERY_LOG_LEVEL", "INFO", "Log level: DEBUG, INFO, WARNING or ERROR."),
@@ -212,7 +216,7 @@ class StateLayout:
     prometheus: Path  # prometheus_client's multiprocess files, made afresh at each start
     history: Path  # the recent builds and failures the web page and /builds.json show
     build_memo: Path  # unpinned images' digests, for a few seconds after their build
-    memory: Path  # failed builds and unknown names, one fixed-size table (nixery/failures.py)
+    memory: Path  # failed builds and unknown names, failed logins: fixed-size tables (failures.py, lockout.py)
 
     @classmethod
     def under(cls, root: Path) -> "StateLayout":
@@ -265,6 +269,8 @@ class Config:
     header_timeout: int
     io_timeout: int
     client_connections: int
+    # Reverse proxies whose X-Forwarded-For / Forwarded headers name the client (nixery/clients.py).
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
     grace_period: int
     log_level: str
     auth: AuthConfig
@@ -315,6 +321,7 @@ class Config:
             "header_timeout": self.header_timeout,
             "io_timeout": self.io_timeout,
             "client_connections": self.client_connections,
+            "trusted_proxies": [str(network) for network in self.trusted_proxies],
             "grace_period": self.grace_period,
             "log_level": self.log_level,
             "access_log": self.access_log,
@@ -454,6 +461,19 @@ def _platforms(env: Mapping[str, str]) -> tuple[str, ...]:
         if platform not in PLATFORM_NAMES:
             raise ConfigError(f"NIXERY_PLATFORMS names {platform!r}; known platforms: {', '.join(PLATFORM_NAMES)}")
     return platforms
+
+
+def _trusted_proxies(env: Mapping[str, str]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    networks = []
+    for entry in (env.get("NIXERY_TRUSTED_PROXIES") or "").split(","):
+        if not entry.strip():
+            continue
+        try:
+            networks.append(ipaddress.ip_network(entry.strip(), strict=False))
+        except ValueError:
+            raise ConfigError(f"NIXERY_TRUSTED_PROXIES names {entry.strip()!r}, which is not an IP address "
+                              "or CIDR network (like 10.0.0.0/8)") from None
+    return tuple(dict.fromkeys(networks))
 
 
 def _gcs(env: Mapping[str, str]) -> Optional[GcsConfig]:
@@ -674,6 +694,7 @@ def load(env: Mapping[str, str] = os.environ) -> Config:
         header_timeout=_int(env, "NIXERY_HEADER_TIMEOUT", 1, 3600),
         io_timeout=_int(env, "NIXERY_IO_TIMEOUT", 1, 24 * 3600),
         client_connections=_int(env, "NIXERY_CLIENT_CONNECTIONS", 1, 100_000),
+        trusted_proxies=_trusted_proxies(env),
         grace_period=_int(env, "NIXERY_GRACE_PERIOD", 0, 7 * 24 * 3600,
                           default=_int(env, "NIX_TIMEOUT", 1, 24 * 3600)),
         log_level=_checked(env, "NIXERY_LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR"), str.upper),

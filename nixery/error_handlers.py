@@ -37,6 +37,7 @@ from .builder import BUILD_FAILED_STATUS
 from .errors import RegistryError, build_failed, manifest_unknown, unavailable
 from .nix import (BuildFailed, EvaluationLimit, Forbidden, NixError, Problem, UnavailablePackages,
                   UnknownPackages, UnsupportedSystem)
+from .parking import Parked
 from .storage import StorageError
 
 log = logging.getLogger(__name__)
@@ -148,9 +149,16 @@ def _unexpected_error(req: falcon.Request, resp: falcon.Response, error: Excepti
     _render(resp, as_registry_error(error))
 
 
+def _parked(req: falcon.Request, resp: falcon.Response, error: Parked, params: Any) -> None:
+    """A parked request has no answer yet: re-raised, it leaves the app without one (and without
+    the response middleware: it is neither logged nor counted) for the worker to park."""
+    raise error
+
+
 def register(app: falcon.App) -> None:
     """One handler per exception type; Falcon picks the most specific for each exception."""
     app.add_error_handler(Exception, _unexpected_error)
     app.add_error_handler(falcon.HTTPError, _http_error)
+    app.add_error_handler(Parked, _parked)
     for kind in _TRANSLATIONS:
         app.add_error_handler(kind, _translated)

@@ -70,6 +70,7 @@ OPTION_VARIABLES = {
     "headerTimeout": "NIXERY_HEADER_TIMEOUT",
     "ioTimeout": "NIXERY_IO_TIMEOUT",
     "clientConnections": "NIXERY_CLIENT_CONNECTIONS",
+    "trustedProxies": "NIXERY_TRUSTED_PROXIES",
     "gracePeriod": "NIXERY_GRACE_PERIOD",
     "logLevel": "NIXERY_LOG_LEVEL",
     "accessLog": "NIXERY_ACCESS_LOG",
@@ -247,7 +248,7 @@ def test_each_option_sets_its_variable(tmp_path):
         "platforms": ["linux/arm64", "linux/amd64"], "workers": 4, "threads": 16, "logLevel": "DEBUG",
         "accessLog": True, "hideDetails": True, "allowUnfree": True,
         "maxBuilds": 3, "clientBuilds": 4, "failureTtl": 30, "headerTimeout": 7, "ioTimeout": 45,
-        "clientConnections": 20, "gracePeriod": 90,
+        "clientConnections": 20, "gracePeriod": 90, "trustedProxies": ["10.0.0.0/8", "::1"],
         "maxImageSize": "3G", "maxPackages": 12, "evalMemory": "512M", "evalTimeout": 40,
         "binaryCache": {"url": "file:///var/cache/nixery-bincache", "publicKey": "nixery-1:AAAA",
                         "secretKeyFile": "/run/keys/cache.secret"},
@@ -265,7 +266,7 @@ def test_each_option_sets_its_variable(tmp_path):
         "platforms": "linux/arm64,linux/amd64", "workers": "4", "threads": "16", "logLevel": "DEBUG",
         "accessLog": "true", "hideDetails": "true", "allowUnfree": "true",
         "maxBuilds": "3", "clientBuilds": "4", "failureTtl": "30", "headerTimeout": "7", "ioTimeout": "45",
-        "clientConnections": "20", "gracePeriod": "90",
+        "clientConnections": "20", "gracePeriod": "90", "trustedProxies": "10.0.0.0/8,::1",
         "maxImageSize": "3G", "maxPackages": "12", "evalMemory": "512M", "evalTimeout": "40",
         "binaryCache.url": "file:///var/cache/nixery-bincache", "binaryCache.publicKey": "nixery-1:AAAA",
         "binaryCache.secretKeyFile": "%d/binary-cache-key",
@@ -298,6 +299,7 @@ def test_each_option_sets_its_variable(tmp_path):
             loaded.client_connections, loaded.grace_period) == (3, 4, 30, 7, 45, 20, 90)
     assert (loaded.max_image_size, loaded.max_packages, loaded.eval_memory, loaded.eval_timeout) == \
         (3 << 30, 12, 512 << 20, 40)
+    assert [str(network) for network in loaded.trusted_proxies] == ["10.0.0.0/8", "::1/128"]
 
 
 @needs_lib
@@ -438,6 +440,8 @@ def test_module_nginx_front():
     assert config["failed"] == []
     # Nixery itself listens on loopback only.
     assert config["environment"]["NIXERY_LISTEN_ADDRESS"] == "127.0.0.1"
+    # nginx (which appends the client's address to X-Forwarded-For) is trusted to name it.
+    assert config["environment"]["NIXERY_TRUSTED_PROXIES"] == "127.0.0.1,::1"
     nginx = config["nginx"]
     assert nginx["enable"] is True and nginx["recommendedProxySettings"] is True
     host = nginx["virtualHosts"]["nixery.example.org"]
