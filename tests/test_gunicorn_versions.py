@@ -4,7 +4,8 @@ stable's), 26.0.0, and the newest release below setup.py's upper bound.
 Each version gets a virtual environment of its own with Nixery's other dependencies, made once
 and kept under the test cache (~/.cache/nixery-tests/gunicorn, or $XDG_CACHE_HOME's), where the
 worker's tests (slow clients, parser errors as registry JSON, graceful stop, a client that stops
-reading, ranges over sendfile) and one real pull (skopeo, umoci, the image run in a chroot) run
+reading, ranges over sendfile, requests parked while they wait for a build, connections counted
+for the clients a trusted proxy names) and one real pull (skopeo, umoci, the image run in a chroot) run
 with that environment's Python. `test_the_gunicorn_parts_nixery_uses` pins the parts of Gunicorn
 beyond its settings that nixery/threadloop.py, nixery/worker.py and nixery/server.py use; it runs
 here against the installed Gunicorn and in each environment, so that an upgrade that renames or
@@ -40,6 +41,8 @@ WORKER_TESTS = (
     "tests/test_load.py::test_a_graceful_stop_refuses_new_connections_and_finishes_builds",
     "tests/test_load.py::test_a_client_that_stops_reading_loses_its_thread",
     "tests/test_load.py::test_ranges_follow_rfc_9110_on_a_real_server",
+    "tests/test_limits.py::test_health_answers_while_every_thread_would_wait_for_a_build",
+    "tests/test_limits.py::test_a_trusted_proxys_connections_count_for_its_clients",
     "tests/test_e2e.py::test_shell_image_runs_in_a_chroot",
 )
 
@@ -142,9 +145,10 @@ def test_the_gunicorn_parts_nixery_uses(tmp_path, monkeypatch):
     from nixery import config
     from nixery.server import NixeryServer, gunicorn_options
 
-    # The base worker: constructed by the arbiter, its signal handlers and hooks overridden.
+    # The base worker: constructed by the arbiter, its signal handlers and hooks overridden (the
+    # app it loads into `wsgi` is wrapped to offer parking).
     assert parameters(base.Worker.__init__) == ["self", "age", "ppid", "sockets", "app", "timeout", "cfg", "log"]
-    for name, expected in {"init_process": ["self"], "notify": ["self"], "run": ["self"],
+    for name, expected in {"init_process": ["self"], "notify": ["self"], "run": ["self"], "load_wsgi": ["self"],
                            "handle_exit": ["self", "sig", "frame"], "handle_quit": ["self", "sig", "frame"],
                            "handle_error": ["self", "req", "client", "addr", "exc"]}.items():
         assert parameters(getattr(base.Worker, name)) == expected, name
