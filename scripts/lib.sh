@@ -50,7 +50,7 @@ can_make_venv() {
 }
 
 # Installs the Debian packages given that are not installed. As root with apt, installs them;
-# otherwise says what root must run, and exits.
+# otherwise says what root must run (ROOT_FIX, if the caller sets it, else apt-get), and exits.
 install_debs() {
   local missing=() deb
   for deb in "$@"; do
@@ -63,8 +63,8 @@ install_debs() {
     exit 1
   fi
   if ! is_root; then
-    echo "missing Debian packages: ${missing[*]}. As root, run: $PWD/scripts/install-deps${mode_flag:+ $mode_flag}" >&2
-    echo "(or: apt-get install ${missing[*]}), then run this again as $(id -un)" >&2
+    echo "missing Debian packages: ${missing[*]}. As root, run:" \
+      "${ROOT_FIX:-apt-get install --no-install-recommends ${missing[*]}}; then run this again as $(id -un)" >&2
     exit 1
   fi
   echo "installing Debian packages: ${missing[*]}"

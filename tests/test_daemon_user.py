@@ -1,6 +1,7 @@
 """A user who is not root serves with Debian's nix-daemon, on a stock trixie (tests/containers.py).
 
-Root installs what needs root, as the README says: Debian's nix-daemon (`nix-setup-systemd`,
+A user who runs `scripts/serve` first is told what root must run. Root installs what needs root, as
+the README says: Debian's nix-daemon (`nix-setup-systemd`,
 whose socket only the `nix-users` group may use), then `scripts/example-pkgset`, which runs
 `scripts/install-deps`. The daemon is started as its systemd unit would start it. Then a user in
 `nix-users` runs `scripts/serve` and skopeo pulls `shell/hello` from outside, and a user not in
@@ -19,7 +20,6 @@ ROOT_INSTALL = """
 apt-get update -qq
 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nix-setup-systemd >/dev/null
 useradd --create-home --groups nix-users alice
-useradd --create-home bob
 """
 SERVE = "NIXERY_PKGS_PATH=/srv/pkgs NIX_CONFIG='substituters =' /src/scripts/serve"
 
@@ -28,6 +28,14 @@ def test_a_user_in_nix_users_serves_with_the_daemon(tmp_path):
     ensure_dockerd()
     with Container.start(stock_image("trixie"), publish=(PORT,), options=pip_cache()) as box:
         box.copy_checkout("/src")
+        box.exec("useradd --create-home bob")
+        # Before root has installed anything, a user is told what root must run, and nothing changes.
+        early = box.exec(SERVE, user="bob", workdir="/home/bob", check=False)
+        assert early.returncode == 1, early.stdout
+        assert ("missing Debian packages: nix-bin python3 python3-venv. As root, run: /src/scripts/install-deps;"
+                in early.stdout), early.stdout
+        assert not box.exec("ls -A /src/.venv /nix 2>/dev/null || true").stdout
+
         box.exec(ROOT_INSTALL)
         daemon_log = tmp_path / "nix-daemon.log"
         box.spawn("exec nix-daemon", daemon_log)  # ExecStart of Debian's nix-daemon.service

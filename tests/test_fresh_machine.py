@@ -49,3 +49,19 @@ def test_quick_start_on_stock_debian(suite, tmp_path):
         # Running the command again changes nothing: no apt, no pip.
         again = box.exec("scripts/install-deps", workdir="/src").stdout
         assert "installing" not in again and "making" not in again, again
+
+
+def test_systems_without_apt_are_told_what_to_do():
+    """Where apt is missing the scripts stop with what to do instead, not with "command not found"."""
+    ensure_dockerd()
+    with Container.start(stock_image("bookworm")) as box:
+        box.copy_checkout("/src")
+        box.exec("mv /usr/bin/apt-get /usr/bin/apt-get.off")
+        other = box.exec("scripts/serve", workdir="/src", check=False)
+        assert other.returncode == 1, other.stdout
+        assert "nix-bin python3 python3-venv" in other.stdout and "install with apt" in other.stdout, other.stdout
+
+        box.exec("touch /etc/NIXOS")  # how NixOS marks itself (and what its own tools test)
+        nixos = box.exec("scripts/serve", workdir="/src", check=False)
+        assert nixos.returncode == 1, nixos.stdout
+        assert "NixOS module" in nixos.stdout and "services.nixery" in nixos.stdout and "nix run" in nixos.stdout
