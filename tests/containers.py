@@ -46,6 +46,11 @@ BUILD_TIMEOUT = 600
 # What `--variant=minbase` leaves out that a test machine needs: git (to have a clone) and the CA
 # bundle (to reach the package index). Nothing else: the scripts must install the rest.
 STOCK_PACKAGES = ("git", "ca-certificates")
+# For the first `scripts/install-deps` in a container (it runs scripts/setup-nix): build users with
+# uids of their own. The containers share this machine's kernel, and Nix kills every process of a
+# build user's uid before building as it: this machine's Nix, which sees the containers' processes,
+# would otherwise kill their builds (as "signal 9") whenever it builds as nixbld1 too.
+BUILD_USERS_ENV = {"NIX_BUILD_GROUP_ID": "40000", "NIX_FIRST_BUILD_UID": "40001"}
 # systemd as PID 1 in a container without --privileged (which this machine refuses).
 SYSTEMD_OPTIONS = ("--cap-add", "SYS_ADMIN", "--security-opt", "seccomp=unconfined",
                    "--security-opt", "apparmor=unconfined", "-e", "container=docker",

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 
-from containers import Container, ensure_dockerd, pip_cache, stock_image, wait_for_registry
+from containers import BUILD_USERS_ENV, Container, ensure_dockerd, pip_cache, stock_image, wait_for_registry
 from support import chroot_run, pull_and_unpack
 
 PORT = 8080
@@ -29,7 +29,8 @@ def test_quick_start_on_stock_debian(suite, tmp_path):
         # Stock: git, and neither Python nor Nix.
         box.exec("command -v git && ! command -v python3 && ! command -v nix-build && [ ! -e /nix ]")
         box.copy_checkout("/src")
-        box.exec("scripts/example-pkgset /tmp/pkgs", workdir="/src")
+        box.exec("scripts/example-pkgset /tmp/pkgs", workdir="/src", env=BUILD_USERS_ENV)
+        assert box.exec("id -u nixbld1").stdout.strip() == BUILD_USERS_ENV["NIX_FIRST_BUILD_UID"]
         log = tmp_path / "serve.log"
         serve = box.spawn(README_SERVE, log, workdir="/src")
         host = wait_for_registry(box.port(PORT), serve, log)
@@ -65,3 +66,4 @@ def test_systems_without_apt_are_told_what_to_do():
         nixos = box.exec("scripts/serve", workdir="/src", check=False)
         assert nixos.returncode == 1, nixos.stdout
         assert "NixOS module" in nixos.stdout and "services.nixery" in nixos.stdout and "nix run" in nixos.stdout
+
