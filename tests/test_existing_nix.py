@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import json
 
-from containers import BUILD_USERS_ENV, Container, ensure_dockerd, pip_cache, stock_image, wait_for_registry
-from support import chroot_run, pull_and_unpack
+from containers import BUILD_USERS_ENV, Container, ensure_dockerd, pip_cache, serve_and_pull_hello, stock_image
 
 PORT = 8080
 README_SERVE = "NIXERY_PKGS_PATH=/tmp/pkgs NIX_CONFIG='substituters =' scripts/serve"
@@ -56,12 +55,7 @@ def test_a_user_in_nix_users_serves_with_the_daemon(tmp_path):
         assert "nix-users" in lines[0] and "permission denied" in lines[0] and "adduser bob" in lines[0], lines[0]
 
         # In nix-users: serves, building through the daemon (the store is root's).
-        log = tmp_path / "serve.log"
-        serve = box.spawn(SERVE, log, user="alice", workdir="/home/alice")
-        host = wait_for_registry(box.port(PORT), serve, log)
-        (tmp_path / "pull").mkdir()
-        rootfs = pull_and_unpack(host, "shell/hello", tmp_path / "pull")
-        assert chroot_run(rootfs, "/bin/hello").strip() == "Hello, world!"
+        log = serve_and_pull_hello(box, SERVE, PORT, tmp_path, user="alice", cwd="/home/alice")
         started = json.loads(next(line for line in log.read_text().splitlines() if "starting nixery" in line))
         assert started["config"]["storage_path"] == "/home/alice/.local/share/nixery"
         assert box.exec("stat -c %U /nix/store /nix/var/nix/db").stdout.split() == ["root", "root"]
@@ -93,9 +87,4 @@ def test_an_installed_nix_is_used_not_doubled(tmp_path):
         installed = box.exec("scripts/example-pkgset /tmp/pkgs", workdir="/src", env=BUILD_USERS_ENV).stdout
         assert "installing Debian packages: python3 python3-venv\n" in installed, installed
         assert box.exec("dpkg-query -W -f='${Status}' nix-bin", check=False).stdout.find("ok installed") < 0
-        log = tmp_path / "serve.log"
-        serve = box.spawn(README_SERVE, log, workdir="/src")
-        host = wait_for_registry(box.port(PORT), serve, log)
-        (tmp_path / "pull").mkdir()
-        rootfs = pull_and_unpack(host, "shell/hello", tmp_path / "pull")
-        assert chroot_run(rootfs, "/bin/hello").strip() == "Hello, world!"
+        serve_and_pull_hello(box, README_SERVE, PORT, tmp_path)

@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import pytest
 
-from containers import BUILD_USERS_ENV, Container, ensure_dockerd, pip_cache, stock_image, wait_for_registry
-from support import chroot_run, pull_and_unpack
+from containers import BUILD_USERS_ENV, Container, ensure_dockerd, pip_cache, serve_and_pull_hello, stock_image
 
 PORT = 8080
 README_SERVE = "NIXERY_PKGS_PATH=/tmp/pkgs NIX_CONFIG='substituters =' scripts/serve"
@@ -31,13 +30,7 @@ def test_quick_start_on_stock_debian(suite, tmp_path):
         box.copy_checkout("/src")
         box.exec("scripts/example-pkgset /tmp/pkgs", workdir="/src", env=BUILD_USERS_ENV)
         assert box.exec("id -u nixbld1").stdout.strip() == BUILD_USERS_ENV["NIX_FIRST_BUILD_UID"]
-        log = tmp_path / "serve.log"
-        serve = box.spawn(README_SERVE, log, workdir="/src")
-        host = wait_for_registry(box.port(PORT), serve, log)
-
-        (tmp_path / "pull").mkdir()
-        rootfs = pull_and_unpack(host, "shell/hello", tmp_path / "pull")
-        assert chroot_run(rootfs, "/bin/hello").strip() == "Hello, world!"
+        serve_and_pull_hello(box, README_SERVE, PORT, tmp_path)
 
         # Nixery runs from the checkout's .venv, made with Debian's own Python, whose system
         # site-packages stay as Debian left them (no pip, nothing of Nixery's).
