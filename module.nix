@@ -40,6 +40,8 @@ let
     listenAddress = "NIXERY_LISTEN_ADDRESS";
     channel = "NIXERY_CHANNEL";
     allowedChannels = "NIXERY_CHANNEL_ALLOW";
+    channelCommits = "NIXERY_CHANNEL_COMMITS";
+    allowedUris = "NIXERY_ALLOWED_URIS";
     pkgsRepo = "NIXERY_PKGS_REPO";
     pkgsPath = "NIXERY_PKGS_PATH";
     sshKeyFile = "NIXERY_SSH_KEY";
@@ -52,6 +54,10 @@ let
     maxBuilds = "NIXERY_MAX_BUILDS";
     clientBuilds = "NIXERY_CLIENT_BUILDS";
     failureTtl = "NIXERY_FAILURE_TTL";
+    maxImageSize = "NIXERY_MAX_IMAGE_SIZE";
+    maxPackages = "NIXERY_MAX_PACKAGES";
+    evalMemory = "NIXERY_EVAL_MEMORY";
+    evalTimeout = "NIXERY_EVAL_TIMEOUT";
     "binaryCache.url" = "NIXERY_BINARY_CACHE";
     "binaryCache.publicKey" = "NIXERY_BINARY_CACHE_PUBLIC_KEY";
     "binaryCache.secretKeyFile" = "NIXERY_BINARY_CACHE_SECRET_KEY";
@@ -69,6 +75,7 @@ let
     headerTimeout = "NIXERY_HEADER_TIMEOUT";
     ioTimeout = "NIXERY_IO_TIMEOUT";
     clientConnections = "NIXERY_CLIENT_CONNECTIONS";
+    trustedProxies = "NIXERY_TRUSTED_PROXIES";
     gracePeriod = "NIXERY_GRACE_PERIOD";
     logLevel = "NIXERY_LOG_LEVEL";
     accessLog = "NIXERY_ACCESS_LOG";
@@ -261,6 +268,34 @@ in
         Channels that an image tag may name instead of the default one
         (`HOST/shell/git:nixos-24.11`). Empty: a tag may only be `latest`
         or a nixpkgs commit.
+      '';
+    };
+
+    channelCommits = mkEnvOption "channelCommits" {
+      type = types.either (types.enum [
+        "any"
+        "none"
+      ]) (types.nonEmptyListOf (types.strMatching "[0-9a-f]{40}"));
+      default = "any";
+      example = "none";
+      description = ''
+        Which nixpkgs commits a 40-hex image tag may name: `"any"`, `"none"`
+        (refused with 403 before Nix runs), or a list of commits. The archive
+        URL serves the commits of every fork, so on a public instance `"any"`
+        builds code of anyone's choosing (confined: it cannot read the
+        server's files or environment).
+      '';
+    };
+
+    allowedUris = mkEnvOption "allowedUris" {
+      type = types.listOf (types.strMatching "[a-z][a-z0-9+.-]*://[^[:space:],]+");
+      default = [ ];
+      example = [ "https://github.com/NixOS/nixpkgs/archive/" ];
+      description = ''
+        URL prefixes that the package set's evaluation may fetch from (Nix's
+        `allowed-uris`; evaluation is restricted to the set's own files). A
+        channel's own tarball needs none; a set of your own that pins nixpkgs
+        with `fetchTarball` names its URL's prefix here.
       '';
     };
 
@@ -514,7 +549,49 @@ in
     failureTtl = mkEnvOption "failureTtl" {
       type = types.ints.between 0 86400;
       default = 60;
-      description = "Seconds a failed build or an unknown name is answered from memory (0: never).";
+      description = ''
+        Seconds a failed build or an unknown name is answered from memory, and
+        a failed derivation for any image that needs it (0: never).
+      '';
+    };
+
+    maxImageSize = mkEnvOption "maxImageSize" {
+      type = types.strMatching "[0-9]+[KMGTkmgt]?";
+      default = "1G";
+      example = "4G";
+      description = ''
+        Most bytes of packages an image may hold (its closure in the Nix
+        store; K, M, G or T are powers of 1024; "0": no limit). A bigger image
+        is refused with 403 before any layer is written.
+      '';
+    };
+
+    maxPackages = mkEnvOption "maxPackages" {
+      type = types.ints.between 0 128;
+      default = 20;
+      description = ''
+        Most components in an image name (packages and meta-packages such as
+        shell; 0: no limit). A longer name is refused before Nix runs.
+      '';
+    };
+
+    evalMemory = mkEnvOption "evalMemory" {
+      type = types.strMatching "[0-9]+[KMGTkmgt]?";
+      default = "2G";
+      description = ''
+        Memory one evaluation of the package set may take (RLIMIT_DATA of the
+        Nix process; K, M, G or T; at least 64M; "0": no limit). Past it the
+        request is refused with 403 naming the limit.
+      '';
+    };
+
+    evalTimeout = mkEnvOption "evalTimeout" {
+      type = types.nullOr (types.ints.between 1 86400);
+      default = null;
+      description = ''
+        Seconds one evaluation of the package set may take, fetching a
+        channel's tarball included (null: nixTimeout).
+      '';
     };
 
     popularityUrl = mkEnvOption "popularityUrl" {
@@ -568,7 +645,7 @@ in
     threads = mkEnvOption "threads" {
       type = types.ints.between 1 1024;
       default = 64;
-      description = "Threads per worker: requests served, downloads and requests waiting for a build.";
+      description = "Threads per worker: requests served, downloads and builds (requests waiting for another's build hold none).";
     };
 
     headerTimeout = mkEnvOption "headerTimeout" {
@@ -587,6 +664,27 @@ in
       type = types.ints.between 1 100000;
       default = 64;
       description = "Open connections one client address may have to each worker; more are answered 429.";
+    };
+
+    trustedProxies = mkEnvOption "trustedProxies" {
+      type = types.listOf types.str;
+      # nginx connects from loopback, and appends the client to X-Forwarded-For only with
+      # recommendedProxySettings (without them, it would pass on whatever the client sent).
+      default =
+        if cfg.nginx.enable && (config.services.nginx.recommendedProxySettings or false) then [ "127.0.0.1" "::1" ] else [ ];
+      defaultText = literalExpression ''
+        if config.services.nixery.nginx.enable && config.services.nginx.recommendedProxySettings
+        then [ "127.0.0.1" "::1" ] else [ ]'';
+      example = [ "10.0.0.0/8" ];
+      description = ''
+        Addresses or CIDR networks of the reverse proxies in front of Nixery.
+        From them, the client's address is read from `X-Forwarded-For` (the
+        rightmost address that is not a trusted proxy) or `Forwarded`, and
+        every per-client limit (new builds, connections, login lockouts) and
+        log uses it. With {option}`services.nixery.nginx.enable` (and nginx's
+        `recommendedProxySettings`, which append the client to
+        `X-Forwarded-For`), nginx's loopback addresses.
+      '';
     };
 
     gracePeriod = mkEnvOption "gracePeriod" {

@@ -8,13 +8,15 @@ blob, one keep-alive client at 127.0.0.100), first on an idle server, then while
 
 - SLOW connections (from 127.0.0.2-.11) send their headers a byte a second,
   reopened when the server cuts them off (NIXERY_HEADER_TIMEOUT),
-- WAITERS clients (from 127.0.1.x) wait for one image whose build sleeps BUILD s,
+- WAITERS clients (each from an address of its own, 127.0.1.x and up) wait for one image whose
+  build sleeps BUILD s (parked by the worker: they hold no thread),
 - an image of about MB MB is being assembled (its store paths are built beforehand,
   so its request spends its time archiving and compressing layers).
 
+and then /healthz and /readyz, PROBES times each, while the waiters still wait.
 Everything stays on loopback; every loop is bounded in count and time.
 
-    python3 bench/load.py [--pulls 100] [--slow 200] [--waiters 100] [--build 30] [--mb 300]
+    python3 bench/load.py [--pulls 100] [--slow 200] [--waiters 200] [--build 30] [--mb 300] [--probes 20]
 """
 
 from __future__ import annotations
@@ -93,6 +95,16 @@ def pulls(url: str, count: int) -> list[float]:
     return [pull(session, url, "hello") for _ in range(count)]
 
 
+def probe(url: str, path: str, count: int) -> list[float]:
+    """`count` health probes, each on a new connection as a load balancer's, from 127.0.0.101."""
+    times = []
+    for _ in range(count):
+        started = time.monotonic()
+        session_from("127.0.0.101").get(f"{url}{path}", timeout=60).raise_for_status()
+        times.append(time.monotonic() - started)
+    return times
+
+
 def figures(times: list[float]) -> str:
     ordered = sorted(times)
     p99 = ordered[max(0, int(round(0.99 * len(ordered))) - 1)]
@@ -142,9 +154,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pulls", type=int, default=100)
     parser.add_argument("--slow", type=int, default=200)
-    parser.add_argument("--waiters", type=int, default=100)
+    parser.add_argument("--waiters", type=int, default=200)
     parser.add_argument("--build", type=int, default=30, help="seconds the waited-for build sleeps")
     parser.add_argument("--mb", type=int, default=300, help="size of the image being assembled")
+    parser.add_argument("--probes", type=int, default=20, help="health probes while the waiters wait")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="nixery-bench-load-"))
@@ -176,8 +189,8 @@ def main() -> int:
 
         def wait_for_build(i: int) -> tuple[int, float]:
             started = time.monotonic()
-            response = session_from(f"127.0.1.{1 + i % 250}").get(f"{url}/v2/slowbuild/manifests/latest",
-                                                                  timeout=args.build * 4 + 60)
+            address = f"127.0.{1 + i // 250}.{1 + i % 250}"
+            response = session_from(address).get(f"{url}/v2/slowbuild/manifests/latest", timeout=args.build * 4 + 60)
             return response.status_code, time.monotonic() - started
 
         with concurrent.futures.ThreadPoolExecutor(args.waiters + 1) as pool:
@@ -197,6 +210,10 @@ def main() -> int:
                   f"(in {loaded_seconds:.1f} s; meanwhile {slow.opened} slow connections opened, "
                   f"{still_waiting} of {args.waiters} clients still waiting on the build at the end, "
                   f"{during_assembly} pulls finished while the {args.mb} MB image was assembling)", flush=True)
+            for path in ("/healthz", "/readyz"):
+                probes = probe(url, path, args.probes)
+                print(f"under load:   {args.probes} probes of {path}: {figures(probes)} "
+                      f"({sum(not f.done() for f in waiting)} clients still waiting)", flush=True)
             results = [f.result() for f in waiting]
             big_status = assembling.result()
         slow.stop.set()

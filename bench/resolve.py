@@ -34,7 +34,7 @@ from nixery.nix import Nix, SourceArgs, UnknownPackages  # noqa: E402
 WIDE = r'''
 { system ? builtins.currentSystem, ... }:
 let
-  base = import ../pkgset { inherit system; };
+  base = import ./pkgset { inherit system; };
   generated = builtins.listToAttrs (builtins.genList (i: {
     name = "Pkg${toString i}Tool";
     value = derivation {
@@ -57,9 +57,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="nixery-resolve-"))
     atexit.register(shutil.rmtree, work, True)  # storage and OCI layouts: hundreds of MB
     salt = uuid.uuid4().hex[:8]
-    make_package_set(work / "pkgset", salt=salt)
     wide = work / "wide"
-    wide.mkdir()
+    # Inside the set's directory: Nixery evaluates it in restricted mode, reading its own files only.
+    make_package_set(wide / "pkgset", salt=salt)
     count = max(0, args.attrs - 60)  # the test package set has about 60 attributes of its own
     (wide / "default.nix").write_text(WIDE.replace("@SALT@", salt).replace("@COUNT@", str(count)))
 

@@ -59,9 +59,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="nixery-suggest-"))
     atexit.register(shutil.rmtree, work, True)
     salt = uuid.uuid4().hex[:8]
-    make_package_set(work / "pkgset", salt=salt)
     wide = work / "wide"
-    wide.mkdir()
+    # Inside the set's directory: Nixery evaluates it in restricted mode, reading its own files only.
+    make_package_set(wide / "pkgset", salt=salt)
     count = max(0, args.attrs - 60)
     (wide / "default.nix").write_text(WIDE.replace("@SALT@", salt).replace("@COUNT@", str(count)))
     nix = Nix(600, work / "gcroots")

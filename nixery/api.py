@@ -17,7 +17,7 @@ from urllib.parse import urlencode
 
 import falcon
 
-from . import image, sbom
+from . import image, parking, sbom
 from .builder import BuildStats, ManifestBuilder
 from .error_handlers import as_registry_error
 from .errors import RegistryError, blob_unknown, manifest_unknown
@@ -80,10 +80,12 @@ class VersionCheck:
 class Registry:
     """The sink for everything below `/v2/`."""
 
-    def __init__(self, builder: ManifestBuilder, storage: Backend, source: Source):
+    def __init__(self, builder: ManifestBuilder, storage: Backend, source: Source, max_packages: int = 0):
         self.builder = builder
         self.storage = storage
         self.source = source
+        # NIXERY_MAX_PACKAGES: the most components a name may have (0: any number).
+        self.max_packages = max_packages
 
     def __call__(self, req: falcon.Request, resp: falcon.Response, **_: str) -> None:
         match = _PATH_RE.match(req.path)
@@ -113,11 +115,13 @@ class Registry:
     def manifest_by_tag(self, req: falcon.Request, resp: falcon.Response, name: str, tag: str) -> None:
         media_type = _negotiate(req)
         # req.context.build is what the metrics and the build history learn of this request.
-        started = time.monotonic()
+        started = time.monotonic() - parking.waited(req.env)
         try:
-            result = self.builder.manifest(image.parse(name, tag), media_type,
+            result = self.builder.manifest(image.parse(name, tag, self.max_packages), media_type,
                                            authorise_build=req.context.get("authorise_build"),
-                                           client=req.remote_addr or "")
+                                           client=req.remote_addr or "", parking=req.env.get(parking.ENVIRON_KEY))
+        except parking.Parked:
+            raise  # not an answer: the request runs again once the build it waits for is over
         except Exception as e:
             req.context.build = _failed_build(name, tag, e, time.monotonic() - started)
             raise

@@ -12,11 +12,13 @@ import falcon
 from . import error_handlers, health, image, popularity, web
 from .api import API_VERSION_HEADER, Registry, VersionCheck
 from .auth import AuthMiddleware
+from .clients import RealClient, TrustedProxies
 from .builder import Builder, BuildLimits, ManifestBuilder
 from .config import Config, SourceKind
 from .metrics import Metrics, MetricsMiddleware, MetricsResource
-from .nix import Nix
+from .nix import EvalBounds, Nix
 from .history import BuildHistory, BuildRecorder
+from .lockout import FailedLogins
 from .logs import AccessLog
 from .progress import InProgress
 from .sources import Source
@@ -40,7 +42,8 @@ def make_source(config: Config) -> Source:
         return PathSource(config.source.argument)
     if config.source.kind is SourceKind.CHANNEL:
         from .sources.channel import ChannelSource
-        return ChannelSource(config.source.argument, config.channel_url_template, config.channel_allow)
+        return ChannelSource(config.source.argument, config.channel_url_template, config.channel_allow,
+                             config.channel_commits)
     from .sources.git import GitSettings, GitSource
     return GitSource(GitSettings(url=config.source.argument, ttl=config.git_ttl, ssh_key=config.ssh_key,
                                  token=config.git_token, ssh_dir=config.ssh_dir, ssh_agent=config.ssh_agent,
@@ -78,23 +81,29 @@ def create_app(config: Config, storage: Backend | None = None, *, builder: Manif
     source = None
     if builder is None:
         nix = Nix(config.nix_timeout, config.state.gcroots, on_invoke=metrics.count_nix, cache=config.binary_cache,
-                  allow_unfree=config.allow_unfree)
+                  allow_unfree=config.allow_unfree, allowed_uris=config.allowed_uris,
+                  eval_bounds=EvalBounds(config.eval_memory, config.eval_timeout))
         source = make_source(config)
         systems = nix.systems()  # read once: the platforms offered and the systems refused before Nix
         platforms = tuple(image.PLATFORMS[name] for name in with_platforms(config, systems).platforms)
         builder = Builder(storage, nix, source, popularity.load(config.popularity_url),
                           config.layer_budget, config.state, platforms=platforms,
                           nix_snapshotter=config.nix_snapshotter, systems=systems, in_progress=in_progress,
-                          limits=BuildLimits(config.max_builds, config.client_builds, config.failure_ttl),
+                          limits=BuildLimits(config.max_builds, config.client_builds, config.failure_ttl,
+                                             config.max_image_size),
                           explain=error_handlers.as_registry_error)
+    # The real client first: every other middleware reads its address.
     # Auth last: its process_response runs first, before the build recorders read req.context.build.
-    # The access log first: its process_response runs last, once the response is complete.
-    app = falcon.App(middleware=[*([AccessLog()] if config.access_log else []), _ApiVersion(),
-                                MetricsMiddleware(metrics), BuildRecorder(history), AuthMiddleware(config.auth)])
+    # The access log next: its process_response runs last, once the response is complete.
+    app = falcon.App(middleware=[RealClient(TrustedProxies(config.trusted_proxies)),
+                                *([AccessLog()] if config.access_log else []), _ApiVersion(),
+                                MetricsMiddleware(metrics), BuildRecorder(history),
+                                AuthMiddleware(config.auth, FailedLogins(config.state.memory, config.state.locks),
+                                               on_check=metrics.count_password_check)])
     app.req_options.strip_url_path_trailing_slash = True
     error_handlers.register(app)
     app.add_route("/v2", VersionCheck())
-    app.add_sink(Registry(builder, storage, source or make_source(config)), prefix="/v2/")
+    app.add_sink(Registry(builder, storage, source or make_source(config), config.max_packages), prefix="/v2/")
     app.add_route("/metrics", MetricsResource(metrics))
     web.add_routes(app, config, history, in_progress)
     health.add_routes(app, storage)

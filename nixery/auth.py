@@ -12,9 +12,9 @@ before it would run Nix, and which refuses with the same 401.
 Wrong credentials are always refused, never treated as anonymous. Failed
 logins are logged with the user name and client address, never the password
 or token; each failure from an address delays the 401 it gets (doubling,
-capped at a second), and after many in a row the address gets 429 until it
-has been quiet for a while, without a bcrypt check that would cost CPU. The
-counts live in each worker process, bounded in size.
+capped at a second), and after many attempts in a row the address, or the user
+name, gets 429 until it has been quiet for a while, without a bcrypt check that
+would cost CPU. The counts are shared by all workers (nixery/lockout.py).
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from .config import AuthConfig, AuthLevel, TokenConfig
 from .errors import RegistryError
 from .image import MAX_NAME_LENGTH, NAME_RE
+from .lockout import FailedLogins
 
 log = logging.getLogger(__name__)
 
@@ -78,22 +79,35 @@ class Htpasswd:
 
     REMEMBERED = 1024
 
-    def __init__(self, entries: tuple[tuple[str, str], ...]):
+    def __init__(self, entries: tuple[tuple[str, str], ...], on_check: Callable[[], None] = lambda: None):
+        """`on_check` is called for each bcrypt check (the metrics count them)."""
         self.hashes = {user: hashed.encode() for user, hashed in entries}
         cost = max(int(hashed[4:6]) for _, hashed in entries)
         self.unknown_user_hash = bcrypt.hashpw(os.urandom(16), bcrypt.gensalt(rounds=max(4, cost)))
         self.key = os.urandom(32)
         self.passed: collections.OrderedDict[bytes, None] = collections.OrderedDict()
         self.lock = threading.Lock()
+        self.on_check = on_check
 
-    def check(self, user: str, password: bytes) -> None:
-        """Returns when the password is the user's; raises InvalidCredentials otherwise."""
-        fingerprint = hmac.new(self.key, user.encode() + b"\0" + password, hashlib.sha256).digest()
+    def _fingerprint(self, user: str, password: bytes) -> bytes:
+        return hmac.new(self.key, user.encode() + b"\0" + password, hashlib.sha256).digest()
+
+    def remembered(self, user: str, password: bytes) -> bool:
+        """Whether this user and password passed a check lately (no bcrypt check needed)."""
+        fingerprint = self._fingerprint(user, password)
         with self.lock:
             if fingerprint in self.passed:
                 self.passed.move_to_end(fingerprint)
-                return
+                return True
+        return False
+
+    def check(self, user: str, password: bytes) -> None:
+        """Returns when the password is the user's; raises InvalidCredentials otherwise."""
+        if self.remembered(user, password):
+            return
+        fingerprint = self._fingerprint(user, password)
         hashed = self.hashes.get(user)
+        self.on_check()
         try:
             matches = bcrypt.checkpw(password[:_BCRYPT_MAX], hashed or self.unknown_user_hash)
         except ValueError:  # a NUL byte, which no htpasswd password holds
@@ -150,65 +164,16 @@ class Tokens:
         return False
 
 
-class FailedLogins:
-    """Failed logins per client address: a growing delay for each, and a pause after too many.
-
-    At most `size` addresses are remembered (the least recently failed are
-    forgotten first); an address that has not failed for `pause` seconds starts
-    again from nothing, as does one that logs in.
-    """
-
-    def __init__(self, base_delay: float = 0.05, max_delay: float = 1.0, limit: int = 20, pause: float = 60.0,
-                 size: int = 4096, clock: Callable[[], float] = time.monotonic):
-        self.base_delay = base_delay
-        self.max_delay = max_delay
-        self.limit = limit
-        self.pause = pause
-        self.size = size
-        self.clock = clock
-        self.entries: collections.OrderedDict[str, tuple[int, float]] = collections.OrderedDict()
-        self.lock = threading.Lock()
-
-    def _count(self, address: str, now: float) -> int:
-        count, last = self.entries.get(address, (0, now))
-        if now - last >= self.pause:
-            del self.entries[address]
-            return 0
-        return count
-
-    def retry_after(self, address: str) -> float:
-        """Seconds before the address may try again; 0 when it may now."""
-        with self.lock:
-            now = self.clock()
-            if self._count(address, now) < self.limit:
-                return 0.0
-            return self.pause - (now - self.entries[address][1])
-
-    def failed(self, address: str) -> float:
-        """Records a failure; returns how long to hold back the answer to it."""
-        with self.lock:
-            now = self.clock()
-            count = self._count(address, now) + 1
-            self.entries[address] = (count, now)
-            self.entries.move_to_end(address)
-            while len(self.entries) > self.size:
-                self.entries.popitem(last=False)
-        return min(self.max_delay, self.base_delay * 2 ** (count - 1))
-
-    def succeeded(self, address: str) -> None:
-        with self.lock:
-            self.entries.pop(address, None)
-
-
 class AuthMiddleware:
     """Falcon middleware guarding `/v2/` at the configured level; the page and metrics stay open."""
 
-    def __init__(self, config: AuthConfig, failures: Optional[FailedLogins] = None,
-                 sleep: Callable[[float], None] = time.sleep):
+    def __init__(self, config: AuthConfig, failures: FailedLogins, sleep: Callable[[float], None] = time.sleep,
+                 on_check: Callable[[], None] = lambda: None):
+        """`failures` counts failed logins for all workers; `on_check` is called for each password check."""
         self.level = config.level
-        self.htpasswd = Htpasswd(config.htpasswd) if config.htpasswd else None
+        self.htpasswd = Htpasswd(config.htpasswd, on_check) if config.htpasswd else None
         self.tokens = Tokens(config.token) if config.token else None
-        self.failures = failures or FailedLogins()
+        self.failures = failures
         self.sleep = sleep
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
@@ -259,16 +224,26 @@ class AuthMiddleware:
         address = req.remote_addr or "unknown"
         wait = self.failures.retry_after(address)
         if wait > 0:
-            refusal = RegistryError(429, "TOOMANYREQUESTS", "too many failed logins from this address; "
-                                    "try again later")
-            refusal.headers["Retry-After"] = str(int(wait) + 1)
-            raise refusal
-        user = ""
-        try:
-            if scheme == "basic" and self.htpasswd:
+            raise _locked_out(wait)
+        user, password, malformed = "", b"", None
+        if scheme == "basic" and self.htpasswd:
+            try:
                 user, password = _basic(credentials)
-                self.htpasswd.check(user, password)
+            except InvalidCredentials as e:
+                malformed = e
+            if malformed is None and self.htpasswd.remembered(user, password):
                 self.failures.succeeded(address)
+                return True
+        # Counted before the check: concurrent guesses cannot all pass the count.
+        attempt = self.failures.admit(address, user if scheme == "basic" and malformed is None else None)
+        if attempt.retry_after > 0:
+            raise _locked_out(attempt.retry_after)
+        try:
+            if malformed is not None:
+                raise malformed
+            if scheme == "basic" and self.htpasswd:
+                self.htpasswd.check(user, password)
+                self.failures.succeeded(address, user)
                 return True
             if scheme == "bearer" and self.tokens:
                 claims = self.tokens.verify(credentials.strip())
@@ -284,9 +259,16 @@ class AuthMiddleware:
         except InvalidCredentials as e:
             log.warning("login failed", extra={"user": user[:_MAX_USER_LOGGED], "client": address,
                                                "reason": str(e), "path": req.path})
-            self.sleep(self.failures.failed(address))
+            self.sleep(attempt.delay)
             raise self.challenge(name, "authentication failed",
                                  "invalid_token" if scheme == "bearer" else None) from None
+
+
+def _locked_out(wait: float) -> RegistryError:
+    refusal = RegistryError(429, "TOOMANYREQUESTS", "too many failed logins from this address or for this user; "
+                            "try again later")
+    refusal.headers["Retry-After"] = str(int(wait) + 1)
+    return refusal
 
 
 def _basic(credentials: str) -> tuple[str, bytes]:

@@ -9,21 +9,27 @@ one only orders them, holds the per-image lock, and counts what happened.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
+import os
 import time
 from typing import Callable, Mapping, Optional, Protocol, Sequence
 
 from . import archive, layers, manifest, rootfs
 from .atomic import write_atomic
-from .config import StateLayout, redact_url
+from .config import StateLayout, format_size, redact_url
 from .image import OPTIONAL_PACKAGES, Architecture, Image
 from .errors import RegistryError
-from .failures import FailureMemory
-from .locks import Slots, file_lock
-from .nix import PROGRESS_RE, Closure, Nix, NixError, UnavailablePackages, UnknownPackages, UnsupportedSystem, listening
+from .failures import FailedDerivations, FailureMemory
+from .locks import Slots, file_lock, wait_until_free
+from .nix import (PROGRESS_RE, BuildFailed, Closure, DerivationFailed, Nix, NixError, UnavailablePackages,
+                  UnknownPackages, UnsupportedSystem, as_seen_by, listening)
+from .nix import Resolved as Evaluation
+from .parking import Parked, Parking
 from .progress import InProgress, Tracker
 from .sources import Resolved, Source
 from .suggest import Suggestions
@@ -41,12 +47,14 @@ RETRY_AFTER_SECONDS = 10
 
 @dataclasses.dataclass(frozen=True)
 class BuildLimits:
-    """How many builds run at once (`max_builds`, all clients; `client_builds`, one client address)
-    and how long a failure is answered from memory (`failure_ttl` seconds)."""
+    """How many builds run at once (`max_builds`, all clients; `client_builds`, one client address),
+    how long a failure is answered from memory (`failure_ttl` seconds) and the most bytes of
+    packages an image may hold (`max_image_size`; 0: no limit)."""
 
     max_builds: int = 1
     client_builds: int = 1
     failure_ttl: int = 0
+    max_image_size: int = 0
 
 
 # Bump when the same closure would give another config or manifest (users, labels, history),
@@ -104,10 +112,12 @@ class ManifestBuilder(Protocol):
     """What the HTTP layer asks of a builder (`Builder`; the fast tests' stand-in has no Nix)."""
 
     def manifest(self, image: Image, media_type: str = manifest.MANIFEST_MEDIA_TYPE,
-                 authorise_build: Optional[Callable[[], None]] = None, client: str = "") -> Result:
+                 authorise_build: Optional[Callable[[], None]] = None, client: str = "",
+                 parking: Optional[Parking] = None) -> Result:
         """The stored manifest for `image` as `media_type`, or an exception the error handlers know;
         `authorise_build` is called before Nix would run, and raises to refuse the client;
-        `client` (its address) is counted against the per-client limit of new builds."""
+        `client` (its address) is counted against the per-client limit of new builds; with
+        `parking`, a request that would wait for another's build raises `Parked` instead."""
 
 
 def in_media_type(storage: Backend, document: manifest.Document, media_type: str) -> manifest.Document:
@@ -176,30 +186,34 @@ class Builder:
         # Failures are kept as what a client was told (`explain`: the app's error handlers' translation).
         self.failures = FailureMemory(state.memory, state.locks, limits.failure_ttl,
                                       explain or (lambda error: RegistryError(500, "UNKNOWN", str(error))))
+        self.failed_derivations = FailedDerivations(state.memory, state.locks, limits.failure_ttl)
         self.build_slots = Slots(state.locks, "build", limits.max_builds)
         self.in_progress = in_progress or InProgress(state)
         self.suggestions = suggestions or Suggestions()
 
     def manifest(self, image: Image, media_type: str = manifest.MANIFEST_MEDIA_TYPE,
-                 authorise_build: Optional[Callable[[], None]] = None, client: str = "") -> Result:
+                 authorise_build: Optional[Callable[[], None]] = None, client: str = "",
+                 parking: Optional[Parking] = None) -> Result:
         """The manifest for `image` as `media_type` (Docker schema 2 or its OCI form, or a manifest
         list or OCI index of every platform when the client takes one), built if needed.
 
         `authorise_build` is called when Nix would have to run (nothing cached or just built
         serves the request); it raises to refuse a client that may only pull what is built.
         `client` (its address) is counted against the per-client limit of new builds.
+        With `parking` (nixery/parking.py), a request that would wait for the build another
+        request is running raises `Parked` instead of holding its thread.
         Raises what the steps raise (RegistryError, StorageError, NixError, UnknownPackages);
         the app's error handlers tell the client."""
         if not image.arch_given and self.platforms:
             # A name without `arm64/` is for the first platform listed (this machine's, by default).
             image = dataclasses.replace(image, arch=self.platforms[0])
         if media_type in manifest.ENTRY_MEDIA_TYPES and len(self.platforms) > 1 and not image.arch_given:
-            return self._index(image, media_type, authorise_build, client)
-        result = self._docker_manifest(image, authorise_build, client)
+            return self._index(image, media_type, authorise_build, client, parking)
+        result = self._docker_manifest(image, authorise_build, client, parking)
         return Result(in_media_type(self.storage, result.manifest, media_type), result.stats)
 
     def _index(self, image: Image, media_type: str, authorise_build: Optional[Callable[[], None]],
-               client: str) -> Result:
+               client: str, parking: Optional[Parking]) -> Result:
         """The index of `image` on every configured platform. Its entries name each platform's
         manifest digest, so every platform not built yet is built now, in parallel; each is
         stored on its own and served again to the next index or single-platform request.
@@ -209,7 +223,8 @@ class Builder:
         outcomes: list[Optional[Result]] = []
         unsupported: list[UnsupportedSystem] = []
         with concurrent.futures.ThreadPoolExecutor(len(variants), thread_name_prefix="platform") as pool:
-            futures = [pool.submit(self._docker_manifest, variant, authorise_build, client) for variant in variants]
+            futures = [pool.submit(self._docker_manifest, variant, authorise_build, client, parking)
+                       for variant in variants]
             for future in futures:
                 try:
                     outcomes.append(future.result())
@@ -228,7 +243,7 @@ class Builder:
         return Result(index, _combined(image, [result.stats for _, result in built]))
 
     def _docker_manifest(self, image: Image, authorise_build: Optional[Callable[[], None]],
-                         client: str) -> Result:
+                         client: str, parking: Optional[Parking] = None) -> Result:
         stats = BuildStats(image=image.name, tag=image.tag)
         resolved = self.source.resolve(image.tag)
         # Once the revision is fixed the tag no longer matters: `latest` and `release-v2` resolving
@@ -243,8 +258,13 @@ class Builder:
             return Result(cached, stats)
         self._check_system(image)
         self._raise_remembered(failure_key)
-        waited_since = time.time()
-        with file_lock(self.lock_dir, flight_key):
+        waited_since = parking.arrived if parking else time.time()
+        if parking and parking.replayed and not cache_key and (memo := self._memo(flight_key, waited_since, stats)):
+            return Result(memo, stats)  # woken by the end of the build it waited for: no lock to queue on
+        with file_lock(self.lock_dir, flight_key, wait=parking is None) as held:
+            if not held:
+                raise Parked(f"{self.lock_dir}\0{flight_key}", functools.partial(wait_until_free, self.lock_dir,
+                                                                                 flight_key))
             # Whoever held the lock may have built this image, or failed to, while we waited:
             # everyone who waited gets that one build's answer.
             if cache_key and (cached := self._cached(cache_key, stats)):
@@ -257,7 +277,7 @@ class Builder:
             # Logged and shown while the build runs: a URL's credentials are hidden.
             revision = resolved.cache_key or redact_url(f"{resolved.args.kind}:{resolved.args.argument}")
             document = self._limited_build(image, resolved, stats, revision, cache_key is not None, client,
-                                           failure_key)
+                                           failure_key, parking)
             if cache_key:
                 self.storage.write(f"manifests/{cache_key}", document.data, document.media_type)
             else:
@@ -270,9 +290,11 @@ class Builder:
             raise error
 
     def _limited_build(self, image: Image, resolved: Resolved, stats: BuildStats, revision: str, pinned: bool,
-                       client: str, failure_key: str) -> manifest.Document:
+                       client: str, failure_key: str, parking: Optional[Parking]) -> manifest.Document:
         """A build within the limits: refused (429) when `client` already has its share of new builds
-        running, else run when one of the instance's build slots is free; its failure is remembered."""
+        running, else run when one of the instance's build slots is free (with `parking`, a request
+        that finds none is parked until one is, letting go of the image's lock meanwhile); its
+        failure is remembered."""
         client_slots = Slots(self.lock_dir, f"client {client}", self.limits.client_builds)
         with client_slots.hold(wait=False) as allowed:
             if not allowed:
@@ -281,7 +303,9 @@ class Builder:
                                       "retry when one has finished", {"client_builds": self.limits.client_builds})
                 error.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
                 raise error
-            with self.build_slots.hold():
+            with self.build_slots.hold(wait=parking is None) as slot:
+                if not slot:
+                    raise Parked(f"{self.lock_dir}\0build slots", self.build_slots.wait_free)
                 try:
                     return self._build(image, resolved, stats, revision, pinned)
                 except Exception as e:
@@ -345,9 +369,9 @@ class Builder:
                 with self.nix.gc_roots() as roots:
                     resolved = self._timed(stats, "evaluate", lambda: self._resolve(
                         image, source_args, revision, pinned), tracker)
-                    closure: Closure = self._timed(stats, "build", lambda: self.nix.build(
-                        image.packages, OPTIONAL_PACKAGES, source_args, image.arch.nix_system, roots, resolved),
-                        tracker)
+                    closure: Closure = self._timed(stats, "build", lambda: self._realise(
+                        image, source_args, roots, resolved), tracker)
+                    self._refuse_oversized(closure)
                     groups = self._timed(stats, "layer", lambda: layers.group(
                         closure.paths, list(closure.packages.values()), self.popularity, self.budget), tracker)
                     descriptors = self._timed(stats, "upload", lambda: self._write_layers(
@@ -357,6 +381,51 @@ class Builder:
                 log.error("nix failed", extra={"image": image.name, "reason": e.reason, "nix_log": e.log})
                 raise
         return self._finish(image, resolved_source, closure, groups, descriptors, stats)
+
+    def _realise(self, image: Image, source_args, roots, resolved: Evaluation) -> Closure:
+        """The build of what the evaluation found, unless it needs a derivation that failed or
+        timed out within NIXERY_FAILURE_TTL (whatever image asked for it then): that failure is the
+        answer, without building. A derivation that fails now is remembered.
+
+        Images asked for at once that share a requested package not built yet take turns (a lock
+        per such derivation, in one order): the next one finds it built, or its failure remembered,
+        instead of building it again after Nix's own lock on it is released."""
+        unbuilt = sorted({resolved.derivations[name].split("!")[0] for name in image.packages
+                          if name in resolved.derivations and not os.path.exists(resolved[name])}
+                         if self.limits.failure_ttl > 0 else ())
+        with contextlib.ExitStack() as held:
+            for derivation in unbuilt:
+                held.enter_context(file_lock(self.lock_dir, f"derivation {derivation}"))
+            self._refuse_failed_derivations(image, resolved)
+            try:
+                return self.nix.build(image.packages, OPTIONAL_PACKAGES, source_args, image.arch.nix_system, roots,
+                                      resolved)
+            except DerivationFailed as e:
+                self.failed_derivations.remember(e)
+                raise
+
+    def _refuse_failed_derivations(self, image: Image, resolved: Evaluation) -> None:
+        """Raises the remembered failure of a derivation the image's build needs, if any."""
+        failed = self.failed_derivations.recall()
+        if not failed:
+            return
+        wanted = sorted({drv.split("!")[0] for drv in resolved.derivations.values()})
+        # The requested packages' own derivations first: no Nix call when one of them failed.
+        needed = (set(wanted) & failed.keys()) or (self.nix.requisites(wanted) & failed.keys())
+        if needed:
+            error = failed[min(needed)]
+            log.info("build needs a failed derivation", extra={"image": image.name, "derivation": error.derivation})
+            raise as_seen_by(error, resolved) if isinstance(error, BuildFailed) else error
+
+    def _refuse_oversized(self, closure: Closure) -> None:
+        """Refuses an image whose packages take more than NIXERY_MAX_IMAGE_SIZE, before any layer
+        is archived (the packages are built by now: their size is only known from the store)."""
+        limit = self.limits.max_image_size
+        size = sum(path.nar_size for path in closure.paths.values())
+        if limit and size > limit:
+            raise RegistryError(403, "DENIED", f"the image's packages take {format_size(size)} ({size} bytes), "
+                                f"more than this instance's limit of {format_size(limit)} (NIXERY_MAX_IMAGE_SIZE)",
+                                {"size": size, "max_image_size": limit})
 
     def _resolve(self, image: Image, source_args, revision: str, pinned: bool):
         """The evaluation, with suggestions for unknown names from the set's names (listed once per revision)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import importlib.util
+import ipaddress
 import os
 import re
 from pathlib import Path
@@ -41,6 +42,10 @@ DEFAULT_CHANNEL = "nixos-unstable"
 # OCI platforms an image can be offered for (nixery/image.py maps them to Nix systems).
 PLATFORM_NAMES = ("linux/amd64", "linux/arm64")
 DEFAULT_CHANNEL_URL = "https://github.com/NixOS/nixpkgs/archive/{rev}.tar.gz"
+# Below this, Nix cannot even start an evaluation (NIXERY_EVAL_MEMORY).
+EVAL_MEMORY_LEAST = 64 << 20
+# The most components a repository name of 255 characters can have (NIXERY_MAX_PACKAGES' range).
+MAX_COMPONENTS = 128
 
 # The single list of variables: `--help`, the README table test and the
 # NixOS module test all read it, so none of them can drift from the code.
@@ -53,6 +58,12 @@ VARIABLES: tuple[Variable, ...] = (
              "URL of a nixpkgs tarball; {rev} is replaced by the channel or commit."),
     Variable("NIXERY_CHANNEL_ALLOW", "",
              "Comma-separated channels that a tag may name (empty: only latest and commits)."),
+    Variable("NIXERY_CHANNEL_COMMITS", "any",
+             "Which nixpkgs commits a 40-hex tag may name on the channel source: any, none, or a "
+             "comma-separated list of commits."),
+    Variable("NIXERY_ALLOWED_URIS", "",
+             "Comma-separated URL prefixes the package set's evaluation may fetch from (Nix's allowed-uris; "
+             "a channel's own tarball needs none)."),
     Variable("NIXERY_PKGS_REPO", None,
              "Git repository (https, ssh, file:// or path) of a package set; tags pick refs."),
     Variable("NIXERY_PKGS_PATH", None, "Local directory holding a package set."),
@@ -77,7 +88,20 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("NIXERY_CLIENT_BUILDS", "2",
              "New builds one client address may have running at once; more get 429 TOOMANYREQUESTS."),
     Variable("NIXERY_FAILURE_TTL", "60",
-             "Seconds a failed build or an unknown name is answered from memory, per source revision (0: never)."),
+             "Seconds a failed build or an unknown name is answered from memory, per source revision, and a "
+             "failed derivation, whatever image needs it (0: never)."),
+    Variable("NIXERY_MAX_IMAGE_SIZE", "1G",
+             "Most bytes of packages an image may hold (its closure's size in the Nix store; K, M, G or T: "
+             "powers of 1024; 0: no limit); a bigger image is refused before any layer is written."),
+    Variable("NIXERY_MAX_PACKAGES", "20",
+             "Most components in an image name (packages, shell, arm64, nonroot; 0: no limit); a longer name "
+             "is refused before Nix runs."),
+    Variable("NIXERY_EVAL_MEMORY", "2G",
+             "Memory one evaluation of the package set may take (the Nix process's data, RLIMIT_DATA; K, M, G "
+             "or T; at least 64M; 0: no limit)."),
+    Variable("NIXERY_EVAL_TIMEOUT", None,
+             "Seconds one evaluation of the package set may take, fetching a channel's tarball included "
+             "(default: NIX_TIMEOUT)."),
     Variable("NIXERY_BINARY_CACHE", None,
              "Nix store URL of a binary cache shared by instances (file:///..., s3://...): built paths are copied there and substituted from it."),
     Variable("NIXERY_BINARY_CACHE_PUBLIC_KEY", None,
@@ -95,13 +119,16 @@ VARIABLES: tuple[Variable, ...] = (
              "true: annotate layers with their store paths for nix-snapshotter (changes manifest digests)."),
     Variable("NIXERY_WORKERS", "2", "Gunicorn worker processes."),
     Variable("NIXERY_THREADS", "64",
-             "Threads per worker: requests being served, downloads and requests waiting for a build "
-             "(a waiting thread sleeps; connections still sending their headers hold none)."),
+             "Threads per worker: requests being served, downloads and builds (requests waiting for "
+             "another's build, and connections still sending their headers, hold none)."),
     Variable("NIXERY_HEADER_TIMEOUT", "10", "Seconds a client may take to send a request's headers."),
     Variable("NIXERY_IO_TIMEOUT", "30",
              "Seconds a client may stall reading a response (or sending a body) before it is cut off."),
     Variable("NIXERY_CLIENT_CONNECTIONS", "64",
              "Open connections one client address may have to each worker; more are answered 429."),
+    Variable("NIXERY_TRUSTED_PROXIES", "",
+             "Comma-separated addresses or CIDR networks of reverse proxies: from them, the client's address is "
+             "read from X-Forwarded-For (or Forwarded), for every per-client limit and log."),
     Variable("NIXERY_GRACE_PERIOD", None,
              "Seconds a stopping server lets running builds and downloads finish (default: NIX_TIMEOUT)."),
     Variable("NIXERY_LOG_LEVEL", "INFO", "Log level: DEBUG, INFO, WARNING or ERROR."),
@@ -189,7 +216,7 @@ class StateLayout:
     prometheus: Path  # prometheus_client's multiprocess files, made afresh at each start
     history: Path  # the recent builds and failures the web page and /builds.json show
     build_memo: Path  # unpinned images' digests, for a few seconds after their build
-    memory: Path  # failed builds and unknown names, one fixed-size table (nixery/failures.py)
+    memory: Path  # failed builds and unknown names, failed logins: fixed-size tables (failures.py, lockout.py)
 
     @classmethod
     def under(cls, root: Path) -> "StateLayout":
@@ -208,6 +235,10 @@ class Config:
     source: PackageSource
     channel_url_template: str
     channel_allow: tuple[str, ...]
+    # The commits a 40-hex tag may name on the channel source: None for any, () for none.
+    channel_commits: Optional[tuple[str, ...]]
+    # URL prefixes evaluation may fetch from besides a channel's tarball (Nix's allowed-uris).
+    allowed_uris: tuple[str, ...]
     git_ttl: int
     ssh_key: Optional[Path]
     git_token: Optional[str] = dataclasses.field(repr=False)
@@ -222,6 +253,11 @@ class Config:
     max_builds: int
     client_builds: int
     failure_ttl: int
+    # Bounds on what one request may cost (bytes, components, bytes, seconds; 0: no bound).
+    max_image_size: int
+    max_packages: int
+    eval_memory: int
+    eval_timeout: int
     binary_cache: Optional[BinaryCacheConfig]
     popularity_url: Optional[str]
     layer_budget: int
@@ -233,6 +269,8 @@ class Config:
     header_timeout: int
     io_timeout: int
     client_connections: int
+    # Reverse proxies whose X-Forwarded-For / Forwarded headers name the client (nixery/clients.py).
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
     grace_period: int
     log_level: str
     auth: AuthConfig
@@ -252,6 +290,8 @@ class Config:
             "source": {"kind": self.source.kind.value, "argument": redact_url(self.source.argument)},
             "channel_url_template": redact_url(self.channel_url_template),
             "channel_allow": list(self.channel_allow),
+            "channel_commits": "any" if self.channel_commits is None else list(self.channel_commits),
+            "allowed_uris": [redact_url(uri) for uri in self.allowed_uris],
             "git_ttl": self.git_ttl,
             "ssh_key": "<set>" if self.ssh_key else None,
             "git_token": "<set>" if self.git_token else None,
@@ -265,6 +305,10 @@ class Config:
             "max_builds": self.max_builds,
             "client_builds": self.client_builds,
             "failure_ttl": self.failure_ttl,
+            "max_image_size": self.max_image_size,
+            "max_packages": self.max_packages,
+            "eval_memory": self.eval_memory,
+            "eval_timeout": self.eval_timeout,
             "binary_cache": ({"url": redact_url(self.binary_cache.url),
                               "writes": self.binary_cache.secret_key is not None}
                              if self.binary_cache else None),
@@ -277,6 +321,7 @@ class Config:
             "header_timeout": self.header_timeout,
             "io_timeout": self.io_timeout,
             "client_connections": self.client_connections,
+            "trusted_proxies": [str(network) for network in self.trusted_proxies],
             "grace_period": self.grace_period,
             "log_level": self.log_level,
             "access_log": self.access_log,
@@ -309,6 +354,31 @@ def _int(env: Mapping[str, str], name: str, lo: int, hi: int, default: Optional[
     return value
 
 
+_SIZE_RE = re.compile(r"(\d+)([KMGT]?)", re.I)
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def format_size(value: int) -> str:
+    """Bytes as people read them, in the units the size variables take: 1.5G, 300M, 12K, 900 bytes."""
+    for unit in ("T", "G", "M", "K"):
+        if value >= _SIZE_UNITS[unit]:
+            return f"{value / _SIZE_UNITS[unit]:.3g}{unit}"
+    return f"{value} bytes"
+
+
+def _size(env: Mapping[str, str], name: str, least: int = 0) -> int:
+    """`name` as bytes: a whole number, or one with a K, M, G or T suffix (powers of 1024); 0 means
+    no limit, anything else must be at least `least`."""
+    raw = (env.get(name) or _default(name)).strip()
+    match = _SIZE_RE.fullmatch(raw)
+    if not match:
+        raise ConfigError(f"{name}={raw!r} is not a size (bytes, or a number with K, M, G or T: 512M, 2G)")
+    value = int(match.group(1)) * _SIZE_UNITS[match.group(2).upper()]
+    if 0 < value < least:
+        raise ConfigError(f"{name}={raw!r} is less than {least >> 20}M (0: no limit)")
+    return value
+
+
 def _default(name: str) -> str:
     for var in VARIABLES:
         if var.name == name:
@@ -337,6 +407,45 @@ def _source(env: Mapping[str, str]) -> PackageSource:
     return PackageSource(SourceKind.CHANNEL, channel)
 
 
+def _channel_commits(env: Mapping[str, str]) -> Optional[tuple[str, ...]]:
+    raw = (env.get("NIXERY_CHANNEL_COMMITS") or _default("NIXERY_CHANNEL_COMMITS")).strip()
+    if raw.lower() == "any":
+        return None
+    if raw.lower() == "none":
+        return ()
+    commits = tuple(dict.fromkeys(c.strip() for c in raw.split(",") if c.strip()))
+    for commit in commits:
+        if not re.fullmatch(r"[0-9a-f]{40}", commit):
+            raise ConfigError(f"NIXERY_CHANNEL_COMMITS names {commit!r}: give any, none, or full 40-hex "
+                              "lower-case commits separated by commas")
+    return commits
+
+
+def _allowed_uris(env: Mapping[str, str]) -> tuple[str, ...]:
+    uris = tuple(dict.fromkeys(u.strip() for u in (env.get("NIXERY_ALLOWED_URIS") or "").split(",") if u.strip()))
+    for uri in uris:
+        if not re.fullmatch(r"[a-z][a-z0-9+.-]*://\S+", uri):
+            raise ConfigError(f"NIXERY_ALLOWED_URIS names {redact_url(uri)!r}, which is not a URL prefix "
+                              "(scheme://..., without spaces)")
+    return uris
+
+
+# Files whose content is secret; GOOGLE_APPLICATION_CREDENTIALS is Google's library's, not ours.
+_SECRET_FILES = ("GCS_SIGNING_KEY", "NIXERY_HTPASSWD", "NIXERY_SSH_KEY", "NIXERY_BINARY_CACHE_SECRET_KEY",
+                 "GOOGLE_APPLICATION_CREDENTIALS")
+
+
+def _check_secrets_outside(source: PackageSource, env: Mapping[str, str]) -> None:
+    """Nix's restricted evaluation may read the whole package-set directory, so no secret may be in it."""
+    if source.kind is not SourceKind.PATH:
+        return
+    root = Path(source.argument)
+    for name in _SECRET_FILES:
+        if env.get(name) and Path(env[name]).expanduser().resolve().is_relative_to(root):
+            raise ConfigError(f"{name} lies inside NIXERY_PKGS_PATH={root}, all of which the package set's code "
+                              "may read: keep secrets outside it")
+
+
 def _home(env: Mapping[str, str]) -> Path:
     return Path(env.get("HOME") or Path.home())
 
@@ -352,6 +461,19 @@ def _platforms(env: Mapping[str, str]) -> tuple[str, ...]:
         if platform not in PLATFORM_NAMES:
             raise ConfigError(f"NIXERY_PLATFORMS names {platform!r}; known platforms: {', '.join(PLATFORM_NAMES)}")
     return platforms
+
+
+def _trusted_proxies(env: Mapping[str, str]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    networks = []
+    for entry in (env.get("NIXERY_TRUSTED_PROXIES") or "").split(","):
+        if not entry.strip():
+            continue
+        try:
+            networks.append(ipaddress.ip_network(entry.strip(), strict=False))
+        except ValueError:
+            raise ConfigError(f"NIXERY_TRUSTED_PROXIES names {entry.strip()!r}, which is not an IP address "
+                              "or CIDR network (like 10.0.0.0/8)") from None
+    return tuple(dict.fromkeys(networks))
 
 
 def _gcs(env: Mapping[str, str]) -> Optional[GcsConfig]:
@@ -527,18 +649,24 @@ def load(env: Mapping[str, str] = os.environ) -> Config:
     template = env.get("NIXERY_CHANNEL_URL_TEMPLATE") or _default("NIXERY_CHANNEL_URL_TEMPLATE")
     if "{rev}" not in template:
         raise ConfigError("NIXERY_CHANNEL_URL_TEMPLATE must contain {rev}")
+    if re.search(r"\s", template):  # Nix's allowed-uris, which holds the URL, is space-separated
+        raise ConfigError("NIXERY_CHANNEL_URL_TEMPLATE may not contain white space")
     ssh_key = env.get("NIXERY_SSH_KEY")
     if ssh_key and not Path(ssh_key).is_file():
         raise ConfigError(f"NIXERY_SSH_KEY={ssh_key!r} is not a readable file")
+    source = _source(env)
+    _check_secrets_outside(source, env)
     popularity = env.get("NIX_POPULARITY_URL") or None
     if popularity and not re.match(r"^https?://", popularity) and not Path(popularity).is_file():
         raise ConfigError(f"NIX_POPULARITY_URL={popularity!r} is neither an http(s) URL nor a file")
     return Config(
         port=_int(env, "PORT", 1, 65535),
         listen_address=env.get("NIXERY_LISTEN_ADDRESS") or _default("NIXERY_LISTEN_ADDRESS"),
-        source=_source(env),
+        source=source,
         channel_url_template=template,
         channel_allow=allow,
+        channel_commits=_channel_commits(env),
+        allowed_uris=_allowed_uris(env),
         git_ttl=_int(env, "NIXERY_GIT_TTL", 0, 7 * 24 * 3600),
         ssh_key=Path(ssh_key) if ssh_key else None,
         git_token=env.get("NIXERY_GIT_TOKEN") or None,
@@ -552,6 +680,10 @@ def load(env: Mapping[str, str] = os.environ) -> Config:
         max_builds=_int(env, "NIXERY_MAX_BUILDS", 1, 256, default=os.cpu_count() or 1),
         client_builds=_int(env, "NIXERY_CLIENT_BUILDS", 1, 256),
         failure_ttl=_int(env, "NIXERY_FAILURE_TTL", 0, 24 * 3600),
+        max_image_size=_size(env, "NIXERY_MAX_IMAGE_SIZE"),
+        max_packages=_int(env, "NIXERY_MAX_PACKAGES", 0, MAX_COMPONENTS),
+        eval_memory=_size(env, "NIXERY_EVAL_MEMORY", least=EVAL_MEMORY_LEAST),
+        eval_timeout=_int(env, "NIXERY_EVAL_TIMEOUT", 1, 24 * 3600, default=_int(env, "NIX_TIMEOUT", 1, 24 * 3600)),
         binary_cache=_binary_cache(env),
         popularity_url=popularity,
         layer_budget=_int(env, "NIXERY_LAYER_BUDGET", 1, 120),
@@ -562,6 +694,7 @@ def load(env: Mapping[str, str] = os.environ) -> Config:
         header_timeout=_int(env, "NIXERY_HEADER_TIMEOUT", 1, 3600),
         io_timeout=_int(env, "NIXERY_IO_TIMEOUT", 1, 24 * 3600),
         client_connections=_int(env, "NIXERY_CLIENT_CONNECTIONS", 1, 100_000),
+        trusted_proxies=_trusted_proxies(env),
         grace_period=_int(env, "NIXERY_GRACE_PERIOD", 0, 7 * 24 * 3600,
                           default=_int(env, "NIX_TIMEOUT", 1, 24 * 3600)),
         log_level=_checked(env, "NIXERY_LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR"), str.upper),

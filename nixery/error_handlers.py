@@ -19,7 +19,9 @@ the infrastructure (storage, Nix itself, a timeout, a bug) are 5xx:
 | --- | --- | --- |
 | unknown, removed or renamed package, not a package, unsupported system | 404 | MANIFEST_UNKNOWN |
 | unfree, broken or insecure package (the set's config refuses it) | 403 | DENIED |
+| over a bound of the instance: a name's components, an image's size, an evaluation's memory or time | 403 | DENIED |
 | a package's build fails (its builder exits non-zero) | 422 | UNKNOWN |
+| the set's code reads a file or URL it may not (restricted evaluation) | 403 | DENIED |
 | Nix cannot run, an evaluation error of the set, a timeout, a builder killed | 500 | UNKNOWN |
 | storage fails | 503 | UNAVAILABLE |
 """
@@ -33,7 +35,9 @@ import falcon
 
 from .builder import BUILD_FAILED_STATUS
 from .errors import RegistryError, build_failed, manifest_unknown, unavailable
-from .nix import BuildFailed, NixError, Problem, UnavailablePackages, UnknownPackages, UnsupportedSystem
+from .nix import (BuildFailed, EvaluationLimit, Forbidden, NixError, Problem, UnavailablePackages,
+                  UnknownPackages, UnsupportedSystem)
+from .parking import Parked
 from .storage import StorageError
 
 log = logging.getLogger(__name__)
@@ -100,6 +104,8 @@ _TRANSLATIONS: dict[type[Exception], Callable[[Any], RegistryError]] = {
     UnavailablePackages: _unavailable,
     UnsupportedSystem: lambda error: manifest_unknown(str(error), {"system": error.system}),
     BuildFailed: lambda error: RegistryError(BUILD_FAILED_STATUS, "UNKNOWN", error.reason),
+    EvaluationLimit: lambda error: RegistryError(403, "DENIED", error.reason, {"limit": error.variable}),
+    Forbidden: lambda error: RegistryError(403, "DENIED", error.reason),
     NixError: lambda error: build_failed(error.reason),
 }
 _FALCON_CODES = {404: "NOT_FOUND", 405: "UNSUPPORTED"}
@@ -143,9 +149,16 @@ def _unexpected_error(req: falcon.Request, resp: falcon.Response, error: Excepti
     _render(resp, as_registry_error(error))
 
 
+def _parked(req: falcon.Request, resp: falcon.Response, error: Parked, params: Any) -> None:
+    """A parked request has no answer yet: re-raised, it leaves the app without one (and without
+    the response middleware: it is neither logged nor counted) for the worker to park."""
+    raise error
+
+
 def register(app: falcon.App) -> None:
     """One handler per exception type; Falcon picks the most specific for each exception."""
     app.add_error_handler(Exception, _unexpected_error)
     app.add_error_handler(falcon.HTTPError, _http_error)
+    app.add_error_handler(Parked, _parked)
     for kind in _TRANSLATIONS:
         app.add_error_handler(kind, _translated)

@@ -122,8 +122,9 @@ class BuildRecorder:
         if stats is None:
             return
         item = entry(stats, time.time())
+        # The log names the client (behind a trusted proxy, the one it names); the page does not.
         log.log(logging.WARNING if stats.outcome == "failed" else logging.INFO,
-                _MESSAGES[stats.outcome], extra=_log_fields(item))
+                _MESSAGES[stats.outcome], extra={**_log_fields(item), "client": req.remote_addr})
         if stats.outcome == "cached":
             return
         try:

@@ -92,11 +92,17 @@ def validate_digest(digest: str) -> bool:
                         {"digest": digest})
 
 
-def parse(name: str, tag: str) -> Image:
-    """Split a repository name into packages; leading components may be meta-packages."""
+def parse(name: str, tag: str, max_components: int = 0) -> Image:
+    """Split a repository name into packages; leading components may be meta-packages.
+    A name of more than `max_components` components (NIXERY_MAX_PACKAGES; 0: any number) is
+    refused here, before anything is evaluated: each package costs evaluation, building and a layer."""
     validate_name(name)
     validate_tag(tag)
     components = name.split("/")
+    if max_components and len(components) > max_components:
+        raise RegistryError(403, "DENIED", f"the name has {len(components)} components; this instance builds "
+                            f"images of at most {max_components} (NIXERY_MAX_PACKAGES)",
+                            {"components": len(components), "max_packages": max_components})
     arch = AMD64
     arch_given = shell = nonroot = False
     packages: list[str] = []

@@ -54,14 +54,20 @@ def _try(fd: int, offset: int, wait: bool) -> bool:
 
 
 @contextlib.contextmanager
-def file_lock(directory: Path, name: str) -> Iterator[None]:
-    """Holds the lock called `name` (blocking until it is free)."""
+def file_lock(directory: Path, name: str, wait: bool = True) -> Iterator[bool]:
+    """Holds the lock called `name`, blocking until it is free, and yields True; with `wait=False`,
+    yields False at once (holding nothing) when another holds it."""
     fd = _open(directory)
     try:
-        _try(fd, _offset(name), wait=True)
-        yield
+        yield _try(fd, _offset(name), wait=wait)
     finally:
         os.close(fd)  # closing the description releases its locks
+
+
+def wait_until_free(directory: Path, name: str) -> None:
+    """Returns once nobody holds the lock called `name` (taking it for an instant)."""
+    with file_lock(directory, name):
+        pass
 
 
 class Slots:
@@ -88,3 +94,7 @@ class Slots:
         finally:
             os.close(fd)
 
+    def wait_free(self) -> None:
+        """Returns once a slot is free (taking it for an instant)."""
+        with self.hold():
+            pass

@@ -11,6 +11,8 @@ import logging
 import sys
 import time
 
+from .parking import waited
+
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
 
@@ -57,7 +59,7 @@ class AccessLog:
         self.log.setLevel(logging.INFO)
 
     def process_request(self, req, resp) -> None:
-        req.context.access_started = time.monotonic()
+        req.context.access_started = time.monotonic() - waited(req.env)
 
     def process_response(self, req, resp, resource, req_succeeded: bool) -> None:
         started = req.context.get("access_started")

@@ -54,6 +54,9 @@ class Metrics:
                               "or found already stored (reused).", ["result"], registry=self.registry)
         self.layer_bytes = Counter("nixery_layer_bytes", "Compressed layer bytes written to storage "
                                    "or reused from it.", ["result"], registry=self.registry)
+        self.password_checks = Counter("nixery_password_checks", "Passwords checked against the htpasswd file "
+                                       "(bcrypt hashes; a login remembered or refused for too many failures "
+                                       "costs none).", registry=self.registry)
         self.nix_invocations = Counter("nixery_nix_invocations", "Nix processes started, by command.",
                                        ["command"], registry=self.registry)
         # livesum: the builds of every worker that is alive, added up (a dead worker's stop counting).
@@ -68,6 +71,9 @@ class Metrics:
 
     def count_in_progress(self, change: int) -> None:
         self.in_progress.inc(change)
+
+    def count_password_check(self) -> None:
+        self.password_checks.inc()
 
     def count_nix(self, command: str) -> None:
         self.nix_invocations.labels(os.path.basename(command)).inc()

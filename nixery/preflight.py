@@ -20,10 +20,11 @@ import socket
 import subprocess
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Optional
+from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 from .config import VARIABLE_NAMES, Config, SourceKind, redact_url
 from .nix import first_error_line
+from .nix.confine import SANDBOX_CHECK_OPTIONS, nix_environment
 from .storage import Backend, StorageError
 
 NIX_COMMANDS = ("nix-build", "nix-instantiate", "nix-store", "nix")
@@ -108,7 +109,12 @@ def nix_findings(env: Mapping[str, str]) -> list[Finding]:
                           f"nix-daemon; on Debian, apt-get install nix-setup-systemd and add the user to "
                           f"{DAEMON_GROUP})")]
     problem = _build_problem(env)
-    return [error(problem)] if problem else []
+    if problem:
+        return [error(problem)]
+    if not _local_store_writable():
+        return []  # a nix-daemon builds, and its own `sandbox` setting decides
+    problem = sandbox_problem(env)
+    return [warning(problem)] if problem else []
 
 
 def _which(command: str, path: str) -> bool:
@@ -160,19 +166,41 @@ def _user_name() -> str:
         return f"uid {os.getuid()}"
 
 
+def _build_check(env: Mapping[str, str], options: Sequence[str] = ()) -> Optional[subprocess.CompletedProcess]:
+    """nix-build of preflight.nix with `options`; None if it did not end within BUILD_CHECK_TIMEOUT."""
+    try:
+        return subprocess.run(["nix-build", str(BUILD_CHECK), "--no-out-link",
+                               # Whether a cache has the output is not the question: can this machine build?
+                               "--option", "substituters", "", *options],
+                              capture_output=True, text=True, timeout=BUILD_CHECK_TIMEOUT,
+                              stdin=subprocess.DEVNULL, env=nix_environment(env))
+    except subprocess.TimeoutExpired:
+        return None
+
+
 def _build_problem(env: Mapping[str, str]) -> Optional[str]:
     """Builds preflight.nix; None if it built, else the line to show."""
-    try:
-        proc = subprocess.run(["nix-build", str(BUILD_CHECK), "--no-out-link",
-                               # Whether a cache has the output is not the question: can this machine build?
-                               "--option", "substituters", ""],
-                              capture_output=True, text=True, timeout=BUILD_CHECK_TIMEOUT,
-                              stdin=subprocess.DEVNULL, env=dict(env))
-    except subprocess.TimeoutExpired:
+    proc = _build_check(env)
+    if proc is None:
         return f"Nix did not build a trivial derivation within {BUILD_CHECK_TIMEOUT}s: is the store locked by a stuck build?"
     if proc.returncode == 0:
         return None
     return explain_build_failure(proc.stderr)
+
+
+def sandbox_problem(env: Mapping[str, str]) -> Optional[str]:
+    """Builds preflight.nix again (`--check`) in the sandbox, without Nix's fallback to no
+    sandbox; None if it built there, else the line to show. Nixery asks for the sandbox on every
+    build, and where the kernel refuses it (some containers) Nix builds without one."""
+    proc = _build_check(env, ["--check", *SANDBOX_CHECK_OPTIONS])
+    if proc is None:
+        return f"Nix did not build a trivial derivation in its sandbox within {BUILD_CHECK_TIMEOUT}s"
+    if proc.returncode == 0:
+        return None
+    return (f"Nix cannot sandbox builds here ({first_error_line(proc.stderr)}), so it builds without "
+            "a sandbox: a package set's builds can read every file Nix's build users can read and reach "
+            "the network, this server included. Keep secrets readable by the service user only, or run "
+            "Nixery where Nix can sandbox (README: Running in public)")
 
 
 def explain_build_failure(stderr: str) -> str:

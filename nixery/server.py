@@ -27,7 +27,7 @@ def gunicorn_options(config: Config) -> dict[str, Any]:
                  else f"{config.listen_address}:{config.port}"],
         "workers": config.workers,
         # Gunicorn's threaded worker, reading request heads in its event loop (nixery/worker.py):
-        # slow clients hold no thread, and threads waiting on a build sleep in a lock.
+        # slow clients hold no thread, and requests waiting for a build are parked there, threadless.
         "worker_class": "nixery.worker.NixeryWorker",
         "threads": config.threads,
         # The master's heartbeat check: the worker's event loop beats while its threads build.

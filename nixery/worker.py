@@ -8,7 +8,12 @@ for the whole head), so a thread is only taken by a request that is complete;
 slow and idle connections cost a socket and a buffer, and a worker holds up to
 Gunicorn's `worker_connections` of them. It also
 
-- caps the connections of one client address (NIXERY_CLIENT_CONNECTIONS per worker; more get 429),
+- parks requests that wait for another request's build (nixery/parking.py): the connection
+  and its head are kept in the event loop, with no thread, and the request runs again when
+  the build's lock is released, so any number of waiters leave the threads to everyone else,
+- caps the connections of one client address (NIXERY_CLIENT_CONNECTIONS per worker; more get 429);
+  from a trusted proxy (NIXERY_TRUSTED_PROXIES) the connection counts for the client its head
+  names (nixery/clients.py), from the moment the head is read, and the proxy itself is not capped,
 - gives every socket a thread uses a timeout (NIXERY_IO_TIMEOUT), so a client that stops
   reading a blob (or sending a body) loses its thread after that long,
 - stops accepting while every thread is busy, so the other worker (or the kernel's
@@ -25,6 +30,7 @@ import collections
 import errno
 import selectors
 import socket
+import threading
 import time
 from functools import partial
 from typing import Any, Optional
@@ -32,7 +38,9 @@ from typing import Any, Optional
 from gunicorn.http import errors as http_errors
 from gunicorn.workers.gthread import TConn, ThreadWorker
 
+from .clients import TrustedProxies, head_headers
 from .errors import RegistryError
+from .parking import ENVIRON_KEY, Parked, Parking
 
 # Longest head read before the thread's parser takes over (and answers 414/431 as the limits say).
 MAX_HEAD_BYTES = 64 * 1024
@@ -87,7 +95,8 @@ class TimedSocket(socket.socket):
 
 class NixeryConn(TConn):
     """A connection that tells its worker when it closes (to count connections per address)
-    and carries the head read so far by the event loop."""
+    and carries the head read so far by the event loop; a parked request keeps its head
+    (`last_head`) to run again, and when it first arrived."""
 
     def __init__(self, worker: "NixeryWorker", *args: Any):
         super().__init__(*args)
@@ -95,6 +104,10 @@ class NixeryConn(TConn):
         self.head: Optional[bytearray] = None
         self.head_deadline = 0.0
         self.released = False
+        self.counted_as: Optional[str] = None  # the client address this connection counts for
+        self.last_head = b""
+        self.parking = Parking(0.0)
+        self.parked: Optional[Parked] = None
 
     def close(self, graceful: bool = False) -> None:
         """Gunicorn's graceful close lingers up to 2 s for the client's FIN, in the event loop, so a
@@ -125,9 +138,26 @@ class NixeryWorker(ThreadWorker):
         self.busy = 0
         self.serving: dict[NixeryConn, tuple[str, float]] = {}
         self.last_wait_log = 0.0
+        # Parked requests by what they wait for (touched by the event loop only).
+        self.parked: dict[str, list[NixeryConn]] = {}
+        self.local = threading.local()  # the connection each thread serves
         config = self.app.config  # the NixeryServer's Config
         self.limits = {"header_timeout": config.header_timeout, "client_connections": config.client_connections}
+        self.proxies = TrustedProxies(config.trusted_proxies)
         TimedSocket.io_timeout = float(config.io_timeout)
+
+    def load_wsgi(self) -> None:
+        """The app, told in each request's environ that this worker can park it."""
+        super().load_wsgi()
+        app = self.wsgi
+
+        def parkable(environ: dict, start_response: Any) -> Any:
+            conn = getattr(self.local, "conn", None)  # None: not an HTTP/1 request of handle_request's
+            if conn is not None:
+                environ[ENVIRON_KEY] = conn.parking
+            return app(environ, start_response)
+
+        self.wsgi = parkable
 
     # -- accepting --------------------------------------------------------------------------
 
@@ -144,16 +174,54 @@ class NixeryWorker(ThreadWorker):
             raise
         client = TimedSocket(raw.family, raw.type, raw.proto, fileno=raw.detach())
         address = addr[0] if isinstance(addr, tuple) else ""
-        if self.per_address[address] >= self.limits["client_connections"]:
-            error = RegistryError(429, "TOOMANYREQUESTS",
-                                  f"this address has {self.limits['client_connections']} connections open already")
-            error.headers["Retry-After"] = "1"
-            self._answer_and_close(client, error)
+        # A trusted proxy's connection counts for the client its head names, once it is read.
+        trusted = self.proxies.trusts(address)
+        if not trusted and self.per_address[address] >= self.limits["client_connections"]:
+            self._answer_and_close(client, self._too_many_connections())
             return
-        self.per_address[address] += 1
         self.nr_conns += 1
         conn = NixeryConn(self, self.cfg, client, addr, listener.getsockname())
+        if not trusted:
+            self._count(conn, address)
         self._read_head(conn)
+
+    def _too_many_connections(self) -> RegistryError:
+        error = RegistryError(429, "TOOMANYREQUESTS",
+                              f"this address has {self.limits['client_connections']} connections open already")
+        error.headers["Retry-After"] = "1"
+        return error
+
+    def _count(self, conn: NixeryConn, address: str) -> None:
+        self.per_address[address] += 1
+        conn.counted_as = address
+
+    def _uncount(self, conn: NixeryConn) -> None:
+        address, conn.counted_as = conn.counted_as, None
+        if address is None:
+            return
+        self.per_address[address] -= 1
+        if self.per_address[address] <= 0:
+            del self.per_address[address]
+
+    def _count_client(self, conn: NixeryConn) -> bool:
+        """Counts a trusted proxy's connection for the client its complete head names (each request
+        of a kept-alive connection may be another client's); False when that client is over its cap,
+        after answering 429 and closing."""
+        peer = conn.client[0] if isinstance(conn.client, tuple) else ""
+        if not self.proxies.trusts(peer):
+            return True
+        headers = head_headers(bytes(conn.head or b""), ("x-forwarded-for", "forwarded"))
+        client = self.proxies.client(peer, headers["x-forwarded-for"], headers["forwarded"])
+        if client == conn.counted_as:
+            return True
+        self._uncount(conn)
+        if self.per_address[client] >= self.limits["client_connections"]:
+            self.nr_conns -= 1
+            self._answer_and_close(conn.sock, self._too_many_connections())
+            self.released(conn)
+            return False
+        self._count(conn, client)
+        return True
 
     @staticmethod
     def _answer_and_close(sock: socket.socket, error: RegistryError) -> None:
@@ -168,10 +236,7 @@ class NixeryWorker(ThreadWorker):
         if conn.released:
             return
         conn.released = True
-        address = conn.client[0] if isinstance(conn.client, tuple) else ""
-        self.per_address[address] -= 1
-        if self.per_address[address] <= 0:
-            del self.per_address[address]
+        self._uncount(conn)
 
     # -- reading heads in the event loop ------------------------------------------------------
 
@@ -184,10 +249,7 @@ class NixeryWorker(ThreadWorker):
 
     def _stop_reading(self, conn: NixeryConn) -> None:
         self.reading.pop(conn, None)
-        try:
-            self.poller.unregister(conn.sock)
-        except (KeyError, ValueError, OSError):
-            pass
+        self._unwatch(conn)
 
     def _on_head_readable(self, conn: NixeryConn, _sock: Any) -> None:
         try:
@@ -217,7 +279,9 @@ class NixeryWorker(ThreadWorker):
             return
         if b"\r\n\r\n" in conn.head or b"\n\n" in conn.head or len(conn.head) > MAX_HEAD_BYTES:
             self._stop_reading(conn)
-            self.enqueue_req(conn)
+            if self._count_client(conn):
+                conn.parking = Parking(time.time())
+                self.enqueue_req(conn)
 
     def on_client_socket_readable(self, conn: NixeryConn, client: Any) -> None:
         """A kept-alive connection's next request: its head is read in the loop as well."""
@@ -252,11 +316,15 @@ class NixeryWorker(ThreadWorker):
 
     def finish_request(self, conn: NixeryConn, fs: Any) -> None:
         self.busy -= 1
+        if conn.parked is not None:
+            self._park(conn)
+            return
         super().finish_request(conn, fs)
 
     def handle(self, conn: NixeryConn) -> Any:
         if conn.head is not None:
             head, conn.head = bytes(conn.head), None
+            conn.last_head = head
             conn.data_ready = True
             conn.sock.setblocking(True)
             conn.init()
@@ -269,7 +337,66 @@ class NixeryWorker(ThreadWorker):
 
     def handle_request(self, req: Any, conn: NixeryConn) -> Any:
         self.serving[conn] = (f"{req.method} {req.path}", time.monotonic())
-        return super().handle_request(req, conn)
+        self.local.conn = conn
+        try:
+            return super().handle_request(req, conn)
+        except Parked as parked:
+            conn.parked = parked  # no answer sent: finish_request parks the connection
+            return False
+        finally:
+            self.local.conn = None
+
+    # -- parked requests ---------------------------------------------------------------------
+
+    def _park(self, conn: NixeryConn) -> None:
+        """Keeps the connection, threadless, until what it waits for is over; one watcher thread
+        per lock waited for (it sleeps in the kernel), whatever the number of waiters."""
+        parked, conn.parked = conn.parked, None
+        conn.sock.setblocking(False)
+        waiting = self.parked.get(parked.key)
+        if waiting is None:
+            waiting = self.parked[parked.key] = []
+            threading.Thread(target=self._watch, args=(parked,), name="parked", daemon=True).start()
+        waiting.append(conn)
+        self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_parked_readable, conn, parked.key))
+
+    def _watch(self, parked: Parked) -> None:
+        try:
+            parked.wait()
+        except OSError:
+            self.log.exception("cannot wait for a build; running its waiters again")
+        finally:
+            self.method_queue.defer(self._wake, parked.key)
+
+    def _wake(self, key: str) -> None:
+        """Runs the requests parked on `key` again, each from its head, with a fresh parser."""
+        for conn in self.parked.pop(key, []):
+            self._unwatch(conn)
+            conn.head = bytearray(conn.last_head)
+            conn.parser, conn.initialized = None, False
+            conn.parking = Parking(conn.parking.arrived, replayed=True)
+            self.enqueue_req(conn)
+
+    def _unwatch(self, conn: NixeryConn) -> None:
+        try:
+            self.poller.unregister(conn.sock)
+        except (KeyError, ValueError, OSError):
+            pass
+
+    def _on_parked_readable(self, conn: NixeryConn, key: str, _sock: Any) -> None:
+        """A parked client that hangs up is let go; one that sends more (its next request) is left
+        alone until its request runs again, its bytes waiting in the socket."""
+        try:
+            closed = conn.sock.recv(1, socket.MSG_PEEK) == b""
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            closed = True
+        self._unwatch(conn)
+        if closed:
+            self.parked.get(key, []).remove(conn)
+            self.nr_conns -= 1
+            conn.close()
 
     def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
         """Gunicorn's error pages, as registry JSON bodies."""

@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import shutil
 import socket
+import subprocess
 import uuid
 from pathlib import Path
+
+import requests
 
 from support import Server
 
@@ -59,3 +62,20 @@ def all_log_lines_are_json(server: Server) -> None:
     for line in server.log().splitlines():
         if line.strip():
             json.loads(line)  # raises on a line that is not JSON (a bare traceback, an HTML page)
+
+
+def git_source(work: Path, directory: Path) -> str:
+    """A bare git repository of the package set at `work` (so that built images are pinned and
+    cached), as the file:// URL NIXERY_PKGS_REPO takes."""
+    for args in (["init", "-q", "-b", "main"], ["add", "-A"], ["commit", "-q", "-m", "packages"]):
+        subprocess.run(["git", "-C", str(work), "-c", "user.name=test", "-c", "user.email=test@example.com", *args],
+                       check=True, capture_output=True)
+    subprocess.run(["git", "clone", "-q", "--bare", str(work), str(directory)], check=True, capture_output=True)
+    return f"file://{directory}"
+
+
+def session_from(address: str) -> requests.Session:
+    """A requests session whose connections come from `address` (a loopback address of its own)."""
+    session = requests.Session()
+    session.get_adapter("http://").init_poolmanager(4, 4, source_address=(address, 0))
+    return session

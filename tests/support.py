@@ -219,7 +219,8 @@ class StandInBuilder:
         self.requests: list[Image] = []
 
     def manifest(self, image: Image, media_type: str = manifest.MANIFEST_MEDIA_TYPE,
-                 authorise_build: Optional[Callable[[], None]] = None, client: str = "") -> Result:
+                 authorise_build: Optional[Callable[[], None]] = None, client: str = "",
+                 parking: object = None) -> Result:
         self.requests.append(image)
         unknown = [name for name in image.packages if name.startswith("nosuch")]
         if unknown:

@@ -8,6 +8,7 @@ import platform
 import pytest
 import requests
 
+from pkgset import including
 from support import NIX_ENV, skopeo_pull
 from nixery.nix import Nix, SourceArgs, UnsupportedSystem
 
@@ -21,7 +22,7 @@ def wrapped_set(tmp_path, pkgset, kind: str):
     function without a `system` argument."""
     directory = tmp_path / kind
     directory.mkdir()
-    inner = f"import {pkgset}/default.nix {{ system = builtins.currentSystem; }}"
+    inner = f"import {including(directory, pkgset)} {{ system = builtins.currentSystem; }}"
     text = inner if kind == "plain" else f"{{ }}: {inner}"
     (directory / "default.nix").write_text(text + "\n")
     return directory

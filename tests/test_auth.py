@@ -34,7 +34,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from pkgset import make_package_set
 from support import NixCounter, Server, chroot_run, oci_manifest, pull_and_unpack, skopeo_pull
 from nixery import config, error_handlers
-from nixery.auth import AuthMiddleware, FailedLogins
+from nixery.auth import AuthMiddleware
+from nixery.lockout import BUCKETS, FailedLogins
 
 USER = "alice"
 PASSWORD = f"pw-{uuid.uuid4().hex}"
@@ -142,8 +143,8 @@ def test_wrong_passwords_and_users_are_401_and_logged_without_the_password(priva
 
 
 def test_failed_logins_from_one_address_are_slowed(private_server):
-    # One connection, so one Gunicorn worker (the counts are per worker): 0.05 s, doubling (the
-    # cap and the whole sequence are checked in process, below, without waiting them out).
+    # 0.05 s, doubling, whichever worker answers (the counts are shared; the cap and the whole
+    # sequence are checked in process, below, without waiting them out).
     session = requests.Session()
     url = f"{private_server.url}/v2/hello/manifests/latest"
     took = []
@@ -462,28 +463,46 @@ def test_gcs_signed_url_redirects_work_with_auth_on(tmp_path, pkgset, htpasswd):
 
 # ---------------------------------------------------------------- in-process behaviour --
 
-def test_failed_logins_double_to_a_cap_then_pause_and_are_forgotten():
+def failed_logins(directory: Path, **kwargs) -> FailedLogins:
+    return FailedLogins(directory / "memory", directory / "locks", **kwargs)
+
+
+def test_failed_logins_double_to_a_cap_then_pause_and_are_forgotten(tmp_path):
     now = [1000.0]
-    failures = FailedLogins(base_delay=0.05, max_delay=1.0, limit=8, pause=60.0, size=3, clock=lambda: now[0])
-    delays = [failures.failed("10.0.0.1") for _ in range(8)]
+    failures = failed_logins(tmp_path, base_delay=0.05, max_delay=1.0, limit=8, pause=60.0, clock=lambda: now[0])
+    delays = [failures.admit("10.0.0.1", None).delay for _ in range(8)]
     assert delays == [0.05, 0.1, 0.2, 0.4, 0.8, 1.0, 1.0, 1.0]
+    assert failures.admit("10.0.0.1", None).retry_after == 60.0, "a ninth attempt is not admitted"
     assert failures.retry_after("10.0.0.1") == 60.0 and failures.retry_after("10.0.0.2") == 0
     now[0] += 59
     assert failures.retry_after("10.0.0.1") == pytest.approx(1.0)
     now[0] += 1
-    assert failures.retry_after("10.0.0.1") == 0 and failures.failed("10.0.0.1") == 0.05
-    for address in range(10):
-        failures.failed(f"10.0.1.{address}")
-    assert len(failures.entries) == 3, "memory is bounded by the number of addresses kept"
+    assert failures.retry_after("10.0.0.1") == 0 and failures.admit("10.0.0.1", None).delay == 0.05
+    # Another instance of the table (another worker) sees the same counts.
+    assert failed_logins(tmp_path, limit=8, clock=lambda: now[0]).admit("10.0.0.1", None).delay == 0.1
+    for address in range(100_000):
+        failures.admit(f"10.{address >> 16}.{(address >> 8) & 255}.{address & 255}", None)
+    assert (tmp_path / "memory" / "logins").stat().st_size <= BUCKETS * 8 * 32, "the table's size is fixed"
     failures.succeeded("10.0.1.9")
-    assert failures.failed("10.0.1.9") == 0.05
+    assert failures.admit("10.0.1.9", None).delay == 0.05
 
 
-def test_failed_logins_are_slowed_doubling_to_a_cap_and_a_login_resets_them(htpasswd):
+def test_failed_logins_lock_a_user_name_from_any_address_and_a_login_gives_back_its_attempt(tmp_path):
+    failures = failed_logins(tmp_path, limit=3, pause=30.0)
+    assert [failures.admit(f"10.0.0.{i}", "alice").retry_after for i in range(3)] == [0, 0, 0]
+    assert failures.admit("10.0.0.9", "alice").retry_after > 29, "a fourth address trying alice is refused"
+    assert failures.admit("10.0.0.9", "bob").retry_after == 0, "other users are not"
+    bob = failed_logins(tmp_path, limit=3, pause=30.0)
+    for _ in range(5):  # logins that pass cost bob nothing, however many there are
+        assert bob.admit("10.0.0.8", "bob").retry_after == 0
+        bob.succeeded("10.0.0.8", "bob")
+
+
+def test_failed_logins_are_slowed_doubling_to_a_cap_and_a_login_resets_them(htpasswd, tmp_path):
     """The middleware sleeps each failure's delay before its 401: 0.05 s, doubling, capped at 1 s."""
     slept: list[float] = []
     auth = AuthMiddleware(config.load({"HOME": "/root", "NIXERY_HTPASSWD": str(htpasswd)}).auth,
-                          sleep=slept.append)
+                          failed_logins(tmp_path), sleep=slept.append)
     app = falcon.App(middleware=[auth])
     error_handlers.register(app)
     app.add_sink(lambda req, resp, **_: setattr(resp, "media", {}), prefix="/v2")
@@ -499,11 +518,11 @@ def test_failed_logins_are_slowed_doubling_to_a_cap_and_a_login_resets_them(htpa
     assert attempt("carol", "guess") == 401 and slept[6:] == [0.05], "a login from the address resets the count"
 
 
-def test_too_many_failures_get_429_without_a_password_check(htpasswd, monkeypatch):
+def test_too_many_failures_get_429_without_a_password_check(htpasswd, monkeypatch, tmp_path):
     now = [0.0]
     slept: list[float] = []
     auth = AuthMiddleware(config.load({"HOME": "/root", "NIXERY_HTPASSWD": str(htpasswd)}).auth,
-                          FailedLogins(limit=3, pause=30, clock=lambda: now[0]), sleep=slept.append)
+                          failed_logins(tmp_path, limit=3, pause=30, clock=lambda: now[0]), sleep=slept.append)
     checked: list[bytes] = []
     checkpw = bcrypt.checkpw
     monkeypatch.setattr(bcrypt, "checkpw", lambda password, hashed: (checked.append(hashed),

@@ -22,6 +22,37 @@ def test_defaults(tmp_path):
     assert c.popularity_url is None
 
 
+def test_bounds_take_sizes_with_units(tmp_path):
+    c = config.load({"HOME": str(tmp_path)})
+    assert (c.max_image_size, c.max_packages, c.eval_memory, c.eval_timeout) == (1 << 30, 20, 2 << 30, 60)
+    c = config.load({"HOME": str(tmp_path), "NIXERY_MAX_IMAGE_SIZE": "512m", "NIXERY_EVAL_MEMORY": "0",
+                     "NIXERY_MAX_PACKAGES": "0", "NIX_TIMEOUT": "900"})
+    assert (c.max_image_size, c.max_packages, c.eval_memory, c.eval_timeout) == (512 << 20, 0, 0, 900)
+    assert config.load({"HOME": str(tmp_path), "NIXERY_MAX_IMAGE_SIZE": "3000"}).max_image_size == 3000
+    assert [config.format_size(n) for n in (900, 1536, 8388888, 2480218112)] == ["900 bytes", "1.5K", "8M", "2.31G"]
+
+
+def test_channel_commits(tmp_path):
+    def commits(value):
+        return config.load({"HOME": str(tmp_path), "NIXERY_CHANNEL_COMMITS": value}).channel_commits
+    assert config.load({"HOME": str(tmp_path)}).channel_commits is None
+    assert commits("any") is None and commits("None") == ()
+    assert commits(f" {'a' * 40}, {'b' * 40},{'a' * 40}") == ("a" * 40, "b" * 40)
+
+
+def test_no_secret_inside_the_package_set(tmp_path):
+    (tmp_path / "pkgs" / "keys").mkdir(parents=True)
+    key = tmp_path / "pkgs" / "keys" / "id_ed25519"
+    key.write_text("key")
+    (tmp_path / "outside").write_text("key")
+    env = {"HOME": str(tmp_path), "NIXERY_PKGS_PATH": str(tmp_path / "pkgs")}
+    with pytest.raises(config.ConfigError, match=r"^NIXERY_SSH_KEY lies inside NIXERY_PKGS_PATH"):
+        config.load({**env, "NIXERY_SSH_KEY": str(key)})
+    with pytest.raises(config.ConfigError, match=r"^GOOGLE_APPLICATION_CREDENTIALS lies inside"):
+        config.load({**env, "GOOGLE_APPLICATION_CREDENTIALS": str(tmp_path / "pkgs" / "keys" / ".." / "keys")})
+    assert config.load({**env, "NIXERY_SSH_KEY": str(tmp_path / "outside")}).ssh_key == tmp_path / "outside"
+
+
 def test_path_source_is_resolved(tmp_path):
     c = config.load({"HOME": str(tmp_path), "NIXERY_PKGS_PATH": str(tmp_path)})
     assert c.source == config.PackageSource(config.SourceKind.PATH, str(tmp_path.resolve()))
@@ -40,7 +71,17 @@ def test_path_source_is_resolved(tmp_path):
     ({"NIXERY_PKGS_REPO": "ftp://example/x"}, "NIXERY_PKGS_REPO"),
     ({"NIX_POPULARITY_URL": "/no/such/file.json"}, "NIX_POPULARITY_URL"),
     ({"NIXERY_CHANNEL_URL_TEMPLATE": "http://mirror/nixpkgs.tar.gz"}, "NIXERY_CHANNEL_URL_TEMPLATE"),
+    ({"NIXERY_CHANNEL_URL_TEMPLATE": "http://mirror/{rev}.tar.gz http://other/"}, "NIXERY_CHANNEL_URL_TEMPLATE"),
+    ({"NIXERY_CHANNEL_COMMITS": "some"}, "NIXERY_CHANNEL_COMMITS"),
+    ({"NIXERY_ALLOWED_URIS": "https://ok.example/, github.com/NixOS"}, "NIXERY_ALLOWED_URIS"),
+    ({"NIXERY_CHANNEL_COMMITS": "A" * 40}, "NIXERY_CHANNEL_COMMITS"),
     ({"NIXERY_LOG_LEVEL": "LOUD"}, "NIXERY_LOG_LEVEL"),
+    ({"NIXERY_MAX_IMAGE_SIZE": "1.5G"}, "NIXERY_MAX_IMAGE_SIZE"),
+    ({"NIXERY_MAX_IMAGE_SIZE": "2 GB"}, "NIXERY_MAX_IMAGE_SIZE"),
+    ({"NIXERY_MAX_PACKAGES": "129"}, "NIXERY_MAX_PACKAGES"),
+    ({"NIXERY_EVAL_MEMORY": "10M"}, "NIXERY_EVAL_MEMORY"),
+    ({"NIXERY_EVAL_MEMORY": "-1"}, "NIXERY_EVAL_MEMORY"),
+    ({"NIXERY_EVAL_TIMEOUT": "0"}, "NIXERY_EVAL_TIMEOUT"),
 ])
 def test_bad_values_name_the_variable(env, variable):
     with pytest.raises(config.ConfigError, match=variable):

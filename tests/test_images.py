@@ -15,7 +15,7 @@ import requests
 
 from nixery.app import with_platforms
 from nixery.config import ConfigError, load
-from pkgset import make_emulated_package_set
+from pkgset import including, make_emulated_package_set
 from support import NIX_ENV, chroot_run, pull_and_unpack
 
 MANIFEST_V2 = "application/vnd.docker.distribution.manifest.v2+json"
@@ -235,7 +235,7 @@ def test_one_name_serves_every_platform(start_server, emulated, tmp_path):
 def test_a_platform_the_set_cannot_build_is_left_out_of_the_index(start_server, tmp_path, pkgset):
     plain = tmp_path / "plain"
     plain.mkdir()
-    (plain / "default.nix").write_text(f"import {pkgset}/default.nix {{ system = builtins.currentSystem; }}\n")
+    (plain / "default.nix").write_text(f"import {including(plain, pkgset)} {{ system = builtins.currentSystem; }}\n")
     server = start_server({"NIXERY_PKGS_PATH": str(plain), "NIXERY_PLATFORMS": "linux/amd64,linux/arm64",
                            **CAN_BUILD_ARM64})
     listed = get(server, "/v2/hello/manifests/latest", f"{MANIFEST_LIST}, {MANIFEST_V2}")

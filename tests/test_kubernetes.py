@@ -94,6 +94,9 @@ def test_settings_are_nixerys_and_storage_is_shared(rendered):
     assert set(settings) <= nixery_config.VARIABLE_NAMES, set(settings) - nixery_config.VARIABLE_NAMES
     # Replicas share what they build only through a bucket.
     assert settings["GCS_BUCKET"]
+    # Behind the Ingress, clients are told apart by X-Forwarded-For.
+    proxies = nixery_config.load({"NIXERY_TRUSTED_PROXIES": settings["NIXERY_TRUSTED_PROXIES"]}).trusted_proxies
+    assert proxies and all(network.is_private for network in proxies)
     # Workload Identity: the pods' service account is bound to the Google account that signs.
     spec = rendered["Deployment"]["spec"]["template"]["spec"]
     account = rendered["ServiceAccount"]

@@ -41,6 +41,8 @@ OPTION_VARIABLES = {
     "listenAddress": "NIXERY_LISTEN_ADDRESS",
     "channel": "NIXERY_CHANNEL",
     "allowedChannels": "NIXERY_CHANNEL_ALLOW",
+    "channelCommits": "NIXERY_CHANNEL_COMMITS",
+    "allowedUris": "NIXERY_ALLOWED_URIS",
     "pkgsRepo": "NIXERY_PKGS_REPO",
     "pkgsPath": "NIXERY_PKGS_PATH",
     "sshKeyFile": "NIXERY_SSH_KEY",
@@ -53,6 +55,10 @@ OPTION_VARIABLES = {
     "maxBuilds": "NIXERY_MAX_BUILDS",
     "clientBuilds": "NIXERY_CLIENT_BUILDS",
     "failureTtl": "NIXERY_FAILURE_TTL",
+    "maxImageSize": "NIXERY_MAX_IMAGE_SIZE",
+    "maxPackages": "NIXERY_MAX_PACKAGES",
+    "evalMemory": "NIXERY_EVAL_MEMORY",
+    "evalTimeout": "NIXERY_EVAL_TIMEOUT",
     "binaryCache.url": "NIXERY_BINARY_CACHE",
     "binaryCache.publicKey": "NIXERY_BINARY_CACHE_PUBLIC_KEY",
     "binaryCache.secretKeyFile": "NIXERY_BINARY_CACHE_SECRET_KEY",
@@ -64,6 +70,7 @@ OPTION_VARIABLES = {
     "headerTimeout": "NIXERY_HEADER_TIMEOUT",
     "ioTimeout": "NIXERY_IO_TIMEOUT",
     "clientConnections": "NIXERY_CLIENT_CONNECTIONS",
+    "trustedProxies": "NIXERY_TRUSTED_PROXIES",
     "gracePeriod": "NIXERY_GRACE_PERIOD",
     "logLevel": "NIXERY_LOG_LEVEL",
     "accessLog": "NIXERY_ACCESS_LOG",
@@ -233,6 +240,7 @@ def test_each_option_sets_its_variable(tmp_path):
     Nixery's config accepts the result."""
     settings = {
         "port": 9000, "listenAddress": "::", "allowedChannels": ["nixos-24.11", "nixos-unstable"],
+        "channelCommits": ["a" * 40, "b" * 40], "allowedUris": ["https://github.com/NixOS/nixpkgs/archive/"],
         "pkgsRepo": "ssh://git@git.example.org/pkgs.git", "sshKeyFile": "/run/keys/ssh",
         "storage": {"backend": "gcs", "path": "/srv/unused"}, "bucket": "my-nixery-layers",
         "signing": {"keyFile": "/run/keys/gcs.pem", "account": "nixery@example.iam.gserviceaccount.com"},
@@ -240,7 +248,8 @@ def test_each_option_sets_its_variable(tmp_path):
         "platforms": ["linux/arm64", "linux/amd64"], "workers": 4, "threads": 16, "logLevel": "DEBUG",
         "accessLog": True, "hideDetails": True, "allowUnfree": True,
         "maxBuilds": 3, "clientBuilds": 4, "failureTtl": 30, "headerTimeout": 7, "ioTimeout": 45,
-        "clientConnections": 20, "gracePeriod": 90,
+        "clientConnections": 20, "gracePeriod": 90, "trustedProxies": ["10.0.0.0/8", "::1"],
+        "maxImageSize": "3G", "maxPackages": 12, "evalMemory": "512M", "evalTimeout": 40,
         "binaryCache": {"url": "file:///var/cache/nixery-bincache", "publicKey": "nixery-1:AAAA",
                         "secretKeyFile": "/run/keys/cache.secret"},
         "auth": "build", "htpasswdFile": "/run/keys/htpasswd",
@@ -249,6 +258,7 @@ def test_each_option_sets_its_variable(tmp_path):
     }
     expected = {
         "port": "9000", "listenAddress": "::", "allowedChannels": "nixos-24.11,nixos-unstable",
+        "channelCommits": f"{'a' * 40},{'b' * 40}", "allowedUris": "https://github.com/NixOS/nixpkgs/archive/",
         "pkgsRepo": "ssh://git@git.example.org/pkgs.git", "sshKeyFile": "%d/ssh-key",
         "storage.backend": "gcs", "storage.path": None, "bucket": "my-nixery-layers",
         "signing.keyFile": "%d/gcs-signing-key", "signing.account": "nixery@example.iam.gserviceaccount.com",
@@ -256,7 +266,8 @@ def test_each_option_sets_its_variable(tmp_path):
         "platforms": "linux/arm64,linux/amd64", "workers": "4", "threads": "16", "logLevel": "DEBUG",
         "accessLog": "true", "hideDetails": "true", "allowUnfree": "true",
         "maxBuilds": "3", "clientBuilds": "4", "failureTtl": "30", "headerTimeout": "7", "ioTimeout": "45",
-        "clientConnections": "20", "gracePeriod": "90",
+        "clientConnections": "20", "gracePeriod": "90", "trustedProxies": "10.0.0.0/8,::1",
+        "maxImageSize": "3G", "maxPackages": "12", "evalMemory": "512M", "evalTimeout": "40",
         "binaryCache.url": "file:///var/cache/nixery-bincache", "binaryCache.publicKey": "nixery-1:AAAA",
         "binaryCache.secretKeyFile": "%d/binary-cache-key",
         "auth": "build", "htpasswdFile": "%d/htpasswd", "tokenAuth.realm": "https://auth.example.org/token",
@@ -286,6 +297,9 @@ def test_each_option_sets_its_variable(tmp_path):
     assert loaded.access_log and loaded.hide_details and loaded.allow_unfree
     assert (loaded.max_builds, loaded.client_builds, loaded.failure_ttl, loaded.header_timeout, loaded.io_timeout,
             loaded.client_connections, loaded.grace_period) == (3, 4, 30, 7, 45, 20, 90)
+    assert (loaded.max_image_size, loaded.max_packages, loaded.eval_memory, loaded.eval_timeout) == \
+        (3 << 30, 12, 512 << 20, 40)
+    assert [str(network) for network in loaded.trusted_proxies] == ["10.0.0.0/8", "::1/128"]
 
 
 @needs_lib
@@ -426,6 +440,8 @@ def test_module_nginx_front():
     assert config["failed"] == []
     # Nixery itself listens on loopback only.
     assert config["environment"]["NIXERY_LISTEN_ADDRESS"] == "127.0.0.1"
+    # nginx (which appends the client's address to X-Forwarded-For) is trusted to name it.
+    assert config["environment"]["NIXERY_TRUSTED_PROXIES"] == "127.0.0.1,::1"
     nginx = config["nginx"]
     assert nginx["enable"] is True and nginx["recommendedProxySettings"] is True
     host = nginx["virtualHosts"]["nixery.example.org"]

@@ -415,6 +415,14 @@ def test_channel_and_path_tag_rules():
             channel.resolve(tag)
         assert unknown.value.status == 404 and unknown.value.detail == {"tag": tag}
 
+    listed = ChannelSource("nixos-unstable", "https://mirror.example/{rev}.tgz", ("nixos-24.11",), (commit,))
+    assert listed.resolve(commit).revision == commit and listed.tags() == ["a" * 40, "latest", "nixos-24.11"]
+    for policy in ((), (commit,)):
+        with pytest.raises(RegistryError) as denied:
+            ChannelSource("nixos-unstable", "https://mirror.example/{rev}.tgz", (), policy).resolve("b" * 40)
+        assert denied.value.status == 403 and denied.value.code == "DENIED" and "NIXERY_CHANNEL_COMMITS" in str(denied.value)
+    assert ChannelSource(commit, "https://mirror.example/{rev}.tgz", (), ()).resolve("latest").revision == commit
+
     path = PathSource("/srv/pkgs")
     assert path.resolve("latest").cache_key is None and path.resolve("latest").args.kind == "path"
     with pytest.raises(RegistryError) as unknown:

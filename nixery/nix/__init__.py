@@ -4,8 +4,13 @@ User input reaches Nix only as `--argstr` values (lists as JSON), never as
 Nix source. stdout and stderr are read together (stderr line by line, so that
 Nix's progress reaches the log as it happens) and the whole process group is
 killed on timeout, so a chatty or stuck Nix cannot hang a worker. Nix runs
-without the NIXPKGS_ALLOW_* variables, which nixpkgs reads itself: what an
-instance serves depends on its configuration, not on its service user's shell.
+confined (`confine`): restricted evaluation, sandboxed builds and an allow-listed
+environment, so neither the package set's code nor the service user's shell
+(nixpkgs reads NIXPKGS_ALLOW_* itself) changes what is served or sees secrets.
+
+An evaluation runs the package set's code, which a tag may choose: it is
+bounded in memory and time (`EvalBounds`), and past a bound it is refused as
+the request's fault (`EvaluationLimit`), not the instance's.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import json
 import logging
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -27,9 +33,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Optional, Sequence
 
-from ..config import BinaryCacheConfig, redact_url
+from ..config import BinaryCacheConfig, format_size, redact_url
 from ..layers import StorePath
 from . import cache as binary_cache
+from .confine import BUILD_OPTIONS, evaluation_options, nix_environment, restriction_hint
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +46,16 @@ PACKAGES = Path(str(resources.files(__package__).joinpath("packages.nix")))
 ARGV_CHUNK = 5000
 KILL_GRACE_SECONDS = 10
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-# Variables nixpkgs reads behind its `config`'s back (check-meta, impure.nix): never passed to Nix.
-_IMPURE_VARIABLES = re.compile(r"NIXPKGS_ALLOW_.*|NIXPKGS_CONFIG")
 # Nix's own progress lines on stderr (what it builds, fetches or copies), as opposed to builders' output.
 PROGRESS_RE = re.compile(r"(building '|copying (path|\d+ paths)|these \d+ (derivations|paths) will be|"
                          r"downloading '|fetching |querying |unpacking |evaluating |warning: )")
 # A derivation's own builder exited non-zero: the same inputs fail the same way, so the request is at
 # fault. A builder killed by a signal ("failed due to signal 9") is not: the machine did that.
 _BUILDER_FAILED = re.compile(r"builder for '(/nix/store/[^']+\.drv)' failed with exit code")
+# Nix's --timeout or --max-silent-time stopped a builder.
+_BUILDER_TIMED_OUT = re.compile(r"building of '(/nix/store/[^'!]+\.drv)[^']*' from \.drv file timed out")
+# What Nix says when an allocation fails (Boehm GC's out-of-memory handler, or a C++ allocation).
+_OUT_OF_MEMORY = re.compile(r"error: out of memory|std::bad_alloc")
 # Names `explain` asks Nix about, at most: one evaluation each, only for failed requests.
 EXPLAINED_MAX = 3
 # Who hears the stderr lines of the Nix processes this thread runs (the builder, for the log and the page).
@@ -57,19 +66,52 @@ _listener: contextvars.ContextVar[Optional[Callable[[str], None]]] = contextvars
 class NixError(Exception):
     """Nix failed; `reason` is one line for the client, `log` the whole story for the server log."""
 
-    def __init__(self, reason: str, log_text: str = ""):
+    def __init__(self, reason: str, log_text: str = "", timed_out: bool = False):
         super().__init__(reason)
         self.reason = reason
         self.log = log_text
+        self.timed_out = timed_out
 
 
-class BuildFailed(NixError):
-    """A derivation's builder failed: the request will fail the same way again (a 4xx).
-    `derivation` is the store path of the derivation that failed."""
+class DerivationFailed(NixError):
+    """The build of one derivation did not finish; `derivation` is its store path (.drv)."""
 
     def __init__(self, reason: str, log_text: str, derivation: str):
         super().__init__(reason, log_text)
         self.derivation = derivation
+
+
+class BuildFailed(DerivationFailed):
+    """A derivation's builder failed: the request will fail the same way again (a 4xx)."""
+
+
+class BuildTimedOut(DerivationFailed):
+    """A derivation's builder ran or stayed silent longer than NIX_TIMEOUT (Nix stopped it):
+    a fault of the instance's bounds (a 5xx), met again by the same derivation."""
+
+
+class EvaluationLimit(NixError):
+    """An evaluation went past this instance's bound on its memory or time (`variable` names it).
+    The package set's code for this revision and these names is what costs it, so the request
+    will meet the same bound again: it is refused, as an image over the size limit is."""
+
+    def __init__(self, reason: str, log_text: str, variable: str):
+        super().__init__(reason, log_text)
+        self.variable = variable
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalBounds:
+    """What one evaluation of the package set may take: `memory` bytes of data (RLIMIT_DATA, which
+    bounds Boehm GC's heap and malloc alike; 0: no bound) and `seconds`."""
+
+    memory: int = 0
+    seconds: int = 60
+
+
+class Forbidden(NixError):
+    """The evaluation reached outside what it may read or fetch (`confine`): the package set's
+    code asked for a file or URL of the server, and will ask again (a 4xx)."""
 
 
 class UnknownPackages(Exception):
@@ -162,17 +204,24 @@ def listening(listener: Callable[[str], None]) -> Iterator[None]:
         _listener.reset(token)
 
 
-def nix_environment(environ: Mapping[str, str]) -> dict[str, str]:
-    """The environment Nix runs in: the service's own, without what nixpkgs reads behind `config`."""
-    return {k: v for k, v in environ.items() if not _IMPURE_VARIABLES.fullmatch(k)}
-
-
 class _Process:
     """A Nix process in its own session whose stdout is collected while stderr is read line by line."""
 
-    def __init__(self, args: Sequence[str], listener: Optional[Callable[[str], None]]):
+    def __init__(self, args: Sequence[str], listener: Optional[Callable[[str], None]], cache_credentials: bool,
+                 memory: int = 0):
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                                     start_new_session=True, env=nix_environment(os.environ))
+                                     start_new_session=True, env=nix_environment(os.environ, cache_credentials))
+        if memory:
+            # Set from here, as the process starts: a preexec_fn may deadlock a threaded server's fork.
+            # Nix has not allocated anything worth counting yet, and what it forks later inherits it.
+            try:
+                resource.prlimit(self.proc.pid, resource.RLIMIT_DATA, (memory, memory))
+            except ProcessLookupError:
+                pass  # already gone: it allocates nothing more
+            except OSError as e:  # not left to run unbounded
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+                raise NixError(f"cannot bound the memory of {args[0]} (NIXERY_EVAL_MEMORY): {e}") from None
         self.listener = listener
         self.out = bytearray()
         self.err: list[str] = []
@@ -224,39 +273,65 @@ class _Process:
 
 class Nix:
     """Runs Nix for one service; `on_invoke` hears each command's name (the metrics count them).
-    `allow_unfree` is the package set's `config.allowUnfree` (NIXERY_ALLOW_UNFREE)."""
+    `allow_unfree` is the package set's `config.allowUnfree` (NIXERY_ALLOW_UNFREE), `allowed_uris`
+    what its evaluation may fetch besides a channel's tarball (NIXERY_ALLOWED_URIS)."""
 
     def __init__(self, timeout: int, gcroot_dir: Path, on_invoke: Optional[Callable[[str], None]] = None,
-                 cache: Optional[BinaryCacheConfig] = None, allow_unfree: bool = False):
+                 cache: Optional[BinaryCacheConfig] = None, allow_unfree: bool = False,
+                 allowed_uris: Sequence[str] = (), eval_bounds: Optional[EvalBounds] = None):
         self.timeout = timeout
+        self.eval_bounds = eval_bounds or EvalBounds(seconds=timeout)
         self.gcroot_dir = gcroot_dir
         self.on_invoke = on_invoke
         self.cache = cache
         self.allow_unfree = allow_unfree
+        self.allowed_uris = tuple(allowed_uris)
 
-    def _run(self, args: Sequence[str], what: str, timeout: Optional[float] = -1) -> str:
+    def _run(self, args: Sequence[str], what: str, timeout: Optional[float] = -1,
+             cache_credentials: bool = False, memory: int = 0) -> str:
         """Runs one Nix command; `timeout` seconds (default: the build timeout; None: no limit,
-        for commands that Nix bounds itself) before its process group is stopped."""
+        for commands that Nix bounds itself) before its process group is stopped, and at most
+        `memory` bytes of data (0: no bound).
+        `cache_credentials`: the command only talks to the binary cache, and gets its credentials."""
         timeout = self.timeout if timeout == -1 else timeout
         if self.on_invoke:
             self.on_invoke(args[0])
         log.debug("running nix", extra={"argv": list(args)})
         try:
-            process = _Process(args, _listener.get())
+            process = _Process(args, _listener.get(), cache_credentials, memory)
         except FileNotFoundError:
             raise NixError(f"{args[0]} is not installed or not on PATH") from None
         try:
             process.finish(timeout)
         except subprocess.TimeoutExpired:
             process.stop()
-            raise NixError(f"{what} timed out after {timeout}s", process.stderr) from None
+            raise NixError(f"{what} timed out after {timeout}s", process.stderr, timed_out=True) from None
         stderr = process.stderr
         if process.proc.returncode != 0:
             failed = _BUILDER_FAILED.search(_ANSI.sub("", stderr))
             if failed:
                 raise BuildFailed(f"{what} failed: {first_error_line(stderr)}", stderr, failed.group(1))
-            raise NixError(f"{what} failed: {first_error_line(stderr)}", stderr)
+            timed_out = _BUILDER_TIMED_OUT.search(_ANSI.sub("", stderr))
+            if timed_out:
+                raise BuildTimedOut(f"{what} failed: {first_error_line(stderr)}", stderr, timed_out.group(1))
+            hint = restriction_hint(stderr)
+            raise (Forbidden if hint else NixError)(f"{what} failed: {first_error_line(stderr)}{hint}", stderr)
         return bytes(process.out).decode()
+
+    def _evaluate(self, args: Sequence[str], what: str) -> str:
+        """Runs one evaluation of the package set within `eval_bounds`; raises EvaluationLimit
+        naming the bound it went past."""
+        bounds = self.eval_bounds
+        try:
+            return self._run(args, what, bounds.seconds, memory=bounds.memory)
+        except NixError as e:
+            if e.timed_out:
+                raise EvaluationLimit(f"{what} took longer than {bounds.seconds}s, this instance's limit "
+                                      "(NIXERY_EVAL_TIMEOUT)", e.log, "NIXERY_EVAL_TIMEOUT") from None
+            if bounds.memory and _OUT_OF_MEMORY.search(e.log):
+                raise EvaluationLimit(f"{what} needed more than {format_size(bounds.memory)} of memory, this "
+                                      "instance's limit (NIXERY_EVAL_MEMORY)", e.log, "NIXERY_EVAL_MEMORY") from None
+            raise
 
     def systems(self) -> Optional[tuple[str, ...]]:
         """The systems this Nix builds for, its own first: its `system`, `extra-platforms` and the
@@ -282,7 +357,7 @@ class Nix:
 
     def _helper_args(self, names: Sequence[str], optional: Sequence[str], source: SourceArgs,
                      system: str) -> list[str]:
-        return [str(HELPER),
+        return [*evaluation_options(source.kind, source.argument, self.allowed_uris), str(HELPER),
                 "--argstr", "packages", json.dumps(list(names)),
                 "--argstr", "optional", json.dumps(list(optional)),
                 "--argstr", "srcType", source.kind,
@@ -300,10 +375,10 @@ class Nix:
         The image's one evaluation of the package set: read-write mode writes the derivations
         to the store, and `build` realises them. Only a name that fails with an error of its own
         (an alias that throws "has been removed") costs one more evaluation, to read that error."""
-        raw = self._run(["nix-instantiate", "--eval", "--strict", "--json", "--read-write-mode", "-A", "resolve",
-                         *self._helper_args(names, optional, source, system),
-                         "--argstr", "listed", json.dumps(list(listed))],
-                        f"evaluating {source.description}")
+        raw = self._evaluate(["nix-instantiate", "--eval", "--strict", "--json", "--read-write-mode", "-A", "resolve",
+                              *self._helper_args(names, optional, source, system),
+                              "--argstr", "listed", json.dumps(list(listed))],
+                             f"evaluating {source.description}")
         data = json.loads(raw)
         if data.get("unsupported"):
             raise UnsupportedSystem(data["unsupported"], system)
@@ -323,9 +398,9 @@ class Nix:
         for i, problem in enumerate(problems):
             if problem.kind in ("throws", "fails") and i < EXPLAINED_MAX:
                 try:
-                    self._run(["nix-instantiate", "--eval", "--strict", "--json", "-A", "explain",
-                               *self._helper_args([problem.name], [], source, system)],
-                              f"explaining {problem.name}")
+                    self._evaluate(["nix-instantiate", "--eval", "--strict", "--json", "-A", "explain",
+                                    *self._helper_args([problem.name], [], source, system)],
+                                   f"explaining {problem.name}")
                 except NixError as e:
                     message = first_error_line(e.log).removeprefix("error:").strip()
                     if problem.kind == "throws" and message:
@@ -349,7 +424,7 @@ class Nix:
         """The runtime closure of `outputs`, from the local store or from `store` (a binary cache URL)."""
         raw = self._run(["nix", "--extra-experimental-features", "nix-command", "path-info",
                          *(["--store", store] if store else []), "--json", "--recursive", *outputs],
-                        "querying the closure")
+                        "querying the closure", cache_credentials=store is not None)
         return parse_path_info(raw)
 
     def build(self, names: Sequence[str], optional: Sequence[str], source: SourceArgs,
@@ -362,7 +437,7 @@ class Nix:
         try:
             self.realise(sorted(set(resolved.derivations.values())), roots=roots, options=substitute)
         except BuildFailed as e:
-            raise BuildFailed(_build_failure_reason(e, resolved), e.log, e.derivation) from None
+            raise as_seen_by(e, resolved) from None
         outputs = {n: resolved[n] for n in list(names) + list(optional) if n in resolved}
         paths = sorted(set(outputs.values()))
         closure = Closure(packages=outputs, paths=self.closure(paths))
@@ -375,7 +450,8 @@ class Nix:
         if not (self.cache and self.cache.secret_key and outputs):
             return
         try:
-            self._run(binary_cache.copy_command(self.cache, outputs), "copying to the binary cache")
+            self._run(binary_cache.copy_command(self.cache, outputs), "copying to the binary cache",
+                      cache_credentials=True)
         except NixError as e:
             log.warning("binary cache copy failed", extra={"reason": e.reason, "nix_log": e.log})
 
@@ -385,11 +461,12 @@ class Nix:
         """Attribute path -> (output path, "<drv>!<output>") for the set's derivations (`packages.nix`).
 
         Read-write mode writes the derivations to the store, so that they can be realised."""
-        raw = self._run(["nix-instantiate", "--eval", "--strict", "--json", "--read-write-mode", str(PACKAGES),
-                         "--argstr", "srcType", source.kind, "--argstr", "srcArgs", source.argument,
-                         "--argstr", "system", system,
-                         "--argstr", "attrs", json.dumps(list(attrs) if attrs is not None else None)],
-                        f"listing the packages of {source.description}")
+        raw = self._evaluate(["nix-instantiate", "--eval", "--strict", "--json", "--read-write-mode",
+                              *evaluation_options(source.kind, source.argument, self.allowed_uris), str(PACKAGES),
+                              "--argstr", "srcType", source.kind, "--argstr", "srcArgs", source.argument,
+                              "--argstr", "system", system,
+                              "--argstr", "attrs", json.dumps(list(attrs) if attrs is not None else None)],
+                             f"listing the packages of {source.description}")
         return {name: (entry["out"], entry["realise"]) for name, entry in json.loads(raw).items()}
 
     def realise(self, derivations: Sequence[str], roots: Optional[Path] = None, keep_going: bool = False,
@@ -401,10 +478,19 @@ class Nix:
         --max-silent-time), not the command: downloading a large closure of substitutes takes
         as long as it takes (Nix's stalled-download-timeout stops a download that hangs)."""
         bounds = ["--timeout", str(self.timeout), "--max-silent-time", str(self.timeout)]
-        flags = (bounds + [*options] + (["--keep-going"] if keep_going else [])
+        flags = (bounds + [*BUILD_OPTIONS, *options] + (["--keep-going"] if keep_going else [])
                  + (["--add-root", str(roots / "out")] if roots else []))
         for i in range(0, len(derivations), ARGV_CHUNK):
             self._run(["nix-store", "--realise", *flags, *derivations[i:i + ARGV_CHUNK]], "building", timeout=None)
+
+    def requisites(self, derivations: Sequence[str]) -> set[str]:
+        """Every derivation that building `derivations` needs (their closure's .drv files, from the local store)."""
+        found: set[str] = set()
+        for i in range(0, len(derivations), ARGV_CHUNK):
+            raw = self._run(["nix-store", "--query", "--requisites", *derivations[i:i + ARGV_CHUNK]],
+                            "listing the derivations of a build")
+            found.update(path for path in raw.split() if path.endswith(".drv"))
+        return found
 
     def invalid(self, paths: Sequence[str], store: Optional[str] = None) -> set[str]:
         """Which of `paths` are not in the local store, or in `store` if given."""
@@ -412,20 +498,20 @@ class Nix:
         for i in range(0, len(paths), ARGV_CHUNK):
             raw = self._run(["nix", "--extra-experimental-features", "nix-command", "path-info",
                              *(["--store", store] if store else []), "--json", *paths[i:i + ARGV_CHUNK]],
-                            "checking store paths")
+                            "checking store paths", cache_credentials=store is not None)
             data = json.loads(raw)
             entries = data.items() if isinstance(data, dict) else ((e["path"], e) for e in data)
             found.update(path for path, info in entries if info is None or info.get("valid") is False)
         return found
 
 
-def _build_failure_reason(error: BuildFailed, resolved: Resolved) -> str:
-    """Names the requested package whose build failed, or says that a dependency's did."""
+def as_seen_by(error: BuildFailed, resolved: Resolved) -> BuildFailed:
+    """`error` as the image of `resolved` sees it: naming its requested package whose build
+    failed, or saying that a dependency's did (Nix's own line follows)."""
     nix_line = first_error_line(error.log).removeprefix("error:").strip()
     names = sorted(name for name, drv in resolved.derivations.items() if drv.split("!")[0] == error.derivation)
-    if names:
-        return f"{names[0]} failed to build: {nix_line}"
-    return f"a dependency failed to build: {nix_line}"
+    reason = f"{names[0]} failed to build: {nix_line}" if names else f"a dependency failed to build: {nix_line}"
+    return BuildFailed(reason, error.log, error.derivation)
 
 
 def remote_builder_systems(builders: str) -> set[str]:

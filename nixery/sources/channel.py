@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 from ..config import redact_url
-from ..errors import manifest_unknown
+from ..errors import RegistryError, manifest_unknown
 from ..nix import SourceArgs
 from . import COMMIT_RE, Resolved
 
@@ -16,18 +18,24 @@ class ChannelSource:
     a template serving other trees (a fork, a test) never shares cached manifests.
     """
 
-    def __init__(self, channel: str, url_template: str, allowed: tuple[str, ...]):
+    def __init__(self, channel: str, url_template: str, allowed: tuple[str, ...],
+                 commits: Optional[tuple[str, ...]] = None):
+        """`commits`: those a tag may name (NIXERY_CHANNEL_COMMITS), None for any."""
         self.channel = channel
         self.url_template = url_template
         self.allowed = allowed
+        self.commits = commits
 
     def tags(self) -> list[str]:
-        return sorted({"latest", *self.allowed})
+        return sorted({"latest", *self.allowed, *(self.commits or ())})
 
     def resolve(self, tag: str) -> Resolved:
         if tag == "latest":
             rev = self.channel
-        elif COMMIT_RE.fullmatch(tag) or tag in self.allowed:
+        elif tag in self.allowed:
+            rev = tag
+        elif COMMIT_RE.fullmatch(tag):
+            self._check_commit(tag)
             rev = tag
         else:
             raise manifest_unknown(f"tag {tag} is neither 'latest', a nixpkgs commit nor an allowed channel",
@@ -37,3 +45,13 @@ class ChannelSource:
         return Resolved.ready(SourceArgs("tarball", url, f"nixpkgs {rev}"),
                               f"tarball:{redact_url(url)}" if pinned else None,
                               redact_url(url), rev if pinned else None)
+
+    def _check_commit(self, commit: str) -> None:
+        """A commit tag selects Nix code of anyone's choosing (the archive URL serves every fork's
+        commits): refused, before Nix runs, unless the configuration allows it."""
+        if self.commits is None or commit in self.commits:
+            return
+        which = ("no nixpkgs commit by tag" if not self.commits
+                 else "only the nixpkgs commits its operator listed")
+        raise RegistryError(403, "DENIED", f"tag {commit} names a nixpkgs commit, and this instance builds {which} "
+                            f"(NIXERY_CHANNEL_COMMITS): pull 'latest' or an allowed channel", {"tag": commit})

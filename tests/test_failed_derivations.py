@@ -1,0 +1,49 @@
+"""The table of failed derivations (nixery/failures.py) on its own: shared by every reader of the
+state directory (the workers), kept for the TTL, and bounded whatever is remembered."""
+
+from __future__ import annotations
+
+import time
+
+from nixery.failures import DERIVATION_BUCKETS, DERIVATIONS_FILE, DERIVATION_RECORD_SIZE, WAYS, FailedDerivations
+from nixery.nix import BuildFailed, BuildTimedOut
+
+
+def failure(i: int) -> BuildFailed:
+    drv = f"/nix/store/{i:032d}-pkg-{i}.drv"
+    return BuildFailed("", f"some output\nerror: builder for '{drv}' failed with exit code 3;\nmore", drv)
+
+
+def test_a_failure_is_seen_by_another_worker_until_its_ttl(tmp_path, monkeypatch):
+    one, other = (FailedDerivations(tmp_path / "memory", tmp_path / "locks", 60) for _ in range(2))
+    assert other.recall() == {}
+    one.remember(failure(1))
+    drv = "/nix/store/00000000000000000000000000000001-pkg-1.drv"
+    [(key, error)] = other.recall().items()
+    assert key == error.derivation == drv and type(error) is BuildFailed
+    assert error.log == f"error: builder for '{drv}' failed with exit code 3;", "Nix's line, for the next image's reason"
+    slow = "/nix/store/00000000000000000000000000000002-slow.drv"
+    line = f"error: building of '{slow}!out' from .drv file timed out after 60 seconds"
+    one.remember(BuildTimedOut(f"building failed: {line}", f"building '{slow}'...\n{line}\n", slow))
+    timed_out = other.recall()[slow]
+    assert type(timed_out) is BuildTimedOut and timed_out.reason == f"building failed: {line}"
+    later = time.time() + 61
+    monkeypatch.setattr(time, "time", lambda: later)
+    assert other.recall() == {}, "forgotten after the TTL"
+
+
+def test_the_table_stays_bounded_and_keeps_the_newest(tmp_path):
+    memory = FailedDerivations(tmp_path / "memory", tmp_path / "locks", 60)
+    capacity = DERIVATION_BUCKETS * WAYS
+    for i in range(capacity * 3):
+        memory.remember(failure(i))
+    kept = memory.recall()
+    assert (tmp_path / "memory" / DERIVATIONS_FILE).stat().st_size <= capacity * DERIVATION_RECORD_SIZE
+    assert len(kept) > capacity // 2
+    assert f"/nix/store/{capacity * 3 - 1:032d}-pkg-{capacity * 3 - 1}.drv" in kept
+
+
+def test_nothing_is_kept_without_a_ttl(tmp_path):
+    memory = FailedDerivations(tmp_path / "memory", tmp_path / "locks", 0)
+    memory.remember(failure(1))
+    assert memory.recall() == {} and not (tmp_path / "memory").exists()
