@@ -7,9 +7,9 @@
 # python3-venv. .venv/bin/nixery is the installed command; the scripts run .venv/bin/python.
 
 VENV="$PWD/.venv"
-# Where Nix installs put their commands when the shell that runs us has not put them on PATH (a
-# `sudo`, a service): the official installer's profiles (multi-user, then single-user), NixOS.
-NIX_PROFILE_BINS=(/nix/var/nix/profiles/default/bin "${HOME:-/nonexistent}/.nix-profile/bin" /run/current-system/sw/bin)
+# Where the official installer puts Nix's commands (multi-user, then single-user), for a shell
+# that has not put them on PATH (a `sudo`, a service: the installer's profile.d is not read).
+NIX_PROFILE_BINS=(/nix/var/nix/profiles/default/bin "${HOME:-/nonexistent}/.nix-profile/bin")
 
 is_root() { [ "$(id -u)" = 0 ]; }
 
