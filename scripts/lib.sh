@@ -7,9 +7,9 @@
 # python3-venv. .venv/bin/nixery is the installed command; the scripts run .venv/bin/python.
 
 VENV="$PWD/.venv"
-# Where Nix installs put their commands when the shell that runs us has not put them on PATH (a
-# `sudo`, a service): the official installer's profiles (multi-user, then single-user), NixOS.
-NIX_PROFILE_BINS=(/nix/var/nix/profiles/default/bin "${HOME:-/nonexistent}/.nix-profile/bin" /run/current-system/sw/bin)
+# Where the official installer puts Nix's commands (multi-user, then single-user), for a shell
+# that has not put them on PATH (a `sudo`, a service: the installer's profile.d is not read).
+NIX_PROFILE_BINS=(/nix/var/nix/profiles/default/bin "${HOME:-/nonexistent}/.nix-profile/bin")
 
 is_root() { [ "$(id -u)" = 0 ]; }
 
@@ -50,7 +50,7 @@ can_make_venv() {
 }
 
 # Installs the Debian packages given that are not installed. As root with apt, installs them;
-# otherwise says what root must run, and exits.
+# otherwise says what root must run (ROOT_FIX, if the caller sets it, else apt-get), and exits.
 install_debs() {
   local missing=() deb
   for deb in "$@"; do
@@ -63,8 +63,8 @@ install_debs() {
     exit 1
   fi
   if ! is_root; then
-    echo "missing Debian packages: ${missing[*]}. As root, run: $PWD/scripts/install-deps${mode_flag:+ $mode_flag}" >&2
-    echo "(or: apt-get install ${missing[*]}), then run this again as $(id -un)" >&2
+    echo "missing Debian packages: ${missing[*]}. As root, run:" \
+      "${ROOT_FIX:-apt-get install --no-install-recommends ${missing[*]}}; then run this again as $(id -un)" >&2
     exit 1
   fi
   echo "installing Debian packages: ${missing[*]}"

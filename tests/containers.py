@@ -10,10 +10,11 @@ build it once.
 
     ensure_dockerd()                   # or the test is skipped, with the reason
     image = stock_image("trixie")
-    with Container.start(image, publish=(8080,)) as box:
-        box.copy_checkout("/src")
-        box.exec("scripts/test --help", workdir="/src")
+    with Container.start(image, publish=(8080,), options=pip_cache()) as box:
+        box.copy_checkout("/src")      # the work tree, uncommitted changes included
+        box.exec("scripts/install-deps", workdir="/src", env=BUILD_USERS_ENV)
         host_port = box.port(8080)     # published on 127.0.0.1
+        serve_and_pull_hello(box, "NIXERY_PKGS_PATH=... scripts/serve", 8080, tmp_path)
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from typing import Iterator, Mapping, Optional, Sequence
 
 import pytest
 
+from support import chroot_run, pull_and_unpack
+
 ROOT = Path(__file__).resolve().parent.parent
 CA_DIR = Path("/usr/local/share/ca-certificates")
 CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nixery-tests"
@@ -46,6 +49,11 @@ BUILD_TIMEOUT = 600
 # What `--variant=minbase` leaves out that a test machine needs: git (to have a clone) and the CA
 # bundle (to reach the package index). Nothing else: the scripts must install the rest.
 STOCK_PACKAGES = ("git", "ca-certificates")
+# For the first `scripts/install-deps` in a container (it runs scripts/setup-nix): build users with
+# uids of their own. The containers share this machine's kernel, and Nix kills every process of a
+# build user's uid before building as it: this machine's Nix, which sees the containers' processes,
+# would otherwise kill their builds (as "signal 9") whenever it builds as nixbld1 too.
+BUILD_USERS_ENV = {"NIX_BUILD_GROUP_ID": "40000", "NIX_FIRST_BUILD_UID": "40001"}
 # systemd as PID 1 in a container without --privileged (which this machine refuses).
 SYSTEMD_OPTIONS = ("--cap-add", "SYS_ADMIN", "--security-opt", "seccomp=unconfined",
                    "--security-opt", "apparmor=unconfined", "-e", "container=docker",
@@ -253,3 +261,17 @@ def wait_for_registry(port: int, proc: subprocess.Popen, log: Path, timeout: flo
         except (OSError, http.client.HTTPException):
             time.sleep(0.5)
     raise AssertionError(f"no registry answered on port {port} within {timeout}s:\n{log.read_text()[-6000:]}")
+
+
+def serve_and_pull_hello(box: Container, script: str, container_port: int, workdir: Path,
+                         user: Optional[str] = None, cwd: str = "/src") -> Path:
+    """Starts `script` (a serve command) in `box`, waits for the registry at the published
+    `container_port`, then pulls `shell/hello` from this machine with skopeo, unpacks it with umoci
+    and runs `hello` in a chroot. Returns the server's log (in `workdir`), which stays running."""
+    log = workdir / "serve.log"
+    serve = box.spawn(script, log, user=user, workdir=cwd)
+    host = wait_for_registry(box.port(container_port), serve, log)
+    (workdir / "pull").mkdir()
+    rootfs = pull_and_unpack(host, "shell/hello", workdir / "pull")
+    assert chroot_run(rootfs, "/bin/hello").strip() == "Hello, world!"
+    return log

@@ -372,10 +372,13 @@ def test_where_nix_cannot_sandbox_start_up_warns(pkgset, tmp_path):
     if not docker_ready():
         pytest.skip("docker is not available to run Nix without namespaces")
     root = Path(__file__).resolve().parent.parent
-    python = Path(sys.executable).resolve()
+    # This Python as it is: a venv's (scripts/test runs the checkout's .venv) is its bin/python,
+    # whose pyvenv.cfg is found beside it, over the base Python's prefix.
+    python = Path(sys.executable)
+    prefixes = {Path(sys.prefix), Path(sys.base_prefix), python.resolve().parents[1]}
     mounts = ["/usr:/usr:ro", "/nix:/nix", "/etc/nix:/etc/nix:ro", "/etc/passwd:/etc/passwd:ro",
               "/etc/group:/etc/group:ro", f"{root}:{root}:ro", f"{pkgset}:{pkgset}:ro",
-              f"{python.parents[1]}:{python.parents[1]}:ro"]
+              *(f"{p}:{p}:ro" for p in sorted(prefixes) if not p.is_relative_to("/usr") and not p.is_relative_to(root))]
     env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "PYTHONPATH": str(root), "NIXERY_PKGS_PATH": str(pkgset),
            "STORAGE_PATH": "/tmp/storage", "NIXERY_STATE_DIR": "/tmp/state", "NIX_CONFIG": NIX_ENV["NIX_CONFIG"]}
     command = ["docker", "run", "--rm", *(f"--volume={m}" for m in mounts), *(f"--env={k}={v}" for k, v in env.items()),

@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import pytest
 
-from containers import Container, ensure_dockerd, pip_cache, stock_image, wait_for_registry
-from support import chroot_run, pull_and_unpack
+from containers import BUILD_USERS_ENV, Container, ensure_dockerd, pip_cache, serve_and_pull_hello, stock_image
 
 PORT = 8080
 README_SERVE = "NIXERY_PKGS_PATH=/tmp/pkgs NIX_CONFIG='substituters =' scripts/serve"
@@ -29,14 +28,9 @@ def test_quick_start_on_stock_debian(suite, tmp_path):
         # Stock: git, and neither Python nor Nix.
         box.exec("command -v git && ! command -v python3 && ! command -v nix-build && [ ! -e /nix ]")
         box.copy_checkout("/src")
-        box.exec("scripts/example-pkgset /tmp/pkgs", workdir="/src")
-        log = tmp_path / "serve.log"
-        serve = box.spawn(README_SERVE, log, workdir="/src")
-        host = wait_for_registry(box.port(PORT), serve, log)
-
-        (tmp_path / "pull").mkdir()
-        rootfs = pull_and_unpack(host, "shell/hello", tmp_path / "pull")
-        assert chroot_run(rootfs, "/bin/hello").strip() == "Hello, world!"
+        box.exec("scripts/example-pkgset /tmp/pkgs", workdir="/src", env=BUILD_USERS_ENV)
+        assert box.exec("id -u nixbld1").stdout.strip() == BUILD_USERS_ENV["NIX_FIRST_BUILD_UID"]
+        serve_and_pull_hello(box, README_SERVE, PORT, tmp_path)
 
         # Nixery runs from the checkout's .venv, made with Debian's own Python, whose system
         # site-packages stay as Debian left them (no pip, nothing of Nixery's).
@@ -49,3 +43,20 @@ def test_quick_start_on_stock_debian(suite, tmp_path):
         # Running the command again changes nothing: no apt, no pip.
         again = box.exec("scripts/install-deps", workdir="/src").stdout
         assert "installing" not in again and "making" not in again, again
+
+
+def test_systems_without_apt_are_told_what_to_do():
+    """Where apt is missing the scripts stop with what to do instead, not with "command not found"."""
+    ensure_dockerd()
+    with Container.start(stock_image("bookworm")) as box:
+        box.copy_checkout("/src")
+        box.exec("mv /usr/bin/apt-get /usr/bin/apt-get.off")
+        other = box.exec("scripts/serve", workdir="/src", check=False)
+        assert other.returncode == 1, other.stdout
+        assert "nix-bin python3 python3-venv" in other.stdout and "install with apt" in other.stdout, other.stdout
+
+        box.exec("touch /etc/NIXOS")  # how NixOS marks itself (and what its own tools test)
+        nixos = box.exec("scripts/serve", workdir="/src", check=False)
+        assert nixos.returncode == 1, nixos.stdout
+        assert "NixOS module" in nixos.stdout and "services.nixery" in nixos.stdout and "nix run" in nixos.stdout
+
