@@ -83,7 +83,8 @@ def _unavailable(reason: str) -> None:
 
 
 def ensure_dockerd() -> None:
-    """Docker answers when this returns; otherwise the calling test is skipped (failed in CI) with the reason.
+    """Docker answers when this returns; otherwise the calling test is skipped (failed in CI)
+    with the reason.
 
     CI starts from a machine where docker.io is installed but nothing runs, so Debian's dockerd is
     started here (as root) and left running for later tests and runs."""
