@@ -2,22 +2,23 @@
 
 Thin by design: parse and validate the request (with Falcon's own helpers for
 ranges, negotiation and headers), call the builder or the storage, write the
-response. Errors are raised and rendered by `error_handlers`. Repository names
-contain slashes, so everything below `/v2/` goes through one sink that matches
-the spec's path shapes; it leaves the route it matched in `req.context.route`
-for the metrics.
+response. Errors are raised and rendered by `error_handlers`. Each path shape
+of the spec (nixery/routes.py) has its resource, whose responders get the
+shape's named parameters.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import time
 from urllib.parse import urlencode
 
 import falcon
 
-from . import image, parking, sbom
+from . import image, parking, routes, sbom
+from .auth import BuildRefused
 from .builder import BuildStats, ManifestBuilder
 from .error_handlers import as_registry_error
 from .errors import RegistryError, blob_unknown, manifest_unknown
@@ -27,19 +28,11 @@ from .sources import Source
 from .storage import Backend, LocalFile, Redirect, blob_key
 
 API_VERSION_HEADER = ("Docker-Distribution-API-Version", "registry/2.0")
-_PATH_RE = re.compile(r"^/v2/(?P<name>.+)/(?P<kind>manifests|blobs|referrers)/(?P<reference>[^/]+)$")
-_TAGS_RE = re.compile(r"^/v2/(?P<name>.+)/tags/list$")
-_PUSH_RE = re.compile(r"^/v2/.+/(blobs/uploads(/.*)?|manifests/[^/]+|blobs/[^/]+)$")
-# The metrics' label for each kind of path below /v2/ (a template: names never become labels).
-ROUTES = {"manifests": "/v2/{name}/manifests/{reference}", "blobs": "/v2/{name}/blobs/{digest}",
-          "referrers": "/v2/{name}/referrers/{digest}", "tags": "/v2/{name}/tags/list"}
-OTHER_ROUTE = "/v2/{other}"
 MANIFEST_MEDIA_TYPES = (MANIFEST_MEDIA_TYPE, OCI_MANIFEST_MEDIA_TYPE)
 # The multi-platform type a client gets for each single-image type, when it names it in Accept.
 INDEX_FOR = {MANIFEST_MEDIA_TYPE: MANIFEST_LIST_MEDIA_TYPE, OCI_MANIFEST_MEDIA_TYPE: OCI_INDEX_MEDIA_TYPE}
 # What a manifest request by digest may be answered with.
 SERVED_MEDIA_TYPES = MANIFEST_MEDIA_TYPES + tuple(INDEX_FOR.values())
-READ_METHODS = ("GET", "HEAD")
 
 
 class _LimitedReader:
@@ -77,61 +70,79 @@ class VersionCheck:
     on_head = on_get
 
 
-class Registry:
-    """The sink for everything below `/v2/`."""
+def read_only(req: falcon.Request, resp: falcon.Response, **_: str) -> None:
+    """A push or delete, on a path that takes one in a registry that does."""
+    raise RegistryError(405, "UNSUPPORTED", "this registry is read-only: it builds images, "
+                        "it does not accept pushes or deletes", {"method": req.method})
 
-    def __init__(self, builder: ManifestBuilder, storage: Backend, source: Source, max_packages: int = 0):
+
+def no_such_endpoint(req: falcon.Request, resp: falcon.Response, **_: str) -> None:
+    raise RegistryError(404, "NOT_FOUND", "no such endpoint", {"path": req.path})
+
+
+class Manifests:
+    """`/v2/{name}/manifests/{reference}`: a tag builds (or finds) the image, a digest reads a stored manifest."""
+
+    def __init__(self, builder: ManifestBuilder, storage: Backend, max_packages: int = 0):
         self.builder = builder
         self.storage = storage
-        self.source = source
         # NIXERY_MAX_PACKAGES: the most components a name may have (0: any number).
         self.max_packages = max_packages
 
-    def __call__(self, req: falcon.Request, resp: falcon.Response, **_: str) -> None:
-        match = _PATH_RE.match(req.path)
-        tags = _TAGS_RE.match(req.path)
-        req.context.route = ROUTES[match.group("kind")] if match else ROUTES["tags"] if tags else OTHER_ROUTE
-        if req.method not in READ_METHODS:
-            if _PUSH_RE.match(req.path):
-                raise RegistryError(405, "UNSUPPORTED", "this registry is read-only: it builds images, "
-                                    "it does not accept pushes or deletes", {"method": req.method})
-            raise RegistryError(404, "NOT_FOUND", "no such endpoint", {"path": req.path})
-        if tags:
-            self.tags_list(req, resp, tags.group("name"))
-            return
-        if match is None:
-            raise RegistryError(404, "NOT_FOUND", "no such endpoint", {"path": req.path})
-        name, kind, reference = match.group("name", "kind", "reference")
+    def on_get(self, req: falcon.Request, resp: falcon.Response, name: str, reference: str) -> None:
         image.validate_name(name)
-        if kind == "blobs":
-            self.blob(req, resp, reference)
-        elif kind == "referrers":
-            self.referrers(req, resp, reference)
-        elif ":" in reference:
-            self.manifest_by_digest(req, resp, reference)
+        if ":" in reference:
+            self.by_digest(req, resp, reference)
         else:
-            self.manifest_by_tag(req, resp, name, reference)
+            self.by_tag(req, resp, name, reference)
 
-    def manifest_by_tag(self, req: falcon.Request, resp: falcon.Response, name: str, tag: str) -> None:
+    on_head = on_get
+
+    def by_tag(self, req: falcon.Request, resp: falcon.Response, name: str, tag: str) -> None:
         media_type = _negotiate(req)
-        # req.context.build is what the metrics and the build history learn of this request.
+        # req.context.build is what the metrics and the build history learn of this request;
+        # req.context.may_build is False for a client the auth middleware lets read but not build.
         started = time.monotonic() - parking.waited(req.env)
+        authorise_build = None if req.context.get("may_build", True) else functools.partial(_refuse_build, name)
         try:
             result = self.builder.manifest(image.parse(name, tag, self.max_packages), media_type,
-                                           authorise_build=req.context.get("authorise_build"),
+                                           authorise_build=authorise_build,
                                            client=req.remote_addr or "", parking=req.env.get(parking.ENVIRON_KEY))
-        except parking.Parked:
-            raise  # not an answer: the request runs again once the build it waits for is over
+        except (parking.Parked, BuildRefused):
+            # Parked: not an answer, the request runs again once the build it waits for is over.
+            # Refused: no build, so the recent builds and the metrics do not count it (anonymous
+            # clients cannot crowd real failures off the page).
+            raise
         except Exception as e:
             req.context.build = _failed_build(name, tag, e, time.monotonic() - started)
             raise
         req.context.build = dataclasses.replace(result.stats, tag=tag,
                                                 duration=round(time.monotonic() - started, 3))
-        self._manifest(req, resp, result.manifest)
+        _send_manifest(req, resp, result.manifest)
 
-    def tags_list(self, req: falcon.Request, resp: falcon.Response, name: str) -> None:
-        """The tags the source serves: every name is an image of the same tags. `n` and `last` page
-        through them in lexical order, with a `Link` to the next page (the distribution spec)."""
+    def by_digest(self, req: falcon.Request, resp: falcon.Response, digest: str) -> None:
+        # Layers and configs share the content store: only a manifest is served as one
+        # (and only a manifest, which is small, is ever read into memory).
+        info = self.storage.stat(blob_key(digest)) if image.validate_digest(digest) else None
+        data = self.storage.read(blob_key(digest)) if info and info.media_type in SERVED_MEDIA_TYPES else None
+        if data is None:
+            raise manifest_unknown("manifest unknown", {"digest": digest})
+        _send_manifest(req, resp, Document(info.media_type, data))
+
+
+def _refuse_build(name: str) -> None:
+    raise BuildRefused(name)
+
+
+class Tags:
+    """`/v2/{name}/tags/list`: the tags the source serves: every name is an image of the same tags.
+    `n` and `last` page through them in lexical order, with a `Link` to the next page (the
+    distribution spec)."""
+
+    def __init__(self, source: Source):
+        self.source = source
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, name: str) -> None:
         image.validate_name(name)
         number = req.get_param("n")
         if number is not None and not (number.isdigit() and len(number) <= 6):
@@ -146,17 +157,17 @@ class Registry:
                 resp.set_header("Link", f'</v2/{name}/tags/list?{urlencode({"n": number, "last": tags[-1]})}>; rel="next"')
         resp.media = {"name": name, "tags": tags}
 
-    def manifest_by_digest(self, req: falcon.Request, resp: falcon.Response, digest: str) -> None:
-        # Layers and configs share the content store: only a manifest is served as one
-        # (and only a manifest, which is small, is ever read into memory).
-        info = self.storage.stat(blob_key(digest)) if image.validate_digest(digest) else None
-        data = self.storage.read(blob_key(digest)) if info and info.media_type in SERVED_MEDIA_TYPES else None
-        if data is None:
-            raise manifest_unknown("manifest unknown", {"digest": digest})
-        self._manifest(req, resp, Document(info.media_type, data))
+    on_head = on_get
 
-    def referrers(self, req: falcon.Request, resp: falcon.Response, digest: str) -> None:
-        """OCI 1.1 referrers: an image index of the artifacts (the SBOM) whose subject is `digest`."""
+
+class Referrers:
+    """`/v2/{name}/referrers/{digest}`, OCI 1.1: an image index of the artifacts (the SBOM) whose subject is `digest`."""
+
+    def __init__(self, storage: Backend):
+        self.storage = storage
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, name: str, digest: str) -> None:
+        image.validate_name(name)
         artifact_type = req.get_param("artifactType")
         # A digest of another algorithm cannot name anything here: it has no referrers.
         index = sbom.referrers(self.storage, digest if image.validate_digest(digest) else None, artifact_type)
@@ -167,16 +178,26 @@ class Registry:
         if req.method == "GET":
             resp.data = index.data
 
-    @staticmethod
-    def _manifest(req: falcon.Request, resp: falcon.Response, document: Document) -> None:
-        resp.content_type = document.media_type
-        resp.set_header("Docker-Content-Digest", document.digest)
-        resp.etag = document.digest
-        resp.content_length = len(document.data)
-        if req.method == "GET":
-            resp.data = document.data
+    on_head = on_get
 
-    def blob(self, req: falcon.Request, resp: falcon.Response, digest: str) -> None:
+
+def _send_manifest(req: falcon.Request, resp: falcon.Response, document: Document) -> None:
+    resp.content_type = document.media_type
+    resp.set_header("Docker-Content-Digest", document.digest)
+    resp.etag = document.digest
+    resp.content_length = len(document.data)
+    if req.method == "GET":
+        resp.data = document.data
+
+
+class Blobs:
+    """`/v2/{name}/blobs/{digest}`: layers and configs, whole or a byte range, or a redirect to the storage."""
+
+    def __init__(self, storage: Backend):
+        self.storage = storage
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, name: str, digest: str) -> None:
+        image.validate_name(name)
         if not image.validate_digest(digest):
             raise blob_unknown(digest)
         location = self.storage.locate(blob_key(digest))
@@ -206,6 +227,29 @@ class Registry:
             resp.stream = _LimitedReader(f, end - start)
         else:
             resp.stream = f  # whole files go out through wsgi.file_wrapper (sendfile)
+
+    on_head = on_get
+
+
+class Uploads:
+    """`/v2/{name}/blobs/uploads/...`: where a push would go."""
+
+    on_get = on_head = staticmethod(no_such_endpoint)
+
+
+class Elsewhere:
+    """Every other path below `/v2/`."""
+
+
+def add_routes(router: routes.RegistryRouter, builder: ManifestBuilder, storage: Backend, source: Source,
+               max_packages: int = 0) -> None:
+    """One resource per path shape of the spec; pushes get 405, anything else not served 404."""
+    router.add_shape(routes.MANIFESTS, Manifests(builder, storage, max_packages), read_only)
+    router.add_shape(routes.UPLOADS, Uploads(), read_only)
+    router.add_shape(routes.BLOBS, Blobs(storage), read_only)
+    router.add_shape(routes.REFERRERS, Referrers(storage), no_such_endpoint)
+    router.add_shape(routes.TAGS, Tags(source), no_such_endpoint)
+    router.add_shape(routes.OTHER, Elsewhere(), no_such_endpoint)
 
 
 def _failed_build(name: str, tag: str, error: Exception, duration: float) -> BuildStats:

@@ -9,8 +9,8 @@ from typing import Optional, Sequence
 
 import falcon
 
-from . import error_handlers, health, image, popularity, web
-from .api import API_VERSION_HEADER, Registry, VersionCheck
+from . import api, error_handlers, health, image, popularity, web
+from .api import API_VERSION_HEADER, VersionCheck
 from .auth import AuthMiddleware
 from .clients import RealClient, TrustedProxies
 from .builder import Builder, BuildLimits, ManifestBuilder
@@ -21,6 +21,7 @@ from .history import BuildHistory, BuildRecorder
 from .lockout import FailedLogins
 from .logs import AccessLog
 from .progress import InProgress
+from .routes import RegistryRouter
 from .sources import Source
 from .storage import Backend
 
@@ -92,18 +93,18 @@ def create_app(config: Config, storage: Backend | None = None, *, builder: Manif
                           limits=BuildLimits(config.max_builds, config.client_builds, config.failure_ttl,
                                              config.max_image_size),
                           explain=error_handlers.as_registry_error)
+    auth = AuthMiddleware(config.auth, FailedLogins(config.state.memory, config.state.locks),
+                          on_check=metrics.count_password_check)
     # The real client first: every other middleware reads its address.
-    # Auth last: its process_response runs first, before the build recorders read req.context.build.
     # The access log next: its process_response runs last, once the response is complete.
-    app = falcon.App(middleware=[RealClient(TrustedProxies(config.trusted_proxies)),
-                                *([AccessLog()] if config.access_log else []), _ApiVersion(),
-                                MetricsMiddleware(metrics), BuildRecorder(history),
-                                AuthMiddleware(config.auth, FailedLogins(config.state.memory, config.state.locks),
-                                               on_check=metrics.count_password_check)])
+    router = RegistryRouter()
+    app = falcon.App(router=router, middleware=[RealClient(TrustedProxies(config.trusted_proxies)),
+                                                *([AccessLog()] if config.access_log else []), _ApiVersion(),
+                                                MetricsMiddleware(metrics), BuildRecorder(history), auth])
     app.req_options.strip_url_path_trailing_slash = True
-    error_handlers.register(app)
+    error_handlers.register(app, auth.challenge)
     app.add_route("/v2", VersionCheck())
-    app.add_sink(Registry(builder, storage, source or make_source(config), config.max_packages), prefix="/v2/")
+    api.add_routes(router, builder, storage, source or make_source(config), config.max_packages)
     app.add_route("/metrics", MetricsResource(metrics))
     web.add_routes(app, config, history, in_progress)
     health.add_routes(app, storage)

@@ -6,8 +6,9 @@ there), so with any auth level on, an anonymous ping gets 401 and a
 `WWW-Authenticate` challenge. At level `all` every request below `/v2/` needs
 valid credentials. At level `build` a request without them (or with the empty
 ones skopeo sends when it has none) may still read what is built: the
-middleware leaves `req.context.authorise_build`, which the builder calls just
-before it would run Nix, and which refuses with the same 401.
+middleware sets `req.context.may_build` to False, and the builder raises
+`BuildRefused` just before it would run Nix, which the error handlers answer
+with the same 401 challenge.
 
 Wrong credentials are always refused, never treated as anonymous. Failed
 logins are logged with the user name and client address, never the password
@@ -22,12 +23,10 @@ from __future__ import annotations
 import base64
 import binascii
 import collections
-import functools
 import hashlib
 import hmac
 import logging
 import os
-import re
 import threading
 import time
 from typing import Any, Callable, Optional
@@ -37,6 +36,7 @@ import falcon
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
+from . import routes
 from .config import AuthConfig, AuthLevel, TokenConfig
 from .errors import RegistryError
 from .image import MAX_NAME_LENGTH, NAME_RE
@@ -45,7 +45,6 @@ from .lockout import FailedLogins
 log = logging.getLogger(__name__)
 
 BASIC_REALM = "Nixery"
-_REPOSITORY_PATH = re.compile(r"^/v2/(?P<name>.+)/(?:manifests|blobs)/[^/]+$")
 # bcrypt looks at the first 72 bytes of a password only (as Apache's htpasswd does).
 _BCRYPT_MAX = 72
 _MAX_TOKEN = 16384
@@ -58,13 +57,20 @@ class InvalidCredentials(Exception):
     """Credentials that were sent and are wrong; the message is for the log and never holds them."""
 
 
-def repository(path: str) -> Optional[str]:
-    """The repository a registry path names, if it is a valid name (so it may go into a challenge)."""
-    match = _REPOSITORY_PATH.match(path)
-    if match is None:
-        return None
-    name = match.group("name")
-    return name if len(name) <= MAX_NAME_LENGTH and NAME_RE.fullmatch(name) else None
+class BuildRefused(Exception):
+    """An anonymous client at level `build` asked for an image that is not built yet."""
+
+    MESSAGE = "authentication required to build a new image (images already built can be pulled without logging in)"
+
+    def __init__(self, name: str):
+        super().__init__(self.MESSAGE)
+        self.name = name
+
+
+def repository(req: falcon.Request, params: dict[str, Any]) -> Optional[str]:
+    """The repository a request pulls from, if it is a valid name (so it may go into a challenge)."""
+    name = params.get("name") if req.uri_template in routes.PULLS else None
+    return name if name is not None and len(name) <= MAX_NAME_LENGTH and NAME_RE.fullmatch(name) else None
 
 
 class Htpasswd:
@@ -176,29 +182,17 @@ class AuthMiddleware:
         self.failures = failures
         self.sleep = sleep
 
-    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
-        if self.level is AuthLevel.OFF or not (req.path == "/v2" or req.path.startswith("/v2/")):
+    def process_resource(self, req: falcon.Request, resp: falcon.Response, resource: object,
+                         params: dict[str, Any]) -> None:
+        """After routing, so the repository is the route's `name` (every path below `/v2/` has a route)."""
+        if self.level is AuthLevel.OFF or not (req.uri_template or "").startswith("/v2"):
             return
-        name = repository(req.path)
+        name = repository(req, params)
         if self._authenticated(req, name):
             return
         if self.level is AuthLevel.ALL or name is None:
             raise self.challenge(name, "authentication required")
-        req.context.authorise_build = functools.partial(self.refuse_build, req, name)
-
-    def refuse_build(self, req: falcon.Request, name: str) -> None:
-        """What an anonymous client at level `build` gets for an image that is not built yet."""
-        req.context.build_refused = True
-        raise self.challenge(name, "authentication required to build a new image "
-                                   "(images already built can be pulled without logging in)")
-
-    def process_response(self, req: falcon.Request, resp: falcon.Response, resource: object,
-                         req_succeeded: bool) -> None:
-        """A refused build is no build: the recent builds and the build metrics (which read
-        `req.context.build` after this runs) do not count it, so anonymous clients cannot crowd
-        real failures off the page."""
-        if req.context.get("build_refused"):
-            req.context.build = None
+        req.context.may_build = False
 
     def challenge(self, name: Optional[str], message: str, error: Optional[str] = None) -> RegistryError:
         refusal = RegistryError(401, "UNAUTHORIZED", message, {"name": name, "action": "pull"} if name else None)

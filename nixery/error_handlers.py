@@ -1,8 +1,10 @@
 """The one place where exceptions become registry errors, as Falcon error handlers.
 
-Modules below the HTTP layer raise what they know: a `RegistryError` when the
-client's request is at fault, a `StorageError` when the backend fails, Nix's
-own errors when a build fails. Each type gets a handler here that renders the
+Modules below the HTTP layer raise what they know, with no status: `image`'s
+`InvalidName`/`InvalidTag`/`InvalidDigest`/`TooManyComponents`, a source's
+`UnknownTag`/`SourceUnavailable`, a `StorageError` when the backend fails,
+Nix's own errors when a build fails, auth's `BuildRefused` (the builder
+helper's refusals are still `RegistryError`s, as are the HTTP resources' own). Each type gets a handler here that renders the
 distribution spec's JSON error body, so the wording a client sees (and the
 build history records) is decided once, and no code path answers with HTML
 or a bare status below `/v2/`.
@@ -17,12 +19,14 @@ the infrastructure (storage, Nix itself, a timeout, a bug) are 5xx:
 
 | failure | status | code |
 | --- | --- | --- |
-| unknown, removed or renamed package, not a package, unsupported system | 404 | MANIFEST_UNKNOWN |
+| a name, tag or digest outside the spec's grammar; a name of no packages | 400 | NAME_INVALID, TAG_INVALID, DIGEST_INVALID |
+| unknown, removed or renamed package, not a package, unsupported system, a tag the source lacks | 404 | MANIFEST_UNKNOWN |
 | unfree, broken or insecure package (the set's config refuses it) | 403 | DENIED |
 | over a bound of the instance: a name's components, an image's size, an evaluation's memory or time | 403 | DENIED |
 | a package's build fails (its builder exits non-zero) | 422 | UNKNOWN |
 | the set's code reads a file or URL it may not (restricted evaluation) | 403 | DENIED |
-| Nix cannot run, an evaluation error of the set, a timeout, a builder killed | 500 | UNKNOWN |
+| Nix cannot run, an evaluation error of the set, a timeout, a builder killed, a git fetch fails | 500 | UNKNOWN |
+| an anonymous client would make the instance build (auth level `build`) | 401 | UNAUTHORIZED |
 | storage fails | 503 | UNAVAILABLE |
 """
 
@@ -33,11 +37,14 @@ from typing import Any, Callable
 
 import falcon
 
+from . import image
+from .auth import BuildRefused
 from .builder import BUILD_FAILED_STATUS
-from .errors import RegistryError, build_failed, manifest_unknown, unavailable
+from .errors import RegistryError, build_failed, internal_error, manifest_unknown, unavailable
 from .nix import (BuildFailed, EvaluationLimit, Forbidden, NixError, Problem, UnavailablePackages,
                   UnknownPackages, UnsupportedSystem)
 from .parking import Parked
+from .sources import SourceUnavailable, UnknownTag
 from .storage import StorageError
 
 log = logging.getLogger(__name__)
@@ -99,6 +106,13 @@ def _unavailable(error: UnavailablePackages) -> RegistryError:
 # Most specific first: `as_registry_error` takes the first type an exception is an instance of.
 _TRANSLATIONS: dict[type[Exception], Callable[[Any], RegistryError]] = {
     RegistryError: lambda error: error,
+    image.InvalidName: lambda error: RegistryError(400, "NAME_INVALID", str(error), {"name": error.name}),
+    image.InvalidTag: lambda error: RegistryError(400, "TAG_INVALID", str(error), {"tag": error.tag}),
+    image.InvalidDigest: lambda error: RegistryError(400, "DIGEST_INVALID", str(error), {"digest": error.digest}),
+    image.TooManyComponents: lambda error: RegistryError(403, "DENIED", str(error), {
+        "components": error.components, "max_packages": error.limit}),
+    UnknownTag: lambda error: manifest_unknown(str(error), {"tag": error.tag}),
+    SourceUnavailable: lambda error: RegistryError(500, "UNKNOWN", str(error)),
     StorageError: lambda error: unavailable(f"storage failed: {error}"),
     UnknownPackages: lambda error: manifest_unknown(_unknown_text(error), _unknown_detail(error)),
     UnavailablePackages: _unavailable,
@@ -119,7 +133,7 @@ def as_registry_error(error: Exception) -> RegistryError:
     if isinstance(error, falcon.HTTPError):
         return RegistryError(error.status_code, _FALCON_CODES.get(error.status_code, "UNKNOWN"),
                              error.title or "error")
-    return RegistryError(500, "UNKNOWN", f"internal error: {type(error).__name__}")
+    return internal_error(error)
 
 
 def _render(resp: falcon.Response, error: RegistryError) -> None:
@@ -155,9 +169,14 @@ def _parked(req: falcon.Request, resp: falcon.Response, error: Parked, params: A
     raise error
 
 
-def register(app: falcon.App) -> None:
-    """One handler per exception type; Falcon picks the most specific for each exception."""
+def register(app: falcon.App, challenge: Callable[[str, str], RegistryError]) -> None:
+    """One handler per exception type; Falcon picks the most specific for each exception.
+    `challenge` is the auth middleware's 401 for a repository, which a refused build gets."""
+    def refused(req: falcon.Request, resp: falcon.Response, error: BuildRefused, params: Any) -> None:
+        _render(resp, challenge(error.name, str(error)))
+
     app.add_error_handler(Exception, _unexpected_error)
+    app.add_error_handler(BuildRefused, refused)
     app.add_error_handler(falcon.HTTPError, _http_error)
     app.add_error_handler(Parked, _parked)
     for kind in _TRANSLATIONS:

@@ -1,8 +1,8 @@
 """The registry's error type: one exception, one JSON shape.
 
-Every failure a client can see is a `RegistryError`; the app registers a
-single handler that renders it as the distribution spec's error body, so no
-code path answers with HTML or a bare status.
+Every failure a client sees is rendered from a `RegistryError`: the HTTP layer
+raises them, and nixery/error_handlers.py translates every other module's
+exceptions into them, so no code path answers with HTML or a bare status.
 """
 
 from __future__ import annotations
@@ -41,3 +41,8 @@ def build_failed(reason: str) -> RegistryError:
 
 def unavailable(reason: str) -> RegistryError:
     return RegistryError(503, "UNAVAILABLE", reason)
+
+
+def internal_error(error: BaseException) -> RegistryError:
+    """What a client is told of a bug: the exception's type, never its message (which may hold paths or secrets)."""
+    return RegistryError(500, "UNKNOWN", f"internal error: {type(error).__name__}")

@@ -11,7 +11,6 @@ import dataclasses
 import re
 from typing import Sequence
 
-from .errors import RegistryError
 from .manifest import SHA256_RE
 
 # The distribution spec's grammar (spec.md, "Pulling manifests").
@@ -71,14 +70,44 @@ class Image:
         return f"{self.arch.nix_system}|{self.tag}|{','.join(self.packages)}{user}"
 
 
+class InvalidName(ValueError):
+    """A repository name outside the spec's grammar, or one that asks for no packages."""
+
+    def __init__(self, name: str, message: str = "invalid repository name"):
+        super().__init__(message)
+        self.name = name
+
+
+class InvalidTag(ValueError):
+    def __init__(self, tag: str):
+        super().__init__("manifest tag did not match URI")
+        self.tag = tag
+
+
+class InvalidDigest(ValueError):
+    def __init__(self, digest: str):
+        super().__init__("provided digest did not match uploaded content")
+        self.digest = digest
+
+
+class TooManyComponents(ValueError):
+    """A name of more components than NIXERY_MAX_PACKAGES allows."""
+
+    def __init__(self, components: int, limit: int):
+        super().__init__(f"the name has {components} components; this instance builds images of at most "
+                         f"{limit} (NIXERY_MAX_PACKAGES)")
+        self.components = components
+        self.limit = limit
+
+
 def validate_name(name: str) -> None:
     if len(name) > MAX_NAME_LENGTH or not NAME_RE.fullmatch(name):
-        raise RegistryError(400, "NAME_INVALID", "invalid repository name", {"name": name})
+        raise InvalidName(name)
 
 
 def validate_tag(tag: str) -> None:
     if not TAG_RE.fullmatch(tag):
-        raise RegistryError(400, "TAG_INVALID", "manifest tag did not match URI", {"tag": tag})
+        raise InvalidTag(tag)
 
 
 def validate_digest(digest: str) -> bool:
@@ -88,8 +117,7 @@ def validate_digest(digest: str) -> bool:
         return True
     if DIGEST_RE.fullmatch(digest) and not digest.startswith("sha256:"):
         return False
-    raise RegistryError(400, "DIGEST_INVALID", "provided digest did not match uploaded content",
-                        {"digest": digest})
+    raise InvalidDigest(digest)
 
 
 def parse(name: str, tag: str, max_components: int = 0) -> Image:
@@ -100,9 +128,7 @@ def parse(name: str, tag: str, max_components: int = 0) -> Image:
     validate_tag(tag)
     components = name.split("/")
     if max_components and len(components) > max_components:
-        raise RegistryError(403, "DENIED", f"the name has {len(components)} components; this instance builds "
-                            f"images of at most {max_components} (NIXERY_MAX_PACKAGES)",
-                            {"components": len(components), "max_packages": max_components})
+        raise TooManyComponents(len(components), max_components)
     arch = AMD64
     arch_given = shell = nonroot = False
     packages: list[str] = []
@@ -122,6 +148,6 @@ def parse(name: str, tag: str, max_components: int = 0) -> Image:
         leading = False
         packages.append(component)
     if not packages:
-        raise RegistryError(400, "NAME_INVALID", "the name asks for no packages", {"name": name})
+        raise InvalidName(name, "the name asks for no packages")
     return Image(name=name, tag=tag, packages=tuple(sorted(set(packages))), arch=arch, shell=shell,
                  nonroot=nonroot, arch_given=arch_given)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 import time
 
 from .parking import waited
@@ -57,12 +58,16 @@ class AccessLog:
     def __init__(self) -> None:
         self.log = logging.getLogger("nixery.access")
         self.log.setLevel(logging.INFO)
+        # When the request began, kept per thread rather than on req.context (which carries what
+        # other middleware and resources share): Falcon runs a request's middleware in one thread,
+        # and a parked request, which leaves without process_response, starts again with process_request.
+        self.started = threading.local()
 
     def process_request(self, req, resp) -> None:
-        req.context.access_started = time.monotonic() - waited(req.env)
+        self.started.at = time.monotonic() - waited(req.env)
 
     def process_response(self, req, resp, resource, req_succeeded: bool) -> None:
-        started = req.context.get("access_started")
+        started, self.started.at = getattr(self.started, "at", None), None
         length = resp.content_length
         if length is None and resp.stream is None:
             body = resp.render_body()  # rendered once: Falcon keeps what it rendered

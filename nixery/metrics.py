@@ -29,9 +29,9 @@ _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"
 
 
 def route_of(req: falcon.Request) -> str:
-    """A bounded label for the request's route: the URI template, or the one the registry's
-    sink matched (it leaves it in `req.context.route`)."""
-    return req.uri_template or req.context.get("route") or "{unmatched}"
+    """A bounded label for the request's route: its URI template (nixery/routes.py gives the
+    registry's path shapes theirs)."""
+    return req.uri_template or "{unmatched}"
 
 
 class Metrics:

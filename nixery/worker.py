@@ -39,7 +39,7 @@ from typing import Any, Optional
 from gunicorn.http import errors as http_errors
 
 from .clients import TrustedProxies, head_headers
-from .errors import RegistryError
+from .errors import RegistryError, internal_error
 from .parking import ENVIRON_KEY, Parked, Parking
 from .threadloop import BODY_ERRORS, Connection, ThreadLoopWorker
 
@@ -391,7 +391,7 @@ class NixeryWorker(ThreadLoopWorker):
         error = parser_error(exc)
         if error is None:
             self.log.exception("error handling request")
-            error = RegistryError(500, "UNKNOWN", f"internal error: {type(exc).__name__}")
+            error = internal_error(exc)
         else:
             self.log.warning("invalid request", extra={"client": (addr or ("",))[0], "status": error.status,
                                                        "reason": error.message})

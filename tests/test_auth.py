@@ -33,8 +33,10 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from pkgset import make_package_set
 from support import NixCounter, Server, chroot_run, oci_manifest, pull_and_unpack, skopeo_pull
-from nixery import config, error_handlers
+from nixery import config, error_handlers, routes
+from nixery.api import no_such_endpoint
 from nixery.auth import AuthMiddleware
+from nixery.routes import RegistryRouter
 from nixery.lockout import BUCKETS, FailedLogins
 
 USER = "alice"
@@ -498,15 +500,26 @@ def test_failed_logins_lock_a_user_name_from_any_address_and_a_login_gives_back_
         bob.succeeded("10.0.0.8", "bob")
 
 
+class _Open:
+    def on_get(self, req: falcon.Request, resp: falcon.Response, **_: str) -> None:
+        resp.media = {}
+
+
+def open_manifests(auth: AuthMiddleware) -> falcon.App:
+    """An app of `auth` and the manifests route only, which answers `{}` to whoever auth lets through."""
+    router = RegistryRouter()
+    app = falcon.App(router=router, middleware=[auth])
+    error_handlers.register(app, auth.challenge)
+    router.add_shape(routes.MANIFESTS, _Open(), no_such_endpoint)
+    return app
+
+
 def test_failed_logins_are_slowed_doubling_to_a_cap_and_a_login_resets_them(htpasswd, tmp_path):
     """The middleware sleeps each failure's delay before its 401: 0.05 s, doubling, capped at 1 s."""
     slept: list[float] = []
     auth = AuthMiddleware(config.load({"HOME": "/root", "NIXERY_HTPASSWD": str(htpasswd)}).auth,
                           failed_logins(tmp_path), sleep=slept.append)
-    app = falcon.App(middleware=[auth])
-    error_handlers.register(app)
-    app.add_sink(lambda req, resp, **_: setattr(resp, "media", {}), prefix="/v2")
-    client = falcon.testing.TestClient(app)
+    client = falcon.testing.TestClient(open_manifests(auth))
 
     def attempt(user: str, password: str) -> int:
         token = base64.b64encode(f"{user}:{password}".encode()).decode()
@@ -527,10 +540,7 @@ def test_too_many_failures_get_429_without_a_password_check(htpasswd, monkeypatc
     checkpw = bcrypt.checkpw
     monkeypatch.setattr(bcrypt, "checkpw", lambda password, hashed: (checked.append(hashed),
                                                                      checkpw(password, hashed))[1])
-    app = falcon.App(middleware=[auth])
-    error_handlers.register(app)
-    app.add_sink(lambda req, resp, **_: setattr(resp, "media", {}), prefix="/v2")
-    client = falcon.testing.TestClient(app)
+    client = falcon.testing.TestClient(open_manifests(auth))
 
     def attempt(password: str) -> falcon.testing.Result:
         token = base64.b64encode(f"{USER}:{password}".encode()).decode()

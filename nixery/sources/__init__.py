@@ -23,6 +23,22 @@ from ..nix import SourceArgs
 COMMIT_RE = re.compile(r"[0-9a-f]{40}")
 
 
+class SourceError(Exception):
+    """What a source tells of a tag; the HTTP layer decides what a client is told (nixery/error_handlers.py)."""
+
+
+class UnknownTag(SourceError):
+    """The source serves no such tag."""
+
+    def __init__(self, tag: str, message: str):
+        super().__init__(message)
+        self.tag = tag
+
+
+class SourceUnavailable(SourceError):
+    """The source cannot be read now (a git fetch failed): the instance's fault, not the tag's."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Resolved:
     """A tag's meaning: `cache_key` names the fixed revision (None when it can move).
@@ -51,7 +67,7 @@ class Resolved:
 
 class Source(Protocol):
     def resolve(self, tag: str) -> Resolved:
-        """Raises a MANIFEST_UNKNOWN RegistryError for a tag this source does not serve."""
+        """Raises UnknownTag (or a RegistryError) for a tag this source does not serve."""
 
     def tags(self) -> list[str]:
         """The tags this source serves by name (`latest`, channels, branches and tags; not every

@@ -30,11 +30,10 @@ from pygit2.enums import CheckoutStrategy, CredentialType, FetchPrune
 
 from ..atomic import write_atomic
 from ..config import redact_url
-from ..errors import RegistryError, build_failed, manifest_unknown
 from ..image import TAG_RE
 from ..locks import file_lock
 from ..nix import SourceArgs
-from . import COMMIT_RE, Resolved
+from . import COMMIT_RE, Resolved, SourceUnavailable, UnknownTag
 
 log = logging.getLogger(__name__)
 
@@ -195,8 +194,8 @@ class GitSource:
             raise self._unknown(tag)
         return commit
 
-    def _unknown(self, tag: str) -> RegistryError:
-        return manifest_unknown(f"tag {tag} names no commit, tag or branch of {self.name}", {"tag": tag})
+    def _unknown(self, tag: str) -> UnknownTag:
+        return UnknownTag(tag, f"tag {tag} names no commit, tag or branch of {self.name}")
 
     def _lookup(self, tag: str) -> Optional[str]:
         """latest is the remote's default branch, 40 hex a commit, anything else a tag then a branch."""
@@ -231,7 +230,7 @@ class GitSource:
             if state is None or state.ended < since:
                 state = self._fetch_now()
             if state.error is not None:
-                raise build_failed(state.error)
+                raise SourceUnavailable(state.error)
 
     def _fetch_now(self) -> _FetchState:
         start = time.monotonic()
