@@ -2,8 +2,10 @@
 
 Someone who opens the registry's address in a browser should understand it in
 a minute, and someone whose pull failed should find out why. The page is
-rendered on the server from the templates in static/, with every value passed
-through `html.escape`, so it needs no JavaScript; its stylesheet and icon come
+rendered on the server from the templates in static/ (`page.html`, `index.html`,
+`404.html`, and `fragments.html` for the pieces that depend on the instance),
+with string.Template and every value passed through `html.escape` unless it
+is a filled template itself, so it needs no JavaScript; its stylesheet and icon come
 from static/ as well, and a Content-Security-Policy header keeps the page from
 loading anything else. Paths outside `/v2/` that are not a page get an HTML
 404, not the index, so a mistyped link does not look like a working one.
@@ -80,22 +82,49 @@ def human_seconds(seconds: float) -> str:
     return f"{int(seconds // 60)} min {seconds % 60:.0f} s"
 
 
-def _codes(names: Iterable[str]) -> str:
-    """`a`, `b` and `c` as HTML."""
-    items = [f"<code>{esc(n)}</code>" for n in names]
-    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+class Html(str):
+    """Markup that is safe as it is: a filled template (every value it was given was escaped)."""
+
+
+_FRAGMENT_RE = re.compile(r"^<!-- fragment ([a-z-]+) -->\n", re.MULTILINE)
+
+
+def fragments(text: str) -> dict[str, string.Template]:
+    """static/fragments.html's pieces by name."""
+    parts = _FRAGMENT_RE.split(text)[1:]
+    return {name: string.Template(body.rstrip("\n")) for name, body in zip(parts[::2], parts[1::2])}
 
 
 class Templates:
-    """static/'s HTML templates; `page` wraps a body in the shared layout."""
+    """static/'s HTML templates: the layout, the index and 404 bodies, and the fragments they are
+    filled with. Every value is escaped unless it is `Html`, so no caller can forget to."""
 
     def __init__(self, files: dict[str, bytes]):
         self.layout = string.Template(files["page.html"].decode())
         self.index = string.Template(files["index.html"].decode())
         self.not_found = string.Template(files["404.html"].decode())
+        self.fragments = fragments(files["fragments.html"].decode())
 
-    def page(self, title: str, host: str, body: str) -> str:
-        return self.layout.substitute(title=esc(title), host=esc(host), body=body)
+    @staticmethod
+    def fill(template: string.Template, **values: object) -> Html:
+        return Html(template.substitute({name: value if isinstance(value, Html) else esc(value)
+                                         for name, value in values.items()}))
+
+    def __call__(self, fragment: str, /, **values: object) -> Html:
+        """The fragment named `fragment`, filled."""
+        return self.fill(self.fragments[fragment], **values)
+
+    def join(self, items: Iterable[str], separator: str = "\n") -> Html:
+        """Fragments (already filled) one after the other."""
+        return Html(separator.join(items))
+
+    def codes(self, names: Iterable[str]) -> Html:
+        """`a`, `b` and `c` as HTML."""
+        items = [self("code", name=n) for n in names]
+        return items[0] if len(items) == 1 else Html(", ".join(items[:-1]) + " and " + items[-1])
+
+    def page(self, title: str, host: str, body: Html) -> str:
+        return self.fill(self.layout, title=title, host=host, body=body)
 
 
 def _send_html(resp: falcon.Response, text: str, status: int = 200) -> None:
@@ -109,58 +138,32 @@ def _send_html(resp: falcon.Response, text: str, status: int = 200) -> None:
 class SourceText:
     """What the page says about tags, available packages and pinning, for this instance's package source."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, t: Templates):
         self.config = config
+        self.t = t
         self.argument = str(config.summary()["source"]["argument"])  # type: ignore[index]
 
-    def description(self) -> str:
+    def description(self) -> Html:
         """With NIXERY_HIDE_DETAILS, a repository's URL and a directory's path are not named."""
-        kind = self.config.source.kind
-        hidden = self.config.hide_details
-        if kind is SourceKind.CHANNEL:
-            return f"the nixpkgs channel <code>{esc(self.argument)}</code>"
-        if kind is SourceKind.GIT:
-            return ("the package set in a git repository" if hidden
-                    else f"the package set in the git repository <code>{esc(self.argument)}</code>")
-        return ("a package set in a directory on the server" if hidden
-                else f"the package set in the directory <code>{esc(self.argument)}</code> on the server")
+        kind = self.config.source.kind.value
+        hidden = "-hidden" if self.config.hide_details and self.config.source.kind is not SourceKind.CHANNEL else ""
+        return self.t(f"source-{kind}{hidden}", argument=self.argument)
 
-    def tags(self, host: str) -> str:
+    def tags(self, host: str) -> Html:
         kind = self.config.source.kind
         if kind is SourceKind.CHANNEL:
-            allowed = (f" Tags may also name the channels {_codes(self.config.channel_allow)}."
-                       if self.config.channel_allow else "")
-            return (f"<p><code>latest</code> builds from {self.description()} as it is now; the channel moves, "
-                    f"so <code>latest</code> does too. A tag that is a 40-character nixpkgs commit builds from "
-                    f"that commit: the image is pinned, and once built it is served from storage without "
-                    f"running Nix again.{allowed}</p>"
-                    f'<pre class="command"><code>docker pull {esc(host)}/shell/git:'
-                    f"&lt;nixpkgs commit&gt;</code></pre>")
-        if kind is SourceKind.GIT:
-            return (f"<p>Packages come from {self.description()}. <code>latest</code> builds its default branch; "
-                    f"any other tag names a branch or tag of the repository, or a full 40-character commit. "
-                    f"An image of a commit is pinned: once built it is served from storage without running "
-                    f"Nix again. Branches are fetched again at most every {self.config.git_ttl} seconds.</p>")
-        return (f"<p>Packages come from {self.description()}, which has no revisions: this instance serves "
-                f"only the tag <code>latest</code>, built from the directory as it is now.</p>")
+            allowed = (self.t("tags-channel-allowed", channels=self.t.codes(self.config.channel_allow))
+                       if self.config.channel_allow else Html())
+            return self.t("tags-channel", description=self.description(), allowed=allowed, host=host)
+        return self.t(f"tags-{kind.value}", description=self.description(), ttl=self.config.git_ttl)
 
-    def packages(self) -> str:
+    def packages(self) -> Html:
         if self.config.source.kind is SourceKind.CHANNEL:
-            return ("Every attribute of nixpkgs, in the revision the tag picks: the names that "
-                    '<a href="https://search.nixos.org/packages">search.nixos.org</a> lists.')
-        return f"Every attribute of {self.description()}."
+            return self.t("packages-channel")
+        return self.t("packages", description=self.description())
 
-    def pinning(self, host: str) -> str:
-        kind = self.config.source.kind
-        if kind is SourceKind.CHANNEL:
-            return ("Yes: use a nixpkgs commit as the tag. The same commit always gives the same packages, "
-                    "so the image is cached and every pull gets the same digest.")
-        if kind is SourceKind.GIT:
-            return ("Yes: use a commit of the package repository as the tag. The same commit always gives "
-                    "the same packages, so the image is cached and every pull gets the same digest.")
-        return ("Not by tag on this instance, as its package set is a plain directory. Pull by digest "
-                f"instead (<code>docker pull {esc(host)}/shell/git@sha256:…</code>): a manifest once "
-                "built stays available by its digest.")
+    def pinning(self, host: str) -> Html:
+        return self.t(f"pin-{self.config.source.kind.value}", host=host)
 
 
 class IndexPage:
@@ -169,9 +172,9 @@ class IndexPage:
     def __init__(self, config: Config, store: BuildHistory, templates: Templates, in_progress: InProgress):
         self.config = config
         self.store = store
-        self.templates = templates
+        self.t = templates
         self.in_progress = in_progress
-        self.source = SourceText(config)
+        self.source = SourceText(config, templates)
         # Image names and build errors of a private instance are for those who may pull; a public
         # one may keep them to itself (NIXERY_HIDE_DETAILS).
         self.private = config.auth.level is AuthLevel.ALL
@@ -179,149 +182,101 @@ class IndexPage:
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         host = request_host(req)
-        body = self.templates.index.substitute(
-            host=esc(host),
-            pull_note=self._pull_note(req, host),
-            login=login_text(self.config, host),
-            meta_rows=_meta_rows(),
-            optional=_codes(image.OPTIONAL_PACKAGES),
+        t = self.t
+        if self.hidden:
+            which = "private" if self.private else "hidden"
+            builds, errors = t(f"builds-{which}"), t(f"errors-{which}")
+        else:
+            builds = Html(in_progress_table(t, self.in_progress.builds())
+                          + builds_table(t, self.store.builds()[:BUILDS_SHOWN]))
+            errors = errors_list(t, self.store.errors()[:ERRORS_SHOWN])
+        body = t.fill(
+            t.index,
+            host=host,
+            pull_note=t("plain-http", host=host) if req.forwarded_scheme == "http" else Html(),
+            login=login_text(t, self.config, host),
+            meta_rows=_meta_rows(t),
+            optional=t.codes(image.OPTIONAL_PACKAGES),
             tags=self.source.tags(host),
-            builds=(PRIVATE_BUILDS if self.private else HIDDEN_BUILDS if self.hidden
-                    else in_progress_table(self.in_progress.builds()) + builds_table(self.store.builds()[:BUILDS_SHOWN])),
-            errors=PRIVATE_ERRORS if self.private else HIDDEN_ERRORS if self.hidden
-            else errors_list(self.store.errors()[:ERRORS_SHOWN]),
+            builds=builds,
+            errors=errors,
             packages=self.source.packages(),
-            budget=esc(self.config.layer_budget),
+            budget=self.config.layer_budget,
             pin=self.source.pinning(host),
-            config_rows=self._config_rows(),
+            config_rows=t("config-rows", source=self.source.description(), storage=self.config.storage_backend,
+                          budget=self.config.layer_budget, timeout=self.config.nix_timeout,
+                          platforms=(t.codes(self.config.platforms) if self.config.platforms
+                                     else t("platforms-default")),
+                          access=t(f"access-{self.config.auth.level.value}")),
         )
-        _send_html(resp, self.templates.page("Nixery: container images built on demand with Nix", host, body))
+        _send_html(resp, t.page("Nixery: container images built on demand with Nix", host, body))
 
     on_head = on_get
 
-    @staticmethod
-    def _pull_note(req: falcon.Request, host: str) -> str:
-        """Plain HTTP needs a word of client configuration, or the first pull fails with a TLS error."""
-        if req.forwarded_scheme != "http":
-            return ""
-        return (f'<p class="note">This address speaks plain HTTP. Docker pulls from it once '
-                f'<code>{esc(host)}</code> is listed under <code>insecure-registries</code> in '
-                f"<code>/etc/docker/daemon.json</code> (localhost needs nothing); skopeo and podman want "
-                f"<code>--tls-verify=false</code>.</p>")
 
-    def _config_rows(self) -> str:
-        rows = [
-            ("Package source", self.source.description()),
-            ("Storage", f"<code>{esc(self.config.storage_backend)}</code>"),
-            ("Layer budget", f"{esc(self.config.layer_budget)} layers per image, plus the root layer"),
-            ("Platforms", _codes(self.config.platforms) if self.config.platforms
-             else "the platforms this instance's Nix builds for"),
-            ("Build timeout", f"{esc(self.config.nix_timeout)} seconds per Nix step"),
-            ("Access", ACCESS[self.config.auth.level]),
-        ]
-        return "\n".join(f"    <dt>{name}</dt><dd>{value}</dd>" for name, value in rows)
-
-
-PRIVATE_BUILDS = ('<p class="empty">This instance is private (every pull needs a login), so its recent '
-                  "builds and errors are not listed here.</p>")
-PRIVATE_ERRORS = '<p class="empty">Not listed on a private instance.</p>'
-HIDDEN_BUILDS = '<p class="empty">This instance does not list its recent builds and errors.</p>'
-HIDDEN_ERRORS = '<p class="empty">Not listed on this instance.</p>'
-ACCESS = {
-    AuthLevel.OFF: "open: anyone who can reach this instance pulls and builds images",
-    AuthLevel.BUILD: "images already built are open to all; building a new image needs a login",
-    AuthLevel.ALL: "private: every pull needs a login",
-}
-
-
-def login_text(config: Config, host: str) -> str:
+def login_text(t: Templates, config: Config, host: str) -> Html:
     """How to log in, for an instance that asks for it; what it is checked against, never with what."""
     level = config.auth.level
     if level is AuthLevel.OFF:
-        return ""
-    who = ("Images that are already built can be pulled without logging in; building a new image needs "
-           "a login." if level is AuthLevel.BUILD else "Every pull needs a login.")
+        return Html()
+    who = t("login-who-build") if level is AuthLevel.BUILD else t("login-who-all")
     if level is AuthLevel.BUILD and config.source.kind is SourceKind.PATH:
-        who += (" Here a pull by tag always runs Nix (a directory has no revisions to pin), so without a "
-                "login, images are pulled by digest.")
-    if config.auth.token:
-        against = (f"Logins go through the token service at <code>{esc(redact_url(config.auth.token.realm))}"
-                   f"</code>: use your account there.")
-    else:
-        against = "Ask this instance's operator for a user name and password."
-    anonymous = (" Docker asks for a login before any pull from an instance that challenges it, so Docker "
-                 "users log in even for built images; skopeo, podman and Kubernetes pull them without."
-                 if level is AuthLevel.BUILD and not config.auth.token else "")
-    return (f'<p class="note">{who} {against}{anonymous}</p>'
-            f'<pre class="command"><code>docker login {esc(host)}</code></pre>'
-            f"<p>skopeo and podman: <code>skopeo login {esc(host)}</code>, or <code>--creds USER:PASSWORD</code> "
-            f"on one command. Kubernetes: an image pull secret of type "
-            f"<code>kubernetes.io/dockerconfigjson</code> for <code>{esc(host)}</code>.</p>")
+        who = Html(who + t("login-path"))
+    against = (t("login-token", realm=redact_url(config.auth.token.realm)) if config.auth.token
+               else t("login-htpasswd"))
+    anonymous = t("login-docker") if level is AuthLevel.BUILD and not config.auth.token else Html()
+    return t("login", who=who, against=against, anonymous=anonymous, host=host)
 
 
-def _meta_rows() -> str:
-    rows = [(name, f"the packages {_codes(packages)}" + (", and the image starts bash" if name == "shell" else ""))
+def _meta_rows(t: Templates) -> Html:
+    rows = [(name, t("meta-shell" if name == "shell" else "meta-packages", packages=t.codes(packages)))
             for name, packages in image.META_PACKAGES.items()]
-    rows += [(name, (f"build for <code>{esc(arch.nix_system)}</code> ({esc(arch.docker_arch)}) instead of "
-                     f"<code>{esc(image.AMD64.nix_system)}</code>"))
+    rows += [(name, t("meta-arch", system=arch.nix_system, arch=arch.docker_arch, default=image.AMD64.nix_system))
              for name, arch in image.ARCH_META.items()]
-    rows.append((image.NONROOT, "run as the unprivileged user <code>nonroot</code> (uid 65532), whose home "
-                                "<code>/home/nonroot</code> and <code>/tmp</code> are writable"))
-    return "\n".join(f"      <tr><td><code>{esc(name)}</code></td><td>{meaning}</td></tr>" for name, meaning in rows)
+    rows.append((image.NONROOT, t("meta-nonroot")))
+    return t.join(t("meta-row", name=name, meaning=meaning) for name, meaning in rows)
 
 
-def _when(item: dict[str, Any]) -> str:
+def _when(t: Templates, item: dict[str, Any]) -> Html:
     stamp = str(item["time"])
-    return f'<time class="when" datetime="{esc(stamp)}">{esc(stamp.replace("T", " ").replace("Z", " UTC"))}</time>'
+    return t("when", stamp=stamp, shown=stamp.replace("T", " ").replace("Z", " UTC"))
 
 
-def builds_table(builds: list[dict[str, Any]]) -> str:
+def builds_table(t: Templates, builds: list[dict[str, Any]]) -> Html:
     if not builds:
-        return '<p class="empty">No images have been built since this instance started keeping track.</p>'
+        return t("builds-none")
     rows = []
     for b in builds:
         built = b["outcome"] == "built"
-        layers = f'{b["layers"]} ({b["layers_built"]} new)' if built else "–"
-        # data-label names a cell where narrow screens stack each row instead of showing the header.
-        rows.append(f'      <tr><td class="image"><code>{esc(b["image"])}:{esc(b["tag"])}</code></td>'
-                    f'<td><span class="badge {esc(b["outcome"])}">{esc(b["outcome"])}</span></td>'
-                    f'<td class="num" data-label="took">{human_seconds(b["duration"])}</td>'
-                    f'<td class="num" data-label="layers">{esc(layers)}</td>'
-                    f'<td class="num" data-label="size">{human_bytes(b["size"]) if built else "–"}</td>'
-                    f'<td data-label="finished">{_when(b)}</td></tr>')
-    return _table("builds", ["image", "outcome", "#took", "#layers", "#size", "finished"], rows)
+        rows.append(t("build", image=b["image"], tag=b["tag"], outcome=b["outcome"], took=human_seconds(b["duration"]),
+                      layers=f'{b["layers"]} ({b["layers_built"]} new)' if built else "–",
+                      size=human_bytes(b["size"]) if built else "–", when=_when(t, b)))
+    return _table(t, "builds", ["image", "outcome", "#took", "#layers", "#size", "finished"], rows)
 
 
-def _table(labelled_by: str, columns: list[str], rows: list[str]) -> str:
+def _table(t: Templates, labelled_by: str, columns: list[str], rows: list[str]) -> Html:
     """A scrollable table of builds, labelled by the heading `labelled_by`; a column named
     `#name` holds numbers (right-aligned)."""
-    heads = "".join(f'<th scope="col" class="num">{name[1:]}</th>' if name.startswith("#")
-                    else f'<th scope="col">{name}</th>' for name in columns)
-    return (f'<div class="scroll" role="region" aria-labelledby="{labelled_by}" tabindex="0">\n'
-            '<table class="builds">\n'
-            f'    <thead><tr>{heads}</tr></thead>\n'
-            f'    <tbody>\n{chr(10).join(rows)}\n    </tbody>\n</table>\n</div>')
+    heads = t.join((t("heading-number", name=name[1:]) if name.startswith("#") else t("heading", name=name)
+                    for name in columns), "")
+    return t("table", labelled_by=labelled_by, heads=heads, rows=t.join(rows))
 
 
-def in_progress_table(builds: list[dict[str, Any]]) -> str:
+def in_progress_table(t: Templates, builds: list[dict[str, Any]]) -> str:
     """Builds running now, with their step and how long they have taken so far."""
     if not builds:
         return ""
-    rows = []
-    for b in builds:
-        detail = f'<span class="reason">{esc(b["detail"])}</span>' if b.get("detail") else ""
-        rows.append(f'      <tr><td class="image"><code>{esc(b["image"])}:{esc(b["tag"])}</code></td>'
-                    f'<td data-label="step"><span class="badge running">{esc(b["step"])}</span>{detail}</td>'
-                    f'<td class="num" data-label="running for">{human_seconds(b["elapsed"])}</td></tr>')
-    return '<h3 id="running">Building now</h3>\n' + _table("running", ["image", "step", "#running for"], rows) + "\n"
+    rows = [t("running-build", image=b["image"], tag=b["tag"], step=b["step"], elapsed=human_seconds(b["elapsed"]),
+              detail=t("running-detail", detail=b["detail"]) if b.get("detail") else Html())
+            for b in builds]
+    return t("running", table=_table(t, "running", ["image", "step", "#running for"], rows)) + "\n"
 
 
-def errors_list(errors: list[dict[str, Any]]) -> str:
+def errors_list(t: Templates, errors: list[dict[str, Any]]) -> Html:
     if not errors:
-        return '<p class="empty">No failed builds recently.</p>'
-    items = [f'  <li><code>{esc(e["image"])}:{esc(e["tag"])}</code> {_when(e)}'
-             f'<span class="reason">{esc(e["reason"])}</span></li>' for e in errors]
-    return '<ol class="errors">\n' + "\n".join(items) + "\n</ol>"
+        return t("errors-none")
+    return t("errors", items=t.join(t("error", image=e["image"], tag=e["tag"], when=_when(t, e), reason=e["reason"])
+                                    for e in errors))
 
 
 class BuildsJson:
@@ -354,7 +309,7 @@ class NotFound:
 
     def __call__(self, req: falcon.Request, resp: falcon.Response, **_: str) -> None:
         host = request_host(req)
-        body = self.templates.not_found.substitute(path=esc(req.path))
+        body = self.templates.fill(self.templates.not_found, path=req.path)
         _send_html(resp, self.templates.page("Not found: Nixery", host, body), status=404)
 
 
