@@ -17,9 +17,10 @@ import re
 from pathlib import Path
 from typing import Callable, Mapping, Optional
 
-
-class ConfigError(ValueError):
-    """A variable has a value Nixery cannot use; the message names it."""
+# AuthLevel and TokenConfig are named through config as well (config.AuthLevel), like every setting.
+from .auth import AuthConfig, AuthLevel, TokenConfig, auth_settings  # noqa: F401
+from .image import PLATFORMS
+from .settings import ConfigError, redact_url, setting, summarise
 
 
 class SourceKind(str, enum.Enum):
@@ -40,7 +41,9 @@ class Variable:
 
 DEFAULT_CHANNEL = "nixos-unstable"
 # OCI platforms an image can be offered for (nixery/image.py maps them to Nix systems).
-PLATFORM_NAMES = ("linux/amd64", "linux/arm64")
+PLATFORM_NAMES = tuple(PLATFORMS)
+# What NIXERY_CHANNEL and NIXERY_CHANNEL_ALLOW may name (a channel, or a commit for NIXERY_CHANNEL).
+CHANNEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 DEFAULT_CHANNEL_URL = "https://github.com/NixOS/nixpkgs/archive/{rev}.tar.gz"
 # Below this, Nix cannot even start an evaluation (NIXERY_EVAL_MEMORY).
 EVAL_MEMORY_LEAST = 64 << 20
@@ -159,50 +162,25 @@ class PackageSource:
     """Where packages come from; `argument` is a channel, a repository URL or a path."""
 
     kind: SourceKind
-    argument: str
+    argument: str = setting(url=True)
 
 
 @dataclasses.dataclass(frozen=True)
 class GcsConfig:
     bucket: str
-    signing_key: Optional[Path]
-    signing_account: Optional[str]
-    signed_url_ttl: int
-    retry_seconds: int
-
-
-class AuthLevel(str, enum.Enum):
-    OFF = "off"
-    BUILD = "build"
-    ALL = "all"
-
-
-@dataclasses.dataclass(frozen=True)
-class TokenConfig:
-    """An external token service whose JWTs Nixery accepts; `public_keys` verify their signatures."""
-
-    realm: str
-    service: str
-    issuer: str
-    public_keys: tuple[object, ...] = dataclasses.field(repr=False)
-
-
-@dataclasses.dataclass(frozen=True)
-class AuthConfig:
-    """Who must log in, and against what: `htpasswd` holds (user, bcrypt hash) pairs, read at start-up."""
-
-    level: AuthLevel = AuthLevel.OFF
-    htpasswd: tuple[tuple[str, str], ...] = dataclasses.field(default=(), repr=False)
-    token: Optional[TokenConfig] = None
+    signing_key: Optional[Path] = setting(secret=True)
+    signing_account: Optional[str] = setting()
+    signed_url_ttl: int = setting()
+    retry_seconds: int = setting()
 
 
 @dataclasses.dataclass(frozen=True)
 class BinaryCacheConfig:
     """A Nix binary cache shared by instances; without `secret_key` this instance only reads it."""
 
-    url: str
-    public_key: str
-    secret_key: Optional[Path]
+    url: str = setting(url=True)
+    public_key: str = setting()
+    secret_key: Optional[Path] = setting(secret=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,33 +211,35 @@ class Config:
     port: int
     listen_address: str
     source: PackageSource
-    channel_url_template: str
+    channel_url_template: str = setting(url=True)
     channel_allow: tuple[str, ...]
     # The commits a 40-hex tag may name on the channel source: None for any, () for none.
-    channel_commits: Optional[tuple[str, ...]]
+    channel_commits: Optional[tuple[str, ...]] = setting(show=lambda commits, _: "any" if commits is None
+                                                         else list(commits))
     # URL prefixes evaluation may fetch from besides a channel's tarball (Nix's allowed-uris).
-    allowed_uris: tuple[str, ...]
-    git_ttl: int
-    ssh_key: Optional[Path]
-    git_token: Optional[str] = dataclasses.field(repr=False)
+    allowed_uris: tuple[str, ...] = setting(url=True)
+    git_ttl: int = setting()
+    ssh_key: Optional[Path] = setting(secret=True)
+    git_token: Optional[str] = setting(secret=True)
     # Where libgit2 finds the default ssh keys, and whether an SSH agent is there (SSH_AUTH_SOCK).
-    ssh_dir: Path
-    ssh_agent: bool
-    storage_backend: str
-    storage_path: Path
-    state_dir: Path
-    gcs: Optional[GcsConfig]
-    nix_timeout: int
-    max_builds: int
-    client_builds: int
-    failure_ttl: int
+    ssh_dir: Path = setting(hidden=True)
+    ssh_agent: bool = setting(hidden=True)
+    storage_backend: str = setting()
+    storage_path: Path = setting(show=lambda path, config: str(path) if config.storage_backend == "filesystem"
+                                 else None)
+    state_dir: Path = setting()
+    gcs: Optional[GcsConfig] = setting(flatten=GcsConfig)
+    nix_timeout: int = setting()
+    max_builds: int = setting()
+    client_builds: int = setting()
+    failure_ttl: int = setting()
     # Bounds on what one request may cost (bytes, components, bytes, seconds; 0: no bound).
     max_image_size: int
     max_packages: int
     eval_memory: int
     eval_timeout: int
     binary_cache: Optional[BinaryCacheConfig]
-    popularity_url: Optional[str]
+    popularity_url: Optional[str] = setting(url=True)
     layer_budget: int
     # OCI platforms images are offered for; empty: the ones this instance's Nix can build (asked at start).
     platforms: tuple[str, ...]
@@ -284,62 +264,7 @@ class Config:
 
     def summary(self) -> dict[str, object]:
         """The effective configuration with secrets left out, for the start-up log and the web page."""
-        return {
-            "port": self.port,
-            "listen_address": self.listen_address,
-            "source": {"kind": self.source.kind.value, "argument": redact_url(self.source.argument)},
-            "channel_url_template": redact_url(self.channel_url_template),
-            "channel_allow": list(self.channel_allow),
-            "channel_commits": "any" if self.channel_commits is None else list(self.channel_commits),
-            "allowed_uris": [redact_url(uri) for uri in self.allowed_uris],
-            "git_ttl": self.git_ttl,
-            "ssh_key": "<set>" if self.ssh_key else None,
-            "git_token": "<set>" if self.git_token else None,
-            "storage_backend": self.storage_backend,
-            "storage_path": str(self.storage_path) if self.storage_backend == "filesystem" else None,
-            "state_dir": str(self.state_dir),
-            "gcs_bucket": self.gcs.bucket if self.gcs else None,
-            "gcs_signing": bool(self.gcs and self.gcs.signing_key),
-            "gcs_retry_seconds": self.gcs.retry_seconds if self.gcs else None,
-            "nix_timeout": self.nix_timeout,
-            "max_builds": self.max_builds,
-            "client_builds": self.client_builds,
-            "failure_ttl": self.failure_ttl,
-            "max_image_size": self.max_image_size,
-            "max_packages": self.max_packages,
-            "eval_memory": self.eval_memory,
-            "eval_timeout": self.eval_timeout,
-            "binary_cache": ({"url": redact_url(self.binary_cache.url),
-                              "writes": self.binary_cache.secret_key is not None}
-                             if self.binary_cache else None),
-            "popularity_url": redact_url(self.popularity_url) if self.popularity_url else None,
-            "layer_budget": self.layer_budget,
-            "platforms": list(self.platforms),
-            "nix_snapshotter": self.nix_snapshotter,
-            "workers": self.workers,
-            "threads": self.threads,
-            "header_timeout": self.header_timeout,
-            "io_timeout": self.io_timeout,
-            "client_connections": self.client_connections,
-            "trusted_proxies": [str(network) for network in self.trusted_proxies],
-            "grace_period": self.grace_period,
-            "log_level": self.log_level,
-            "access_log": self.access_log,
-            "hide_details": self.hide_details,
-            "allow_unfree": self.allow_unfree,
-            "auth": {
-                "level": self.auth.level.value,
-                "htpasswd_users": len(self.auth.htpasswd) if self.auth.htpasswd else None,
-                "token_realm": redact_url(self.auth.token.realm) if self.auth.token else None,
-                "token_service": self.auth.token.service if self.auth.token else None,
-                "token_issuer": self.auth.token.issuer if self.auth.token else None,
-            },
-        }
-
-
-def redact_url(value: str) -> str:
-    """Hide a password or token embedded in a URL (https://user:token@host/...)."""
-    return re.sub(r"(//[^/@:]+):[^/@]*@", r"\1:***@", value)
+        return summarise(self)
 
 
 def _int(env: Mapping[str, str], name: str, lo: int, hi: int, default: Optional[int] = None) -> int:
@@ -402,7 +327,7 @@ def _source(env: Mapping[str, str]) -> PackageSource:
             raise ConfigError(f"NIXERY_PKGS_REPO={redact_url(url)!r} is not an https, ssh, file:// URL or absolute path")
         return PackageSource(SourceKind.GIT, url)
     channel = given.get("NIXERY_CHANNEL", _default("NIXERY_CHANNEL"))
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", channel):
+    if not CHANNEL_NAME_RE.fullmatch(channel):
         raise ConfigError(f"NIXERY_CHANNEL={channel!r} is not a channel name or commit")
     return PackageSource(SourceKind.CHANNEL, channel)
 
@@ -547,91 +472,6 @@ def _boolean(env: Mapping[str, str], name: str) -> bool:
     return value in ("true", "1", "yes")
 
 
-# What `htpasswd -B` writes: $2y$, cost, 22 characters of salt and 31 of hash.
-_BCRYPT_RE = re.compile(r"\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}")
-_TOKEN_VARIABLES = ("NIXERY_TOKEN_REALM", "NIXERY_TOKEN_SERVICE", "NIXERY_TOKEN_ISSUER", "NIXERY_TOKEN_PUBLIC_KEY")
-_PEM_RE = re.compile(rb"-----BEGIN ([A-Z ]+)-----.+?-----END \1-----", re.S)
-
-
-def _htpasswd(path: str) -> tuple[tuple[str, str], ...]:
-    """The users of an htpasswd file. Errors name the line, never its content (it is secret)."""
-    try:
-        lines = Path(path).read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"NIXERY_HTPASSWD={path!r} cannot be read: {type(e).__name__}") from None
-    entries: dict[str, str] = {}
-    for number, line in enumerate(lines, 1):
-        if not line.strip() or line.startswith("#"):
-            continue
-        user, _, hashed = line.strip().partition(":")
-        if not user or not _BCRYPT_RE.fullmatch(hashed):
-            raise ConfigError(f"NIXERY_HTPASSWD line {number} is not user:bcrypt-hash "
-                              "(only bcrypt entries, as `htpasswd -B` writes them, are accepted)")
-        if user in entries:
-            raise ConfigError(f"NIXERY_HTPASSWD names the user on line {number} twice")
-        entries[user] = hashed
-    if not entries:
-        raise ConfigError(f"NIXERY_HTPASSWD={path!r} has no users")
-    return tuple(entries.items())
-
-
-def _public_keys(path: str) -> tuple[object, ...]:
-    """Every public key or certificate in a PEM file, as the keys tokens are verified with."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
-    from cryptography.hazmat.primitives.serialization import load_pem_public_key
-    usable = (rsa.RSAPublicKey, ec.EllipticCurvePublicKey, ed25519.Ed25519PublicKey, ed448.Ed448PublicKey)
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        raise ConfigError(f"NIXERY_TOKEN_PUBLIC_KEY={path!r} cannot be read: {type(e).__name__}") from None
-    keys = []
-    for block in _PEM_RE.finditer(data):
-        try:
-            if block.group(1) == b"CERTIFICATE":
-                keys.append(x509.load_pem_x509_certificate(block.group(0)).public_key())
-            elif block.group(1) == b"PUBLIC KEY":
-                keys.append(load_pem_public_key(block.group(0)))
-            else:
-                raise ValueError(block.group(1).decode())
-        except ValueError:
-            raise ConfigError(f"NIXERY_TOKEN_PUBLIC_KEY={path!r} holds something that is neither a public key "
-                              "nor a certificate (a private key does not belong here)") from None
-    if not keys:
-        raise ConfigError(f"NIXERY_TOKEN_PUBLIC_KEY={path!r} holds no PEM public key or certificate")
-    if not all(isinstance(key, usable) for key in keys):
-        raise ConfigError(f"NIXERY_TOKEN_PUBLIC_KEY={path!r} holds a key that is not RSA, EC or EdDSA")
-    return tuple(keys)
-
-
-def _auth(env: Mapping[str, str]) -> AuthConfig:
-    htpasswd = env.get("NIXERY_HTPASSWD")
-    given = [name for name in _TOKEN_VARIABLES if env.get(name)]
-    if given and len(given) < len(_TOKEN_VARIABLES):
-        missing = sorted(set(_TOKEN_VARIABLES) - set(given))
-        raise ConfigError(f"token auth needs {', '.join(missing)} as well as {', '.join(given)}")
-    if htpasswd and given:
-        raise ConfigError("set NIXERY_HTPASSWD or the NIXERY_TOKEN_ variables, not both")
-    token = None
-    if given:
-        realm = env["NIXERY_TOKEN_REALM"]
-        if not re.match(r"^https?://[^\s\"]+$", realm):
-            raise ConfigError(f"NIXERY_TOKEN_REALM={redact_url(realm)!r} is not an http(s) URL")
-        for name in ("NIXERY_TOKEN_SERVICE", "NIXERY_TOKEN_ISSUER"):
-            if '"' in env[name] or not env[name].isprintable():
-                raise ConfigError(f"{name} may not contain quotes or control characters")
-        token = TokenConfig(realm, env["NIXERY_TOKEN_SERVICE"], env["NIXERY_TOKEN_ISSUER"],
-                            _public_keys(env["NIXERY_TOKEN_PUBLIC_KEY"]))
-    users = _htpasswd(htpasswd) if htpasswd else ()
-    value = (env.get("NIXERY_AUTH") or ("all" if users or token else "off")).lower()
-    if value not in {level.value for level in AuthLevel}:
-        raise ConfigError(f"NIXERY_AUTH={value!r} must be one of off, build, all")
-    level = AuthLevel(value)
-    if level is not AuthLevel.OFF and not (users or token):
-        raise ConfigError(f"NIXERY_AUTH={level.value} needs NIXERY_HTPASSWD or the NIXERY_TOKEN_ variables")
-    return AuthConfig(level, users, token)
-
-
 def load(env: Mapping[str, str] = os.environ) -> Config:
     """Validate the environment into a Config, or raise ConfigError naming the variable."""
     gcs = _gcs(env)
@@ -644,7 +484,7 @@ def load(env: Mapping[str, str] = os.environ) -> Config:
     state_dir = Path(env.get("NIXERY_STATE_DIR") or _home_dir(env, "XDG_CACHE_HOME", ".cache"))
     allow = tuple(c.strip() for c in (env.get("NIXERY_CHANNEL_ALLOW") or "").split(",") if c.strip())
     for channel in allow:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", channel):
+        if not CHANNEL_NAME_RE.fullmatch(channel):
             raise ConfigError(f"NIXERY_CHANNEL_ALLOW names {channel!r}, which is not a channel name")
     template = env.get("NIXERY_CHANNEL_URL_TEMPLATE") or _default("NIXERY_CHANNEL_URL_TEMPLATE")
     if "{rev}" not in template:
@@ -688,7 +528,7 @@ def load(env: Mapping[str, str] = os.environ) -> Config:
         popularity_url=popularity,
         layer_budget=_int(env, "NIXERY_LAYER_BUDGET", 1, 120),
         platforms=_platforms(env),
-        nix_snapshotter=_checked(env, "NIXERY_NIX_SNAPSHOTTER", ("true", "false"), str.lower) == "true",
+        nix_snapshotter=_boolean(env, "NIXERY_NIX_SNAPSHOTTER"),
         workers=_int(env, "NIXERY_WORKERS", 1, 64),
         threads=_int(env, "NIXERY_THREADS", 1, 1024),
         header_timeout=_int(env, "NIXERY_HEADER_TIMEOUT", 1, 3600),
@@ -701,5 +541,5 @@ def load(env: Mapping[str, str] = os.environ) -> Config:
         access_log=_boolean(env, "NIXERY_ACCESS_LOG"),
         hide_details=_boolean(env, "NIXERY_HIDE_DETAILS"),
         allow_unfree=_boolean(env, "NIXERY_ALLOW_UNFREE"),
-        auth=_auth(env),
+        auth=auth_settings(env),
     )

@@ -39,7 +39,7 @@ class Architecture:
 AMD64 = Architecture("x86_64-linux", "amd64")
 ARM64 = Architecture("aarch64-linux", "arm64")
 ARCH_META = {"arm64": ARM64}
-# The platforms images can be offered for (NIXERY_PLATFORMS, config.PLATFORM_NAMES), by OCI name
+# The platforms images can be offered for (NIXERY_PLATFORMS; config.PLATFORM_NAMES are its keys), by OCI name
 # and by Nix system.
 PLATFORMS = {"linux/amd64": AMD64, "linux/arm64": ARM64}
 BY_SYSTEM = {arch.nix_system: arch for arch in PLATFORMS.values()}
