@@ -75,8 +75,12 @@ class _TarSink:
     def __init__(self, gz: BinaryIO):
         self.gz = gz
         self.hash = hashlib.sha256()
+        # Set when the layer is given up on: what tarfile still writes to finish the stream goes nowhere.
+        self.abandoned = False
 
     def write(self, data: bytes) -> int:
+        if self.abandoned:
+            return len(data)
         self.hash.update(data)
         return self.gz.write(data)
 
@@ -181,9 +185,11 @@ def _write_tar(sink: _TarSink, store_paths: list[str], entries: list[Entry]) -> 
         for store_path in store_paths:
             _add_store_path(tar, store_path)
     except BaseException:
-        # The layer is abandoned (a full disk, say): its stream must not try to finish it when it is
-        # garbage-collected, which would fail again outside any handler and print a bare traceback.
-        tar.fileobj.closed = True  # type: ignore[attr-defined]
+        # The layer is abandoned (a full disk, say): the tar is closed now, into a sink that takes
+        # nothing more, rather than finished when it is garbage-collected, which would fail again
+        # outside any handler and print a bare traceback.
+        sink.abandoned = True
+        tar.close()
         raise
     tar.close()
 

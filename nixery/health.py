@@ -17,11 +17,10 @@ from typing import Callable, Optional
 
 import falcon
 
+from .nix import REQUIRED_COMMANDS
 from .storage import Backend, StorageError
 
 READY_CACHE_SECONDS = 5.0
-# What a build runs (nixery/nix): without them every pull fails.
-NIX_COMMANDS = ("nix-instantiate", "nix-build", "nix")
 
 
 class Liveness:
@@ -51,7 +50,7 @@ class Readiness:
             return self._reason
 
     def _check(self) -> Optional[str]:
-        missing = [command for command in NIX_COMMANDS if shutil.which(command) is None]
+        missing = [command for command in REQUIRED_COMMANDS if shutil.which(command) is None]
         if missing:
             return f"not on PATH: {', '.join(missing)}"
         try:

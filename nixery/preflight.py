@@ -23,11 +23,10 @@ from pathlib import Path
 from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 from .config import VARIABLE_NAMES, Config, SourceKind, redact_url
-from .nix import first_error_line
+from .nix import REQUIRED_COMMANDS, first_error_line
 from .nix.confine import SANDBOX_CHECK_OPTIONS, nix_environment
 from .storage import Backend, StorageError
 
-NIX_COMMANDS = ("nix-build", "nix-instantiate", "nix-store", "nix")
 DAEMON_SOCKET = Path("/nix/var/nix/daemon-socket/socket")
 NIX_STATE = Path("/nix/var/nix")
 BUILD_CHECK = Path(str(resources.files("nixery.nix").joinpath("preflight.nix")))
@@ -91,7 +90,7 @@ def misspelt_variables(env: Mapping[str, str]) -> Iterable[Finding]:
 
 def nix_findings(env: Mapping[str, str]) -> list[Finding]:
     path = env.get("PATH", os.defpath)
-    missing = [c for c in NIX_COMMANDS if not _which(c, path)]
+    missing = [c for c in REQUIRED_COMMANDS if not _which(c, path)]
     if missing:
         return [error(f"{', '.join(missing)} not found on PATH: {INSTALL_HINT}")]
     if not _local_store_writable():

@@ -95,7 +95,9 @@ def prepare_metrics_dir(directory: Path) -> None:
     variable is set only because prometheus_client's multiprocess values read it when each
     one is made (the library has no other way to be told), and this is the one place that
     writes it. The library picks where values live when it is first imported, and the
-    start-up check has imported it already, so it is asked to pick again now."""
+    start-up check has imported it already, so it is asked to pick again now, through its
+    module-level value class: the one use of it, which tests/test_web.py fails on if the
+    library changes."""
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)

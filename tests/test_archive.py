@@ -99,3 +99,36 @@ def test_layers_archived_at_once_on_several_threads_are_byte_identical(tree, tmp
     assert all(result == expected for result in results)
     data, digests = expected
     assert digests.diff_id == "sha256:" + hashlib.sha256(gzip.decompress(data)).hexdigest()
+
+
+class _FullDisk(io.RawIOBase):
+    """An output that takes `room` bytes, then fails as a full disk does."""
+
+    def __init__(self, room: int):
+        self.room = room
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        if len(data) > self.room:
+            raise OSError(28, "No space left on device")
+        self.room -= len(data)
+        return len(data)
+
+
+def test_a_layer_given_up_on_fails_once_and_leaves_nothing_to_finish(tree, monkeypatch):
+    """A full disk fails the layer with its OSError; the abandoned tar stream does not try to finish
+    itself later (when it is garbage-collected), which would fail again and print a bare traceback."""
+    import gc
+    import sys
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    big = tree / "big"
+    big.write_bytes(os.urandom(4 << 20))  # incompressible: the compressor must write while the tar is written
+    with pytest.raises(OSError) as raised:
+        write_layer(_FullDisk(1 << 20), [str(tree)])
+    assert raised.value.errno == 28
+    del raised
+    gc.collect()
+    assert unraisable == []

@@ -29,6 +29,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from google.auth.credentials import AnonymousCredentials
+from google.oauth2 import service_account
 from google.cloud import storage as gcs
 
 from support import NIX_ENV, Server, chroot_run, free_port, oci_manifest, pull_and_unpack
@@ -37,7 +38,7 @@ from nixery import config
 from nixery.config import GcsConfig
 from nixery.manifest import CONFIG_MEDIA_TYPE, MANIFEST_MEDIA_TYPE
 from nixery.storage import StorageError
-from nixery.storage.gcs import CHUNK_SIZE, GcsBackend
+from nixery.storage.gcs import CHUNK_SIZE, GcsBackend, client_credentials
 
 ACCOUNT = "nixery-signer@nixery-test.iam.gserviceaccount.com"
 _REQUEST_LINE = re.compile(r'"(GET|HEAD|POST|PUT|PATCH|DELETE) (\S+) HTTP/[\d.]+"')
@@ -253,6 +254,16 @@ def test_service_account_key_in_adc_signs_urls(emulator, signing_key, tmp_path, 
     assert query["X-Goog-Credential"].startswith(account + "/")
     assert query["X-Goog-Expires"] == "120"
     assert requests.get(location.url, timeout=30).content == b"signed by adc"
+
+
+def test_the_library_keeps_a_clients_credentials_where_gcs_py_reads_them(signing_key):
+    """gcs.py reads a private attribute of the library's client (it has no public one) to sign
+    URLs with the credentials the client chose; this fails first if the library moves it."""
+    credentials = service_account.Credentials.from_service_account_info({
+        "type": "service_account", "project_id": "nixery-test", "private_key_id": "1", "client_id": "1",
+        "private_key": signing_key[0].read_text(), "client_email": ACCOUNT, "token_uri": "http://127.0.0.1:9/token"})
+    chosen = client_credentials(gcs.Client(project="nixery-test", credentials=credentials))
+    assert isinstance(chosen, service_account.Credentials) and chosen.service_account_email == ACCOUNT
 
 
 def _pinned_source(pkgset: Path, directory: Path) -> tuple[str, str]:

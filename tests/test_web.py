@@ -14,6 +14,7 @@ import multiprocessing
 import shutil
 import struct
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -316,3 +317,20 @@ def test_page_lists_allowed_channels(tmp_path):
     page = falcon.testing.TestClient(app).simulate_get("/").text
     assert "the nixpkgs channel <code>nixos-unstable</code>" in page
     assert "Tags may also name the channels <code>nixos-24.05</code>." in page
+
+
+def test_metrics_made_after_the_directory_is_prepared_live_in_it(tmp_path):
+    """server.prepare_metrics_dir tells prometheus_client, imported already, to keep values in the
+    workers' directory: through the library's module-level value class (it has no public way),
+    which this fails on first if the library changes. In a process of its own, as the server's."""
+    from support import ROOT
+    script = ("import sys, prometheus_client\n"
+              "from pathlib import Path\n"
+              "from nixery.server import prepare_metrics_dir\n"
+              "prepare_metrics_dir(Path(sys.argv[1]))\n"
+              "from nixery.metrics import Metrics\n"
+              "Metrics(Path(sys.argv[1])).count_password_check()\n")
+    directory = tmp_path / "prometheus"
+    subprocess.run([sys.executable, "-c", script, str(directory)], check=True, timeout=60,
+                   env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
+    assert any(path.suffix == ".db" for path in directory.iterdir()), list(directory.iterdir())

@@ -44,6 +44,11 @@ HELPER = Path(str(resources.files(__package__).joinpath("helper.nix")))
 PACKAGES = Path(str(resources.files(__package__).joinpath("packages.nix")))
 # Paths per command line when a list of store paths may be long (ARG_MAX is about 2 MB).
 ARGV_CHUNK = 5000
+# The commands an instance needs on PATH, as readiness (/readyz) and the preflight check both ask:
+# builds run nix-instantiate, nix-store and nix, the preflight check nix-build. Every Nix 2
+# installs nix-build, nix-instantiate and nix-store as names of the one `nix` program, so these
+# three stand for all four.
+REQUIRED_COMMANDS = ("nix-instantiate", "nix-build", "nix")
 KILL_GRACE_SECONDS = 10
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 # Nix's own progress lines on stderr (what it builds, fetches or copies), as opposed to builders' output.
