@@ -46,8 +46,9 @@ def make_source(config: Config) -> Source:
         return ChannelSource(config.source.argument, config.channel_url_template, config.channel_allow,
                              config.channel_commits)
     from .sources.git import GitSettings, GitSource
-    return GitSource(GitSettings(url=config.source.argument, ttl=config.git_ttl, ssh_key=config.ssh_key,
-                                 token=config.git_token, ssh_dir=config.ssh_dir, ssh_agent=config.ssh_agent,
+    git = config.git
+    return GitSource(GitSettings(url=config.source.argument, ttl=git.ttl, ssh_key=git.ssh_key, token=git.token,
+                                 ssh_dir=git.ssh_dir, ssh_agent=git.ssh_agent,
                                  mirrors_dir=config.state.git, lock_dir=config.state.locks))
 
 

@@ -166,6 +166,19 @@ class PackageSource:
 
 
 @dataclasses.dataclass(frozen=True)
+class GitConfig:
+    """How a git source (NIXERY_PKGS_REPO) is reached: its branches fetched again after `ttl`
+    seconds, with the ssh key or token given."""
+
+    ttl: int
+    ssh_key: Optional[Path] = setting(secret=True)
+    token: Optional[str] = setting(secret=True)
+    # Where libgit2 finds the default ssh keys, and whether an SSH agent is there (SSH_AUTH_SOCK).
+    ssh_dir: Path = setting(hidden=True)
+    ssh_agent: bool = setting(hidden=True)
+
+
+@dataclasses.dataclass(frozen=True)
 class GcsConfig:
     bucket: str
     signing_key: Optional[Path] = setting(secret=True)
@@ -218,12 +231,7 @@ class Config:
                                                          else list(commits))
     # URL prefixes evaluation may fetch from besides a channel's tarball (Nix's allowed-uris).
     allowed_uris: tuple[str, ...] = setting(url=True)
-    git_ttl: int = setting()
-    ssh_key: Optional[Path] = setting(secret=True)
-    git_token: Optional[str] = setting(secret=True)
-    # Where libgit2 finds the default ssh keys, and whether an SSH agent is there (SSH_AUTH_SOCK).
-    ssh_dir: Path = setting(hidden=True)
-    ssh_agent: bool = setting(hidden=True)
+    git: GitConfig = setting(flatten=GitConfig)
     storage_backend: str = setting()
     storage_path: Path = setting(show=lambda path, config: str(path) if config.storage_backend == "filesystem"
                                  else None)
@@ -507,11 +515,9 @@ def load(env: Mapping[str, str] = os.environ) -> Config:
         channel_allow=allow,
         channel_commits=_channel_commits(env),
         allowed_uris=_allowed_uris(env),
-        git_ttl=_int(env, "NIXERY_GIT_TTL", 0, 7 * 24 * 3600),
-        ssh_key=Path(ssh_key) if ssh_key else None,
-        git_token=env.get("NIXERY_GIT_TOKEN") or None,
-        ssh_dir=_home(env) / ".ssh",
-        ssh_agent=bool(env.get("SSH_AUTH_SOCK")),
+        git=GitConfig(ttl=_int(env, "NIXERY_GIT_TTL", 0, 7 * 24 * 3600), ssh_key=Path(ssh_key) if ssh_key else None,
+                      token=env.get("NIXERY_GIT_TOKEN") or None, ssh_dir=_home(env) / ".ssh",
+                      ssh_agent=bool(env.get("SSH_AUTH_SOCK"))),
         storage_backend=backend,
         storage_path=storage_path,
         state_dir=state_dir,

@@ -155,7 +155,7 @@ class SourceText:
             allowed = (self.t("tags-channel-allowed", channels=self.t.codes(self.config.channel_allow))
                        if self.config.channel_allow else Html())
             return self.t("tags-channel", description=self.description(), allowed=allowed, host=host)
-        return self.t(f"tags-{kind.value}", description=self.description(), ttl=self.config.git_ttl)
+        return self.t(f"tags-{kind.value}", description=self.description(), ttl=self.config.git.ttl)
 
     def packages(self) -> Html:
         if self.config.source.kind is SourceKind.CHANNEL:

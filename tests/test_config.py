@@ -50,7 +50,7 @@ def test_no_secret_inside_the_package_set(tmp_path):
         config.load({**env, "NIXERY_SSH_KEY": str(key)})
     with pytest.raises(config.ConfigError, match=r"^GOOGLE_APPLICATION_CREDENTIALS lies inside"):
         config.load({**env, "GOOGLE_APPLICATION_CREDENTIALS": str(tmp_path / "pkgs" / "keys" / ".." / "keys")})
-    assert config.load({**env, "NIXERY_SSH_KEY": str(tmp_path / "outside")}).ssh_key == tmp_path / "outside"
+    assert config.load({**env, "NIXERY_SSH_KEY": str(tmp_path / "outside")}).git.ssh_key == tmp_path / "outside"
 
 
 def test_path_source_is_resolved(tmp_path):
