@@ -6,36 +6,16 @@ Workload Identity and signing wiring the README describes."""
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
-import yaml
 
+from kustomize import BASE, ROOT, container, render, settings
 from nixery import config as nixery_config
-
-ROOT = Path(__file__).resolve().parent.parent
-BASE = ROOT / "deploy" / "kubernetes"
-KUBECTL = shutil.which("kubectl")
-
-
-def render(directory: Path) -> dict[str, dict]:
-    result = subprocess.run([KUBECTL, "kustomize", str(directory)], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    return {doc["kind"]: doc for doc in yaml.safe_load_all(result.stdout) if doc}
 
 
 @pytest.fixture(scope="module")
 def rendered() -> dict[str, dict]:
-    if KUBECTL is None:
-        pytest.fail("kubectl is not installed (it renders the kustomize base)")
     return render(BASE)
-
-
-def container(rendered: dict[str, dict]) -> dict:
-    (only,) = rendered["Deployment"]["spec"]["template"]["spec"]["containers"]
-    return only
 
 
 def test_the_base_renders_every_object(rendered):
@@ -88,22 +68,21 @@ def test_disruption_budget_covers_the_pods(rendered):
 
 def test_settings_are_nixerys_and_storage_is_shared(rendered):
     nixery = container(rendered)
-    settings = dict(rendered["ConfigMap"]["data"])
     assert [ref["configMapRef"]["name"] for ref in nixery["envFrom"]] == [rendered["ConfigMap"]["metadata"]["name"]]
-    settings.update({e["name"]: e["value"] for e in nixery["env"]})
-    assert set(settings) <= nixery_config.VARIABLE_NAMES, set(settings) - nixery_config.VARIABLE_NAMES
+    env = settings(rendered)
+    assert set(env) <= nixery_config.VARIABLE_NAMES, set(env) - nixery_config.VARIABLE_NAMES
     # Replicas share what they build only through a bucket.
-    assert settings["GCS_BUCKET"]
+    assert env["GCS_BUCKET"]
     # Behind the Ingress, clients are told apart by X-Forwarded-For.
-    proxies = nixery_config.load({"NIXERY_TRUSTED_PROXIES": settings["NIXERY_TRUSTED_PROXIES"]}).trusted_proxies
+    proxies = nixery_config.load({"NIXERY_TRUSTED_PROXIES": env["NIXERY_TRUSTED_PROXIES"]}).trusted_proxies
     assert proxies and all(network.is_private for network in proxies)
     # Workload Identity: the pods' service account is bound to the Google account that signs.
     spec = rendered["Deployment"]["spec"]["template"]["spec"]
     account = rendered["ServiceAccount"]
     assert spec["serviceAccountName"] == account["metadata"]["name"]
-    assert account["metadata"]["annotations"]["iam.gke.io/gcp-service-account"] == settings["GCS_SIGNING_ACCOUNT"]
+    assert account["metadata"]["annotations"]["iam.gke.io/gcp-service-account"] == env["GCS_SIGNING_ACCOUNT"]
     mounts = {m["name"]: m["mountPath"] for m in nixery["volumeMounts"]}
-    assert settings["GCS_SIGNING_KEY"].startswith(mounts["gcs-signing"] + "/")
+    assert env["GCS_SIGNING_KEY"].startswith(mounts["gcs-signing"] + "/")
 
 
 def test_an_overlay_sets_image_and_bucket(tmp_path, rendered):
