@@ -174,3 +174,48 @@ def test_the_image_serves_a_docker_pull_as_the_deployment_runs_it(image, rendere
         while box.state()["Health"]["Status"] != "healthy":
             assert time.monotonic() < deadline, box.state()["Health"]
             time.sleep(1)
+
+
+def test_docker_stop_with_the_rendered_grace_lets_a_running_build_finish(image, rendered, tmp_path):
+    """A rollout as Docker has it: `docker stop -t terminationGracePeriodSeconds` (SIGTERM, the
+    image's STOPSIGNAL, then SIGKILL when the time is up) while a 20 s build runs. The build
+    finishes and its image is stored, the server exits by itself, and its waiting client gets
+    the image (an expected failure for now: see the xfail below)."""
+    build_seconds = 20
+    pkgs = make_package_set(tmp_path / "pkgs", salt=uuid.uuid4().hex, slow_seconds=build_seconds)
+    grace = rendered["Deployment"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    with Running(image, pod_options(rendered, pkgs)) as box:
+        box.wait_ready()
+        reference = f"{box.host}/slowbuild"
+        pull = subprocess.Popen(["docker", "pull", "-q", reference], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        try:
+            deadline = time.monotonic() + 60
+            while not json.load(urllib.request.urlopen(f"http://{box.host}/builds.json", timeout=5))["in_progress"]:
+                assert time.monotonic() < deadline and pull.poll() is None, box.logs()[-6000:]
+                time.sleep(0.5)
+            started = time.monotonic()
+            stop = subprocess.run(["docker", "stop", "-t", str(grace), box.name], capture_output=True, text=True,
+                                  timeout=grace + 60)
+            stopped = time.monotonic() - started
+            assert stop.returncode == 0, stop.stderr
+            output = pull.communicate(timeout=60)[0]
+            logs = box.logs()
+            # The server waited for the build, stored the image and exited by itself, well
+            # before the grace ran out.
+            built = [json.loads(line) for line in logs.splitlines() if '"image built"' in line]
+            assert [(entry["image"], entry["outcome"]) for entry in built] == [("slowbuild", "built")], logs[-6000:]
+            assert 5 < stopped < grace, stopped
+            assert box.state()["ExitCode"] == 0, logs[-6000:]
+            if pull.returncode != 0:
+                # A Docker pull is several requests: the manifest request that waited for the build
+                # is answered, but the stopping worker takes no further request, not even on that
+                # client's kept-alive connection, so the manifest-by-digest and blob requests that
+                # follow fail (in a cluster, another replica sharing the bucket answers them).
+                pytest.xfail(f"the stopping server answered the waiting request only: {output.strip()}")
+            ran = subprocess.run(["docker", "run", "--rm", reference, "slow-done"], capture_output=True, text=True,
+                                 timeout=120)
+            assert ran.stdout.strip() == "slow-done", ran.stderr
+        finally:
+            pull.kill()
+            subprocess.run(["docker", "rmi", "-f", reference], capture_output=True, timeout=120)

@@ -98,3 +98,51 @@ def test_an_overlay_sets_image_and_bucket(tmp_path, rendered):
     objects = render(overlay)
     assert container(objects)["image"] == "registry.example.org/nixery:0.1.0"
     assert objects["ConfigMap"]["data"]["GCS_BUCKET"] == "acme-nixery"
+
+
+# Seconds a finished build may take to archive and store its layers (bench/layers.py: a 423 MB
+# image in well under this) before its client has its manifest.
+UPLOAD_MARGIN = 30
+
+
+def _pre_stop_seconds(nixery: dict) -> int:
+    command = nixery["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep" and len(command) == 2, command
+    return int(command[1])
+
+
+def _grace(objects: dict[str, dict]) -> tuple[nixery_config.Config, int, int]:
+    """Nixery's configuration as the pods get it, the preStop delay and terminationGracePeriodSeconds."""
+    env = settings(objects)
+    loaded = nixery_config.load({name: env[name] for name in ("NIX_TIMEOUT", "NIXERY_EVAL_TIMEOUT", "NIXERY_GRACE_PERIOD")
+                                 if name in env})
+    pod = objects["Deployment"]["spec"]["template"]["spec"]
+    return loaded, _pre_stop_seconds(container(objects)), pod["terminationGracePeriodSeconds"]
+
+
+def test_a_rollout_lets_the_builds_in_flight_finish(rendered):
+    """The kubelet kills a pod terminationGracePeriodSeconds after it began stopping it (preStop
+    included); by then an evaluation and a build that began just before must be done and stored."""
+    loaded, pre_stop, termination = _grace(rendered)
+    # One number: the pod's grace is Nixery's.
+    assert termination == loaded.grace_period
+    # Endpoints controllers and kube-proxy take a few seconds to stop sending new pulls here.
+    assert pre_stop >= 5
+    assert termination >= pre_stop + loaded.eval_timeout + loaded.nix_timeout + UPLOAD_MARGIN, \
+        (termination, pre_stop, loaded.eval_timeout, loaded.nix_timeout)
+
+
+def test_an_overlay_changes_the_grace_period_in_one_place(tmp_path):
+    """What the README tells users to write to give builds longer: the new NIXERY_GRACE_PERIOD
+    (and NIX_TIMEOUT) in the ConfigMap, and the component that copies it into the pods."""
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        f"resources:\n  - {os.path.relpath(BASE, overlay)}\n"
+        f"components:\n  - {os.path.relpath(BASE / 'grace-period', overlay)}\n"
+        "configMapGenerator:\n  - name: nixery-config\n    behavior: merge\n    literals:\n"
+        "      - NIX_TIMEOUT=900\n      - NIXERY_GRACE_PERIOD=1080\n")
+    loaded, pre_stop, termination = _grace(render(overlay))
+    assert loaded.nix_timeout == 900 and termination == loaded.grace_period == 1080
+    assert termination >= pre_stop + loaded.eval_timeout + loaded.nix_timeout + UPLOAD_MARGIN
