@@ -219,3 +219,40 @@ def test_docker_stop_with_the_rendered_grace_lets_a_running_build_finish(image, 
         finally:
             pull.kill()
             subprocess.run(["docker", "rmi", "-f", reference], capture_output=True, timeout=120)
+
+
+def test_a_cpu_limit_of_one_runs_one_build_at_a_time(image, rendered, tmp_path):
+    """`docker run --cpus 1` (what a Kubernetes CPU limit of 1 becomes: cpu.max "100000 100000")
+    without NIXERY_MAX_BUILDS: one build slot, whatever the machine's cores; and two slow builds
+    asked for at once run one after the other."""
+    assert "NIXERY_MAX_BUILDS" not in settings(rendered)
+    build_seconds = 6
+    pkgs = make_package_set(tmp_path / "pkgs", salt=uuid.uuid4().hex, slow_seconds=build_seconds)
+    with Running(image, [*pod_options(rendered, pkgs), "--cpus", "1"]) as box:
+        box.wait_ready()
+        assert box.summary()["max_builds"] == 1
+        # Two images, the second asked for while the first builds: with one slot, the second's
+        # build starts only once the first's image is built (with two, both would start at once).
+        names = ["slowbuild", "slowbuild/greeter"]
+        pulls = []
+        try:
+            for name in names:
+                pulls.append(subprocess.Popen(["docker", "pull", "-q", f"{box.host}/{name}"], stdout=subprocess.PIPE,
+                                              stderr=subprocess.STDOUT, text=True))
+                deadline = time.monotonic() + 60
+                while not json.load(urllib.request.urlopen(f"http://{box.host}/builds.json", timeout=5))["in_progress"]:
+                    assert time.monotonic() < deadline, box.logs()[-6000:]
+                    time.sleep(0.2)
+            for pull in pulls:
+                output = pull.communicate(timeout=300)[0]
+                assert pull.returncode == 0, output
+        finally:
+            for pull in pulls:
+                pull.kill()
+            for name in names:
+                subprocess.run(["docker", "rmi", "-f", f"{box.host}/{name}"], capture_output=True, timeout=120)
+        entries = [json.loads(line) for line in box.logs().splitlines() if line.startswith("{")]
+        started = [e["time"] for e in entries if e.get("message") == "build started"]
+        built = [e["time"] for e in entries if e.get("message") == "image built"]
+        assert len(started) == len(built) == 2, entries[-20:]
+        assert started[1] >= built[0], (started, built)
