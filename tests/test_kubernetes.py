@@ -1,15 +1,19 @@
 """deploy/kubernetes, rendered by `kubectl kustomize` as a user would, checked for what a
-cluster needs to run Nixery: the flake's image, probes on the health endpoints, a Service
-in front of the container port, a PodDisruptionBudget that covers the pods, and the
-Workload Identity and signing wiring the README describes."""
+cluster needs to run Nixery: the image, probes on the health endpoints, a Service in front of
+the container port, a PodDisruptionBudget that covers the pods, the Workload Identity and
+signing wiring the README describes, grace periods that let builds finish, the "restricted"
+Pod Security Standard, and the Kubernetes API's schemas (base and the README's overlays).
+tests/test_container_image.py runs the Dockerfile's image as the rendered Deployment does."""
 
 from __future__ import annotations
 
 import os
+import re
+import textwrap
 
 import pytest
 
-from kustomize import BASE, ROOT, container, render, settings
+from kustomize import BASE, ROOT, container, render, render_documents, settings
 from nixery import config as nixery_config
 
 
@@ -22,9 +26,9 @@ def test_the_base_renders_every_object(rendered):
     assert set(rendered) == {"Deployment", "Service", "PodDisruptionBudget", "ServiceAccount", "ConfigMap"}
 
 
-def test_deployment_runs_the_flakes_image_with_probes_on_the_health_endpoints(rendered):
+def test_deployment_runs_nixerys_image_with_probes_on_the_health_endpoints(rendered):
     nixery = container(rendered)
-    # The flake's image is `nixery:latest` (packages.image: name "nixery", tag "latest").
+    # `docker build -t nixery .` (and the flake's packages.image: name "nixery", tag "latest").
     assert nixery["image"] == "nixery:latest"
     assert nixery["ports"] == [{"name": "http", "containerPort": 8080}]
     assert nixery["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
@@ -146,3 +150,90 @@ def test_an_overlay_changes_the_grace_period_in_one_place(tmp_path):
     loaded, pre_stop, termination = _grace(render(overlay))
     assert loaded.nix_timeout == 900 and termination == loaded.grace_period == 1080
     assert termination >= pre_stop + loaded.eval_timeout + loaded.nix_timeout + UPLOAD_MARGIN
+
+
+# The oldest Kubernetes release still supported upstream when this was written, and the newest
+# schemas kubernetes-validate ships: the base must be valid for both.
+SCHEMA_VERSIONS = ("1.32.0", "latest")
+README_OVERLAY_MARK = "# kustomization.yaml of your overlay"
+
+
+def readme_overlays() -> list[str]:
+    """The overlays the README's Kubernetes section shows (YAML blocks, indented in a list item or
+    not, starting with the mark)."""
+    text = (ROOT / "README.md").read_text()
+    blocks = [textwrap.dedent(body) for body in re.findall(r"^ *```yaml\n(.*?)^ *```", text, flags=re.S | re.M)]
+    return [block for block in blocks if block.startswith(README_OVERLAY_MARK)]
+
+
+def _schema_errors(documents: list[dict]) -> list[str]:
+    import kubernetes_validate
+
+    errors = []
+    for version in SCHEMA_VERSIONS:
+        version = kubernetes_validate.latest_version() if version == "latest" else version
+        for document in documents:
+            try:
+                kubernetes_validate.validate(document, version, strict=True)
+            except kubernetes_validate.ValidationError as e:
+                errors.append(f"{version} {document['kind']}: {e.message} at {'/'.join(map(str, e.path))}")
+    return errors
+
+
+def test_the_readme_shows_overlays():
+    assert len(readme_overlays()) >= 2
+
+
+@pytest.mark.parametrize("which", ["base", *(f"readme-{i}" for i in range(len(readme_overlays())))])
+def test_rendered_objects_validate_against_the_kubernetes_schemas(which, tmp_path):
+    """Offline, with kubernetes-validate's copies of the API's OpenAPI schemas, strict (no
+    field the API does not know): the base, and each overlay of the README where it says
+    `../nixery/deploy/kubernetes` for a checkout of this repository."""
+    if which == "base":
+        directory = BASE
+    else:
+        directory = tmp_path / "overlay"
+        directory.mkdir()
+        text = readme_overlays()[int(which.split("-")[1])]
+        (directory / "kustomization.yaml").write_text(
+            text.replace("../nixery/deploy/kubernetes", os.path.relpath(BASE, directory)))
+    documents = render_documents(directory)
+    assert documents
+    assert _schema_errors(documents) == []
+
+
+def test_a_wrong_field_fails_validation(rendered):
+    """The check itself: a string where the API wants seconds, and a field it does not have."""
+    import copy
+
+    as_string, unknown = copy.deepcopy(rendered["Deployment"]), copy.deepcopy(rendered["Deployment"])
+    as_string["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] = "480"
+    unknown["spec"]["template"]["spec"]["containers"][0]["healthz"] = {}
+    assert _schema_errors([rendered["Deployment"]]) == []
+    errors = _schema_errors([as_string])
+    assert len(errors) == len(SCHEMA_VERSIONS) and all("terminationGracePeriodSeconds" in e for e in errors), errors
+    errors = _schema_errors([unknown])
+    assert len(errors) == len(SCHEMA_VERSIONS) and all("healthz" in e for e in errors), errors
+
+
+# The "restricted" Pod Security Standard (kubernetes.io/docs/concepts/security/pod-security-standards):
+# the volume types it allows.
+RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+                      "projected", "secret"}
+
+
+def test_pods_pass_the_restricted_pod_security_standard(rendered):
+    pod = rendered["Deployment"]["spec"]["template"]["spec"]
+    assert not any(pod.get(key) for key in ("hostNetwork", "hostPID", "hostIPC"))
+    for volume in pod["volumes"]:
+        assert set(volume) - {"name"} <= RESTRICTED_VOLUMES, volume
+    pod_security = pod.get("securityContext", {})
+    for one in pod["containers"] + pod.get("initContainers", []):
+        security = {**pod_security, **one.get("securityContext", {})}
+        assert security.get("runAsNonRoot") is True and security.get("runAsUser", 1) != 0
+        assert security.get("allowPrivilegeEscalation") is False
+        assert security.get("privileged", False) is False
+        assert "ALL" in security.get("capabilities", {}).get("drop", [])
+        assert set(security.get("capabilities", {}).get("add", [])) <= {"NET_BIND_SERVICE"}
+        assert security.get("seccompProfile", {}).get("type") in ("RuntimeDefault", "Localhost")
+        assert not one.get("ports") or all("hostPort" not in port for port in one["ports"])
