@@ -15,6 +15,7 @@ from __future__ import annotations
 import http.client
 import json
 import subprocess
+import threading
 import time
 import urllib.request
 import uuid
@@ -256,3 +257,41 @@ def test_a_cpu_limit_of_one_runs_one_build_at_a_time(image, rendered, tmp_path):
         built = [e["time"] for e in entries if e.get("message") == "image built"]
         assert len(started) == len(built) == 2, entries[-20:]
         assert started[1] >= built[0], (started, built)
+
+
+def test_health_answers_within_a_second_while_every_thread_waits_on_a_build(image, rendered, tmp_path):
+    """The base's NIXERY_THREADS, and twice that many requests waiting on one slow build: the
+    liveness probe's /healthz still answers within 1 s (the kubelet would otherwise restart the
+    pod, its Nix store and its builds with it)."""
+    threads = int(settings(rendered)["NIXERY_THREADS"]) * int(settings(rendered)["NIXERY_WORKERS"])
+    pkgs = make_package_set(tmp_path / "pkgs", salt=uuid.uuid4().hex, slow_seconds=15)
+    with Running(image, pod_options(rendered, pkgs)) as box:
+        box.wait_ready()
+        answers: list[int] = []
+
+        def wait_on_the_build() -> None:
+            request = urllib.request.Request(f"http://{box.host}/v2/slowbuild/manifests/latest", headers={
+                "Accept": "application/vnd.docker.distribution.manifest.v2+json"})
+            with urllib.request.urlopen(request, timeout=120) as answer:
+                answers.append(answer.status)
+
+        waiting = [threading.Thread(target=wait_on_the_build) for _ in range(2 * threads)]
+        for thread in waiting:
+            thread.start()
+        deadline = time.monotonic() + 60
+        while not json.load(urllib.request.urlopen(f"http://{box.host}/builds.json", timeout=5))["in_progress"]:
+            assert time.monotonic() < deadline, box.logs()[-6000:]
+            time.sleep(0.2)
+        time.sleep(2)  # every request arrived and waits
+        probes = []
+        for _ in range(5):
+            started = time.monotonic()
+            assert box.get("/healthz", timeout=1) == 200
+            probes.append(time.monotonic() - started)
+            time.sleep(1)
+        assert json.load(urllib.request.urlopen(f"http://{box.host}/builds.json", timeout=5))["in_progress"], \
+            "the build ended before the probes: they proved nothing"
+        for thread in waiting:
+            thread.join(timeout=120)
+        assert answers == [200] * len(waiting), answers
+        print(f"/healthz answered in at most {max(probes) * 1000:.0f} ms with {len(waiting)} requests waiting")
