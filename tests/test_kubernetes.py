@@ -17,6 +17,9 @@ from kustomize import BASE, ROOT, container, render, render_documents, settings
 from nixery import config as nixery_config
 
 
+FILESYSTEM = ROOT / "deploy" / "overlays" / "filesystem"
+
+
 @pytest.fixture(scope="module")
 def rendered() -> dict[str, dict]:
     return render(BASE)
@@ -184,13 +187,13 @@ def test_the_readme_shows_overlays():
     assert len(readme_overlays()) >= 2
 
 
-@pytest.mark.parametrize("which", ["base", *(f"readme-{i}" for i in range(len(readme_overlays())))])
+@pytest.mark.parametrize("which", ["base", "filesystem", *(f"readme-{i}" for i in range(len(readme_overlays())))])
 def test_rendered_objects_validate_against_the_kubernetes_schemas(which, tmp_path):
     """Offline, with kubernetes-validate's copies of the API's OpenAPI schemas, strict (no
     field the API does not know): the base, and each overlay of the README where it says
-    `../nixery/deploy/kubernetes` for a checkout of this repository."""
-    if which == "base":
-        directory = BASE
+    `../nixery/deploy/kubernetes` for a checkout of this repository, and the filesystem overlay."""
+    if which in ("base", "filesystem"):
+        directory = BASE if which == "base" else FILESYSTEM
     else:
         directory = tmp_path / "overlay"
         directory.mkdir()
@@ -237,3 +240,26 @@ def test_pods_pass_the_restricted_pod_security_standard(rendered):
         assert set(security.get("capabilities", {}).get("add", [])) <= {"NET_BIND_SERVICE"}
         assert security.get("seccompProfile", {}).get("type") in ("RuntimeDefault", "Localhost")
         assert not one.get("ports") or all("hostPort" not in port for port in one["ports"])
+
+
+def test_the_filesystem_overlay_runs_one_replica_on_a_volume_claim():
+    """Without a bucket: one replica (filesystem storage is not shared), its blobs and state on a
+    PersistentVolumeClaim, no GCS settings left, and a budget that does not block node drains."""
+    objects = render(FILESYSTEM)
+    spec = objects["Deployment"]["spec"]
+    assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
+    env = settings(objects)
+    assert not {name for name in env if name.startswith(("GCS_", "BUCKET"))}, env
+    loaded = nixery_config.load(env)
+    assert loaded.storage_backend == "filesystem"
+    # The image's STORAGE_PATH and NIXERY_STATE_DIR (Dockerfile) lie on the claim's mount.
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "STORAGE_PATH=/var/lib/nixery/storage" in dockerfile and "NIXERY_STATE_DIR=/var/lib/nixery/state" in dockerfile
+    (mount,) = container(objects)["volumeMounts"]
+    (volume,) = spec["template"]["spec"]["volumes"]
+    assert mount == {"name": volume["name"], "mountPath": "/var/lib/nixery"}
+    claim = objects["PersistentVolumeClaim"]
+    assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert objects["PodDisruptionBudget"]["spec"].get("maxUnavailable") == 1
+    assert "minAvailable" not in objects["PodDisruptionBudget"]["spec"]
