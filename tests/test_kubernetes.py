@@ -263,3 +263,10 @@ def test_the_filesystem_overlay_runs_one_replica_on_a_volume_claim():
     assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
     assert objects["PodDisruptionBudget"]["spec"].get("maxUnavailable") == 1
     assert "minAvailable" not in objects["PodDisruptionBudget"]["spec"]
+
+
+def test_replicas_prefer_different_nodes(rendered):
+    pod = rendered["Deployment"]["spec"]["template"]
+    (term,) = pod["spec"]["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert term["podAffinityTerm"]["labelSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
