@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -184,14 +185,14 @@ def _schema_errors(documents: list[dict]) -> list[str]:
 
 
 def test_the_readme_shows_overlays():
-    assert len(readme_overlays()) >= 2
+    assert len(readme_overlays()) >= 3
 
 
 @pytest.mark.parametrize("which", ["base", "filesystem", *(f"readme-{i}" for i in range(len(readme_overlays())))])
 def test_rendered_objects_validate_against_the_kubernetes_schemas(which, tmp_path):
     """Offline, with kubernetes-validate's copies of the API's OpenAPI schemas, strict (no
     field the API does not know): the base, and each overlay of the README where it says
-    `../nixery/deploy/kubernetes` for a checkout of this repository, and the filesystem overlay."""
+    `../nixery/` for a checkout of this repository, and the filesystem overlay."""
     if which in ("base", "filesystem"):
         directory = BASE if which == "base" else FILESYSTEM
     else:
@@ -199,7 +200,7 @@ def test_rendered_objects_validate_against_the_kubernetes_schemas(which, tmp_pat
         directory.mkdir()
         text = readme_overlays()[int(which.split("-")[1])]
         (directory / "kustomization.yaml").write_text(
-            text.replace("../nixery/deploy/kubernetes", os.path.relpath(BASE, directory)))
+            text.replace("../nixery/", os.path.relpath(ROOT, directory) + "/"))
     documents = render_documents(directory)
     assert documents
     assert _schema_errors(documents) == []
@@ -270,3 +271,32 @@ def test_replicas_prefer_different_nodes(rendered):
     (term,) = pod["spec"]["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
     assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
     assert term["podAffinityTerm"]["labelSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+
+
+@pytest.mark.parametrize("under", [BASE, FILESYSTEM], ids=["base", "filesystem"])
+def test_the_htpasswd_component_gives_logins(under, tmp_path):
+    """An overlay listing deploy/kubernetes/htpasswd: Nixery reads the mounted Secret's file (here a
+    real htpasswd file where the Secret would be mounted) and asks for logins."""
+    import bcrypt
+
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        f"resources:\n  - {os.path.relpath(under, overlay)}\n"
+        f"components:\n  - {os.path.relpath(BASE / 'htpasswd', overlay)}\n")
+    objects = render(overlay)
+    nixery = container(objects)
+    env = settings(objects)
+    mounts = {m["name"]: m for m in nixery["volumeMounts"]}
+    volumes = {v["name"]: v for v in objects["Deployment"]["spec"]["template"]["spec"]["volumes"]}
+    (name,) = [n for n, v in volumes.items() if v.get("secret", {}).get("secretName") == "nixery-htpasswd"]
+    assert mounts[name]["readOnly"] and volumes[name]["secret"]["defaultMode"] == 0o440
+    relative = Path(env["NIXERY_HTPASSWD"]).relative_to(mounts[name]["mountPath"])
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / relative).write_text("alice:" + bcrypt.hashpw(b"wonderland", bcrypt.gensalt(4)).decode() + "\n")
+    env = {k: v for k, v in env.items() if not k.startswith(("GCS_", "BUCKET"))}
+    loaded = nixery_config.load({**env, "NIXERY_HTPASSWD": str(secret / relative)})
+    assert loaded.auth.level.value == "all" and [user for user, _ in loaded.auth.htpasswd] == ["alice"]
+    assert _schema_errors(render_documents(overlay)) == []
