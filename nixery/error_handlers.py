@@ -2,7 +2,7 @@
 
 Modules below the HTTP layer raise what they know, with no status: `image`'s
 `InvalidName`/`InvalidTag`/`InvalidDigest`/`TooManyComponents`, a source's
-`UnknownTag`/`SourceUnavailable`, a `StorageError` when the backend fails,
+`UnknownTag`/`RefusedTag`/`SourceUnavailable`, a `StorageError` when the backend fails,
 Nix's own errors when a build fails, auth's `BuildRefused` (the builder
 helper's refusals are still `RegistryError`s, as are the HTTP resources' own). Each type gets a handler here that renders the
 distribution spec's JSON error body, so the wording a client sees (and the
@@ -44,7 +44,7 @@ from .errors import RegistryError, build_failed, internal_error, manifest_unknow
 from .nix import (BuildFailed, EvaluationLimit, Forbidden, NixError, Problem, UnavailablePackages,
                   UnknownPackages, UnsupportedSystem)
 from .parking import Parked
-from .sources import SourceUnavailable, UnknownTag
+from .sources import RefusedTag, SourceUnavailable, UnknownTag
 from .storage import StorageError
 
 log = logging.getLogger(__name__)
@@ -112,6 +112,7 @@ _TRANSLATIONS: dict[type[Exception], Callable[[Any], RegistryError]] = {
     image.TooManyComponents: lambda error: RegistryError(403, "DENIED", str(error), {
         "components": error.components, "max_packages": error.limit}),
     UnknownTag: lambda error: manifest_unknown(str(error), {"tag": error.tag}),
+    RefusedTag: lambda error: RegistryError(403, "DENIED", str(error), {"tag": error.tag}),
     SourceUnavailable: lambda error: RegistryError(500, "UNKNOWN", str(error)),
     StorageError: lambda error: unavailable(f"storage failed: {error}"),
     UnknownPackages: lambda error: manifest_unknown(_unknown_text(error), _unknown_detail(error)),

@@ -19,7 +19,7 @@ import tarfile
 import threading
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import pygit2
@@ -248,6 +248,13 @@ def git_http(repo) -> Iterator[GitHttpServer]:
     server.close()
 
 
+def told(call: Callable[[], object]) -> RegistryError:
+    """What a client is told of the error `call` raises (a source raises its own; the HTTP layer translates)."""
+    with pytest.raises(Exception) as raised:
+        call()
+    return as_registry_error(raised.value)
+
+
 def git_source(url: str, state_dir: Path, token: str | None) -> GitSource:
     state = StateLayout.under(state_dir)
     return GitSource(GitSettings(url=url, ttl=60, ssh_key=None, token=token, ssh_dir=state_dir / "no-ssh",
@@ -260,9 +267,7 @@ def test_https_token_is_offered_and_a_wrong_one_refused(repo, git_http, tmp_path
     assert resolved.cache_key == f"git:{url}:{repo.commits['two']}"
     assert "twoonly" in (Path(resolved.args.argument) / "default.nix").read_text()
     for token, reason in (("wrong-token", "authentication refused"), (None, "no credentials are configured")):
-        with pytest.raises(Exception) as raised:
-            git_source(url, tmp_path / f"bad-{token}", token).resolve("latest")
-        refused = as_registry_error(raised.value)  # what a client is told (git.py raises its own error)
+        refused = told(lambda: git_source(url, tmp_path / f"bad-{token}", token).resolve("latest"))
         assert refused.status == 500 and refused.code == "UNKNOWN"
         assert refused.message.startswith(f"cannot fetch repository {url}: ")
         assert reason in refused.message
@@ -413,23 +418,20 @@ def test_channel_and_path_tag_rules():
     pinned = ChannelSource(commit, "https://mirror.example/{rev}.tgz", ())
     assert pinned.resolve("latest").cache_key == channel.resolve(commit).cache_key
     for tag in ("nixos-23.05", "A" * 40, "v1"):
-        with pytest.raises(RegistryError) as unknown:
-            channel.resolve(tag)
-        assert unknown.value.status == 404 and unknown.value.detail == {"tag": tag}
+        unknown = told(lambda: channel.resolve(tag))
+        assert unknown.status == 404 and unknown.detail == {"tag": tag}
 
     listed = ChannelSource("nixos-unstable", "https://mirror.example/{rev}.tgz", ("nixos-24.11",), (commit,))
     assert listed.resolve(commit).revision == commit and listed.tags() == ["a" * 40, "latest", "nixos-24.11"]
     for policy in ((), (commit,)):
-        with pytest.raises(RegistryError) as denied:
-            ChannelSource("nixos-unstable", "https://mirror.example/{rev}.tgz", (), policy).resolve("b" * 40)
-        assert denied.value.status == 403 and denied.value.code == "DENIED" and "NIXERY_CHANNEL_COMMITS" in str(denied.value)
+        denied = told(lambda: ChannelSource("nixos-unstable", "https://mirror.example/{rev}.tgz", (), policy).resolve("b" * 40))
+        assert denied.status == 403 and denied.code == "DENIED" and "NIXERY_CHANNEL_COMMITS" in str(denied)
     assert ChannelSource(commit, "https://mirror.example/{rev}.tgz", (), ()).resolve("latest").revision == commit
 
     path = PathSource("/srv/pkgs")
     assert path.resolve("latest").cache_key is None and path.resolve("latest").args.kind == "path"
-    with pytest.raises(RegistryError) as unknown:
-        path.resolve("v1")
-    assert unknown.value.status == 404 and unknown.value.code == "MANIFEST_UNKNOWN"
+    unknown = told(lambda: path.resolve("v1"))
+    assert unknown.status == 404 and unknown.code == "MANIFEST_UNKNOWN"
 
 
 # ------------------------------------------------------------------- tags --

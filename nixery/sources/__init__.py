@@ -35,6 +35,14 @@ class UnknownTag(SourceError):
         self.tag = tag
 
 
+class RefusedTag(SourceError):
+    """A tag the source could serve, which this instance's configuration refuses."""
+
+    def __init__(self, tag: str, message: str):
+        super().__init__(message)
+        self.tag = tag
+
+
 class SourceUnavailable(SourceError):
     """The source cannot be read now (a git fetch failed): the instance's fault, not the tag's."""
 
@@ -67,7 +75,7 @@ class Resolved:
 
 class Source(Protocol):
     def resolve(self, tag: str) -> Resolved:
-        """Raises UnknownTag (or a RegistryError) for a tag this source does not serve."""
+        """Raises UnknownTag for a tag this source does not serve, RefusedTag for one it may not."""
 
     def tags(self) -> list[str]:
         """The tags this source serves by name (`latest`, channels, branches and tags; not every

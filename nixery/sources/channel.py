@@ -5,9 +5,8 @@ from __future__ import annotations
 from typing import Optional
 
 from ..config import redact_url
-from ..errors import RegistryError, manifest_unknown
 from ..nix import SourceArgs
-from . import COMMIT_RE, Resolved
+from . import COMMIT_RE, RefusedTag, Resolved, UnknownTag
 
 
 class ChannelSource:
@@ -38,8 +37,7 @@ class ChannelSource:
             self._check_commit(tag)
             rev = tag
         else:
-            raise manifest_unknown(f"tag {tag} is neither 'latest', a nixpkgs commit nor an allowed channel",
-                                   {"tag": tag})
+            raise UnknownTag(tag, f"tag {tag} is neither 'latest', a nixpkgs commit nor an allowed channel")
         url = self.url_template.replace("{rev}", rev)
         pinned = COMMIT_RE.fullmatch(rev) is not None
         return Resolved.ready(SourceArgs("tarball", url, f"nixpkgs {rev}"),
@@ -53,5 +51,5 @@ class ChannelSource:
             return
         which = ("no nixpkgs commit by tag" if not self.commits
                  else "only the nixpkgs commits its operator listed")
-        raise RegistryError(403, "DENIED", f"tag {commit} names a nixpkgs commit, and this instance builds {which} "
-                            f"(NIXERY_CHANNEL_COMMITS): pull 'latest' or an allowed channel", {"tag": commit})
+        raise RefusedTag(commit, f"tag {commit} names a nixpkgs commit, and this instance builds {which} "
+                                 f"(NIXERY_CHANNEL_COMMITS): pull 'latest' or an allowed channel")

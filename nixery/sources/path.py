@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from ..errors import manifest_unknown
 from ..nix import SourceArgs
-from . import Resolved
+from . import Resolved, UnknownTag
 
 
 class PathSource:
@@ -15,8 +14,7 @@ class PathSource:
 
     def resolve(self, tag: str) -> Resolved:
         if tag != "latest":
-            raise manifest_unknown(f"tag {tag} is not served: a local package set only has 'latest'",
-                                   {"tag": tag})
+            raise UnknownTag(tag, f"tag {tag} is not served: a local package set only has 'latest'")
         return Resolved.ready(SourceArgs("path", self.path, f"package set at {self.path}"), None)
 
     def tags(self) -> list[str]:
