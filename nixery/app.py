@@ -99,7 +99,7 @@ def create_app(config: Config, storage: Backend | None = None, *, builder: Manif
     # The real client first: every other middleware reads its address.
     # The access log next: its process_response runs last, once the response is complete.
     router = RegistryRouter()
-    app = falcon.App(router=router, middleware=[RealClient(TrustedProxies(config.trusted_proxies)),
+    app = falcon.App(router=router, middleware=[RealClient(TrustedProxies(config.server.trusted_proxies)),
                                                 *([AccessLog()] if config.access_log else []), _ApiVersion(),
                                                 MetricsMiddleware(metrics), BuildRecorder(history), auth])
     app.req_options.strip_url_path_trailing_slash = True

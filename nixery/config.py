@@ -169,6 +169,22 @@ class PackageSource:
 
 
 @dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    """How the server listens and treats its clients (nixery/server.py, nixery/worker.py)."""
+
+    port: int
+    listen_address: str
+    workers: int
+    threads: int
+    header_timeout: int
+    io_timeout: int
+    client_connections: int
+    # Reverse proxies whose X-Forwarded-For / Forwarded headers name the client (nixery/clients.py).
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    grace_period: int
+
+
+@dataclasses.dataclass(frozen=True)
 class GitConfig:
     """How a git source (NIXERY_PKGS_REPO) is reached: its branches fetched again after `ttl`
     seconds, with the ssh key or token given."""
@@ -224,8 +240,7 @@ class Config:
     """The validated configuration. No defaults here: `load` applies those of `VARIABLES`,
     so there is one place that says what an unset variable means."""
 
-    port: int
-    listen_address: str
+    server: ServerConfig = setting(flatten=ServerConfig)
     source: PackageSource
     channel_url_template: str = setting(url=True)
     channel_allow: tuple[str, ...]
@@ -255,14 +270,6 @@ class Config:
     # OCI platforms images are offered for; empty: the ones this instance's Nix can build (asked at start).
     platforms: tuple[str, ...]
     nix_snapshotter: bool
-    workers: int
-    threads: int
-    header_timeout: int
-    io_timeout: int
-    client_connections: int
-    # Reverse proxies whose X-Forwarded-For / Forwarded headers name the client (nixery/clients.py).
-    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
-    grace_period: int
     log_level: str
     auth: AuthConfig
     access_log: bool
@@ -510,9 +517,20 @@ def load(env: Mapping[str, str] = os.environ) -> Config:
     popularity = env.get("NIX_POPULARITY_URL") or None
     if popularity and not re.match(r"^https?://", popularity) and not Path(popularity).is_file():
         raise ConfigError(f"NIX_POPULARITY_URL={popularity!r} is neither an http(s) URL nor a file")
-    return Config(
+    server = ServerConfig(
         port=_int(env, "PORT", 1, 65535),
         listen_address=env.get("NIXERY_LISTEN_ADDRESS") or _default("NIXERY_LISTEN_ADDRESS"),
+        workers=_int(env, "NIXERY_WORKERS", 1, 64),
+        threads=_int(env, "NIXERY_THREADS", 1, 1024),
+        header_timeout=_int(env, "NIXERY_HEADER_TIMEOUT", 1, 3600),
+        io_timeout=_int(env, "NIXERY_IO_TIMEOUT", 1, 24 * 3600),
+        client_connections=_int(env, "NIXERY_CLIENT_CONNECTIONS", 1, 100_000),
+        trusted_proxies=_trusted_proxies(env),
+        grace_period=_int(env, "NIXERY_GRACE_PERIOD", 0, 7 * 24 * 3600,
+                          default=_int(env, "NIX_TIMEOUT", 1, 24 * 3600)),
+    )
+    return Config(
+        server=server,
         source=source,
         channel_url_template=template,
         channel_allow=allow,
@@ -540,14 +558,6 @@ def load(env: Mapping[str, str] = os.environ) -> Config:
         layer_budget=_int(env, "NIXERY_LAYER_BUDGET", 1, 120),
         platforms=_platforms(env),
         nix_snapshotter=_boolean(env, "NIXERY_NIX_SNAPSHOTTER"),
-        workers=_int(env, "NIXERY_WORKERS", 1, 64),
-        threads=_int(env, "NIXERY_THREADS", 1, 1024),
-        header_timeout=_int(env, "NIXERY_HEADER_TIMEOUT", 1, 3600),
-        io_timeout=_int(env, "NIXERY_IO_TIMEOUT", 1, 24 * 3600),
-        client_connections=_int(env, "NIXERY_CLIENT_CONNECTIONS", 1, 100_000),
-        trusted_proxies=_trusted_proxies(env),
-        grace_period=_int(env, "NIXERY_GRACE_PERIOD", 0, 7 * 24 * 3600,
-                          default=_int(env, "NIX_TIMEOUT", 1, 24 * 3600)),
         log_level=_checked(env, "NIXERY_LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR"), str.upper),
         access_log=_boolean(env, "NIXERY_ACCESS_LOG"),
         hide_details=_boolean(env, "NIXERY_HIDE_DETAILS"),

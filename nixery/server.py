@@ -22,18 +22,19 @@ log = logging.getLogger(__name__)
 
 
 def gunicorn_options(config: Config) -> dict[str, Any]:
+    server = config.server
     return {
-        "bind": [f"[{config.listen_address}]:{config.port}" if ":" in config.listen_address
-                 else f"{config.listen_address}:{config.port}"],
-        "workers": config.workers,
+        "bind": [f"[{server.listen_address}]:{server.port}" if ":" in server.listen_address
+                 else f"{server.listen_address}:{server.port}"],
+        "workers": server.workers,
         # Gunicorn's threaded worker, reading request heads in its event loop (nixery/worker.py):
         # slow clients hold no thread, and requests waiting for a build are parked there, threadless.
         "worker_class": "nixery.worker.NixeryWorker",
-        "threads": config.threads,
+        "threads": server.threads,
         # The master's heartbeat check: the worker's event loop beats while its threads build.
         "timeout": config.nix_timeout * 3 + 60,
         # A stopping worker lets builds and downloads finish this long (NIXERY_GRACE_PERIOD).
-        "graceful_timeout": config.grace_period,
+        "graceful_timeout": server.grace_period,
         "keepalive": 5,
         # No "sendfile" key: Gunicorn reads any value of that setting, True included, as --no-sendfile
         # (tests/test_config.py).

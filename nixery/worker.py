@@ -133,9 +133,10 @@ class NixeryWorker(ThreadLoopWorker):
         self.parked: dict[str, list[NixeryConn]] = {}
         self.local = threading.local()  # the connection each thread serves
         config = self.app.config  # the NixeryServer's Config
-        self.limits = {"header_timeout": config.header_timeout, "client_connections": config.client_connections}
-        self.proxies = TrustedProxies(config.trusted_proxies)
-        TimedSocket.io_timeout = float(config.io_timeout)
+        server = config.server
+        self.limits = {"header_timeout": server.header_timeout, "client_connections": server.client_connections}
+        self.proxies = TrustedProxies(server.trusted_proxies)
+        TimedSocket.io_timeout = float(server.io_timeout)
 
     def load_wsgi(self) -> None:
         """The app, told in each request's environ that this worker can park it."""

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_defaults(tmp_path):
     c = config.load({"HOME": str(tmp_path)})
-    assert c.port == 8080 and c.layer_budget == 94 and c.nix_timeout == 60
+    assert c.server.port == 8080 and c.layer_budget == 94 and c.nix_timeout == 60
     assert c.source == config.PackageSource(config.SourceKind.CHANNEL, "nixos-unstable")
     assert c.storage_backend == "filesystem"
     assert c.storage_path == tmp_path / ".local/share/nixery"

@@ -82,7 +82,7 @@ def test_settings_are_nixerys_and_storage_is_shared(rendered):
     # Replicas share what they build only through a bucket.
     assert env["GCS_BUCKET"]
     # Behind the Ingress, clients are told apart by X-Forwarded-For.
-    proxies = nixery_config.load({"NIXERY_TRUSTED_PROXIES": env["NIXERY_TRUSTED_PROXIES"]}).trusted_proxies
+    proxies = nixery_config.load({"NIXERY_TRUSTED_PROXIES": env["NIXERY_TRUSTED_PROXIES"]}).server.trusted_proxies
     assert proxies and all(network.is_private for network in proxies)
     # Workload Identity: the pods' service account is bound to the Google account that signs.
     spec = rendered["Deployment"]["spec"]["template"]["spec"]
@@ -133,7 +133,7 @@ def test_a_rollout_lets_the_builds_in_flight_finish(rendered):
     included); by then an evaluation and a build that began just before must be done and stored."""
     loaded, pre_stop, termination = _grace(rendered)
     # One number: the pod's grace is Nixery's.
-    assert termination == loaded.grace_period
+    assert termination == loaded.server.grace_period
     # Endpoints controllers and kube-proxy take a few seconds to stop sending new pulls here.
     assert pre_stop >= 5
     assert termination >= pre_stop + loaded.eval_timeout + loaded.nix_timeout + UPLOAD_MARGIN, \
@@ -152,7 +152,7 @@ def test_an_overlay_changes_the_grace_period_in_one_place(tmp_path):
         "configMapGenerator:\n  - name: nixery-config\n    behavior: merge\n    literals:\n"
         "      - NIX_TIMEOUT=900\n      - NIXERY_GRACE_PERIOD=1080\n")
     loaded, pre_stop, termination = _grace(render(overlay))
-    assert loaded.nix_timeout == 900 and termination == loaded.grace_period == 1080
+    assert loaded.nix_timeout == 900 and termination == loaded.server.grace_period == 1080
     assert termination >= pre_stop + loaded.eval_timeout + loaded.nix_timeout + UPLOAD_MARGIN
 
 

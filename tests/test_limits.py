@@ -273,7 +273,7 @@ def test_concurrent_wrong_passwords_get_at_most_the_limit_of_checks_across_worke
     ("192.0.2.1", "2001:db8::1", None, "2001:db8::1"),
 ])
 def test_the_client_is_the_rightmost_address_not_trusted(peer, x_forwarded_for, forwarded, client):
-    networks = config.load({"NIXERY_TRUSTED_PROXIES": "10.0.0.0/8, 192.0.2.1"}).trusted_proxies
+    networks = config.load({"NIXERY_TRUSTED_PROXIES": "10.0.0.0/8, 192.0.2.1"}).server.trusted_proxies
     assert TrustedProxies(networks).client(peer, x_forwarded_for, forwarded) == client
 
 
@@ -281,7 +281,7 @@ def test_trusted_proxies_are_checked_at_start_and_read_from_a_raw_head():
     for bad in ("10.0.0.0/33", "nginx", "10.0.0.1/8/2"):
         with pytest.raises(config.ConfigError, match="NIXERY_TRUSTED_PROXIES"):
             config.load({"NIXERY_TRUSTED_PROXIES": f"127.0.0.1,{bad}"})
-    assert config.load({}).trusted_proxies == ()
+    assert config.load({}).server.trusted_proxies == ()
     head = (b"GET /v2/ HTTP/1.1\r\nX-Forwarded-For: 1.1.1.1\r\nHost: x\r\nx-forwarded-for:2.2.2.2 \r\n\r\n"
             b"X-Forwarded-For: 3")  # a body, not a header
     assert head_headers(head, ("x-forwarded-for", "forwarded")) == {"x-forwarded-for": "1.1.1.1,2.2.2.2",
