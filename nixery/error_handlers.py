@@ -24,20 +24,24 @@ the infrastructure (storage, Nix itself, a timeout, a bug) are 5xx:
 | the set's code reads a file or URL it may not (restricted evaluation) | 403 | DENIED |
 | Nix cannot run, an evaluation error of the set, a timeout, a builder killed | 500 | UNKNOWN |
 | storage fails | 503 | UNAVAILABLE |
+| a client over its share of new builds (NIXERY_CLIENT_BUILDS) | 429 | TOOMANYREQUESTS |
+| a new build for a client that may only pull (auth level `build`) | 401 | UNAUTHORIZED |
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import falcon
 
-from .builder import BUILD_FAILED_STATUS
+from .config import format_size
 from .errors import RegistryError, build_failed, manifest_unknown, unavailable
 from .nix import (BuildFailed, EvaluationLimit, Forbidden, NixError, Problem, UnavailablePackages,
                   UnknownPackages, UnsupportedSystem)
 from .parking import Parked
+from .refusals import BuildNotAllowed, ImageTooLarge, TooManyBuilds
+from .stats import BUILD_FAILED_STATUS
 from .storage import StorageError
 
 log = logging.getLogger(__name__)
@@ -96,10 +100,25 @@ def _unavailable(error: UnavailablePackages) -> RegistryError:
     return manifest_unknown(message, detail)
 
 
+def _too_large(error: ImageTooLarge) -> RegistryError:
+    return RegistryError(403, "DENIED", f"the image's packages take {format_size(error.size)} ({error.size} bytes), "
+                         f"more than this instance's limit of {format_size(error.limit)} (NIXERY_MAX_IMAGE_SIZE)",
+                         {"size": error.size, "max_image_size": error.limit})
+
+
+def _too_many(error: TooManyBuilds) -> RegistryError:
+    told = RegistryError(429, "TOOMANYREQUESTS", f"this address already has {error.limit} new builds running; "
+                         "retry when one has finished", {"client_builds": error.limit})
+    told.headers["Retry-After"] = str(error.retry_after)
+    return told
+
+
 # Most specific first: `as_registry_error` takes the first type an exception is an instance of.
 _TRANSLATIONS: dict[type[Exception], Callable[[Any], RegistryError]] = {
     RegistryError: lambda error: error,
     StorageError: lambda error: unavailable(f"storage failed: {error}"),
+    ImageTooLarge: _too_large,
+    TooManyBuilds: _too_many,
     UnknownPackages: lambda error: manifest_unknown(_unknown_text(error), _unknown_detail(error)),
     UnavailablePackages: _unavailable,
     UnsupportedSystem: lambda error: manifest_unknown(str(error), {"system": error.system}),
@@ -155,10 +174,14 @@ def _parked(req: falcon.Request, resp: falcon.Response, error: Parked, params: A
     raise error
 
 
-def register(app: falcon.App) -> None:
-    """One handler per exception type; Falcon picks the most specific for each exception."""
+def register(app: falcon.App, refuse_build: Optional[Callable[[str], RegistryError]] = None) -> None:
+    """One handler per exception type; Falcon picks the most specific for each exception.
+    `refuse_build` words a build refused to a client that may only pull (BuildNotAllowed) for the
+    image named: the auth layer's challenge, which only it knows."""
     app.add_error_handler(Exception, _unexpected_error)
     app.add_error_handler(falcon.HTTPError, _http_error)
     app.add_error_handler(Parked, _parked)
+    if refuse_build is not None:
+        app.add_error_handler(BuildNotAllowed, lambda req, resp, error, params: _render(resp, refuse_build(error.name)))
     for kind in _TRANSLATIONS:
         app.add_error_handler(kind, _translated)

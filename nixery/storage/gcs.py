@@ -217,22 +217,17 @@ class GcsBackend(Backend):
                 return None
 
     def write(self, key: str, data: bytes, media_type: str) -> None:
-        """Stores a small object in one request (GCS makes it visible whole).
-
-        Blobs are named by their digest and never change, so one that exists
-        is left alone and a new one is created only if still absent. Records
-        and manifests are overwritten, as on the filesystem.
-        """
+        """Stores a small object in one request (GCS makes it visible whole)."""
         with self.failures(f"write {key}"):
-            blob = self._bucket().blob(check_key(key))
-            if not key.startswith("layers/"):
-                blob.upload_from_string(data, content_type=media_type, retry=self.retry, timeout=_TIMEOUT)
-                return
-            if blob.exists(retry=self.retry, timeout=_TIMEOUT):
-                return
-            with contextlib.suppress(api_exceptions.PreconditionFailed):
-                blob.upload_from_string(data, content_type=media_type, if_generation_match=0,
-                                        retry=self.retry, timeout=_TIMEOUT)
+            self._bucket().blob(check_key(key)).upload_from_string(data, content_type=media_type,
+                                                                   retry=self.retry, timeout=_TIMEOUT)
+
+    def put_if_absent(self, key: str, data: bytes, media_type: str) -> None:
+        """One create-only request (`if_generation_match=0`): GCS refuses it, changing nothing,
+        when the object exists."""
+        with self.failures(f"write {key}"), contextlib.suppress(api_exceptions.PreconditionFailed):
+            self._bucket().blob(check_key(key)).upload_from_string(
+                data, content_type=media_type, if_generation_match=0, retry=self.retry, timeout=_TIMEOUT)
 
     @contextlib.contextmanager
     def upload(self) -> Iterator[Upload]:
