@@ -223,11 +223,16 @@ class GcsBackend(Backend):
                                                                    retry=self.retry, timeout=_TIMEOUT)
 
     def put_if_absent(self, key: str, data: bytes, media_type: str) -> None:
-        """One create-only request (`if_generation_match=0`): GCS refuses it, changing nothing,
-        when the object exists."""
-        with self.failures(f"write {key}"), contextlib.suppress(api_exceptions.PreconditionFailed):
-            self._bucket().blob(check_key(key)).upload_from_string(
-                data, content_type=media_type, if_generation_match=0, retry=self.retry, timeout=_TIMEOUT)
+        """A read first (an object there is left alone without a write, which read-only credentials
+        could not make), then a create-only upload (`if_generation_match=0`): of two instances
+        writing the same blob at once, GCS keeps the first and refuses the second, changing nothing."""
+        with self.failures(f"write {key}"):
+            blob = self._bucket().blob(check_key(key))
+            if blob.exists(retry=self.retry, timeout=_TIMEOUT):
+                return
+            with contextlib.suppress(api_exceptions.PreconditionFailed):
+                blob.upload_from_string(data, content_type=media_type, if_generation_match=0,
+                                        retry=self.retry, timeout=_TIMEOUT)
 
     @contextlib.contextmanager
     def upload(self) -> Iterator[Upload]:
