@@ -33,7 +33,7 @@ from .manifest import MANIFEST_MEDIA_TYPE, Document
 from .nix import BuildFailed, Closure, DerivationFailed, UnsupportedSystem, as_seen_by
 from .nix import Resolved as Evaluation
 from .parking import Parked, Parking
-from .refusals import BuildNotAllowed, ImageTooLarge, TooManyBuilds
+from .refusals import BuildRefused, ImageTooLarge, TooManyBuilds
 from .sources import Resolved
 from .stats import BuildStats
 from .storage import Backend, blob_key
@@ -129,7 +129,7 @@ class Admission:
                 return memo
             self._raise_remembered(keys.failure)
             if not may_build:
-                raise BuildNotAllowed(image.name)
+                raise BuildRefused(image.name)
             document = self._limited(build, keys.failure, client, parking)
             if keys.cache:
                 self.storage.write(f"manifests/{keys.cache}", document.data, document.media_type)

@@ -23,7 +23,7 @@ from .error_handlers import as_registry_error
 from .errors import RegistryError, blob_unknown, manifest_unknown
 from .manifest import (MANIFEST_LIST_MEDIA_TYPE, MANIFEST_MEDIA_TYPE, OCI_INDEX_MEDIA_TYPE, OCI_MANIFEST_MEDIA_TYPE,
                        Document)
-from .refusals import BuildNotAllowed
+from .refusals import BuildRefused
 from .sources import Source
 from .stats import BuildStats
 from .storage import Backend, LocalFile, Redirect, blob_key
@@ -124,7 +124,7 @@ class Registry:
                                            client=req.remote_addr or "", parking=req.env.get(parking.ENVIRON_KEY))
         except parking.Parked:
             raise  # not an answer: the request runs again once the build it waits for is over
-        except BuildNotAllowed:
+        except BuildRefused:
             raise  # no build: not counted, so anonymous clients cannot crowd real failures off the page
         except Exception as e:
             req.context.build = _failed_build(name, tag, e, time.monotonic() - started)

@@ -101,7 +101,7 @@ def create_app(config: Config, storage: Backend | None = None, *, builder: Manif
                                 *([AccessLog()] if config.access_log else []), _ApiVersion(),
                                 MetricsMiddleware(metrics), BuildRecorder(history), auth])
     app.req_options.strip_url_path_trailing_slash = True
-    error_handlers.register(app, auth.refuse_build)
+    error_handlers.register(app, auth.challenge)
     app.add_route("/v2", VersionCheck())
     app.add_sink(Registry(builder, storage, source or make_source(config), config.max_packages), prefix="/v2/")
     app.add_route("/metrics", MetricsResource(metrics))

@@ -6,8 +6,9 @@ there), so with any auth level on, an anonymous ping gets 401 and a
 `WWW-Authenticate` challenge. At level `all` every request below `/v2/` needs
 valid credentials. At level `build` a request without them (or with the empty
 ones skopeo sends when it has none) may still read what is built: the
-middleware leaves `req.context.may_build` false: the builder raises
-`BuildNotAllowed` where it would run Nix, answered with the same 401 (`refuse_build`).
+middleware sets `req.context.may_build` to False, and the builder raises
+`BuildRefused` just before it would run Nix, which the error handlers answer
+with the same 401 challenge.
 
 Wrong credentials are always refused, never treated as anonymous. Failed
 logins are logged with the user name and client address, never the password
@@ -184,11 +185,6 @@ class AuthMiddleware:
         if self.level is AuthLevel.ALL or name is None:
             raise self.challenge(name, "authentication required")
         req.context.may_build = False
-
-    def refuse_build(self, name: str) -> RegistryError:
-        """What an anonymous client at level `build` gets for an image that is not built yet."""
-        return self.challenge(name, "authentication required to build a new image "
-                                    "(images already built can be pulled without logging in)")
 
     def challenge(self, name: Optional[str], message: str, error: Optional[str] = None) -> RegistryError:
         refusal = RegistryError(401, "UNAUTHORIZED", message, {"name": name, "action": "pull"} if name else None)

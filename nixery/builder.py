@@ -46,7 +46,7 @@ class ManifestBuilder(Protocol):
     def manifest(self, image: Image, media_type: str = manifest.MANIFEST_MEDIA_TYPE, *, may_build: bool = True,
                  client: str = "", parking: Optional[Parking] = None) -> Result:
         """The stored manifest for `image` as `media_type`, or an exception the error handlers know;
-        without `may_build` an image not built yet is refused (BuildNotAllowed); `client` (its
+        without `may_build` an image not built yet is refused (BuildRefused); `client` (its
         address) is counted against the per-client limit of new builds; with `parking`, a request
         that would wait for another's build raises `Parked` instead."""
 

@@ -23,9 +23,9 @@ the infrastructure (storage, Nix itself, a timeout, a bug) are 5xx:
 | a package's build fails (its builder exits non-zero) | 422 | UNKNOWN |
 | the set's code reads a file or URL it may not (restricted evaluation) | 403 | DENIED |
 | Nix cannot run, an evaluation error of the set, a timeout, a builder killed | 500 | UNKNOWN |
+| an anonymous client would make the instance build (auth level `build`) | 401 | UNAUTHORIZED |
 | storage fails | 503 | UNAVAILABLE |
 | a client over its share of new builds (NIXERY_CLIENT_BUILDS) | 429 | TOOMANYREQUESTS |
-| a new build for a client that may only pull (auth level `build`) | 401 | UNAUTHORIZED |
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from .errors import RegistryError, build_failed, manifest_unknown, unavailable
 from .nix import (BuildFailed, EvaluationLimit, Forbidden, NixError, Problem, UnavailablePackages,
                   UnknownPackages, UnsupportedSystem)
 from .parking import Parked
-from .refusals import BuildNotAllowed, ImageTooLarge, TooManyBuilds
+from .refusals import BuildRefused, ImageTooLarge, TooManyBuilds
 from .stats import BUILD_FAILED_STATUS
 from .storage import StorageError
 
@@ -174,14 +174,14 @@ def _parked(req: falcon.Request, resp: falcon.Response, error: Parked, params: A
     raise error
 
 
-def register(app: falcon.App, refuse_build: Optional[Callable[[str], RegistryError]] = None) -> None:
+def register(app: falcon.App, challenge: Optional[Callable[[str, str], RegistryError]] = None) -> None:
     """One handler per exception type; Falcon picks the most specific for each exception.
-    `refuse_build` words a build refused to a client that may only pull (BuildNotAllowed) for the
-    image named: the auth layer's challenge, which only it knows."""
+    `challenge` is the auth middleware's 401 for a repository, which a refused build gets."""
     app.add_error_handler(Exception, _unexpected_error)
     app.add_error_handler(falcon.HTTPError, _http_error)
     app.add_error_handler(Parked, _parked)
-    if refuse_build is not None:
-        app.add_error_handler(BuildNotAllowed, lambda req, resp, error, params: _render(resp, refuse_build(error.name)))
+    if challenge is not None:
+        app.add_error_handler(BuildRefused, lambda req, resp, error, params: _render(
+            resp, challenge(error.name, str(error))))
     for kind in _TRANSLATIONS:
         app.add_error_handler(kind, _translated)

@@ -8,11 +8,13 @@ class Refused(Exception):
     """The request may not build the image now."""
 
 
-class BuildNotAllowed(Refused):
+class BuildRefused(Refused):
     """The image is not built yet and this client may only pull what is (auth level `build`)."""
 
+    MESSAGE = "authentication required to build a new image (images already built can be pulled without logging in)"
+
     def __init__(self, name: str):
-        super().__init__(f"{name}: building not allowed for this client")
+        super().__init__(self.MESSAGE)
         self.name = name
 
 
