@@ -10,7 +10,6 @@ shape's named parameters.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import re
 import time
 from urllib.parse import urlencode
@@ -18,13 +17,14 @@ from urllib.parse import urlencode
 import falcon
 
 from . import image, parking, routes, sbom
-from .auth import BuildRefused
-from .builder import BuildStats, ManifestBuilder
+from .builder import ManifestBuilder
 from .error_handlers import as_registry_error
 from .errors import RegistryError, blob_unknown, manifest_unknown
 from .manifest import (MANIFEST_LIST_MEDIA_TYPE, MANIFEST_MEDIA_TYPE, OCI_INDEX_MEDIA_TYPE, OCI_MANIFEST_MEDIA_TYPE,
                        Document)
+from .refusals import BuildRefused
 from .sources import Source
+from .stats import BuildStats
 from .storage import Backend, LocalFile, Redirect, blob_key
 
 API_VERSION_HEADER = ("Docker-Distribution-API-Version", "registry/2.0")
@@ -103,10 +103,9 @@ class Manifests:
         # req.context.build is what the metrics and the build history learn of this request;
         # req.context.may_build is False for a client the auth middleware lets read but not build.
         started = time.monotonic() - parking.waited(req.env)
-        authorise_build = None if req.context.get("may_build", True) else functools.partial(_refuse_build, name)
         try:
             result = self.builder.manifest(image.parse(name, tag, self.max_packages), media_type,
-                                           authorise_build=authorise_build,
+                                           may_build=req.context.get("may_build", True),
                                            client=req.remote_addr or "", parking=req.env.get(parking.ENVIRON_KEY))
         except (parking.Parked, BuildRefused):
             # Parked: not an answer, the request runs again once the build it waits for is over.
@@ -128,10 +127,6 @@ class Manifests:
         if data is None:
             raise manifest_unknown("manifest unknown", {"digest": digest})
         _send_manifest(req, resp, Document(info.media_type, data))
-
-
-def _refuse_build(name: str) -> None:
-    raise BuildRefused(name)
 
 
 class Tags:

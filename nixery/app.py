@@ -13,7 +13,8 @@ from . import api, error_handlers, health, image, popularity, web
 from .api import API_VERSION_HEADER, VersionCheck
 from .auth import AuthMiddleware
 from .clients import RealClient, TrustedProxies
-from .builder import Builder, BuildLimits, ManifestBuilder
+from .admission import BuildLimits
+from .builder import Builder, ManifestBuilder
 from .config import Config, SourceKind
 from .metrics import Metrics, MetricsMiddleware, MetricsResource
 from .nix import EvalBounds, Nix

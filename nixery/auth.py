@@ -177,16 +177,6 @@ class InvalidCredentials(Exception):
     """Credentials that were sent and are wrong; the message is for the log and never holds them."""
 
 
-class BuildRefused(Exception):
-    """An anonymous client at level `build` asked for an image that is not built yet."""
-
-    MESSAGE = "authentication required to build a new image (images already built can be pulled without logging in)"
-
-    def __init__(self, name: str):
-        super().__init__(self.MESSAGE)
-        self.name = name
-
-
 def repository(req: falcon.Request, params: dict[str, Any]) -> Optional[str]:
     """The repository a request pulls from, if it is a valid name (so it may go into a challenge)."""
     name = params.get("name") if req.uri_template in routes.PULLS else None

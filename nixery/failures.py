@@ -34,11 +34,12 @@ from .errors import RegistryError
 from .locks import file_lock
 from .nix import (BuildFailed, BuildTimedOut, DerivationFailed, NixError, UnknownPackages, UnsupportedSystem,
                   first_error_line)
+from .refusals import ImageTooLarge
 from .sources import SourceError
 from .storage import StorageError
 
 # What would repeat: the package set's answers and Nix's; a storage fault is the instance's, not the image's.
-REMEMBERED = (RegistryError, NixError, UnknownPackages, UnsupportedSystem, SourceError)
+REMEMBERED = (RegistryError, NixError, UnknownPackages, UnsupportedSystem, ImageTooLarge, SourceError)
 
 TABLE_FILE = "failures"
 BUCKETS = 1024

@@ -19,9 +19,9 @@ from typing import Any
 import falcon
 
 from .atomic import write_atomic
-from .builder import BuildStats
 from .config import StateLayout
 from .locks import file_lock
+from .stats import BuildStats
 
 log = logging.getLogger(__name__)
 
