@@ -47,7 +47,8 @@ def make_source(config: Config) -> Source:
     from .sources.git import GitSettings, GitSource
     return GitSource(GitSettings(url=config.source.argument, ttl=config.git_ttl, ssh_key=config.ssh_key,
                                  token=config.git_token, ssh_dir=config.ssh_dir, ssh_agent=config.ssh_agent,
-                                 mirrors_dir=config.state.git, lock_dir=config.state.locks))
+                                 mirrors_dir=config.state.git, lock_dir=config.state.locks,
+                                 store=config.state.store))
 
 
 def with_platforms(config: Config, systems: Optional[Sequence[str]] = None) -> Config:
@@ -98,7 +99,7 @@ def create_app(config: Config, storage: Backend | None = None, *, builder: Manif
     app = falcon.App(middleware=[RealClient(TrustedProxies(config.trusted_proxies)),
                                 *([AccessLog()] if config.access_log else []), _ApiVersion(),
                                 MetricsMiddleware(metrics), BuildRecorder(history),
-                                AuthMiddleware(config.auth, FailedLogins(config.state.memory, config.state.locks),
+                                AuthMiddleware(config.auth, FailedLogins(config.state),
                                                on_check=metrics.count_password_check)])
     app.req_options.strip_url_path_trailing_slash = True
     error_handlers.register(app)

@@ -20,12 +20,12 @@ import time
 from typing import Callable, Mapping, Optional, Protocol, Sequence
 
 from . import archive, layers, manifest, rootfs
-from .atomic import write_atomic
 from .config import StateLayout, format_size, redact_url
 from .image import OPTIONAL_PACKAGES, Architecture, Image
 from .errors import RegistryError
 from .failures import FailedDerivations, FailureMemory
 from .locks import Slots, file_lock, wait_until_free
+from .memo import BuildMemo
 from .nix import (PROGRESS_RE, BuildFailed, Closure, DerivationFailed, Nix, NixError, UnavailablePackages,
                   UnknownPackages, UnsupportedSystem, as_seen_by, listening)
 from .nix import Resolved as Evaluation
@@ -65,9 +65,6 @@ SOURCE_LABEL = "org.opencontainers.image.source"
 REVISION_LABEL = "org.opencontainers.image.revision"
 ROOT_LAYER_HISTORY = ("nixery root layer: /bin, /etc, /lib, ... as symlinks into the packages; "
                       "/etc/passwd, /etc/group, /tmp")
-# An unpinned image built this recently is served (from the build memo) to requests that
-# queued behind the build (a request may wait in a worker's accept queue before its clock starts).
-MEMO_SECONDS = 10.0
 
 
 @dataclasses.dataclass
@@ -177,16 +174,16 @@ class Builder:
         self.popularity = popularity
         self.budget = budget
         self.lock_dir = state.locks
-        self.memo_dir = state.build_memo
+        self.memo = BuildMemo(state)
         # The platforms a name without `arm64/` is offered for, as an index (NIXERY_PLATFORMS).
         self.platforms = tuple(platforms)
         self.nix_snapshotter = nix_snapshotter
         self.systems = systems
         self.limits = limits
         # Failures are kept as what a client was told (`explain`: the app's error handlers' translation).
-        self.failures = FailureMemory(state.memory, state.locks, limits.failure_ttl,
+        self.failures = FailureMemory(state, limits.failure_ttl,
                                       explain or (lambda error: RegistryError(500, "UNKNOWN", str(error))))
-        self.failed_derivations = FailedDerivations(state.memory, state.locks, limits.failure_ttl)
+        self.failed_derivations = FailedDerivations(state, limits.failure_ttl)
         self.build_slots = Slots(state.locks, "build", limits.max_builds)
         self.in_progress = in_progress or InProgress(state)
         self.suggestions = suggestions or Suggestions()
@@ -281,7 +278,7 @@ class Builder:
             if cache_key:
                 self.storage.write(f"manifests/{cache_key}", document.data, document.media_type)
             else:
-                self._remember(flight_key, document)
+                self.memo.remember(flight_key, document.digest)
             return Result(document, stats)
 
     def _raise_remembered(self, failure_key: str) -> None:
@@ -329,22 +326,12 @@ class Builder:
 
     def _memo(self, flight_key: str, since: float, stats: BuildStats) -> Optional[manifest.Document]:
         """The image built under `flight_key` moments ago (the build memo), if still in storage."""
-        path = self.memo_dir / flight_key
-        try:
-            if path.stat().st_mtime < since - MEMO_SECONDS:
-                return None
-            digest = path.read_text().strip()
-        except FileNotFoundError:
-            return None
-        data = self.storage.read(blob_key(digest))
+        digest = self.memo.recall(flight_key, since)
+        data = self.storage.read(blob_key(digest)) if digest else None
         if data is None:
             return None
         stats.cached = True
         return manifest.Document(manifest.MANIFEST_MEDIA_TYPE, data)
-
-    def _remember(self, flight_key: str, document: manifest.Document) -> None:
-        self.memo_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.memo_dir / flight_key, document.digest.encode())
 
     def _timed(self, stats: BuildStats, step: str, fn: Callable[[], object],
                tracker: Optional[Tracker] = None) -> object:

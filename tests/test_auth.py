@@ -35,7 +35,8 @@ from pkgset import make_package_set
 from support import NixCounter, Server, chroot_run, oci_manifest, pull_and_unpack, skopeo_pull
 from nixery import config, error_handlers
 from nixery.auth import AuthMiddleware
-from nixery.lockout import BUCKETS, FailedLogins
+from nixery.config import StateLayout
+from nixery.lockout import CAPACITY, FailedLogins
 
 USER = "alice"
 PASSWORD = f"pw-{uuid.uuid4().hex}"
@@ -464,7 +465,7 @@ def test_gcs_signed_url_redirects_work_with_auth_on(tmp_path, pkgset, htpasswd):
 # ---------------------------------------------------------------- in-process behaviour --
 
 def failed_logins(directory: Path, **kwargs) -> FailedLogins:
-    return FailedLogins(directory / "memory", directory / "locks", **kwargs)
+    return FailedLogins(StateLayout.under(directory), **kwargs)
 
 
 def test_failed_logins_double_to_a_cap_then_pause_and_are_forgotten(tmp_path):
@@ -482,7 +483,7 @@ def test_failed_logins_double_to_a_cap_then_pause_and_are_forgotten(tmp_path):
     assert failed_logins(tmp_path, limit=8, clock=lambda: now[0]).admit("10.0.0.1", None).delay == 0.1
     for address in range(100_000):
         failures.admit(f"10.{address >> 16}.{(address >> 8) & 255}.{address & 255}", None)
-    assert (tmp_path / "memory" / "logins").stat().st_size <= BUCKETS * 8 * 32, "the table's size is fixed"
+    assert StateLayout.under(tmp_path).store.stat().st_size <= CAPACITY * 100, "the table's size is fixed"
     failures.succeeded("10.0.1.9")
     assert failures.admit("10.0.1.9", None).delay == 0.05
 
