@@ -25,6 +25,7 @@ import functools
 import os
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -86,16 +87,30 @@ class Store:
 
     def _open(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        deadline = time.monotonic() + BUSY_TIMEOUT
         try:
             connection = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None)
-            connection.execute("PRAGMA journal_mode=WAL")
-            connection.execute("PRAGMA synchronous=NORMAL")
-            connection.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
-            if connection.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
-                self._start_afresh(connection)
+            while True:
+                try:
+                    self._prepare(connection)
+                    return connection
+                except sqlite3.OperationalError as e:
+                    # Turning WAL on is not retried by SQLite's busy handler: workers opening a new
+                    # database at the same moment take turns here (SQLITE_BUSY's message; its code
+                    # is an attribute from Python 3.11 on).
+                    if str(e) != "database is locked" or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.01)
         except sqlite3.Error as e:
             raise StateError(f"cannot open the state database {self.path}: {e}") from e
-        return connection
+
+    def _prepare(self, connection: sqlite3.Connection) -> None:
+        if connection.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("PRAGMA synchronous=NORMAL")
+        connection.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
+        if connection.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+            self._start_afresh(connection)
 
     @staticmethod
     def _start_afresh(connection: sqlite3.Connection) -> None:
