@@ -2,8 +2,9 @@
 """What the state database (nixery/state.py) costs the requests that use it.
 
 1. One thread: a failure lookup (every request that may build makes one; a hit and a miss),
-   remembering a failure, a history write (each finished build), reading the history (the page),
-   a login admitted (each password check), a build memo lookup.
+   remembering a failure, reading the failed derivations (every new build; the table full),
+   a history write (each finished build), reading the history (the page), a login admitted
+   (each password check), a build memo lookup.
 2. Contention: failure lookups and history writes timed in `--workers` processes of `--threads`
    threads each, all at once on one database, as Gunicorn's workers would make them.
 
@@ -28,11 +29,11 @@ sys.path[:0] = [str(ROOT)]
 from nixery.builder import BuildStats  # noqa: E402
 from nixery.config import StateLayout  # noqa: E402
 from nixery.errors import RegistryError  # noqa: E402
-from nixery.failures import FailureMemory  # noqa: E402
+from nixery.failures import DERIVATION_CAPACITY, FailedDerivations, FailureMemory  # noqa: E402
 from nixery.history import BuildHistory, entry  # noqa: E402
 from nixery.lockout import FailedLogins  # noqa: E402
 from nixery.memo import BuildMemo  # noqa: E402
-from nixery.nix import UnknownPackages  # noqa: E402
+from nixery.nix import BuildFailed, UnknownPackages  # noqa: E402
 
 UNKNOWN = UnknownPackages(["nosuchpackage"])
 
@@ -67,6 +68,11 @@ def one_thread(state: StateLayout, rounds: int) -> None:
     print(summary("failure lookup, hit", timed(lambda i: memory.recall(f"{i % 2000:064x}"), rounds)))
     print(summary("failure lookup, miss", timed(lambda i: memory.recall(f"{i + 10 ** 6:064x}"), rounds)))
     print(summary("failure remembered", timed(lambda i: memory.remember(f"{i + 10 ** 7:064x}", UNKNOWN), rounds)))
+    derivations = FailedDerivations(state, 600)
+    for i in range(DERIVATION_CAPACITY):
+        drv = f"/nix/store/{i:032d}-x.drv"
+        derivations.remember(BuildFailed("", f"error: builder for '{drv}' failed with exit code 1", drv))
+    print(summary("failed derivations read, table full", timed(lambda i: derivations.recall(), rounds // 50)))
     history = BuildHistory(state)
     item = failed_build()
     print(summary("history write (a failed build)", timed(lambda i: history.record(item), rounds // 5)))

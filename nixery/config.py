@@ -74,7 +74,8 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("STORAGE_PATH", None,
              "Directory for the filesystem backend (default: $XDG_DATA_HOME/nixery or ~/.local/share/nixery)."),
     Variable("NIXERY_STATE_DIR", None,
-             "Directory for locks, GC roots and git mirrors (default: $XDG_CACHE_HOME/nixery or ~/.cache/nixery)."),
+             "Directory for locks, GC roots, git mirrors and the state database (default: $XDG_CACHE_HOME/nixery "
+             "or ~/.cache/nixery)."),
     Variable("BUCKET", None, "GCS bucket (implies the gcs backend); GCS_BUCKET is the same."),
     Variable("GCS_BUCKET", None, "GCS bucket (implies the gcs backend)."),
     Variable("GCS_SIGNING_KEY", None, "PEM private key file used to sign blob URLs.", secret=True),
