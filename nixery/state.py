@@ -70,7 +70,7 @@ class Store:
         self._local = threading.local()
 
     @staticmethod
-    @functools.lru_cache(maxsize=None)
+    @functools.lru_cache(maxsize=16)  # one in production; the tests' many folders are let go
     def at(path: Path) -> "Store":
         return Store(path)
 
