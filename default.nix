@@ -44,6 +44,7 @@ let
       requests
       gcp-storage-emulator
       websocket-client
+      kubernetes-validate
       pyyaml
       packaging
     ];

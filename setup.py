@@ -33,7 +33,7 @@ setup(
         "gcs": ["google-cloud-storage>=2.10", "google-auth>=2.20"],
         "test": ["google-cloud-storage>=2.10", "google-auth>=2.20", "pytest>=7", "requests>=2.28",
                  "gcp-storage-emulator", "websocket-client", "pyyaml",
-                 "pytest-xdist", "packaging"],
+                 "pytest-xdist", "packaging", "kubernetes-validate"],
     },
     entry_points={"console_scripts": ["nixery = nixery.__main__:main"]},
 )

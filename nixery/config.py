@@ -17,6 +17,8 @@ import re
 from pathlib import Path
 from typing import Callable, Mapping, Optional
 
+from . import cgroup
+
 
 class ConfigError(ValueError):
     """A variable has a value Nixery cannot use; the message names it."""
@@ -85,7 +87,9 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("NIX_TIMEOUT", "60",
              "Seconds a Nix build may run, and may stay silent (Nix's --timeout and --max-silent-time); "
              "downloads of substitutes are not counted."),
-    Variable("NIXERY_MAX_BUILDS", None, "Builds running at once on this instance (default: the number of cores)."),
+    Variable("NIXERY_MAX_BUILDS", None,
+             "Builds running at once on this instance (default: the CPUs its cgroup's quota and affinity allow, "
+             "at most its cgroup's memory limit divided by NIXERY_EVAL_MEMORY; at least 1)."),
     Variable("NIXERY_CLIENT_BUILDS", "2",
              "New builds one client address may have running at once; more get 429 TOOMANYREQUESTS."),
     Variable("NIXERY_FAILURE_TTL", "60",
@@ -677,7 +681,9 @@ def load(env: Mapping[str, str] = os.environ) -> Config:
         state_dir=state_dir,
         gcs=gcs,
         nix_timeout=_int(env, "NIX_TIMEOUT", 1, 24 * 3600),
-        max_builds=_int(env, "NIXERY_MAX_BUILDS", 1, 256, default=os.cpu_count() or 1),
+        max_builds=_int(env, "NIXERY_MAX_BUILDS", 1, 256,
+                        default=min(256, cgroup.build_slots(cgroup.read_limits(),
+                                                           _size(env, "NIXERY_EVAL_MEMORY", least=EVAL_MEMORY_LEAST)))),
         client_builds=_int(env, "NIXERY_CLIENT_BUILDS", 1, 256),
         failure_ttl=_int(env, "NIXERY_FAILURE_TTL", 0, 24 * 3600),
         max_image_size=_size(env, "NIXERY_MAX_IMAGE_SIZE"),

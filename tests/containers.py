@@ -61,7 +61,7 @@ SYSTEMD_OPTIONS = ("--cap-add", "SYS_ADMIN", "--security-opt", "seccomp=unconfin
 
 
 @contextmanager
-def _file_lock(name: str) -> Iterator[None]:
+def file_lock(name: str) -> Iterator[None]:
     """An exclusive lock across processes (pytest workers, concurrent runs) on CACHE_DIR/name."""
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     with open(CACHE_DIR / name, "w") as handle:
@@ -90,7 +90,7 @@ def ensure_dockerd() -> None:
     started here (as root) and left running for later tests and runs."""
     if shutil.which("docker") is None or shutil.which("dockerd") is None:
         _unavailable("docker.io is not installed (scripts/install-deps --test installs it)")
-    with _file_lock("dockerd.lock"):
+    with file_lock("dockerd.lock"):
         if _docker_answers():
             return
         if os.getuid() != 0:
@@ -123,7 +123,7 @@ def stock_image(suite: str, packages: Sequence[str] = ()) -> str:
         recipe.update(cert.name.encode() + b"\0" + cert.read_bytes())
     tag = f"{IMAGE_NAME}:{suite}-{recipe.hexdigest()[:16]}"
     ensure_dockerd()
-    with _file_lock(f"image-{suite}.lock"):
+    with file_lock(f"image-{suite}.lock"):
         if subprocess.run(["docker", "image", "inspect", tag], capture_output=True).returncode == 0:
             return tag
         if shutil.which("mmdebstrap") is None:

@@ -1,50 +1,38 @@
 """deploy/kubernetes, rendered by `kubectl kustomize` as a user would, checked for what a
-cluster needs to run Nixery: the flake's image, probes on the health endpoints, a Service
-in front of the container port, a PodDisruptionBudget that covers the pods, and the
-Workload Identity and signing wiring the README describes."""
+cluster needs to run Nixery: the image, probes on the health endpoints, a Service in front of
+the container port, a PodDisruptionBudget that covers the pods, the Workload Identity and
+signing wiring the README describes, grace periods that let builds finish, the "restricted"
+Pod Security Standard, and the Kubernetes API's schemas (base and the README's overlays).
+tests/test_container_image.py runs the Dockerfile's image as the rendered Deployment does."""
 
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
+import re
+import textwrap
 from pathlib import Path
 
 import pytest
-import yaml
 
+from kustomize import BASE, ROOT, container, render, render_documents, settings
 from nixery import config as nixery_config
 
-ROOT = Path(__file__).resolve().parent.parent
-BASE = ROOT / "deploy" / "kubernetes"
-KUBECTL = shutil.which("kubectl")
 
-
-def render(directory: Path) -> dict[str, dict]:
-    result = subprocess.run([KUBECTL, "kustomize", str(directory)], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    return {doc["kind"]: doc for doc in yaml.safe_load_all(result.stdout) if doc}
+FILESYSTEM = ROOT / "deploy" / "overlays" / "filesystem"
 
 
 @pytest.fixture(scope="module")
 def rendered() -> dict[str, dict]:
-    if KUBECTL is None:
-        pytest.fail("kubectl is not installed (it renders the kustomize base)")
     return render(BASE)
-
-
-def container(rendered: dict[str, dict]) -> dict:
-    (only,) = rendered["Deployment"]["spec"]["template"]["spec"]["containers"]
-    return only
 
 
 def test_the_base_renders_every_object(rendered):
     assert set(rendered) == {"Deployment", "Service", "PodDisruptionBudget", "ServiceAccount", "ConfigMap"}
 
 
-def test_deployment_runs_the_flakes_image_with_probes_on_the_health_endpoints(rendered):
+def test_deployment_runs_nixerys_image_with_probes_on_the_health_endpoints(rendered):
     nixery = container(rendered)
-    # The flake's image is `nixery:latest` (packages.image: name "nixery", tag "latest").
+    # `docker build -t nixery .` (and the flake's packages.image: name "nixery", tag "latest").
     assert nixery["image"] == "nixery:latest"
     assert nixery["ports"] == [{"name": "http", "containerPort": 8080}]
     assert nixery["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
@@ -88,22 +76,21 @@ def test_disruption_budget_covers_the_pods(rendered):
 
 def test_settings_are_nixerys_and_storage_is_shared(rendered):
     nixery = container(rendered)
-    settings = dict(rendered["ConfigMap"]["data"])
     assert [ref["configMapRef"]["name"] for ref in nixery["envFrom"]] == [rendered["ConfigMap"]["metadata"]["name"]]
-    settings.update({e["name"]: e["value"] for e in nixery["env"]})
-    assert set(settings) <= nixery_config.VARIABLE_NAMES, set(settings) - nixery_config.VARIABLE_NAMES
+    env = settings(rendered)
+    assert set(env) <= nixery_config.VARIABLE_NAMES, set(env) - nixery_config.VARIABLE_NAMES
     # Replicas share what they build only through a bucket.
-    assert settings["GCS_BUCKET"]
+    assert env["GCS_BUCKET"]
     # Behind the Ingress, clients are told apart by X-Forwarded-For.
-    proxies = nixery_config.load({"NIXERY_TRUSTED_PROXIES": settings["NIXERY_TRUSTED_PROXIES"]}).trusted_proxies
+    proxies = nixery_config.load({"NIXERY_TRUSTED_PROXIES": env["NIXERY_TRUSTED_PROXIES"]}).trusted_proxies
     assert proxies and all(network.is_private for network in proxies)
     # Workload Identity: the pods' service account is bound to the Google account that signs.
     spec = rendered["Deployment"]["spec"]["template"]["spec"]
     account = rendered["ServiceAccount"]
     assert spec["serviceAccountName"] == account["metadata"]["name"]
-    assert account["metadata"]["annotations"]["iam.gke.io/gcp-service-account"] == settings["GCS_SIGNING_ACCOUNT"]
+    assert account["metadata"]["annotations"]["iam.gke.io/gcp-service-account"] == env["GCS_SIGNING_ACCOUNT"]
     mounts = {m["name"]: m["mountPath"] for m in nixery["volumeMounts"]}
-    assert settings["GCS_SIGNING_KEY"].startswith(mounts["gcs-signing"] + "/")
+    assert env["GCS_SIGNING_KEY"].startswith(mounts["gcs-signing"] + "/")
 
 
 def test_an_overlay_sets_image_and_bucket(tmp_path, rendered):
@@ -119,3 +106,197 @@ def test_an_overlay_sets_image_and_bucket(tmp_path, rendered):
     objects = render(overlay)
     assert container(objects)["image"] == "registry.example.org/nixery:0.1.0"
     assert objects["ConfigMap"]["data"]["GCS_BUCKET"] == "acme-nixery"
+
+
+# Seconds a finished build may take to archive and store its layers (bench/layers.py: a 423 MB
+# image in well under this) before its client has its manifest.
+UPLOAD_MARGIN = 30
+
+
+def _pre_stop_seconds(nixery: dict) -> int:
+    command = nixery["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep" and len(command) == 2, command
+    return int(command[1])
+
+
+def _grace(objects: dict[str, dict]) -> tuple[nixery_config.Config, int, int]:
+    """Nixery's configuration as the pods get it, the preStop delay and terminationGracePeriodSeconds."""
+    env = settings(objects)
+    loaded = nixery_config.load({name: env[name] for name in ("NIX_TIMEOUT", "NIXERY_EVAL_TIMEOUT", "NIXERY_GRACE_PERIOD")
+                                 if name in env})
+    pod = objects["Deployment"]["spec"]["template"]["spec"]
+    return loaded, _pre_stop_seconds(container(objects)), pod["terminationGracePeriodSeconds"]
+
+
+def test_a_rollout_lets_the_builds_in_flight_finish(rendered):
+    """The kubelet kills a pod terminationGracePeriodSeconds after it began stopping it (preStop
+    included); by then an evaluation and a build that began just before must be done and stored."""
+    loaded, pre_stop, termination = _grace(rendered)
+    # One number: the pod's grace is Nixery's.
+    assert termination == loaded.grace_period
+    # Endpoints controllers and kube-proxy take a few seconds to stop sending new pulls here.
+    assert pre_stop >= 5
+    assert termination >= pre_stop + loaded.eval_timeout + loaded.nix_timeout + UPLOAD_MARGIN, \
+        (termination, pre_stop, loaded.eval_timeout, loaded.nix_timeout)
+
+
+def test_an_overlay_changes_the_grace_period_in_one_place(tmp_path):
+    """What the README tells users to write to give builds longer: the new NIXERY_GRACE_PERIOD
+    (and NIX_TIMEOUT) in the ConfigMap, and the component that copies it into the pods."""
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        f"resources:\n  - {os.path.relpath(BASE, overlay)}\n"
+        f"components:\n  - {os.path.relpath(BASE / 'grace-period', overlay)}\n"
+        "configMapGenerator:\n  - name: nixery-config\n    behavior: merge\n    literals:\n"
+        "      - NIX_TIMEOUT=900\n      - NIXERY_GRACE_PERIOD=1080\n")
+    loaded, pre_stop, termination = _grace(render(overlay))
+    assert loaded.nix_timeout == 900 and termination == loaded.grace_period == 1080
+    assert termination >= pre_stop + loaded.eval_timeout + loaded.nix_timeout + UPLOAD_MARGIN
+
+
+# The oldest Kubernetes release still supported upstream when this was written, and the newest
+# schemas kubernetes-validate ships: the base must be valid for both.
+SCHEMA_VERSIONS = ("1.32.0", "latest")
+README_OVERLAY_MARK = "# kustomization.yaml of your overlay"
+
+
+def readme_overlays() -> list[str]:
+    """The overlays the README's Kubernetes section shows (YAML blocks, indented in a list item or
+    not, starting with the mark)."""
+    text = (ROOT / "README.md").read_text()
+    blocks = [textwrap.dedent(body) for body in re.findall(r"^ *```yaml\n(.*?)^ *```", text, flags=re.S | re.M)]
+    return [block for block in blocks if block.startswith(README_OVERLAY_MARK)]
+
+
+def _schema_errors(documents: list[dict]) -> list[str]:
+    import kubernetes_validate
+
+    errors = []
+    for version in SCHEMA_VERSIONS:
+        version = kubernetes_validate.latest_version() if version == "latest" else version
+        for document in documents:
+            try:
+                kubernetes_validate.validate(document, version, strict=True)
+            except kubernetes_validate.ValidationError as e:
+                errors.append(f"{version} {document['kind']}: {e.message} at {'/'.join(map(str, e.path))}")
+    return errors
+
+
+def test_the_readme_shows_overlays():
+    assert len(readme_overlays()) >= 3
+
+
+@pytest.mark.parametrize("which", ["base", "filesystem", *(f"readme-{i}" for i in range(len(readme_overlays())))])
+def test_rendered_objects_validate_against_the_kubernetes_schemas(which, tmp_path):
+    """Offline, with kubernetes-validate's copies of the API's OpenAPI schemas, strict (no
+    field the API does not know): the base, and each overlay of the README where it says
+    `../nixery/` for a checkout of this repository, and the filesystem overlay."""
+    if which in ("base", "filesystem"):
+        directory = BASE if which == "base" else FILESYSTEM
+    else:
+        directory = tmp_path / "overlay"
+        directory.mkdir()
+        text = readme_overlays()[int(which.split("-")[1])]
+        (directory / "kustomization.yaml").write_text(
+            text.replace("../nixery/", os.path.relpath(ROOT, directory) + "/"))
+    documents = render_documents(directory)
+    assert documents
+    assert _schema_errors(documents) == []
+
+
+def test_a_wrong_field_fails_validation(rendered):
+    """The check itself: a string where the API wants seconds, and a field it does not have."""
+    import copy
+
+    as_string, unknown = copy.deepcopy(rendered["Deployment"]), copy.deepcopy(rendered["Deployment"])
+    as_string["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] = "480"
+    unknown["spec"]["template"]["spec"]["containers"][0]["healthz"] = {}
+    assert _schema_errors([rendered["Deployment"]]) == []
+    errors = _schema_errors([as_string])
+    assert len(errors) == len(SCHEMA_VERSIONS) and all("terminationGracePeriodSeconds" in e for e in errors), errors
+    errors = _schema_errors([unknown])
+    assert len(errors) == len(SCHEMA_VERSIONS) and all("healthz" in e for e in errors), errors
+
+
+# The "restricted" Pod Security Standard (kubernetes.io/docs/concepts/security/pod-security-standards):
+# the volume types it allows.
+RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+                      "projected", "secret"}
+
+
+def test_pods_pass_the_restricted_pod_security_standard(rendered):
+    pod = rendered["Deployment"]["spec"]["template"]["spec"]
+    assert not any(pod.get(key) for key in ("hostNetwork", "hostPID", "hostIPC"))
+    for volume in pod["volumes"]:
+        assert set(volume) - {"name"} <= RESTRICTED_VOLUMES, volume
+    pod_security = pod.get("securityContext", {})
+    for one in pod["containers"] + pod.get("initContainers", []):
+        security = {**pod_security, **one.get("securityContext", {})}
+        assert security.get("runAsNonRoot") is True and security.get("runAsUser", 1) != 0
+        assert security.get("allowPrivilegeEscalation") is False
+        assert security.get("privileged", False) is False
+        assert "ALL" in security.get("capabilities", {}).get("drop", [])
+        assert set(security.get("capabilities", {}).get("add", [])) <= {"NET_BIND_SERVICE"}
+        assert security.get("seccompProfile", {}).get("type") in ("RuntimeDefault", "Localhost")
+        assert not one.get("ports") or all("hostPort" not in port for port in one["ports"])
+
+
+def test_the_filesystem_overlay_runs_one_replica_on_a_volume_claim():
+    """Without a bucket: one replica (filesystem storage is not shared), its blobs and state on a
+    PersistentVolumeClaim, no GCS settings left, and a budget that does not block node drains."""
+    objects = render(FILESYSTEM)
+    spec = objects["Deployment"]["spec"]
+    assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
+    env = settings(objects)
+    assert not {name for name in env if name.startswith(("GCS_", "BUCKET"))}, env
+    loaded = nixery_config.load(env)
+    assert loaded.storage_backend == "filesystem"
+    # The image's STORAGE_PATH and NIXERY_STATE_DIR (Dockerfile) lie on the claim's mount.
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "STORAGE_PATH=/var/lib/nixery/storage" in dockerfile and "NIXERY_STATE_DIR=/var/lib/nixery/state" in dockerfile
+    (mount,) = container(objects)["volumeMounts"]
+    (volume,) = spec["template"]["spec"]["volumes"]
+    assert mount == {"name": volume["name"], "mountPath": "/var/lib/nixery"}
+    claim = objects["PersistentVolumeClaim"]
+    assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert objects["PodDisruptionBudget"]["spec"].get("maxUnavailable") == 1
+    assert "minAvailable" not in objects["PodDisruptionBudget"]["spec"]
+
+
+def test_replicas_prefer_different_nodes(rendered):
+    pod = rendered["Deployment"]["spec"]["template"]
+    (term,) = pod["spec"]["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert term["podAffinityTerm"]["labelSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+
+
+@pytest.mark.parametrize("under", [BASE, FILESYSTEM], ids=["base", "filesystem"])
+def test_the_htpasswd_component_gives_logins(under, tmp_path):
+    """An overlay listing deploy/kubernetes/htpasswd: Nixery reads the mounted Secret's file (here a
+    real htpasswd file where the Secret would be mounted) and asks for logins."""
+    import bcrypt
+
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        f"resources:\n  - {os.path.relpath(under, overlay)}\n"
+        f"components:\n  - {os.path.relpath(BASE / 'htpasswd', overlay)}\n")
+    objects = render(overlay)
+    nixery = container(objects)
+    env = settings(objects)
+    mounts = {m["name"]: m for m in nixery["volumeMounts"]}
+    volumes = {v["name"]: v for v in objects["Deployment"]["spec"]["template"]["spec"]["volumes"]}
+    (name,) = [n for n, v in volumes.items() if v.get("secret", {}).get("secretName") == "nixery-htpasswd"]
+    assert mounts[name]["readOnly"] and volumes[name]["secret"]["defaultMode"] == 0o440
+    relative = Path(env["NIXERY_HTPASSWD"]).relative_to(mounts[name]["mountPath"])
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / relative).write_text("alice:" + bcrypt.hashpw(b"wonderland", bcrypt.gensalt(4)).decode() + "\n")
+    env = {k: v for k, v in env.items() if not k.startswith(("GCS_", "BUCKET"))}
+    loaded = nixery_config.load({**env, "NIXERY_HTPASSWD": str(secret / relative)})
+    assert loaded.auth.level.value == "all" and [user for user, _ in loaded.auth.htpasswd] == ["alice"]
+    assert _schema_errors(render_documents(overlay)) == []

@@ -733,7 +733,8 @@ IMPORT_PACKAGES = {"pytest": "pytest", "requests": "requests", "falcon": "falcon
                    "google": "google-cloud-storage", "cryptography": "cryptography", "websocket": "websocket-client",
                    "prometheus_client": "prometheus-client", "gcp_storage_emulator": "gcp-storage-emulator",
                    "networkx": "networkx", "isal": "isal", "gunicorn": "gunicorn", "yaml": "pyyaml",
-                   "bcrypt": "bcrypt", "jwt": "pyjwt", "packaging": "packaging"}
+                   "bcrypt": "bcrypt", "jwt": "pyjwt", "packaging": "packaging",
+                   "kubernetes_validate": "kubernetes-validate"}
 # Programs the tests run, and the dev shell package that provides each.
 TEST_PROGRAMS = {"skopeo": "skopeo", "umoci": "umoci", "sshd": "openssh", "chromium": "chromium",
                  "kubectl": "kubectl", "unshare": "util-linux", "nix": "nix", "git": "git", "busybox": "busybox-static"}

@@ -16,7 +16,7 @@ let
   pythonPackageNames = [
     "falcon" "gunicorn" "google-cloud-storage" "google-auth" "pygit2" "networkx" "isal"
     "prometheus-client" "pytest" "requests" "cryptography" "gcp-storage-emulator"
-    "websocket-client" "pyyaml" "setuptools" "pytestCheckHook" "pytest-xdist" "bcrypt" "pyjwt" "rapidfuzz" "packaging"
+    "websocket-client" "kubernetes-validate" "pyyaml" "setuptools" "pytestCheckHook" "pytest-xdist" "bcrypt" "pyjwt" "rapidfuzz" "packaging"
   ];
   python3Packages = lib.genAttrs pythonPackageNames (name: fakeDrv "python3.13-${name}" { pname = name; }) // {
     python = fakeDrv "python3-3.13" { sitePackages = "lib/python3.13/site-packages"; };
