@@ -26,7 +26,7 @@ from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT)]
-from nixery.builder import BuildStats  # noqa: E402
+from nixery.stats import BuildStats  # noqa: E402
 from nixery.config import StateLayout  # noqa: E402
 from nixery.errors import RegistryError  # noqa: E402
 from nixery.failures import DERIVATION_CAPACITY, FailedDerivations, FailureMemory  # noqa: E402

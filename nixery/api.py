@@ -18,12 +18,14 @@ from urllib.parse import urlencode
 import falcon
 
 from . import image, parking, sbom
-from .builder import BuildStats, ManifestBuilder
+from .builder import ManifestBuilder
 from .error_handlers import as_registry_error
 from .errors import RegistryError, blob_unknown, manifest_unknown
 from .manifest import (MANIFEST_LIST_MEDIA_TYPE, MANIFEST_MEDIA_TYPE, OCI_INDEX_MEDIA_TYPE, OCI_MANIFEST_MEDIA_TYPE,
                        Document)
+from .refusals import BuildRefused
 from .sources import Source
+from .stats import BuildStats
 from .storage import Backend, LocalFile, Redirect, blob_key
 
 API_VERSION_HEADER = ("Docker-Distribution-API-Version", "registry/2.0")
@@ -118,10 +120,12 @@ class Registry:
         started = time.monotonic() - parking.waited(req.env)
         try:
             result = self.builder.manifest(image.parse(name, tag, self.max_packages), media_type,
-                                           authorise_build=req.context.get("authorise_build"),
+                                           may_build=req.context.get("may_build", True),
                                            client=req.remote_addr or "", parking=req.env.get(parking.ENVIRON_KEY))
         except parking.Parked:
             raise  # not an answer: the request runs again once the build it waits for is over
+        except BuildRefused:
+            raise  # no build: not counted, so anonymous clients cannot crowd real failures off the page
         except Exception as e:
             req.context.build = _failed_build(name, tag, e, time.monotonic() - started)
             raise

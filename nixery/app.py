@@ -13,7 +13,8 @@ from . import error_handlers, health, image, popularity, web
 from .api import API_VERSION_HEADER, Registry, VersionCheck
 from .auth import AuthMiddleware
 from .clients import RealClient, TrustedProxies
-from .builder import Builder, BuildLimits, ManifestBuilder
+from .admission import BuildLimits
+from .builder import Builder, ManifestBuilder
 from .config import Config, SourceKind
 from .metrics import Metrics, MetricsMiddleware, MetricsResource
 from .nix import EvalBounds, Nix
@@ -94,15 +95,14 @@ def create_app(config: Config, storage: Backend | None = None, *, builder: Manif
                                              config.max_image_size),
                           explain=error_handlers.as_registry_error)
     # The real client first: every other middleware reads its address.
-    # Auth last: its process_response runs first, before the build recorders read req.context.build.
     # The access log next: its process_response runs last, once the response is complete.
+    auth = AuthMiddleware(config.auth, FailedLogins(config.state),
+                          on_check=metrics.count_password_check)
     app = falcon.App(middleware=[RealClient(TrustedProxies(config.trusted_proxies)),
                                 *([AccessLog()] if config.access_log else []), _ApiVersion(),
-                                MetricsMiddleware(metrics), BuildRecorder(history),
-                                AuthMiddleware(config.auth, FailedLogins(config.state),
-                                               on_check=metrics.count_password_check)])
+                                MetricsMiddleware(metrics), BuildRecorder(history), auth])
     app.req_options.strip_url_path_trailing_slash = True
-    error_handlers.register(app)
+    error_handlers.register(app, auth.challenge)
     app.add_route("/v2", VersionCheck())
     app.add_sink(Registry(builder, storage, source or make_source(config), config.max_packages), prefix="/v2/")
     app.add_route("/metrics", MetricsResource(metrics))

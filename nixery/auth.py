@@ -6,8 +6,9 @@ there), so with any auth level on, an anonymous ping gets 401 and a
 `WWW-Authenticate` challenge. At level `all` every request below `/v2/` needs
 valid credentials. At level `build` a request without them (or with the empty
 ones skopeo sends when it has none) may still read what is built: the
-middleware leaves `req.context.authorise_build`, which the builder calls just
-before it would run Nix, and which refuses with the same 401.
+middleware sets `req.context.may_build` to False, and the builder raises
+`BuildRefused` just before it would run Nix, which the error handlers answer
+with the same 401 challenge.
 
 Wrong credentials are always refused, never treated as anonymous. Failed
 logins are logged with the user name and client address, never the password
@@ -22,7 +23,6 @@ from __future__ import annotations
 import base64
 import binascii
 import collections
-import functools
 import hashlib
 import hmac
 import logging
@@ -184,21 +184,7 @@ class AuthMiddleware:
             return
         if self.level is AuthLevel.ALL or name is None:
             raise self.challenge(name, "authentication required")
-        req.context.authorise_build = functools.partial(self.refuse_build, req, name)
-
-    def refuse_build(self, req: falcon.Request, name: str) -> None:
-        """What an anonymous client at level `build` gets for an image that is not built yet."""
-        req.context.build_refused = True
-        raise self.challenge(name, "authentication required to build a new image "
-                                   "(images already built can be pulled without logging in)")
-
-    def process_response(self, req: falcon.Request, resp: falcon.Response, resource: object,
-                         req_succeeded: bool) -> None:
-        """A refused build is no build: the recent builds and the build metrics (which read
-        `req.context.build` after this runs) do not count it, so anonymous clients cannot crowd
-        real failures off the page."""
-        if req.context.get("build_refused"):
-            req.context.build = None
+        req.context.may_build = False
 
     def challenge(self, name: Optional[str], message: str, error: Optional[str] = None) -> RegistryError:
         refusal = RegistryError(401, "UNAUTHORIZED", message, {"name": name, "action": "pull"} if name else None)

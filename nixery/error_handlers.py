@@ -23,21 +23,25 @@ the infrastructure (storage, Nix itself, a timeout, a bug) are 5xx:
 | a package's build fails (its builder exits non-zero) | 422 | UNKNOWN |
 | the set's code reads a file or URL it may not (restricted evaluation) | 403 | DENIED |
 | Nix cannot run, an evaluation error of the set, a timeout, a builder killed | 500 | UNKNOWN |
+| an anonymous client would make the instance build (auth level `build`) | 401 | UNAUTHORIZED |
 | storage fails | 503 | UNAVAILABLE |
+| a client over its share of new builds (NIXERY_CLIENT_BUILDS) | 429 | TOOMANYREQUESTS |
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import falcon
 
-from .builder import BUILD_FAILED_STATUS
+from .config import format_size
 from .errors import RegistryError, build_failed, manifest_unknown, unavailable
 from .nix import (BuildFailed, EvaluationLimit, Forbidden, NixError, Problem, UnavailablePackages,
                   UnknownPackages, UnsupportedSystem)
 from .parking import Parked
+from .refusals import BuildRefused, ImageTooLarge, TooManyBuilds
+from .stats import BUILD_FAILED_STATUS
 from .storage import StorageError
 
 log = logging.getLogger(__name__)
@@ -96,10 +100,25 @@ def _unavailable(error: UnavailablePackages) -> RegistryError:
     return manifest_unknown(message, detail)
 
 
+def _too_large(error: ImageTooLarge) -> RegistryError:
+    return RegistryError(403, "DENIED", f"the image's packages take {format_size(error.size)} ({error.size} bytes), "
+                         f"more than this instance's limit of {format_size(error.limit)} (NIXERY_MAX_IMAGE_SIZE)",
+                         {"size": error.size, "max_image_size": error.limit})
+
+
+def _too_many(error: TooManyBuilds) -> RegistryError:
+    told = RegistryError(429, "TOOMANYREQUESTS", f"this address already has {error.limit} new builds running; "
+                         "retry when one has finished", {"client_builds": error.limit})
+    told.headers["Retry-After"] = str(error.retry_after)
+    return told
+
+
 # Most specific first: `as_registry_error` takes the first type an exception is an instance of.
 _TRANSLATIONS: dict[type[Exception], Callable[[Any], RegistryError]] = {
     RegistryError: lambda error: error,
     StorageError: lambda error: unavailable(f"storage failed: {error}"),
+    ImageTooLarge: _too_large,
+    TooManyBuilds: _too_many,
     UnknownPackages: lambda error: manifest_unknown(_unknown_text(error), _unknown_detail(error)),
     UnavailablePackages: _unavailable,
     UnsupportedSystem: lambda error: manifest_unknown(str(error), {"system": error.system}),
@@ -155,10 +174,14 @@ def _parked(req: falcon.Request, resp: falcon.Response, error: Parked, params: A
     raise error
 
 
-def register(app: falcon.App) -> None:
-    """One handler per exception type; Falcon picks the most specific for each exception."""
+def register(app: falcon.App, challenge: Optional[Callable[[str, str], RegistryError]] = None) -> None:
+    """One handler per exception type; Falcon picks the most specific for each exception.
+    `challenge` is the auth middleware's 401 for a repository, which a refused build gets."""
     app.add_error_handler(Exception, _unexpected_error)
     app.add_error_handler(falcon.HTTPError, _http_error)
     app.add_error_handler(Parked, _parked)
+    if challenge is not None:
+        app.add_error_handler(BuildRefused, lambda req, resp, error, params: _render(
+            resp, challenge(error.name, str(error))))
     for kind in _TRANSLATIONS:
         app.add_error_handler(kind, _translated)

@@ -30,11 +30,12 @@ from .config import StateLayout
 from .errors import RegistryError
 from .nix import (BuildFailed, BuildTimedOut, DerivationFailed, NixError, UnknownPackages, UnsupportedSystem,
                   first_error_line)
+from .refusals import ImageTooLarge
 from .state import Store, bounded_put
 from .storage import StorageError
 
 # What would repeat: the package set's answers and Nix's; a storage fault is the instance's, not the image's.
-REMEMBERED = (RegistryError, NixError, UnknownPackages, UnsupportedSystem)
+REMEMBERED = (RegistryError, NixError, UnknownPackages, UnsupportedSystem, ImageTooLarge)
 
 # Answers kept at most, and the longest kept (bytes of JSON; a longer one is built again next time).
 CAPACITY = 8192

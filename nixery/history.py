@@ -1,4 +1,4 @@
-"""The build history: recent builds and build errors, kept on disk so that every Gunicorn worker sees them all.
+"""The build history: recent builds and build errors, in the state database so that every Gunicorn worker sees them all.
 
 Workers are processes that share nothing in memory, so a list in one of them
 would show a user a third of the story. Each finished build is added to a table
@@ -17,9 +17,9 @@ from typing import Any
 
 import falcon
 
-from .builder import BuildStats
 from .config import StateLayout
 from .state import Store, bounded_put
+from .stats import BuildStats
 
 log = logging.getLogger(__name__)
 

@@ -30,6 +30,14 @@ CREATED = "1970-01-01T00:00:01Z"
 DEFAULT_PATH = "/bin:/usr/bin:/sbin:/usr/sbin"
 # The one digest algorithm Nixery names blobs with (storage keys are built from it).
 SHA256_RE = re.compile(r"sha256:[a-f0-9]{64}")
+# Bump when the same closure would give another config or manifest (users, labels, history),
+# so that cached manifests of pinned images are built again.
+IMAGE_VERSION = "nixery-image-v2"
+PACKAGES_LABEL = "dev.nixery.packages"
+SOURCE_LABEL = "org.opencontainers.image.source"
+REVISION_LABEL = "org.opencontainers.image.revision"
+ROOT_LAYER_HISTORY = ("nixery root layer: /bin, /etc, /lib, ... as symlinks into the packages; "
+                      "/etc/passwd, /etc/group, /tmp")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +103,36 @@ def image_config(architecture: str, diff_ids: Sequence[str], env: Sequence[str],
         "rootfs": {"type": "layers", "diff_ids": list(diff_ids)},
         "history": [{"created": CREATED, "created_by": text, "comment": "nixery"} for text in described],
     }))
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageUser:
+    """Whom an image runs as (None: root): its uid (also its gid) and home."""
+
+    uid: int
+    home: str
+
+
+def nixery_config(architecture: str, diff_ids: Sequence[str], layer_paths: Sequence[Sequence[str]],
+                  packages: Sequence[str], *, shell: bool, cert_file: str = "", user: Optional[ImageUser] = None,
+                  source_url: Optional[str] = None, revision: Optional[str] = None) -> Document:
+    """The config of a Nixery image: PATH (SSL_CERT_FILE when it holds a CA bundle, HOME when it
+    runs as a user), bash as its command for `shell`, labels naming the requested `packages` and
+    the source's URL and revision, and a history entry per layer naming the store paths it holds
+    (`layer_paths`), the root layer's last."""
+    env = [f"PATH={DEFAULT_PATH}"]
+    if cert_file:
+        env.append(f"SSL_CERT_FILE={cert_file}")
+    if user:
+        env.append(f"HOME={user.home}")
+    labels = {PACKAGES_LABEL: ",".join(packages)}
+    if source_url:
+        labels[SOURCE_LABEL] = source_url
+    if revision:
+        labels[REVISION_LABEL] = revision
+    return image_config(architecture, diff_ids, env, ["bash"] if shell else [],
+                        history=[" ".join(paths) for paths in layer_paths] + [ROOT_LAYER_HISTORY], labels=labels,
+                        user=f"{user.uid}:{user.uid}" if user else "", workdir=user.home if user else "")
 
 
 def _describe(d: Descriptor) -> dict[str, object]:

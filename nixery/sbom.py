@@ -100,11 +100,6 @@ def _image(storage: Backend, digest: str) -> Optional[tuple[manifest.Descriptor,
     return manifest.Descriptor(info.media_type, digest, len(data)), json.loads(config)
 
 
-def _store(storage: Backend, document: manifest.Document) -> None:
-    if storage.stat(blob_key(document.digest)) is None:
-        storage.write(blob_key(document.digest), document.data, document.media_type)
-
-
 def referrers(storage: Backend, digest: Optional[str], artifact_type: Optional[str] = None) -> manifest.Document:
     """The OCI image index of the artifacts that refer to `digest`: its SBOM when `digest` is an
     image manifest held here (made and stored on the first request), else none. The spec wants an
@@ -116,7 +111,7 @@ def referrers(storage: Backend, digest: Optional[str], artifact_type: Optional[s
         sbom = spdx(subject, config)
         artifact = _artifact(sbom, subject)
         for document in (EMPTY, sbom, artifact):
-            _store(storage, document)
+            storage.put_if_absent(blob_key(document.digest), document.data, document.media_type)
         entries.append({"mediaType": artifact.media_type, "digest": artifact.digest, "size": len(artifact.data),
                         "artifactType": ARTIFACT_TYPE,
                         "annotations": {"org.opencontainers.image.created": manifest.CREATED}})

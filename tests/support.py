@@ -20,12 +20,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import requests
 
 from nixery import archive, manifest
-from nixery.builder import BuildStats, Result, in_media_type
+from nixery.builder import Result, in_media_type
+from nixery.stats import BuildStats
 from nixery.image import Image
 from nixery.nix import BuildFailed, NixError, UnknownPackages
 from nixery.storage import Backend, StorageError, blob_key
@@ -221,7 +222,7 @@ class StandInBuilder:
         self.requests: list[Image] = []
 
     def manifest(self, image: Image, media_type: str = manifest.MANIFEST_MEDIA_TYPE,
-                 authorise_build: Optional[Callable[[], None]] = None, client: str = "",
+                 *, may_build: bool = True, client: str = "",
                  parking: object = None) -> Result:
         self.requests.append(image)
         unknown = [name for name in image.packages if name.startswith("nosuch")]

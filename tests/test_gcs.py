@@ -37,6 +37,7 @@ from nixery import config
 from nixery.config import GcsConfig
 from nixery.manifest import CONFIG_MEDIA_TYPE, MANIFEST_MEDIA_TYPE
 from nixery.storage import StorageError
+from nixery.storage.filesystem import FilesystemBackend
 from nixery.storage.gcs import CHUNK_SIZE, GcsBackend
 
 ACCOUNT = "nixery-signer@nixery-test.iam.gserviceaccount.com"
@@ -382,6 +383,36 @@ def test_interrupted_upload_leaves_nothing_and_uploads_stream(emulator, monkeypa
         upload.file.write(b"other bytes")
         upload.commit(key, LAYER_MEDIA_TYPE)
     assert emulator.objects()[key].generation == stored.generation
+
+
+def test_put_if_absent_creates_once_and_leaves_an_object_there_alone(emulator, monkeypatch, tmp_path):
+    """The blob writes of a build (config, manifest, OCI form, index, SBOM): the first writer's
+    object stays, with its generation, on GCS as on the filesystem. On GCS the write is create-only
+    (the emulator ignores preconditions, so a race of two writers is not shown here), and an object
+    already there costs one read and no write."""
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", emulator.url)
+    backend = GcsBackend(GcsConfig(emulator.bucket, None, None, 300, 1))
+    key = "layers/sha256:" + "2" * 64
+    backend.check()  # the client made, and its bucket read, before counting
+
+    def object_requests(offset: int) -> list[tuple[str, str]]:
+        return [(method, path) for method, path in emulator.requests_since(offset) if "/o" in path]
+
+    offset = emulator.log_offset()
+    backend.put_if_absent(key, b"first", CONFIG_MEDIA_TYPE)
+    writes = [path for method, path in object_requests(offset) if method != "GET"]
+    assert len(writes) == 1 and writes[0].endswith("ifGenerationMatch=0"), object_requests(offset)
+    stored = emulator.objects()[key]
+    offset = emulator.log_offset()
+    backend.put_if_absent(key, b"second", MANIFEST_MEDIA_TYPE)
+    assert [method for method, _ in object_requests(offset)] == ["GET"], "one read, no write"
+    again = emulator.objects()[key]
+    assert (again.generation, again.content_type, backend.read(key)) == (stored.generation, CONFIG_MEDIA_TYPE, b"first")
+
+    local = FilesystemBackend(tmp_path / "storage")
+    local.put_if_absent(key, b"first", CONFIG_MEDIA_TYPE)
+    local.put_if_absent(key, b"second", MANIFEST_MEDIA_TYPE)
+    assert (local.read(key), local.stat(key).media_type) == (b"first", CONFIG_MEDIA_TYPE)
 
 
 @pytest.mark.parametrize("case", ["missing bucket", "bad key"])

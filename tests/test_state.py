@@ -13,7 +13,7 @@ import threading
 import time
 from pathlib import Path
 
-from nixery.builder import BuildStats
+from nixery.stats import BuildStats
 from nixery.config import StateLayout
 from nixery.history import BuildHistory, entry
 from nixery.memo import BuildMemo
@@ -25,7 +25,7 @@ from support import ROOT
 HOLDER = """
 import sys, time
 from pathlib import Path
-from nixery.builder import BuildStats
+from nixery.stats import BuildStats
 from nixery.config import StateLayout
 from nixery.history import BuildHistory, entry
 from nixery.state import Store

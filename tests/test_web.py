@@ -27,7 +27,7 @@ from support import oci_manifest, skopeo_pull
 from prometheus_client.parser import text_string_to_metric_families
 
 from nixery import web
-from nixery.builder import BuildStats
+from nixery.stats import BuildStats
 from nixery.config import StateLayout, load
 from nixery.history import BuildHistory, entry
 

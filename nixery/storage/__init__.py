@@ -81,6 +81,12 @@ class Backend(abc.ABC):
         """Stores a small object atomically."""
 
     @abc.abstractmethod
+    def put_if_absent(self, key: str, data: bytes, media_type: str) -> None:
+        """Stores a small content-addressed object unless one is at `key` already (it holds the
+        same bytes): so an image rebuilt on full or read-only storage is still served when all
+        its blobs are there, and two writers of one blob at once leave one object."""
+
+    @abc.abstractmethod
     def upload(self) -> contextlib.AbstractContextManager[Upload]:
         """A streaming upload; leaving the block uncommitted (or with an error) discards it."""
 

@@ -111,6 +111,10 @@ class FilesystemBackend(Backend):
             write_atomic(Path(str(path) + _TYPE_SUFFIX), media_type.encode(), tmp_dir, tmp_prefix(os.getpid()))
             write_atomic(path, data, tmp_dir, tmp_prefix(os.getpid()))
 
+    def put_if_absent(self, key: str, data: bytes, media_type: str) -> None:
+        if not self._path(key).exists():  # its type sidecar was written before it
+            self.write(key, data, media_type)
+
     @contextlib.contextmanager
     def upload(self) -> Iterator[Upload]:
         """A full or read-only disk found while the caller writes (or when the file is closed and its

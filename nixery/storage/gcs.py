@@ -217,17 +217,17 @@ class GcsBackend(Backend):
                 return None
 
     def write(self, key: str, data: bytes, media_type: str) -> None:
-        """Stores a small object in one request (GCS makes it visible whole).
+        """Stores a small object in one request (GCS makes it visible whole)."""
+        with self.failures(f"write {key}"):
+            self._bucket().blob(check_key(key)).upload_from_string(data, content_type=media_type,
+                                                                   retry=self.retry, timeout=_TIMEOUT)
 
-        Blobs are named by their digest and never change, so one that exists
-        is left alone and a new one is created only if still absent. Records
-        and manifests are overwritten, as on the filesystem.
-        """
+    def put_if_absent(self, key: str, data: bytes, media_type: str) -> None:
+        """A read first (an object there is left alone without a write, which read-only credentials
+        could not make), then a create-only upload (`if_generation_match=0`): of two instances
+        writing the same blob at once, GCS keeps the first and refuses the second, changing nothing."""
         with self.failures(f"write {key}"):
             blob = self._bucket().blob(check_key(key))
-            if not key.startswith("layers/"):
-                blob.upload_from_string(data, content_type=media_type, retry=self.retry, timeout=_TIMEOUT)
-                return
             if blob.exists(retry=self.retry, timeout=_TIMEOUT):
                 return
             with contextlib.suppress(api_exceptions.PreconditionFailed):
