@@ -31,8 +31,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from support import NIX_ENV  # noqa: E402
 from pkgset import make_package_set  # noqa: E402
 
-from nixery.config import ConfigError, format_size, load  # noqa: E402
-from nixery.failures import DERIVATION_BUCKETS, WAYS, FailedDerivations  # noqa: E402
+from nixery.config import ConfigError, StateLayout, format_size, load  # noqa: E402
+from nixery.failures import DERIVATION_CAPACITY, FailedDerivations  # noqa: E402
 from nixery.nix import BuildFailed, EvalBounds, EvaluationLimit, Nix, SourceArgs  # noqa: E402
 
 HOG = r'''
@@ -88,7 +88,7 @@ def main() -> None:
     print(f"the same without a bound: {unbounded:.2f} s, peak RSS {format_size(peak_rss_of_children())}; "
           f"{outcome}")
 
-    failed = FailedDerivations(work / "memory", work / "locks", 600)
+    failed = FailedDerivations(StateLayout.under(work), 600)
     times = []
     for _ in range(args.rounds):
         start = time.perf_counter()
@@ -96,7 +96,7 @@ def main() -> None:
         times.append(time.perf_counter() - start)
     print(f"reading the failed derivations, none remembered: best {min(times) * 1000:.2f} ms, "
           f"median {statistics.median(times) * 1000:.2f} ms")
-    for i in range(DERIVATION_BUCKETS * WAYS * 2):
+    for i in range(DERIVATION_CAPACITY * 2):
         failed.remember(BuildFailed("", f"error: builder for '/nix/store/{i:032d}-x.drv' failed with exit code 1",
                                     f"/nix/store/{i:032d}-x.drv"))
     times = []
@@ -104,7 +104,7 @@ def main() -> None:
         start = time.perf_counter()
         live = failed.recall()
         times.append(time.perf_counter() - start)
-    print(f"reading the failed derivations, table full ({len(live)} kept of {DERIVATION_BUCKETS * WAYS * 2} "
+    print(f"reading the failed derivations, table full ({len(live)} kept of {DERIVATION_CAPACITY * 2} "
           f"remembered): best {min(times) * 1000:.2f} ms, median {statistics.median(times) * 1000:.2f} ms")
 
     pkgset = make_package_set(work / "pkgset", salt=uuid.uuid4().hex[:8])

@@ -23,12 +23,12 @@ import os
 import time
 from typing import Callable, Iterator, Optional, Sequence
 
-from .atomic import write_atomic
 from .config import StateLayout
 from .errors import RegistryError
 from .failures import FailedDerivations, FailureMemory
 from .image import Image
 from .locks import Slots, file_lock, wait_until_free
+from .memo import BuildMemo
 from .manifest import MANIFEST_MEDIA_TYPE, Document
 from .nix import BuildFailed, Closure, DerivationFailed, UnsupportedSystem, as_seen_by
 from .nix import Resolved as Evaluation
@@ -40,9 +40,6 @@ from .storage import Backend, blob_key
 
 log = logging.getLogger(__name__)
 
-# An unpinned image built this recently is served (from the build memo) to requests that
-# queued behind the build (a request may wait in a worker's accept queue before its clock starts).
-MEMO_SECONDS = 10.0
 # What a client refused a new build is told to wait before trying again.
 RETRY_AFTER_SECONDS = 10
 
@@ -87,15 +84,15 @@ class Admission:
                  explain: Optional[Callable[[Exception], RegistryError]] = None):
         self.storage = storage
         self.lock_dir = state.locks
-        self.memo_dir = state.build_memo
+        self.memo = BuildMemo(state)
         self.limits = limits
         self.output = output
         self.systems = systems
         self.requisites = requisites
         # Failures are kept as what a client was told (`explain`: the app's error handlers' translation).
-        self.failures = FailureMemory(state.memory, state.locks, limits.failure_ttl,
+        self.failures = FailureMemory(state, limits.failure_ttl,
                                       explain or (lambda error: RegistryError(500, "UNKNOWN", str(error))))
-        self.failed_derivations = FailedDerivations(state.memory, state.locks, limits.failure_ttl)
+        self.failed_derivations = FailedDerivations(state, limits.failure_ttl)
         self.build_slots = Slots(state.locks, "build", limits.max_builds)
 
     def keys(self, image: Image, resolved: Resolved) -> Keys:
@@ -134,7 +131,7 @@ class Admission:
             if keys.cache:
                 self.storage.write(f"manifests/{keys.cache}", document.data, document.media_type)
             else:
-                self._remember(keys.flight, document)
+                self.memo.remember(keys.flight, document.digest)
             return document
 
     def _limited(self, build: Callable[[], Document], failure_key: str, client: str,
@@ -177,22 +174,12 @@ class Admission:
 
     def _memo(self, flight_key: str, since: float, stats: BuildStats) -> Optional[Document]:
         """The image built under `flight_key` moments ago (the build memo), if still in storage."""
-        path = self.memo_dir / flight_key
-        try:
-            if path.stat().st_mtime < since - MEMO_SECONDS:
-                return None
-            digest = path.read_text().strip()
-        except FileNotFoundError:
-            return None
-        data = self.storage.read(blob_key(digest))
+        digest = self.memo.recall(flight_key, since)
+        data = self.storage.read(blob_key(digest)) if digest else None
         if data is None:
             return None
         stats.cached = True
         return Document(MANIFEST_MEDIA_TYPE, data)
-
-    def _remember(self, flight_key: str, document: Document) -> None:
-        self.memo_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.memo_dir / flight_key, document.digest.encode())
 
     @contextlib.contextmanager
     def derivations(self, image: Image, resolved: Evaluation) -> Iterator[None]:

@@ -50,7 +50,8 @@ def make_source(config: Config) -> Source:
     git = config.git
     return GitSource(GitSettings(url=config.source.argument, ttl=git.ttl, ssh_key=git.ssh_key, token=git.token,
                                  ssh_dir=git.ssh_dir, ssh_agent=git.ssh_agent,
-                                 mirrors_dir=config.state.git, lock_dir=config.state.locks))
+                                 mirrors_dir=config.state.git, lock_dir=config.state.locks,
+                                 store=config.state.store))
 
 
 def with_platforms(config: Config, systems: Optional[Sequence[str]] = None) -> Config:
@@ -95,7 +96,7 @@ def create_app(config: Config, storage: Backend | None = None, *, builder: Manif
                           limits=BuildLimits(config.max_builds, config.client_builds, config.failure_ttl,
                                              config.max_image_size),
                           explain=error_handlers.as_registry_error)
-    auth = AuthMiddleware(config.auth, FailedLogins(config.state.memory, config.state.locks),
+    auth = AuthMiddleware(config.auth, FailedLogins(config.state),
                           on_check=metrics.count_password_check)
     # The real client first: every other middleware reads its address.
     # The access log next: its process_response runs last, once the response is complete.

@@ -1,9 +1,9 @@
 """Atomic file writes: a reader (another worker, another instance) sees the old file or the new, never half.
 
-Every small file Nixery keeps on disk (storage objects and their media types,
-git fetch state, the build history, the build memo) is written here: into a
+The filesystem backend's objects and their media types are written here: into a
 temporary file in the same file system, flushed to disk, then renamed over the
-target, which POSIX makes atomic.
+target, which POSIX makes atomic. (State shared between workers lives in the
+database of nixery/state.py.)
 """
 
 from __future__ import annotations

@@ -78,7 +78,8 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("STORAGE_PATH", None,
              "Directory for the filesystem backend (default: $XDG_DATA_HOME/nixery or ~/.local/share/nixery)."),
     Variable("NIXERY_STATE_DIR", None,
-             "Directory for locks, GC roots and git mirrors (default: $XDG_CACHE_HOME/nixery or ~/.cache/nixery)."),
+             "Directory for locks, GC roots, git mirrors and the state database (default: $XDG_CACHE_HOME/nixery "
+             "or ~/.cache/nixery)."),
     Variable("BUCKET", None, "GCS bucket (implies the gcs backend); GCS_BUCKET is the same."),
     Variable("GCS_BUCKET", None, "GCS bucket (implies the gcs backend)."),
     Variable("GCS_SIGNING_KEY", None, "PEM private key file used to sign blob URLs.", secret=True),
@@ -220,19 +221,18 @@ class StateLayout:
     """The one description of what lives under NIXERY_STATE_DIR (node-local, never shared
     between instances); every module that keeps state there takes its folder from here."""
 
-    locks: Path  # file locks: one build per image, one git fetch, one writer of the history
+    locks: Path  # OFD byte-range locks: one build per image, build slots, one git fetch (nixery/locks.py)
     gcroots: Path  # GC roots of builds in progress (the server clears dead workers' roots)
     git: Path  # git mirrors and the checkouts exported from them, a folder per repository
     prometheus: Path  # prometheus_client's multiprocess files, made afresh at each start
-    history: Path  # the recent builds and failures the web page and /builds.json show
-    build_memo: Path  # unpinned images' digests, for a few seconds after their build
-    memory: Path  # failed builds and unknown names, failed logins: fixed-size tables (failures.py, lockout.py)
+    # The database of what workers share (nixery/state.py): failures, failed logins, the build
+    # history and builds in progress, the build memo, git fetches.
+    store: Path
 
     @classmethod
     def under(cls, root: Path) -> "StateLayout":
         return cls(locks=root / "locks", gcroots=root / "gcroots", git=root / "git",
-                   prometheus=root / "prometheus", history=root / "history", build_memo=root / "build-memo",
-                   memory=root / "memory")
+                   prometheus=root / "prometheus", store=root / "state.sqlite3")
 
 
 @dataclasses.dataclass(frozen=True)

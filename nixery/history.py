@@ -1,12 +1,11 @@
-"""The build history: recent builds and build errors, kept on disk so that every Gunicorn worker sees them all.
+"""The build history: recent builds and build errors, in the state database so that every Gunicorn worker sees them all.
 
 Workers are processes that share nothing in memory, so a list in one of them
-would show a user a third of the story. Each finished build is appended to a
-small JSON-lines file under the state directory (under a file lock, trimmed
-to the last few entries, replaced atomically so readers need no lock); the
-web page and `/builds.json` read those files. Failures go to a second file as
-well, so a burst of good builds cannot push the reason a pull failed off the
-list before its user looks.
+would show a user a third of the story. Each finished build is added to a table
+of the state database (nixery/state.py), trimmed to the last few in the same
+transaction; the web page and `/builds.json` read it. Failures go to a second
+table as well, so a burst of good builds cannot push the reason a pull failed
+off the list before its user looks.
 """
 
 from __future__ import annotations
@@ -18,15 +17,12 @@ from typing import Any
 
 import falcon
 
-from .atomic import write_atomic
 from .config import StateLayout
-from .locks import file_lock
+from .state import Store, bounded_put
 from .stats import BuildStats
 
 log = logging.getLogger(__name__)
 
-BUILDS_FILE = "builds.jsonl"
-ERRORS_FILE = "errors.jsonl"
 _MESSAGES = {"built": "image built", "cached": "image served from cache",
              "rejected": "image rejected", "failed": "image build failed"}
 _BUILD_FIELDS = ("layers", "layers_built", "layers_reused", "bytes_written", "bytes_reused", "size", "steps")
@@ -52,51 +48,35 @@ def entry(stats: BuildStats, finished: float) -> dict[str, Any]:
 
 
 class BuildHistory:
-    """The last `builds_kept` builds and `errors_kept` failures, newest last on disk."""
+    """The last `builds_kept` builds, and the last `errors_kept` failures of each outcome (rejected,
+    failed), so that a storm of rejected names (a scanner's) cannot push the real build failures
+    off the list."""
 
     def __init__(self, state: StateLayout, builds_kept: int = 50, errors_kept: int = 20):
-        self.directory = state.history
-        self.lock_dir = state.locks
+        self.store = Store.at(state.store)
         self.builds_kept = builds_kept
         self.errors_kept = errors_kept
 
     def record(self, item: dict[str, Any]) -> None:
-        with file_lock(self.lock_dir, "recent-builds"):
-            self._append(BUILDS_FILE, item, self.builds_kept)
+        with self.store.write() as connection:
+            data = json.dumps(item)
+            bounded_put(connection, "builds", {"item": data}, self.builds_kept)
             if item["reason"] is not None:
-                self._append(ERRORS_FILE, item, self.errors_kept)
+                connection.execute("INSERT INTO build_errors (outcome, item) VALUES (?, ?)", (item["outcome"], data))
+                connection.execute("DELETE FROM build_errors WHERE outcome = ?1 AND id NOT IN "
+                                   "(SELECT id FROM build_errors WHERE outcome = ?1 ORDER BY id DESC LIMIT ?2)",
+                                   (item["outcome"], self.errors_kept))
 
     def builds(self) -> list[dict[str, Any]]:
         """Newest first."""
-        return self._read(BUILDS_FILE)[::-1]
+        return self._read("SELECT item FROM builds ORDER BY id DESC")
 
     def errors(self) -> list[dict[str, Any]]:
         """Newest first."""
-        return self._read(ERRORS_FILE)[::-1]
+        return self._read("SELECT item FROM build_errors ORDER BY id DESC")
 
-    def _read(self, name: str) -> list[dict[str, Any]]:
-        try:
-            text = (self.directory / name).read_text()
-        except FileNotFoundError:
-            return []
-        return [json.loads(line) for line in text.splitlines() if line]
-
-    def _append(self, name: str, item: dict[str, Any], kept: int) -> None:
-        """Rewrites the whole (small) file: trimming and appending in one atomic step. The errors
-        file keeps `kept` of each outcome, so a storm of rejected names (a scanner's) cannot push
-        the real build failures off the list."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        items = self._read(name) + [item]
-        if name == ERRORS_FILE:
-            counts: dict[str, int] = {}
-            newest_first = []
-            for old in reversed(items):
-                counts[old["outcome"]] = counts.get(old["outcome"], 0) + 1
-                if counts[old["outcome"]] <= kept:
-                    newest_first.append(old)
-            items = newest_first[::-1]
-        items = items[-kept * (2 if name == ERRORS_FILE else 1):]
-        write_atomic(self.directory / name, "".join(json.dumps(i) + "\n" for i in items).encode())
+    def _read(self, sql: str) -> list[dict[str, Any]]:
+        return [json.loads(item) for (item,) in self.store.query(sql)]
 
 
 def _log_fields(item: dict[str, Any]) -> dict[str, Any]:
@@ -129,6 +109,6 @@ class BuildRecorder:
             return
         try:
             self.store.record(item)
-        except OSError as e:
+        except OSError as e:  # a StateError too
             # The client already has its answer; a full disk must not turn it into an error.
             log.warning("cannot record the build for the web page", extra={"reason": str(e)})

@@ -5,9 +5,9 @@ stopped: each failure from an address holds its 401 back longer (doubling, cappe
 and after `limit` attempts in a row an address, or a user name, gets 429 without a
 check until `pause` seconds pass without one. Workers share nothing in memory, and
 counts kept per worker would let N workers check N times as many guesses, so the
-counts live on disk, in one fixed-size table file (as nixery/failures.py keeps
-failed builds): `BUCKETS` buckets of `WAYS` records, the bucket chosen by a hash of
-the address or user, each bucket read and written under its own lock.
+counts live in the state database (nixery/state.py), at most `CAPACITY` of them:
+past that, the count that moved longest ago goes. Each decision reads and writes
+the counts it needs in one transaction.
 
 An attempt is counted when it is admitted, before its password is checked, so
 that a burst of concurrent guesses cannot all pass the check of the count before
@@ -19,23 +19,18 @@ names locks those names, which is what a lockout per user means.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
-import os
-import struct
+import sqlite3
 import time
-from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
-from .locks import file_lock
+from .config import StateLayout
+from .state import Store, bounded_put
 
-TABLE_FILE = "logins"
-BUCKETS = 4096
-WAYS = 8
-# A record: the key's hash, the count of attempts, when the last one was made (seconds since the epoch).
-_RECORD = struct.Struct("<16sId4x")
-BUCKET_SIZE = WAYS * _RECORD.size
+# Addresses and users counted at most (a record each).
+CAPACITY = 32768
+_SELECT = "SELECT count, last FROM logins WHERE key = ?"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,12 +47,11 @@ def _key(kind: str, value: str) -> bytes:
 
 
 class FailedLogins:
-    """`directory` holds the table (the state layout's `memory`), `lock_dir` its locks."""
+    """The counts live in `state`'s store."""
 
-    def __init__(self, directory: Path, lock_dir: Path, *, base_delay: float = 0.05, max_delay: float = 1.0,
+    def __init__(self, state: StateLayout, *, base_delay: float = 0.05, max_delay: float = 1.0,
                  limit: int = 20, pause: float = 60.0, clock: Callable[[], float] = time.time):
-        self.path = directory / TABLE_FILE
-        self.lock_dir = lock_dir
+        self.store = Store.at(state.store)
         self.base_delay = base_delay
         self.max_delay = max_delay
         self.limit = limit
@@ -68,67 +62,48 @@ class FailedLogins:
     def _keys(address: str, user: Optional[str]) -> list[bytes]:
         return [_key("address", address)] + ([_key("user", user)] if user is not None else [])
 
-    @contextlib.contextmanager
-    def _buckets(self, keys: list[bytes]) -> Iterator[int]:
-        """The table's descriptor, holding the locks of the keys' buckets (in order: no deadlock)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.ExitStack() as stack:
-            for bucket in sorted({self._bucket(key) for key in keys}):
-                stack.enter_context(file_lock(self.lock_dir, f"logins {bucket}"))
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            stack.callback(os.close, fd)
-            yield fd
+    def _counted(self, row: Optional[tuple[int, float]], now: float) -> tuple[int, float]:
+        """(count, last) of a key's row; count 0 for a key not there or whose pause is over."""
+        return (row[0], row[1]) if row and now - row[1] < self.pause else (0, now)
+
+    def _read(self, connection: sqlite3.Connection, key: bytes, now: float) -> tuple[int, float]:
+        return self._counted(connection.execute(_SELECT, (key,)).fetchone(), now)
 
     @staticmethod
-    def _bucket(key: bytes) -> int:
-        return int.from_bytes(key[:4], "big") % BUCKETS
-
-    def _read(self, fd: int, key: bytes, now: float) -> tuple[int, int, float]:
-        """(way, count, last) of `key`; for a key not there (or whose pause is over), count 0 and
-        the way it may take: an empty or expired record, else the one that failed longest ago."""
-        bucket = self._bucket(key)
-        raw = os.pread(fd, BUCKET_SIZE, bucket * BUCKET_SIZE).ljust(BUCKET_SIZE, b"\0")
-        records = [_RECORD.unpack_from(raw, way * _RECORD.size) for way in range(WAYS)]
-        for way, (stored, count, last) in enumerate(records):
-            if stored == key:
-                return (way, count, last) if now - last < self.pause else (way, 0, now)
-        way = min(range(WAYS), key=lambda i: records[i][2] if now - records[i][2] < self.pause else 0.0)
-        return way, 0, now
-
-    def _write(self, fd: int, key: bytes, way: int, count: int, last: float) -> None:
-        offset = self._bucket(key) * BUCKET_SIZE + way * _RECORD.size
-        os.pwrite(fd, _RECORD.pack(key if count else b"\0" * 16, count, last if count else 0.0), offset)
+    def _write(connection: sqlite3.Connection, key: bytes, count: int, last: float) -> None:
+        if count:
+            bounded_put(connection, "logins", {"key": key, "count": count, "last": last}, CAPACITY)
+        else:
+            connection.execute("DELETE FROM logins WHERE key = ?", (key,))
 
     def retry_after(self, address: str) -> float:
         """Seconds before `address` may try again; 0 when it may now (nothing is counted)."""
-        key = _key("address", address)
-        with self._buckets([key]) as fd:
-            now = self.clock()
-            _, count, last = self._read(fd, key, now)
+        now = self.clock()
+        count, last = self._counted(next(iter(self.store.query(_SELECT, (_key("address", address),))), None), now)
         return self.pause - (now - last) if count >= self.limit else 0.0
 
     def admit(self, address: str, user: Optional[str]) -> Attempt:
         """Counts an attempt of `user` (None for a token) from `address` that is about to be checked,
         unless either has `limit` attempts in a row already."""
         keys = self._keys(address, user)
-        with self._buckets(keys) as fd:
+        with self.store.write() as connection:
             now = self.clock()
-            found = [self._read(fd, key, now) for key in keys]
-            waits = [self.pause - (now - last) for _, count, last in found if count >= self.limit]
+            found = [self._read(connection, key, now) for key in keys]
+            waits = [self.pause - (now - last) for count, last in found if count >= self.limit]
             if waits:
                 return Attempt(retry_after=max(waits))
-            for key, (way, count, _) in zip(keys, found):
-                self._write(fd, key, way, count + 1, now)
-        address_count = found[0][1] + 1
+            for key, (count, _) in zip(keys, found):
+                self._write(connection, key, count + 1, now)
+        address_count = found[0][0] + 1
         return Attempt(0.0, min(self.max_delay, self.base_delay * 2 ** (address_count - 1)))
 
     def succeeded(self, address: str, user: Optional[str] = None) -> None:
         """A login passed: the address starts again from nothing, and the user's admitted attempt
         (when one was counted) is taken back."""
         keys = self._keys(address, user)
-        with self._buckets(keys) as fd:
+        with self.store.write() as connection:
             now = self.clock()
             for index, key in enumerate(keys):
-                way, count, last = self._read(fd, key, now)
+                count, last = self._read(connection, key, now)
                 if count:
-                    self._write(fd, key, way, 0 if index == 0 else count - 1, last)
+                    self._write(connection, key, 0 if index == 0 else count - 1, last)

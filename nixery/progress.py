@@ -1,10 +1,10 @@
 """Builds in progress: what each running build is doing now, for the page, `/builds.json` and the metrics.
 
 A build can take minutes, and Gunicorn's workers share nothing in memory, so
-each build in progress keeps a small JSON file under the state directory's
-history folder (written atomically at each step, and at most twice a second
-for Nix's progress lines), removed when the build ends. A worker that dies
-mid-build leaves its file behind: readers drop files whose process is gone.
+each build in progress keeps a row in the state database (nixery/state.py),
+rewritten at each step and at most twice a second for Nix's progress lines,
+removed when the build ends. A worker that dies mid-build leaves its row
+behind: readers drop rows whose process is gone.
 """
 
 from __future__ import annotations
@@ -15,22 +15,21 @@ import os
 import threading
 import time
 import uuid
-from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
-from .atomic import write_atomic
 from .config import StateLayout
+from .state import StateError, Store
 
-FOLDER = "in-progress"
-# Nix's progress lines rewrite the file at most this often.
+# Nix's progress lines rewrite the row at most this often.
 NOTE_INTERVAL = 0.5
 
 
 class Tracker:
     """One build in progress; `step` and `note` update what readers see."""
 
-    def __init__(self, path: Path, item: dict[str, Any]):
-        self.path = path
+    def __init__(self, store: Store, item: dict[str, Any]):
+        self.store = store
+        self.id = uuid.uuid4().hex
         self.item = item
         self._lock = threading.Lock()
         self._written = 0.0
@@ -62,31 +61,31 @@ class Tracker:
             if self.done:
                 return
             self._written = time.monotonic()
-            data = json.dumps(self.item).encode()
-            with contextlib.suppress(OSError):  # the page is a view; a full disk must not fail the build
-                write_atomic(self.path, data)
+            with contextlib.suppress(StateError), self.store.write() as connection:
+                # The page is a view: a full disk must not fail the build.
+                connection.execute("INSERT OR REPLACE INTO in_progress (id, pid, item) VALUES (?, ?, ?)",
+                                   (self.id, os.getpid(), json.dumps(self.item)))
 
     def finish(self) -> None:
         with self._lock:
             self.done = True
             if self._pending:
                 self._pending.cancel()
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+        with contextlib.suppress(StateError), self.store.write() as connection:
+            connection.execute("DELETE FROM in_progress WHERE id = ?", (self.id,))
 
 
 class InProgress:
     """The builds in progress on this instance (every worker's); `on_change` hears +1 and -1."""
 
     def __init__(self, state: StateLayout, on_change: Optional[Callable[[int], None]] = None):
-        self.directory = state.history / FOLDER
+        self.store = Store.at(state.store)
         self.on_change = on_change
 
     @contextlib.contextmanager
     def build(self, image: str, tag: str, packages: Sequence[str], revision: str) -> Iterator[Tracker]:
         now = time.time()
-        self.directory.mkdir(parents=True, exist_ok=True)
-        tracker = Tracker(self.directory / f"{os.getpid()}-{uuid.uuid4().hex}.json",
+        tracker = Tracker(self.store,
                           {"image": image, "tag": tag, "packages": list(packages), "revision": revision,
                            "started": now, "step": "start", "step_started": now, "detail": None,
                            "pid": os.getpid()})
@@ -104,15 +103,12 @@ class InProgress:
         """Oldest first, each with its `elapsed` and `step_elapsed` seconds."""
         now = time.time() if now is None else now
         items = []
-        for path in self.directory.glob("*.json"):
-            try:
-                item = json.loads(path.read_text())
-            except (OSError, ValueError):
+        for build, pid, data in self.store.query("SELECT id, pid, item FROM in_progress"):
+            if not _alive(pid):
+                with contextlib.suppress(StateError), self.store.write() as connection:
+                    connection.execute("DELETE FROM in_progress WHERE id = ?", (build,))
                 continue
-            if not _alive(int(item.get("pid", 0))):
-                with contextlib.suppress(OSError):
-                    path.unlink()
-                continue
+            item = json.loads(data)
             item["elapsed"] = round(now - item["started"], 1)
             item["step_elapsed"] = round(now - item["step_started"], 1)
             items.append(item)

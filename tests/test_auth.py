@@ -36,8 +36,9 @@ from support import NixCounter, Server, chroot_run, oci_manifest, pull_and_unpac
 from nixery import config, error_handlers, routes
 from nixery.api import no_such_endpoint
 from nixery.auth import AuthMiddleware
+from nixery.config import StateLayout
+from nixery.lockout import CAPACITY, FailedLogins
 from nixery.routes import RegistryRouter
-from nixery.lockout import BUCKETS, FailedLogins
 
 USER = "alice"
 PASSWORD = f"pw-{uuid.uuid4().hex}"
@@ -466,7 +467,7 @@ def test_gcs_signed_url_redirects_work_with_auth_on(tmp_path, pkgset, htpasswd):
 # ---------------------------------------------------------------- in-process behaviour --
 
 def failed_logins(directory: Path, **kwargs) -> FailedLogins:
-    return FailedLogins(directory / "memory", directory / "locks", **kwargs)
+    return FailedLogins(StateLayout.under(directory), **kwargs)
 
 
 def test_failed_logins_double_to_a_cap_then_pause_and_are_forgotten(tmp_path):
@@ -484,7 +485,7 @@ def test_failed_logins_double_to_a_cap_then_pause_and_are_forgotten(tmp_path):
     assert failed_logins(tmp_path, limit=8, clock=lambda: now[0]).admit("10.0.0.1", None).delay == 0.1
     for address in range(100_000):
         failures.admit(f"10.{address >> 16}.{(address >> 8) & 255}.{address & 255}", None)
-    assert (tmp_path / "memory" / "logins").stat().st_size <= BUCKETS * 8 * 32, "the table's size is fixed"
+    assert StateLayout.under(tmp_path).store.stat().st_size <= CAPACITY * 100, "the table's size is fixed"
     failures.succeeded("10.0.1.9")
     assert failures.admit("10.0.1.9", None).delay == 0.05
 

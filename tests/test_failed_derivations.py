@@ -1,11 +1,12 @@
-"""The table of failed derivations (nixery/failures.py) on its own: shared by every reader of the
+"""The table of failed derivations (nixery/failures.py, in the store of nixery/state.py) on its own: shared by every reader of the
 state directory (the workers), kept for the TTL, and bounded whatever is remembered."""
 
 from __future__ import annotations
 
 import time
 
-from nixery.failures import DERIVATION_BUCKETS, DERIVATIONS_FILE, DERIVATION_RECORD_SIZE, WAYS, FailedDerivations
+from nixery.config import StateLayout
+from nixery.failures import DERIVATION_CAPACITY, DERIVATION_RECORD_SIZE, FailedDerivations
 from nixery.nix import BuildFailed, BuildTimedOut
 
 
@@ -15,7 +16,7 @@ def failure(i: int) -> BuildFailed:
 
 
 def test_a_failure_is_seen_by_another_worker_until_its_ttl(tmp_path, monkeypatch):
-    one, other = (FailedDerivations(tmp_path / "memory", tmp_path / "locks", 60) for _ in range(2))
+    one, other = (FailedDerivations(StateLayout.under(tmp_path), 60) for _ in range(2))
     assert other.recall() == {}
     one.remember(failure(1))
     drv = "/nix/store/00000000000000000000000000000001-pkg-1.drv"
@@ -33,17 +34,17 @@ def test_a_failure_is_seen_by_another_worker_until_its_ttl(tmp_path, monkeypatch
 
 
 def test_the_table_stays_bounded_and_keeps_the_newest(tmp_path):
-    memory = FailedDerivations(tmp_path / "memory", tmp_path / "locks", 60)
-    capacity = DERIVATION_BUCKETS * WAYS
+    memory = FailedDerivations(StateLayout.under(tmp_path), 60)
+    capacity = DERIVATION_CAPACITY
     for i in range(capacity * 3):
         memory.remember(failure(i))
     kept = memory.recall()
-    assert (tmp_path / "memory" / DERIVATIONS_FILE).stat().st_size <= capacity * DERIVATION_RECORD_SIZE
+    assert StateLayout.under(tmp_path).store.stat().st_size <= capacity * DERIVATION_RECORD_SIZE
     assert len(kept) > capacity // 2
     assert f"/nix/store/{capacity * 3 - 1:032d}-pkg-{capacity * 3 - 1}.drv" in kept
 
 
 def test_nothing_is_kept_without_a_ttl(tmp_path):
-    memory = FailedDerivations(tmp_path / "memory", tmp_path / "locks", 0)
+    memory = FailedDerivations(StateLayout.under(tmp_path), 0)
     memory.remember(failure(1))
-    assert memory.recall() == {} and not (tmp_path / "memory").exists()
+    assert memory.recall() == {} and not StateLayout.under(tmp_path).store.exists()

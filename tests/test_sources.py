@@ -258,7 +258,8 @@ def told(call: Callable[[], object]) -> RegistryError:
 def git_source(url: str, state_dir: Path, token: str | None) -> GitSource:
     state = StateLayout.under(state_dir)
     return GitSource(GitSettings(url=url, ttl=60, ssh_key=None, token=token, ssh_dir=state_dir / "no-ssh",
-                                 ssh_agent=False, mirrors_dir=state.git, lock_dir=state.locks))
+                                 ssh_agent=False, mirrors_dir=state.git, lock_dir=state.locks,
+                                 store=state.store))
 
 
 def test_https_token_is_offered_and_a_wrong_one_refused(repo, git_http, tmp_path):

@@ -2,7 +2,8 @@
 
 Gunicorn's workers share nothing in memory, so everything that must hold
 across them lives on disk: the mirror itself, a file lock so that one fetch
-runs at a time, and a state file saying when the last fetch ended and how.
+runs at a time, and a row of the state database (nixery/state.py) saying when
+the last fetch ended and how.
 A request that queued behind a fetch uses that fetch's outcome instead of
 starting another, however many requests arrive at once.
 
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -28,11 +28,11 @@ from typing import Iterator, Optional
 import pygit2
 from pygit2.enums import CheckoutStrategy, CredentialType, FetchPrune
 
-from ..atomic import write_atomic
 from ..config import redact_url
 from ..image import TAG_RE
 from ..locks import file_lock
 from ..nix import SourceArgs
+from ..state import Store
 from . import COMMIT_RE, Resolved, SourceUnavailable, UnknownTag
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,7 @@ class GitSettings:
     ssh_agent: bool  # whether SSH_AUTH_SOCK names an agent (libgit2 reads it itself)
     mirrors_dir: Path
     lock_dir: Path
+    store: Path  # the state database, which keeps each repository's last fetch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,7 +153,7 @@ class GitSource:
         root = settings.mirrors_dir / hashlib.sha256(self.name.encode()).hexdigest()[:16]
         self.mirror = root / "mirror.git"
         self.checkouts = root / "checkouts"
-        self.state_file = root / "fetch-state.json"
+        self.store = Store.at(settings.store)
         self.lock_dir = settings.lock_dir
         pygit2.settings.server_connect_timeout = CONNECT_TIMEOUT_MS
         pygit2.settings.server_timeout = IO_TIMEOUT_MS
@@ -214,10 +215,9 @@ class GitSource:
         return None
 
     def _read_state(self) -> Optional[_FetchState]:
-        try:
-            return _FetchState(**json.loads(self.state_file.read_text()))
-        except FileNotFoundError:
-            return None
+        """The last fetch into the mirror (none when the mirror is gone, whatever the store says)."""
+        rows = self.store.query("SELECT ended, error FROM git_fetches WHERE source = ?", (self.name,))
+        return _FetchState(*rows[0]) if rows and (self.mirror / "HEAD").exists() else None
 
     def _stale(self) -> bool:
         state = self._read_state()
@@ -265,7 +265,9 @@ class GitSource:
         os.rename(tmp, self.mirror)
 
     def _write_state(self, state: _FetchState) -> None:
-        write_atomic(self.state_file, json.dumps(dataclasses.asdict(state)).encode())
+        with self.store.write() as connection:
+            connection.execute("INSERT OR REPLACE INTO git_fetches (source, ended, error) VALUES (?, ?, ?)",
+                               (self.name, state.ended, state.error))
 
     def _checkout(self, commit: str) -> SourceArgs:
         """The commit's tree as a directory for Nix, exported on first use and reused after."""
