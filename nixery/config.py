@@ -19,7 +19,7 @@ from typing import Callable, Mapping, Optional
 
 from . import cgroup
 # AuthLevel and TokenConfig are named through config as well (config.AuthLevel), like every setting.
-from .auth import AuthConfig, AuthLevel, TokenConfig, auth_settings  # noqa: F401
+from .credentials import AuthConfig, AuthLevel, TokenConfig, auth_settings  # noqa: F401
 from .image import PLATFORMS
 from .settings import ConfigError, redact_url, setting, summarise
 
