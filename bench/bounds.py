@@ -67,7 +67,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.update(NIX_ENV)
     try:
-        memory = load({"HOME": "/root", "NIXERY_EVAL_MEMORY": args.memory}).eval_memory
+        memory = load({"HOME": "/root", "NIXERY_EVAL_MEMORY": args.memory}).limits.eval_memory
     except ConfigError as e:
         raise SystemExit(str(e))
 

@@ -23,7 +23,7 @@ import os
 import time
 from typing import Callable, Iterator, Optional, Sequence
 
-from .config import StateLayout
+from .config import BuildLimits, StateLayout
 from .errors import RegistryError
 from .failures import FailedDerivations, FailureMemory
 from .image import Image
@@ -42,18 +42,6 @@ log = logging.getLogger(__name__)
 
 # What a client refused a new build is told to wait before trying again.
 RETRY_AFTER_SECONDS = 10
-
-
-@dataclasses.dataclass(frozen=True)
-class BuildLimits:
-    """How many builds run at once (`max_builds`, all clients; `client_builds`, one client address),
-    how long a failure is answered from memory (`failure_ttl` seconds) and the most bytes of
-    packages an image may hold (`max_image_size`; 0: no limit)."""
-
-    max_builds: int = 1
-    client_builds: int = 1
-    failure_ttl: int = 0
-    max_image_size: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

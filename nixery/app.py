@@ -13,7 +13,6 @@ from . import api, error_handlers, health, image, popularity, web
 from .api import API_VERSION_HEADER, VersionCheck
 from .auth import AuthMiddleware
 from .clients import RealClient, TrustedProxies
-from .admission import BuildLimits
 from .builder import Builder, ManifestBuilder
 from .config import Config, SourceKind
 from .metrics import Metrics, MetricsMiddleware, MetricsResource
@@ -86,15 +85,14 @@ def create_app(config: Config, storage: Backend | None = None, *, builder: Manif
     if builder is None:
         nix = Nix(config.nix_timeout, config.state.gcroots, on_invoke=metrics.count_nix, cache=config.binary_cache,
                   allow_unfree=config.allow_unfree, allowed_uris=config.allowed_uris,
-                  eval_bounds=EvalBounds(config.eval_memory, config.eval_timeout))
+                  eval_bounds=EvalBounds(config.limits.eval_memory, config.limits.eval_timeout))
         source = make_source(config)
         systems = nix.systems()  # read once: the platforms offered and the systems refused before Nix
         platforms = tuple(image.PLATFORMS[name] for name in with_platforms(config, systems).platforms)
         builder = Builder(storage, nix, source, popularity.load(config.popularity_url),
                           config.layer_budget, config.state, platforms=platforms,
                           nix_snapshotter=config.nix_snapshotter, systems=systems, in_progress=in_progress,
-                          limits=BuildLimits(config.max_builds, config.client_builds, config.failure_ttl,
-                                             config.max_image_size),
+                          limits=config.limits,
                           explain=error_handlers.as_registry_error)
     auth = AuthMiddleware(config.auth, FailedLogins(config.state),
                           on_check=metrics.count_password_check)
@@ -107,7 +105,7 @@ def create_app(config: Config, storage: Backend | None = None, *, builder: Manif
     app.req_options.strip_url_path_trailing_slash = True
     error_handlers.register(app, auth.challenge)
     app.add_route("/v2", VersionCheck())
-    api.add_routes(router, builder, storage, source or make_source(config), config.max_packages)
+    api.add_routes(router, builder, storage, source or make_source(config), config.limits.max_packages)
     app.add_route("/metrics", MetricsResource(metrics))
     web.add_routes(app, config, history, in_progress)
     health.add_routes(app, storage)

@@ -16,8 +16,8 @@ import time
 from typing import Callable, Mapping, Optional, Protocol, Sequence, TypeVar
 
 from . import archive, layers, manifest, rootfs, uploads
-from .admission import Admission, BuildLimits
-from .config import StateLayout, redact_url
+from .admission import Admission
+from .config import BuildLimits, StateLayout, redact_url
 from .errors import RegistryError
 from .image import OPTIONAL_PACKAGES, Architecture, Image
 from .nix import PROGRESS_RE, Closure, Nix, NixError, UnavailablePackages, UnknownPackages, UnsupportedSystem, listening

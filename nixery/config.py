@@ -186,6 +186,23 @@ class ServerConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class BuildLimits:
+    """What builds may cost (nixery/admission.py, nixery/nix): builds at once (`max_builds`, all
+    clients; `client_builds`, one client), how long a failure is answered from memory
+    (`failure_ttl` seconds), and one request's bounds: closure bytes (`max_image_size`), name
+    components (`max_packages`), evaluation bytes and seconds (`eval_memory`, `eval_timeout`).
+    0 means no bound, which is also what code given no configuration (a test's builder) gets."""
+
+    max_builds: int = 1
+    client_builds: int = 1
+    failure_ttl: int = 0
+    max_image_size: int = 0
+    max_packages: int = 0
+    eval_memory: int = 0
+    eval_timeout: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
 class GitConfig:
     """How a git source (NIXERY_PKGS_REPO) is reached: its branches fetched again after `ttl`
     seconds, with the ssh key or token given."""
@@ -256,14 +273,7 @@ class Config:
     state_dir: Path = setting()
     gcs: Optional[GcsConfig] = setting(flatten=GcsConfig)
     nix_timeout: int = setting()
-    max_builds: int = setting()
-    client_builds: int = setting()
-    failure_ttl: int = setting()
-    # Bounds on what one request may cost (bytes, components, bytes, seconds; 0: no bound).
-    max_image_size: int
-    max_packages: int
-    eval_memory: int
-    eval_timeout: int
+    limits: BuildLimits = setting(flatten=BuildLimits, key="")
     binary_cache: Optional[BinaryCacheConfig]
     popularity_url: Optional[str] = setting(url=True)
     layer_budget: int
@@ -517,6 +527,7 @@ def load(env: Mapping[str, str] = os.environ) -> Config:
     popularity = env.get("NIX_POPULARITY_URL") or None
     if popularity and not re.match(r"^https?://", popularity) and not Path(popularity).is_file():
         raise ConfigError(f"NIX_POPULARITY_URL={popularity!r} is neither an http(s) URL nor a file")
+    eval_memory = _size(env, "NIXERY_EVAL_MEMORY", least=EVAL_MEMORY_LEAST)
     server = ServerConfig(
         port=_int(env, "PORT", 1, 65535),
         listen_address=env.get("NIXERY_LISTEN_ADDRESS") or _default("NIXERY_LISTEN_ADDRESS"),
@@ -544,15 +555,16 @@ def load(env: Mapping[str, str] = os.environ) -> Config:
         state_dir=state_dir,
         gcs=gcs,
         nix_timeout=_int(env, "NIX_TIMEOUT", 1, 24 * 3600),
-        max_builds=_int(env, "NIXERY_MAX_BUILDS", 1, 256,
-                        default=min(256, cgroup.build_slots(cgroup.read_limits(),
-                                                           _size(env, "NIXERY_EVAL_MEMORY", least=EVAL_MEMORY_LEAST)))),
-        client_builds=_int(env, "NIXERY_CLIENT_BUILDS", 1, 256),
-        failure_ttl=_int(env, "NIXERY_FAILURE_TTL", 0, 24 * 3600),
-        max_image_size=_size(env, "NIXERY_MAX_IMAGE_SIZE"),
-        max_packages=_int(env, "NIXERY_MAX_PACKAGES", 0, MAX_COMPONENTS),
-        eval_memory=_size(env, "NIXERY_EVAL_MEMORY", least=EVAL_MEMORY_LEAST),
-        eval_timeout=_int(env, "NIXERY_EVAL_TIMEOUT", 1, 24 * 3600, default=_int(env, "NIX_TIMEOUT", 1, 24 * 3600)),
+        limits=BuildLimits(
+            max_builds=_int(env, "NIXERY_MAX_BUILDS", 1, 256,
+                            default=min(256, cgroup.build_slots(cgroup.read_limits(), eval_memory))),
+            client_builds=_int(env, "NIXERY_CLIENT_BUILDS", 1, 256),
+            failure_ttl=_int(env, "NIXERY_FAILURE_TTL", 0, 24 * 3600),
+            max_image_size=_size(env, "NIXERY_MAX_IMAGE_SIZE"),
+            max_packages=_int(env, "NIXERY_MAX_PACKAGES", 0, MAX_COMPONENTS),
+            eval_memory=eval_memory,
+            eval_timeout=_int(env, "NIXERY_EVAL_TIMEOUT", 1, 24 * 3600, default=_int(env, "NIX_TIMEOUT", 1, 24 * 3600)),
+        ),
         binary_cache=_binary_cache(env),
         popularity_url=popularity,
         layer_budget=_int(env, "NIXERY_LAYER_BUDGET", 1, 120),

@@ -33,7 +33,8 @@ class Shown:
     url: bool = False  # credentials a URL may hold are redacted
     hidden: bool = False  # left out
     key: Optional[str] = None  # the summary's name for it, when not the field's
-    flatten: Optional[type] = None  # a group (of this type) whose settings join as `<field>_<name>`
+    # A group (of this type) whose settings join as `<key or field>_<name>` (`key=""`: as `<name>`).
+    flatten: Optional[type] = None
     show: Optional[Callable[[Any, Any], object]] = None  # (value, the settings it belongs to) -> what is shown
 
 
@@ -79,7 +80,8 @@ def summarise(settings: Any) -> dict[str, object]:
             continue
         if rule.flatten:
             group = summarise(value) if value is not None else dict.fromkeys(_keys(rule.flatten))
-            summary.update({f"{field.name}_{name}": shown for name, shown in group.items()})
+            prefix = field.name if rule.key is None else rule.key
+            summary.update({f"{prefix}_{name}" if prefix else name: shown for name, shown in group.items()})
         elif rule.show:
             summary[rule.key or field.name] = rule.show(value, settings)
         elif rule.secret:

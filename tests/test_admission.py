@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from nixery import error_handlers, manifest
-from nixery.admission import Admission, BuildLimits
-from nixery.config import StateLayout
+from nixery.admission import Admission
+from nixery.config import BuildLimits, StateLayout
 from nixery.errors import RegistryError
 from nixery.image import parse
 from nixery.nix import SourceArgs

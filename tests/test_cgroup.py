@@ -65,7 +65,7 @@ def test_an_ancestors_limit_binds_a_nested_cgroup(tmp_path):
 
 
 def test_nixery_max_builds_overrides_the_derived_default():
-    assert nixery_config.load({"NIXERY_MAX_BUILDS": "7"}).max_builds == 7
+    assert nixery_config.load({"NIXERY_MAX_BUILDS": "7"}).limits.max_builds == 7
 
 
 def test_cgroup_v1_in_a_container(tmp_path):

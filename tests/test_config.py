@@ -24,11 +24,11 @@ def test_defaults(tmp_path):
 
 def test_bounds_take_sizes_with_units(tmp_path):
     c = config.load({"HOME": str(tmp_path)})
-    assert (c.max_image_size, c.max_packages, c.eval_memory, c.eval_timeout) == (1 << 30, 20, 2 << 30, 60)
+    assert (c.limits.max_image_size, c.limits.max_packages, c.limits.eval_memory, c.limits.eval_timeout) == (1 << 30, 20, 2 << 30, 60)
     c = config.load({"HOME": str(tmp_path), "NIXERY_MAX_IMAGE_SIZE": "512m", "NIXERY_EVAL_MEMORY": "0",
                      "NIXERY_MAX_PACKAGES": "0", "NIX_TIMEOUT": "900"})
-    assert (c.max_image_size, c.max_packages, c.eval_memory, c.eval_timeout) == (512 << 20, 0, 0, 900)
-    assert config.load({"HOME": str(tmp_path), "NIXERY_MAX_IMAGE_SIZE": "3000"}).max_image_size == 3000
+    assert (c.limits.max_image_size, c.limits.max_packages, c.limits.eval_memory, c.limits.eval_timeout) == (512 << 20, 0, 0, 900)
+    assert config.load({"HOME": str(tmp_path), "NIXERY_MAX_IMAGE_SIZE": "3000"}).limits.max_image_size == 3000
     assert [config.format_size(n) for n in (900, 1536, 8388888, 2480218112)] == ["900 bytes", "1.5K", "8M", "2.31G"]
 
 

@@ -136,8 +136,8 @@ def test_a_rollout_lets_the_builds_in_flight_finish(rendered):
     assert termination == loaded.server.grace_period
     # Endpoints controllers and kube-proxy take a few seconds to stop sending new pulls here.
     assert pre_stop >= 5
-    assert termination >= pre_stop + loaded.eval_timeout + loaded.nix_timeout + UPLOAD_MARGIN, \
-        (termination, pre_stop, loaded.eval_timeout, loaded.nix_timeout)
+    assert termination >= pre_stop + loaded.limits.eval_timeout + loaded.nix_timeout + UPLOAD_MARGIN, \
+        (termination, pre_stop, loaded.limits.eval_timeout, loaded.nix_timeout)
 
 
 def test_an_overlay_changes_the_grace_period_in_one_place(tmp_path):
@@ -153,7 +153,7 @@ def test_an_overlay_changes_the_grace_period_in_one_place(tmp_path):
         "      - NIX_TIMEOUT=900\n      - NIXERY_GRACE_PERIOD=1080\n")
     loaded, pre_stop, termination = _grace(render(overlay))
     assert loaded.nix_timeout == 900 and termination == loaded.server.grace_period == 1080
-    assert termination >= pre_stop + loaded.eval_timeout + loaded.nix_timeout + UPLOAD_MARGIN
+    assert termination >= pre_stop + loaded.limits.eval_timeout + loaded.nix_timeout + UPLOAD_MARGIN
 
 
 # The oldest Kubernetes release still supported upstream when this was written, and the newest

@@ -290,9 +290,9 @@ def test_each_option_sets_its_variable(tmp_path):
     assert loaded.binary_cache.secret_key == tmp_path / "credentials" / "binary-cache-key"
     assert (loaded.nix_timeout, loaded.layer_budget, loaded.server.workers, loaded.server.threads) == (120, 60, 4, 16)
     assert loaded.access_log and loaded.hide_details and loaded.allow_unfree
-    assert (loaded.max_builds, loaded.client_builds, loaded.failure_ttl, loaded.server.header_timeout, loaded.server.io_timeout,
+    assert (loaded.limits.max_builds, loaded.limits.client_builds, loaded.limits.failure_ttl, loaded.server.header_timeout, loaded.server.io_timeout,
             loaded.server.client_connections, loaded.server.grace_period) == (3, 4, 30, 7, 45, 20, 90)
-    assert (loaded.max_image_size, loaded.max_packages, loaded.eval_memory, loaded.eval_timeout) == \
+    assert (loaded.limits.max_image_size, loaded.limits.max_packages, loaded.limits.eval_memory, loaded.limits.eval_timeout) == \
         (3 << 30, 12, 512 << 20, 40)
     assert [str(network) for network in loaded.server.trusted_proxies] == ["10.0.0.0/8", "::1/128"]
 
