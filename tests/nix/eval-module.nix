@@ -48,6 +48,8 @@ in
     firewall = config.networking.firewall.allowedTCPPorts;
     tmpfiles = config.systemd.tmpfiles.settings;
     nixSettings = config.nix.settings;
+    nixGc = config.nix.gc;
+    daemon = config.systemd.services.nix-daemon or null;
     nginx = config.services.nginx;
   };
 }
