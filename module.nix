@@ -962,6 +962,11 @@ in
         RestartSec = 5;
         # Gunicorn finishes the requests in flight on SIGTERM, for the grace period.
         TimeoutStopSec = gracePeriod + stopMargin;
+        # SIGTERM to Gunicorn's master alone, which stops its workers gracefully; by
+        # default systemd signals every process of the unit, and the Nix clients of
+        # builds in flight die of it ("interrupted by the user"). What is left when
+        # the master has exited is killed.
+        KillMode = "mixed";
         # Gunicorn's connections per worker plus the open files of builds and
         # uploads; systemd's soft limit of 1024 is too low (harmonia sets the same).
         LimitNOFILE = 65536;
