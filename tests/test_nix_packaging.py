@@ -676,7 +676,7 @@ def test_nix_flake_show_lists_the_outputs(tmp_path):
     for system in SYSTEMS:
         assert shown["packages"][system]["default"]["name"] == "nixery-0.1.0"
         assert set(shown["packages"][system]) == {"default", "nixery", "image"}
-        assert set(shown["checks"][system]) == {"package", "nixos"}
+        assert set(shown["checks"][system]) == {"package", "nixos", "nixos-hardening"}
         assert shown["apps"][system]["default"]["type"] == "app"
         assert shown["devShells"][system]["default"]["type"] == "derivation"
     assert shown["nixosModules"] == {"default": {"type": "nixos-module"}, "nixery": {"type": "nixos-module"}}
@@ -861,6 +861,27 @@ def test_vm_test_script_is_python():
     test = flake_value('with outputs.checks."x86_64-linux".nixos; { inherit name testScript; }')
     compile(test["testScript"], "testScript", "exec")
     assert "skopeo" in test["testScript"] and "/readyz" in test["testScript"]
+
+
+@needs_lib
+def test_vm_hardening_test_evaluates(busybox_dir):
+    """tests/nixos/hardening.nix (the flake's nixos-hardening check, which needs nixpkgs to run):
+    its script is Python, its node's services.nixery passes the module's assertions, and what
+    the script expects of the unit is what the module sets."""
+    test = flake_value('with outputs.checks."x86_64-linux".nixos-hardening; { inherit name testScript; }')
+    assert test["name"].endswith("nixery-hardening")
+    compile(test["testScript"], "testScript", "exec")
+    node = ('(outputs.checks."x86_64-linux".nixos-hardening.nodes.machine { inherit pkgs lib; config = { }; })'
+            '.services.nixery')
+    settings = flake_value(f'removeAttrs ({node}) [ "package" "pkgsPath" ]', busybox_dir=busybox_dir)
+    config = module_config({**settings, "pkgsPath": "/srv/pkgs"})
+    assert config["failed"] == []
+    service = config["serviceConfig"]
+    assert "TimeoutStopUSec=2min 30s" in test["testScript"] and service["TimeoutStopSec"] == 150
+    assert "KillMode=mixed" in test["testScript"] and service["KillMode"] == "mixed"
+    assert "LimitNOFILE=65536" in test["testScript"] and service["LimitNOFILE"] == 65536
+    assert config["nginx"]["virtualHosts"]["localhost"]["locations"]["/"]["proxyPass"] == "http://127.0.0.1:8080"
+    assert "docker://localhost/hello" in test["testScript"]
 
 
 @needs_lib
