@@ -15,8 +15,14 @@ What differs from NixOS, and why:
 - NixOS' daemon socket is open to all and `nix.settings.allowed-users` decides (the module adds
   `nixery`); Debian's socket is the `nix-users` group's, so the user joins that group.
 - The package set is tests/pkgset.py's (no nixpkgs here), under /srv or /home.
-- GCS with a credentials file is not run here: evaluated by test_nix_packaging.py only (the
-  container would need the emulator and Nixery's GCS extra installed; left out for time).
+- GCS is gcp-storage-emulator, run in the container (on a port published at the same number
+  on this machine, so that the redirects Nixery gives skopeo lead to it), named by
+  STORAGE_EMULATOR_HOST (extraEnvironment); the library then uses anonymous credentials, so the
+  credentials file (a service account's JSON key made here) is only handed over, with
+  LoadCredential, and checked to be where GOOGLE_APPLICATION_CREDENTIALS points. systemd in this
+  container sets up no credentials for any unit (LoadCredential= gives no $CREDENTIALS_DIRECTORY
+  even to a plain `systemd-run`), so the copy is compared only where systemd can make it; the VM
+  test is where LoadCredential runs for real.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from pathlib import Path
 import pytest
 
 from containers import BUILD_USERS_ENV, Container, ensure_dockerd, pip_cache, stock_image
-from support import chroot_run, pull_and_unpack
+from support import chroot_run, free_port, pull_and_unpack
 from test_nix_packaging import module_config, needs_lib
 
 # What the container adds to minbase: systemd as PID 1, Debian's nix-daemon and its socket, a
@@ -50,6 +56,9 @@ TOLERATED = "GC Warning: Could not open /proc/stat"
 # systemd-analyze's overall exposure (0 best, 10 worst) that the unit must stay under.
 MAX_EXPOSURE = 2.5
 SLOW_SECONDS = 75
+BUCKET = "nixery-unit-test"
+GCS_SETTINGS = {"pkgsPath": "/srv/pkgs", "storage": {"backend": "gcs"}, "bucket": BUCKET,
+                "gcs": {"credentialsFile": "/run/keys/gcs.json"}}
 
 pytestmark = needs_lib
 
@@ -84,14 +93,23 @@ def box():
     in /srv/pkgs and /home/alice/pkgs (with a package that builds for SLOW_SECONDS)."""
     ensure_dockerd()
     image = stock_image("trixie", PACKAGES)
-    with Container.start(image, publish=(8080, 80), systemd=True, options=pip_cache()) as container:
+    gcs_port = free_port()
+    with Container.start(image, publish=(8080, 80), systemd=True,
+                         options=(*pip_cache(), "-p", f"127.0.0.1:{gcs_port}:{gcs_port}")) as container:
+        container.gcs_port = gcs_port
         container.exec("for i in $(seq 100); do systemctl is-system-running 2>/dev/null | grep -qE 'running|degraded' "
                        "&& exit 0; sleep 0.2; done; systemctl is-system-running", check=False)
         container.copy_checkout("/src")
         # No binary cache can be reached here: the daemon must not wait for one.
         container.exec("echo 'substituters =' >> /etc/nix/nix.conf && systemctl stop nix-daemon.service "
                        "&& systemctl restart nix-daemon.socket")
-        container.exec("scripts/install-deps", workdir="/src", env=BUILD_USERS_ENV, timeout=900)
+        # The GCS extra (install-deps adds it for a bucket), and the emulator.
+        container.exec("scripts/install-deps && .venv/bin/pip install -q gcp-storage-emulator", workdir="/src",
+                       env={**BUILD_USERS_ENV, "GCS_BUCKET": BUCKET}, timeout=900)
+        container.exec(f"systemd-run --unit gcs-emulator /src/.venv/bin/python -m gcp_storage_emulator "
+                       f"-d /var/tmp/gcs start --host 0.0.0.0 --port {gcs_port} --default-bucket {BUCKET} && "
+                       f"mkdir -p /run/keys && umask 077 && cat > /run/keys/gcs.json",
+                       stdin=json.dumps(_service_account_key()).encode())
         container.exec("useradd --system --home-dir /var/lib/nixery --no-create-home --groups nix-users nixery "
                        "&& useradd --create-home alice && chmod 755 /home/alice")
         for directory in ("/srv/pkgs", "/home/alice/pkgs"):
@@ -100,6 +118,17 @@ def box():
                            f"make_package_set(Path(\"{directory}\"), slow_seconds={SLOW_SECONDS})' "
                            f"&& chmod -R a+rX {directory}")
         yield container
+
+
+def _service_account_key() -> dict:
+    """A service account's JSON key, as Google's console gives one (a fresh RSA key)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    pem = rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()).decode()
+    return {"type": "service_account", "project_id": "test", "private_key_id": "0" * 40, "private_key": pem,
+            "client_email": "nixery@test.iam.gserviceaccount.com", "client_id": "1",
+            "token_uri": "https://oauth2.googleapis.com/token"}
 
 
 def start_unit(box: Container, settings: dict) -> dict:
@@ -151,10 +180,13 @@ def pull(box: Container, port: int, name: str, workdir: Path) -> Path:
     {"pkgsPath": "/srv/pkgs"},
     {"pkgsPath": "/home/alice/pkgs"},
     {"pkgsPath": "/srv/pkgs", "port": 80},
-], ids=["defaults", "source-under-home", "port-80"])
+    GCS_SETTINGS,
+], ids=["defaults", "source-under-home", "port-80", "gcs-with-credentials-file"])
 def test_unit_serves_a_pull_with_its_hardening(box, settings, tmp_path):
     """The rendered unit starts, serves a pull of shell/hello by skopeo from outside, and nothing
     in the journal says the hardening denied Nixery anything; systemd applied the hardening."""
+    if "bucket" in settings:
+        settings = {**settings, "extraEnvironment": {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{box.gcs_port}"}}
     start_unit(box, settings)
     rootfs = pull(box, settings.get("port", 8080), "shell/hello", tmp_path)
     assert chroot_run(rootfs, "/bin/hello").strip() == "Hello, world!"
@@ -163,6 +195,21 @@ def test_unit_serves_a_pull_with_its_hardening(box, settings, tmp_path):
                       "-p ActiveState").stdout
     assert "ActiveState=active" in status and "LimitNOFILE=65536" in status, status
     pid = re.search(r"MainPID=(\d+)", status).group(1)
+    if "bucket" in settings:
+        # The layers are in the bucket, and the key reached the service where its variable says.
+        stored = json.loads(_get(f"http://127.0.0.1:{box.gcs_port}/storage/v1/b/{BUCKET}/o"))
+        assert any(item["name"].startswith("layers/") for item in stored.get("items", [])), stored
+        environ = box.exec(f"tr '\\0' '\\n' < /proc/{pid}/environ").stdout.splitlines()
+        path = next(line for line in environ if line.startswith("GOOGLE_APPLICATION_CREDENTIALS=")).split("=", 1)[1]
+        assert path == "/run/credentials/nixery.service/gcs-credentials", path
+        # systemd in this container sets no credentials up, for any unit (a plain `systemd-run -p
+        # LoadCredential=` finds no $CREDENTIALS_DIRECTORY): compared only where systemd can.
+        probe = box.exec("systemd-run --wait --pipe -q -p LoadCredential=x:/etc/hostname "
+                         "sh -c 'cat $CREDENTIALS_DIRECTORY/x'", check=False)
+        if probe.returncode == 0:
+            box.exec(f"nsenter -t {pid} -m cmp {path} /run/keys/gcs.json")  # in the unit's mount namespace
+        else:
+            print("LoadCredential does not work in this container: the key's copy is not compared")
     assert box.exec(f"stat -c %U /proc/{pid}").stdout.strip() == "nixery"
     logged = journal(box)
     assert "starting nixery" in logged and '"image built"' in logged, logged[-3000:]
