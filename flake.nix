@@ -197,6 +197,13 @@
         {
           package = self.packages.${system}.default;
 
+          nixos-hardening = import ./tests/nixos/hardening.nix {
+            inherit pkgs;
+            module = self.nixosModules.default;
+            package = self.packages.${system}.default;
+            pkgsPath = "${tinyPackageSet pkgs}";
+          };
+
           nixos = pkgs.testers.runNixOSTest {
             name = "nixery";
 

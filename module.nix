@@ -200,6 +200,20 @@ let
   storageOutsideState =
     cfg.storage.backend == "filesystem" && !hasPrefix "${stateDir}/" "${cfg.storage.path}/";
 
+  # A stopping Nixery lets requests in flight finish for the grace period and
+  # then ends them itself; systemd waits that long plus the time Gunicorn's
+  # master needs to reap its workers and exit, and only then kills.
+  gracePeriod = if cfg.gracePeriod != null then cfg.gracePeriod else cfg.nixTimeout;
+  stopMargin = 30;
+
+  # nginx hears nothing from Nixery while a manifest request evaluates and
+  # builds (proxy_read_timeout is the longest silence between two reads):
+  # the evaluation, the build and the layers' upload, with a margin.
+  evalTimeout = if cfg.evalTimeout != null then cfg.evalTimeout else cfg.nixTimeout;
+  proxyReadTimeout = evalTimeout + cfg.nixTimeout + 60;
+
+  binaryCacheIsS3 = cfg.binaryCache.url != null && hasPrefix "s3://" cfg.binaryCache.url;
+
   isAbsolute = path: path == null || hasPrefix "/" path;
   inStore = path: path != null && hasPrefix "${builtins.storeDir}/" path;
 in
@@ -429,7 +443,26 @@ in
           is set), and every build substitutes from it, so no instance builds
           what another already built. The nix-daemon is told to trust it
           (`trusted-substituters`, `trusted-public-keys`). A `file://` directory
-          is created and made writable for the service.
+          is created and made writable for the service. Nixery writes to the
+          cache but the nix-daemon reads from it (substitution happens in the
+          daemon): an `s3://` cache's keys therefore go in
+          {option}`services.nixery.binaryCache.credentialsFile`, which both get,
+          not in {option}`services.nixery.environmentFile`, which only Nixery reads.
+        '';
+      };
+
+      credentialsFile = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "/run/secrets/nixery-cache-s3.env";
+        description = ''
+          For an `s3://` {option}`services.nixery.binaryCache.url`: a file of
+          `NAME=value` lines (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, or
+          `AWS_PROFILE` and `AWS_SHARED_CREDENTIALS_FILE`) that systemd reads
+          into the environment of both Nixery (which copies to the cache) and
+          the nix-daemon (which substitutes from it). Unset, both use what the
+          AWS SDK finds by itself (an instance role, say). A path as a string,
+          outside the Nix store.
         '';
       };
 
@@ -518,12 +551,20 @@ in
     nginx = {
       enable = mkEnableOption "an nginx virtual host in front of Nixery (TLS, buffering and timeouts for a public instance)";
       virtualHost = mkOption {
-        type = types.str;
+        type = types.nullOr types.str;
+        default = null;
         example = "nixery.example.org";
         description = ''
-          Name of the nginx virtual host that proxies to Nixery. TLS and the
-          like are set on `services.nginx.virtualHosts.<name>` as usual (for
-          example `enableACME` and `forceSSL`).
+          Name of the nginx virtual host that proxies to Nixery (needed with
+          {option}`services.nixery.nginx.enable`). TLS and the like are set on
+          `services.nginx.virtualHosts.<name>` as usual (for example
+          `enableACME` and `forceSSL`). Its location `/` waits for an answer
+          for the evaluation timeout plus {option}`services.nixery.nixTimeout`
+          plus 60 s (a manifest request evaluates, builds and uploads before
+          it sends anything). Downloads of substitutes have no total bound in
+          Nix (only `stalled-download-timeout` stops one that stalls): a client
+          whose pull outlasts it gets 504, while the build goes on and its
+          next pull is served from storage.
         '';
       };
     };
@@ -668,29 +709,30 @@ in
 
     trustedProxies = mkEnvOption "trustedProxies" {
       type = types.listOf types.str;
-      # nginx connects from loopback, and appends the client to X-Forwarded-For only with
-      # recommendedProxySettings (without them, it would pass on whatever the client sent).
-      default =
-        if cfg.nginx.enable && (config.services.nginx.recommendedProxySettings or false) then [ "127.0.0.1" "::1" ] else [ ];
-      defaultText = literalExpression ''
-        if config.services.nixery.nginx.enable && config.services.nginx.recommendedProxySettings
-        then [ "127.0.0.1" "::1" ] else [ ]'';
+      # nginx connects from loopback, and Nixery's location appends the client to
+      # X-Forwarded-For (its own recommendedProxySettings).
+      default = if cfg.nginx.enable then [ "127.0.0.1" "::1" ] else [ ];
+      defaultText = literalExpression ''if config.services.nixery.nginx.enable then [ "127.0.0.1" "::1" ] else [ ]'';
       example = [ "10.0.0.0/8" ];
       description = ''
         Addresses or CIDR networks of the reverse proxies in front of Nixery.
         From them, the client's address is read from `X-Forwarded-For` (the
         rightmost address that is not a trusted proxy) or `Forwarded`, and
         every per-client limit (new builds, connections, login lockouts) and
-        log uses it. With {option}`services.nixery.nginx.enable` (and nginx's
-        `recommendedProxySettings`, which append the client to
-        `X-Forwarded-For`), nginx's loopback addresses.
+        log uses it. With {option}`services.nixery.nginx.enable` (whose
+        location appends the client to `X-Forwarded-For`), nginx's loopback
+        addresses.
       '';
     };
 
     gracePeriod = mkEnvOption "gracePeriod" {
       type = types.nullOr (types.ints.between 0 604800);
       default = null;
-      description = "Seconds a stopping server lets builds and downloads finish (null: nixTimeout).";
+      description = ''
+        Seconds a stopping server lets builds and downloads finish (null:
+        nixTimeout). systemd's stop timeout (`TimeoutStopSec`) is this plus
+        30 s, so that a stop or `nixos-rebuild switch` does not cut it short.
+      '';
     };
 
     logLevel = mkEnvOption "logLevel" {
@@ -789,9 +831,9 @@ in
       }
       {
         assertion = lib.all (path: isAbsolute path && !inStore path) (
-          [ cfg.environmentFile ] ++ lib.attrValues credentials
+          [ cfg.environmentFile cfg.binaryCache.credentialsFile ] ++ lib.attrValues credentials
         );
-        message = "services.nixery: sshKeyFile, signing.keyFile, gcs.credentialsFile, binaryCache.secretKeyFile, htpasswdFile, tokenAuth.publicKeyFile and environmentFile must be absolute paths outside the Nix store (which anyone can read).";
+        message = "services.nixery: sshKeyFile, signing.keyFile, gcs.credentialsFile, binaryCache.secretKeyFile, binaryCache.credentialsFile, htpasswdFile, tokenAuth.publicKeyFile and environmentFile must be absolute paths outside the Nix store (which anyone can read).";
       }
       {
         assertion = cfg.gcs.credentialsFile != null -> cfg.bucket != null;
@@ -804,6 +846,14 @@ in
       {
         assertion = cfg.binaryCache.secretKeyFile != null -> cfg.binaryCache.url != null;
         message = "services.nixery: binaryCache.secretKeyFile needs binaryCache.url.";
+      }
+      {
+        assertion = cfg.nginx.enable -> cfg.nginx.virtualHost != null;
+        message = "services.nixery: nginx.enable needs nginx.virtualHost (the name nginx serves Nixery under).";
+      }
+      {
+        assertion = cfg.binaryCache.credentialsFile != null -> binaryCacheIsS3;
+        message = "services.nixery: binaryCache.credentialsFile only applies to an s3:// binaryCache.url.";
       }
       {
         assertion = cfg.nginx.enable -> !cfg.openFirewall;
@@ -820,6 +870,15 @@ in
       extra-trusted-substituters = [ cfg.binaryCache.url ];
       extra-trusted-public-keys = [ cfg.binaryCache.publicKey ];
     };
+
+    # The daemon substitutes from an s3:// cache with the same keys Nixery writes with.
+    systemd.services.nix-daemon = mkIf (cfg.binaryCache.credentialsFile != null) {
+      serviceConfig.EnvironmentFile = [ cfg.binaryCache.credentialsFile ];
+    };
+
+    # Every image's store paths stay in the store after their layers are
+    # stored; NixOS' own collection (nix.gc) removes those no root holds.
+    nix.gc.automatic = lib.mkDefault true;
 
     users.users.nixery = {
       isSystemUser = true;
@@ -853,10 +912,8 @@ in
         "${stateDir}/.ssh/known_hosts"."L+".argument = "${knownHostsFile}";
       };
 
-    services.nginx = mkIf cfg.nginx.enable {
+    services.nginx = mkIf (cfg.nginx.enable && cfg.nginx.virtualHost != null) {
       enable = true;
-      # Host, X-Forwarded-Host (the web page's pull command) and friends.
-      recommendedProxySettings = lib.mkDefault true;
       virtualHosts.${cfg.nginx.virtualHost} = {
         # Slow or idle clients wait on nginx, not on a Gunicorn thread.
         extraConfig = ''
@@ -869,12 +926,16 @@ in
         '';
         locations."/" = {
           proxyPass = "http://${upstreamHost}:${toString cfg.port}";
+          # Host, X-Forwarded-Host (the web page's pull command) and X-Forwarded-For,
+          # for this location only (not every virtual host of the machine).
+          recommendedProxySettings = true;
           extraConfig = ''
             proxy_request_buffering on;
             proxy_buffering on;
             proxy_connect_timeout 5s;
-            # A manifest request may build an image: up to nixTimeout, and more.
-            proxy_read_timeout ${toString (cfg.nixTimeout + 60)}s;
+            # A manifest request evaluates, builds and uploads before it answers
+            # (substitution has no total bound: see nginx.virtualHost).
+            proxy_read_timeout ${toString proxyReadTimeout}s;
             proxy_send_timeout 60s;
           '';
         };
@@ -899,8 +960,16 @@ in
         Group = "nixery";
         Restart = "on-failure";
         RestartSec = 5;
-        # Gunicorn finishes the requests in flight on SIGTERM.
-        TimeoutStopSec = 60;
+        # Gunicorn finishes the requests in flight on SIGTERM, for the grace period.
+        TimeoutStopSec = gracePeriod + stopMargin;
+        # SIGTERM to Gunicorn's master alone, which stops its workers gracefully; by
+        # default systemd signals every process of the unit, and the Nix clients of
+        # builds in flight die of it ("interrupted by the user"). What is left when
+        # the master has exited is killed.
+        KillMode = "mixed";
+        # Gunicorn's connections per worker plus the open files of builds and
+        # uploads; systemd's soft limit of 1024 is too low (harmonia sets the same).
+        LimitNOFILE = 65536;
 
         StateDirectory = "nixery";
         StateDirectoryMode = "0750";
@@ -911,7 +980,9 @@ in
         BindReadOnlyPaths = homeSources;
 
         LoadCredential = lib.mapAttrsToList (id: path: "${id}:${path}") credentials;
-        EnvironmentFile = optional (cfg.environmentFile != null) cfg.environmentFile;
+        EnvironmentFile =
+          optional (cfg.binaryCache.credentialsFile != null) cfg.binaryCache.credentialsFile
+          ++ optional (cfg.environmentFile != null) cfg.environmentFile;
 
         # Hardening. Builds happen in the nix-daemon, reached over its socket;
         # the service itself needs no privileges. MemoryDenyWriteExecute is

@@ -94,7 +94,8 @@ AUTH_VARIABLES = {"NIXERY_AUTH", "NIXERY_HTPASSWD", "NIXERY_TOKEN_REALM", "NIXER
                      "NIXERY_TOKEN_ISSUER", "NIXERY_TOKEN_PUBLIC_KEY"}
 # Options that set no variable of their own.
 OPTIONS_WITHOUT_VARIABLE = {"enable", "package", "openFirewall", "environmentFile", "extraEnvironment",
-                            "gcs.credentialsFile", "knownHosts", "nginx.enable", "nginx.virtualHost"}
+                            "gcs.credentialsFile", "knownHosts", "nginx.enable", "nginx.virtualHost",
+                            "binaryCache.credentialsFile"}
 # Variables without an option: the module sets them itself, they are an alias, a secret for
 # environmentFile, or rarely changed (extraEnvironment).
 VARIABLES_WITHOUT_OPTION = {"NIXERY_STATE_DIR", "BUCKET", "NIXERY_GIT_TOKEN", "NIXERY_CHANNEL_URL_TEMPLATE",
@@ -438,13 +439,17 @@ def test_module_nginx_front():
     # nginx (which appends the client's address to X-Forwarded-For) is trusted to name it.
     assert config["environment"]["NIXERY_TRUSTED_PROXIES"] == "127.0.0.1,::1"
     nginx = config["nginx"]
-    assert nginx["enable"] is True and nginx["recommendedProxySettings"] is True
+    # The proxy headers are Nixery's location's, not every virtual host's on the machine.
+    assert nginx["enable"] is True and "recommendedProxySettings" not in nginx
     host = nginx["virtualHosts"]["nixery.example.org"]
     assert "client_header_timeout 10s;" in host["extraConfig"]
     location = host["locations"]["/"]
-    assert location["proxyPass"] == "http://127.0.0.1:8080"
+    assert location["proxyPass"] == "http://127.0.0.1:8080" and location["recommendedProxySettings"] is True
     assert "proxy_buffering on;" in location["extraConfig"]
-    assert "proxy_read_timeout 360s;" in location["extraConfig"]
+    # Evaluation (NIXERY_EVAL_TIMEOUT, by default NIX_TIMEOUT) + build (NIX_TIMEOUT) + 60 s.
+    assert "proxy_read_timeout 660s;" in location["extraConfig"]
+    own_eval = module_config({"nginx": {"enable": True, "virtualHost": "n"}, "nixTimeout": 300, "evalTimeout": 40})
+    assert "proxy_read_timeout 400s;" in own_eval["nginx"]["virtualHosts"]["n"]["locations"]["/"]["extraConfig"]
     ipv6 = module_config({"nginx": {"enable": True, "virtualHost": "n"}, "listenAddress": "::1", "port": 9000})
     assert ipv6["nginx"]["virtualHosts"]["n"]["locations"]["/"]["proxyPass"] == "http://[::1]:9000"
 
@@ -465,11 +470,63 @@ def test_module_nginx_front():
     ({"binaryCache": {"url": "file:///c"}}, "binaryCache.url and binaryCache.publicKey together"),
     ({"binaryCache": {"secretKeyFile": "/run/k"}}, "needs binaryCache.url"),
     ({"nginx": {"enable": True, "virtualHost": "n"}, "openFirewall": True}, "keep Nixery's own port closed"),
+    ({"nginx": {"enable": True}}, "nginx.enable needs nginx.virtualHost"),
+    ({"binaryCache": {"url": "file:///c", "publicKey": "k:A", "credentialsFile": "/run/k.env"}},
+     "credentialsFile only applies to an s3://"),
+    ({"binaryCache": {"url": "s3://c", "publicKey": "k:A", "credentialsFile": "k.env"}}, "outside the Nix store"),
 ])
 @needs_lib
 def test_module_assertions(settings, message):
     failed = module_config(settings)["failed"]
     assert any(message in m for m in failed), failed
+
+
+@needs_lib
+@pytest.mark.parametrize("settings, timeout", [
+    ({}, 60 + 30), ({"nixTimeout": 120}, 120 + 30), ({"nixTimeout": 120, "gracePeriod": 600}, 600 + 30),
+    ({"nixTimeout": 600, "gracePeriod": 10}, 10 + 30),
+])
+def test_module_stop_timeout_follows_the_grace_period(settings, timeout):
+    """systemd waits out Nixery's grace period (gracePeriod, else nixTimeout) and 30 s for
+    Gunicorn to reap its workers before it kills: a stop never cuts a build short that Nixery
+    would let finish."""
+    config = module_config(settings)
+    assert config["serviceConfig"]["TimeoutStopSec"] == timeout
+    grace = nixery_config.load(config["environment"]).grace_period
+    assert config["serviceConfig"]["TimeoutStopSec"] == grace + 30
+    # Only Gunicorn's master gets SIGTERM: the Nix clients of builds in flight must not
+    # (tests/test_nixos_unit.py's stop during a build fails with systemd's default).
+    assert config["serviceConfig"]["KillMode"] == "mixed"
+
+
+@needs_lib
+def test_module_open_file_limit():
+    """Gunicorn's connections per worker (threads, clientConnections per address) plus builds'
+    and uploads' files exceed systemd's soft limit of 1024."""
+    assert module_config()["serviceConfig"]["LimitNOFILE"] == 65536
+
+
+@needs_lib
+def test_module_s3_binary_cache_keys_reach_the_daemon():
+    """The nix-daemon substitutes, so an s3:// cache's keys go to it as well as to Nixery
+    (which copies there); Nixery's own environmentFile stays Nixery's."""
+    config = module_config({"binaryCache": {"url": "s3://cache?endpoint=minio.example.org", "publicKey": "k-1:AAAA",
+                                            "credentialsFile": "/run/keys/cache-s3.env"},
+                            "environmentFile": "/run/keys/nixery.env"})
+    assert config["failed"] == []
+    assert config["daemon"]["serviceConfig"]["EnvironmentFile"] == ["/run/keys/cache-s3.env"]
+    assert config["serviceConfig"]["EnvironmentFile"] == ["/run/keys/cache-s3.env", "/run/keys/nixery.env"]
+    assert config["nixSettings"]["extra-trusted-substituters"] == ["s3://cache?endpoint=minio.example.org"]
+    # Without the option, the daemon is left as it is.
+    assert module_config()["daemon"] is None
+
+
+@needs_lib
+def test_module_collects_the_store():
+    """Built images' store paths are only a cache once their layers are stored: NixOS' own
+    collection runs, unless the system says otherwise."""
+    assert module_config()["nixGc"]["automatic"] is True
+    assert module_config(system={"nix": {"gc": {"automatic": False}}})["nixGc"]["automatic"] is False
 
 
 @needs_lib
@@ -619,7 +676,7 @@ def test_nix_flake_show_lists_the_outputs(tmp_path):
     for system in SYSTEMS:
         assert shown["packages"][system]["default"]["name"] == "nixery-0.1.0"
         assert set(shown["packages"][system]) == {"default", "nixery", "image"}
-        assert set(shown["checks"][system]) == {"package", "nixos"}
+        assert set(shown["checks"][system]) == {"package", "nixos", "nixos-hardening"}
         assert shown["apps"][system]["default"]["type"] == "app"
         assert shown["devShells"][system]["default"]["type"] == "derivation"
     assert shown["nixosModules"] == {"default": {"type": "nixos-module"}, "nixery": {"type": "nixos-module"}}
@@ -804,6 +861,27 @@ def test_vm_test_script_is_python():
     test = flake_value('with outputs.checks."x86_64-linux".nixos; { inherit name testScript; }')
     compile(test["testScript"], "testScript", "exec")
     assert "skopeo" in test["testScript"] and "/readyz" in test["testScript"]
+
+
+@needs_lib
+def test_vm_hardening_test_evaluates(busybox_dir):
+    """tests/nixos/hardening.nix (the flake's nixos-hardening check, which needs nixpkgs to run):
+    its script is Python, its node's services.nixery passes the module's assertions, and what
+    the script expects of the unit is what the module sets."""
+    test = flake_value('with outputs.checks."x86_64-linux".nixos-hardening; { inherit name testScript; }')
+    assert test["name"].endswith("nixery-hardening")
+    compile(test["testScript"], "testScript", "exec")
+    node = ('(outputs.checks."x86_64-linux".nixos-hardening.nodes.machine { inherit pkgs lib; config = { }; })'
+            '.services.nixery')
+    settings = flake_value(f'removeAttrs ({node}) [ "package" "pkgsPath" ]', busybox_dir=busybox_dir)
+    config = module_config({**settings, "pkgsPath": "/srv/pkgs"})
+    assert config["failed"] == []
+    service = config["serviceConfig"]
+    assert "TimeoutStopUSec=2min 30s" in test["testScript"] and service["TimeoutStopSec"] == 150
+    assert "KillMode=mixed" in test["testScript"] and service["KillMode"] == "mixed"
+    assert "LimitNOFILE=65536" in test["testScript"] and service["LimitNOFILE"] == 65536
+    assert config["nginx"]["virtualHosts"]["localhost"]["locations"]["/"]["proxyPass"] == "http://127.0.0.1:8080"
+    assert "docker://localhost/hello" in test["testScript"]
 
 
 @needs_lib

@@ -43,11 +43,13 @@ in
   options = flatten "" options.services.nixery;
   config = if service == null then null else {
     failed = map (a: a.message) (builtins.filter (a: !a.assertion) config.assertions);
-    inherit (service) environment serviceConfig after requires wants wantedBy;
+    inherit (service) description environment serviceConfig after requires wants wantedBy;
     users = { inherit (config.users) users groups; };
     firewall = config.networking.firewall.allowedTCPPorts;
     tmpfiles = config.systemd.tmpfiles.settings;
     nixSettings = config.nix.settings;
+    nixGc = config.nix.gc;
+    daemon = config.systemd.services.nix-daemon or null;
     nginx = config.services.nginx;
   };
 }

@@ -25,6 +25,7 @@ in
       };
       default = { };
     };
+    nix.gc.automatic = mkOption { type = types.bool; default = false; };
     services.nginx = loose;
     programs.ssh.knownHosts = mkOption {
       type = types.attrsOf (types.submodule ({ name, ... }: {
