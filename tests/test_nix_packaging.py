@@ -492,7 +492,7 @@ def test_module_stop_timeout_follows_the_grace_period(settings, timeout):
     would let finish."""
     config = module_config(settings)
     assert config["serviceConfig"]["TimeoutStopSec"] == timeout
-    grace = nixery_config.load(config["environment"]).grace_period
+    grace = nixery_config.load(config["environment"]).server.grace_period
     assert config["serviceConfig"]["TimeoutStopSec"] == grace + 30
     # Only Gunicorn's master gets SIGTERM: the Nix clients of builds in flight must not
     # (tests/test_nixos_unit.py's stop during a build fails with systemd's default).
