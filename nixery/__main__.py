@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+from typing import Optional, Sequence
 
 from . import __version__, config as configuration
 
@@ -32,8 +33,9 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"nixery {__version__}")
     parser.add_argument("--check-config", action="store_true",
-                        help="validate the configuration, check that Nix can build and storage can be written, "
-                             "print the configuration (secrets redacted) and exit")
+                        help="a dry run of start-up: validate the configuration (an unknown NIXERY_ variable is an "
+                             "error), check that Nix can build, storage can be written and the port bound, evaluate "
+                             "the package set once, print the configuration (secrets redacted), then \"ok\"")
     args = parser.parse_args(argv)
     try:
         config = configuration.load(os.environ)
@@ -41,8 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nixery: configuration error: {e}", file=sys.stderr)
         return 2
     from . import logs, preflight
-    logs.setup(config.log_level)
-    from .app import create_app, make_source, make_storage, with_platforms
+    logs.setup(config.log_level, config.log_format)
+    from .app import create_app, make_nix, make_source, make_storage, with_platforms
     from .popularity import PopularityError
     from .storage import StorageError
     try:
@@ -50,8 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     except StorageError as e:
         print(f"nixery: storage cannot be used: {e}", file=sys.stderr)
         return 2
-    findings = preflight.run(config, os.environ, storage,
-                             check_source=lambda: make_source(config).resolve("latest"))
+    # The set is evaluated by a dry run, and at start-up where that is cheap: a local set.
+    nix = make_nix(config)
+    source = preflight.SourceCheck(
+        resolve=lambda: make_source(config).resolve("latest"),
+        names=lambda source_args: nix.attribute_names(source_args, None)[""],
+        evaluate=args.check_config or config.source.kind is configuration.SourceKind.PATH)
+    findings = preflight.run(config, os.environ, storage, source)
     for finding in findings:
         if finding.fatal:
             print(f"nixery: {finding.message}", file=sys.stderr)
@@ -64,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_config:
         import json
         print(json.dumps(config.summary(), indent=2))
+        print("ok")
         return 0
     try:
         # Each worker builds its own app after the fork; building one here first
@@ -73,8 +81,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nixery: {e}", file=sys.stderr)
         return 2
     from .server import run
-    run(config, create_app)
+    run(config, create_app, example_image(config.source.kind, source.offered))
     return 0
+
+
+def example_image(kind: configuration.SourceKind, offered: Optional[Sequence[str]]) -> str:
+    """The name the start-up line suggests pulling: shell/hello where the set has hello (nixpkgs
+    does; a set not evaluated yet is assumed to be nixpkgs-like), else shell."""
+    if offered is None:
+        return "shell/hello" if kind is not configuration.SourceKind.PATH else "shell"
+    if "hello" not in offered:
+        return "shell"
+    return "shell/hello" if {"bashInteractive", "coreutils"} <= set(offered) else "hello"
 
 
 if __name__ == "__main__":

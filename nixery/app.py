@@ -53,6 +53,12 @@ def make_source(config: Config) -> Source:
                                  store=config.state.store))
 
 
+def make_nix(config: Config, metrics: Optional[Metrics] = None) -> Nix:
+    return Nix(config.nix_timeout, config.state.gcroots, on_invoke=metrics.count_nix if metrics else None,
+               cache=config.binary_cache, allow_unfree=config.allow_unfree, allowed_uris=config.allowed_uris,
+               eval_bounds=EvalBounds(config.limits.eval_memory, config.limits.eval_timeout))
+
+
 def with_platforms(config: Config, systems: Optional[Sequence[str]] = None) -> Config:
     """`config` with NIXERY_PLATFORMS filled in when unset: the platforms this instance's Nix
     builds (its system and extra-platforms; `systems` when the caller has read them already).
@@ -83,9 +89,7 @@ def create_app(config: Config, storage: Backend | None = None, *, builder: Manif
     in_progress = InProgress(config.state, on_change=metrics.count_in_progress)
     source = None
     if builder is None:
-        nix = Nix(config.nix_timeout, config.state.gcroots, on_invoke=metrics.count_nix, cache=config.binary_cache,
-                  allow_unfree=config.allow_unfree, allowed_uris=config.allowed_uris,
-                  eval_bounds=EvalBounds(config.limits.eval_memory, config.limits.eval_timeout))
+        nix = make_nix(config, metrics)
         source = make_source(config)
         systems = nix.systems()  # read once: the platforms offered and the systems refused before Nix
         platforms = tuple(image.PLATFORMS[name] for name in with_platforms(config, systems).platforms)

@@ -139,6 +139,12 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("NIXERY_GRACE_PERIOD", None,
              "Seconds a stopping server lets running builds and downloads finish (default: NIX_TIMEOUT)."),
     Variable("NIXERY_LOG_LEVEL", "INFO", "Log level: DEBUG, INFO, WARNING or ERROR."),
+    Variable("NIXERY_LOG_FORMAT", "auto",
+             "Log lines as json (one object a line, for collectors) or text (for people); auto: text when "
+             "stderr is a terminal, else json."),
+    Variable("NIXERY_IGNORE_VARIABLES", "",
+             "Comma-separated NIXERY_ variables that are not Nixery's (a wrapper's own settings): without this, "
+             "an unknown NIXERY_ variable stops start-up, as it is most likely a typo."),
     Variable("NIXERY_ACCESS_LOG", "false", "true: log every HTTP request as a JSON line (method, path, status, "
              "bytes, duration, client)."),
     Variable("NIXERY_HIDE_DETAILS", "false", "true: the web page shows no recent builds or errors and no server "
@@ -281,6 +287,9 @@ class Config:
     platforms: tuple[str, ...]
     nix_snapshotter: bool
     log_level: str
+    log_format: str
+    # NIXERY_ names that are not Nixery's and not a typo (NIXERY_IGNORE_VARIABLES).
+    ignored_variables: tuple[str, ...]
     auth: AuthConfig
     access_log: bool
     hide_details: bool
@@ -414,6 +423,17 @@ def _platforms(env: Mapping[str, str]) -> tuple[str, ...]:
         if platform not in PLATFORM_NAMES:
             raise ConfigError(f"NIXERY_PLATFORMS names {platform!r}; known platforms: {', '.join(PLATFORM_NAMES)}")
     return platforms
+
+
+def _ignored_variables(env: Mapping[str, str]) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(n.strip() for n in (env.get("NIXERY_IGNORE_VARIABLES") or "").split(",")
+                                if n.strip()))
+    for name in names:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise ConfigError(f"NIXERY_IGNORE_VARIABLES names {name!r}, which is not a variable name")
+        if name in VARIABLE_NAMES:
+            raise ConfigError(f"NIXERY_IGNORE_VARIABLES names {name}, which is Nixery's own variable")
+    return names
 
 
 def _trusted_proxies(env: Mapping[str, str]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
@@ -571,6 +591,8 @@ def load(env: Mapping[str, str] = os.environ) -> Config:
         platforms=_platforms(env),
         nix_snapshotter=_boolean(env, "NIXERY_NIX_SNAPSHOTTER"),
         log_level=_checked(env, "NIXERY_LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR"), str.upper),
+        log_format=_checked(env, "NIXERY_LOG_FORMAT", ("auto", "json", "text"), str.lower),
+        ignored_variables=_ignored_variables(env),
         access_log=_boolean(env, "NIXERY_ACCESS_LOG"),
         hide_details=_boolean(env, "NIXERY_HIDE_DETAILS"),
         allow_unfree=_boolean(env, "NIXERY_ALLOW_UNFREE"),

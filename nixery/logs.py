@@ -1,7 +1,9 @@
-"""Logs as one JSON object a line on stderr, for log collectors.
+"""Logs on stderr: one JSON object a line for log collectors, or one plain line for people.
 
 Fields passed with `extra=` (image, step, duration, reason, ...) become
 top-level keys, so a build's steps can be followed by grepping one image.
+Someone who starts `nixery` in a terminal reads the same lines as text
+(NIXERY_LOG_FORMAT=auto): time, level, message, then the fields as key=value.
 """
 
 from __future__ import annotations
@@ -17,6 +19,11 @@ from .parking import waited
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
 
+def _fields(record: logging.LogRecord) -> dict[str, object]:
+    """The record's `extra=` fields."""
+    return {key: value for key, value in vars(record).items() if key not in _STANDARD and not key.startswith("_")}
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
@@ -26,17 +33,44 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        for key, value in vars(record).items():
-            if key not in _STANDARD and not key.startswith("_"):
-                entry[key] = value
+        entry.update(_fields(record))
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
 
 
-def setup(level: str) -> None:
+class TextFormatter(logging.Formatter):
+    """`14:02:31 INFO    build started  image=shell/hello tag=latest`: a line to read, not to parse.
+    A field of several lines (Nix's whole log) follows, indented."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
+        inline, blocks = [], []
+        for key, value in _fields(record).items():
+            if value is None:
+                continue
+            shown = value if isinstance(value, str) else json.dumps(value, default=str, separators=(",", ":"))
+            if "\n" in shown.strip():
+                blocks.append(f"  {key}:\n" + "\n".join(f"    {line}" for line in shown.strip().splitlines()))
+            else:
+                inline.append(f"{key}={shown}")
+        line = f"{stamp} {record.levelname:<7} {record.getMessage()}"
+        if inline:
+            line += "  " + " ".join(inline)
+        if record.exc_info:
+            blocks.append(self.formatException(record.exc_info))
+        return "\n".join([line, *blocks])
+
+
+def formatter(log_format: str) -> logging.Formatter:
+    """NIXERY_LOG_FORMAT's formatter: `auto` is text on a terminal (someone is reading), JSON otherwise."""
+    text = log_format == "text" or (log_format == "auto" and sys.stderr.isatty())
+    return TextFormatter() if text else JsonFormatter()
+
+
+def setup(level: str, log_format: str = "json") -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
+    handler.setFormatter(formatter(log_format))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -7,6 +7,11 @@ turns one such cause into one line that names it and its fix. `nixery
 --check-config` and start-up run them all and stop on a fatal one; the rest
 are warnings. On a machine that is set up they cost well under a second: the
 build check's output path is fixed, so once built it is only looked up.
+
+`--check-config` is a dry run of start-up: an unknown NIXERY_ variable (a typo
+that would leave a default in place) is fatal, the port is bound, and the
+package set is evaluated once, as at start-up for a local set (a syntax error
+in it is Nix's message, not a 500 on the first pull).
 """
 
 from __future__ import annotations
@@ -16,14 +21,17 @@ import difflib
 import grp
 import os
 import pwd
+import errno
+import re
 import socket
 import subprocess
 from importlib import resources
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Optional, Sequence
 
-from .config import VARIABLE_NAMES, Config, SourceKind, redact_url
-from .nix import REQUIRED_COMMANDS, first_error_line
+from .config import VARIABLE_NAMES, Config, ServerConfig, SourceKind, redact_url
+from .nix import REQUIRED_COMMANDS, NixError, SourceArgs, first_error_line
+from .sources import Resolved
 from .nix.confine import SANDBOX_CHECK_OPTIONS, nix_environment
 from .storage import Backend, StorageError
 
@@ -56,6 +64,18 @@ class Finding:
     message: str
 
 
+@dataclasses.dataclass
+class SourceCheck:
+    """How the checks reach the package source: `resolve` its latest revision (a git remote is
+    fetched), and, where `evaluate`, list the top-level names of the set there with `names` (one
+    evaluation). `offered` then holds those names, for the start-up line's example."""
+
+    resolve: Callable[[], Resolved]
+    names: Callable[[SourceArgs], Sequence[str]]
+    evaluate: bool = False
+    offered: Optional[Sequence[str]] = None
+
+
 def error(message: str) -> Finding:
     return Finding(True, message)
 
@@ -65,27 +85,58 @@ def warning(message: str) -> Finding:
 
 
 def run(config: Config, env: Mapping[str, str], storage: Backend,
-        check_source: Optional[Callable[[], None]] = None) -> list[Finding]:
-    """Every finding, cheapest checks first; Nix is only tried once it is known to be there.
-
-    `check_source` reaches a git source's remote (it raises when it cannot)."""
-    findings = list(misspelt_variables(env))
-    findings += nix_findings(env)
+        source: Optional[SourceCheck] = None) -> list[Finding]:
+    """Every finding, cheapest checks first; Nix is only tried once it is known to be there,
+    and the package set only evaluated once Nix builds."""
+    findings = list(misspelt_variables(env, config.ignored_variables))
+    findings += port_findings(config.server)
+    nix = nix_findings(env)
+    findings += nix
     findings += storage_findings(storage, config)
-    findings += source_findings(config, check_source)
+    findings += source_findings(config, source if not any(f.fatal for f in nix) else None)
     return findings
 
 
-def misspelt_variables(env: Mapping[str, str]) -> Iterable[Finding]:
-    """A typo in a variable name silently leaves the default in place; name the intended one."""
+def misspelt_variables(env: Mapping[str, str], ignored: Sequence[str] = ()) -> Iterable[Finding]:
+    """A typo in a variable name silently leaves the default in place; name the intended one.
+    A NIXERY_ name that is not Nixery's stops start-up (it can only be meant for Nixery, unless
+    NIXERY_IGNORE_VARIABLES names it); others close to one of Nixery's are warnings, as they
+    may well be another program's."""
     for name in sorted(env):
-        if name in VARIABLE_NAMES or name in _NOT_OURS:
+        if name in VARIABLE_NAMES or name in _NOT_OURS or name in ignored:
             continue
         close = difflib.get_close_matches(name, sorted(VARIABLE_NAMES), n=1, cutoff=0.8)
-        if close:
+        if name.startswith("NIXERY_"):
+            meant = f"; did you mean {close[0]}?" if close else " (nixery --help lists them)."
+            yield error(f"{name} is not a Nixery variable{meant} If it is meant for another program, "
+                        f"list it in NIXERY_IGNORE_VARIABLES")
+        elif close:
             yield warning(f"{name} is not a Nixery variable and is ignored; did you mean {close[0]}?")
-        elif name.startswith("NIXERY_"):
-            yield warning(f"{name} is not a Nixery variable and is ignored (nixery --help lists them)")
+
+
+def port_findings(server: ServerConfig) -> list[Finding]:
+    """Binds the port once and lets it go: a port in use is one line naming PORT, not Gunicorn's
+    retries (ten lines over several seconds). What runs there may still take it in between; then
+    Gunicorn says so."""
+    family = socket.AF_INET6 if ":" in server.listen_address else socket.AF_INET
+    where = (f"[{server.listen_address}]:{server.port}" if family == socket.AF_INET6
+             else f"{server.listen_address}:{server.port}")
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Gunicorn binds
+            s.bind((server.listen_address, server.port))
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            return [error(f"PORT={server.port}: {where} is in use by another program: stop it, or set PORT "
+                          "to a free port")]
+        if e.errno == errno.EACCES:
+            return [error(f"PORT={server.port} is below 1024, which only root (or CAP_NET_BIND_SERVICE) may "
+                          "bind: set PORT to 1024 or above")]
+        if e.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT) or isinstance(e, socket.gaierror):
+            return [error(f"NIXERY_LISTEN_ADDRESS={server.listen_address} is not an address of this machine "
+                          f"({e.strerror or e}): use 0.0.0.0 (every address) or one that `ip address` lists")]
+        return [error(f"PORT={server.port}: cannot bind {where}: {e.strerror or e}")]
+    return []
 
 
 def nix_findings(env: Mapping[str, str]) -> list[Finding]:
@@ -228,16 +279,37 @@ def storage_findings(storage: Backend, config: Config) -> list[Finding]:
     return []
 
 
-def source_findings(config: Config, check_source: Optional[Callable[[], None]]) -> list[Finding]:
+_VARIABLE = {SourceKind.PATH: "NIXERY_PKGS_PATH", SourceKind.GIT: "NIXERY_PKGS_REPO",
+             SourceKind.CHANNEL: "NIXERY_CHANNEL"}
+# Where Nix's message points: "at /dir/default.nix:2:13:".
+_NIX_WHERE = re.compile(r"^\s*at (\S+:\d+:\d+):?\s*$", re.MULTILINE)
+
+
+def source_findings(config: Config, check: Optional[SourceCheck]) -> list[Finding]:
+    """A local set must have a default.nix; a git remote that cannot be reached is a warning (it
+    may be down for a while); a set that does not evaluate is fatal, except a channel's, whose
+    tarball may fail to download for a while."""
     source = config.source
     if source.kind is SourceKind.PATH and not (Path(source.argument) / "default.nix").is_file():
         return [error(f"NIXERY_PKGS_PATH={source.argument} has no default.nix: point it at the "
                       f"directory whose default.nix is the package set")]
-    if source.kind is SourceKind.GIT and check_source is not None:
-        try:
-            check_source()
-        except Exception as e:  # any failure to reach it is only a warning: the remote may be down
-            reason = getattr(e, "message", None) or str(e) or type(e).__name__
-            return [warning(f"NIXERY_PKGS_REPO={redact_url(source.argument)} cannot be reached now "
-                            f"({redact_url(reason)}); pulls fail until it can")]
+    if check is None or (source.kind is not SourceKind.GIT and not check.evaluate):
+        return []
+    variable = f"{_VARIABLE[source.kind]}={redact_url(source.argument)}"
+    try:
+        resolved = check.resolve()
+        args = resolved.args
+    except Exception as e:  # any failure to reach it is only a warning: the remote may be down
+        reason = getattr(e, "message", None) or str(e) or type(e).__name__
+        return [warning(f"{variable} cannot be reached now ({redact_url(reason)}); pulls fail until it can")]
+    if not check.evaluate:
+        return []
+    try:
+        check.offered = list(check.names(args))
+    except NixError as e:
+        where = _NIX_WHERE.search(e.log)
+        message = first_error_line(e.log) + (f" at {where.group(1)}" if where else "")
+        if source.kind is SourceKind.CHANNEL:
+            return [warning(f"{variable}: the channel cannot be evaluated now ({message}); pulls fail until it can")]
+        return [error(f"{variable}: the package set does not evaluate: {message}")]
     return []

@@ -14,7 +14,6 @@ from gunicorn.app.base import BaseApplication
 from prometheus_client import multiprocess, values
 
 from .config import Config
-from .logs import JsonFormatter
 from .nix import drop_gc_roots
 from .storage.filesystem import drop_partial_uploads
 
@@ -47,7 +46,8 @@ def gunicorn_options(config: Config) -> dict[str, Any]:
         # (or test servers) on one machine would fight over it, and Nixery does not use it.
         "control_socket_disable": True,
         "child_exit": _child_exit,
-        "logger_class": JsonGunicornLogger,
+        "when_ready": _when_ready,
+        "logger_class": NixeryGunicornLogger,
     }
 
 
@@ -76,16 +76,17 @@ class QuietProbes(logging.Filter):
         return True
 
 
-class JsonGunicornLogger(glogging.Logger):
-    """Gunicorn's own lines (start-up, worker boots and exits) in the JSON shape of Nixery's,
-    so that a log collector reading stderr gets nothing but JSON objects; clients' TLS probes
-    are not a warning each (`QuietProbes`)."""
+class NixeryGunicornLogger(glogging.Logger):
+    """Gunicorn's own lines (start-up, worker boots and exits) in the shape of Nixery's (the root
+    logger's format, which logs.setup chose), so that a log collector reading stderr gets nothing
+    but JSON objects; clients' TLS probes are not a warning each (`QuietProbes`)."""
 
     def setup(self, cfg: Any) -> None:
         super().setup(cfg)
         self.error_log.addFilter(QuietProbes())
+        ours = next((h.formatter for h in logging.getLogger().handlers if h.formatter), None)
         for handler in self.error_log.handlers:
-            handler.setFormatter(JsonFormatter())
+            handler.setFormatter(ours)
 
 
 def prepare_metrics_dir(directory: Path) -> None:
@@ -105,6 +106,21 @@ def prepare_metrics_dir(directory: Path) -> None:
     values.ValueClass = values.get_value_class()
 
 
+def local_url(config: Config) -> str:
+    """The address to open on this machine: localhost when Nixery listens on every address."""
+    address = config.server.listen_address
+    host = ("localhost" if address in ("0.0.0.0", "::", "") else f"[{address}]" if ":" in address else address)
+    return f"{host}:{config.server.port}"
+
+
+def _when_ready(server: Any) -> None:
+    """Once the port is bound: where to go and what to pull, the line someone starting Nixery looks for."""
+    app = server.app
+    host = local_url(app.config)
+    log.info(f"listening on http://{host}, try: docker pull {host}/{app.example}",
+             extra={"url": f"http://{host}", "example": f"{host}/{app.example}"})
+
+
 def _child_exit(server: Any, worker: Any) -> None:
     """A dead worker's live gauges stop counting (its counters stay in the sums, as they
     happened), and the GC roots of a build it did not finish are let go, and so are the
@@ -120,9 +136,10 @@ class NixeryServer(BaseApplication):
     """Gunicorn with Nixery's settings; each worker makes its app with `app_factory`,
     its metrics summed across workers through the state layout's `prometheus` folder."""
 
-    def __init__(self, config: Config, app_factory: Callable[..., Any]):
+    def __init__(self, config: Config, app_factory: Callable[..., Any], example: str = "shell"):
         self.config = config
         self.app_factory = app_factory
+        self.example = example
         super().__init__()
 
     def load_config(self) -> None:
@@ -138,8 +155,9 @@ class NixeryServer(BaseApplication):
         return app
 
 
-def run(config: Config, app_factory: Callable[..., Any]) -> None:
+def run(config: Config, app_factory: Callable[..., Any], example: str = "shell") -> None:
+    """Serves until stopped; `example` is the image name the start-up line suggests pulling."""
     log.info("starting nixery", extra={"config": json.loads(json.dumps(config.summary()))})
     prepare_metrics_dir(config.state.prometheus)
     drop_gc_roots(config.state.gcroots)
-    NixeryServer(config, app_factory).run()
+    NixeryServer(config, app_factory, example).run()

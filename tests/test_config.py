@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from nixery import config
+from support import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -129,7 +130,7 @@ def test_help_describes_every_variable():
 def test_check_config_prints_the_effective_configuration(tmp_path):
     (tmp_path / "default.nix").write_text("{ }\n")
     result = run_nixery("--check-config", NIXERY_PKGS_PATH=str(tmp_path), STORAGE_PATH=str(tmp_path / "s"),
-                        NIXERY_GIT_TOKEN="tok3n")
+                        NIXERY_GIT_TOKEN="tok3n", PORT=str(free_port()))
     assert result.returncode == 0, result.stderr
     assert '"kind": "path"' in result.stdout and "tok3n" not in result.stdout
 

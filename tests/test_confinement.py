@@ -30,7 +30,7 @@ import pytest
 import requests
 
 from pkgset import make_package_set
-from support import NIX_ENV, chroot_run, pull_and_unpack, skopeo_pull
+from support import NIX_ENV, chroot_run, free_port, pull_and_unpack, skopeo_pull
 from nixery import preflight
 from nixery.nix import confine
 from nixery.config import VARIABLE_NAMES
@@ -388,6 +388,6 @@ def test_where_nix_cannot_sandbox_start_up_warns(pkgset, tmp_path):
     assert "Nix cannot sandbox builds here" in result.stderr and "reach the network" in result.stderr, result.stderr
     on_this_machine = subprocess.run([str(python), "-m", "nixery", "--check-config"], capture_output=True, text=True,
                                      timeout=300, cwd=tmp_path, env={**os.environ, **env, "HOME": str(tmp_path),
-                                     "PATH": os.environ["PATH"], "STORAGE_PATH": str(tmp_path / "storage"),
+                                     "PATH": os.environ["PATH"], "STORAGE_PATH": str(tmp_path / "storage"), "PORT": str(free_port()),
                                      "NIXERY_STATE_DIR": str(tmp_path / "state")})
     assert on_this_machine.returncode == 0 and "sandbox" not in on_this_machine.stderr, on_this_machine.stderr

@@ -10,13 +10,18 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import re
 import shlex
+import socket
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from support import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,7 +31,7 @@ def nixery_env(tmp_path: Path, **env: str) -> dict[str, str]:
     pkgs = tmp_path / "pkgs"
     pkgs.mkdir(exist_ok=True)
     (pkgs / "default.nix").write_text("{ }\n")
-    return {**clean, "PYTHONPATH": str(ROOT), "NIXERY_PKGS_PATH": str(pkgs),
+    return {**clean, "PYTHONPATH": str(ROOT), "NIXERY_PKGS_PATH": str(pkgs), "PORT": str(free_port()),
             "STORAGE_PATH": str(tmp_path / "storage"), "NIXERY_STATE_DIR": str(tmp_path / "state"), **env}
 
 
@@ -59,7 +64,8 @@ def test_a_machine_that_is_set_up_passes_without_warnings(tmp_path):
         result = check_config(env)
         assert result.returncode == 0, result.stderr
         assert warnings(result) == []
-        assert json.loads(result.stdout)["source"]["kind"] == "path"
+        *summary, last = result.stdout.splitlines()
+        assert last == "ok" and json.loads("\n".join(summary))["source"]["kind"] == "path"
 
 
 def test_nix_not_on_path(tmp_path):
@@ -126,13 +132,79 @@ def test_unreachable_git_source_is_a_warning(tmp_path):
     assert any("NIXERY_PKGS_REPO" in w and "cannot be reached" in w for w in warnings(result)), result.stderr
 
 
-@pytest.mark.parametrize("typo, meant", [
-    ("NIXERY_PKG_PATH", "NIXERY_PKGS_PATH"), ("NIX_TIMOUT", "NIX_TIMEOUT"), ("GCS_BUCKT", "GCS_BUCKET"),
-])
+@pytest.mark.parametrize("typo, meant", [("NIX_TIMOUT", "NIX_TIMEOUT"), ("GCS_BUCKT", "GCS_BUCKET")])
 def test_misspelt_variables_name_the_real_one(tmp_path, typo, meant):
+    """Names without NIXERY_ may be another program's: a warning."""
     result = check_config(nixery_env(tmp_path, **{typo: "1"}))
     assert result.returncode == 0, result.stderr
     assert f"{typo} is not a Nixery variable and is ignored; did you mean {meant}?" in warnings(result)
+
+
+def test_unknown_nixery_variable_stops_with_the_one_meant(tmp_path):
+    """The package source left at its default (nixos-unstable) by a typo is not served quietly."""
+    line = fatal_line(check_config(nixery_env(tmp_path, NIXERY_PKG_PATH=str(tmp_path / "pkgs"))))
+    assert "NIXERY_PKG_PATH is not a Nixery variable; did you mean NIXERY_PKGS_PATH?" in line
+    assert "NIXERY_IGNORE_VARIABLES" in line
+    # Start-up stops the same way, before Gunicorn.
+    started = subprocess.run([sys.executable, "-m", "nixery"], capture_output=True, text=True, timeout=60,
+                             env=nixery_env(tmp_path, NIXERY_PKG_PATH="x"))
+    assert started.returncode == 2 and "did you mean NIXERY_PKGS_PATH?" in started.stderr, started.stderr
+    # A variable of another program's is let through by name.
+    wrapper = nixery_env(tmp_path, NIXERY_WRAPPER_MODE="blue", NIXERY_IGNORE_VARIABLES="NIXERY_WRAPPER_MODE")
+    assert check_config(wrapper).returncode == 0
+    assert "NIXERY_WRAPPER_MODE" in fatal_line(check_config({**wrapper, "NIXERY_IGNORE_VARIABLES": ""}))
+
+
+def test_package_set_that_does_not_parse_fails_with_nix_message(tmp_path):
+    env = nixery_env(tmp_path)
+    Path(env["NIXERY_PKGS_PATH"], "default.nix").write_text("{ system ? builtins.currentSystem }:\n{ hello = 1 }\n")
+    line = fatal_line(check_config(env))
+    assert f"NIXERY_PKGS_PATH={env['NIXERY_PKGS_PATH']}: the package set does not evaluate" in line
+    assert "error: syntax error, unexpected '}'" in line and f"{env['NIXERY_PKGS_PATH']}/default.nix:2:13" in line
+
+
+def test_port_in_use_is_one_line_naming_port(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = nixery_env(tmp_path, PORT=str(port), NIXERY_LISTEN_ADDRESS="127.0.0.1")
+        line = fatal_line(check_config(env))
+        assert line == f"nixery: PORT={port}: 127.0.0.1:{port} is in use by another program: stop it, or set " \
+                       "PORT to a free port"
+        started = time.monotonic()
+        serving = subprocess.run([sys.executable, "-m", "nixery"], capture_output=True, text=True, timeout=60,
+                                 env=env)
+        took = time.monotonic() - started
+    assert serving.returncode == 2 and serving.stderr.strip() == line, serving.stderr
+    assert took < 5, f"Gunicorn's retries take seconds; the check took {took:.1f}s"
+
+
+def test_logs_are_text_on_a_terminal(tmp_path):
+    """Someone who starts Nixery in a terminal reads lines, not JSON; NIXERY_LOG_FORMAT=json keeps JSON there."""
+    def on_a_terminal(**env: str) -> str:
+        leader, follower = pty.openpty()
+        with os.fdopen(leader, "rb", buffering=0) as terminal:
+            proc = subprocess.Popen([sys.executable, "-m", "nixery", "--check-config"], stdout=subprocess.DEVNULL,
+                                    stderr=follower, env=nixery_env(tmp_path, NIX_TIMOUT="1", **env))
+            os.close(follower)
+            proc.wait(timeout=120)
+            out = b""
+            while True:
+                try:
+                    chunk = terminal.read(65536)
+                except OSError:  # EIO: the other side is closed
+                    break
+                if not chunk:
+                    break
+                out += chunk
+        return out.decode()
+
+    text = on_a_terminal()
+    assert re.search(r"^\d\d:\d\d:\d\d WARNING +NIX_TIMOUT is not a Nixery variable", text, re.MULTILINE), text
+    assert "{" not in text
+    as_json = [json.loads(line) for line in on_a_terminal(NIXERY_LOG_FORMAT="json").splitlines() if line.strip()]
+    assert any(entry["message"].startswith("NIX_TIMOUT is not") for entry in as_json), as_json
 
 
 def test_nix_own_variables_are_not_typos(tmp_path):

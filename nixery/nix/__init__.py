@@ -361,13 +361,14 @@ class Nix:
         return tuple(dict.fromkeys([*systems, *sorted(remote_builder_systems(builders))]))
 
     def _helper_args(self, names: Sequence[str], optional: Sequence[str], source: SourceArgs,
-                     system: str) -> list[str]:
+                     system: Optional[str]) -> list[str]:
+        """helper.nix's arguments; without a `system`, Nix's own (builtins.currentSystem)."""
         return [*evaluation_options(source.kind, source.argument, self.allowed_uris), str(HELPER),
                 "--argstr", "packages", json.dumps(list(names)),
                 "--argstr", "optional", json.dumps(list(optional)),
                 "--argstr", "srcType", source.kind,
                 "--argstr", "srcArgs", source.argument,
-                "--argstr", "system", system,
+                *(["--argstr", "system", system] if system else []),
                 "--argstr", "allowUnfree", "true" if self.allow_unfree else "false"]
 
     def resolve(self, names: Sequence[str], optional: Sequence[str], source: SourceArgs,
@@ -395,6 +396,17 @@ class Nix:
         if unknown:
             raise unknown
         return Resolved(data["packages"], data["derivations"])
+
+    def attribute_names(self, source: SourceArgs, system: Optional[str],
+                        sets: Sequence[str] = ("",)) -> dict[str, list[str]]:
+        """The attribute names of the package set's `sets` (dotted paths; "" is the top level), from
+        one evaluation within the evaluation bounds: the package search, and the start-up check
+        that the set evaluates at all (Nix's error, a syntax error say, raises NixError)."""
+        raw = self._evaluate(["nix-instantiate", "--eval", "--strict", "--json", "-A", "attributes",
+                              *self._helper_args([], [], source, system),
+                              "--argstr", "namesOf", json.dumps(list(sets))],
+                             f"listing the packages of {source.description}")
+        return {path: [str(name) for name in names] for path, names in json.loads(raw).items()}
 
     def _explained(self, problems: Sequence[Problem], source: SourceArgs, system: str) -> list[Problem]:
         """Names that throw get the set's own message: `explain` evaluates each without catching

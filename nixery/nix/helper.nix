@@ -14,6 +14,7 @@
 #   listed    JSON list of set paths ("" is the top level) whose attribute names the service
 #             holds already for this revision; the names of other sets an unknown name stopped
 #             in are returned, for "did you mean"
+#   namesOf   JSON list of set paths whose attribute names `attributes` lists
 #
 # Attributes:
 #   resolve   data for the service: { unsupported = null or why; unknown = [ names ];
@@ -26,12 +27,15 @@
 #             message (an alias that throws "has been removed"), for the names `resolve`
 #             reported as `throws` or `fails`
 #   contents  the resolved derivations, in the order of `packages` then `optional`
+#   attributes  { set path = [ names ]; } for the paths of `namesOf` (a path that is not a set
+#             of packages lists none): the package search, and the start-up check that the
+#             set evaluates at all
 #
 # The set gets an explicit `config` (and no overlays) when it takes them, as nixpkgs does, so
 # that the service user's ~/.config/nixpkgs does not change what is served; the service runs
 # Nix without NIXPKGS_ALLOW_* variables, which nixpkgs reads itself.
 { packages ? "[]", optional ? "[]", srcType ? "path", srcArgs ? "", system ? builtins.currentSystem,
-  allowUnfree ? "false", listed ? "[]" }:
+  allowUnfree ? "false", listed ? "[]", namesOf ? "[]" }:
 let
   names = builtins.fromJSON packages;
   optionalNames = builtins.fromJSON optional;
@@ -163,6 +167,10 @@ let
   setsToList = builtins.filter (path: !(builtins.elem path listedSets))
     (builtins.attrNames (builtins.listToAttrs (map (r: { name = r.value.missing; value = null; }) missing)));
   setAt = path: if path == "" then pkgs else builtins.foldl' (set: part: set.${part}) pkgs (parts path);
+  # As setAt, for any path a caller names: null where a step is missing, throws or is no set.
+  isSet = v: try (builtins.isAttrs v && (v.type or null) != "derivation") false;
+  setAtOrNull = path: if path == "" then pkgs else builtins.foldl'
+    (set: part: if set != null && isSet set then try (set.${part} or null) null else null) pkgs (parts path);
 in
 {
   # `unsupported` is null, or why the set cannot build for `system` (then nothing resolves).
@@ -178,6 +186,10 @@ in
     derivations = builtins.listToAttrs (map (r: { inherit (r) name; value = r.value.ok.realise; }) found);
   };
   contents = map (r: (walk r.name).value) found;
+  attributes = if systemError != null then throw "nixery: ${systemError}" else
+    builtins.listToAttrs (map (path: { name = path; value =
+      let set = setAtOrNull path; in if set != null && isSet set then builtins.attrNames set else [ ]; })
+      (builtins.fromJSON namesOf));
   # No tryEval: evaluating this fails with the set's own error for the first name that has one.
   explain = map (n: let v = (walk n).value; in
     if builtins.isAttrs v && (v.type or null) == "derivation" then builtins.seq v.drvPath v.outPath else builtins.seq v null) names;
