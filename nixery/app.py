@@ -14,6 +14,7 @@ from .api import API_VERSION_HEADER, VersionCheck
 from .auth import AuthMiddleware
 from .clients import RealClient, TrustedProxies
 from .builder import Builder, ManifestBuilder
+from .catalog import Catalog
 from .config import Config, SourceKind
 from .metrics import Metrics, MetricsMiddleware, MetricsResource
 from .nix import EvalBounds, Nix
@@ -24,6 +25,7 @@ from .progress import InProgress
 from .routes import RegistryRouter
 from .sources import Source
 from .storage import Backend
+from .suggest import Suggestions
 
 log = logging.getLogger(__name__)
 
@@ -88,16 +90,19 @@ def create_app(config: Config, storage: Backend | None = None, *, builder: Manif
     history = BuildHistory(config.state)
     in_progress = InProgress(config.state, on_change=metrics.count_in_progress)
     source = None
+    catalog = None
     if builder is None:
         nix = make_nix(config, metrics)
         source = make_source(config)
         systems = nix.systems()  # read once: the platforms offered and the systems refused before Nix
         platforms = tuple(image.PLATFORMS[name] for name in with_platforms(config, systems).platforms)
+        suggestions = Suggestions()  # the names of the set, for "did you mean" and the search
         builder = Builder(storage, nix, source, popularity.load(config.popularity_url),
                           config.layer_budget, config.state, platforms=platforms,
                           nix_snapshotter=config.nix_snapshotter, systems=systems, in_progress=in_progress,
-                          limits=config.limits,
+                          limits=config.limits, suggestions=suggestions,
                           explain=error_handlers.as_registry_error)
+        catalog = Catalog(nix, source, suggestions, platforms[0].nix_system if platforms else None)
     auth = AuthMiddleware(config.auth, FailedLogins(config.state),
                           on_check=metrics.count_password_check)
     # The real client first: every other middleware reads its address.
@@ -111,6 +116,6 @@ def create_app(config: Config, storage: Backend | None = None, *, builder: Manif
     app.add_route("/v2", VersionCheck())
     api.add_routes(router, builder, storage, source or make_source(config), config.limits.max_packages)
     app.add_route("/metrics", MetricsResource(metrics))
-    web.add_routes(app, config, history, in_progress)
+    web.add_routes(app, config, history, in_progress, catalog)
     health.add_routes(app, storage)
     return app

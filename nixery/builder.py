@@ -23,7 +23,7 @@ from .image import OPTIONAL_PACKAGES, Architecture, Image
 from .nix import PROGRESS_RE, Closure, Nix, NixError, UnavailablePackages, UnknownPackages, UnsupportedSystem, listening
 from .nix import Resolved as Evaluation
 from .parking import Parking
-from .progress import InProgress, Tracker
+from .progress import InProgress, LineBudget, Tracker
 from .sources import Resolved, Source
 from .stats import BuildStats, combined
 from .storage import Backend, blob_key
@@ -63,14 +63,20 @@ def in_media_type(storage: Backend, document: manifest.Document, media_type: str
     return oci
 
 
-def _heard(image: str, tracker: Tracker, line: str) -> None:
-    """A line Nix wrote while building `image`: its progress goes to the log and the page as it
-    happens, builders' own output only to the debug log (the whole of it is logged if Nix fails)."""
-    if PROGRESS_RE.match(line):
-        log.info("nix progress", extra={"image": image, "nix": line})
-        tracker.note(line)
-    elif line:
+def _heard(image: str, tracker: Tracker, budget: LineBudget, line: str) -> None:
+    """A line Nix wrote while building `image`, in the log at INFO as it happens (Nix's own progress
+    lines always, builders' output within `budget`, the rest at DEBUG: the whole of it is logged if
+    Nix fails) and on the page as the build's latest line."""
+    if not line:
+        return
+    progress = bool(PROGRESS_RE.match(line))
+    if progress or budget.take():
+        held = budget.release_held()
+        log.info("nix progress" if progress else "nix output",
+                 extra={"image": image, "nix": line, **({"lines_not_shown": held} if held else {})})
+    else:
         log.debug("nix output", extra={"image": image, "nix": line})
+    tracker.note(line)
 
 
 class Builder:
@@ -148,8 +154,9 @@ class Builder:
         revision = source.cache_key or redact_url(f"{source.args.kind}:{source.args.argument}")
         log.info("build started", extra={"image": image.name, "tag": image.tag, "packages": list(image.packages),
                                          "system": image.arch.nix_system, "revision": revision})
+        budget = LineBudget()
         with self.in_progress.build(image.name, image.tag, image.packages, revision) as tracker, \
-                listening(lambda line: _heard(image.name, tracker, line)):
+                listening(lambda line: _heard(image.name, tracker, budget, line)):
             step = lambda name, fn: self._timed(stats, tracker, name, fn)  # noqa: E731
             try:
                 with self.nix.gc_roots() as roots:

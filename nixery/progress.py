@@ -2,7 +2,7 @@
 
 A build can take minutes, and Gunicorn's workers share nothing in memory, so
 each build in progress keeps a row in the state database (nixery/state.py),
-rewritten at each step and at most twice a second for Nix's progress lines,
+rewritten at each step and at most twice a second for Nix's output lines,
 removed when the build ends. A worker that dies mid-build leaves its row
 behind: readers drop rows whose process is gone.
 """
@@ -22,6 +22,44 @@ from .state import StateError, Store
 
 # Nix's progress lines rewrite the row at most this often.
 NOTE_INTERVAL = 0.5
+# Builders' output in the log at INFO: at most this many lines a second per build, after a first burst.
+LINES_PER_SECOND = 2.0
+LINES_BURST = 20
+
+
+class LineBudget:
+    """How many of a build's output lines go to the log at INFO: a token bucket (`burst` lines at
+    once, then `rate` a second), so that a build that prints little shows all of it as it runs and
+    one that prints a megabyte a second cannot flood the log. `held` counts the lines refused since
+    the last one taken (they go to the debug log only)."""
+
+    def __init__(self, rate: float = LINES_PER_SECOND, burst: int = LINES_BURST,
+                 clock: Callable[[], float] = time.monotonic):
+        self.rate = rate
+        self.burst = burst
+        self.clock = clock
+        self.tokens = float(burst)
+        self.at = clock()
+        self.held = 0
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        with self._lock:
+            now = self.clock()
+            self.tokens = min(float(self.burst), self.tokens + (now - self.at) * self.rate)
+            self.at = now
+            if self.tokens >= 1:
+                self.tokens -= 1
+                return True
+            self.held += 1
+            return False
+
+    def release_held(self) -> int:
+        """The lines held back since the last call (and forgets them)."""
+        with self._lock:
+            held, self.held = self.held, 0
+            return held
+
 
 
 class Tracker:
@@ -42,8 +80,8 @@ class Tracker:
         self._write()
 
     def note(self, line: str) -> None:
-        """The latest Nix progress line ("building '/nix/store/...drv'"); a burst of lines is written
-        once per NOTE_INTERVAL, the last of it when the interval is over."""
+        """The latest line of Nix's output ("building '/nix/store/...drv'", or the builder's own); a
+        burst of lines is written once per NOTE_INTERVAL, the last of it when the interval is over."""
         with self._lock:
             self.item["detail"] = line[:300]
             wait = NOTE_INTERVAL - (time.monotonic() - self._written)

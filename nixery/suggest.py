@@ -38,6 +38,19 @@ class NameIndex:
     def __len__(self) -> int:
         return len(self.names)
 
+    def search(self, query: str, limit: int) -> tuple[list[str], int]:
+        """Up to `limit` names containing `query` (ignoring case): the name itself, then those
+        starting with it, then the rest, shorter first; close names after them ("helo" finds
+        hello). With them, how many names matched in all."""
+        word = query.lower()
+        if not word:
+            return self.names[:limit], len(self.names)
+        ranked = sorted((0 if lowered == word else 1 if lowered.startswith(word) else 2, len(name), name)
+                        for name, lowered in zip(self.names, self.lowered) if word in lowered)
+        found = [name for _, _, name in ranked]
+        found += [name for name in self.close(query) if word not in name.lower()]
+        return found[:limit], len(found)
+
     def close(self, word: str, limit: int = SUGGESTIONS_MAX) -> list[str]:
         """Up to `limit` names like `word`, best first (ties by name), none much worse than the best."""
         found = process.extract(word.lower(), self.lowered, scorer=fuzz.ratio, limit=limit * 4,
@@ -70,6 +83,12 @@ class Suggestions:
             self._revisions.move_to_end(revision)
             while len(self._revisions) > REVISIONS_KEPT:
                 self._revisions.popitem(last=False)
+
+    def index(self, revision: str, pinned: bool, set_path: str = "") -> Optional[NameIndex]:
+        """The names held for `revision`'s set at `set_path`, if they are (and not too old)."""
+        with self._lock:
+            entry = self._entry(revision, pinned)
+            return entry[1].get(set_path) if entry else None
 
     def suggest(self, revision: str, name: str, set_path: str) -> list[str]:
         """Full dotted names like `name` in the set at `set_path` ("" for the top level)."""

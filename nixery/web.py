@@ -1,13 +1,15 @@
-"""The web page at `/`: what Nixery is, how to pull, recent builds, this instance's settings.
+"""The web page at `/`: what Nixery is, how to pull, which packages there are, builds, this instance's settings.
 
 Someone who opens the registry's address in a browser should understand it in
 a minute, and someone whose pull failed should find out why. The page is
 rendered on the server from the templates in static/ (`page.html`, `index.html`,
 `404.html`, and `fragments.html` for the pieces that depend on the instance),
 with string.Template and every value passed through `html.escape` unless it
-is a filled template itself, so it needs no JavaScript; its stylesheet and icon come
-from static/ as well, and a Content-Security-Policy header keeps the page from
-loading anything else. Paths outside `/v2/` that are not a page get an HTML
+is a filled template itself, so it needs no JavaScript: the package search is a
+form the server answers, and while builds run the page reloads itself (a meta
+refresh) to show their progress. Its stylesheet and icon come from static/ as
+well, and a Content-Security-Policy header keeps the page from loading anything
+else. Paths outside `/v2/` that are not a page get an HTML
 404, not the index, so a mistyped link does not look like a working one.
 """
 
@@ -19,12 +21,14 @@ import re
 import string
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 import falcon
 
 from . import image
+from .catalog import Catalog, QueryError
 from .config import AuthLevel, Config, SourceKind, redact_url
+from .errors import RegistryError
 from .history import BuildHistory
 from .progress import InProgress
 
@@ -32,12 +36,15 @@ STATIC_PACKAGE = "nixery.static"
 CONTENT_TYPES = {".css": "text/css; charset=utf-8", ".svg": "image/svg+xml"}
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; style-src 'self'; img-src 'self'; "
-                               "base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+                               "base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
 }
 BUILDS_SHOWN = 15
+# Of each kind: build failures, and requests rejected (typos, mostly), which cannot push them off.
 ERRORS_SHOWN = 10
+# Seconds between reloads of the page while builds run.
+REFRESH_SECONDS = 3
 # What a Host header may look like: a name or IPv4 address, or a bracketed IPv6 address, with a port.
 _HOST_RE = re.compile(r"([A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?")
 PLACEHOLDER_HOST = "nixery.example.com"
@@ -123,8 +130,8 @@ class Templates:
         items = [self("code", name=n) for n in names]
         return items[0] if len(items) == 1 else Html(", ".join(items[:-1]) + " and " + items[-1])
 
-    def page(self, title: str, host: str, body: Html) -> str:
-        return self.fill(self.layout, title=title, host=host, body=body)
+    def page(self, title: str, host: str, body: Html, head: Html = Html()) -> str:
+        return self.fill(self.layout, title=title, host=host, body=body, head=head)
 
 
 def _send_html(resp: falcon.Response, text: str, status: int = 200) -> None:
@@ -167,13 +174,16 @@ class SourceText:
 
 
 class IndexPage:
-    """`/`: the documentation, recent builds and errors, and the configuration that is safe to show."""
+    """`/`: the documentation, the package search, builds running and recent builds and errors, and the
+    configuration that is safe to show."""
 
-    def __init__(self, config: Config, store: BuildHistory, templates: Templates, in_progress: InProgress):
+    def __init__(self, config: Config, store: BuildHistory, templates: Templates, in_progress: InProgress,
+                 catalog: Optional[Catalog]):
         self.config = config
         self.store = store
         self.t = templates
         self.in_progress = in_progress
+        self.catalog = catalog
         self.source = SourceText(config, templates)
         # Image names and build errors of a private instance are for those who may pull; a public
         # one may keep them to itself (NIXERY_HIDE_DETAILS).
@@ -183,16 +193,21 @@ class IndexPage:
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         host = request_host(req)
         t = self.t
+        running, head = Html(), Html()
         if self.hidden:
             which = "private" if self.private else "hidden"
             builds, errors = t(f"builds-{which}"), t(f"errors-{which}")
         else:
-            builds = Html(in_progress_table(t, self.in_progress.builds())
-                          + builds_table(t, self.store.builds()[:BUILDS_SHOWN]))
-            errors = errors_list(t, self.store.errors()[:ERRORS_SHOWN])
+            now = self.in_progress.builds()
+            if now:
+                running, head = in_progress_table(t, now), t("refresh", seconds=REFRESH_SECONDS)
+            builds = builds_table(t, self.store.builds()[:BUILDS_SHOWN])
+            errors = errors_lists(t, self.store.errors())
         body = t.fill(
             t.index,
             host=host,
+            running=running,
+            search=self.search(req.get_param("q")),
             pull_note=t("plain-http", host=host) if req.forwarded_scheme == "http" else Html(),
             login=login_text(t, self.config, host),
             meta_rows=_meta_rows(t),
@@ -209,9 +224,32 @@ class IndexPage:
                                      else t("platforms-default")),
                           access=t(f"access-{self.config.auth.level.value}")),
         )
-        _send_html(resp, t.page("Nixery: container images built on demand with Nix", host, body))
+        _send_html(resp, t.page("Nixery: container images built on demand with Nix", host, body, head))
 
     on_head = on_get
+
+    def search(self, query: Optional[str]) -> Html:
+        """The search form, and what it found for `query` (None: nothing asked yet)."""
+        t = self.t
+        if self.catalog is None:
+            return Html()
+        if self.private:
+            return t("search-private")
+        if query is None:
+            return t("search", query="", results=Html())
+        try:
+            found = self.catalog.search(query)
+        except Exception as e:  # the page still shows, with the reason the set cannot be searched
+            from .error_handlers import as_registry_error
+            reason = str(e) if isinstance(e, QueryError) else as_registry_error(e).message
+            return t("search", query=query, results=t("search-error", reason=reason))
+        if not found.names:
+            results = t("search-none", query=found.query)
+        else:
+            shown = (t("search-shown", shown=len(found.names)) if found.total > len(found.names) else Html())
+            results = t("search-results", count=found.total, query=found.query, shown=shown,
+                        items=t.join(t("search-result", name=name) for name in found.names))
+        return t("search", query=query, results=results)
 
 
 def login_text(t: Templates, config: Config, host: str) -> Html:
@@ -262,21 +300,29 @@ def _table(t: Templates, labelled_by: str, columns: list[str], rows: list[str]) 
     return t("table", labelled_by=labelled_by, heads=heads, rows=t.join(rows))
 
 
-def in_progress_table(t: Templates, builds: list[dict[str, Any]]) -> str:
-    """Builds running now, with their step and how long they have taken so far."""
+def in_progress_table(t: Templates, builds: list[dict[str, Any]]) -> Html:
+    """Builds running now, with their step, Nix's latest line and how long they have taken so far."""
     if not builds:
-        return ""
+        return Html()
     rows = [t("running-build", image=b["image"], tag=b["tag"], step=b["step"], elapsed=human_seconds(b["elapsed"]),
               detail=t("running-detail", detail=b["detail"]) if b.get("detail") else Html())
             for b in builds]
-    return t("running", table=_table(t, "running", ["image", "step", "#running for"], rows)) + "\n"
+    return t("running", seconds=REFRESH_SECONDS, table=_table(t, "running", ["image", "step", "#running for"], rows))
 
 
-def errors_list(t: Templates, errors: list[dict[str, Any]]) -> Html:
+def errors_lists(t: Templates, errors: list[dict[str, Any]]) -> Html:
+    """Build failures and rejected requests apart, ERRORS_SHOWN of each: a scanner's or a user's
+    typos must not push a real failure off the page."""
+    failed = [e for e in errors if e["outcome"] != "rejected"][:ERRORS_SHOWN]
+    rejected = [e for e in errors if e["outcome"] == "rejected"][:ERRORS_SHOWN]
+    return t("errors", failed=errors_list(t, failed, "failures"), rejected=errors_list(t, rejected, "rejected"))
+
+
+def errors_list(t: Templates, errors: list[dict[str, Any]], kind: str) -> Html:
     if not errors:
-        return t("errors-none")
-    return t("errors", items=t.join(t("error", image=e["image"], tag=e["tag"], when=_when(t, e), reason=e["reason"])
-                                    for e in errors))
+        return t(f"errors-none-{kind}")
+    return t("errors-list", kind=kind, items=t.join(
+        t("error", image=e["image"], tag=e["tag"], when=_when(t, e), reason=e["reason"]) for e in errors))
 
 
 class BuildsJson:
@@ -297,6 +343,33 @@ class BuildsJson:
             return
         resp.data = json.dumps({"in_progress": self.in_progress.builds(), "builds": self.store.builds(),
                                 "errors": self.store.errors()}).encode()
+
+    on_head = on_get
+
+
+class PackagesJson:
+    """`/packages.json?q=WORD`: the names of the package set that contain WORD (all of them without
+    `q`), for scripts and the curious: `{"query", "packages": [{"name"}], "total"}`, at most
+    RESULTS_MAX entries (403 on a private instance, whose set may be private too)."""
+
+    def __init__(self, catalog: Catalog, private: bool):
+        self.catalog = catalog
+        self.private = private
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.content_type = "application/json"
+        resp.cache_control = ["no-cache"]
+        resp.set_header("X-Content-Type-Options", "nosniff")
+        if self.private:
+            resp.status = falcon.HTTP_403
+            resp.data = json.dumps({"error": "this instance does not list its packages"}).encode()
+            return
+        try:
+            found = self.catalog.search(req.get_param("q") or "")
+        except QueryError as e:
+            raise RegistryError(400, "QUERY_INVALID", str(e)) from None
+        resp.data = json.dumps({"query": found.query, "packages": [{"name": name} for name in found.names],
+                                "total": found.total}).encode()
 
     on_head = on_get
 
@@ -333,14 +406,18 @@ class StaticFiles:
     on_head = on_get
 
 
-def add_routes(app: falcon.App, config: Config, store: BuildHistory, in_progress: InProgress | None = None) -> None:
-    """The page, its files, the JSON view, and the 404 page for every other path outside `/v2/`."""
+def add_routes(app: falcon.App, config: Config, store: BuildHistory, in_progress: InProgress | None = None,
+               catalog: Optional[Catalog] = None) -> None:
+    """The page, its files, the JSON views (`/packages.json` with a `catalog`), and the 404 page for
+    every other path outside `/v2/`."""
     in_progress = in_progress or InProgress(config.state)
     files = static_files()
     templates = Templates(files)
     not_found = NotFound(templates)
-    app.add_route("/", IndexPage(config, store, templates, in_progress))
+    app.add_route("/", IndexPage(config, store, templates, in_progress, catalog))
     app.add_route("/static/{file}", StaticFiles(files, not_found))
     app.add_route("/builds.json", BuildsJson(store, config.auth.level is AuthLevel.ALL or config.hide_details,
                                              in_progress))
+    if catalog is not None:
+        app.add_route("/packages.json", PackagesJson(catalog, config.auth.level is AuthLevel.ALL))
     app.add_sink(not_found, prefix=re.compile(r"/(?!v2/)"))
