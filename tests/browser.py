@@ -78,6 +78,17 @@ class Browser:
         self.send("Page.navigate", url=url)
         self.wait_for("Page.loadEventFired")
 
+    def load_by(self, expression: str, timeout: float = 30) -> None:
+        """Runs `expression`, which navigates (a click on a form's button, say), and waits for the
+        page it loads."""
+        self.events.clear()
+        self.evaluate(expression)
+        deadline = time.monotonic() + timeout
+        while not any(e.get("method") == "Page.loadEventFired" for e in self.events):
+            if time.monotonic() > deadline:
+                raise TimeoutError("Page.loadEventFired")
+            self.events.append(json.loads(self.ws.recv()))
+
     def evaluate(self, expression: str) -> Any:
         result = self.send("Runtime.evaluate", expression=expression, returnByValue=True)
         assert "exceptionDetails" not in result, result

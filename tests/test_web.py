@@ -224,3 +224,19 @@ def test_metrics_made_after_the_directory_is_prepared_live_in_it(tmp_path):
     subprocess.run([sys.executable, "-c", script, str(directory)], check=True, timeout=60,
                    env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
     assert any(path.suffix == ".db" for path in directory.iterdir()), list(directory.iterdir())
+
+
+def test_typos_cannot_push_a_build_failure_off_the_page(tmp_path):
+    """Recent errors are two lists: build failures, and rejected requests (4xx: unknown names, mostly)."""
+    config = load({"HOME": str(tmp_path), "NIXERY_PKGS_PATH": str(tmp_path)})
+    store = BuildHistory(config.state)
+    store.record(entry(BuildStats(image="broken", reason="builder for broken failed", status=422), time.time()))
+    for i in range(web.ERRORS_SHOWN + 5):
+        store.record(entry(BuildStats(image=f"typo{i}", reason=f"unknown packages: typo{i}", status=404), time.time()))
+    app = falcon.App()
+    web.add_routes(app, config, store)
+    page = falcon.testing.TestClient(app).simulate_get("/").text
+    failures, rejected = page.split('id="failures"', 1)[1].split('id="rejected"', 1)
+    assert "builder for broken failed" in failures and "typo" not in failures
+    assert rejected.count("unknown packages: typo") == web.ERRORS_SHOWN
+    assert f"typo{web.ERRORS_SHOWN + 4}" in rejected and "typo0:" not in rejected
