@@ -12,8 +12,10 @@ NIXPKGS_ALLOW_* variables), and has aliases that throw "has been removed".
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 # Debian's busybox-static; the flake's dev shell points BUSYBOX at nixpkgs' static busybox.
@@ -82,7 +84,8 @@ let
   # A nixpkgs-like library or program of about `kb` KiB (half random, half base64), whose
   # nix-support/runtime-deps names `deps`: runtime references, as a real package's RPATH makes them.
   # Programs also get bin/ scripts (shebang: busybox) that print their name.
-  pkg = name: kb: deps: bins: mk name ''
+  pkg = name: kb: deps: bins: stub name "about ${toString kb} KiB of random bytes${if bins == [ ] then ""
+    else ", and ${builtins.concatStringsSep ", " bins} printing ${if builtins.length bins == 1 then "its" else "their"} name"}" (mk name ''
     mkdir -p $out/lib $out/nix-support
     dd if=/dev/urandom of=$out/lib/lib${name}.so bs=1024 count=${toString (kb / 2 + 1)} 2>/dev/null
     dd if=/dev/urandom bs=768 count=${toString (kb / 2 + 1)} 2>/dev/null | base64 > $out/lib/${name}.txt
@@ -91,37 +94,43 @@ let
       mkdir -p $out/bin
       printf '#!${busybox}/bin/sh\necho %s\n' ${b} > $out/bin/${b} && chmod +x $out/bin/${b}
     '') bins)}
-  '';
-  busybox = mk "busybox" ''
+  '');
+  # What a package is, for scripts/example-pkgset's list (meta.description): one that works as
+  # nixpkgs' package of the name does (for what a test or a first try asks of it), or a stub that
+  # only looks like it (meta.standIn), with nixpkgs' name, shape and references.
+  works = description: drv: drv // { meta = { inherit description; standIn = false; }; };
+  stub = name: description: drv: drv // { meta = { description = "stand-in for ${name}: ${description}"; standIn = true; }; };
+  busybox = works "BusyBox (static): sh, cat, echo, ls and sleep" (mk "busybox" ''
     mkdir -p $out/bin && cp ${bb} $out/bin/busybox
     for c in sh cat echo ls sleep; do ln -s busybox $out/bin/$c; done
-  '';
+  '');
 in rec {
   inherit busybox;
-  bashInteractive = mk "bash-interactive" ''
+  bashInteractive = works "bash: BusyBox's sh under that name (enough for bash -c)" (mk "bash-interactive" ''
     mkdir -p $out/bin && ln -s ${busybox}/bin/busybox $out/bin/sh
     printf '#!${busybox}/bin/sh\nexec ${busybox}/bin/sh "$@"\n' > $out/bin/bash && chmod +x $out/bin/bash
-  '';
-  coreutils = mk "coreutils" ''
+  '');
+  coreutils = works "coreutils' common commands (ls, cat, mkdir, env, id, ...) as BusyBox applets" (mk "coreutils" ''
     mkdir -p $out/bin
     for c in env ls cat echo mkdir rm cp mv sort head tail wc true false uname id whoami touch; do
       ln -s ${busybox}/bin/busybox $out/bin/$c
     done
-  '';
-  moreutils = script "sponge" "cat > \"$1\"";
-  nano = script "nano" "echo nano-stub";
-  hello = script "hello" "echo \"Hello, world!\"";
-  cacert = mk "nss-cacert" ''
+  '');
+  moreutils = stub "moreutils" "only sponge, a shell script" (script "sponge" "cat > \"$1\"");
+  nano = stub "nano" "prints nano-stub" (script "nano" "echo nano-stub");
+  hello = works "prints Hello, world!, as GNU hello does (a shell script)" (script "hello" "echo \"Hello, world!\"");
+  cacert = stub "cacert" "a CA bundle without certificates: TLS cannot verify anything" (mk "nss-cacert" ''
     mkdir -p $out/etc/ssl/certs
     echo "# test CA bundle" > $out/etc/ssl/certs/ca-bundle.crt
-  '';
-  iana-etc = mk "iana-etc" ''
+  '');
+  iana-etc = stub "iana-etc" "/etc/services and /etc/protocols of one line each" (mk "iana-etc" ''
     mkdir -p $out/etc
     echo "http 80/tcp" > $out/etc/services
     echo "tcp 6 TCP" > $out/etc/protocols
-  '';
+  '');
   # Depends on hello: shares its layers with any image that has hello.
-  greeter = script "greeter" "${hello}/bin/hello; echo greeter-@SALT@";
+  greeter = works "runs hello, then prints a greeting: an image with it shares hello's layer"
+    (script "greeter" "${hello}/bin/hello; echo greeter-@SALT@");
   broken = mk "broken" ''
     echo "this package is meant to fail" >&2
     exit 3
@@ -132,7 +141,7 @@ in rec {
     mkdir -p $out/bin
     printf '#!${busybox}/bin/sh\necho slow-done\n' > $out/bin/slow-done && chmod +x $out/bin/slow-done
   '';
-  _7zip = script "7z" "echo seven";
+  _7zip = stub "7zip" "7z prints seven" (script "7z" "echo seven");
   tools = { greet = script "greet" "echo nested-greet"; };
   # What nixpkgs refuses, each as check-meta refuses it.
   unfreeTool = checked (script "unfree-tool" "echo unfree") { license = { shortName = "unfree"; free = false; }; };
@@ -245,6 +254,45 @@ def make_emulated_package_set(directory: Path, base: Path) -> Path:
     return directory
 
 
+# Each top-level name's meta (description, standIn), or null for what is not a described package.
+_DESCRIBE = r"""{ dir }:
+let
+  set = import (/. + dir) { };
+  described = v: builtins.isAttrs v && (v.meta.description or null) != null;
+  nested = v: builtins.isAttrs v && !(v ? type) && builtins.any described (builtins.attrValues v);
+in builtins.mapAttrs (name: v:
+  let r = builtins.tryEval (if described v then v.meta
+                            else if nested v then { nested = builtins.attrNames v; } else null);
+  in if r.success then r.value else null) set
+"""
+
+
+def offers(directory: Path) -> dict[str, dict]:
+    """What the set in `directory` offers, by top-level name: its meta, or {"nested": names} for a set
+    of packages; names that are neither (the tests' failing, refused and removed packages) are left out."""
+    raw = subprocess.run(["nix-instantiate", "--eval", "--strict", "--json", "-E", _DESCRIBE,
+                          "--argstr", "dir", str(directory)], capture_output=True, text=True, check=True).stdout
+    return {name: meta for name, meta in json.loads(raw).items() if meta is not None}
+
+
+def listing(directory: Path) -> str:
+    """`offers` for people: what works, what is a stand-in, and the nested sets."""
+    found = offers(directory)
+    width = max(map(len, found)) + 2
+    working = [f"  {name:<{width}}{meta['description']}" for name, meta in found.items()
+               if "nested" not in meta and not meta.get("standIn")]
+    stubs = [f"  {name:<{width}}{meta['description'].split(': ', 1)[-1]}" for name, meta in found.items()
+             if "nested" not in meta and meta.get("standIn")]
+    nested = [f"  {name}.{{{', '.join(meta['nested'])}}}" for name, meta in found.items() if "nested" in meta]
+    return "\n".join([
+        "Packages that work as nixpkgs' do (for what a first try asks of them):", *working, "",
+        "Stand-ins: nixpkgs' names, sizes and references, but not the programs (those print their name):",
+        *stubs, "", "Stand-ins in nested sets (pull them with a dot: python3Packages.requests):", *nested, "",
+        "Anything else in the set (broken, slowBuild, unfreeTool, youtube-dl, ...) is there for Nixery's tests."])
+
+
 if __name__ == "__main__":
     import sys
-    make_package_set(Path(sys.argv[1]).resolve())
+    written = make_package_set(Path(sys.argv[1]).resolve())
+    if sys.argv[2:] == ["--list"]:
+        print(listing(written))

@@ -5,6 +5,8 @@ in the page, in Chromium), and watching a long build progress in the log and on 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -13,7 +15,7 @@ import pytest
 import requests
 from browser import DESKTOP, browser  # noqa: F401 (a fixture)
 from pkgset import including
-from support import skopeo_pull
+from support import ROOT, skopeo_pull
 
 from nixery.__main__ import example_image
 from nixery.config import SourceKind
@@ -86,6 +88,18 @@ def test_page_search_in_chromium(server, browser):  # noqa: F811
     assert browser.evaluate("document.querySelectorAll('main img').length") == 0
     assert "<img src=x" in browser.evaluate("document.getElementById('search-results').textContent")
     assert browser.problems() == [], browser.problems()
+
+
+def test_example_set_lists_what_works_and_what_stands_in(tmp_path):
+    """What scripts/example-pkgset prints once it has written the set."""
+    listed = subprocess.run([sys.executable, str(ROOT / "tests" / "pkgset.py"), str(tmp_path / "set"), "--list"],
+                            capture_output=True, text=True, timeout=120, check=True).stdout
+    working, stand_ins, nested, _ = listed.split("\n\n")
+    names = lambda section: {line.split()[0] for line in section.splitlines()[1:]}  # noqa: E731
+    assert {"hello", "bashInteractive", "coreutils", "busybox"} <= names(working)
+    assert {"git", "python3", "nano", "cacert"} <= names(stand_ins) and not names(working) & names(stand_ins)
+    assert "Hello, world!" in working and "python3Packages.{" in nested and "requests" in nested
+    assert not {"broken", "youtube-dl", "unfreeTool"} & (names(working) | names(stand_ins))
 
 
 def test_line_budget_lets_a_quiet_build_through_and_holds_a_flood():
