@@ -130,12 +130,3 @@ def browser(tmp_path):
     b = Browser(tmp_path / "chromium-profile")
     yield b
     b.close()
-
-
-@pytest.fixture
-def browser(tmp_path):
-    if not Path(CHROMIUM).exists():
-        pytest.fail("chromium is not installed (apt-get install chromium)")
-    b = Browser(tmp_path / "chromium-profile")
-    yield b
-    b.close()
