@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     source = preflight.SourceCheck(
         resolve=lambda: make_source(config).resolve("latest"),
         names=lambda source_args: nix.attribute_names(source_args, None)[""],
-        evaluate=args.check_config or config.source.kind is configuration.SourceKind.PATH)
+        evaluate=args.check_config or config.source.kind is configuration.SourceKind.PATH,
+        strict=args.check_config)
     findings = preflight.run(config, os.environ, storage, source)
     for finding in findings:
         if finding.fatal:

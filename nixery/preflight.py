@@ -10,8 +10,8 @@ build check's output path is fixed, so once built it is only looked up.
 
 `--check-config` is a dry run of start-up: an unknown NIXERY_ variable (a typo
 that would leave a default in place) is fatal, the port is bound, and the
-package set is evaluated once, as at start-up for a local set (a syntax error
-in it is Nix's message, not a 500 on the first pull).
+package set is evaluated once (a syntax error in it is Nix's message, not a
+500 on the first pull). Start-up evaluates a local set too, and warns.
 """
 
 from __future__ import annotations
@@ -68,11 +68,14 @@ class Finding:
 class SourceCheck:
     """How the checks reach the package source: `resolve` its latest revision (a git remote is
     fetched), and, where `evaluate`, list the top-level names of the set there with `names` (one
-    evaluation). `offered` then holds those names, for the start-up line's example."""
+    evaluation). `offered` then holds those names, for the start-up line's example. A set that does
+    not evaluate is fatal when `strict` (a dry run), else a warning: a running server answers its
+    pulls with the reason, and a local set may be fixed while it runs."""
 
     resolve: Callable[[], Resolved]
     names: Callable[[SourceArgs], Sequence[str]]
     evaluate: bool = False
+    strict: bool = False
     offered: Optional[Sequence[str]] = None
 
 
@@ -287,8 +290,8 @@ _NIX_WHERE = re.compile(r"^\s*at (\S+:\d+:\d+):?\s*$", re.MULTILINE)
 
 def source_findings(config: Config, check: Optional[SourceCheck]) -> list[Finding]:
     """A local set must have a default.nix; a git remote that cannot be reached is a warning (it
-    may be down for a while); a set that does not evaluate is fatal, except a channel's, whose
-    tarball may fail to download for a while."""
+    may be down for a while); a set that does not evaluate is fatal in a dry run (`check.strict`),
+    except a channel's, whose tarball may fail to download for a while."""
     source = config.source
     if source.kind is SourceKind.PATH and not (Path(source.argument) / "default.nix").is_file():
         return [error(f"NIXERY_PKGS_PATH={source.argument} has no default.nix: point it at the "
@@ -311,5 +314,7 @@ def source_findings(config: Config, check: Optional[SourceCheck]) -> list[Findin
         message = first_error_line(e.log) + (f" at {where.group(1)}" if where else "")
         if source.kind is SourceKind.CHANNEL:
             return [warning(f"{variable}: the channel cannot be evaluated now ({message}); pulls fail until it can")]
-        return [error(f"{variable}: the package set does not evaluate: {message}")]
+        if check.strict:
+            return [error(f"{variable}: the package set does not evaluate: {message}")]
+        return [warning(f"{variable}: the package set does not evaluate: {message}; pulls fail until it does")]
     return []

@@ -13,8 +13,9 @@ import os
 import pty
 import re
 import shlex
-import socket
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -161,6 +162,21 @@ def test_package_set_that_does_not_parse_fails_with_nix_message(tmp_path):
     line = fatal_line(check_config(env))
     assert f"NIXERY_PKGS_PATH={env['NIXERY_PKGS_PATH']}: the package set does not evaluate" in line
     assert "error: syntax error, unexpected '}'" in line and f"{env['NIXERY_PKGS_PATH']}/default.nix:2:13" in line
+    # Start-up only warns with the same words: a server tells each pull, and the set may be fixed meanwhile.
+    log = tmp_path / "start-up.log"
+    with open(log, "w") as stderr:
+        started = subprocess.Popen([sys.executable, "-m", "nixery"], stderr=stderr, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while '"WARNING"' not in log.read_text() and started.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        if started.poll() is None:
+            os.killpg(started.pid, signal.SIGTERM)
+        started.wait(timeout=30)
+    warned = json.loads(log.read_text().splitlines()[0])
+    assert warned["level"] == "WARNING" and warned["message"] == line.removeprefix("nixery: ") + \
+        "; pulls fail until it does", warned
 
 
 def test_port_in_use_is_one_line_naming_port(tmp_path):
