@@ -86,7 +86,7 @@ def _log_unraisable(unraisable: "sys.UnraisableHookArgs") -> None:
 
 
 class AccessLog:
-    """Falcon middleware (NIXERY_ACCESS_LOG): one JSON line per request on the `nixery.access` logger,
+    """Falcon middleware (NIXERY_ACCESS_LOG): one line per request on the `nixery.access` logger,
     at INFO whatever NIXERY_LOG_LEVEL says, after the response is complete."""
 
     def __init__(self) -> None:

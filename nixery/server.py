@@ -118,7 +118,7 @@ def _when_ready(server: Any) -> None:
     app = server.app
     host = local_url(app.config)
     log.info(f"listening on http://{host}, try: docker pull {host}/{app.example}",
-             extra={"url": f"http://{host}", "example": f"{host}/{app.example}"})
+             extra={"url": f"http://{host}"})
 
 
 def _child_exit(server: Any, worker: Any) -> None:

@@ -28,6 +28,7 @@ import falcon
 from . import image
 from .catalog import Catalog, QueryError
 from .config import AuthLevel, Config, SourceKind, redact_url
+from .error_handlers import as_registry_error
 from .errors import RegistryError
 from .history import BuildHistory
 from .progress import InProgress
@@ -240,7 +241,6 @@ class IndexPage:
         try:
             found = self.catalog.search(query)
         except Exception as e:  # the page still shows, with the reason the set cannot be searched
-            from .error_handlers import as_registry_error
             reason = str(e) if isinstance(e, QueryError) else as_registry_error(e).message
             return t("search", query=query, results=t("search-error", reason=reason))
         if not found.names:

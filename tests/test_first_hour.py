@@ -11,6 +11,8 @@ import threading
 import time
 from pathlib import Path
 
+import falcon
+import falcon.testing
 import pytest
 import requests
 from browser import DESKTOP, browser  # noqa: F401 (a fixture)
@@ -18,8 +20,14 @@ from pkgset import including
 from support import ROOT, skopeo_pull
 
 from nixery.__main__ import example_image
-from nixery.config import SourceKind
+from nixery import error_handlers, web
+from nixery.app import make_nix
+from nixery.catalog import Catalog
+from nixery.config import SourceKind, load
+from nixery.history import BuildHistory
 from nixery.progress import LineBudget
+from nixery.sources.path import PathSource
+from nixery.suggest import Suggestions
 
 BUILD_SECONDS = 20
 
@@ -88,6 +96,36 @@ def test_page_search_in_chromium(server, browser):  # noqa: F811
     assert browser.evaluate("document.querySelectorAll('main img').length") == 0
     assert "<img src=x" in browser.evaluate("document.getElementById('search-results').textContent")
     assert browser.problems() == [], browser.problems()
+
+
+def searching_app(source: Path, state: Path) -> falcon.testing.TestClient:
+    """The page and /packages.json over the set at `source`, in this process, with a real Nix."""
+    config = load({"HOME": str(state), "NIXERY_PKGS_PATH": str(source), "NIXERY_STATE_DIR": str(state)})
+    catalog = Catalog(make_nix(config), PathSource(str(source)), Suggestions(), None)
+    app = falcon.App()
+    error_handlers.register(app)
+    web.add_routes(app, config, BuildHistory(config.state), catalog=catalog)
+    return falcon.testing.TestClient(app)
+
+
+def test_search_evaluates_a_set_once_per_revision(pkgset, nix_counter, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", nix_counter.path())
+    client = searching_app(pkgset, tmp_path)
+    for query in ("hel", "git", "python", ""):
+        assert client.simulate_get("/packages.json", params={"q": query}).status_code == 200
+    assert "hello" in client.simulate_get("/", params={"q": "hel"}).text
+    assert nix_counter.count() == 1, nix_counter.calls.read_text()
+
+
+def test_a_set_that_does_not_evaluate_says_why(tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "default.nix").write_text("{ system ? builtins.currentSystem }:\n{ hello = 1 }\n")
+    client = searching_app(broken, tmp_path / "state")
+    answer = client.simulate_get("/packages.json", params={"q": "hel"})
+    assert answer.status_code >= 500 and "syntax error" in answer.json["errors"][0]["message"], answer.text
+    page = client.simulate_get("/", params={"q": "hel"})
+    assert page.status_code == 200 and "cannot be searched now" in page.text and "syntax error" in page.text
 
 
 def test_example_set_lists_what_works_and_what_stands_in(tmp_path):
