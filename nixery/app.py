@@ -14,7 +14,7 @@ from .api import API_VERSION_HEADER, VersionCheck
 from .auth import AuthMiddleware
 from .clients import RealClient, TrustedProxies
 from .builder import Builder, ManifestBuilder
-from .catalog import Catalog
+from .search import PackageSearch
 from .config import Config, SourceKind
 from .metrics import Metrics, MetricsMiddleware, MetricsResource
 from .nix import EvalBounds, Nix
@@ -90,7 +90,7 @@ def create_app(config: Config, storage: Backend | None = None, *, builder: Manif
     history = BuildHistory(config.state)
     in_progress = InProgress(config.state, on_change=metrics.count_in_progress)
     source = None
-    catalog = None
+    package_search = None
     if builder is None:
         nix = make_nix(config, metrics)
         source = make_source(config)
@@ -102,7 +102,7 @@ def create_app(config: Config, storage: Backend | None = None, *, builder: Manif
                           nix_snapshotter=config.nix_snapshotter, systems=systems, in_progress=in_progress,
                           limits=config.limits, suggestions=suggestions,
                           explain=error_handlers.as_registry_error)
-        catalog = Catalog(nix, source, suggestions, platforms[0].nix_system if platforms else None)
+        package_search = PackageSearch(nix, source, suggestions, platforms[0].nix_system if platforms else None)
     auth = AuthMiddleware(config.auth, FailedLogins(config.state),
                           on_check=metrics.count_password_check)
     # The real client first: every other middleware reads its address.
@@ -116,6 +116,6 @@ def create_app(config: Config, storage: Backend | None = None, *, builder: Manif
     app.add_route("/v2", VersionCheck())
     api.add_routes(router, builder, storage, source or make_source(config), config.limits.max_packages)
     app.add_route("/metrics", MetricsResource(metrics))
-    web.add_routes(app, config, history, in_progress, catalog)
+    web.add_routes(app, config, history, in_progress, package_search)
     health.add_routes(app, storage)
     return app

@@ -26,7 +26,7 @@ from typing import Any, Iterable, Optional
 import falcon
 
 from . import image
-from .catalog import Catalog, QueryError
+from .search import PackageSearch, QueryError
 from .config import AuthLevel, Config, SourceKind, redact_url
 from .error_handlers import as_registry_error
 from .errors import RegistryError
@@ -179,12 +179,12 @@ class IndexPage:
     configuration that is safe to show."""
 
     def __init__(self, config: Config, store: BuildHistory, templates: Templates, in_progress: InProgress,
-                 catalog: Optional[Catalog]):
+                 package_search: Optional[PackageSearch]):
         self.config = config
         self.store = store
         self.t = templates
         self.in_progress = in_progress
-        self.catalog = catalog
+        self.package_search = package_search
         self.source = SourceText(config, templates)
         # Image names and build errors of a private instance are for those who may pull; a public
         # one may keep them to itself (NIXERY_HIDE_DETAILS).
@@ -232,14 +232,14 @@ class IndexPage:
     def search(self, query: Optional[str]) -> Html:
         """The search form, and what it found for `query` (None: nothing asked yet)."""
         t = self.t
-        if self.catalog is None:
+        if self.package_search is None:
             return Html()
         if self.private:
             return t("search-private")
         if query is None:
             return t("search", query="", results=Html())
         try:
-            found = self.catalog.search(query)
+            found = self.package_search.search(query)
         except Exception as e:  # the page still shows, with the reason the set cannot be searched
             reason = str(e) if isinstance(e, QueryError) else as_registry_error(e).message
             return t("search", query=query, results=t("search-error", reason=reason))
@@ -352,8 +352,8 @@ class PackagesJson:
     `q`), for scripts and the curious: `{"query", "packages": [{"name"}], "total"}`, at most
     RESULTS_MAX entries (403 on a private instance, whose set may be private too)."""
 
-    def __init__(self, catalog: Catalog, private: bool):
-        self.catalog = catalog
+    def __init__(self, package_search: PackageSearch, private: bool):
+        self.package_search = package_search
         self.private = private
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
@@ -365,7 +365,7 @@ class PackagesJson:
             resp.data = json.dumps({"error": "this instance does not list its packages"}).encode()
             return
         try:
-            found = self.catalog.search(req.get_param("q") or "")
+            found = self.package_search.search(req.get_param("q") or "")
         except QueryError as e:
             raise RegistryError(400, "QUERY_INVALID", str(e)) from None
         resp.data = json.dumps({"query": found.query, "packages": [{"name": name} for name in found.names],
@@ -407,17 +407,17 @@ class StaticFiles:
 
 
 def add_routes(app: falcon.App, config: Config, store: BuildHistory, in_progress: InProgress | None = None,
-               catalog: Optional[Catalog] = None) -> None:
-    """The page, its files, the JSON views (`/packages.json` with a `catalog`), and the 404 page for
+               package_search: Optional[PackageSearch] = None) -> None:
+    """The page, its files, the JSON views (`/packages.json` given a `package_search`), and the 404 page for
     every other path outside `/v2/`."""
     in_progress = in_progress or InProgress(config.state)
     files = static_files()
     templates = Templates(files)
     not_found = NotFound(templates)
-    app.add_route("/", IndexPage(config, store, templates, in_progress, catalog))
+    app.add_route("/", IndexPage(config, store, templates, in_progress, package_search))
     app.add_route("/static/{file}", StaticFiles(files, not_found))
     app.add_route("/builds.json", BuildsJson(store, config.auth.level is AuthLevel.ALL or config.hide_details,
                                              in_progress))
-    if catalog is not None:
-        app.add_route("/packages.json", PackagesJson(catalog, config.auth.level is AuthLevel.ALL))
+    if package_search is not None:
+        app.add_route("/packages.json", PackagesJson(package_search, config.auth.level is AuthLevel.ALL))
     app.add_sink(not_found, prefix=re.compile(r"/(?!v2/)"))

@@ -22,7 +22,7 @@ from support import ROOT, skopeo_pull
 from nixery.__main__ import example_image
 from nixery import error_handlers, web
 from nixery.app import make_nix
-from nixery.catalog import Catalog
+from nixery.search import PackageSearch
 from nixery.config import SourceKind, load
 from nixery.history import BuildHistory
 from nixery.progress import LineBudget
@@ -101,10 +101,10 @@ def test_page_search_in_chromium(server, browser):  # noqa: F811
 def searching_app(source: Path, state: Path) -> falcon.testing.TestClient:
     """The page and /packages.json over the set at `source`, in this process, with a real Nix."""
     config = load({"HOME": str(state), "NIXERY_PKGS_PATH": str(source), "NIXERY_STATE_DIR": str(state)})
-    catalog = Catalog(make_nix(config), PathSource(str(source)), Suggestions(), None)
+    package_search = PackageSearch(make_nix(config), PathSource(str(source)), Suggestions(), None)
     app = falcon.App()
     error_handlers.register(app)
-    web.add_routes(app, config, BuildHistory(config.state), catalog=catalog)
+    web.add_routes(app, config, BuildHistory(config.state), package_search=package_search)
     return falcon.testing.TestClient(app)
 
 

@@ -43,7 +43,7 @@ def revision_key(resolved: Resolved) -> str:
     return resolved.cache_key or redact_url(f"{resolved.args.kind}:{resolved.args.argument}")
 
 
-class Catalog:
+class PackageSearch:
     """Searches the `latest` revision of `source` for names, evaluating it with `nix` for `system`."""
 
     def __init__(self, nix: Nix, source: Source, suggestions: Suggestions, system: Optional[str]):
