@@ -243,7 +243,7 @@ def listing(raw: object) -> list[Listed]:
             continue
         try:
             declaration = parse(name, {"packages": spec.get("packages"), "description": spec.get("description", "")}
-                                if isinstance(spec, dict) else spec)
+                                if _what(spec) == "an attribute set" else spec)
         except InvalidDeclaration as e:
             listed.append(Listed(name, error=str(e)))
             continue
