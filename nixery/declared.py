@@ -127,7 +127,12 @@ def parse(image: str, raw: object) -> Declaration:
         raise check.fail(unknown[0], f"is not a field of a declared image (they are {', '.join(OTHER_KEYS + FIELDS)})")
     if "packages" not in spec:
         raise check.fail("packages", "is missing: a declared image lists its packages")
-    packages = check.strings("packages", check.items("packages", spec["packages"], list, MAX_PACKAGES))
+    items = check.items("packages", spec["packages"], list, MAX_PACKAGES)
+    for i, item in enumerate(items):
+        if _what(item) == "a derivation":
+            raise check.fail(f"packages[{i}]", "is a derivation, not a name: name the package as in an image "
+                                                "name (\"nginx\", \"python3Packages.requests\")")
+    packages = check.strings("packages", items)
     if not packages:
         raise check.fail("packages", "is empty: a declared image lists at least one package")
     for i, package in enumerate(packages):

@@ -40,6 +40,8 @@ def declarations(version: str, user: str) -> str:
   bad = {{ packages = [ "hello" ]; Env = {{ GREETING = x: x; }}; }};
   typo = {{ packages = [ "hello" ]; Comand = [ "hello" ]; }};
   Upper = {{ packages = [ "hello" ]; }};
+  drv = {{ packages = [ pkgs.hello ]; }};
+  snoop = {{ packages = [ "hello" ]; Env = {{ S = builtins.readFile /etc/hostname; }}; }};
 }}
 '''
 
@@ -139,12 +141,21 @@ def test_invalid_declarations_are_4xx_naming_image_and_field(server, name, field
     assert f"image {name}" in error["message"] and words in error["message"]
 
 
+def test_declarations_are_evaluated_confined(server):
+    """A declaration is the set's code, which a tag chooses: it reads no file of the server's."""
+    response = requests.get(f"{server.url}/v2/snoop/manifests/v1", timeout=120)
+    assert response.status_code == 403, response.text
+    assert "restricted mode" in response.json()["errors"][0]["message"]
+    assert Path("/etc/hostname").read_text().strip() not in response.text
+
+
 def test_page_and_json_list_the_declared_images_of_latest(server):
     listing = requests.get(f"{server.url}/declared.json", timeout=60).json()
     by_name = {i["name"]: i for i in listing["images"]}
     assert by_name["web"] == {"name": "web", "packages": ["busybox", "coreutils", "hello"],
                               "description": "the v2 web image"}
     assert "not a valid image name" in by_name["Upper"]["error"]
+    assert "packages[0]: is a derivation, not a name" in by_name["drv"]["error"]
     assert len(listing["revision"]) == 40
     page = requests.get(server.url + "/", timeout=60).text
     assert "<code>web</code>" in page and "the v2 web image" in page and "wins over a package" in page
@@ -184,7 +195,7 @@ def told(raw: object) -> tuple[int, dict, str]:
     ({"Cmd": ["x"]}, "packages", "is missing"),
     ({"packages": []}, "packages", "is empty"),
     ({"packages": "hello"}, "packages", "must be a list, not a string"),
-    ({"packages": [{"__invalid": "a derivation"}]}, "packages[0]", "not a derivation"),
+    ({"packages": [{"__invalid": "a derivation"}]}, "packages[0]", "is a derivation, not a name"),
     ({"packages": ["../etc"]}, "packages[0]", "is not a package name"),
     ({"packages": ["a"], "Cmd": "hello"}, "Cmd", "must be a list, not a string"),
     ({"packages": ["a"], "Cmd": ["a", 1]}, "Cmd[1]", "must be a string, not a number"),

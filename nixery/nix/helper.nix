@@ -93,10 +93,11 @@ let
       isDrv = try ((value.type or null) == "derivation") false;
     in
       if type == "string" || type == "int" || type == "bool" || type == "float" then value
+      else if isDrv then { __invalid = "a derivation"; }
       else if depth <= 0 && (type == "list" || type == "set") then { __invalid = "nested too deeply"; }
       else if type == "list" then map (toData (depth - 1)) value
-      else if type == "set" && !isDrv then builtins.mapAttrs (_: toData (depth - 1)) value
-      else { __invalid = if isDrv then "a derivation" else if type == "lambda" then "a function" else type; };
+      else if type == "set" then builtins.mapAttrs (_: toData (depth - 1)) value
+      else { __invalid = if type == "lambda" then "a function" else type; };
   # The declaration of `image`, as data (null when the set declares no such image).
   declaredImage =
     if image == "" || !declarationsOk || !(try (builtins.hasAttr image declarations) false) then null
