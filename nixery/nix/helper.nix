@@ -97,7 +97,7 @@ let
       else if depth <= 0 && (type == "list" || type == "set") then { __invalid = "nested too deeply"; }
       else if type == "list" then map (toData (depth - 1)) value
       else if type == "set" then builtins.mapAttrs (_: toData (depth - 1)) value
-      else { __invalid = if type == "lambda" then "a function" else type; };
+      else { __invalid = { lambda = "a function"; path = "a path"; null = "null"; }.${type} or type; };
   # The declaration of `image`, as data (null when the set declares no such image).
   declaredImage =
     if image == "" || !declarationsOk || !(try (builtins.hasAttr image declarations) false) then null
