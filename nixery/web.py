@@ -19,7 +19,7 @@ import re
 import string
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import falcon
 
@@ -300,6 +300,17 @@ def errors_list(t: Templates, errors: list[dict[str, Any]]) -> Html:
                                     for e in errors))
 
 
+def _send_json(resp: falcon.Response, refusal: str, body: Callable[[], object]) -> None:
+    """A JSON view for scripts, never cached; 403 with `refusal` when it is not shown here."""
+    resp.content_type = "application/json"
+    resp.cache_control = ["no-cache"]
+    if refusal:
+        resp.status = falcon.HTTP_403
+        resp.data = json.dumps({"error": refusal}).encode()
+        return
+    resp.data = json.dumps(body()).encode()
+
+
 class BuildsJson:
     """`/builds.json`: builds in progress (oldest first), then the recent builds and errors for scripts,
     newest first (403 on a private instance, or one that hides its details)."""
@@ -310,14 +321,8 @@ class BuildsJson:
         self.in_progress = in_progress
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        resp.content_type = "application/json"
-        resp.cache_control = ["no-cache"]
-        if self.private:
-            resp.status = falcon.HTTP_403
-            resp.data = json.dumps({"error": "this instance does not list its builds"}).encode()
-            return
-        resp.data = json.dumps({"in_progress": self.in_progress.builds(), "builds": self.store.builds(),
-                                "errors": self.store.errors()}).encode()
+        _send_json(resp, "this instance does not list its builds" if self.private else "", lambda: {
+            "in_progress": self.in_progress.builds(), "builds": self.store.builds(), "errors": self.store.errors()})
 
     on_head = on_get
 
@@ -332,12 +337,9 @@ class DeclaredJson:
         self.private = private
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        resp.content_type = "application/json"
-        resp.cache_control = ["no-cache"]
-        if self.private:
-            resp.status = falcon.HTTP_403
-            resp.data = json.dumps({"error": "this instance does not list its images"}).encode()
-            return
+        _send_json(resp, "this instance does not list its images" if self.private else "", self._listing)
+
+    def _listing(self) -> dict[str, Any]:
         catalog = self.declared.latest() if self.declared else Catalog(None)
         body: dict[str, Any] = {"revision": catalog.revision, "images": [
             {"name": i.name, "error": i.error} if i.error
@@ -345,7 +347,7 @@ class DeclaredJson:
             for i in catalog.images]}
         if catalog.error:
             body["error"] = catalog.error
-        resp.data = json.dumps(body).encode()
+        return body
 
     on_head = on_get
 
