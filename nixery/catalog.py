@@ -3,9 +3,11 @@
 Reading them costs an evaluation of the set's nixery-images.nix (and, for a git
 source, maybe a fetch), so the listing is kept: for a pinned revision as long as
 the process runs (a commit's declarations never change), for a directory, which
-may change at any time, for `UNPINNED_TTL` seconds. Each worker keeps its own: a
-listing is a page's content, and a worker that lists a revision again costs one
-evaluation, not a wrong answer.
+may change at any time, and after a failure, for `RETRY_SECONDS` (so that a set
+whose file never finishes evaluating costs one evaluation per worker that often,
+not one per page view). Each worker keeps its own: a listing is a page's
+content, and a worker that lists a revision again costs one evaluation, not a
+wrong answer.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from .sources import Source, SourceError
 
 log = logging.getLogger(__name__)
 
-UNPINNED_TTL = 30.0
+RETRY_SECONDS = 30.0
 PINNED_KEPT = 16
 
 
@@ -43,31 +45,29 @@ class DeclaredImages:
         self.source = source
         self.system = system
         self.lock = threading.Lock()
-        self.pinned: dict[str, Catalog] = {}
-        self.unpinned: Optional[tuple[float, Catalog]] = None
+        # Revision (a pinned cache key, or "" for a directory) -> (kept until, listing).
+        self.kept: dict[str, tuple[float, Catalog]] = {}
 
     def latest(self) -> Catalog:
         try:
             resolved = self.source.resolve("latest")
         except SourceError as e:
             return Catalog(None, error=str(e))
-        key = resolved.cache_key
+        key = resolved.cache_key or ""
         with self.lock:
-            if key and key in self.pinned:
-                return self.pinned[key]
-            if not key and self.unpinned and time.monotonic() - self.unpinned[0] < UNPINNED_TTL:
-                return self.unpinned[1]
+            until, catalog = self.kept.get(key, (0.0, Catalog(None)))
+            if time.monotonic() < until:
+                return catalog
         try:
             catalog = Catalog(resolved.revision, tuple(declared.listing(
                 self.nix.declared_images(resolved.args, self.system))))
+            until = float("inf") if key else time.monotonic() + RETRY_SECONDS
         except NixError as e:
             log.warning("cannot list the declared images", extra={"reason": e.reason, "nix_log": e.log})
-            return Catalog(resolved.revision, error=e.reason)
+            catalog = Catalog(resolved.revision, error=e.reason)
+            until = time.monotonic() + RETRY_SECONDS
         with self.lock:
-            if key:
-                if len(self.pinned) >= PINNED_KEPT:
-                    self.pinned.pop(next(iter(self.pinned)))
-                self.pinned[key] = catalog
-            else:
-                self.unpinned = (time.monotonic(), catalog)
+            if len(self.kept) >= PINNED_KEPT:
+                self.kept.pop(next(iter(self.kept)))
+            self.kept[key] = (until, catalog)
         return catalog

@@ -63,11 +63,14 @@ def _unknown_text(error: UnknownPackages) -> str:
     def one(name: str) -> str:
         close = error.suggestions.get(name)
         return f"{name} (did you mean {' or '.join(close)}?)" if close else name
-    return "unknown packages: " + ", ".join(one(name) for name in error.names)
+    where = f" (named by the package set's declaration of image {error.declared_by})" if error.declared_by else ""
+    return "unknown packages: " + ", ".join(one(name) for name in error.names) + where
 
 
 def _unknown_detail(error: UnknownPackages) -> dict[str, Any]:
     detail: dict[str, Any] = {"unknown": list(error.names)}
+    if error.declared_by:
+        detail["image"] = error.declared_by
     if error.suggestions:
         detail["suggestions"] = error.suggestions
     return detail

@@ -41,6 +41,7 @@ def declarations(version: str, user: str) -> str:
   typo = {{ packages = [ "hello" ]; Comand = [ "hello" ]; }};
   Upper = {{ packages = [ "hello" ]; }};
   drv = {{ packages = [ pkgs.hello ]; }};
+  typos = {{ packages = [ "helo" "coreutils" ]; }};
   snoop = {{ packages = [ "hello" ]; Env = {{ S = builtins.readFile /etc/hostname; }}; }};
 }}
 '''
@@ -139,6 +140,14 @@ def test_invalid_declarations_are_4xx_naming_image_and_field(server, name, field
     error = response.json()["errors"][0]
     assert error["code"] == "MANIFEST_INVALID" and error["detail"] == {"image": name, "field": field}
     assert f"image {name}" in error["message"] and words in error["message"]
+
+
+def test_unknown_packages_of_a_declaration_say_so(server):
+    response = requests.get(f"{server.url}/v2/typos/manifests/v1", timeout=120)
+    assert response.status_code == 404, response.text
+    error = response.json()["errors"][0]
+    assert error["detail"]["unknown"] == ["helo"] and error["detail"]["image"] == "typos"
+    assert "helo (did you mean hello?)" in error["message"] and "declaration of image typos" in error["message"]
 
 
 def test_declarations_are_evaluated_confined(server):

@@ -125,9 +125,11 @@ class UnknownPackages(Exception):
     the evaluation listed, and `suggestions` is filled in by whoever holds the name index."""
 
     def __init__(self, names: Sequence[str], stopped_in: Optional[Mapping[str, str]] = None,
-                 listed: Optional[Mapping[str, Sequence[str]]] = None):
+                 listed: Optional[Mapping[str, Sequence[str]]] = None, declared_by: str = ""):
+        """`declared_by`: the declared image whose declaration names them ("" for an image name's)."""
         super().__init__(", ".join(names))
         self.names = tuple(names)
+        self.declared_by = declared_by
         self.stopped_in = dict(stopped_in or {})
         self.listed = dict(listed or {})
         self.suggestions: dict[str, list[str]] = {}
@@ -395,7 +397,8 @@ class Nix:
         data = json.loads(raw)
         if data.get("unsupported"):
             raise UnsupportedSystem(data["unsupported"], system)
-        unknown = (UnknownPackages(data["unknown"], data.get("stoppedIn"), data.get("names"))
+        unknown = (UnknownPackages(data["unknown"], data.get("stoppedIn"), data.get("names"),
+                                   declarable if data.get("declaredImage") is not None else "")
                    if data["unknown"] else None)
         if data.get("problems"):
             problems = [Problem(p["name"], p["kind"], p["detail"]) for p in data["problems"]]
