@@ -253,8 +253,7 @@ def declared_section(t: Templates, catalog: Catalog, host: str) -> Html:
     else:
         rows = [t("declared-row", name=i.name, packages=t.codes(i.packages), description=i.description)
                 if not i.error else t("declared-invalid", name=i.name, reason=i.error) for i in catalog.images]
-        first = next((i.name for i in catalog.images if not i.error), "NAME")
-        body = t("declared-table", rows=t.join(rows), host=host, first=first)
+        body = t("declared-table", rows=t.join(rows), host=host)
     return t("declared", body=body, host=host)
 
 

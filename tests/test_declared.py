@@ -42,6 +42,7 @@ def declarations(version: str, user: str) -> str:
   Upper = {{ packages = [ "hello" ]; }};
   drv = {{ packages = [ pkgs.hello ]; }};
   typos = {{ packages = [ "helo" "coreutils" ]; }};
+  shown = {{ packages = [ "hello" ]; description = "<script>alert(1)</script>"; }};
   snoop = {{ packages = [ "hello" ]; Env = {{ S = builtins.readFile /etc/hostname; }}; }};
 }}
 '''
@@ -168,6 +169,7 @@ def test_page_and_json_list_the_declared_images_of_latest(server):
     assert len(listing["revision"]) == 40
     page = requests.get(server.url + "/", timeout=60).text
     assert "<code>web</code>" in page and "the v2 web image" in page and "wins over a package" in page
+    assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
 
 
 def test_an_image_of_one_package_runs_its_main_program(server, pulled):
