@@ -2,7 +2,9 @@
 
 The name is the content, so two names that ask for the same packages (in any
 order, with duplicates, with or without meta-packages spelt out) must give the
-same `Image`, and the same image digest.
+same `Image`, and the same image digest. The one exception is a name of one
+plain component, which the package set may declare as an image of its own
+(nixery/declared.py): `web` is keyed apart from `web/web`.
 """
 
 from __future__ import annotations
