@@ -18,7 +18,7 @@
 #             when the set's nixery-images.nix declares it, its packages replace `packages`
 #
 # Declared images: `nixery-images.nix` next to the set's default.nix evaluates to an attribute
-# set of images, or a function of { pkgs, system } returning one. Its values are the set's
+# set of images, or a function of { pkgs, lib, system } returning one. Its values are the set's
 # code (a tag selects them): they leave here only as data (`toData`), never forced into
 # anything else, and the service checks every field and size before using them.
 #
@@ -26,7 +26,9 @@
 #   resolve   data for the service: { unsupported = null or why; unknown = [ names ];
 #             stoppedIn = { name = set path; }; names = { set path = [ names ]; };
 #             problems = [ { name; kind; detail; } ];
-#             packages = { name = outPath; }; derivations = { name = "<drv>!<output>"; }; },
+#             packages = { name = outPath; }; derivations = { name = "<drv>!<output>"; };
+#             declaredImage = null or the declaration of `image`, as data;
+#             mainProgram = null or meta.mainProgram of an image of one package },
 #             evaluated with --read-write-mode so that the service builds the derivations
 #             without evaluating the set again
 #   explain   forces the `packages` without catching anything: Nix's error is the set's own
@@ -79,7 +81,7 @@ let
   declarations =
     if !(builtins.pathExists declarationsFile) then null
     else let d = import declarationsFile; in
-      if builtins.isFunction d then d (builtins.intersectAttrs (builtins.functionArgs d) { inherit pkgs system; })
+      if builtins.isFunction d then d (builtins.intersectAttrs (builtins.functionArgs d) { inherit pkgs system; lib = pkgs.lib; })
       else d;
   declarationsOk = try (builtins.isAttrs declarations) false;
   # A value of the set's code as JSON-able data: strings, numbers, booleans, lists and sets of
