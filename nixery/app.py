@@ -14,7 +14,7 @@ from .api import API_VERSION_HEADER, VersionCheck
 from .auth import AuthMiddleware
 from .clients import RealClient, TrustedProxies
 from .builder import Builder, ManifestBuilder
-from .search import PackageSearch
+from .catalog import DeclaredImages
 from .config import Config, SourceKind
 from .metrics import Metrics, MetricsMiddleware, MetricsResource
 from .nix import EvalBounds, Nix
@@ -24,6 +24,7 @@ from .logs import AccessLog
 from .progress import InProgress
 from .routes import RegistryRouter
 from .sources import Source
+from .search import PackageSearch
 from .storage import Backend
 from .suggest import Suggestions
 
@@ -90,7 +91,8 @@ def create_app(config: Config, storage: Backend | None = None, *, builder: Manif
     history = BuildHistory(config.state)
     in_progress = InProgress(config.state, on_change=metrics.count_in_progress)
     source = None
-    package_search = None
+    declared: Optional[DeclaredImages] = None
+    package_search: Optional[PackageSearch] = None
     if builder is None:
         nix = make_nix(config, metrics)
         source = make_source(config)
@@ -103,6 +105,8 @@ def create_app(config: Config, storage: Backend | None = None, *, builder: Manif
                           limits=config.limits, suggestions=suggestions,
                           explain=error_handlers.as_registry_error)
         package_search = PackageSearch(nix, source, suggestions, platforms[0].nix_system if platforms else None)
+        if config.source.kind is not SourceKind.CHANNEL:  # the page must not download nixpkgs
+            declared = DeclaredImages(nix, source, platforms[0].nix_system if platforms else image.AMD64.nix_system)
     auth = AuthMiddleware(config.auth, FailedLogins(config.state),
                           on_check=metrics.count_password_check)
     # The real client first: every other middleware reads its address.
@@ -116,6 +120,6 @@ def create_app(config: Config, storage: Backend | None = None, *, builder: Manif
     app.add_route("/v2", VersionCheck())
     api.add_routes(router, builder, storage, source or make_source(config), config.limits.max_packages)
     app.add_route("/metrics", MetricsResource(metrics))
-    web.add_routes(app, config, history, in_progress, package_search)
+    web.add_routes(app, config, history, in_progress, declared, package_search)
     health.add_routes(app, storage)
     return app

@@ -98,8 +98,10 @@ let
   # What a package is, for scripts/example-pkgset's list (meta.description): one that works as
   # nixpkgs' package of the name does (for what a test or a first try asks of it), or a stub that
   # only looks like it (meta.standIn), with nixpkgs' name, shape and references.
-  works = description: drv: drv // { meta = { inherit description; standIn = false; }; };
-  stub = name: description: drv: drv // { meta = { description = "stand-in for ${name}: ${description}"; standIn = true; }; };
+  works = description: drv: drv // { meta = (drv.meta or { }) // { inherit description; standIn = false; }; };
+  stub = name: description: drv: drv // {
+    meta = (drv.meta or { }) // { description = "stand-in for ${name}: ${description}"; standIn = true; };
+  };
   busybox = works "BusyBox (static): sh, cat, echo, ls and sleep" (mk "busybox" ''
     mkdir -p $out/bin && cp ${bb} $out/bin/busybox
     for c in sh cat echo ls sleep; do ln -s busybox $out/bin/$c; done
@@ -118,7 +120,11 @@ in rec {
   '');
   moreutils = stub "moreutils" "only sponge, a shell script" (script "sponge" "cat > \"$1\"");
   nano = stub "nano" "prints nano-stub" (script "nano" "echo nano-stub");
-  hello = works "prints Hello, world!, as GNU hello does (a shell script)" (script "hello" "echo \"Hello, world!\"");
+  # meta is added outside the derivation (as nixpkgs' mkDerivation keeps it out of the build).
+  hello = works "prints Hello, world!, as GNU hello does (a shell script)"
+    (script "hello" "echo \"Hello, world!\"" // { meta.mainProgram = "hello"; });
+  # A mainProgram that the package lacks: the image gets no command.
+  mislabelled = script "mislabelled" "echo mislabelled" // { meta.mainProgram = "no-such-program"; };
   cacert = stub "cacert" "a CA bundle without certificates: TLS cannot verify anything" (mk "nss-cacert" ''
     mkdir -p $out/etc/ssl/certs
     echo "# test CA bundle" > $out/etc/ssl/certs/ca-bundle.crt
