@@ -175,6 +175,9 @@ def test_page_says_how_to_log_in_and_shows_no_secret(private_server, htpasswd):
     assert get(private_server.url + "/builds.json").status_code == 403
     # So are the images its package set declares.
     assert get(private_server.url + "/declared.json").status_code == 403 and 'id="declared"' not in page
+    # And the names its package set offers.
+    assert get(private_server.url + "/packages.json", params={"q": "hel"}).status_code == 403
+    assert "packages are not listed here" in page and 'id="q"' not in page
     [start_line] = [e for e in private_server.log_entries() if e.get("message") == "starting nixery"]
     assert start_line["config"]["auth"] == {"level": "all", "htpasswd_users": 2, "token_realm": None,
                                             "token_service": None, "token_issuer": None}
