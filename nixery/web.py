@@ -212,7 +212,7 @@ class IndexPage:
             t.index,
             host=host,
             running=running,
-            search=self.search(req.get_param("q")),
+            search=self.search(req.get_param("q"), host),
             pull_note=t("plain-http", host=host) if req.forwarded_scheme == "http" else Html(),
             login=login_text(t, self.config, host),
             meta_rows=_meta_rows(t),
@@ -235,7 +235,7 @@ class IndexPage:
 
     on_head = on_get
 
-    def search(self, query: Optional[str]) -> Html:
+    def search(self, query: Optional[str], host: str) -> Html:
         """The search form, and what it found for `query` (None: nothing asked yet)."""
         t = self.t
         if self.package_search is None:
@@ -254,8 +254,21 @@ class IndexPage:
         else:
             shown = (t("search-shown", shown=len(found.names)) if found.total > len(found.names) else Html())
             results = t("search-results", count=found.total, query=found.query, shown=shown,
-                        items=t.join(t("search-result", name=name) for name in found.names))
+                        items=t.join(t("search-result", name=name) for name in found.names),
+                        pull=self.pull_example(found.names[0], host))
         return t("search", query=query, results=results)
+
+    def pull_example(self, name: str, host: str) -> Html:
+        """How to pull the best match: image names are lower case, and a name starting with a digit
+        finds its attribute's leading underscore (`7zip` is `_7zip`); nothing for a name that is no
+        image name."""
+        pulled = name.lower()
+        pulled = pulled[1:] if pulled[:1] == "_" and pulled[1:2].isdigit() else pulled
+        try:
+            image.validate_name(f"shell/{pulled}")
+        except image.InvalidName:
+            return Html()
+        return self.t("search-pull", host=host, name=pulled)
 
 
 def login_text(t: Templates, config: Config, host: str) -> Html:

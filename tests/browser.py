@@ -10,7 +10,7 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import pytest
 import requests
@@ -62,9 +62,10 @@ class Browser:
                 return message["result"]
             self.events.append(message)
 
-    def wait_for(self, event: str, timeout: float = 30) -> None:
+    def wait_for(self, event: str, timeout: float = 30, since: Optional[int] = None) -> None:
+        """Until `event` comes, or has come since the `since`th event received."""
         deadline = time.monotonic() + timeout
-        seen = len(self.events)
+        seen = len(self.events) if since is None else since
         while time.monotonic() < deadline:
             if any(e.get("method") == event for e in self.events[seen:]):
                 return
@@ -83,11 +84,7 @@ class Browser:
         page it loads."""
         self.events.clear()
         self.evaluate(expression)
-        deadline = time.monotonic() + timeout
-        while not any(e.get("method") == "Page.loadEventFired" for e in self.events):
-            if time.monotonic() > deadline:
-                raise TimeoutError("Page.loadEventFired")
-            self.events.append(json.loads(self.ws.recv()))
+        self.wait_for("Page.loadEventFired", timeout, since=0)
 
     def evaluate(self, expression: str) -> Any:
         result = self.send("Runtime.evaluate", expression=expression, returnByValue=True)
