@@ -106,10 +106,8 @@ def write_layout(image: LocalImage, directory: Path) -> None:
         path = directory / _blob_path(blob.digest)
         if path.is_file() and path.stat().st_size == blob.size:
             continue
-        partial = path.with_name(path.name + ".partial")
-        with open(partial, "wb") as f, image.reading(blob) as content:
+        with _replacing(path) as f, image.reading(blob) as content:
             shutil.copyfileobj(content, f, COPY_CHUNK)
-        os.replace(partial, path)
     index_path = directory / "index.json"
     entries = json.loads(index_path.read_text())["manifests"] if index_path.is_file() else []
     entries = [e for e in entries if e.get("annotations", {}).get(REF_NAME) != image.tag]
@@ -117,15 +115,9 @@ def write_layout(image: LocalImage, directory: Path) -> None:
 
 
 @contextlib.contextmanager
-def _output(path: str) -> Iterator[BinaryIO]:
-    """The file to write (`-`: standard output, unless a terminal), removed if writing fails."""
-    if path == "-":
-        if sys.stdout.isatty():
-            raise CommandError("refusing to write an image archive to a terminal: give -o FILE or redirect")
-        yield sys.stdout.buffer
-        sys.stdout.buffer.flush()
-        return
-    partial = Path(path + ".partial")
+def _replacing(path: Path) -> Iterator[BinaryIO]:
+    """A file written beside `path` and renamed into place once whole; removed if writing fails."""
+    partial = path.with_name(path.name + ".partial")
     try:
         with open(partial, "wb") as f:
             yield f
@@ -133,6 +125,19 @@ def _output(path: str) -> Iterator[BinaryIO]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             partial.unlink()
+
+
+@contextlib.contextmanager
+def _output(path: str) -> Iterator[BinaryIO]:
+    """The file to write (`-`: standard output, unless a terminal)."""
+    if path == "-":
+        if sys.stdout.isatty():
+            raise CommandError("refusing to write an image archive to a terminal: give -o FILE or redirect")
+        yield sys.stdout.buffer
+        sys.stdout.buffer.flush()
+        return
+    with _replacing(Path(path)) as f:
+        yield f
 
 
 def export(config: configuration.Config, reference: str, fmt: str, output: str, platform: Optional[str],
@@ -177,4 +182,5 @@ def main(argv: list[str]) -> int:
 
 def _report(image: LocalImage, output: str) -> None:
     where = "standard output" if output == "-" else output
-    print(f"nixery build: {image.name}:{image.tag} {image.top.digest} written to {where}", file=sys.stderr)
+    print(f"nixery build: {image.name}:{image.tag} {image.top.digest} written to {where} ({image.describe()})",
+          file=sys.stderr)

@@ -25,6 +25,7 @@ from typing import BinaryIO, Callable, Iterator, Optional, Sequence
 from . import image as images
 from .config import Config
 from .manifest import ENTRY_MEDIA_TYPES, Document
+from .stats import BuildStats
 from .storage import Backend, LocalFile, StorageError, blob_key
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,13 @@ class LocalImage:
     manifests: tuple[Document, ...]
     blobs: tuple[Blob, ...]
     storage: Backend
+    stats: BuildStats
+
+    def describe(self) -> str:
+        """What was built and what reused, for the user."""
+        if self.stats.cached:
+            return "its stored manifest reused"
+        return f"{self.stats.layers_built} layers built, {self.stats.layers_reused} reused from storage"
 
     def open(self, digest: str) -> BinaryIO:
         """A blob's bytes: a stored file, or a download from where the storage redirects to."""
@@ -163,7 +171,7 @@ def built(config: Config, reference: str, media_type: str, *, platform: Optional
             builder = make_builder(config, storage, platforms=platform_choice(platform))
             wanted = next((k for k, v in ENTRY_MEDIA_TYPES.items() if v == media_type), media_type) \
                 if len(builder.platforms) > 1 else media_type
-            top = builder.manifest(images.parse(name, tag, config.limits.max_packages), wanted).manifest
+            result = builder.manifest(images.parse(name, tag, config.limits.max_packages), wanted)
         except CommandError:
             raise
         except Exception as e:
@@ -171,8 +179,8 @@ def built(config: Config, reference: str, media_type: str, *, platform: Optional
             if told.message.startswith("internal error"):
                 raise
             raise CommandError(f"{name}:{tag}: {told.message}") from None
-        manifests = _manifests(storage, top)
-        yield LocalImage(name, tag, top, manifests, _blobs(manifests), storage)
+        manifests = _manifests(storage, result.manifest)
+        yield LocalImage(name, tag, result.manifest, manifests, _blobs(manifests), storage, result.stats)
 
 
 def _manifests(storage: Backend, top: Document) -> tuple[Document, ...]:

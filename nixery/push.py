@@ -229,6 +229,8 @@ class Registry:
             self.authorization = f"Bearer {token_of(answer.body)}"
 
     def expect(self, response: Response, statuses: Sequence[int], what: str) -> Response:
+        if response.status in (401, 403):
+            raise CommandError(f"{what}: {self.destination.host} refused the login: {response.error()}")
         if response.status not in statuses:
             raise CommandError(f"{what}: {self.destination.host} answered {response.error()}")
         return response
@@ -452,7 +454,7 @@ def main(argv: list[str]) -> int:
                                       store=args.store)
         print(f"nixery push: {image.name}:{image.tag} pushed to {target} as {image.top.digest}: "
               f"{outcome.uploaded} blobs uploaded ({outcome.bytes_uploaded} bytes), {outcome.mounted} mounted, "
-              f"{outcome.present} already there", file=sys.stderr)
+              f"{outcome.present} already there ({image.describe()})", file=sys.stderr)
     return run("push", action)
 
 
