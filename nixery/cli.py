@@ -12,7 +12,8 @@ from .local import CommandError
 
 
 def run(command: str, action: Callable[[configuration.Config], None]) -> int:
-    """Runs `action` with the configuration; 2 for a configuration error, 1 for a failure."""
+    """Runs `action` with the configuration; 2 for a configuration error, 1 for a failure (an
+    operating system error too: a file that cannot be written is the user's to fix, not a bug)."""
     try:
         config = configuration.load(os.environ)
     except configuration.ConfigError as e:
@@ -24,5 +25,8 @@ def run(command: str, action: Callable[[configuration.Config], None]) -> int:
         action(config)
     except CommandError as e:
         print(f"nixery {command}: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # the output cannot be written, say
+        print(f"nixery {command}: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
         return 1
     return 0

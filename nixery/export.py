@@ -27,7 +27,7 @@ from typing import BinaryIO, Iterator, Optional
 
 from . import config as configuration
 from .atomic import write_atomic
-from .local import Blob, CommandError, LocalImage, built
+from .local import CommandError, LocalImage, built
 from .manifest import MANIFEST_MEDIA_TYPE, OCI_MANIFEST_MEDIA_TYPE, Document, as_oci
 
 FORMATS = ("docker-archive", "oci-archive", "oci")

@@ -30,7 +30,7 @@ import sys
 import threading
 import urllib.parse
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator, Mapping, Optional, Sequence
+from typing import BinaryIO, Callable, Mapping, Optional, Sequence
 
 from . import config as configuration
 from . import image as images
@@ -145,8 +145,9 @@ class Registry:
                 continue
             if response.status == 200:
                 return
-            raise CommandError(f"{self.destination.host} refused {'the login' if response.status == 401 else 'us'}: "
-                               f"{response.error()}")
+            if response.status == 401:
+                raise CommandError(f"{self.destination.host} refused the login: {response.error()}")
+            raise CommandError(f"{self.destination.host} does not answer as a registry: {response.error()}")
         raise CommandError(f"cannot reach {self.destination.host}: {type(failure).__name__}: {failure}")
 
     def _connection(self, scheme: str, netloc: str) -> http.client.HTTPConnection:

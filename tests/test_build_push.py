@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import datetime
 import hashlib
-import http.server
 import json
 import os
 import re
@@ -21,10 +20,8 @@ import signal
 import subprocess
 import sys
 import tarfile
-import threading
 import time
 import urllib.parse
-import uuid
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -39,12 +36,11 @@ from cryptography.x509.oid import NameOID
 from containers import ensure_dockerd
 from pkgset import make_emulated_package_set
 from support import NIX_ENV, ROOT, Server, chroot_run, free_port
+from test_auth import ISSUER, PASSWORD, SERVICE, USER, TokenService
 
 MANIFEST_V2 = "application/vnd.docker.distribution.manifest.v2+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-USER, PASSWORD = "pusher", "push-secret-7f3a"
-SERVICE, ISSUER = "test-registry", "test-token-issuer"
 
 
 def nixery(command: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
@@ -352,62 +348,31 @@ def test_push_logs_in_with_the_credentials_docker_and_skopeo_keep(pkgset, tmp_pa
         registry.stop()
 
 
-class TokenService:
-    """A Docker token service that distribution trusts: tokens signed by a key whose
-    self-signed certificate is distribution's root bundle (sent in the x5c header)."""
+class X5cTokenService(TokenService):
+    """tests/test_auth.py's token service, its tokens carrying their signer's certificate (the
+    x5c header), self-signed and given to distribution as its root bundle: distribution 2.8
+    trusts a token by its certificate chain."""
 
     def __init__(self, directory: Path):
-        self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        super().__init__(rsa.generate_private_key(public_exponent=65537, key_size=2048))
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, ISSUER)])
         now = datetime.datetime.now(datetime.timezone.utc)
-        self.cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(self.key.public_key())
-                     .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
-                     .not_valid_after(now + datetime.timedelta(days=1))
+        self.cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+                     .public_key(self.signing_key.public_key()).serial_number(x509.random_serial_number())
+                     .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=1))
                      .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-                     .sign(self.key, hashes.SHA256()))
+                     .sign(self.signing_key, hashes.SHA256()))
         self.bundle = directory / "token-cert.pem"
         self.bundle.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
-        self.asked: list[dict] = []
-        service = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                service.answer(self)
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    @property
-    def realm(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/token"
-
-    def answer(self, handler: http.server.BaseHTTPRequestHandler) -> None:
-        query = urllib.parse.parse_qs(urllib.parse.urlsplit(handler.path).query)
-        logged_in = handler.headers.get("Authorization") == \
-            "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
-        self.asked.append({"scope": query.get("scope", []), "logged_in": logged_in})
-        access = []
-        for scope in query.get("scope", []) if logged_in and query.get("service") == [SERVICE] else []:
-            kind, name, actions = scope.split(":")
-            access.append({"type": kind, "name": name, "actions": actions.split(",")})
-        now = int(time.time())
+    def token(self, access: list[dict], subject: str = USER, **claims) -> str:
+        claims = jwt.decode(super().token(access, subject, **claims), options={"verify_signature": False})
         der = base64.b64encode(self.cert.public_bytes(serialization.Encoding.DER)).decode()
-        token = jwt.encode({"iss": ISSUER, "sub": USER if logged_in else "", "aud": SERVICE, "iat": now,
-                            "nbf": now - 5, "exp": now + 300, "jti": uuid.uuid4().hex, "access": access},
-                           self.key, algorithm="RS256", headers={"x5c": [der]})
-        body = json.dumps({"token": token}).encode()
-        handler.send_response(200)
-        handler.send_header("Content-Type", "application/json")
-        handler.send_header("Content-Length", str(len(body)))
-        handler.end_headers()
-        handler.wfile.write(body)
+        return jwt.encode(claims, self.signing_key, algorithm="RS256", headers={"x5c": [der]})
 
 
 def test_push_follows_the_token_challenge_with_the_stored_login(pkgset, tmp_path):
-    service = TokenService(tmp_path)
+    service = X5cTokenService(tmp_path)
     registry = Distribution(tmp_path / "registry", {"token": {
         "realm": service.realm, "service": SERVICE, "issuer": ISSUER, "rootcertbundle": str(service.bundle)}})
     try:
@@ -418,11 +383,12 @@ def test_push_follows_the_token_challenge_with_the_stored_login(pkgset, tmp_path
         env = {"NIXERY_PKGS_PATH": str(pkgset), "STORAGE_PATH": str(tmp_path / "storage"),
                "NIXERY_STATE_DIR": str(tmp_path / "state"), "HOME": str(home)}
         ok(nixery(["push", "shell/hello", f"{registry.host}/team/hello:1"], env))
-        assert {"scope": ["repository:team/hello:pull,push"], "logged_in": True} in service.asked
+        assert {"user": USER, "scope": ["repository:team/hello:pull,push"],
+                "access": [{"type": "repository", "name": "team/hello", "actions": ["pull", "push"]}]} in service.issued
         # The next push to another repository asks to read the first, and mounts from it.
         mark = len(registry.requests())
         told = ok(nixery(["push", "shell/hello", f"{registry.host}/team/copy:1"], env))
-        assert service.asked[-1]["scope"] == ["repository:team/copy:pull,push", "repository:team/hello:pull"]
+        assert service.issued[-1]["scope"] == ["repository:team/copy:pull,push", "repository:team/hello:pull"]
         assert uploaded(registry.requests(mark)) == [] and " 0 blobs uploaded" in told.replace(":", "")
 
         # Without a login the token grants nothing, and the push says so.
