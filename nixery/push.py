@@ -244,8 +244,9 @@ class Registry:
         self.expect(response, (200, 301, 302, 303, 307, 308), f"checking blob {digest}")
         return True
 
-    def start_upload(self, digest: str, source: Optional[str]) -> Optional[str]:
-        """An upload session's URL; None when the blob was mounted from `source` instead."""
+    def start_upload(self, digest: str, source: Optional[str]) -> Optional[tuple[str, int]]:
+        """An upload session's URL and the least chunk it takes (OCI-Chunk-Min-Length, 0 when
+        unsaid); None when the blob was mounted from `source` instead."""
         query = f"?{urllib.parse.urlencode({'mount': digest, 'from': source})}" if source else ""
         response = self.expect(self.request("POST", f"{self.repository_path}/blobs/uploads/{query}"),
                                (201, 202), f"starting the upload of {digest}")
@@ -254,7 +255,8 @@ class Registry:
         location = response.headers.get("location")
         if not location:
             raise CommandError(f"{self.destination.host} started an upload without a Location")
-        return urllib.parse.urljoin(self.base + "/", location)
+        least = response.headers.get("oci-chunk-min-length", "")
+        return urllib.parse.urljoin(self.base + "/", location), int(least) if least.isdigit() else 0
 
     def upload(self, location: str, blob: Blob, open_blob: Callable[[], BinaryIO], chunk: int) -> None:
         """The blob into the upload session at `location`: one PUT, or PATCHes of `chunk` bytes and a PUT."""
@@ -374,12 +376,13 @@ def push_blob(registry: Registry, image: LocalImage, blob: Blob, sources: Sequen
         return
     # One mount is tried, from where the blob was pushed last: a registry that declines it
     # answers with an upload session instead, which is used.
-    location = registry.start_upload(blob.digest, sources[0] if sources else None)
-    if location is None:
+    session = registry.start_upload(blob.digest, sources[0] if sources else None)
+    if session is None:
         with lock:
             outcome.mounted += 1
         return
-    registry.upload(location, blob, lambda: image.open(blob.digest), chunk)
+    location, least = session
+    registry.upload(location, blob, lambda: image.open(blob.digest), max(chunk, least))
     with lock:
         outcome.uploaded += 1
         outcome.bytes_uploaded += blob.size

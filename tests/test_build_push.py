@@ -41,6 +41,7 @@ from test_auth import ISSUER, PASSWORD, SERVICE, USER, TokenService
 MANIFEST_V2 = "application/vnd.docker.distribution.manifest.v2+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 
 
 def nixery(command: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
@@ -170,7 +171,7 @@ def test_build_refuses_bad_names_and_unknown_packages_in_one_line(pkgset, tmp_pa
     assert bad.returncode == 2 and b"NIXERY_LAYER_BUDGET" in bad.stderr
 
 
-def test_build_for_every_platform_gives_the_servers_index(pkgset, tmp_path):
+def test_build_and_push_for_every_platform_give_the_servers_index(registry, pkgset, tmp_path):
     emulated = make_emulated_package_set(tmp_path / "emulated", pkgset)
     env = {"NIXERY_PKGS_PATH": str(emulated), "NIX_CONFIG": NIX_ENV["NIX_CONFIG"] + "\nextra-platforms = aarch64-linux",
            "NIXERY_PLATFORMS": "linux/amd64,linux/arm64"}
@@ -178,6 +179,7 @@ def test_build_for_every_platform_gives_the_servers_index(pkgset, tmp_path):
     (tmp_path / "server").mkdir()
     try:
         index = served(other.start(), "shell/hello", f"{OCI_INDEX}, {OCI_MANIFEST}")
+        docker_list = served(other, "shell/hello", f"{MANIFEST_LIST}, {MANIFEST_V2}")
     finally:
         other.stop()
     cli = {**env, "STORAGE_PATH": str(tmp_path / "storage"), "NIXERY_STATE_DIR": str(tmp_path / "state")}
@@ -193,6 +195,11 @@ def test_build_for_every_platform_gives_the_servers_index(pkgset, tmp_path):
     assert refused.returncode == 1 and b"a Docker archive holds one platform" in refused.stderr
     unknown = nixery(["build", "shell/hello", "--platform", "linux/s390x", "-o", str(tmp_path / "x.tar")], cli)
     assert unknown.returncode == 1 and b"offers linux/amd64, linux/arm64" in unknown.stderr
+
+    # Pushed, the manifest list a Docker client gets from the server (each platform's manifest first).
+    ok(nixery(["push", "shell/hello", "--platform", "all", f"{registry.host}/multi:1"], {**cli, "HOME": str(tmp_path)}))
+    listed = requests.get(f"http://{registry.host}/v2/multi/manifests/1", headers={"Accept": MANIFEST_LIST}, timeout=60)
+    assert listed.headers["Content-Type"] == MANIFEST_LIST and listed.content == docker_list.content
 
 
 # ------------------------------------------------------------------------------- push --
