@@ -22,6 +22,7 @@ import sys
 import tarfile
 import time
 import urllib.parse
+import uuid
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -416,3 +417,36 @@ def test_push_refuses_bad_destinations(pkgset, tmp_path):
         assert result.returncode == 1 and b"is not a destination" in result.stderr, (destination, result.stderr)
     closed = nixery(["push", "hello", f"127.0.0.1:{free_port()}/hello"], env)
     assert closed.returncode == 1 and b"cannot reach" in closed.stderr, closed.stderr
+
+
+def test_build_reads_a_buckets_blobs_and_writes_nothing_there(pkgset, tmp_path):
+    """With GCS storage, the layers a server put in the bucket are read through the URLs the
+    backend hands out (signed here, as a deployment's are), and checked against their digests."""
+    from test_gcs import Emulator, gcs_env, signing_env
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    key_path = tmp_path / "signing.pem"
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    emulator = Emulator(tmp_path / "gcs", f"nixery-test-{uuid.uuid4().hex[:8]}").start()
+    env = gcs_env(emulator, NIXERY_PKGS_PATH=str(pkgset), **signing_env((key_path, key)))
+    other = Server(tmp_path / "server", env)
+    (tmp_path / "server").mkdir()
+    try:
+        try:
+            expected = served(other.start(), "shell/hello")
+        finally:
+            other.stop()
+        before = set(emulator.objects())
+        offset = emulator.log_offset()
+        archive = tmp_path / "hello.tar"
+        told = ok(nixery(["build", "shell/hello", "-o", str(archive)], {**env, "NIXERY_STATE_DIR": str(tmp_path / "s")}))
+        assert re.search(r"\(its stored manifest reused\)|\(0 layers built, [1-9]\d* reused from storage\)", told), told
+        assert set(emulator.objects()) == before
+        fetched = [path for method, path in emulator.requests_since(offset)
+                   if method == "GET" and "X-Goog-Signature=" in path]
+        assert len(fetched) == len(expected.json()["layers"]) + 1  # every layer and the config
+        with tarfile.open(archive) as tar:
+            digest = expected.headers["Docker-Content-Digest"]
+            assert tar.extractfile(f"blobs/sha256/{digest[7:]}").read() == expected.content
+    finally:
+        emulator.stop()
