@@ -162,12 +162,12 @@ def built(config: Config, reference: str, media_type: str, *, platform: Optional
     name, tag = split_reference(reference)
     with tempfile.TemporaryDirectory(prefix="nixery-build-") as scratch:
         try:
+            storage: Backend
             if store:
                 storage = make_storage(config)
             else:
-                lower = _lower_storage(config)
-                storage = FilesystemBackend(Path(scratch))
-                storage = Overlay(lower, storage) if lower else storage
+                lower, own = _lower_storage(config), FilesystemBackend(Path(scratch))
+                storage = Overlay(lower, own) if lower else own
             builder = make_builder(config, storage, platforms=platform_choice(platform))
             wanted = next((k for k, v in ENTRY_MEDIA_TYPES.items() if v == media_type), media_type) \
                 if len(builder.platforms) > 1 else media_type
@@ -175,6 +175,8 @@ def built(config: Config, reference: str, media_type: str, *, platform: Optional
         except CommandError:
             raise
         except Exception as e:
+            # Told as the server tells its clients; what it would call an internal error is a bug,
+            # whose traceback the user should see.
             told = as_registry_error(e)
             if told.message.startswith("internal error"):
                 raise
