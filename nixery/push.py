@@ -168,30 +168,29 @@ class Registry:
     def _send(self, method: str, url: str, headers: dict[str, str], body: Optional[Body]) -> Response:
         """One request on this thread's kept-alive connection; once more on a new one if the
         registry had closed it."""
+        try:
+            return self._attempt(method, url, headers, body)
+        except (ConnectionError, http.client.RemoteDisconnected, http.client.BadStatusLine):
+            return self._attempt(method, url, headers, body)
+
+    def _attempt(self, method: str, url: str, headers: dict[str, str], body: Optional[Body]) -> Response:
         parts = urllib.parse.urlsplit(url)
-        target = parts.path + (f"?{parts.query}" if parts.query else "")
-        for attempt in range(2):
-            connection = self._connection(parts.scheme, parts.netloc)
-            with contextlib.ExitStack() as opened:
-                content = None
-                if body is not None:
-                    stream, length = body()
-                    content = opened.enter_context(stream)
-                    headers = {**headers, "Content-Length": str(length)}
-                try:
-                    connection.request(method, target, body=content, headers=headers)
-                    answer = connection.getresponse()
-                    data = answer.read()
-                except (ConnectionError, http.client.RemoteDisconnected, http.client.BadStatusLine):
-                    connection.close()
-                    if attempt:
-                        raise
-                    continue
-                except (OSError, http.client.HTTPException):
-                    connection.close()
-                    raise
-            return Response(answer.status, {k.lower(): v for k, v in answer.getheaders()}, data)
-        raise AssertionError("unreachable")
+        connection = self._connection(parts.scheme, parts.netloc)
+        with contextlib.ExitStack() as opened:
+            content = None
+            if body is not None:
+                stream, length = body()
+                content = opened.enter_context(stream)
+                headers = {**headers, "Content-Length": str(length)}
+            try:
+                connection.request(method, parts.path + (f"?{parts.query}" if parts.query else ""), body=content,
+                                   headers=headers)
+                answer = connection.getresponse()
+                data = answer.read()
+            except (OSError, http.client.HTTPException):
+                connection.close()  # the next request opens a new one
+                raise
+        return Response(answer.status, {k.lower(): v for k, v in answer.getheaders()}, data)
 
     def request(self, method: str, path_or_url: str, headers: Optional[dict[str, str]] = None,
                 body: Optional[Body] = None) -> Response:
@@ -407,16 +406,19 @@ def push(config: configuration.Config, reference: str, destination: str, *, env:
         registry = Registry(target, credential, insecure=insecure, mount_sources=everywhere)
         registry.connect()
         outcome, lock = Outcome(), threading.Lock()
-        with concurrent.futures.ThreadPoolExecutor(jobs, thread_name_prefix="push") as pool:
-            futures = [pool.submit(push_blob, registry, image, blob,
-                                   [s for s in sources[blob.digest] if s in everywhere], chunk, outcome, lock)
-                       for blob in image.blobs]
-            for future in futures:
-                future.result()
-        if image.top.media_type in ENTRY_MEDIA_TYPES:
-            for document in image.manifests:
-                registry.put_manifest(document.digest, document)
-        registry.put_manifest(target.tag, image.top)
+        try:
+            with concurrent.futures.ThreadPoolExecutor(jobs, thread_name_prefix="push") as pool:
+                futures = [pool.submit(push_blob, registry, image, blob,
+                                       [s for s in sources[blob.digest] if s in everywhere], chunk, outcome, lock)
+                           for blob in image.blobs]
+                for future in futures:
+                    future.result()
+            if image.top.media_type in ENTRY_MEDIA_TYPES:
+                for document in image.manifests:
+                    registry.put_manifest(document.digest, document)
+            registry.put_manifest(target.tag, image.top)
+        except (OSError, http.client.HTTPException) as e:
+            raise CommandError(f"pushing to {target.host} failed: {type(e).__name__}: {e}") from None
         hints.remember([blob.digest for blob in image.blobs], target.repository)
         return target, image, outcome
 
