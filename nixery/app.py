@@ -14,6 +14,7 @@ from .api import API_VERSION_HEADER, VersionCheck
 from .auth import AuthMiddleware
 from .clients import RealClient, TrustedProxies
 from .builder import Builder, ManifestBuilder
+from .catalog import DeclaredImages
 from .config import Config, SourceKind
 from .metrics import Metrics, MetricsMiddleware, MetricsResource
 from .nix import EvalBounds, Nix
@@ -100,9 +101,13 @@ def create_app(config: Config, storage: Backend | None = None, *, builder: Manif
     history = BuildHistory(config.state)
     in_progress = InProgress(config.state, on_change=metrics.count_in_progress)
     source = None
+    declared: Optional[DeclaredImages] = None
     if builder is None:
-        builder = make_builder(config, storage, on_nix=metrics.count_nix, in_progress=in_progress)
-        source = builder.source
+        served = make_builder(config, storage, on_nix=metrics.count_nix, in_progress=in_progress)
+        builder, source = served, served.source
+        if config.source.kind is not SourceKind.CHANNEL:  # the page must not download nixpkgs
+            declared = DeclaredImages(served.nix, source, served.platforms[0].nix_system if served.platforms
+                                      else image.AMD64.nix_system)
     auth = AuthMiddleware(config.auth, FailedLogins(config.state),
                           on_check=metrics.count_password_check)
     # The real client first: every other middleware reads its address.
@@ -116,6 +121,6 @@ def create_app(config: Config, storage: Backend | None = None, *, builder: Manif
     app.add_route("/v2", VersionCheck())
     api.add_routes(router, builder, storage, source or make_source(config), config.limits.max_packages)
     app.add_route("/metrics", MetricsResource(metrics))
-    web.add_routes(app, config, history, in_progress)
+    web.add_routes(app, config, history, in_progress, declared)
     health.add_routes(app, storage)
     return app
