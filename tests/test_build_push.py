@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
 from containers import ensure_dockerd
-from pkgset import make_emulated_package_set
+from pkgset import make_emulated_package_set, make_package_set
 from support import NIX_ENV, ROOT, Server, chroot_run, free_port
 from test_auth import ISSUER, PASSWORD, SERVICE, USER, TokenService
 
@@ -451,3 +451,35 @@ def test_build_reads_a_buckets_blobs_and_writes_nothing_there(pkgset, tmp_path):
             assert tar.extractfile(f"blobs/sha256/{digest[7:]}").read() == expected.content
     finally:
         emulator.stop()
+
+
+def test_build_of_a_declared_image_runs_its_declared_command(tmp_path):
+    """A name the package set declares (nixery-images.nix) is built as declared, as a pull of it
+    gives it: the same digest, and `docker run` without a command runs the declared one."""
+    ensure_dockerd()
+    pkgs = make_package_set(tmp_path / "pkgs")
+    (pkgs / "nixery-images.nix").write_text(
+        '{ ... }: { greet = { packages = [ "hello" ]; Cmd = [ "hello" ]; Env = { GREETING = "hi"; };'
+        ' WorkingDir = "/tmp"; User = "nonroot"; }; }\n')
+    other = Server(tmp_path / "server", {"NIXERY_PKGS_PATH": str(pkgs), "NIXERY_WORKERS": "1"})
+    (tmp_path / "server").mkdir()
+    try:
+        expected = served(other.start(), "greet")
+    finally:
+        other.stop()
+    archive = tmp_path / "greet.tar"
+    env = {"NIXERY_PKGS_PATH": str(pkgs), "STORAGE_PATH": str(tmp_path / "storage"),
+           "NIXERY_STATE_DIR": str(tmp_path / "state")}
+    assert expected.headers["Docker-Content-Digest"] in ok(nixery(["build", "greet:latest", "-o", str(archive)], env))
+    loaded = subprocess.run(["docker", "load", "-i", str(archive)], capture_output=True, text=True, timeout=300)
+    assert loaded.returncode == 0, loaded.stderr
+    config_digest = expected.json()["config"]["digest"]
+    try:
+        inspected = json.loads(subprocess.run(["docker", "image", "inspect", "greet:latest"], capture_output=True,
+                                              text=True, check=True).stdout)[0]
+        assert inspected["Id"] == config_digest
+        assert inspected["Config"]["Cmd"] == ["hello"] and "GREETING=hi" in inspected["Config"]["Env"]
+        ran = subprocess.run(["docker", "run", "--rm", "greet:latest"], capture_output=True, text=True, timeout=120)
+        assert ran.stdout == "Hello, world!\n", ran.stderr
+    finally:
+        subprocess.run(["docker", "rmi", "-f", config_digest], capture_output=True, timeout=120)
