@@ -29,7 +29,6 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from google.auth.credentials import AnonymousCredentials
-from google.oauth2 import service_account
 from google.cloud import storage as gcs
 
 from google_standins import Metadata, SignBlob

@@ -5,7 +5,6 @@ server (the figures are bench/load.py's; the builds' side is test_load_builds.py
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import socket
 import time
 
