@@ -33,7 +33,7 @@ from .manifest import MANIFEST_MEDIA_TYPE, Document
 from .nix import BuildFailed, Closure, DerivationFailed, UnsupportedSystem, as_seen_by
 from .nix import Resolved as Evaluation
 from .parking import Parked, Parking
-from .refusals import BuildRefused, ImageTooLarge, TooManyBuilds
+from .refusals import BuildRefused, ImageTooLarge, ServerStopping, TooManyBuilds
 from .sources import Resolved
 from .stats import BuildStats
 from .storage import Backend, blob_key
@@ -115,6 +115,8 @@ class Admission:
             self._raise_remembered(keys.failure)
             if not may_build:
                 raise BuildRefused(image.name)
+            if parking and parking.stopping:
+                raise ServerStopping(RETRY_AFTER_SECONDS)
             document = self._limited(build, keys.failure, client, parking)
             if keys.cache:
                 self.storage.write(f"manifests/{keys.cache}", document.data, document.media_type)

@@ -22,7 +22,7 @@ from .error_handlers import as_registry_error
 from .errors import RegistryError, blob_unknown, manifest_unknown
 from .manifest import (MANIFEST_LIST_MEDIA_TYPE, MANIFEST_MEDIA_TYPE, OCI_INDEX_MEDIA_TYPE, OCI_MANIFEST_MEDIA_TYPE,
                        Document)
-from .refusals import BuildRefused
+from .refusals import BuildRefused, ServerStopping
 from .sources import Source
 from .stats import BuildStats
 from .storage import Backend, LocalFile, Redirect, blob_key
@@ -107,9 +107,9 @@ class Manifests:
             result = self.builder.manifest(image.parse(name, tag, self.max_packages), media_type,
                                            may_build=req.context.get("may_build", True),
                                            client=req.remote_addr or "", parking=req.env.get(parking.ENVIRON_KEY))
-        except (parking.Parked, BuildRefused):
+        except (parking.Parked, BuildRefused, ServerStopping):
             # Parked: not an answer, the request runs again once the build it waits for is over.
-            # Refused: no build, so the recent builds and the metrics do not count it (anonymous
+            # Refused (or the server stopping): no build, so the recent builds and the metrics do not count it (anonymous
             # clients cannot crowd real failures off the page).
             raise
         except Exception as e:

@@ -30,6 +30,7 @@ the infrastructure (storage, Nix itself, a timeout, a bug) are 5xx:
 | Nix cannot run, an evaluation error of the set, a timeout, a builder killed, a git fetch fails | 500 | UNKNOWN |
 | an anonymous client would make the instance build (auth level `build`) | 401 | UNAUTHORIZED |
 | storage fails | 503 | UNAVAILABLE |
+| a new build asked of a stopping server | 503 | UNAVAILABLE |
 | a client over its share of new builds (NIXERY_CLIENT_BUILDS) | 429 | TOOMANYREQUESTS |
 """
 
@@ -47,7 +48,7 @@ from .errors import RegistryError, build_failed, internal_error, manifest_unknow
 from .nix import (BuildFailed, EvaluationLimit, Forbidden, NixError, Problem, UnavailablePackages,
                   UnknownPackages, UnsupportedSystem)
 from .parking import Parked
-from .refusals import BuildRefused, ImageTooLarge, TooManyBuilds
+from .refusals import BuildRefused, ImageTooLarge, ServerStopping, TooManyBuilds
 from .sources import RefusedTag, SourceUnavailable, UnknownTag
 from .stats import BUILD_FAILED_STATUS
 from .storage import StorageError
@@ -117,6 +118,12 @@ def _too_large(error: ImageTooLarge) -> RegistryError:
                          {"size": error.size, "max_image_size": error.limit})
 
 
+def _stopping(error: ServerStopping) -> RegistryError:
+    told = unavailable(str(error))
+    told.headers["Retry-After"] = str(error.retry_after)
+    return told
+
+
 def _too_many(error: TooManyBuilds) -> RegistryError:
     told = RegistryError(429, "TOOMANYREQUESTS", f"this address already has {error.limit} new builds running; "
                          "retry when one has finished", {"client_builds": error.limit})
@@ -138,6 +145,7 @@ _TRANSLATIONS: dict[type[Exception], Callable[[Any], RegistryError]] = {
     StorageError: lambda error: unavailable(f"storage failed: {error}"),
     ImageTooLarge: _too_large,
     TooManyBuilds: _too_many,
+    ServerStopping: _stopping,
     UnknownPackages: lambda error: manifest_unknown(_unknown_text(error), _unknown_detail(error)),
     UnavailablePackages: _unavailable,
     UnsupportedSystem: lambda error: manifest_unknown(str(error), {"system": error.system}),
