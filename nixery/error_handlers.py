@@ -15,8 +15,13 @@ the body of a 4xx answer and print its message, but show only "received
 unexpected HTTP status" for a 5xx; so every failure that the same request
 will meet again (a name the set lacks or refuses, a package whose build
 fails, a system this instance cannot build for, a tag the source does not
-serve) is a 4xx whose message is the reason in one line, and only faults of
-the infrastructure (storage, Nix itself, a timeout, a bug) are 5xx:
+serve) is a 4xx whose message is the reason in one line, and only what is
+transient or the operator's to fix (storage, Nix itself, a download, a local
+package set that does not parse, a bug) is 5xx. A build that fails or times out
+and a revision that does not evaluate are 422, not 403 or 404: the request was
+understood and the build was tried, and the instance's history counts them with
+the builds that failed (they may need the operator: a timeout too short for a
+big package), apart from the requests it refused:
 
 | failure | status | code |
 | --- | --- | --- |
@@ -24,9 +29,10 @@ the infrastructure (storage, Nix itself, a timeout, a bug) are 5xx:
 | unknown, removed or renamed package, not a package, unsupported system, a tag the source lacks | 404 | MANIFEST_UNKNOWN |
 | unfree, broken or insecure package (the set's config refuses it) | 403 | DENIED |
 | over a bound of the instance: a name's components, an image's size, an evaluation's memory or time | 403 | DENIED |
-| a package's build fails (its builder exits non-zero) | 422 | UNKNOWN |
+| a package's build fails (its builder exits non-zero), or runs past NIX_TIMEOUT | 422 | UNKNOWN |
+| a fixed revision (a git commit, a nixpkgs commit) whose code does not evaluate | 422 | UNKNOWN |
 | the set's code reads a file or URL it may not (restricted evaluation) | 403 | DENIED |
-| Nix cannot run, an evaluation error of the set, a timeout, a builder killed, a git fetch fails | 500 | UNKNOWN |
+| Nix cannot run, a local set or channel that does not evaluate, a download, a builder killed, a git fetch fails | 500 | UNKNOWN |
 | an anonymous client would make the instance build (auth level `build`) | 401 | UNAUTHORIZED |
 | storage fails | 503 | UNAVAILABLE |
 | a client over its share of new builds (NIXERY_CLIENT_BUILDS) | 429 | TOOMANYREQUESTS |
@@ -42,8 +48,8 @@ import falcon
 from . import image
 from .config import format_size
 from .errors import RegistryError, build_failed, internal_error, manifest_unknown, unavailable
-from .nix import (BuildFailed, EvaluationLimit, Forbidden, NixError, Problem, UnavailablePackages,
-                  UnknownPackages, UnsupportedSystem)
+from .nix import (BuildFailed, BuildTimedOut, EvaluationFailed, EvaluationLimit, Forbidden, NixError, Problem,
+                  UnavailablePackages, UnknownPackages, UnsupportedSystem)
 from .parking import Parked
 from .refusals import BuildRefused, ImageTooLarge, TooManyBuilds
 from .sources import RefusedTag, SourceUnavailable, UnknownTag
@@ -137,6 +143,10 @@ _TRANSLATIONS: dict[type[Exception], Callable[[Any], RegistryError]] = {
     UnavailablePackages: _unavailable,
     UnsupportedSystem: lambda error: manifest_unknown(str(error), {"system": error.system}),
     BuildFailed: lambda error: RegistryError(BUILD_FAILED_STATUS, "UNKNOWN", error.reason),
+    BuildTimedOut: lambda error: RegistryError(BUILD_FAILED_STATUS, "UNKNOWN", error.reason, {
+        "limit": "NIX_TIMEOUT", "derivation": error.derivation}),
+    EvaluationFailed: lambda error: (RegistryError(BUILD_FAILED_STATUS, "UNKNOWN", error.reason) if error.pinned
+                                     else build_failed(error.reason)),
     EvaluationLimit: lambda error: RegistryError(403, "DENIED", error.reason, {"limit": error.variable}),
     Forbidden: lambda error: RegistryError(403, "DENIED", error.reason),
     NixError: lambda error: build_failed(error.reason),

@@ -106,6 +106,42 @@ def ensure_dockerd() -> None:
     _unavailable(f"dockerd did not answer within {DOCKERD_START_TIMEOUT}s (its log: {CACHE_DIR / 'dockerd.log'})")
 
 
+def _containerd_answers() -> bool:
+    try:
+        return subprocess.run(["ctr", "version"], capture_output=True, timeout=10).returncode == 0
+    except subprocess.TimeoutExpired:  # ctr waits for a socket that nobody serves
+        return False
+
+
+def ensure_containerd() -> None:
+    """containerd answers `ctr` (on its default socket) when this returns; otherwise the calling
+    test is skipped (failed in CI) with the reason. Docker's dockerd runs a containerd of its own on
+    another socket, so a machine with Docker may still have none: it is started here (as root,
+    Debian's configuration) and left running, as ensure_dockerd leaves dockerd."""
+    if shutil.which("ctr") is None or shutil.which("containerd") is None:
+        _unavailable("containerd is not installed (scripts/install-deps --test installs it)")
+    with file_lock("containerd.lock"):
+        if _containerd_answers():
+            return
+        if os.getuid() != 0:
+            _unavailable("containerd is not running and only root can start it")
+        log = open(CACHE_DIR / "containerd.log", "ab")
+        subprocess.Popen(["containerd"], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                         start_new_session=True)
+        deadline = time.monotonic() + DOCKERD_START_TIMEOUT
+        while time.monotonic() < deadline:
+            if _containerd_answers():
+                return
+            time.sleep(0.5)
+    _unavailable(f"containerd did not answer within {DOCKERD_START_TIMEOUT}s (its log: {CACHE_DIR / 'containerd.log'})")
+
+
+def ensure_podman() -> None:
+    """podman (daemonless) is installed, or the calling test is skipped (failed in CI)."""
+    if shutil.which("podman") is None:
+        _unavailable("podman is not installed (scripts/install-deps --test installs it)")
+
+
 def _ca_certificates() -> list[Path]:
     return sorted(CA_DIR.glob("*.crt")) if CA_DIR.is_dir() else []
 

@@ -122,7 +122,7 @@ def test_ten_concurrent_pulls_run_nix_once(start_server, fresh_pkgset, nix_count
     assert nix_counter.count("nix-store") == 1 and nix_counter.count("nix-build") == 0
 
 
-def test_nix_timeout_is_a_500_and_kills_the_build(start_server, tmp_path):
+def test_nix_timeout_is_a_422_naming_it_and_kills_the_build(start_server, tmp_path):
     from pkgset import make_package_set
     import uuid
     slow = make_package_set(tmp_path / "slow-set", salt=uuid.uuid4().hex[:12], slow_seconds=117)
@@ -130,10 +130,14 @@ def test_nix_timeout_is_a_500_and_kills_the_build(start_server, tmp_path):
     started = time.monotonic()
     response = requests.get(f"{server.url}/v2/slowbuild/manifests/latest", timeout=60)
     assert time.monotonic() - started < 30
-    assert response.status_code == 500
+    # The same derivation times out again: a 4xx, whose reason registry clients print.
+    assert response.status_code == 422
     [error] = errors_of(response)
     # Nix's own --max-silent-time stopped the builder (NIX_TIMEOUT bounds silence and run time).
     assert error["code"] == "UNKNOWN" and "timed out after 3 seconds" in error["message"]
+    assert error["message"].startswith("slowbuild did not finish building within this instance's build timeout "
+                                       "(NIX_TIMEOUT): building of '/nix/store/")
+    assert error["detail"]["limit"] == "NIX_TIMEOUT" and error["detail"]["derivation"].endswith("-slow-build.drv")
     deadline = time.monotonic() + 1  # a second for the killed processes to be gone
     for pattern in (str(slow), "sleep 117"):  # nix-build, and the builder in its own session
         while (leftovers := subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()) \
