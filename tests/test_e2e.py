@@ -167,6 +167,13 @@ def test_oci_form_of_a_real_build_is_stored_and_served_again(server):
     assert [layer["digest"] for layer in oci.json()["layers"]] == [layer["digest"] for layer in docker.json()["layers"]]
     again = requests.get(f"{server.url}/v2/hello/manifests/{oci.headers['Docker-Content-Digest']}", timeout=30)
     assert again.content == oci.content and again.headers["Content-Type"] == oci.headers["Content-Type"]
+    # A client that takes an index alone gets one, of the instance's one platform.
+    index = requests.get(url, headers={"Accept": "application/vnd.oci.image.index.v1+json"}, timeout=30)
+    assert index.status_code == 200 and index.headers["Content-Type"] == "application/vnd.oci.image.index.v1+json"
+    assert index.headers["Docker-Content-Digest"] == "sha256:" + hashlib.sha256(index.content).hexdigest()
+    [entry] = index.json()["manifests"]
+    assert entry["digest"] == oci.headers["Docker-Content-Digest"] and entry["mediaType"] == oci.headers["Content-Type"]
+    assert entry["platform"] == {"architecture": "amd64", "os": "linux"}
 
 
 def test_credentials_in_the_channel_url_never_reach_clients_or_logs(start_server):
