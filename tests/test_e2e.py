@@ -184,6 +184,24 @@ def test_credentials_in_the_channel_url_never_reach_clients_or_logs(start_server
     assert "127.0.0.1:9" in response.text and "s3cret" not in response.text
     assert "s3cret" not in server.log()
     assert "s3cret" not in requests.get(f"{server.url}/builds.json", timeout=10).text
+    # A download that fails is the machine's or the network's: a 500, and the log says what to check.
+    [failed] = [e for e in server.log_entries() if e.get("message") == "nix failed"]
+    assert failed["action"].startswith("a download failed: check that this machine reaches the URL"), failed
+
+
+def test_a_local_set_that_does_not_parse_is_a_500_whose_log_tells_the_operator(start_server, tmp_path):
+    broken = tmp_path / "broken-set"
+    broken.mkdir()
+    (broken / "default.nix").write_text("{ ... }:\n{ hello = ; }\n")
+    server = start_server({"NIXERY_PKGS_PATH": str(broken)})
+    response = requests.get(f"{server.url}/v2/hello/manifests/latest", timeout=60)
+    # The operator's to fix, and fixed in place at any time: not the request's fault.
+    assert response.status_code == 500
+    [error] = errors_of(response)
+    assert "syntax error" in error["message"] and "(at default.nix:2:" in error["message"]
+    [failed] = [e for e in server.log_entries() if e.get("message") == "nix failed"]
+    assert failed["level"] == "ERROR" and "syntax error" in failed["nix_log"]
+    assert failed["action"].startswith("the package set does not evaluate"), failed
 
 
 def test_start_up_removes_what_dead_workers_left(start_server, pkgset, tmp_path):
