@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
+import socket
 import subprocess
 import uuid
 from pathlib import Path
@@ -22,6 +25,7 @@ import requests
 from containers import ensure_containerd, ensure_dockerd, ensure_podman
 from pkgset import make_package_set
 from support import Server, errors_of, skopeo_pull
+from tls_front import TlsFront
 
 MANIFEST_V2 = "application/vnd.docker.distribution.manifest.v2+json"
 # Short enough that `slowbuild` (which sleeps for minutes) is stopped quickly, long enough that
@@ -32,6 +36,8 @@ SCRIPT = 'hello && echo "bash says $((6 * 7))"'
 SCRIPT_OUTPUT = "Hello, world!\nbash says 42\n"
 # podman in a container here: its default limits are more than the container may set.
 PODMAN_LIMITS = ("--ulimit", "nofile=1024:1024", "--ulimit", "nproc=4096:4096")
+# Where Docker looks for the CA of a registry it reaches over TLS (one directory per host:port).
+DOCKER_CERTS = Path("/etc/docker/certs.d")
 
 
 def run(argv: Sequence[str], timeout: float = 300) -> subprocess.CompletedProcess:
@@ -177,3 +183,53 @@ def test_podman_pulls_and_runs_an_image(server):
         run(["podman", "rmi", "-f", reference])
     failed = run(["podman", "pull", "--tls-verify=false", f"{server.host}/broken"])
     assert failed.returncode != 0 and "broken failed to build: builder for '/nix/store/" in failed.stderr, failed.stderr
+
+
+def outward_address() -> str:
+    """This machine's address on its default route: Docker takes a registry on a loopback address
+    for plain HTTP and checks no certificate there, so the TLS test must use another."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # no packet is sent: this only picks the route
+            address = probe.getsockname()[0]
+        except OSError:
+            address = "127.0.0.1"
+    if address.startswith("127.") or os.getuid() != 0:
+        pytest.skip("needs root and an address other than loopback (for Docker's certs.d)")
+    return address
+
+
+def test_every_client_pulls_over_tls_given_the_instance_ca(server, docker, tmp_path):
+    """Behind a TLS proxy whose CA the clients are told of as docs/clients.md says: each pulls, and
+    skopeo without the CA refuses the certificate (so TLS is what was checked)."""
+    ensure_containerd()
+    ensure_podman()
+    front = TlsFront(outward_address(), server.port)
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    (certs / "ca.crt").write_bytes(front.ca_pem)
+    docker_certs = DOCKER_CERTS / front.host
+    reference = f"{front.host}/shell/hello"
+    try:
+        digest, _ = registry_manifest(server, "shell/hello")
+        refused = run(["skopeo", "inspect", f"docker://{reference}"])
+        assert refused.returncode != 0 and "certificate signed by unknown authority" in refused.stderr, refused.stderr
+        skopeo_inspect = run(["skopeo", "inspect", "--cert-dir", str(certs), f"docker://{reference}"])
+        assert skopeo_inspect.returncode == 0 and json.loads(skopeo_inspect.stdout)["Digest"] == digest, \
+            skopeo_inspect.stderr
+        podman = run(["podman", "pull", "--cert-dir", str(certs), reference])
+        assert podman.returncode == 0, podman.stderr
+        ctr = run(["ctr", "images", "pull", "--tlscacert", str(certs / "ca.crt"), f"{reference}:latest"])
+        assert ctr.returncode == 0, ctr.stderr
+        docker_certs.mkdir(parents=True)
+        (docker_certs / "ca.crt").write_bytes(front.ca_pem)
+        pulled = run([docker, "pull", reference])
+        assert pulled.returncode == 0 and f"Digest: {digest}" in pulled.stdout, pulled.stderr
+        ran = run([docker, "run", "--rm", reference, "bash", "-c", SCRIPT], timeout=120)
+        assert ran.stdout == SCRIPT_OUTPUT, ran.stderr
+    finally:
+        front.close()
+        shutil.rmtree(docker_certs, ignore_errors=True)
+        run([docker, "rmi", "-f", reference])
+        run(["podman", "rmi", "-f", reference])
+        run(["ctr", "images", "rm", f"{reference}:latest"])
