@@ -22,7 +22,7 @@ from typing import Iterator, Sequence
 import pytest
 import requests
 
-from containers import ensure_containerd, ensure_dockerd, ensure_podman
+from containers import _unavailable as unavailable, ensure_containerd, ensure_dockerd, ensure_podman
 from pkgset import make_package_set
 from support import Server, errors_of, skopeo_pull
 from tls_front import TlsFront
@@ -195,7 +195,7 @@ def outward_address() -> str:
         except OSError:
             address = "127.0.0.1"
     if address.startswith("127.") or os.getuid() != 0:
-        pytest.skip("needs root and an address other than loopback (for Docker's certs.d)")
+        unavailable("the TLS test needs root and an address other than loopback (for Docker's certs.d)")
     return address
 
 
