@@ -31,6 +31,8 @@ MANIFEST_V2 = "application/vnd.docker.distribution.manifest.v2+json"
 # Short enough that `slowbuild` (which sleeps for minutes) is stopped quickly, long enough that
 # every other build of the set (busybox scripts) finishes on a loaded machine.
 NIX_TIMEOUT = 6
+# Over what `shell/hello` takes (busybox: 2 MiB), under what `big` does (four parts of 1 MiB).
+MAX_IMAGE_SIZE = "3M"
 # What the image runs: the README's `docker run HOST/shell/... bash -c ...`, with the set's bash.
 SCRIPT = 'hello && echo "bash says $((6 * 7))"'
 SCRIPT_OUTPUT = "Hello, world!\nbash says 42\n"
@@ -64,7 +66,8 @@ def server(tmp_path_factory) -> Iterator[Server]:
     git(repo, "commit", "-q", "-am", "the test set again")
     workdir = root / "server"
     workdir.mkdir()
-    started = Server(workdir, {"NIXERY_PKGS_REPO": str(repo), "NIX_TIMEOUT": str(NIX_TIMEOUT)}).start()
+    started = Server(workdir, {"NIXERY_PKGS_REPO": str(repo), "NIX_TIMEOUT": str(NIX_TIMEOUT),
+                               "NIXERY_MAX_IMAGE_SIZE": MAX_IMAGE_SIZE}).start()
     yield started
     started.stop()
 
@@ -120,25 +123,29 @@ def test_docker_pulls_runs_and_describes_an_image(server, docker):
 
 
 def test_every_client_prints_the_reason_of_a_failure_that_repeats(server, docker, tmp_path):
-    """A build that fails, a build past NIX_TIMEOUT and a tag whose commit does not parse: each a
-    4xx whose message Docker, podman and skopeo print (containerd 1.6 prints the status only)."""
+    """A build that fails, a build past NIX_TIMEOUT, a tag whose commit does not parse and a closure
+    over the size limit: each a 4xx whose message Docker, podman and skopeo print (containerd 1.6
+    prints the status only)."""
     cases = {
-        "broken": ["broken failed to build: builder for '/nix/store/", "-broken.drv' failed with exit code 3"],
-        "slowbuild": ["slowbuild did not finish building within this instance's build timeout (NIX_TIMEOUT): "
-                      "building of '/nix/store/", f"-slow-build.drv!out' from .drv file timed out after {NIX_TIMEOUT} "
-                      "seconds"],
-        "hello:unparsable": ["failed: error: syntax error, unexpected ID", "(at default.nix:2:"],
+        "broken": (422, ["broken failed to build: builder for '/nix/store/", "-broken.drv' failed with exit code 3"]),
+        "slowbuild": (422, ["slowbuild did not finish building within this instance's build timeout (NIX_TIMEOUT): "
+                            "building of '/nix/store/", f"-slow-build.drv!out' from .drv file timed out after "
+                            f"{NIX_TIMEOUT} seconds"]),
+        "hello:unparsable": (422, ["failed: error: syntax error, unexpected ID", "(at default.nix:2:"]),
+        "big": (403, ["the image's packages take ", f"more than this instance's limit of {MAX_IMAGE_SIZE} "
+                      "(NIXERY_MAX_IMAGE_SIZE)"]),
     }
-    for name, parts in cases.items():
+    for name, (status, parts) in cases.items():
         image, _, tag = name.partition(":")
         response = requests.get(f"{server.url}/v2/{image}/manifests/{tag or 'latest'}", timeout=120)
-        assert response.status_code == 422, response.text
+        assert response.status_code == status, response.text
         [error] = errors_of(response)
         assert all(part in error["message"] for part in parts), (parts, error)
         assert str(server.workdir) not in error["message"], "no path of the server's own"
 
         pulled = run([docker, "pull", f"{server.host}/{name}"])
-        assert pulled.returncode != 0 and f"unknown: {error['message']}" in pulled.stderr, pulled.stderr
+        assert pulled.returncode != 0 and f"{error['code'].lower()}: {error['message']}" in pulled.stderr, \
+            pulled.stderr
         skopeo = skopeo_pull(server.host, image, tmp_path / f"oci-{image}", tag or "latest")
         assert skopeo.returncode != 0 and error["message"] in skopeo.stderr, skopeo.stderr
 
