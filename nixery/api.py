@@ -18,7 +18,7 @@ import falcon
 
 from . import image, parking, routes, sbom
 from .builder import ManifestBuilder
-from .error_handlers import as_registry_error
+from .error_handlers import as_registry_error, operator_action
 from .errors import RegistryError, blob_unknown, manifest_unknown
 from .manifest import (MANIFEST_LIST_MEDIA_TYPE, MANIFEST_MEDIA_TYPE, OCI_INDEX_MEDIA_TYPE, OCI_MANIFEST_MEDIA_TYPE,
                        Document)
@@ -251,7 +251,8 @@ def add_routes(router: routes.RegistryRouter, builder: ManifestBuilder, storage:
 def _failed_build(name: str, tag: str, error: Exception, duration: float) -> BuildStats:
     """A failed manifest request, with the reason its client is given (the error handlers' wording)."""
     told = as_registry_error(error)
-    return BuildStats(image=name, tag=tag, duration=round(duration, 3), reason=told.message, status=told.status)
+    return BuildStats(image=name, tag=tag, duration=round(duration, 3), reason=told.message, status=told.status,
+                      action=operator_action(error) if told.status >= 500 else None)
 
 
 _RANGE_SPEC_RE = re.compile(r"(\d*)-(\d*)")

@@ -49,7 +49,7 @@ from . import image
 from .config import format_size
 from .errors import RegistryError, build_failed, internal_error, manifest_unknown, unavailable
 from .nix import (BuildFailed, BuildTimedOut, EvaluationFailed, EvaluationLimit, Forbidden, NixError, Problem,
-                  UnavailablePackages, UnknownPackages, UnsupportedSystem)
+                  UnavailablePackages, UnknownPackages, UnsupportedSystem, advice)
 from .parking import Parked
 from .refusals import BuildRefused, ImageTooLarge, TooManyBuilds
 from .sources import RefusedTag, SourceUnavailable, UnknownTag
@@ -163,6 +163,20 @@ def as_registry_error(error: Exception) -> RegistryError:
         return RegistryError(error.status_code, _FALCON_CODES.get(error.status_code, "UNKNOWN"),
                              error.title or "error")
     return internal_error(error)
+
+
+def operator_action(error: Exception) -> str:
+    """What the operator should do about a failure whose client is told only its 5xx status (the
+    request's summary line in the log says it)."""
+    if isinstance(error, NixError):
+        return advice(error) or "Nix failed (the \"nix failed\" line before this one says why)"
+    if isinstance(error, StorageError):
+        return ("storage failed: check STORAGE_PATH's disk (space, permissions, read-only mount), or the "
+                "bucket's reachability and the service account's access; /readyz says when it is back")
+    if isinstance(error, SourceUnavailable):
+        return ("the package source cannot be fetched: check NIXERY_PKGS_REPO's URL, its credentials "
+                "(NIXERY_SSH_KEY, NIXERY_GIT_TOKEN) and known host keys; the next pull fetches again")
+    return "a fault of Nixery itself: report it with the traceback logged as \"unhandled error\""
 
 
 def _render(resp: falcon.Response, error: RegistryError) -> None:
