@@ -4,7 +4,8 @@ client with its reason (Docker, podman and skopeo print the message of a 4xx ans
 
 One server and one package set for the module: a git repository (every image pinned to a commit)
 whose `main` is the test set with every store path new (so that `slowbuild` really builds, past
-the module's NIX_TIMEOUT) and whose tag `unparsable` is a commit whose default.nix does not parse.
+the module's NIX_TIMEOUT), whose tag `unparsable` is a commit whose default.nix does not parse and
+whose tag `missing-file` one that imports a file it lacks.
 """
 
 from __future__ import annotations
@@ -62,6 +63,9 @@ def server(tmp_path_factory) -> Iterator[Server]:
     (repo / "default.nix").write_text("{ system ? builtins.currentSystem, ... }:\n{ this is not nix\n")
     git(repo, "commit", "-q", "-am", "a commit that does not parse")
     git(repo, "tag", "unparsable")
+    (repo / "default.nix").write_text("import ./missing.nix\n")
+    git(repo, "commit", "-q", "-am", "a commit that imports a file it lacks")
+    git(repo, "tag", "missing-file")
     (repo / "default.nix").write_text(good)
     git(repo, "commit", "-q", "-am", "the test set again")
     workdir = root / "server"
@@ -132,6 +136,8 @@ def test_every_client_prints_the_reason_of_a_failure_that_repeats(server, docker
                             "building of '/nix/store/", f"-slow-build.drv!out' from .drv file timed out after "
                             f"{NIX_TIMEOUT} seconds"]),
         "hello:unparsable": (422, ["failed: error: syntax error, unexpected ID", "(at default.nix:2:"]),
+        # The path is the set's own, not the server's checkout of it.
+        "hello:missing-file": (422, ["failed: error: getting status of 'missing.nix': No such file"]),
         "big": (403, ["the image's packages take ", f"more than this instance's limit of {MAX_IMAGE_SIZE} "
                       "(NIXERY_MAX_IMAGE_SIZE)"]),
     }

@@ -374,7 +374,7 @@ class Nix:
                 raise EvaluationLimit(f"{what} needed more than {format_size(bounds.memory)} of memory, this "
                                       "instance's limit (NIXERY_EVAL_MEMORY)", e.log, "NIXERY_EVAL_MEMORY") from None
             if type(e) is NixError and e.log and _machine_fault(e.log) is None:
-                raise EvaluationFailed(e.reason + code_position(e.log, args), e.log) from None
+                raise EvaluationFailed(in_the_set(e.reason, args) + code_position(e.log, args), e.log) from None
             raise
 
     def systems(self) -> Optional[tuple[str, ...]]:
@@ -599,6 +599,19 @@ def advice(error: NixError) -> Optional[str]:
     return _machine_fault(f"{error.reason}\n{error.log}") or "Nix failed (nix_log says why): fix that, the next pull retries"
 
 
+def _set_directories(args: Sequence[str]) -> list[str]:
+    """The directories among a command's arguments (the package set's, as `--argstr srcArgs`)."""
+    return [a.rstrip("/") + "/" for a in args if a.startswith("/") and Path(a).is_dir()]
+
+
+def in_the_set(text: str, args: Sequence[str]) -> str:
+    """`text` with the package set's directory left out of the paths it names (a git checkout's is
+    the server's own: `getting status of 'pkgs/nope.nix'`, not of '/var/lib/...')."""
+    for directory in _set_directories(args):
+        text = text.replace(directory, "")
+    return text
+
+
 def code_position(log_text: str, args: Sequence[str]) -> str:
     """` (at default.nix:1:8)`: where Nix's log points in the package set's code, relative to the
     set (a path outside it, or none, gives nothing: the client is not told the server's paths)."""
@@ -606,8 +619,7 @@ def code_position(log_text: str, args: Sequence[str]) -> str:
     if not match:
         return ""
     path, line, column = match.groups()
-    directories = [a.rstrip("/") + "/" for a in args if a.startswith("/") and Path(a).is_dir()]
-    for directory in directories:
+    for directory in _set_directories(args):
         if path.startswith(directory):
             return f" (at {path[len(directory):]}:{line}:{column})"
     inside = _STORE_PREFIX.match(path)
