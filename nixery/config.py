@@ -245,11 +245,13 @@ class StateLayout:
     # The database of what workers share (nixery/state.py): failures, failed logins, the build
     # history and builds in progress, the build memo, git fetches.
     store: Path
+    # Where `nixery push` remembers the repositories it pushed each blob to, to mount it from (nixery/push.py).
+    pushed: Path
 
     @classmethod
     def under(cls, root: Path) -> "StateLayout":
         return cls(locks=root / "locks", gcroots=root / "gcroots", git=root / "git",
-                   prometheus=root / "prometheus", store=root / "state.sqlite3")
+                   prometheus=root / "prometheus", store=root / "state.sqlite3", pushed=root / "pushed")
 
 
 @dataclasses.dataclass(frozen=True)
