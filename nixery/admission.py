@@ -30,7 +30,7 @@ from .image import Image
 from .locks import Slots, file_lock, wait_until_free
 from .memo import BuildMemo
 from .manifest import MANIFEST_MEDIA_TYPE, Document
-from .nix import BuildFailed, Closure, DerivationFailed, UnsupportedSystem, as_seen_by
+from .nix import Closure, DerivationFailed, UnsupportedSystem, as_seen_by
 from .nix import Resolved as Evaluation
 from .parking import Parked, Parking
 from .refusals import BuildRefused, ImageTooLarge, ServerStopping, TooManyBuilds
@@ -204,7 +204,7 @@ class Admission:
         if needed:
             error = failed[min(needed)]
             log.info("build needs a failed derivation", extra={"image": image.name, "derivation": error.derivation})
-            raise as_seen_by(error, resolved) if isinstance(error, BuildFailed) else error
+            raise as_seen_by(error, resolved)
 
     def check_size(self, closure: Closure) -> None:
         """Refuses an image whose packages take more than NIXERY_MAX_IMAGE_SIZE, before any layer
