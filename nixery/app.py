@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import falcon
 
@@ -26,7 +26,6 @@ from .routes import RegistryRouter
 from .sources import Source
 from .search import PackageSearch
 from .storage import Backend
-from .suggest import Suggestions
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +55,10 @@ def make_source(config: Config) -> Source:
                                  store=config.state.store))
 
 
-def make_nix(config: Config, metrics: Optional[Metrics] = None) -> Nix:
-    return Nix(config.nix_timeout, config.state.gcroots, on_invoke=metrics.count_nix if metrics else None,
-               cache=config.binary_cache, allow_unfree=config.allow_unfree, allowed_uris=config.allowed_uris,
+def make_nix(config: Config, on_invoke: Optional[Callable[[str], None]] = None) -> Nix:
+    """Nix as the configuration runs it: the builder's, and the start-up check's evaluation."""
+    return Nix(config.nix_timeout, config.state.gcroots, on_invoke=on_invoke, cache=config.binary_cache,
+               allow_unfree=config.allow_unfree, allowed_uris=config.allowed_uris,
                eval_bounds=EvalBounds(config.limits.eval_memory, config.limits.eval_timeout))
 
 
@@ -74,6 +74,22 @@ def with_platforms(config: Config, systems: Optional[Sequence[str]] = None) -> C
         systems = (image.AMD64.nix_system,)
     names = {arch: name for name, arch in image.PLATFORMS.items()}
     return dataclasses.replace(config, platforms=tuple(names[arch] for arch in image.platforms_for(systems)))
+
+
+def make_builder(config: Config, storage: Backend, *, on_nix: Optional[Callable[[str], None]] = None,
+                 in_progress: Optional[InProgress] = None,
+                 platforms: Optional[Callable[[Sequence[str]], Sequence[str]]] = None) -> Builder:
+    """The builder the server runs, from the configuration alone: `nixery build` and `nixery push`
+    make theirs here too, so that they give the images (and digests) a pull gives. `platforms`
+    picks, from the configured ones, those the images are made for (all of them by default)."""
+    nix = make_nix(config, on_nix)
+    systems = nix.systems()  # read once: the platforms offered and the systems refused before Nix
+    names = with_platforms(config, systems).platforms
+    return Builder(storage, nix, make_source(config), popularity.load(config.popularity_url),
+                   config.layer_budget, config.state,
+                   platforms=tuple(image.PLATFORMS[name] for name in (platforms(names) if platforms else names)),
+                   nix_snapshotter=config.nix_snapshotter, systems=systems, in_progress=in_progress,
+                   limits=config.limits, explain=error_handlers.as_registry_error)
 
 
 class _ApiVersion:
@@ -94,19 +110,14 @@ def create_app(config: Config, storage: Backend | None = None, *, builder: Manif
     declared: Optional[DeclaredImages] = None
     package_search: Optional[PackageSearch] = None
     if builder is None:
-        nix = make_nix(config, metrics)
-        source = make_source(config)
-        systems = nix.systems()  # read once: the platforms offered and the systems refused before Nix
-        platforms = tuple(image.PLATFORMS[name] for name in with_platforms(config, systems).platforms)
-        suggestions = Suggestions()  # the names of the set, for "did you mean" and the search
-        builder = Builder(storage, nix, source, popularity.load(config.popularity_url),
-                          config.layer_budget, config.state, platforms=platforms,
-                          nix_snapshotter=config.nix_snapshotter, systems=systems, in_progress=in_progress,
-                          limits=config.limits, suggestions=suggestions,
-                          explain=error_handlers.as_registry_error)
-        package_search = PackageSearch(nix, source, suggestions, platforms[0].nix_system if platforms else None)
+        served = make_builder(config, storage, on_nix=metrics.count_nix, in_progress=in_progress)
+        builder, source = served, served.source
+        # The search shares the builder's index of the set's names ("did you mean").
+        package_search = PackageSearch(served.nix, source, served.suggestions,
+                                       served.platforms[0].nix_system if served.platforms else None)
         if config.source.kind is not SourceKind.CHANNEL:  # the page must not download nixpkgs
-            declared = DeclaredImages(nix, source, platforms[0].nix_system if platforms else image.AMD64.nix_system)
+            declared = DeclaredImages(served.nix, source, served.platforms[0].nix_system if served.platforms
+                                      else image.AMD64.nix_system)
     auth = AuthMiddleware(config.auth, FailedLogins(config.state),
                           on_check=metrics.count_password_check)
     # The real client first: every other middleware reads its address.
