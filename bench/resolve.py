@@ -48,20 +48,26 @@ in base // generated
 '''
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--attrs", type=int, default=20000, help="attributes in the package set")
-    args = parser.parse_args()
+def wide_set(prefix: str, attrs: int) -> tuple[Path, Path, int]:
+    """A temporary directory (removed at exit; `prefix` names it) holding the set above with `attrs`
+    attributes and store paths of its own: (that directory, the set's, the generated count)."""
     os.environ.update(NIX_ENV)
-
-    work = Path(tempfile.mkdtemp(prefix="nixery-resolve-"))
+    work = Path(tempfile.mkdtemp(prefix=prefix))
     atexit.register(shutil.rmtree, work, True)  # storage and OCI layouts: hundreds of MB
     salt = uuid.uuid4().hex[:8]
     wide = work / "wide"
     # Inside the set's directory: Nixery evaluates it in restricted mode, reading its own files only.
     make_package_set(wide / "pkgset", salt=salt)
-    count = max(0, args.attrs - 60)  # the test package set has about 60 attributes of its own
+    count = max(0, attrs - 60)  # the test package set has about 60 attributes of its own
     (wide / "default.nix").write_text(WIDE.replace("@SALT@", salt).replace("@COUNT@", str(count)))
+    return work, wide, count
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--attrs", type=int, default=20000, help="attributes in the package set")
+    args = parser.parse_args()
+    work, wide, count = wide_set("nixery-resolve-", args.attrs)
 
     step = count // 12
     known = ["hello", "git", "python3Packages.requests", "jq"] + [

@@ -16,21 +16,14 @@ generated `Pkg<i>Tool` packages, names that all look alike), then:
 from __future__ import annotations
 
 import argparse
-import atexit
-import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
-import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
-from support import NIX_ENV  # noqa: E402
-from pkgset import make_package_set  # noqa: E402
-from resolve import WIDE  # noqa: E402
+from resolve import wide_set  # noqa: E402
 
 from nixery.nix import Nix, SourceArgs  # noqa: E402
 from nixery.search import RESULTS_MAX  # noqa: E402
@@ -44,15 +37,7 @@ def main() -> None:
     parser.add_argument("--attrs", type=int, default=20000, help="attributes in the package set")
     parser.add_argument("--rounds", type=int, default=20, help="times each query is run")
     args = parser.parse_args()
-    os.environ.update(NIX_ENV)
-
-    work = Path(tempfile.mkdtemp(prefix="nixery-search-"))
-    atexit.register(shutil.rmtree, work, True)
-    salt = uuid.uuid4().hex[:8]
-    wide = work / "wide"
-    make_package_set(wide / "pkgset", salt=salt)
-    count = max(0, args.attrs - 60)
-    (wide / "default.nix").write_text(WIDE.replace("@SALT@", salt).replace("@COUNT@", str(count)))
+    work, wide, _ = wide_set("nixery-search-", args.attrs)
     nix = Nix(600, work / "gcroots")
     source = SourceArgs("path", str(wide), str(wide))
 

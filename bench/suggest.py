@@ -17,21 +17,14 @@ for matching), then:
 from __future__ import annotations
 
 import argparse
-import atexit
-import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
-import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
-from support import NIX_ENV  # noqa: E402
-from pkgset import make_package_set  # noqa: E402
-from resolve import WIDE  # noqa: E402
+from resolve import wide_set  # noqa: E402
 
 from nixery.nix import Nix, SourceArgs, UnknownPackages  # noqa: E402
 from nixery.suggest import Suggestions  # noqa: E402
@@ -54,16 +47,7 @@ def main() -> None:
     parser.add_argument("--attrs", type=int, default=20000, help="attributes in the package set")
     parser.add_argument("--rounds", type=int, default=20, help="times each misspelt name is looked up warm")
     args = parser.parse_args()
-    os.environ.update(NIX_ENV)
-
-    work = Path(tempfile.mkdtemp(prefix="nixery-suggest-"))
-    atexit.register(shutil.rmtree, work, True)
-    salt = uuid.uuid4().hex[:8]
-    wide = work / "wide"
-    # Inside the set's directory: Nixery evaluates it in restricted mode, reading its own files only.
-    make_package_set(wide / "pkgset", salt=salt)
-    count = max(0, args.attrs - 60)
-    (wide / "default.nix").write_text(WIDE.replace("@SALT@", salt).replace("@COUNT@", str(count)))
+    work, wide, count = wide_set("nixery-suggest-", args.attrs)
     nix = Nix(600, work / "gcroots")
     source = SourceArgs("path", str(wide), str(wide))
 
