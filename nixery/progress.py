@@ -61,7 +61,6 @@ class LineBudget:
             return held
 
 
-
 class Tracker:
     """One build in progress; `step` and `note` update what readers see."""
 

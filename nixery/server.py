@@ -77,8 +77,8 @@ class QuietProbes(logging.Filter):
 
 
 class NixeryGunicornLogger(glogging.Logger):
-    """Gunicorn's own lines (start-up, worker boots and exits) in the shape of Nixery's (the root
-    logger's format, which logs.setup chose), so that a log collector reading stderr gets nothing
+    """Gunicorn's own lines (start-up, worker boots and exits) in the format of Nixery's (the root
+    logger's, which logs.setup chose), so that a log collector reading JSON from stderr gets nothing
     but JSON objects; clients' TLS probes are not a warning each (`QuietProbes`)."""
 
     def setup(self, cfg: Any) -> None:
