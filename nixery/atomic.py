@@ -2,13 +2,16 @@
 
 The filesystem backend's objects and their media types are written here: into a
 temporary file in the same file system, flushed to disk, then renamed over the
-target, which POSIX makes atomic. (State shared between workers lives in the
+target, which POSIX makes atomic. The temporary file is locked (`flock`) while it is
+written, so that a sweep of the temporary directory (nixery/storage/filesystem.py)
+tells it from one a killed process left. (State shared between workers lives in the
 database of nixery/state.py.)
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import tempfile
 from pathlib import Path
@@ -20,6 +23,7 @@ def write_atomic(path: Path, data: bytes, tmp_dir: Optional[Path] = None, prefix
     (default: beside `path`), which must be on the same file system, and its name starts with `prefix`."""
     fd, tmp = tempfile.mkstemp(dir=tmp_dir or path.parent, prefix=f"{prefix}.{path.name}.")
     try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # released when the file is closed: in use until then
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

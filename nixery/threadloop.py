@@ -17,10 +17,12 @@ terminates them).
 from __future__ import annotations
 
 import collections
+import ctypes
 import errno
 import os
 import queue
 import selectors
+import signal
 import socket
 import time
 from concurrent import futures
@@ -41,6 +43,18 @@ MAX_DRAIN_BYTES = 64 * 1024
 BODY_ERRORS: tuple[type[Exception], ...] = tuple(
     getattr(http_errors, name) for name in ("InvalidChunkSize", "ChunkMissingTerminator", "InvalidChunkExtension")
     if hasattr(http_errors, name))
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_parent(sig: int) -> None:
+    """Asks the kernel to send `sig` to this process when its parent exits (prctl(2)); the
+    master is single-threaded, so its forking thread is the process."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(sig), 0, 0, 0) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, os.strerror(error))
 
 
 class MethodQueue:
@@ -144,6 +158,11 @@ class ThreadLoopWorker(base.Worker):
         self.accepting = False
 
     def init_process(self) -> None:
+        # The master's death is a SIGTERM at once (the loop would only see it within a second, and a
+        # worker with requests in flight then kept listening for its whole grace period).
+        die_with_parent(signal.SIGTERM)
+        if os.getppid() != self.ppid:  # the master died before that
+            self.alive = False
         self.tpool = futures.ThreadPoolExecutor(max_workers=self.cfg.threads)
         self.poller = selectors.DefaultSelector()
         self.method_queue.open()
@@ -199,6 +218,7 @@ class ThreadLoopWorker(base.Worker):
         # Stopping: nothing new is accepted, idle kept-alive connections close, and the requests
         # in flight (and heads being read) get the grace period.
         self.set_accept_enabled(False)
+        self.close_listeners()
         self.murder_keepalived(force=True)
         deadline = time.monotonic() + self.cfg.graceful_timeout
         while self.nr_conns > 0 and time.monotonic() < deadline:
@@ -208,8 +228,16 @@ class ThreadLoopWorker(base.Worker):
         self.tpool.shutdown(wait=False)
         self.poller.close()
         self.method_queue.close()
+
+    def close_listeners(self) -> None:
+        """Closes this worker's copies of the listening sockets: once every worker has (and the
+        master, or it is dead), the kernel refuses new connections instead of queueing them for
+        a worker that will never accept them."""
         for listener in self.sockets:
-            listener.close()
+            try:
+                listener.close()
+            except OSError:
+                pass
 
     def _dispatch(self, timeout: float) -> None:
         try:

@@ -21,8 +21,9 @@ and a worker holds up to Gunicorn's `worker_connections` of them. It also
   backlog) takes new connections instead of a queue behind waiting builds,
 - answers every error of its own and of Gunicorn's HTTP parser (400, 408, 414, 431, ...)
   with a registry JSON body, and
-- on SIGTERM closes its listening sockets first, then lets running requests finish
-  within the grace period, logging what it waits for.
+- on SIGTERM, and when the master dies (the kernel sends SIGTERM then: nixery/threadloop.py),
+  closes its listening sockets first, then lets running requests finish within the grace
+  period, logging what it waits for.
 """
 
 from __future__ import annotations
@@ -414,11 +415,7 @@ class NixeryWorker(ThreadLoopWorker):
 
     def _close_listeners(self) -> None:
         self.set_accept_enabled(False)
-        for listener in self.sockets:
-            try:
-                listener.close()
-            except OSError:
-                pass
+        self.close_listeners()
 
     def _log_waiting(self, now: float) -> None:
         self.last_wait_log = now

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import concurrent.futures
+import fcntl
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import time
 
 import pytest
 import requests
 
+from nixery.nix.processes import start_time
 from support import chroot_run, errors_of, oci_manifest, pull_and_unpack, skopeo_pull
 
 MANIFEST_V2 = "application/vnd.docker.distribution.manifest.v2+json"
@@ -179,12 +182,18 @@ def test_start_up_removes_what_dead_workers_left(start_server, pkgset, tmp_path)
     tmp = tmp_path / "shared" / "storage" / "tmp"
     tmp.mkdir(parents=True)
     stale, fresh = tmp / "stale-upload", tmp / "fresh-upload"
-    stale.write_bytes(b"left by a killed worker")
+    stale.write_bytes(b"left by a killed worker a moment ago")  # as new as can be: its writer is gone
     fresh.write_bytes(b"another instance is writing this")
-    os.utime(stale, (time.time() - 2 * 86400,) * 2)
-    dead_worker_roots = tmp_path / "shared" / "state" / "gcroots" / "12345-0123abcd"
+    state = tmp_path / "shared" / "state" / "gcroots"
+    dead_worker_roots = state / "12345-0123abcd"
     dead_worker_roots.mkdir(parents=True)
     (dead_worker_roots / "out").symlink_to(pkgset)
-    start_server({"NIXERY_PKGS_PATH": str(pkgset), "STORAGE_PATH": str(tmp.parent)}, workdir=tmp_path / "shared")
-    assert not stale.exists() and fresh.exists()
+    # A Nix process of the killed instance, still running, as Nixery's records name it.
+    orphan = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    (state / f"12345-nix-{orphan.pid}-{start_time(orphan.pid)}").touch()
+    with open(fresh, "rb") as writing:
+        fcntl.flock(writing, fcntl.LOCK_EX)  # as its writer holds it
+        start_server({"NIXERY_PKGS_PATH": str(pkgset), "STORAGE_PATH": str(tmp.parent)}, workdir=tmp_path / "shared")
+        assert not stale.exists() and fresh.exists()
+    assert orphan.wait(timeout=10) == -signal.SIGTERM, "the Nix process of the killed instance was stopped"
     assert not dead_worker_roots.exists(), "GC roots of an earlier run pin store paths for good"
