@@ -26,7 +26,8 @@ SLOWEST_MODULES = ("test_fresh_machine.py", "test_container_image.py", "test_exi
                    "test_gunicorn_versions.py", "test_python313.py", "test_load_names.py", "test_load.py",
                    "test_load_builds.py", "test_limits.py", "test_bounded.py", "test_feedback.py", "test_sources.py",
                    "test_auth.py", "test_gcs.py", "test_preflight.py", "test_e2e.py", "test_sharing.py",
-                   "test_nix_packaging.py", "test_nix_package_source.py", "test_git_ssh.py", "test_web.py")
+                   "test_nix_packaging.py", "test_nix_package_source.py", "test_git_ssh.py", "test_web.py",
+                   "test_crashes.py")
 
 
 @pytest.hookimpl(tryfirst=True)
