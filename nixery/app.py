@@ -17,6 +17,7 @@ from .builder import Builder, ManifestBuilder
 from .config import Config, SourceKind
 from .metrics import Metrics, MetricsMiddleware, MetricsResource
 from .nix import EvalBounds, Nix
+from .nixstore import ImageRoots, StoreCollection
 from .history import BuildHistory, BuildRecorder
 from .lockout import FailedLogins
 from .logs import AccessLog
@@ -89,11 +90,13 @@ def create_app(config: Config, storage: Backend | None = None, *, builder: Manif
         source = make_source(config)
         systems = nix.systems()  # read once: the platforms offered and the systems refused before Nix
         platforms = tuple(image.PLATFORMS[name] for name in with_platforms(config, systems).platforms)
+        roots = ImageRoots(nix, config.state.locks)
         builder = Builder(storage, nix, source, popularity.load(config.popularity_url),
                           config.layer_budget, config.state, platforms=platforms,
                           nix_snapshotter=config.nix_snapshotter, systems=systems, in_progress=in_progress,
                           limits=config.limits,
-                          explain=error_handlers.as_registry_error)
+                          explain=error_handlers.as_registry_error, image_roots=roots,
+                          store_collection=StoreCollection(roots, storage, config.nix_store_limit, config.state.locks))
     auth = AuthMiddleware(config.auth, FailedLogins(config.state),
                           on_check=metrics.count_password_check)
     # The real client first: every other middleware reads its address.

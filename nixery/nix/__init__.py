@@ -428,6 +428,24 @@ class Nix:
         finally:
             shutil.rmtree(root, ignore_errors=True)
 
+    def add_roots(self, link: Path, paths: Sequence[str]) -> None:
+        """Roots `paths` (valid already) with indirect roots at `link`, `link`-2, ... (nix-store's naming)."""
+        self._run(["nix-store", "--realise", "--add-root", str(link), *paths], "rooting an image")
+
+    def store_size(self) -> int:
+        """The sum of the NAR sizes of every path in the store."""
+        raw = self._run(["nix", "--extra-experimental-features", "nix-command", "path-info", "--all", "--json"],
+                        "measuring the store")
+        data = json.loads(raw)
+        entries = data.values() if isinstance(data, dict) else data
+        return sum(int(info["narSize"]) for info in entries if info)
+
+    def collect_garbage(self, max_freed: int) -> None:
+        """Deletes paths no root holds (the image roots, the builds running, the system's own) until
+        `max_freed` bytes are freed or none is left; Nix bounds its own run."""
+        self._run(["nix-store", "--gc", "--max-freed", str(max_freed)], "collecting the store's garbage",
+                  timeout=None)
+
     def closure(self, outputs: Sequence[str], store: Optional[str] = None) -> dict[str, StorePath]:
         """The runtime closure of `outputs`, from the local store or from `store` (a binary cache URL)."""
         raw = self._run(["nix", "--extra-experimental-features", "nix-command", "path-info",
