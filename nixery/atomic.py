@@ -18,18 +18,26 @@ from pathlib import Path
 from typing import Optional
 
 
+def hold_lock(fd: int) -> None:
+    """Locks the file `fd` (`flock`) for as long as it is open: whoever sweeps temporary files
+    sees it in use. A file system without locks (NFS without its lock service) leaves it
+    unlocked; the sweep then goes by the file's age."""
+    with contextlib.suppress(OSError):
+        fcntl.flock(fd, fcntl.LOCK_EX)
+
+
 def write_atomic(path: Path, data: bytes, tmp_dir: Optional[Path] = None, prefix: str = "") -> None:
     """Replaces `path` with `data` in one step; the temporary file lives in `tmp_dir`
     (default: beside `path`), which must be on the same file system, and its name starts with `prefix`."""
     fd, tmp = tempfile.mkstemp(dir=tmp_dir or path.parent, prefix=f"{prefix}.{path.name}.")
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # released when the file is closed: in use until then
+        hold_lock(fd)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+            os.fchmod(f.fileno(), 0o644)
+            os.replace(tmp, path)  # still open, so still locked: no sweep takes it before
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

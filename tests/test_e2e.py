@@ -15,6 +15,7 @@ import pytest
 import requests
 
 from nixery.nix.processes import start_time
+from nixery.storage.filesystem import tmp_prefix
 from support import chroot_run, errors_of, oci_manifest, pull_and_unpack, skopeo_pull
 
 MANIFEST_V2 = "application/vnd.docker.distribution.manifest.v2+json"
@@ -181,8 +182,9 @@ def test_credentials_in_the_channel_url_never_reach_clients_or_logs(start_server
 def test_start_up_removes_what_dead_workers_left(start_server, pkgset, tmp_path):
     tmp = tmp_path / "shared" / "storage" / "tmp"
     tmp.mkdir(parents=True)
-    stale, fresh = tmp / "stale-upload", tmp / "fresh-upload"
-    stale.write_bytes(b"left by a killed worker a moment ago")  # as new as can be: its writer is gone
+    # Named as this machine's worker 12345 names them; as new as can be, but its writer is gone.
+    stale, fresh = tmp / f"{tmp_prefix(12345)}upload", tmp / f"{tmp_prefix(12346)}upload"
+    stale.write_bytes(b"left by a killed worker a moment ago")
     fresh.write_bytes(b"another instance is writing this")
     state = tmp_path / "shared" / "state" / "gcroots"
     dead_worker_roots = state / "12345-0123abcd"

@@ -7,9 +7,11 @@ no extended attributes are needed and a visible object always has its type.
 
 A temporary file is locked (`flock`) by its writer until it is published or
 removed, and the kernel drops the lock when the writer dies, however it dies: a
-temporary file nobody holds was left by a killed worker or instance, and the
-next start (or readiness check) removes it, whatever its age, while the files
-of the instances still writing into a shared directory are left alone.
+temporary file of this machine that nobody holds was left by a killed worker or
+instance, and the next start (or readiness check) removes it, whatever its age,
+while the files of the instances still writing into a shared directory are left
+alone. Another machine's files are only removed past an age no upload reaches,
+since a lock taken there need not be seen here (NFS without its lock service).
 """
 
 from __future__ import annotations
@@ -17,14 +19,16 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import logging
 import os
+import socket
 import tempfile
 import time
 from pathlib import Path
 from typing import BinaryIO, Iterator, Optional
 
-from ..atomic import write_atomic
+from ..atomic import hold_lock, write_atomic
 from . import Backend, BlobInfo, LocalFile, StorageError, Upload, check_key
 
 log = logging.getLogger(__name__)
@@ -36,6 +40,8 @@ _OS_ERRORS = {errno.ENOSPC: "storage full", errno.EDQUOT: "storage full (quota)"
 _TMP_DIR = "tmp"
 # A temporary file is created, then locked: an empty one younger than this may be between the two.
 _UNLOCKED_GRACE_SECONDS = 60
+# No upload takes this long: a file that cannot be known free by its lock is removed past this age.
+_STALE_TMP_SECONDS = 24 * 3600
 
 
 class _FileUpload(Upload):
@@ -64,28 +70,45 @@ def _storage_errors() -> Iterator[None]:
         raise StorageError(describe_os_error(e)) from None
 
 
+# This machine, in the names of its temporary files (its host name's hash: a name has no "-" then).
+MACHINE = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
 def tmp_prefix(pid: int) -> str:
-    """Temporary files are named by the writing process, so that the master removes a dead worker's."""
-    return f"{pid}-"
+    """Temporary files are named by the writing machine and process, so that the master removes a
+    dead worker's, and the next start a dead instance's."""
+    return f"{pid}-{MACHINE}-"
 
 
 def drop_if_abandoned(path: Path) -> bool:
-    """Removes the temporary file at `path` if no process holds its lock (its writer died);
-    True if it did. An empty file not locked yet may be one a writer has just created."""
+    """Removes the temporary file at `path` if its writer is gone, and returns True if it did.
+
+    A file of this machine is abandoned when nobody holds its lock (an empty one may be between
+    its creation and its lock). Another machine's lock may not reach this one, and a file
+    whose lock cannot be tried is not known to be free: such a file is only removed once older
+    than any upload."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except (FileNotFoundError, OSError):
+    except OSError:
         return False
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            known_free = path.name.split("-")[1:2] == [MACHINE]
+        except BlockingIOError:
+            return False
+        except OSError:
+            known_free = False
         held = os.fstat(fd)
-        if held.st_size == 0 and held.st_mtime > time.time() - _UNLOCKED_GRACE_SECONDS:
+        age = time.time() - held.st_mtime
+        young = (held.st_size == 0 and age < _UNLOCKED_GRACE_SECONDS) if known_free else age < _STALE_TMP_SECONDS
+        if young:
             return False
         if os.stat(path).st_ino != held.st_ino:  # published (renamed away) meanwhile, and replaced
             return False
         os.unlink(path)
         return True
-    except (BlockingIOError, FileNotFoundError):  # in use, or published meanwhile
+    except FileNotFoundError:  # published meanwhile
         return False
     finally:
         os.close(fd)
@@ -153,7 +176,7 @@ class FilesystemBackend(Backend):
         buffer flushed) is a StorageError; the partial file is removed whatever happens."""
         with _storage_errors():
             fd, tmp = tempfile.mkstemp(dir=self.root / _TMP_DIR, prefix=tmp_prefix(os.getpid()))
-            fcntl.flock(fd, fcntl.LOCK_EX)  # held until the file is closed: see the module's docstring
+            hold_lock(fd)
         upload: Optional[_FileUpload] = None
         try:
             with _storage_errors(), os.fdopen(fd, "wb") as file:
