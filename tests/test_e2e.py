@@ -190,6 +190,10 @@ def test_start_up_removes_what_dead_workers_left(start_server, pkgset, tmp_path)
     dead_worker_roots = state / "12345-0123abcd"
     dead_worker_roots.mkdir(parents=True)
     (dead_worker_roots / "out").symlink_to(pkgset)
+    # An earlier version's build memo: a file per unpinned image built, never removed.
+    memo = tmp_path / "shared" / "state" / "build-memo"
+    memo.mkdir()
+    (memo / ("0" * 64)).write_text("sha256:" + "1" * 64)
     # A Nix process of the killed instance, still running, as Nixery's records name it.
     orphan = subprocess.Popen(["sleep", "300"], start_new_session=True)
     (state / f"12345-nix-{orphan.pid}-{start_time(orphan.pid)}").touch()
@@ -199,3 +203,4 @@ def test_start_up_removes_what_dead_workers_left(start_server, pkgset, tmp_path)
         assert not stale.exists() and fresh.exists()
     assert orphan.wait(timeout=10) == -signal.SIGTERM, "the Nix process of the killed instance was stopped"
     assert not dead_worker_roots.exists(), "GC roots of an earlier run pin store paths for good"
+    assert not memo.exists()
