@@ -430,7 +430,7 @@ class Nix:
 
     def add_roots(self, link: Path, paths: Sequence[str]) -> None:
         """Roots `paths` (valid already) with indirect roots at `link`, `link`-2, ... (nix-store's naming)."""
-        self._run(["nix-store", "--realise", "--add-root", str(link), *paths], "rooting an image")
+        self._run(["nix-store", "--add-root", str(link), "--realise", *paths], "rooting an image")
 
     def store_size(self) -> int:
         """The sum of the NAR sizes of every path in the store."""
