@@ -10,7 +10,7 @@
 # that user without Nix's sandbox (a sandbox needs user namespaces, which a container's default
 # seccomp profile refuses), so a package set's builders can read what that user can read; the
 # start-up preflight says so. Run it with the root-owned store of a nix-daemon to have the
-# sandbox back (README: Running in public).
+# sandbox back (docs/running-in-public.md).
 FROM debian:bookworm-slim
 
 RUN apt-get update \

@@ -1,7 +1,7 @@
 # NixOS module for Nixery: `services.nixery`.
 #
 # Every setting reaches the service as one of the environment variables that
-# nixery/config.py lists in VARIABLES (and the README's configuration table);
+# nixery/config.py lists in VARIABLES (and docs/configuration.md's table);
 # `envFor` below is the one place that says which option sets which variable.
 {
   config,
@@ -791,7 +791,7 @@ in
       description = ''
         Further environment variables of the service; they take precedence
         over those set from the options above. Nixery's variables are listed
-        in the configuration section of its README and by `nixery --help`.
+        in its docs/configuration.md and by `nixery --help`.
         Do not put secrets here: they would end up in the Nix store.
       '';
     };

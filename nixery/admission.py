@@ -87,7 +87,7 @@ class Admission:
         """Once the revision is fixed the tag no longer matters: `latest` and `release-v2`
         resolving to one commit share a manifest."""
         cache = _hex(f"{self.output}|{resolved.cache_key}|{image.arch.nix_system}|{','.join(image.packages)}|"
-                     f"{image.nonroot}") if resolved.cache_key else None
+                     f"{image.nonroot}|{image.declarable}") if resolved.cache_key else None
         return Keys(cache, cache or _hex(f"{resolved.args.kind}|{resolved.args.argument}|{image.key}"))
 
     def manifest(self, image: Image, resolved: Resolved, stats: BuildStats, build: Callable[[], Document], *,

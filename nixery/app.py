@@ -14,6 +14,7 @@ from .api import API_VERSION_HEADER, VersionCheck
 from .auth import AuthMiddleware
 from .clients import RealClient, TrustedProxies
 from .builder import Builder, ManifestBuilder
+from .catalog import DeclaredImages
 from .config import Config, SourceKind
 from .metrics import Metrics, MetricsMiddleware, MetricsResource
 from .nix import EvalBounds, Nix
@@ -83,6 +84,7 @@ def create_app(config: Config, storage: Backend | None = None, *, builder: Manif
     history = BuildHistory(config.state)
     in_progress = InProgress(config.state, on_change=metrics.count_in_progress)
     source = None
+    declared: Optional[DeclaredImages] = None
     if builder is None:
         nix = Nix(config.nix_timeout, config.state.gcroots, on_invoke=metrics.count_nix, cache=config.binary_cache,
                   allow_unfree=config.allow_unfree, allowed_uris=config.allowed_uris,
@@ -97,6 +99,8 @@ def create_app(config: Config, storage: Backend | None = None, *, builder: Manif
                           limits=config.limits,
                           explain=error_handlers.as_registry_error, image_roots=roots,
                           store_collection=StoreCollection(roots, storage, config.nix_store_limit, config.state.locks))
+        if config.source.kind is not SourceKind.CHANNEL:  # the page must not download nixpkgs
+            declared = DeclaredImages(nix, source, platforms[0].nix_system if platforms else image.AMD64.nix_system)
     auth = AuthMiddleware(config.auth, FailedLogins(config.state),
                           on_check=metrics.count_password_check)
     # The real client first: every other middleware reads its address.
@@ -110,6 +114,6 @@ def create_app(config: Config, storage: Backend | None = None, *, builder: Manif
     app.add_route("/v2", VersionCheck())
     api.add_routes(router, builder, storage, source or make_source(config), config.limits.max_packages)
     app.add_route("/metrics", MetricsResource(metrics))
-    web.add_routes(app, config, history, in_progress)
+    web.add_routes(app, config, history, in_progress, declared)
     health.add_routes(app, storage)
     return app

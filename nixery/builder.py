@@ -12,10 +12,12 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import logging
+import os
+import re
 import time
 from typing import Callable, Mapping, Optional, Protocol, Sequence, TypeVar
 
-from . import archive, layers, manifest, rootfs, uploads
+from . import archive, declared, layers, manifest, rootfs, uploads
 from .admission import Admission
 from .config import BuildLimits, StateLayout, redact_url
 from .errors import RegistryError
@@ -62,6 +64,21 @@ def in_media_type(storage: Backend, document: manifest.Document, media_type: str
     oci = manifest.as_oci(document)
     storage.put_if_absent(blob_key(oci.digest), oci.data, oci.media_type)
     return oci
+
+
+# What `meta.mainProgram` may be: a file name in the package's bin/.
+_PROGRAM_RE = re.compile(r"[A-Za-z0-9_+][A-Za-z0-9_.+-]{0,254}")
+
+
+def default_command(image: Image, closure: Closure, main_program: object) -> manifest.RunConfig:
+    """An image of one package runs its `meta.mainProgram` (`docker run HOST/hello` prints the
+    greeting), when the package has that program in bin/; `shell` images run bash instead, and an
+    image of several packages has no command of its own, as before: which would it run?"""
+    out = closure.packages.get(image.packages[0]) if len(image.packages) == 1 and not image.shell else None
+    if (out is None or not isinstance(main_program, str) or not _PROGRAM_RE.fullmatch(main_program)
+            or not os.path.isfile(os.path.join(out, "bin", main_program))):
+        return manifest.RunConfig()
+    return manifest.RunConfig(cmd=[main_program])
 
 
 def _heard(image: str, tracker: Tracker, line: str) -> None:
@@ -159,13 +176,18 @@ class Builder:
             try:
                 with self.nix.gc_roots() as roots:
                     resolved = step("evaluate", lambda: self._resolve(image, source, revision))
+                    declaration = (declared.parse(image.declarable, resolved.declared)
+                                   if resolved.declared is not None else None)
+                    image = declared.contents(image, declaration)
                     closure: Closure = step("build", lambda: self._realise(image, source, roots, resolved))
                     self.admission.check_size(closure)
                     groups = step("layer", lambda: layers.group(
                         closure.paths, list(closure.packages.values()), self.popularity, self.budget))
                     digests = step("upload", lambda: uploads.write_layers(self.storage, closure, groups, stats,
                                                                             image.nonroot))
-                    document = self._finish(image, source, closure, groups, digests, stats)
+                    document = self._finish(image, source, closure, groups, digests, stats,
+                                            declared.run_config(declaration) if declaration
+                                            else default_command(image, closure, resolved.main_program))
                     self._keep(image, document, closure)  # while the build's roots still hold its paths
             except NixError as e:
                 # The whole log goes to the server's log only; the client gets `e.reason`.
@@ -201,7 +223,7 @@ class Builder:
         pinned = bool(source.cache_key)
         try:
             return self.nix.resolve(image.packages, OPTIONAL_PACKAGES, source.args, image.arch.nix_system,
-                                    listed=self.suggestions.listed(revision, pinned))
+                                    listed=self.suggestions.listed(revision, pinned), declarable=image.declarable)
         except (UnknownPackages, UnavailablePackages) as e:
             unknown = e if isinstance(e, UnknownPackages) else e.unknown
             if unknown is not None:
@@ -219,14 +241,15 @@ class Builder:
                                   resolved)
 
     def _finish(self, image: Image, source: Resolved, closure: Closure, groups: Sequence[layers.Layer],
-                digests: Sequence[archive.LayerDigests], stats: BuildStats) -> manifest.Document:
+                digests: Sequence[archive.LayerDigests], stats: BuildStats,
+                run: manifest.RunConfig) -> manifest.Document:
         """The image config and the manifest, both stored (blobs already there are not written again)."""
         user = rootfs.NONROOT if image.nonroot else None
         config = manifest.nixery_config(
             image.arch.docker_arch, [d.diff_id for d in digests], [group.paths for group in groups], image.packages,
             shell=image.shell, cert_file=rootfs.CACERT_BUNDLE if "cacert" in closure.packages else "",
             user=manifest.ImageUser(user.uid, user.home) if user else None,
-            source_url=source.source_url, revision=source.revision)
+            source_url=source.source_url, revision=source.revision, run=run)
         annotations = [manifest.nix_layer_annotations(group.paths) if self.nix_snapshotter else ()
                        for group in groups] + [()]
         document = manifest.image_manifest(config.descriptor(), [

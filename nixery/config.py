@@ -32,7 +32,7 @@ class SourceKind(str, enum.Enum):
 
 @dataclasses.dataclass(frozen=True)
 class Variable:
-    """One environment variable Nixery reads, as documented in the README."""
+    """One environment variable Nixery reads, as docs/configuration.md's table lists it."""
 
     name: str
     default: Optional[str]
@@ -51,8 +51,8 @@ EVAL_MEMORY_LEAST = 64 << 20
 # The most components a repository name of 255 characters can have (NIXERY_MAX_PACKAGES' range).
 MAX_COMPONENTS = 128
 
-# The single list of variables: `--help`, the README table test and the
-# NixOS module test all read it, so none of them can drift from the code.
+# The single list of variables: `--help`, docs/configuration.md's table (scripts/variables-table)
+# and the NixOS module test all read it, so none of them can drift from the code.
 VARIABLES: tuple[Variable, ...] = (
     Variable("PORT", "8080", "TCP port to listen on."),
     Variable("NIXERY_LISTEN_ADDRESS", "0.0.0.0", "Address to bind to."),

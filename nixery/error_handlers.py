@@ -25,6 +25,7 @@ the infrastructure (storage, Nix itself, a timeout, a bug) are 5xx:
 | unfree, broken or insecure package (the set's config refuses it) | 403 | DENIED |
 | over a bound of the instance: a name's components, an image's size, an evaluation's memory or time | 403 | DENIED |
 | a package's build fails (its builder exits non-zero) | 422 | UNKNOWN |
+| the set's declaration of the image is invalid (nixery/declared.py) | 422 | MANIFEST_INVALID |
 | the set's code reads a file or URL it may not (restricted evaluation) | 403 | DENIED |
 | Nix cannot run, an evaluation error of the set, a timeout, a builder killed, a git fetch fails | 500 | UNKNOWN |
 | an anonymous client would make the instance build (auth level `build`) | 401 | UNAUTHORIZED |
@@ -41,6 +42,7 @@ import falcon
 
 from . import image
 from .config import format_size
+from .declared import InvalidDeclaration
 from .errors import RegistryError, build_failed, internal_error, manifest_unknown, unavailable
 from .nix import (BuildFailed, EvaluationLimit, Forbidden, NixError, Problem, UnavailablePackages,
                   UnknownPackages, UnsupportedSystem)
@@ -61,11 +63,14 @@ def _unknown_text(error: UnknownPackages) -> str:
     def one(name: str) -> str:
         close = error.suggestions.get(name)
         return f"{name} (did you mean {' or '.join(close)}?)" if close else name
-    return "unknown packages: " + ", ".join(one(name) for name in error.names)
+    where = f" (named by the package set's declaration of image {error.declared_by})" if error.declared_by else ""
+    return "unknown packages: " + ", ".join(one(name) for name in error.names) + where
 
 
 def _unknown_detail(error: UnknownPackages) -> dict[str, Any]:
     detail: dict[str, Any] = {"unknown": list(error.names)}
+    if error.declared_by:
+        detail["image"] = error.declared_by
     if error.suggestions:
         detail["suggestions"] = error.suggestions
     return detail
@@ -137,6 +142,8 @@ _TRANSLATIONS: dict[type[Exception], Callable[[Any], RegistryError]] = {
     UnavailablePackages: _unavailable,
     UnsupportedSystem: lambda error: manifest_unknown(str(error), {"system": error.system}),
     BuildFailed: lambda error: RegistryError(BUILD_FAILED_STATUS, "UNKNOWN", error.reason),
+    InvalidDeclaration: lambda error: RegistryError(422, "MANIFEST_INVALID", str(error), {
+        "image": error.image, "field": error.field}),
     EvaluationLimit: lambda error: RegistryError(403, "DENIED", error.reason, {"limit": error.variable}),
     Forbidden: lambda error: RegistryError(403, "DENIED", error.reason),
     NixError: lambda error: build_failed(error.reason),

@@ -199,7 +199,7 @@ def sandbox_problem(env: Mapping[str, str]) -> Optional[str]:
     return (f"Nix cannot sandbox builds here ({first_error_line(proc.stderr)}), so it builds without "
             "a sandbox: a package set's builds can read every file Nix's build users can read and reach "
             "the network, this server included. Keep secrets readable by the service user only, or run "
-            "Nixery where Nix can sandbox (README: Running in public)")
+            "Nixery where Nix can sandbox (docs/running-in-public.md)")
 
 
 def explain_build_failure(stderr: str) -> str:

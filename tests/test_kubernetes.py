@@ -1,8 +1,8 @@
 """deploy/kubernetes, rendered by `kubectl kustomize` as a user would, checked for what a
 cluster needs to run Nixery: the image, probes on the health endpoints, a Service in front of
 the container port, a PodDisruptionBudget that covers the pods, the Workload Identity and
-signing wiring the README describes, grace periods that let builds finish, the "restricted"
-Pod Security Standard, and the Kubernetes API's schemas (base and the README's overlays).
+signing wiring docs/kubernetes.md describes, grace periods that let builds finish, the "restricted"
+Pod Security Standard, and the Kubernetes API's schemas (base and docs/kubernetes.md's overlays).
 tests/test_container_image.py runs the Dockerfile's image as the rendered Deployment does."""
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def test_settings_are_nixerys_and_storage_is_shared(rendered):
 
 
 def test_an_overlay_sets_image_and_bucket(tmp_path, rendered):
-    """What the README tells users to write: an overlay over the base."""
+    """What docs/kubernetes.md tells users to write: an overlay over the base."""
     overlay = tmp_path / "overlay"
     overlay.mkdir()
     (overlay / "kustomization.yaml").write_text(
@@ -141,7 +141,7 @@ def test_a_rollout_lets_the_builds_in_flight_finish(rendered):
 
 
 def test_an_overlay_changes_the_grace_period_in_one_place(tmp_path):
-    """What the README tells users to write to give builds longer: the new NIXERY_GRACE_PERIOD
+    """What docs/kubernetes.md tells users to write to give builds longer: the new NIXERY_GRACE_PERIOD
     (and NIX_TIMEOUT) in the ConfigMap, and the component that copies it into the pods."""
     overlay = tmp_path / "overlay"
     overlay.mkdir()
@@ -159,15 +159,15 @@ def test_an_overlay_changes_the_grace_period_in_one_place(tmp_path):
 # The oldest Kubernetes release still supported upstream when this was written, and the newest
 # schemas kubernetes-validate ships: the base must be valid for both.
 SCHEMA_VERSIONS = ("1.32.0", "latest")
-README_OVERLAY_MARK = "# kustomization.yaml of your overlay"
+OVERLAY_MARK = "# kustomization.yaml of your overlay"
 
 
-def readme_overlays() -> list[str]:
-    """The overlays the README's Kubernetes section shows (YAML blocks, indented in a list item or
-    not, starting with the mark)."""
-    text = (ROOT / "README.md").read_text()
+def documented_overlays() -> list[str]:
+    """The overlays docs/kubernetes.md shows (YAML blocks, indented in a list item or not,
+    starting with the mark)."""
+    text = (ROOT / "docs/kubernetes.md").read_text()
     blocks = [textwrap.dedent(body) for body in re.findall(r"^ *```yaml\n(.*?)^ *```", text, flags=re.S | re.M)]
-    return [block for block in blocks if block.startswith(README_OVERLAY_MARK)]
+    return [block for block in blocks if block.startswith(OVERLAY_MARK)]
 
 
 def _schema_errors(documents: list[dict]) -> list[str]:
@@ -184,21 +184,21 @@ def _schema_errors(documents: list[dict]) -> list[str]:
     return errors
 
 
-def test_the_readme_shows_overlays():
-    assert len(readme_overlays()) >= 3
+def test_the_docs_show_overlays():
+    assert len(documented_overlays()) >= 3
 
 
-@pytest.mark.parametrize("which", ["base", "filesystem", *(f"readme-{i}" for i in range(len(readme_overlays())))])
+@pytest.mark.parametrize("which", ["base", "filesystem", *(f"docs-{i}" for i in range(len(documented_overlays())))])
 def test_rendered_objects_validate_against_the_kubernetes_schemas(which, tmp_path):
     """Offline, with kubernetes-validate's copies of the API's OpenAPI schemas, strict (no
-    field the API does not know): the base, and each overlay of the README where it says
+    field the API does not know): the base, and each overlay of docs/kubernetes.md where it says
     `../nixery/` for a checkout of this repository, and the filesystem overlay."""
     if which in ("base", "filesystem"):
         directory = BASE if which == "base" else FILESYSTEM
     else:
         directory = tmp_path / "overlay"
         directory.mkdir()
-        text = readme_overlays()[int(which.split("-")[1])]
+        text = documented_overlays()[int(which.split("-")[1])]
         (directory / "kustomization.yaml").write_text(
             text.replace("../nixery/", os.path.relpath(ROOT, directory) + "/"))
     documents = render_documents(directory)

@@ -126,9 +126,11 @@ class UnknownPackages(Exception):
     the evaluation listed, and `suggestions` is filled in by whoever holds the name index."""
 
     def __init__(self, names: Sequence[str], stopped_in: Optional[Mapping[str, str]] = None,
-                 listed: Optional[Mapping[str, Sequence[str]]] = None):
+                 listed: Optional[Mapping[str, Sequence[str]]] = None, declared_by: str = ""):
+        """`declared_by`: the declared image whose declaration names them ("" for an image name's)."""
         super().__init__(", ".join(names))
         self.names = tuple(names)
+        self.declared_by = declared_by
         self.stopped_in = dict(stopped_in or {})
         self.listed = dict(listed or {})
         self.suggestions: dict[str, list[str]] = {}
@@ -166,11 +168,16 @@ class UnsupportedSystem(Exception):
 class Resolved(dict):
     """Name -> output path of every name that resolved, carrying what builds them:
     `derivations` maps each name to "<drv>!<output>", which `nix-store --realise`
-    builds without evaluating the package set a second time."""
+    builds without evaluating the package set a second time. `declared` is the set's
+    declaration of the image (raw data of the set's code, None when the name is not declared);
+    `main_program` the `meta.mainProgram` of an image of one package, if the set gives one."""
 
-    def __init__(self, packages: Mapping[str, str], derivations: Mapping[str, str]):
+    def __init__(self, packages: Mapping[str, str], derivations: Mapping[str, str],
+                 declared: object = None, main_program: object = None):
         super().__init__(packages)
         self.derivations = dict(derivations)
+        self.declared = declared
+        self.main_program = main_program
 
 
 @dataclasses.dataclass(frozen=True)
@@ -374,7 +381,7 @@ class Nix:
                 "--argstr", "allowUnfree", "true" if self.allow_unfree else "false"]
 
     def resolve(self, names: Sequence[str], optional: Sequence[str], source: SourceArgs,
-                system: str, listed: Sequence[str] = ()) -> Resolved:
+                system: str, listed: Sequence[str] = (), declarable: str = "") -> Resolved:
         """Name -> output path for every name that resolved; raises UnknownPackages listing all others
         (with the names of the sets they stopped in, except the `listed` ones the caller holds),
         UnavailablePackages for names the set refuses (nixpkgs' reasons), UnsupportedSystem when
@@ -382,22 +389,35 @@ class Nix:
 
         The image's one evaluation of the package set: read-write mode writes the derivations
         to the store, and `build` realises them. Only a name that fails with an error of its own
-        (an alias that throws "has been removed") costs one more evaluation, to read that error."""
+        (an alias that throws "has been removed") costs one more evaluation, to read that error.
+
+        `declarable`: the image's name when the set may declare it (nixery/declared.py); when it
+        does, the declaration's packages are resolved instead of `names`."""
         raw = self._evaluate(["nix-instantiate", "--eval", "--strict", "--json", "--read-write-mode", "-A", "resolve",
                               *self._helper_args(names, optional, source, system),
-                              "--argstr", "listed", json.dumps(list(listed))],
+                              "--argstr", "listed", json.dumps(list(listed)), "--argstr", "image", declarable],
                              f"evaluating {source.description}")
         data = json.loads(raw)
         if data.get("unsupported"):
             raise UnsupportedSystem(data["unsupported"], system)
-        unknown = (UnknownPackages(data["unknown"], data.get("stoppedIn"), data.get("names"))
+        unknown = (UnknownPackages(data["unknown"], data.get("stoppedIn"), data.get("names"),
+                                   declarable if data.get("declaredImage") is not None else "")
                    if data["unknown"] else None)
         if data.get("problems"):
             problems = [Problem(p["name"], p["kind"], p["detail"]) for p in data["problems"]]
             raise UnavailablePackages(self._explained(problems, source, system), unknown)
         if unknown:
             raise unknown
-        return Resolved(data["packages"], data["derivations"])
+        return Resolved(data["packages"], data["derivations"], data.get("declaredImage"), data.get("mainProgram"))
+
+    def declared_images(self, source: SourceArgs, system: str) -> object:
+        """The set's declared images as raw data of its code ({"images": ...} or {"error": ...}),
+        for nixery/declared.py to check: one evaluation of nixery-images.nix, under the same
+        confinement and bounds as an image's."""
+        raw = self._evaluate(["nix-instantiate", "--eval", "--strict", "--json", "-A", "declared",
+                              *self._helper_args([], [], source, system)],
+                             f"listing the declared images of {source.description}")
+        return json.loads(raw)
 
     def _explained(self, problems: Sequence[Problem], source: SourceArgs, system: str) -> list[Problem]:
         """Names that throw get the set's own message: `explain` evaluates each without catching
