@@ -8,13 +8,14 @@ import errno
 import os
 import signal
 import socket
+import subprocess
 import time
 from pathlib import Path
 
 import requests
 
 from load_support import small_set
-from nixery.nix.processes import stop_recorded
+from nixery.nix.processes import start_time, stop_recorded
 from support import Server
 
 
@@ -123,3 +124,16 @@ def test_when_the_master_dies_a_busy_worker_stops_listening_at_once(tmp_path, pk
         assert error == errno.ECONNREFUSED, "a new connection is refused, not queued for nobody"
         os.kill(worker, signal.SIGKILL)
         stop_recorded(server.workdir / "state" / "gcroots")  # as the next start would: no build left running
+
+
+def test_a_recorded_pid_given_to_another_process_is_not_signalled(tmp_path):
+    other = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        # The record of a Nix process that had this pid before (another start time).
+        record = tmp_path / f"12345-nix-{other.pid}-{start_time(other.pid) - 1}"
+        record.touch()
+        stop_recorded(tmp_path, 12345)
+        assert other.poll() is None and not record.exists()
+    finally:
+        other.kill()
+        other.wait()
