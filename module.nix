@@ -399,11 +399,12 @@ in
         example = "/run/secrets/nixery-gcs-key.pem";
         description = ''
           PEM private key of a service account, used to sign the bucket URLs
-          that clients are redirected to (needed when the bucket is not
-          public). A path as a string, outside the Nix store: the file is
+          that clients are redirected to. Optional: without it, the
+          credentials of {option}`services.nixery.gcs.credentialsFile` (or the
+          metadata server's) sign, through IAM's signBlob where they hold no
+          key. A path as a string, outside the Nix store: the file is
           handed to the service with systemd's `LoadCredential` and is never
-          copied into the store. Set together with
-          {option}`services.nixery.signing.account`.
+          copied into the store. Needs {option}`services.nixery.signing.account`.
         '';
       };
 
@@ -413,7 +414,8 @@ in
         example = "nixery@my-project.iam.gserviceaccount.com";
         description = ''
           E-mail address of the service account that owns
-          {option}`services.nixery.signing.keyFile`.
+          {option}`services.nixery.signing.keyFile`, or that IAM signs the
+          URLs as (default: the credentials' own account).
         '';
       };
     };
@@ -818,11 +820,11 @@ in
         message = ''services.nixery: bucket is only used with storage.backend = "gcs".'';
       }
       {
-        assertion = (cfg.signing.keyFile == null) == (cfg.signing.account == null);
-        message = "services.nixery: set signing.keyFile and signing.account together.";
+        assertion = cfg.signing.keyFile != null -> cfg.signing.account != null;
+        message = "services.nixery: signing.keyFile needs signing.account, the account that owns the key.";
       }
       {
-        assertion = cfg.signing.keyFile != null -> cfg.bucket != null;
+        assertion = (cfg.signing.keyFile != null || cfg.signing.account != null) -> cfg.bucket != null;
         message = "services.nixery: signing.keyFile and signing.account only apply to a bucket.";
       }
       {

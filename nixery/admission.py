@@ -30,10 +30,10 @@ from .image import Image
 from .locks import Slots, file_lock, wait_until_free
 from .memo import BuildMemo
 from .manifest import MANIFEST_MEDIA_TYPE, Document
-from .nix import BuildFailed, Closure, DerivationFailed, UnsupportedSystem, as_seen_by
+from .nix import Closure, DerivationFailed, UnsupportedSystem, as_seen_by
 from .nix import Resolved as Evaluation
 from .parking import Parked, Parking
-from .refusals import BuildRefused, ImageTooLarge, TooManyBuilds
+from .refusals import BuildRefused, ImageTooLarge, ServerStopping, TooManyBuilds
 from .sources import Resolved
 from .stats import BuildStats
 from .storage import Backend, blob_key
@@ -115,6 +115,8 @@ class Admission:
             self._raise_remembered(keys.failure)
             if not may_build:
                 raise BuildRefused(image.name)
+            if parking and parking.stopping:
+                raise ServerStopping(RETRY_AFTER_SECONDS)
             document = self._limited(build, keys.failure, client, parking)
             if keys.cache:
                 self.storage.write(f"manifests/{keys.cache}", document.data, document.media_type)
@@ -202,7 +204,7 @@ class Admission:
         if needed:
             error = failed[min(needed)]
             log.info("build needs a failed derivation", extra={"image": image.name, "derivation": error.derivation})
-            raise as_seen_by(error, resolved) if isinstance(error, BuildFailed) else error
+            raise as_seen_by(error, resolved)
 
     def check_size(self, closure: Closure) -> None:
         """Refuses an image whose packages take more than NIXERY_MAX_IMAGE_SIZE, before any layer

@@ -22,7 +22,8 @@ from .admission import Admission
 from .config import BuildLimits, StateLayout, redact_url
 from .errors import RegistryError
 from .image import OPTIONAL_PACKAGES, Architecture, Image
-from .nix import PROGRESS_RE, Closure, Nix, NixError, UnavailablePackages, UnknownPackages, UnsupportedSystem, listening
+from .nix import (PROGRESS_RE, Closure, EvaluationFailed, Nix, NixError, UnavailablePackages, UnknownPackages,
+                  UnsupportedSystem, advice, listening)
 from .nix import Resolved as Evaluation
 from .nixstore import ImageRoots, StoreCollection
 from .parking import Parking
@@ -47,11 +48,12 @@ class ManifestBuilder(Protocol):
     """What the HTTP layer asks of a builder (`Builder`; the fast tests' stand-in has no Nix)."""
 
     def manifest(self, image: Image, media_type: str = manifest.MANIFEST_MEDIA_TYPE, *, may_build: bool = True,
-                 client: str = "", parking: Optional[Parking] = None) -> Result:
+                 client: str = "", parking: Optional[Parking] = None, index_only: bool = False) -> Result:
         """The stored manifest for `image` as `media_type`, or an exception the error handlers know;
         without `may_build` an image not built yet is refused (BuildRefused); `client` (its
         address) is counted against the per-client limit of new builds; with `parking`, a request
-        that would wait for another's build raises `Parked` instead."""
+        that would wait for another's build raises `Parked` instead; `index_only`: the client
+        takes an index (`media_type`) and no single manifest, so it gets one whatever the platforms."""
 
 
 def in_media_type(storage: Backend, document: manifest.Document, media_type: str) -> manifest.Document:
@@ -120,27 +122,30 @@ class Builder:
         self.store_collection = store_collection
 
     def manifest(self, image: Image, media_type: str = manifest.MANIFEST_MEDIA_TYPE, *, may_build: bool = True,
-                 client: str = "", parking: Optional[Parking] = None) -> Result:
+                 client: str = "", parking: Optional[Parking] = None, index_only: bool = False) -> Result:
         """The manifest for `image` as `media_type` (Docker schema 2 or its OCI form, or a manifest
         list or OCI index of every platform when the client takes one), built if needed and
         allowed (nixery/admission.py). Raises what the steps raise; the app's error handlers
-        tell the client."""
+        tell the client. A client that takes a list or index alone (`index_only`) gets one even
+        of a single platform: it could not read the manifest itself."""
+        multi = len(self.platforms) > 1 and not image.arch_given
         if not image.arch_given and self.platforms:
             # A name without `arm64/` is for the first platform listed (this machine's, by default).
             image = dataclasses.replace(image, arch=self.platforms[0])
         build = lambda variant: self._docker_manifest(variant, may_build, client, parking)  # noqa: E731
-        if media_type in manifest.ENTRY_MEDIA_TYPES and len(self.platforms) > 1 and not image.arch_given:
-            return self._index(image, media_type, build)
+        if media_type in manifest.ENTRY_MEDIA_TYPES and (multi or index_only):
+            return self._index(image, media_type, build, self.platforms if multi else (image.arch,))
         result = build(image)
         return Result(in_media_type(self.storage, result.manifest, media_type), result.stats)
 
-    def _index(self, image: Image, media_type: str, build: Callable[[Image], Result]) -> Result:
-        """The index of `image` on every configured platform. Its entries name each platform's
+    def _index(self, image: Image, media_type: str, build: Callable[[Image], Result],
+               platforms: Sequence[Architecture]) -> Result:
+        """The index of `image` on `platforms`. Its entries name each platform's
         manifest digest, so every platform not built yet is built now, in parallel; each is
         stored on its own and served again to the next index or single-platform request.
         A platform the package set cannot build for (UnsupportedSystem) is left out, unless
         none is left."""
-        variants = [dataclasses.replace(image, arch=arch) for arch in self.platforms]
+        variants = [dataclasses.replace(image, arch=arch) for arch in platforms]
         built: list[tuple[Image, Result]] = []
         unsupported: list[UnsupportedSystem] = []
         with concurrent.futures.ThreadPoolExecutor(len(variants), thread_name_prefix="platform") as pool:
@@ -190,8 +195,11 @@ class Builder:
                                             else default_command(image, closure, resolved.main_program))
                     self._keep(image, document, closure)  # while the build's roots still hold its paths
             except NixError as e:
-                # The whole log goes to the server's log only; the client gets `e.reason`.
-                log.error("nix failed", extra={"image": image.name, "reason": e.reason, "nix_log": e.log})
+                # The whole log goes to the server's log only; the client gets `e.reason`. A failure
+                # the client is not told about (a 5xx) says what the operator should do.
+                todo = advice(e)
+                log.error("nix failed", extra={"image": image.name, "reason": e.reason, "nix_log": e.log,
+                                               **({"action": todo} if todo else {})})
                 raise
         if self.store_collection:
             self.store_collection.after_build()
@@ -224,6 +232,10 @@ class Builder:
         try:
             return self.nix.resolve(image.packages, OPTIONAL_PACKAGES, source.args, image.arch.nix_system,
                                     listed=self.suggestions.listed(revision, pinned), declarable=image.declarable)
+        except EvaluationFailed as e:
+            if pinned:  # a fixed revision: every retry fails the same way, so the client is told why
+                raise EvaluationFailed(e.reason, e.log, pinned=True) from None
+            raise
         except (UnknownPackages, UnavailablePackages) as e:
             unknown = e if isinstance(e, UnknownPackages) else e.unknown
             if unknown is not None:

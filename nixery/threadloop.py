@@ -158,10 +158,11 @@ class ThreadLoopWorker(base.Worker):
         self.accepting = False
 
     def init_process(self) -> None:
-        # The master's death is a SIGTERM at once (the loop would only see it within a second, and a
-        # worker with requests in flight then kept listening for its whole grace period).
+        # The master's death is a SIGTERM at once (the loop would only see it within a second), and
+        # a worker whose master is gone stops listening at once (`orphaned`): a restarted instance
+        # must be able to bind the port, and nobody would replace this worker.
         die_with_parent(signal.SIGTERM)
-        if os.getppid() != self.ppid:  # the master died before that
+        if self.orphaned():  # the master died before that
             self.alive = False
         self.tpool = futures.ThreadPoolExecutor(max_workers=self.cfg.threads)
         self.poller = selectors.DefaultSelector()
@@ -176,6 +177,19 @@ class ThreadLoopWorker(base.Worker):
 
     def murder_pending(self) -> None:
         """Runs once every turn of the loop, for a subclass's own deadlines."""
+
+    def still_serving(self) -> bool:
+        """Once stopping (not `alive`), whether the worker still accepts connections and keeps them
+        alive, asked once every turn of the loop: here never, a subclass may for a while."""
+        return False
+
+    def orphaned(self) -> bool:
+        """Whether the master that started this worker is gone."""
+        return os.getppid() != self.ppid
+
+    def serves(self) -> bool:
+        """Whether answered connections may be kept alive (the worker runs, or still serves)."""
+        return self.alive or self.still_serving()
 
     # -- signals ----------------------------------------------------------------------------
 
@@ -210,17 +224,28 @@ class ThreadLoopWorker(base.Worker):
             self.notify()
             self.set_accept_enabled(self.nr_conns < self.cfg.worker_connections)
             self._dispatch(1.0)
-            if self.ppid != os.getppid():
+            if self.orphaned():
                 self.log.info("Parent changed, shutting down: %s", self)
+                self.alive = False
                 break
             self.murder_keepalived()
             self.murder_pending()
-        # Stopping: nothing new is accepted, idle kept-alive connections close, and the requests
-        # in flight (and heads being read) get the grace period.
-        self.set_accept_enabled(False)
-        self.close_listeners()
-        self.murder_keepalived(force=True)
+        # Stopping: while a subclass says it still serves (`still_serving`) and the master lives, the
+        # loop goes on as before; then nothing new is accepted (the listening sockets close, so a
+        # connection made now is refused by the kernel, not left unanswered), idle kept-alive
+        # connections close, and the requests in flight (and heads being read) get what is left of
+        # the grace period.
         deadline = time.monotonic() + self.cfg.graceful_timeout
+        while self.still_serving() and not self.orphaned() and time.monotonic() < deadline:
+            self.notify()
+            self.set_accept_enabled(self.nr_conns < self.cfg.worker_connections)
+            self._dispatch(1.0)
+            self.murder_keepalived()
+            self.murder_pending()
+        self.set_accept_enabled(False)
+        for listener in self.sockets:
+            listener.close()
+        self.murder_keepalived(force=True)
         while self.nr_conns > 0 and time.monotonic() < deadline:
             self.notify()
             self._dispatch(1.0)
@@ -228,16 +253,6 @@ class ThreadLoopWorker(base.Worker):
         self.tpool.shutdown(wait=False)
         self.poller.close()
         self.method_queue.close()
-
-    def close_listeners(self) -> None:
-        """Closes this worker's copies of the listening sockets: once every worker has (and the
-        master, or it is dead), the kernel refuses new connections instead of queueing them for
-        a worker that will never accept them."""
-        for listener in self.sockets:
-            try:
-                listener.close()
-            except OSError:
-                pass
 
     def _dispatch(self, timeout: float) -> None:
         try:
@@ -268,7 +283,7 @@ class ThreadLoopWorker(base.Worker):
     def finish_request(self, conn: Connection, fs: futures.Future) -> None:
         """In the loop, once a thread is done with a request: the connection is kept alive or closed."""
         keepalive = not fs.cancelled() and fs.exception() is None and fs.result()
-        if not (keepalive and self.alive):
+        if not (keepalive and self.serves()):
             self.nr_conns -= 1
             conn.close(graceful=True)
         elif conn.buffered():
@@ -312,7 +327,7 @@ class ThreadLoopWorker(base.Worker):
             resp, environ = wsgi.create(req, conn.sock, conn.client, conn.server, self.cfg)
             environ["wsgi.multithread"] = True
             self.nr += 1
-            if not self.alive or not self.cfg.keepalive or len(self.keepalived_conns) >= self.max_keepalived:
+            if not self.serves() or not self.cfg.keepalive or len(self.keepalived_conns) >= self.max_keepalived:
                 resp.force_close()
             respiter = self.wsgi(environ, resp.start_response)
             try:

@@ -62,6 +62,25 @@ _BUILDER_FAILED = re.compile(r"builder for '(/nix/store/[^']+\.drv)' failed with
 _BUILDER_TIMED_OUT = re.compile(r"building of '(/nix/store/[^'!]+\.drv)[^']*' from \.drv file timed out")
 # What Nix says when an allocation fails (Boehm GC's out-of-memory handler, or a C++ allocation).
 _OUT_OF_MEMORY = re.compile(r"error: out of memory|std::bad_alloc")
+# Failures of an evaluation that are not the package set's code: a download, the daemon, the
+# machine's resources. Each with what the operator should do (the log says it).
+_NOT_THE_CODE = (
+    (re.compile(r"unable to download|cannot download|Couldn't resolve host|Couldn't connect|HTTP error \d+"),
+     "a download failed: check that this machine reaches the URL Nix names (nix_log), and the URL itself"),
+    (re.compile(r"cannot connect to socket|daemon-socket|Connection reset|Broken pipe"),
+     "Nix could not talk to its daemon: check that nix-daemon runs and that the service user may use it"),
+    (re.compile(r"No space left on device|Disk quota exceeded"),
+     "the Nix store's disk is full: free space (nix-collect-garbage) or grow the disk"),
+    (re.compile(r"Cannot allocate memory|Too many open files|Resource temporarily unavailable|"
+                r"Permission denied|database is locked|SQLite"),
+     "Nix failed for a reason of this machine (nix_log): fix that, the next pull retries"),
+    (re.compile(r"due to signal|Killed"),
+     "a builder was killed (the kernel's out-of-memory killer? see the kernel log); the next pull retries"),
+    (re.compile(r"is not installed or not on PATH"), "install Nix, or put it on the service's PATH"),
+)
+# Where Nix points in the code ("at /nix/store/...-source/pkgs/foo.nix:3:5:").
+_POSITION = re.compile(r"^\s*at (/\S+):(\d+):(\d+):?\s*$", re.MULTILINE)
+_STORE_PREFIX = re.compile(r"^/nix/store/[0-9a-z]{32}-[^/]+/")
 # Names `explain` asks Nix about, at most: one evaluation each, only for failed requests.
 EXPLAINED_MAX = 3
 # Who hears the stderr lines of the Nix processes this thread runs (the builder, for the log and the page).
@@ -92,8 +111,8 @@ class BuildFailed(DerivationFailed):
 
 
 class BuildTimedOut(DerivationFailed):
-    """A derivation's builder ran or stayed silent longer than NIX_TIMEOUT (Nix stopped it):
-    a fault of the instance's bounds (a 5xx), met again by the same derivation."""
+    """A derivation's builder ran or stayed silent longer than NIX_TIMEOUT (Nix stopped it): the
+    same derivation meets the same bound again, so the request is refused with the reason (a 4xx)."""
 
 
 class EvaluationLimit(NixError):
@@ -113,6 +132,17 @@ class EvalBounds:
 
     memory: int = 0
     seconds: int = 60
+
+
+class EvaluationFailed(NixError):
+    """The package set's own code does not evaluate (a syntax error, an undefined variable, a throw
+    outside any package), as opposed to Nix or the machine failing (a download, the daemon, the
+    disk). `pinned`: the revision is fixed (a commit), so every retry fails the same way and the
+    client is told why (a 4xx); a local directory or a channel name is the operator's to fix (a 5xx)."""
+
+    def __init__(self, reason: str, log_text: str, pinned: bool = False):
+        super().__init__(reason, log_text)
+        self.pinned = pinned
 
 
 class Forbidden(NixError):
@@ -346,6 +376,8 @@ class Nix:
             if bounds.memory and _OUT_OF_MEMORY.search(e.log):
                 raise EvaluationLimit(f"{what} needed more than {format_size(bounds.memory)} of memory, this "
                                       "instance's limit (NIXERY_EVAL_MEMORY)", e.log, "NIXERY_EVAL_MEMORY") from None
+            if type(e) is NixError and e.log and _machine_fault(e.log) is None:
+                raise EvaluationFailed(in_the_set(e.reason, args) + code_position(e.log, args), e.log) from None
             raise
 
     def systems(self) -> Optional[tuple[str, ...]]:
@@ -482,7 +514,7 @@ class Nix:
         substitute = binary_cache.substituter_options(self.cache) if self.cache else []
         try:
             self.realise(sorted(set(resolved.derivations.values())), roots=roots, options=substitute)
-        except BuildFailed as e:
+        except DerivationFailed as e:
             raise as_seen_by(e, resolved) from None
         outputs = {n: resolved[n] for n in list(names) + list(optional) if n in resolved}
         paths = sorted(set(outputs.values()))
@@ -551,13 +583,68 @@ class Nix:
         return found
 
 
-def as_seen_by(error: BuildFailed, resolved: Resolved) -> BuildFailed:
+def as_seen_by(error: DerivationFailed, resolved: Resolved) -> DerivationFailed:
     """`error` as the image of `resolved` sees it: naming its requested package whose build
-    failed, or saying that a dependency's did (Nix's own line follows)."""
+    failed or timed out, or saying that a dependency's did (Nix's own line follows, with the
+    derivation's path)."""
     nix_line = first_error_line(error.log).removeprefix("error:").strip()
     names = sorted(name for name, drv in resolved.derivations.items() if drv.split("!")[0] == error.derivation)
-    reason = f"{names[0]} failed to build: {nix_line}" if names else f"a dependency failed to build: {nix_line}"
-    return BuildFailed(reason, error.log, error.derivation)
+    what = names[0] if names else "a dependency"
+    if isinstance(error, BuildTimedOut):
+        return BuildTimedOut(f"{what} did not finish building within this instance's build timeout (NIX_TIMEOUT): "
+                             f"{nix_line}", error.log, error.derivation)
+    return type(error)(f"{what} failed to build: {nix_line}", error.log, error.derivation)
+
+
+def _machine_fault(text: str) -> Optional[str]:
+    """What the operator should do about a failure of Nix that is not the package set's code
+    (a download, the daemon, the machine), or None when `text` (Nix's log) shows none of those."""
+    for pattern, todo in _NOT_THE_CODE:
+        if pattern.search(text):
+            return todo
+    return None
+
+
+def advice(error: NixError) -> Optional[str]:
+    """What the operator should do about `error`, for a failure that is theirs or transient (a
+    5xx: the client is told nothing more than "500"); None for one that the same request meets
+    again (a 4xx, whose reason the client is told)."""
+    if isinstance(error, (DerivationFailed, EvaluationLimit, Forbidden)):
+        return None
+    if isinstance(error, EvaluationFailed):
+        return None if error.pinned else ("the package set does not evaluate (Nix's message and position: "
+                                          "nix_log): fix its code, or configure a source that evaluates; "
+                                          "every pull fails until then")
+    if error.timed_out:
+        return "Nix did not answer within NIX_TIMEOUT: check this machine's load and the nix-daemon"
+    return _machine_fault(f"{error.reason}\n{error.log}") or "Nix failed (nix_log says why): fix that, the next pull retries"
+
+
+def _set_directories(args: Sequence[str]) -> list[str]:
+    """The directories among a command's arguments (the package set's, as `--argstr srcArgs`)."""
+    return [a.rstrip("/") + "/" for a in args if a.startswith("/") and Path(a).is_dir()]
+
+
+def in_the_set(text: str, args: Sequence[str]) -> str:
+    """`text` with the package set's directory left out of the paths it names (a git checkout's is
+    the server's own: `getting status of 'pkgs/nope.nix'`, not of '/var/lib/...')."""
+    for directory in _set_directories(args):
+        text = text.replace(directory, "")
+    return text
+
+
+def code_position(log_text: str, args: Sequence[str]) -> str:
+    """` (at default.nix:1:8)`: where Nix's log points in the package set's code, relative to the
+    set (a path outside it, or none, gives nothing: the client is not told the server's paths)."""
+    match = _POSITION.search(_ANSI.sub("", log_text))
+    if not match:
+        return ""
+    path, line, column = match.groups()
+    for directory in _set_directories(args):
+        if path.startswith(directory):
+            return f" (at {path[len(directory):]}:{line}:{column})"
+    inside = _STORE_PREFIX.match(path)
+    return f" (at {path[inside.end():]}:{line}:{column})" if inside else ""
 
 
 def remote_builder_systems(builders: str) -> set[str]:
