@@ -18,6 +18,7 @@ from .catalog import DeclaredImages
 from .config import Config, SourceKind
 from .metrics import Metrics, MetricsMiddleware, MetricsResource
 from .nix import EvalBounds, Nix
+from .nixstore import ImageRoots, StoreCollection
 from .history import BuildHistory, BuildRecorder
 from .lockout import FailedLogins
 from .logs import AccessLog
@@ -78,18 +79,24 @@ def with_platforms(config: Config, systems: Optional[Sequence[str]] = None) -> C
 
 def make_builder(config: Config, storage: Backend, *, on_nix: Optional[Callable[[str], None]] = None,
                  in_progress: Optional[InProgress] = None,
-                 platforms: Optional[Callable[[Sequence[str]], Sequence[str]]] = None) -> Builder:
+                 platforms: Optional[Callable[[Sequence[str]], Sequence[str]]] = None,
+                 upkeep: bool = False) -> Builder:
     """The builder the server runs, from the configuration alone: `nixery build` and `nixery push`
     make theirs here too, so that they give the images (and digests) a pull gives. `platforms`
-    picks, from the configured ones, those the images are made for (all of them by default)."""
+    picks, from the configured ones, those the images are made for (all of them by default);
+    with `upkeep` (the server's), the packages of the images it stores are rooted and the Nix
+    store is kept under NIXERY_NIX_STORE_LIMIT (nixery/nixstore.py)."""
     nix = make_nix(config, on_nix)
     systems = nix.systems()  # read once: the platforms offered and the systems refused before Nix
     names = with_platforms(config, systems).platforms
+    roots = ImageRoots(nix, config.state.locks) if upkeep else None
     return Builder(storage, nix, make_source(config), popularity.load(config.popularity_url),
                    config.layer_budget, config.state,
                    platforms=tuple(image.PLATFORMS[name] for name in (platforms(names) if platforms else names)),
                    nix_snapshotter=config.nix_snapshotter, systems=systems, in_progress=in_progress,
-                   limits=config.limits, explain=error_handlers.as_registry_error)
+                   limits=config.limits, explain=error_handlers.as_registry_error, image_roots=roots,
+                   store_collection=StoreCollection(roots, storage, config.nix_store_limit, config.state.locks)
+                   if roots else None)
 
 
 class _ApiVersion:
@@ -110,7 +117,7 @@ def create_app(config: Config, storage: Backend | None = None, *, builder: Manif
     declared: Optional[DeclaredImages] = None
     package_search: Optional[PackageSearch] = None
     if builder is None:
-        served = make_builder(config, storage, on_nix=metrics.count_nix, in_progress=in_progress)
+        served = make_builder(config, storage, on_nix=metrics.count_nix, in_progress=in_progress, upkeep=True)
         builder, source = served, served.source
         # The search shares the builder's index of the set's names ("did you mean").
         package_search = PackageSearch(served.nix, source, served.suggestions,

@@ -25,6 +25,7 @@ from .image import OPTIONAL_PACKAGES, Architecture, Image
 from .nix import (PROGRESS_RE, Closure, EvaluationFailed, Nix, NixError, UnavailablePackages, UnknownPackages,
                   UnsupportedSystem, advice, listening)
 from .nix import Resolved as Evaluation
+from .nixstore import ImageRoots, StoreCollection
 from .parking import Parking
 from .progress import InProgress, LineBudget, Tracker
 from .sources import Resolved, Source
@@ -101,14 +102,16 @@ def _heard(image: str, tracker: Tracker, budget: LineBudget, line: str) -> None:
 class Builder:
     """`platforms` are those an image is offered for (NIXERY_PLATFORMS); `systems` are those this
     instance's Nix builds for (None: unknown, nothing refused before Nix runs); `in_progress` shows
-    running builds; `suggestions` keeps the set's names."""
+    running builds; `suggestions` keeps the set's names; `image_roots` roots what each image built
+    needs and `store_collection` keeps the Nix store within its limit (nixery/nixstore.py)."""
 
     def __init__(self, storage: Backend, nix: Nix, source: Source, popularity: Mapping[str, int],
                  budget: int, state: StateLayout, *, platforms: Sequence[Architecture] = (),
                  nix_snapshotter: bool = False, systems: Optional[Sequence[str]] = None,
                  in_progress: Optional[InProgress] = None, suggestions: Optional[Suggestions] = None,
                  limits: BuildLimits = BuildLimits(),
-                 explain: Optional[Callable[[Exception], RegistryError]] = None):
+                 explain: Optional[Callable[[Exception], RegistryError]] = None,
+                 image_roots: Optional[ImageRoots] = None, store_collection: Optional[StoreCollection] = None):
         self.storage = storage
         self.nix = nix
         self.source = source
@@ -121,6 +124,8 @@ class Builder:
                                    systems=systems, requisites=nix.requisites, explain=explain)
         self.in_progress = in_progress or InProgress(state)
         self.suggestions = suggestions or Suggestions()
+        self.image_roots = image_roots
+        self.store_collection = store_collection
 
     def manifest(self, image: Image, media_type: str = manifest.MANIFEST_MEDIA_TYPE, *, may_build: bool = True,
                  client: str = "", parking: Optional[Parking] = None, index_only: bool = False) -> Result:
@@ -192,6 +197,10 @@ class Builder:
                         closure.paths, list(closure.packages.values()), self.popularity, self.budget))
                     digests = step("upload", lambda: uploads.write_layers(self.storage, closure, groups, stats,
                                                                             image.nonroot))
+                    document = self._finish(image, source, closure, groups, digests, stats,
+                                            declared.run_config(declaration) if declaration
+                                            else default_command(image, closure, resolved.main_program))
+                    self._keep(image, document, closure)  # while the build's roots still hold its paths
             except NixError as e:
                 # The whole log goes to the server's log only; the client gets `e.reason`. A failure
                 # the client is not told about (a 5xx) says what the operator should do.
@@ -199,9 +208,20 @@ class Builder:
                 log.error("nix failed", extra={"image": image.name, "reason": e.reason, "nix_log": e.log,
                                                **({"action": todo} if todo else {})})
                 raise
-        return self._finish(image, source, closure, groups, digests, stats,
-                            declared.run_config(declaration) if declaration
-                            else default_command(image, closure, resolved.main_program))
+        if self.store_collection:
+            self.store_collection.after_build()
+        return document
+
+    def _keep(self, image: Image, document: manifest.Document, closure: Closure) -> None:
+        """Roots the image's packages for as long as its manifest is stored (nixery/nixstore.py); a
+        failure costs a rebuild after the store's next collection, not this pull."""
+        if self.image_roots is None:
+            return
+        try:
+            self.image_roots.keep(document.digest, list(closure.packages.values()))
+        except (NixError, OSError) as e:
+            log.warning("cannot root the image's packages", extra={"image": image.name,
+                                                                   "reason": getattr(e, "reason", str(e))})
 
     @staticmethod
     def _timed(stats: BuildStats, tracker: Tracker, step: str, fn: Callable[[], T]) -> T:

@@ -91,6 +91,10 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("NIX_TIMEOUT", "60",
              "Seconds a Nix build may run, and may stay silent (Nix's --timeout and --max-silent-time); "
              "downloads of substitutes are not counted."),
+    Variable("NIXERY_NIX_STORE_LIMIT", "0",
+             "Size of the Nix store (the NAR sizes of its paths; K, M, G or T) past which Nixery collects its "
+             "garbage, keeping the images still in storage and the builds running (0: never; for a store of "
+             "Nixery's own: on a shared one, the system's collection frees what Nixery no longer roots)."),
     Variable("NIXERY_MAX_BUILDS", None,
              "Builds running at once on this instance (default: the CPUs its cgroup's quota and affinity allow, "
              "at most its cgroup's memory limit divided by NIXERY_EVAL_MEMORY; at least 1)."),
@@ -283,6 +287,8 @@ class Config:
     state_dir: Path = setting()
     gcs: Optional[GcsConfig] = setting(flatten=GcsConfig)
     nix_timeout: int = setting()
+    # Bytes of Nix store past which Nixery collects the store's garbage (0: never).
+    nix_store_limit: int
     limits: BuildLimits = setting(flatten=BuildLimits, key="")
     binary_cache: Optional[BinaryCacheConfig]
     popularity_url: Optional[str] = setting(url=True)
@@ -579,6 +585,7 @@ def load(env: Mapping[str, str] = os.environ) -> Config:
         state_dir=state_dir,
         gcs=gcs,
         nix_timeout=_int(env, "NIX_TIMEOUT", 1, 24 * 3600),
+        nix_store_limit=_size(env, "NIXERY_NIX_STORE_LIMIT"),
         limits=BuildLimits(
             max_builds=_int(env, "NIXERY_MAX_BUILDS", 1, 256,
                             default=min(256, cgroup.build_slots(cgroup.read_limits(), eval_memory))),

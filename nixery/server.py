@@ -15,6 +15,7 @@ from prometheus_client import multiprocess, values
 
 from .config import Config
 from .nix import drop_gc_roots
+from .state import drop_obsolete
 from .storage.filesystem import drop_partial_uploads
 
 log = logging.getLogger(__name__)
@@ -160,4 +161,5 @@ def run(config: Config, app_factory: Callable[..., Any], example: str = "shell")
     log.info("starting nixery", extra={"config": json.loads(json.dumps(config.summary()))})
     prepare_metrics_dir(config.state.prometheus)
     drop_gc_roots(config.state.gcroots)
+    drop_obsolete(config.state_dir)
     NixeryServer(config, app_factory, example).run()

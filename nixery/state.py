@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import shutil
 import sqlite3
 import threading
 import time
@@ -51,6 +52,10 @@ CREATE TABLE build_memo (id INTEGER PRIMARY KEY, key TEXT UNIQUE NOT NULL, diges
                          built REAL NOT NULL);
 CREATE TABLE git_fetches (source TEXT PRIMARY KEY, ended REAL NOT NULL, error TEXT);
 """
+
+# What versions before this database kept in files under NIXERY_STATE_DIR (the build memo was a
+# file per unpinned image built, never removed): removed at start-up (`drop_obsolete`).
+OBSOLETE_FOLDERS = ("build-memo", "memory", "history")
 
 # Connections a forked child inherited: kept open, never used.
 _INHERITED: list[sqlite3.Connection] = []
@@ -166,3 +171,9 @@ def bounded_put(connection: sqlite3.Connection, table: str, row: dict[str, Any],
     cursor = connection.execute(f"INSERT OR REPLACE INTO {table} ({columns}) VALUES ({placeholders})",
                                 tuple(row.values()))
     connection.execute(f"DELETE FROM {table} WHERE id <= ?", (cursor.lastrowid - cap,))
+
+
+def drop_obsolete(state_dir: Path) -> None:
+    """Removes the folders of OBSOLETE_FOLDERS an earlier version left in `state_dir`."""
+    for name in OBSOLETE_FOLDERS:
+        shutil.rmtree(state_dir / name, ignore_errors=True)

@@ -17,10 +17,12 @@ terminates them).
 from __future__ import annotations
 
 import collections
+import ctypes
 import errno
 import os
 import queue
 import selectors
+import signal
 import socket
 import time
 from concurrent import futures
@@ -41,6 +43,18 @@ MAX_DRAIN_BYTES = 64 * 1024
 BODY_ERRORS: tuple[type[Exception], ...] = tuple(
     getattr(http_errors, name) for name in ("InvalidChunkSize", "ChunkMissingTerminator", "InvalidChunkExtension")
     if hasattr(http_errors, name))
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_parent(sig: int) -> None:
+    """Asks the kernel to send `sig` to this process when its parent exits (prctl(2)); the
+    master is single-threaded, so its forking thread is the process."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(sig), 0, 0, 0) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, os.strerror(error))
 
 
 class MethodQueue:
@@ -144,6 +158,12 @@ class ThreadLoopWorker(base.Worker):
         self.accepting = False
 
     def init_process(self) -> None:
+        # The master's death is a SIGTERM at once (the loop would only see it within a second), and
+        # a worker whose master is gone stops listening at once (`orphaned`): a restarted instance
+        # must be able to bind the port, and nobody would replace this worker.
+        die_with_parent(signal.SIGTERM)
+        if self.orphaned():  # the master died before that
+            self.alive = False
         self.tpool = futures.ThreadPoolExecutor(max_workers=self.cfg.threads)
         self.poller = selectors.DefaultSelector()
         self.method_queue.open()
@@ -162,6 +182,10 @@ class ThreadLoopWorker(base.Worker):
         """Once stopping (not `alive`), whether the worker still accepts connections and keeps them
         alive, asked once every turn of the loop: here never, a subclass may for a while."""
         return False
+
+    def orphaned(self) -> bool:
+        """Whether the master that started this worker is gone."""
+        return os.getppid() != self.ppid
 
     def serves(self) -> bool:
         """Whether answered connections may be kept alive (the worker runs, or still serves)."""
@@ -200,17 +224,19 @@ class ThreadLoopWorker(base.Worker):
             self.notify()
             self.set_accept_enabled(self.nr_conns < self.cfg.worker_connections)
             self._dispatch(1.0)
-            if self.ppid != os.getppid():
+            if self.orphaned():
                 self.log.info("Parent changed, shutting down: %s", self)
+                self.alive = False
                 break
             self.murder_keepalived()
             self.murder_pending()
-        # Stopping: while a subclass says it still serves (`still_serving`), the loop goes on as
-        # before; then nothing new is accepted (the listening sockets close, so a connection made
-        # now is refused by the kernel, not left unanswered), idle kept-alive connections close,
-        # and the requests in flight (and heads being read) get what is left of the grace period.
+        # Stopping: while a subclass says it still serves (`still_serving`) and the master lives, the
+        # loop goes on as before; then nothing new is accepted (the listening sockets close, so a
+        # connection made now is refused by the kernel, not left unanswered), idle kept-alive
+        # connections close, and the requests in flight (and heads being read) get what is left of
+        # the grace period.
         deadline = time.monotonic() + self.cfg.graceful_timeout
-        while self.still_serving() and time.monotonic() < deadline:
+        while self.still_serving() and not self.orphaned() and time.monotonic() < deadline:
             self.notify()
             self.set_accept_enabled(self.nr_conns < self.cfg.worker_connections)
             self._dispatch(1.0)

@@ -26,7 +26,9 @@ and a worker holds up to Gunicorn's `worker_connections` of them. It also
   pull waiting for its build), it first goes on serving, without starting any build, until
   no request has been in flight for Gunicorn's keep-alive time: the waiting client's next
   requests (the manifest by digest, the blobs), on its kept-alive or on new connections, are
-  answered by a lone instance too (a Docker container, a single pod, a systemd unit).
+  answered by a lone instance too (a Docker container, a single pod, a systemd unit). When
+  the master dies (the kernel sends SIGTERM then: nixery/threadloop.py), it stops listening
+  at once, requests in flight or not.
 """
 
 from __future__ import annotations
@@ -418,7 +420,9 @@ class NixeryWorker(ThreadLoopWorker):
         with requests in flight serves on (`still_serving`) until it has been idle for the
         keep-alive time. Either way, requests in flight finish within the grace period."""
         if self.alive:
-            self.draining = self._in_flight()
+            # With the master gone (its death is this SIGTERM: nixery/threadloop.py), nothing would
+            # replace this worker: it stops listening at once.
+            self.draining = self._in_flight() and not self.orphaned()
             if self.draining:
                 self.log.info("stopping: finishing requests in flight and serving their clients' next requests "
                               "(no new build) until none has come for the keep-alive time",

@@ -28,7 +28,8 @@ SLOWEST_MODULES = ("test_fresh_machine.py", "test_container_image.py", "test_exi
                    "test_load_builds.py", "test_limits.py", "test_bounded.py", "test_feedback.py", "test_sources.py",
                    "test_first_hour.py",
                    "test_auth.py", "test_gcs.py", "test_preflight.py", "test_e2e.py", "test_sharing.py",
-                   "test_nix_packaging.py", "test_nix_package_source.py", "test_git_ssh.py", "test_web.py")
+                   "test_nix_packaging.py", "test_nix_package_source.py", "test_git_ssh.py", "test_web.py",
+                   "test_crashes.py")
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -151,6 +151,10 @@ class NixCounter:
         lines = self.calls.read_text().splitlines()
         return len([line for line in lines if tool is None or line.split(" ", 1)[0] == tool])
 
+    def builds(self) -> int:
+        """The `nix-store --realise` calls that build (not those that root a stored image's packages)."""
+        return len([line for line in self.calls.read_text().splitlines() if line.startswith("nix-store --realise ")])
+
 
 def skopeo_pull(host: str, name: str, dest: Path, tag: str = "latest",
                 creds: Optional[str] = None) -> subprocess.CompletedProcess:

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import concurrent.futures
+import fcntl
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import time
 
 import pytest
 import requests
 
+from nixery.nix.processes import start_time
+from nixery.storage.filesystem import tmp_prefix
 from support import chroot_run, errors_of, oci_manifest, pull_and_unpack, skopeo_pull
 
 MANIFEST_V2 = "application/vnd.docker.distribution.manifest.v2+json"
@@ -117,9 +121,11 @@ def test_ten_concurrent_pulls_run_nix_once(start_server, fresh_pkgset, nix_count
         responses = list(pool.map(lambda _: requests.get(url, timeout=180), range(10)))
     assert [r.status_code for r in responses] == [200] * 10, [r.text for r in responses if r.status_code != 200]
     assert len({r.headers["Docker-Content-Digest"] for r in responses}) == 1
-    # One evaluation (nix-instantiate), whose derivations nix-store builds: the set is not evaluated again.
+    # One evaluation (nix-instantiate), whose derivations nix-store builds: the set is not evaluated again;
+    # and one nix-store call that roots the stored image's packages (nixery/nixstore.py).
     assert nix_counter.count("nix-instantiate") == 1
-    assert nix_counter.count("nix-store") == 1 and nix_counter.count("nix-build") == 0
+    assert nix_counter.builds() == 1 and nix_counter.count("nix-store") == 2
+    assert nix_counter.count("nix-build") == 0
 
 
 def test_nix_timeout_is_a_422_naming_it_and_kills_the_build(start_server, tmp_path):
@@ -207,13 +213,25 @@ def test_a_local_set_that_does_not_parse_is_a_500_whose_log_tells_the_operator(s
 def test_start_up_removes_what_dead_workers_left(start_server, pkgset, tmp_path):
     tmp = tmp_path / "shared" / "storage" / "tmp"
     tmp.mkdir(parents=True)
-    stale, fresh = tmp / "stale-upload", tmp / "fresh-upload"
-    stale.write_bytes(b"left by a killed worker")
+    # Named as this machine's worker 12345 names them; as new as can be, but its writer is gone.
+    stale, fresh = tmp / f"{tmp_prefix(12345)}upload", tmp / f"{tmp_prefix(12346)}upload"
+    stale.write_bytes(b"left by a killed worker a moment ago")
     fresh.write_bytes(b"another instance is writing this")
-    os.utime(stale, (time.time() - 2 * 86400,) * 2)
-    dead_worker_roots = tmp_path / "shared" / "state" / "gcroots" / "12345-0123abcd"
+    state = tmp_path / "shared" / "state" / "gcroots"
+    dead_worker_roots = state / "12345-0123abcd"
     dead_worker_roots.mkdir(parents=True)
     (dead_worker_roots / "out").symlink_to(pkgset)
-    start_server({"NIXERY_PKGS_PATH": str(pkgset), "STORAGE_PATH": str(tmp.parent)}, workdir=tmp_path / "shared")
-    assert not stale.exists() and fresh.exists()
+    # An earlier version's build memo: a file per unpinned image built, never removed.
+    memo = tmp_path / "shared" / "state" / "build-memo"
+    memo.mkdir()
+    (memo / ("0" * 64)).write_text("sha256:" + "1" * 64)
+    # A Nix process of the killed instance, still running, as Nixery's records name it.
+    orphan = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    (state / f"12345-nix-{orphan.pid}-{start_time(orphan.pid)}").touch()
+    with open(fresh, "rb") as writing:
+        fcntl.flock(writing, fcntl.LOCK_EX)  # as its writer holds it
+        start_server({"NIXERY_PKGS_PATH": str(pkgset), "STORAGE_PATH": str(tmp.parent)}, workdir=tmp_path / "shared")
+        assert not stale.exists() and fresh.exists()
+    assert orphan.wait(timeout=10) == -signal.SIGTERM, "the Nix process of the killed instance was stopped"
     assert not dead_worker_roots.exists(), "GC roots of an earlier run pin store paths for good"
+    assert not memo.exists()

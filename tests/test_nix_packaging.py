@@ -102,7 +102,9 @@ OPTIONS_WITHOUT_VARIABLE = {"enable", "package", "openFirewall", "environmentFil
 # environmentFile, or rarely changed (extraEnvironment).
 VARIABLES_WITHOUT_OPTION = {"NIXERY_STATE_DIR", "BUCKET", "NIXERY_GIT_TOKEN", "NIXERY_CHANNEL_URL_TEMPLATE",
                             "NIXERY_GIT_TTL", "GCS_SIGNED_URL_TTL", "NIXERY_NIX_SNAPSHOTTER", "GCS_RETRY_SECONDS",
-                            "NIXERY_LOG_FORMAT", "NIXERY_IGNORE_VARIABLES"}
+                            "NIXERY_LOG_FORMAT", "NIXERY_IGNORE_VARIABLES",
+                            # A NixOS store is shared: the system's collection (nix.gc) frees it.
+                            "NIXERY_NIX_STORE_LIMIT"}
 # Variables the service gets that are not Nixery's.
 FOREIGN_VARIABLES = {"NIX_REMOTE", "XDG_CACHE_HOME", "GOOGLE_APPLICATION_CREDENTIALS"}
 # Values an option's type is asked about, to compare with what Nixery accepts.

@@ -16,7 +16,7 @@ from pathlib import Path
 from nixery.stats import BuildStats
 from nixery.config import StateLayout
 from nixery.history import BuildHistory, entry
-from nixery.memo import BuildMemo
+from nixery.memo import CAPACITY, BuildMemo
 from nixery.state import BUSY_TIMEOUT, SCHEMA_VERSION
 
 from support import ROOT
@@ -94,3 +94,13 @@ def test_threads_of_several_processes_lose_no_write(tmp_path):
     images = [b["image"] for b in history.builds()]
     assert len(set(images)) == len(images) == 3 * 8 * 20
     assert len(history.errors()) == 20, "errors_kept of the failed builds, the newest"
+
+
+def test_the_build_memo_keeps_its_newest_entries_only(tmp_path):
+    memo = BuildMemo(StateLayout.under(tmp_path))
+    for i in range(CAPACITY + 10):
+        memo.remember(f"key {i}", f"sha256:{i:064x}")
+    now = time.time()
+    assert memo.recall("key 9", now) is None, "the oldest entries are collected"
+    assert memo.recall(f"key {CAPACITY + 9}", now) == f"sha256:{CAPACITY + 9:064x}"
+    assert memo.store.query("SELECT count(*) FROM build_memo") == [(CAPACITY,)]

@@ -100,8 +100,9 @@ def test_metrics_after_two_pulls(start_server, fresh_pkgset, tmp_path):
     assert moved(before, after, "nixery_layer_bytes_total", result="reused") == sum(second[d] for d in shared)
     for step in ("evaluate", "build", "layer", "upload"):
         assert moved(before, after, "nixery_build_step_duration_seconds_count", step=step) == 2, step
-    for command in ("nix-instantiate", "nix-store", "nix"):
-        assert moved(before, after, "nixery_nix_invocations_total", command=command) == 2, command
+    # Per image: one evaluation, one build, one closure query, and one call rooting its packages.
+    for command, calls in (("nix-instantiate", 2), ("nix-store", 4), ("nix", 2)):
+        assert moved(before, after, "nixery_nix_invocations_total", command=command) == calls, command
     assert moved(before, after, "nixery_http_requests_total", route=MANIFESTS_ROUTE, method="GET", status="200") == 2
     # Routes are labelled by template: image names never become label values.
     routes = {dict(labels).get("route") for (_, labels) in after} - {None}

@@ -36,6 +36,7 @@ from typing import Callable, Iterator, Mapping, Optional, Sequence
 from ..config import BinaryCacheConfig, format_size, redact_url
 from ..layers import StorePath
 from . import cache as binary_cache
+from .processes import recorded, stop_recorded
 from .confine import BUILD_OPTIONS, evaluation_options, nix_environment, restriction_hint
 
 log = logging.getLogger(__name__)
@@ -343,11 +344,13 @@ class Nix:
             process = _Process(args, _listener.get(), cache_credentials, memory)
         except FileNotFoundError:
             raise NixError(f"{args[0]} is not installed or not on PATH") from None
-        try:
-            process.finish(timeout)
-        except subprocess.TimeoutExpired:
-            process.stop()
-            raise NixError(f"{what} timed out after {timeout}s", process.stderr, timed_out=True) from None
+        # Recorded while it runs: if this worker is killed, the master stops it (nixery/nix/processes.py).
+        with recorded(self.gcroot_dir, process.proc.pid):
+            try:
+                process.finish(timeout)
+            except subprocess.TimeoutExpired:
+                process.stop()
+                raise NixError(f"{what} timed out after {timeout}s", process.stderr, timed_out=True) from None
         stderr = process.stderr
         if process.proc.returncode != 0:
             failed = _BUILDER_FAILED.search(_ANSI.sub("", stderr))
@@ -488,6 +491,24 @@ class Nix:
             yield root
         finally:
             shutil.rmtree(root, ignore_errors=True)
+
+    def add_roots(self, link: Path, paths: Sequence[str]) -> None:
+        """Roots `paths` (valid already) with indirect roots at `link`, `link`-2, ... (nix-store's naming)."""
+        self._run(["nix-store", "--add-root", str(link), "--realise", *paths], "rooting an image")
+
+    def store_size(self) -> int:
+        """The sum of the NAR sizes of every path in the store."""
+        raw = self._run(["nix", "--extra-experimental-features", "nix-command", "path-info", "--all", "--json"],
+                        "measuring the store")
+        data = json.loads(raw)
+        entries = data.values() if isinstance(data, dict) else data
+        return sum(int(info["narSize"]) for info in entries if info)
+
+    def collect_garbage(self, max_freed: int) -> None:
+        """Deletes paths no root holds (the image roots, the builds running, the system's own) until
+        `max_freed` bytes are freed or none is left; Nix bounds its own run."""
+        self._run(["nix-store", "--gc", "--max-freed", str(max_freed)], "collecting the store's garbage",
+                  timeout=None)
 
     def closure(self, outputs: Sequence[str], store: Optional[str] = None) -> dict[str, StorePath]:
         """The runtime closure of `outputs`, from the local store or from `store` (a binary cache URL)."""
@@ -660,11 +681,14 @@ def remote_builder_systems(builders: str) -> set[str]:
 
 
 def drop_gc_roots(gcroot_dir: Path, pid: Optional[int] = None) -> None:
-    """Removes the roots of a worker that died mid-build (`pid`), or of every earlier run.
+    """Stops the Nix processes of a worker that died mid-build (`pid`), or of every earlier
+    run, and once they are gone removes their builds' roots (the image roots stay).
 
-    A killed worker never reaches `gc_roots`' clean-up, and its roots would pin
-    store paths for good; the master calls this at start-up and when a worker exits."""
-    for root in gcroot_dir.glob(f"{pid}-*" if pid else "*"):
+    A killed worker never reaches `gc_roots`' clean-up, and its roots would pin store paths
+    for good; its `nix-store` would go on building and re-create them. The master calls this
+    at start-up and when a worker exits."""
+    stop_recorded(gcroot_dir, pid)
+    for root in gcroot_dir.glob(f"{pid}-*" if pid else "[0-9]*-*"):
         shutil.rmtree(root, ignore_errors=True)
 
 

@@ -4,27 +4,43 @@ Every object is written under a temporary name in the same directory and
 renamed into place, so a reader sees the whole object or nothing. The media
 type lives in a small sidecar file written before the object is renamed, so
 no extended attributes are needed and a visible object always has its type.
+
+A temporary file is locked (`flock`) by its writer until it is published or
+removed, and the kernel drops the lock when the writer dies, however it dies: a
+temporary file of this machine that nobody holds was left by a killed worker or
+instance, and the next start (or readiness check) removes it, whatever its age,
+while the files of the instances still writing into a shared directory are left
+alone. Another machine's files are only removed past an age no upload reaches,
+since a lock taken there need not be seen here (NFS without its lock service).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
+import hashlib
+import logging
 import os
+import socket
 import tempfile
 import time
 from pathlib import Path
 from typing import BinaryIO, Iterator, Optional
 
-from ..atomic import write_atomic
+from ..atomic import hold_lock, write_atomic
 from . import Backend, BlobInfo, LocalFile, StorageError, Upload, check_key
+
+log = logging.getLogger(__name__)
 
 _TYPE_SUFFIX = ".type"
 _OS_ERRORS = {errno.ENOSPC: "storage full", errno.EDQUOT: "storage full (quota)",
               errno.EROFS: "storage read-only", errno.EACCES: "storage not writable (permission denied)",
               errno.EPERM: "storage not writable (permission denied)", errno.EIO: "storage I/O error"}
 _TMP_DIR = "tmp"
-# No upload takes this long: older temporary files were left by a killed worker.
+# A temporary file is created, then locked: an empty one younger than this may be between the two.
+_UNLOCKED_GRACE_SECONDS = 60
+# No upload takes this long: a file that cannot be known free by its lock is removed past this age.
 _STALE_TMP_SECONDS = 24 * 3600
 
 
@@ -54,9 +70,48 @@ def _storage_errors() -> Iterator[None]:
         raise StorageError(describe_os_error(e)) from None
 
 
+# This machine, in the names of its temporary files (its host name's hash: a name has no "-" then).
+MACHINE = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
 def tmp_prefix(pid: int) -> str:
-    """Temporary files are named by the writing process, so that the master removes a dead worker's."""
-    return f"{pid}-"
+    """Temporary files are named by the writing machine and process, so that the master removes a
+    dead worker's, and the next start a dead instance's."""
+    return f"{pid}-{MACHINE}-"
+
+
+def drop_if_abandoned(path: Path) -> bool:
+    """Removes the temporary file at `path` if its writer is gone, and returns True if it did.
+
+    A file of this machine is abandoned when nobody holds its lock (an empty one may be between
+    its creation and its lock). Another machine's lock may not reach this one, and a file
+    whose lock cannot be tried is not known to be free: such a file is only removed once older
+    than any upload."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            known_free = path.name.split("-")[1:2] == [MACHINE]
+        except BlockingIOError:
+            return False
+        except OSError:
+            known_free = False
+        held = os.fstat(fd)
+        age = time.time() - held.st_mtime
+        young = (held.st_size == 0 and age < _UNLOCKED_GRACE_SECONDS) if known_free else age < _STALE_TMP_SECONDS
+        if young:
+            return False
+        if os.stat(path).st_ino != held.st_ino:  # published (renamed away) meanwhile, and replaced
+            return False
+        os.unlink(path)
+        return True
+    except FileNotFoundError:  # published meanwhile
+        return False
+    finally:
+        os.close(fd)
 
 
 def drop_partial_uploads(root: Path, pid: int) -> None:
@@ -121,6 +176,7 @@ class FilesystemBackend(Backend):
         buffer flushed) is a StorageError; the partial file is removed whatever happens."""
         with _storage_errors():
             fd, tmp = tempfile.mkstemp(dir=self.root / _TMP_DIR, prefix=tmp_prefix(os.getpid()))
+            hold_lock(fd)
         upload: Optional[_FileUpload] = None
         try:
             with _storage_errors(), os.fdopen(fd, "wb") as file:
@@ -132,24 +188,21 @@ class FilesystemBackend(Backend):
                     os.unlink(tmp)
 
     def check(self) -> None:
-        """Removes what killed workers left in tmp/ (other instances sharing the directory
-        may be uploading, so only files older than any upload are touched), then writes and
-        reads back a file: a read-only or full disk is found at start-up, not at a pull."""
-        cutoff = time.time() - _STALE_TMP_SECONDS
+        """Removes what killed workers and instances left in tmp/ (the files whose writer is
+        gone: other instances sharing the directory may be uploading), then writes and reads
+        back a file: a read-only or full disk is found at start-up, not at a pull."""
         for path in (self.root / _TMP_DIR).iterdir():
-            with contextlib.suppress(FileNotFoundError):
-                if path.stat().st_mtime < cutoff:
-                    path.unlink()
-        probe = self.root / _TMP_DIR / f"check-{os.getpid()}"
+            if drop_if_abandoned(path):
+                log.info("removed a partial upload left by a dead process", extra={"path": str(path)})
         try:
-            probe.write_bytes(b"nixery")
-            if probe.read_bytes() != b"nixery":
-                raise StorageError(f"{self.root}: a file read back differs from what was written")
+            # Nameless (O_TMPFILE, or unlinked at once): nothing for a concurrent sweep to take.
+            with tempfile.TemporaryFile(dir=self.root / _TMP_DIR) as probe:
+                os.write(probe.fileno(), b"nixery")
+                os.fsync(probe.fileno())
+                if os.pread(probe.fileno(), 16, 0) != b"nixery":
+                    raise StorageError(f"{self.root}: a file read back differs from what was written")
         except OSError as e:
             raise StorageError(f"{self.root}: {describe_os_error(e)}") from None
-        finally:
-            with contextlib.suppress(OSError):
-                probe.unlink()
 
     def locate(self, key: str) -> Optional[LocalFile]:
         info = self.stat(key)

@@ -1,0 +1,118 @@
+"""The Nix store's upkeep: GC roots for the images kept in storage, and Nixery's own collection.
+
+A build's outputs are rooted while it runs (`Nix.gc_roots`). Once its manifest is stored,
+the image's packages are rooted again, for as long as the image is kept, under
+`images/<manifest digest>` in the GC roots folder: named after the manifest's storage key,
+so that whoever removes an image from storage (a collection, a lifecycle rule, an
+operator) needs to know nothing of roots. While the root is there, `nix-collect-garbage`
+(anyone's) leaves the image's closure, and building the image again (a pull that heals a
+lost blob, an unpinned image asked for again) builds nothing.
+
+Before each of Nixery's own collections, and at most every `CHECK_SECONDS` after a build,
+the roots whose manifest is no longer in storage are dropped, so the next collection of the
+store frees their paths. Nixery collects the store itself only past NIXERY_NIX_STORE_LIMIT:
+on a store of its own (a container, a pod) that frees everything no root holds; on a
+shared store (NixOS) it is left unset and the system's collection frees what Nixery no
+longer roots. Either way Nixery only ever removes roots of its own folder.
+
+Roots are indirect (Nix registers a link to the link), so neither the store nor Nixery's
+state needs to be writable by the other.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .locks import file_lock
+from .manifest import SHA256_RE
+from .nix import Nix, NixError
+from .storage import Backend, StorageError, blob_key
+
+log = logging.getLogger(__name__)
+
+IMAGES = "images"
+# How often (at most) a worker drops stale roots and measures the store after its builds.
+CHECK_SECONDS = 300
+
+
+class ImageRoots:
+    """The roots of the images kept in storage, one folder per manifest digest."""
+
+    def __init__(self, nix: Nix, lock_dir: Path):
+        self.nix = nix
+        self.directory = nix.gcroot_dir / IMAGES
+        self.lock_dir = lock_dir
+
+    def keep(self, digest: str, outputs: Sequence[str]) -> None:
+        """Roots the image whose manifest is `digest`: its packages `outputs` and so their closure
+        (called while the build's own roots still hold them, once the manifest is stored)."""
+        root = self.directory / digest
+        with file_lock(self.lock_dir, f"image root {digest}"):
+            if (root / "out").is_symlink():  # the same manifest: the same store paths
+                return
+            root.mkdir(parents=True, exist_ok=True)
+            self.nix.add_roots(root / "out", sorted(set(outputs)))
+
+    def prune(self, storage: Backend) -> list[str]:
+        """Drops the roots of images whose manifest is no longer in storage; returns their digests.
+        A root being made at this moment (its lock held) is left for the next time."""
+        dropped = []
+        for root in sorted(self.directory.iterdir()) if self.directory.is_dir() else ():
+            digest = root.name
+            with file_lock(self.lock_dir, f"image root {digest}", wait=False) as free:
+                if not free or (SHA256_RE.fullmatch(digest) and storage.stat(blob_key(digest)) is not None):
+                    continue
+                shutil.rmtree(root, ignore_errors=True)
+                dropped.append(digest)
+        return dropped
+
+
+class StoreCollection:
+    """Drops stale image roots and, past `limit` bytes of store (0: never), collects the store's
+    garbage; in the background after builds, one worker at a time, each at most every CHECK_SECONDS."""
+
+    def __init__(self, roots: ImageRoots, storage: Backend, limit: int, lock_dir: Path):
+        self.roots = roots
+        self.storage = storage
+        self.limit = limit
+        self.lock_dir = lock_dir
+        self.last_check: Optional[float] = None
+        self._mutex = threading.Lock()
+
+    def after_build(self) -> None:
+        """Starts a check in the background if this worker's last one is CHECK_SECONDS old."""
+        with self._mutex:
+            now = time.monotonic()
+            if self.last_check is not None and now - self.last_check < CHECK_SECONDS:
+                return
+            self.last_check = now
+        threading.Thread(target=self.check, name="nix-store-upkeep", daemon=True).start()
+
+    def check(self) -> None:
+        """One check, unless another worker is running one; failures are logged (they cost space, not pulls)."""
+        with file_lock(self.lock_dir, "nix store collection", wait=False) as mine:
+            if not mine:
+                return
+            try:
+                self.collect()
+            except (NixError, StorageError, OSError) as e:
+                log.warning("nix store upkeep failed", extra={"reason": getattr(e, "reason", str(e))})
+
+    def collect(self) -> None:
+        dropped = self.roots.prune(self.storage)
+        if dropped:
+            log.info("dropped the roots of images no longer in storage", extra={"images": len(dropped)})
+        if not self.limit:
+            return
+        size = self.roots.nix.store_size()
+        if size <= self.limit:
+            return
+        start = time.monotonic()
+        self.roots.nix.collect_garbage(size - self.limit)
+        log.info("nix store collected", extra={"before": size, "after": self.roots.nix.store_size(),
+                                               "limit": self.limit, "seconds": round(time.monotonic() - start, 3)})

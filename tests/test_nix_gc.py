@@ -1,0 +1,102 @@
+"""The Nix store's collection keeps what storage still serves: a server on a Nix store of its
+own (a private /nix in a mount namespace, so that collecting it frees nobody else's paths)."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from load_support import git_source
+from pkgset import make_package_set
+from support import Server
+
+MANIFEST_V2 = "application/vnd.docker.distribution.manifest.v2+json"
+
+
+def private_store(nix: Path) -> tuple[str, ...]:
+    """A command prefix that runs what follows with `nix` mounted at /nix (its own store)."""
+    return (shutil.which("unshare"), "--mount", "--propagation", "private", shutil.which("bash"), "-c",
+            f"mkdir -p {nix}/store {nix}/var/nix && chown root:nixbld {nix}/store && chmod 1775 {nix}/store "
+            f"&& mount --bind {nix} /nix && exec \"$@\"", "private-store")
+
+
+def outputs(nix: Path, name: str) -> list[Path]:
+    """The valid-looking output paths of package `name` (`<hash>-<name>`, no .drv) in that store."""
+    return [p for p in (nix / "store").glob(f"*-{name}") if p.is_dir()]
+
+
+def nix_invocations(server: Server) -> float:
+    text = requests.get(f"{server.url}/metrics", timeout=30).text
+    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
+               if s.name == "nixery_nix_invocations_total")
+
+
+def pull(server: Server, name: str) -> requests.Response:
+    """The manifest of `name` and every blob it names, each checked against its digest."""
+    manifest = requests.get(f"{server.url}/v2/{name}/manifests/latest", headers={"Accept": MANIFEST_V2}, timeout=120)
+    assert manifest.status_code == 200, manifest.text
+    for blob in [manifest.json()["config"], *manifest.json()["layers"]]:
+        data = requests.get(f"{server.url}/v2/{name}/blobs/{blob['digest']}", timeout=60).content
+        assert "sha256:" + hashlib.sha256(data).hexdigest() == blob["digest"]
+    return manifest
+
+
+def wait_for_log(server: Server, message: str, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = [e for e in server.log_entries() if e.get("message") == message]
+        if found:
+            return found[-1]
+        time.sleep(0.1)
+    raise AssertionError(f"no {message!r} in the log:\n{server.log()}")
+
+
+def test_collecting_the_store_keeps_stored_images_and_frees_collected_ones(tmp_path):
+    nix = tmp_path / "nix"
+    wrapper = private_store(nix)
+    packages = make_package_set(tmp_path / "set", salt=uuid.uuid4().hex[:12])
+    env = {"NIXERY_PKGS_REPO": git_source(packages, tmp_path / "repo.git"), "NIXERY_WORKERS": "1"}
+    workdir = tmp_path / "server"
+    workdir.mkdir()
+
+    first = Server(workdir, env, wrapper).start()
+    try:
+        pull(first, "hello")
+        collected = pull(first, "nano")
+    finally:
+        first.stop()
+    assert outputs(nix, "hello") and outputs(nix, "nano")
+    # "nano" leaves storage, as a storage collection removes an image: its manifest (the cached
+    # one and the blob) goes.
+    storage = workdir / "storage"
+    digest = "sha256:" + hashlib.sha256(collected.content).hexdigest()
+    for record in (storage / "manifests").iterdir():
+        if record.suffix != ".type" and record.read_bytes() == collected.content:
+            record.unlink()
+    (storage / "layers" / digest).unlink()
+
+    # Past NIXERY_NIX_STORE_LIMIT, the build of another image starts Nixery's own collection.
+    second = Server(workdir, {**env, "NIXERY_NIX_STORE_LIMIT": "1"}, wrapper).start()
+    try:
+        pull(second, "iana-etc")
+        wait_for_log(second, "nix store collected")
+        assert outputs(nix, "hello"), "the stored image's packages are kept"
+        assert not outputs(nix, "nano"), "the collected image's packages are freed"
+        # Anyone's nix-collect-garbage keeps them too.
+        subprocess.run([*wrapper, "nix-collect-garbage"], check=True, capture_output=True, timeout=120)
+        assert outputs(nix, "hello") and outputs(nix, "iana-etc")
+
+        before = nix_invocations(second)
+        pull(second, "hello")
+        assert nix_invocations(second) == before, "a stored image is served without Nix"
+        pull(second, "nano")
+        assert nix_invocations(second) > before and outputs(nix, "nano"), "a collected image is built again"
+    finally:
+        second.stop()
