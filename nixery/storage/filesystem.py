@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import tempfile
 import time
@@ -17,13 +18,19 @@ from pathlib import Path
 from typing import BinaryIO, Iterator, Optional
 
 from ..atomic import write_atomic
-from . import Backend, BlobInfo, LocalFile, StorageError, Upload, check_key
+from ..locks import try_lock
+from . import Backend, BlobInfo, Lease, LocalFile, StorageError, StoredObject, Upload, check_key
 
 _TYPE_SUFFIX = ".type"
 _OS_ERRORS = {errno.ENOSPC: "storage full", errno.EDQUOT: "storage full (quota)",
               errno.EROFS: "storage read-only", errno.EACCES: "storage not writable (permission denied)",
               errno.EPERM: "storage not writable (permission denied)", errno.EIO: "storage I/O error"}
 _TMP_DIR = "tmp"
+# The collection lease: a file locked by its holder (next to the objects, so that instances
+# sharing the directory exclude each other too) and holding when the last collection finished.
+_LEASE_FILE = "gc.lease"
+# No manifest is larger: the type of a larger object is not read when storage is listed.
+_SMALL_OBJECT = 4 << 20
 # No upload takes this long: older temporary files were left by a killed worker.
 _STALE_TMP_SECONDS = 24 * 3600
 
@@ -154,6 +161,76 @@ class FilesystemBackend(Backend):
     def locate(self, key: str) -> Optional[LocalFile]:
         info = self.stat(key)
         return LocalFile(str(self._path(key)), info) if info else None
+
+    def objects(self) -> Iterator[StoredObject]:
+        for prefix in ("layers", "builds", "manifests"):
+            with os.scandir(self.root / prefix) as entries:
+                for entry in entries:
+                    if entry.name.endswith(_TYPE_SUFFIX) or not entry.is_file(follow_symlinks=False):
+                        continue
+                    key = f"{prefix}/{entry.name}"
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                        media_type = (Path(entry.path + _TYPE_SUFFIX).read_text()
+                                      if st.st_size <= _SMALL_OBJECT else None)
+                    except FileNotFoundError:  # removed since the listing
+                        continue
+                    yield StoredObject(key, st.st_size, _used(st), f"{st.st_ino}:{st.st_mtime_ns}", media_type)
+
+    def delete(self, listed: StoredObject) -> bool:
+        """Looks at the file again just before removing it: one used or rewritten since the
+        listing stays. A reader that opened it already reads on (an unlinked file lives until
+        closed)."""
+        path = self._path(listed.key)
+        try:
+            st = path.stat()
+            if _used(st) > listed.used or f"{st.st_ino}:{st.st_mtime_ns}" != listed.version:
+                return False
+            path.unlink()
+        except FileNotFoundError:
+            return True
+        with contextlib.suppress(FileNotFoundError):
+            Path(str(path) + _TYPE_SUFFIX).unlink()
+        return True
+
+    def touch(self, key: str) -> None:
+        path = self._path(key)
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(path, ns=(time.time_ns(), path.stat().st_mtime_ns))
+
+    @contextlib.contextmanager
+    def lease(self, term: float) -> Iterator[Optional[Lease]]:
+        fd = os.open(self.root / _LEASE_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            yield _FileLease(fd) if try_lock(fd) else None
+        finally:
+            os.close(fd)
+
+
+def _used(st: os.stat_result) -> float:
+    """When a file was last used: written (mtime), or marked used (atime, which `touch` sets and
+    reads may move on); mtime stays the write time."""
+    return max(st.st_atime, st.st_mtime)
+
+
+class _FileLease(Lease):
+    """An OFD lock on the lease file: the kernel lets it go when its holder dies."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        raw = os.pread(fd, 4096, 0)
+        try:
+            self.previous = float(json.loads(raw)["finished"]) if raw else 0.0
+        except (ValueError, KeyError, TypeError):
+            self.previous = 0.0
+
+    def renew(self) -> bool:
+        return True  # held until the file is closed
+
+    def finish(self, when: float) -> None:
+        data = json.dumps({"finished": when}).encode()
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, data, 0)
 
 
 def describe_os_error(e: OSError) -> str:
