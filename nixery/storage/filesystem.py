@@ -175,7 +175,7 @@ class FilesystemBackend(Backend):
                                       if st.st_size <= _SMALL_OBJECT else None)
                     except FileNotFoundError:  # removed since the listing
                         continue
-                    yield StoredObject(key, st.st_size, _used(st), f"{st.st_ino}:{st.st_mtime_ns}", media_type)
+                    yield StoredObject(key, st.st_size, _used(st), str(st.st_ino), media_type)
 
     def delete(self, listed: StoredObject) -> bool:
         """Looks at the file again just before removing it: one used or rewritten since the
@@ -184,7 +184,7 @@ class FilesystemBackend(Backend):
         path = self._path(listed.key)
         try:
             st = path.stat()
-            if _used(st) > listed.used or f"{st.st_ino}:{st.st_mtime_ns}" != listed.version:
+            if _used(st) > listed.used or str(st.st_ino) != listed.version:
                 return False
             path.unlink()
         except FileNotFoundError:
@@ -194,9 +194,8 @@ class FilesystemBackend(Backend):
         return True
 
     def touch(self, key: str) -> None:
-        path = self._path(key)
         with contextlib.suppress(FileNotFoundError):
-            os.utime(path, ns=(time.time_ns(), path.stat().st_mtime_ns))
+            os.utime(self._path(key))
 
     @contextlib.contextmanager
     def lease(self, term: float) -> Iterator[Optional[Lease]]:
@@ -208,9 +207,9 @@ class FilesystemBackend(Backend):
 
 
 def _used(st: os.stat_result) -> float:
-    """When a file was last used: written (mtime), or marked used (atime, which `touch` sets and
-    reads may move on); mtime stays the write time."""
-    return max(st.st_atime, st.st_mtime)
+    """When a file was last used: written, or marked used by `touch`. Its modification time, not its
+    access time, which reads move on (the collector's own reads of manifests included)."""
+    return st.st_mtime
 
 
 class _FileLease(Lease):
