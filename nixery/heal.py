@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 # A manifest whose blobs were all found is not looked at again for this long (seconds): on GCS each
 # look is a request per blob. A blob removed meanwhile is healed by the blob request instead.
 CHECKED_SECONDS = 30.0
+# Manifests whose blobs were all found, shared by the process's builders and forgotten when a blob
+# request finds one gone.
+_checked = Recent(CHECKED_SECONDS)
 
 
 class BlobCheck:
@@ -39,15 +42,14 @@ class BlobCheck:
 
     def __init__(self, storage: Backend):
         self.storage = storage
-        self._checked = Recent(CHECKED_SECONDS)
 
     def missing(self, document: Document) -> list[str]:
         """The keys of the blobs `document` names that are gone (none if checked lately)."""
-        if self._checked.fresh(document.digest):
+        if _checked.fresh(document.digest):
             return []
         gone = [key for key in references(document.data).blobs if self.storage.stat(key) is None]
         if not gone:
-            self._checked.add(document.digest)
+            _checked.add(document.digest)
         return gone
 
 
@@ -70,6 +72,7 @@ class BlobHealer:
             if not self._names(manifest_digest, key):
                 continue
             log.info("blob gone: building its image again", extra={"image": name, "tag": tag, "digest": digest})
+            _checked.clear()
             self.builder.manifest(image.parse(name, tag, self.max_packages), may_build=may_build, client=client,
                                   parking=parking)
             location = self.storage.locate(key)

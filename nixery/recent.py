@@ -30,6 +30,10 @@ class Recent:
             while len(self._added) > self.kept:
                 self._added.popitem(last=False)
 
+    def clear(self) -> None:
+        with self._lock:
+            self._added.clear()
+
     def first(self, key: Hashable) -> bool:
         """True, and `key` added, unless it was added lately."""
         if self.fresh(key):

@@ -155,7 +155,7 @@ def test_a_layer_deleted_by_hand_is_built_again(start_server, blob_set, tmp_path
     assert response.status_code == 200, response.text
     assert "sha256:" + hashlib.sha256(response.content).hexdigest() == biggest
     assert metric(server, "nixery_heals_total", '{request="blob"}') == 1
-    assert manifest["layers"] == layers
+    assert [layer["digest"] for layer in manifest["layers"]] == [layer["digest"] for layer in layers]
     # A blob no image pulled here names is not built for.
     unknown = "sha256:" + "0" * 64
     assert requests.get(f"{server.url}/v2/blob1/hello/blobs/{unknown}", timeout=60).status_code == 404
