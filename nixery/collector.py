@@ -155,8 +155,9 @@ class Collector:
             order = sorted(image.manifests, key=lambda key: not key.startswith("manifests/"))
             if all([self._delete(plan.listed[key], report) for key in order if key in plan.listed]):
                 removed.append(image)
-            else:
+            else:  # pulled since it was listed
                 plan.keep.update(image.manifests, image.blobs)
+                report.kept.append(image)
         report.removed = removed
         gone = {key for image in removed for key in image.manifests}
         if report.complete:

@@ -66,7 +66,8 @@ class Schedule:
                         "removed_images": len(report.removed), "removed_objects": report.removed_objects,
                         "removed_bytes": report.removed_bytes, "kept_images": len(report.kept),
                         "stored_bytes": report.stored_bytes, "in_use": report.in_use,
-                        "duration": report.duration, "complete": report.complete, "pid": os.getpid()})
+                        "duration": report.duration, "finished": report.finished, "complete": report.complete,
+                        "pid": os.getpid()})
             except Exception:  # a failing bucket, a full state disk: the next look tries again
                 log.exception("storage collection failed")
             time.sleep(look)

@@ -162,21 +162,45 @@ def test_a_layer_deleted_by_hand_is_built_again(start_server, blob_set, tmp_path
 
 
 def test_a_collection_during_fifty_pulls_loses_none(start_server, blob_set, tmp_path):
-    server = start_server({"NIXERY_PKGS_PATH": str(blob_set), "NIXERY_STORAGE_LIMIT": str(LIMIT // 2),
-                           "NIXERY_GC_INTERVAL": "1", "NIXERY_GC_GRACE": "60", "NIXERY_THREADS": "16"})
-    names = [f"blob{i % 25}" for i in range(50)]
+    """25 images built and stored, then left unpulled for an hour (their files' times set back); a
+    server whose limit holds two of them collects every second while 50 clients pull all 25."""
+    pinned = _pinned(blob_set, tmp_path / "channel")
+    commit = pinned.pop("commit")
+    env = {**pinned, "NIXERY_CLIENT_BUILDS": "256", "NIXERY_THREADS": "16"}
+    names = [f"blob{20 + i % 25}/hello" for i in range(50)]
+
+    def pull(server: Server, prefix: str, i: int, stagger: float):
+        time.sleep(i * stagger)
+        return skopeo_pull(server.host, names[i], tmp_path / f"{prefix}-{i}", commit)
+
+    def pull_all(server: Server, prefix: str, stagger: float = 0.0) -> None:
+        """50 pulls at once; with `stagger`, started that many seconds apart (so that collections
+        find images not yet asked for, while others are being pulled)."""
+        with concurrent.futures.ThreadPoolExecutor(50) as pool:
+            results = list(pool.map(lambda i: pull(server, prefix, i, stagger), range(50)))
+        assert [r.returncode for r in results] == [0] * 50, [r.stderr for r in results if r.returncode]
+        for i in range(50):
+            check_pulled(tmp_path / f"{prefix}-{i}", commit)
+
+    workdir = tmp_path / "shared"
+    builder = start_server(env, workdir=workdir)
+    pull_all(builder, "built")
+    builder.stop()
+    storage = workdir / "storage"
+    # Collecting every second: what was just built is within the grace period, and stays.
+    server = start_server({**env, "NIXERY_STORAGE_LIMIT": str(LIMIT // 2), "NIXERY_GC_INTERVAL": "1",
+                           "NIXERY_GC_GRACE": "30"}, workdir=workdir)
+    hour_ago = time.time() - 3600
+    for sub in ("layers", "builds", "manifests"):
+        for path in (storage / sub).iterdir():
+            os.utime(path, (hour_ago, hour_ago))
     started = time.time()
-    with concurrent.futures.ThreadPoolExecutor(50) as pool:
-        results = list(pool.map(lambda i: skopeo_pull(server.host, names[i], tmp_path / f"pull-{i}"), range(50)))
-    assert [r.returncode for r in results] == [0] * 50, [r.stderr for r in results if r.returncode]
-    for i in range(50):
-        check_pulled(tmp_path / f"pull-{i}")
-    collections = [e for e in server.log_entries() if e.get("message") == "storage collected"]
-    assert len(collections) >= 3, "collections ran while the pulls did"
-    assert all(e["in_use"] >= 0 for e in collections)
-    assert time.time() - started > 3
-    # Once the pulls are older than the grace period, a collection brings storage under the limit.
-    check_storage(server.workdir / "storage")
+    pull_all(server, "pulled", stagger=0.1)
+    ended = time.time()
+    during = [e for e in server.log_entries() if e.get("message") == "storage collected"
+              and started <= e["finished"] <= ended and e["removed_objects"]]
+    assert during, "a collection removed images while the pulls ran"
+    check_storage(storage)
 
 
 def _collections(*servers: Server) -> list[tuple[float, float, int]]:
