@@ -140,7 +140,9 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def touch(self, key: str) -> None:
         """Marks the object at `key` used now (a pulled manifest, a blob a build reuses), so that
-        collections keep it for their grace period; nothing happens if it is absent."""
+        collections keep it for their grace period; nothing happens if it is absent. Never raises:
+        a mark that cannot be written (read-only storage, an outage) is logged, and the pull or
+        build that made it goes on."""
 
     @abc.abstractmethod
     def lease(self, term: float) -> contextlib.AbstractContextManager[Optional[Lease]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import os
 import tempfile
 import time
@@ -20,6 +21,8 @@ from typing import BinaryIO, Iterator, Optional
 from ..atomic import write_atomic
 from ..locks import try_lock
 from . import Backend, BlobInfo, Lease, LocalFile, StorageError, StoredObject, Upload, check_key
+
+log = logging.getLogger(__name__)
 
 _TYPE_SUFFIX = ".type"
 _OS_ERRORS = {errno.ENOSPC: "storage full", errno.EDQUOT: "storage full (quota)",
@@ -194,8 +197,12 @@ class FilesystemBackend(Backend):
         return True
 
     def touch(self, key: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
+        try:
             os.utime(self._path(key))
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            log.warning("cannot mark a blob used", extra={"key": key, "reason": describe_os_error(e)})
 
     @contextlib.contextmanager
     def lease(self, term: float) -> Iterator[Optional[Lease]]:

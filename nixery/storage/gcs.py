@@ -356,7 +356,9 @@ class GcsBackend(Backend):
             return
         blob = self._bucket().blob(check_key(key))
         blob.custom_time = datetime.datetime.now(datetime.timezone.utc)
-        with self.failures(f"mark {key} used"), contextlib.suppress(api_exceptions.NotFound):
+        # An outage is logged by `failures` and let go; an absent object has nothing to mark.
+        with contextlib.suppress(StorageError), self.failures(f"mark {key} used"), \
+                contextlib.suppress(api_exceptions.NotFound):
             blob.patch(retry=self.retry, timeout=_TIMEOUT)
 
     @contextlib.contextmanager
