@@ -132,15 +132,18 @@ def _pinned(pkgset: Path, directory: Path) -> dict[str, str]:
 def test_a_layer_deleted_by_hand_is_built_again(start_server, blob_set, tmp_path):
     pinned = _pinned(blob_set, tmp_path / "channel")
     commit = pinned.pop("commit")
-    server = start_server({**pinned, "NIXERY_WORKERS": "1"})
-    storage = server.workdir / "storage"
-    assert skopeo_pull(server.host, "blob1/hello", tmp_path / "first", tag=commit).returncode == 0
+    env = {**pinned, "NIXERY_WORKERS": "1"}
+    first = start_server(env, workdir=tmp_path / "instance")
+    storage = first.workdir / "storage"
+    assert skopeo_pull(first.host, "blob1/hello", tmp_path / "first", tag=commit).returncode == 0
     layers = oci_manifest(tmp_path / "first", commit)["layers"]
     biggest = max(layers, key=lambda layer: layer["size"])["digest"]
+    first.stop()
 
-    # A manifest request finds the stored manifest's layer gone and builds the image again.
+    # A manifest request finds the stored manifest's layer gone and builds the image again (a new
+    # server: the first one's worker remembers having found the manifest's blobs, for 30 s).
     (storage / "layers" / biggest).unlink()
-    time.sleep(31)  # past the worker's memory of having checked the manifest's blobs (heal.CHECKED_SECONDS)
+    server = start_server(env, workdir=tmp_path / "instance")
     result = skopeo_pull(server.host, "blob1/hello", tmp_path / "second", tag=commit)
     assert result.returncode == 0, result.stderr
     check_pulled(tmp_path / "second", commit)
