@@ -12,7 +12,8 @@ removed, then every blob and layer record no kept image references.
 What is being read or written is never removed: anything used (written, pulled,
 reused by a build) within the grace period is kept whatever the budget, and
 each deletion is conditional on the object being unchanged and unused since it
-was listed (nixery/storage). Manifests go before their blobs, so a collection
+was listed (nixery/storage); an image's manifests are all looked at again before
+the first goes, so a pull of any of them meanwhile keeps the image whole. Manifests go before their blobs, so a collection
 that dies midway leaves blobs nothing references (the next one takes them),
 never a manifest without its blobs.
 """
@@ -123,8 +124,14 @@ class Collector:
                 total += cost
             else:
                 dropped.append(image)
-        keep.update(key for key in listed if key.startswith("builds/") and self._record_digest(listed[key]) in keep)
-        return Plan(kept, dropped, keep, listed, sum(o.size for o in listed.values()))
+        plan = Plan(kept, dropped, keep, listed, sum(o.size for o in listed.values()))
+        self._keep_records(plan)
+        return plan
+
+    def _keep_records(self, plan: Plan) -> None:
+        """Layer records stay with the blobs they name."""
+        plan.keep.update(key for key, o in plan.listed.items()
+                         if key.startswith("builds/") and self._record_digest(o) in plan.keep)
 
     def collect(self, dry_run: bool = False, keep_alive: Callable[[], bool] = lambda: True) -> Report:
         started = self.clock()
@@ -152,13 +159,18 @@ class Collector:
                     report.complete = False
                     break
                 last_check = self.clock()
-            order = sorted(image.manifests, key=lambda key: not key.startswith("manifests/"))
-            if all([self._delete(plan.listed[key], report) for key in order if key in plan.listed]):
+            members = [plan.listed[key] for key in sorted(image.manifests, key=lambda key: not key.startswith("manifests/"))
+                       if key in plan.listed]
+            # All of them looked at again first: one pulled since the listing keeps the whole image.
+            if all(self.storage.unchanged(member) for member in members) and \
+                    all([self._delete(member, report) for member in members]):
                 removed.append(image)
             else:  # pulled since it was listed
+                report.in_use += 1
                 plan.keep.update(image.manifests, image.blobs)
                 report.kept.append(image)
         report.removed = removed
+        self._keep_records(plan)  # those of the images kept after all
         gone = {key for image in removed for key in image.manifests}
         if report.complete:
             for key, listed in plan.listed.items():

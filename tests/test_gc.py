@@ -300,3 +300,79 @@ def test_nixery_gc_prints_what_it_removed_and_kept(tmp_path):
     assert f"removed {documents[0]}" in done and f"removed {documents[1]}" in done and "removed 2 images" in done
     left = {p.name for p in (tmp_path / "storage" / "layers").iterdir() if not p.name.endswith(".type")}
     assert documents[2] in left and documents[0] not in left and len(left) == 2
+
+
+class _PulledWhileListed(FilesystemBackend):
+    """Storage in which a client pulls `key` (marks it used) just after a collection listed it."""
+
+    pulled_after_listing = ""
+
+    def objects(self):
+        yield from super().objects()
+        if self.pulled_after_listing:
+            time.sleep(0.01)
+            self.touch(self.pulled_after_listing)
+
+
+def test_an_image_is_its_forms_index_sbom_and_stored_manifest(tmp_path):
+    """What a build and a pull leave for one image (a Docker manifest, its OCI form, the index
+    naming it, its SBOM, the pinned record of its tag, layer records) goes as one, least recently
+    used first; a layer another kept image uses stays; an image pulled while the collection ran stays."""
+    from nixery import manifest, sbom
+    from nixery.collector import Collector
+    from nixery.config import GcConfig
+    from nixery.storage import blob_key
+
+    storage = _PulledWhileListed(tmp_path / "storage")
+    shared = os.urandom(3000)
+
+    def blob(data: bytes) -> manifest.Descriptor:
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        storage.put_if_absent(blob_key(digest), data, manifest.OCI_LAYER_MEDIA_TYPE)
+        storage.write(f"builds/{hashlib.sha256(data).hexdigest()}", json.dumps({"digest": digest}).encode(),
+                      "application/json")
+        return manifest.Descriptor(manifest.OCI_LAYER_MEDIA_TYPE, digest, len(data))
+
+    def image(n: int, used: float) -> dict[str, str]:
+        layers = [blob(shared), blob(os.urandom(5000))]
+        config = manifest.image_config("amd64", [d.digest for d in layers], [f"N={n}"])
+        docker = manifest.image_manifest(config.descriptor(), layers)
+        oci = manifest.as_oci(docker)
+        index = manifest.image_index(manifest.OCI_INDEX_MEDIA_TYPE, [(oci.descriptor(), "amd64")])
+        for document in (config, docker, oci, index):
+            storage.put_if_absent(blob_key(document.digest), document.data, document.media_type)
+        storage.write(f"manifests/{hashlib.sha256(b'%d' % n).hexdigest()}", docker.data, docker.media_type)
+        sbom.referrers(storage, docker.digest)  # the SBOM artifact, made and stored as a client asks for it
+        for path in [*(storage.root / "layers").iterdir(), *(storage.root / "builds").iterdir(),
+                     *(storage.root / "manifests").iterdir()]:
+            if path.stat().st_mtime > time.time() - 60:
+                os.utime(path, (used, used))
+        return {"docker": docker.digest, "oci": oci.digest, "index": index.digest, "own": layers[1].digest}
+
+    now = time.time()
+    old, mid, recent = image(0, now - 3000), image(1, now - 2000), image(2, now - 1000)
+    before = {p.name for p in (storage.root / "layers").iterdir() if not p.name.endswith(".type")}
+    # Each image is about 11.5K, 3K of it a layer they share: two fit in 21K, counting it once.
+    collector = Collector(storage, GcConfig(storage_limit=21_000, grace=60))
+    assert [len(i.manifests) for i in collector.plan().kept + collector.plan().dropped] == [5, 5, 5]
+
+    # The oldest image, pulled (by its OCI form's digest) just after the collection listed storage, stays.
+    storage.pulled_after_listing = blob_key(old["oci"])
+    report = collector.collect()
+    assert report.removed == [] and report.in_use >= 1 and len(report.kept) == 3
+    storage.pulled_after_listing = ""
+
+    # Now the middle one is the least recently used: it goes as one.
+    report = collector.collect()
+    after = {p.name for p in (storage.root / "layers").iterdir() if not p.name.endswith(".type")}
+    [removed] = report.removed
+    assert {blob_key(mid[form]) for form in ("docker", "oci", "index")} <= set(removed.manifests)
+    gone = before - after
+    assert {mid["docker"], mid["oci"], mid["index"], mid["own"]} <= gone
+    assert [(name, digest) for image in (old, recent) for name, digest in image.items() if digest not in after] == []
+    assert len(gone) == 7, "its config and SBOM (artifact, document) too; the shared layer stays"
+    assert len(list((storage.root / "manifests").iterdir())) == 4  # two records and their type files
+    records = {json.loads(p.read_bytes())["digest"] for p in (storage.root / "builds").iterdir()
+               if not p.name.endswith(".type")}
+    shared_digest = "sha256:" + hashlib.sha256(shared).hexdigest()
+    assert records == {shared_digest, old["own"], recent["own"]}, (records, shared_digest, old, mid, recent)

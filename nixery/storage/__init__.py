@@ -133,6 +133,10 @@ class Backend(abc.ABC):
         """Every blob, layer record and pinned manifest (not unfinished uploads)."""
 
     @abc.abstractmethod
+    def unchanged(self, listed: StoredObject) -> bool:
+        """Whether the object `listed` names is still there, neither used nor rewritten since."""
+
+    @abc.abstractmethod
     def delete(self, listed: StoredObject) -> bool:
         """Removes the object `listed` names, unless it was used or rewritten since it was listed;
         True if it is gone."""

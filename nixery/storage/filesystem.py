@@ -180,20 +180,23 @@ class FilesystemBackend(Backend):
                         continue
                     yield StoredObject(key, st.st_size, _used(st), str(st.st_ino), media_type)
 
+    def unchanged(self, listed: StoredObject) -> bool:
+        try:
+            st = self._path(listed.key).stat()
+        except FileNotFoundError:
+            return False
+        return _used(st) <= listed.used and str(st.st_ino) == listed.version
+
     def delete(self, listed: StoredObject) -> bool:
         """Looks at the file again just before removing it: one used or rewritten since the
         listing stays. A reader that opened it already reads on (an unlinked file lives until
         closed)."""
         path = self._path(listed.key)
-        try:
-            st = path.stat()
-            if _used(st) > listed.used or str(st.st_ino) != listed.version:
-                return False
-            path.unlink()
-        except FileNotFoundError:
-            return True
-        with contextlib.suppress(FileNotFoundError):
-            Path(str(path) + _TYPE_SUFFIX).unlink()
+        if not self.unchanged(listed):
+            return not path.exists()
+        for gone in (path, Path(str(path) + _TYPE_SUFFIX)):
+            with contextlib.suppress(FileNotFoundError):
+                gone.unlink()
         return True
 
     def touch(self, key: str) -> None:

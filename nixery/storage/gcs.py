@@ -333,18 +333,21 @@ class GcsBackend(Backend):
                 for blob in self._bucket().list_blobs(prefix=prefix, retry=self.retry, timeout=_TIMEOUT):
                     yield _listed(blob)
 
-    def delete(self, listed: StoredObject) -> bool:
-        """Reads the object's metadata again, then deletes it on the condition that neither its
-        content (generation) nor its metadata (metageneration: a `touch`) changed since."""
-        with self.failures(f"delete {listed.key}"):
+    def unchanged(self, listed: StoredObject) -> bool:
+        with self.failures(f"stat {listed.key}"):
             blob = self._get(listed.key)
-            if blob is None:
-                return True
-            if _used(blob) > listed.used or f"{blob.generation}:{blob.metageneration}" != listed.version:
-                return False
+        return blob is not None and _used(blob) <= listed.used and \
+            f"{blob.generation}:{blob.metageneration}" == listed.version
+
+    def delete(self, listed: StoredObject) -> bool:
+        """Deletes on the condition that neither the object's content (generation) nor its
+        metadata (metageneration: a `touch`) changed since it was listed."""
+        generation, metageneration = (int(part) for part in listed.version.split(":"))
+        with self.failures(f"delete {listed.key}"):
             try:
-                blob.delete(if_generation_match=blob.generation, if_metageneration_match=blob.metageneration,
-                            retry=self.retry, timeout=_TIMEOUT)
+                self._bucket().blob(check_key(listed.key)).delete(
+                    if_generation_match=generation, if_metageneration_match=metageneration, retry=self.retry,
+                    timeout=_TIMEOUT)
             except api_exceptions.PreconditionFailed:
                 return False
             except api_exceptions.NotFound:
