@@ -206,6 +206,39 @@ def test_a_collection_during_fifty_pulls_loses_none(start_server, blob_set, tmp_
     check_storage(storage)
 
 
+def test_a_bucket_is_kept_within_its_limit_by_custom_times(start_server, blob_set, tmp_path):
+    """The same policy on GCS: pulls set their manifests' custom time, collections remove the least
+    recently pulled images from the bucket, and a removed image pulls again."""
+    emulator = Emulator(tmp_path / "gcs", f"nixery-budget-{uuid.uuid4().hex[:8]}").start()
+    try:
+        server = start_server(gcs_env(emulator, NIXERY_PKGS_PATH=str(blob_set), NIXERY_STORAGE_LIMIT=str(LIMIT // 2),
+                                      NIXERY_GC_INTERVAL="1", NIXERY_GC_GRACE="1"))
+
+        def bucket_bytes() -> int:
+            return sum(blob.size for name, blob in emulator.objects().items()
+                       if name.startswith(("layers/", "builds/", "manifests/")))
+
+        sizes = []
+        for i in range(4):
+            before = bucket_bytes()
+            result = skopeo_pull(server.host, f"blob{50 + i}", tmp_path / f"pull-{i}")
+            assert result.returncode == 0, result.stderr
+            sizes.append(bucket_bytes() - before)
+            wait_for_collection(server, time.time())
+            objects = emulator.objects()
+            assert bucket_bytes() <= LIMIT // 2 + max(sizes), (i, bucket_bytes())
+        marked = [name for name, blob in objects.items() if blob.custom_time is not None]
+        assert any(objects[name].content_type == "application/vnd.docker.distribution.manifest.v2+json"
+                   for name in marked), "pulls mark their manifests (and builds the layers they reuse)"
+        assert metric(server, "nixery_gc_removed_objects_total") > 0
+        result = skopeo_pull(server.host, "blob50", tmp_path / "again")
+        assert result.returncode == 0, result.stderr
+        check_pulled(tmp_path / "again")
+        assert oci_manifest(tmp_path / "again") == oci_manifest(tmp_path / "pull-0")
+    finally:
+        emulator.stop()
+
+
 def _collections(*servers: Server) -> list[tuple[float, float, int]]:
     """(start, end, pid) of every collection the servers' workers logged."""
     return sorted((e["finished"] - e["duration"], e["finished"], e["pid"]) for server in servers
