@@ -28,7 +28,7 @@ import time
 from typing import Callable, Iterable, Optional
 
 from . import manifest
-from .config import GcConfig
+from .config import GcConfig, format_size
 from .storage import Backend, StoredObject, blob_key
 
 log = logging.getLogger(__name__)
@@ -268,7 +268,6 @@ def _keys(digests: Iterable[str]) -> Iterable[str]:
 def describe(report: Report, names: Callable[[str], str] = lambda digest: "") -> list[str]:
     """The lines `nixery gc` prints: each image removed and kept (least recently used first), then
     the totals."""
-    from .config import format_size
     verb = "would remove" if report.dry_run else "removed"
     lines = []
     for action, images in ((verb, report.removed), ("kept", report.kept)):
