@@ -150,15 +150,19 @@ class Collector:
     def _remove(self, plan: Plan, report: Report, keep_alive: Callable[[], bool]) -> None:
         """Manifests first (pinned records, then the manifest blobs), image by image, oldest first;
         an image one of whose manifests was used meanwhile is kept whole. Then every other object
-        no kept image references."""
-        last_check = self.clock()
+        no kept image references. Stops, incomplete, if the lease is lost."""
+        checked = [self.clock()]
+
+        def alive() -> bool:
+            if self.clock() - checked[0] > _KEEP_ALIVE_EVERY:
+                report.complete = keep_alive()
+                checked[0] = self.clock()
+            return report.complete
+
         removed: list[Image] = []
         for image in reversed(plan.dropped):
-            if self.clock() - last_check > _KEEP_ALIVE_EVERY:
-                if not keep_alive():
-                    report.complete = False
-                    break
-                last_check = self.clock()
+            if not alive():
+                break
             members = [plan.listed[key] for key in sorted(image.manifests, key=lambda key: not key.startswith("manifests/"))
                        if key in plan.listed]
             # All of them looked at again first: one pulled since the listing keeps the whole image.
@@ -172,15 +176,11 @@ class Collector:
         report.removed = removed
         self._keep_records(plan)  # those of the images kept after all
         gone = {key for image in removed for key in image.manifests}
-        if report.complete:
-            for key, listed in plan.listed.items():
-                if key not in plan.keep and key not in gone:
-                    if self.clock() - last_check > _KEEP_ALIVE_EVERY:
-                        if not keep_alive():
-                            report.complete = False
-                            break
-                        last_check = self.clock()
-                    self._delete(listed, report)
+        for key, listed in plan.listed.items():
+            if key not in plan.keep and key not in gone:
+                if not alive():
+                    break
+                self._delete(listed, report)
         report.stored_bytes = plan.stored - report.removed_bytes
 
     def _delete(self, listed: StoredObject, report: Report) -> bool:
