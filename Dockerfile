@@ -10,7 +10,7 @@
 # that user without Nix's sandbox (a sandbox needs user namespaces, which a container's default
 # seccomp profile refuses), so a package set's builders can read what that user can read; the
 # start-up preflight says so. Run it with the root-owned store of a nix-daemon to have the
-# sandbox back (README: Running in public).
+# sandbox back (docs/running-in-public.md).
 FROM debian:bookworm-slim
 
 RUN apt-get update \
@@ -49,8 +49,9 @@ EXPOSE 8080
 # The store grows with every image built, and the filesystem backend's blobs live in
 # /var/lib/nixery: both belong on volumes, not in the container's writable layer.
 VOLUME ["/nix", "/var/lib/nixery"]
-# Gunicorn's graceful shutdown: the listener closes, running builds and pulls finish for up to
-# NIXERY_GRACE_PERIOD seconds (give `docker stop -t` at least that).
+# Gunicorn's graceful shutdown: running builds and pulls finish for up to NIXERY_GRACE_PERIOD
+# seconds (give `docker stop -t` at least that), their clients' next requests are answered,
+# no new build starts, and the listener closes once no request has come for 5 s.
 STOPSIGNAL SIGTERM
 # /healthz answers without touching storage or Nix (the Deployment's liveness probe too).
 HEALTHCHECK --interval=20s --timeout=5s --start-period=60s --retries=3 \

@@ -1,7 +1,7 @@
 # NixOS module for Nixery: `services.nixery`.
 #
 # Every setting reaches the service as one of the environment variables that
-# nixery/config.py lists in VARIABLES (and the README's configuration table);
+# nixery/config.py lists in VARIABLES (and docs/configuration.md's table);
 # `envFor` below is the one place that says which option sets which variable.
 {
   config,
@@ -438,11 +438,12 @@ in
         example = "/run/secrets/nixery-gcs-key.pem";
         description = ''
           PEM private key of a service account, used to sign the bucket URLs
-          that clients are redirected to (needed when the bucket is not
-          public). A path as a string, outside the Nix store: the file is
+          that clients are redirected to. Optional: without it, the
+          credentials of {option}`services.nixery.gcs.credentialsFile` (or the
+          metadata server's) sign, through IAM's signBlob where they hold no
+          key. A path as a string, outside the Nix store: the file is
           handed to the service with systemd's `LoadCredential` and is never
-          copied into the store. Set together with
-          {option}`services.nixery.signing.account`.
+          copied into the store. Needs {option}`services.nixery.signing.account`.
         '';
       };
 
@@ -452,7 +453,8 @@ in
         example = "nixery@my-project.iam.gserviceaccount.com";
         description = ''
           E-mail address of the service account that owns
-          {option}`services.nixery.signing.keyFile`.
+          {option}`services.nixery.signing.keyFile`, or that IAM signs the
+          URLs as (default: the credentials' own account).
         '';
       };
     };
@@ -830,7 +832,7 @@ in
       description = ''
         Further environment variables of the service; they take precedence
         over those set from the options above. Nixery's variables are listed
-        in the configuration section of its README and by `nixery --help`.
+        in its docs/configuration.md and by `nixery --help`.
         Do not put secrets here: they would end up in the Nix store.
       '';
     };
@@ -857,11 +859,11 @@ in
         message = ''services.nixery: bucket is only used with storage.backend = "gcs".'';
       }
       {
-        assertion = (cfg.signing.keyFile == null) == (cfg.signing.account == null);
-        message = "services.nixery: set signing.keyFile and signing.account together.";
+        assertion = cfg.signing.keyFile != null -> cfg.signing.account != null;
+        message = "services.nixery: signing.keyFile needs signing.account, the account that owns the key.";
       }
       {
-        assertion = cfg.signing.keyFile != null -> cfg.bucket != null;
+        assertion = (cfg.signing.keyFile != null || cfg.signing.account != null) -> cfg.bucket != null;
         message = "services.nixery: signing.keyFile and signing.account only apply to a bucket.";
       }
       {

@@ -27,12 +27,19 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["gc"]:
         from .gc_schedule import main as gc_main
         return gc_main(argv[1:])
+    if argv[:1] == ["build"]:
+        from .export import main as build_main
+        return build_main(argv[1:])
+    if argv[:1] == ["push"]:
+        from .push import main as push_main
+        return push_main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="nixery",
         description="A container registry that builds images on demand with Nix: "
                     "pulling HOST/shell/git gives an image holding those nixpkgs packages.",
         epilog=_help_text() + "\n\n`nixery popularity --help`: compute popularity data for a package set."
-                              "\n`nixery gc --help`: collect storage once.",
+               "\n`nixery build --help`: write an image to a file; `nixery push --help`: push it to a registry."
+               "\n`nixery gc --help`: collect storage once.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"nixery {__version__}")
     parser.add_argument("--check-config", action="store_true",

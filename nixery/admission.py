@@ -31,10 +31,10 @@ from .image import Image
 from .locks import Slots, file_lock, wait_until_free
 from .memo import BuildMemo
 from .manifest import MANIFEST_MEDIA_TYPE, Document
-from .nix import BuildFailed, Closure, DerivationFailed, UnsupportedSystem, as_seen_by
+from .nix import Closure, DerivationFailed, UnsupportedSystem, as_seen_by
 from .nix import Resolved as Evaluation
 from .parking import Parked, Parking
-from .refusals import BuildRefused, ImageTooLarge, TooManyBuilds
+from .refusals import BuildRefused, ImageTooLarge, ServerStopping, TooManyBuilds
 from .sources import Resolved
 from .stats import BuildStats
 from .storage import Backend, blob_key
@@ -89,7 +89,7 @@ class Admission:
         """Once the revision is fixed the tag no longer matters: `latest` and `release-v2`
         resolving to one commit share a manifest."""
         cache = _hex(f"{self.output}|{resolved.cache_key}|{image.arch.nix_system}|{','.join(image.packages)}|"
-                     f"{image.nonroot}") if resolved.cache_key else None
+                     f"{image.nonroot}|{image.declarable}") if resolved.cache_key else None
         return Keys(cache, cache or _hex(f"{resolved.args.kind}|{resolved.args.argument}|{image.key}"))
 
     def manifest(self, image: Image, resolved: Resolved, stats: BuildStats, build: Callable[[], Document], *,
@@ -119,6 +119,8 @@ class Admission:
             # build gets it back as it was (stats.healed).
             if not may_build and not stats.healed:
                 raise BuildRefused(image.name)
+            if parking and parking.stopping:
+                raise ServerStopping(RETRY_AFTER_SECONDS)
             document = self._limited(build, keys.failure, client, parking)
             if keys.cache:
                 self.storage.write(f"manifests/{keys.cache}", document.data, document.media_type)
@@ -214,7 +216,7 @@ class Admission:
         if needed:
             error = failed[min(needed)]
             log.info("build needs a failed derivation", extra={"image": image.name, "derivation": error.derivation})
-            raise as_seen_by(error, resolved) if isinstance(error, BuildFailed) else error
+            raise as_seen_by(error, resolved)
 
     def check_size(self, closure: Closure) -> None:
         """Refuses an image whose packages take more than NIXERY_MAX_IMAGE_SIZE, before any layer

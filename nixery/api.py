@@ -19,13 +19,13 @@ import falcon
 
 from . import image, parking, routes, sbom
 from .builder import ManifestBuilder
-from .error_handlers import as_registry_error
+from .error_handlers import as_registry_error, operator_action
 from .errors import RegistryError, blob_unknown, manifest_unknown
 from .heal import BlobHealer
 from .manifest import (MANIFEST_LIST_MEDIA_TYPE, MANIFEST_MEDIA_TYPE, OCI_INDEX_MEDIA_TYPE, OCI_MANIFEST_MEDIA_TYPE,
                        Document)
 from .pulls import Pulls
-from .refusals import BuildRefused
+from .refusals import BuildRefused, ServerStopping
 from .sources import Source
 from .stats import BuildStats
 from .storage import Backend, LocalFile, Redirect, blob_key
@@ -105,17 +105,18 @@ class Manifests:
     on_head = on_get
 
     def by_tag(self, req: falcon.Request, resp: falcon.Response, name: str, tag: str) -> None:
-        media_type = _negotiate(req)
+        media_type, index_only = _negotiate(req)
         # req.context.build is what the metrics and the build history learn of this request;
         # req.context.may_build is False for a client the auth middleware lets read but not build.
         started = time.monotonic() - parking.waited(req.env)
         try:
             result = self.builder.manifest(image.parse(name, tag, self.max_packages), media_type,
                                            may_build=req.context.get("may_build", True),
-                                           client=req.remote_addr or "", parking=req.env.get(parking.ENVIRON_KEY))
-        except (parking.Parked, BuildRefused):
+                                           client=req.remote_addr or "", parking=req.env.get(parking.ENVIRON_KEY),
+                                           index_only=index_only)
+        except (parking.Parked, BuildRefused, ServerStopping):
             # Parked: not an answer, the request runs again once the build it waits for is over.
-            # Refused: no build, so the recent builds and the metrics do not count it (anonymous
+            # Refused (or the server stopping): no build, so the recent builds and the metrics do not count it (anonymous
             # clients cannot crowd real failures off the page).
             raise
         except Exception as e:
@@ -264,7 +265,8 @@ def add_routes(router: routes.RegistryRouter, builder: ManifestBuilder, storage:
 def _failed_build(name: str, tag: str, error: Exception, duration: float) -> BuildStats:
     """A failed manifest request, with the reason its client is given (the error handlers' wording)."""
     told = as_registry_error(error)
-    return BuildStats(image=name, tag=tag, duration=round(duration, 3), reason=told.message, status=told.status)
+    return BuildStats(image=name, tag=tag, duration=round(duration, 3), reason=told.message, status=told.status,
+                      action=operator_action(error) if told.status >= 500 else None)
 
 
 _RANGE_SPEC_RE = re.compile(r"(\d*)-(\d*)")
@@ -307,14 +309,19 @@ def _unsatisfiable(header: str, size: int) -> RegistryError:
     return error
 
 
-def _negotiate(req: falcon.Request) -> str:
-    """The manifest type to answer with: Docker schema 2 unless the client takes only OCI, and
-    the manifest list (or OCI index) of that type when the client names it in `Accept` (a
-    `*/*` does not count: a client that never asked for a list would not know what to do with it).
-    A client that takes neither gets a clear 404 rather than a document it cannot parse."""
+def _negotiate(req: falcon.Request) -> tuple[str, bool]:
+    """The manifest type to answer with, and whether it must be a list or index (the client
+    takes no single manifest): Docker schema 2 unless the client takes only OCI, and the manifest
+    list (or OCI index) of that type when the client names it in `Accept` (a `*/*` does not count:
+    a client that never asked for a list would not know what to do with it). A client that names
+    only a list or index gets one. A client that takes none of these gets a clear 404 rather than
+    a document it cannot parse."""
     named = {part.split(";", 1)[0].strip().lower() for part in (req.accept or "").split(",")}
     for media_type in MANIFEST_MEDIA_TYPES:
         if req.client_accepts(media_type):
-            return INDEX_FOR[media_type] if INDEX_FOR[media_type] in named else media_type
+            return (INDEX_FOR[media_type] if INDEX_FOR[media_type] in named else media_type), False
+    for index_type in INDEX_FOR.values():
+        if index_type in named:
+            return index_type, True
     raise manifest_unknown(f"this registry serves {' or '.join(MANIFEST_MEDIA_TYPES)} manifests",
                            {"accept": req.accept})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import falcon
 
@@ -14,6 +14,7 @@ from .api import API_VERSION_HEADER, VersionCheck
 from .auth import AuthMiddleware
 from .clients import RealClient, TrustedProxies
 from .builder import Builder, ManifestBuilder
+from .catalog import DeclaredImages
 from .config import Config, SourceKind
 from .metrics import Metrics, MetricsMiddleware, MetricsResource
 from .nix import EvalBounds, Nix
@@ -70,6 +71,24 @@ def with_platforms(config: Config, systems: Optional[Sequence[str]] = None) -> C
     return dataclasses.replace(config, platforms=tuple(names[arch] for arch in image.platforms_for(systems)))
 
 
+def make_builder(config: Config, storage: Backend, *, on_nix: Optional[Callable[[str], None]] = None,
+                 in_progress: Optional[InProgress] = None,
+                 platforms: Optional[Callable[[Sequence[str]], Sequence[str]]] = None) -> Builder:
+    """The builder the server runs, from the configuration alone: `nixery build` and `nixery push`
+    make theirs here too, so that they give the images (and digests) a pull gives. `platforms`
+    picks, from the configured ones, those the images are made for (all of them by default)."""
+    nix = Nix(config.nix_timeout, config.state.gcroots, on_invoke=on_nix, cache=config.binary_cache,
+              allow_unfree=config.allow_unfree, allowed_uris=config.allowed_uris,
+              eval_bounds=EvalBounds(config.limits.eval_memory, config.limits.eval_timeout))
+    systems = nix.systems()  # read once: the platforms offered and the systems refused before Nix
+    names = with_platforms(config, systems).platforms
+    return Builder(storage, nix, make_source(config), popularity.load(config.popularity_url),
+                   config.layer_budget, config.state,
+                   platforms=tuple(image.PLATFORMS[name] for name in (platforms(names) if platforms else names)),
+                   nix_snapshotter=config.nix_snapshotter, systems=systems, in_progress=in_progress,
+                   limits=config.limits, explain=error_handlers.as_registry_error)
+
+
 class _ApiVersion:
     def process_response(self, req: falcon.Request, resp: falcon.Response, resource, req_succeeded) -> None:
         resp.set_header(*API_VERSION_HEADER)
@@ -86,18 +105,13 @@ def create_app(config: Config, storage: Backend | None = None, *, builder: Manif
     history = BuildHistory(config.state)
     in_progress = InProgress(config.state, on_change=metrics.count_in_progress)
     source = None
+    declared: Optional[DeclaredImages] = None
     if builder is None:
-        nix = Nix(config.nix_timeout, config.state.gcroots, on_invoke=metrics.count_nix, cache=config.binary_cache,
-                  allow_unfree=config.allow_unfree, allowed_uris=config.allowed_uris,
-                  eval_bounds=EvalBounds(config.limits.eval_memory, config.limits.eval_timeout))
-        source = make_source(config)
-        systems = nix.systems()  # read once: the platforms offered and the systems refused before Nix
-        platforms = tuple(image.PLATFORMS[name] for name in with_platforms(config, systems).platforms)
-        builder = Builder(storage, nix, source, popularity.load(config.popularity_url),
-                          config.layer_budget, config.state, platforms=platforms,
-                          nix_snapshotter=config.nix_snapshotter, systems=systems, in_progress=in_progress,
-                          limits=config.limits,
-                          explain=error_handlers.as_registry_error)
+        served = make_builder(config, storage, on_nix=metrics.count_nix, in_progress=in_progress)
+        builder, source = served, served.source
+        if config.source.kind is not SourceKind.CHANNEL:  # the page must not download nixpkgs
+            declared = DeclaredImages(served.nix, source, served.platforms[0].nix_system if served.platforms
+                                      else image.AMD64.nix_system)
     auth = AuthMiddleware(config.auth, FailedLogins(config.state),
                           on_check=metrics.count_password_check)
     # The real client first: every other middleware reads its address.
@@ -115,6 +129,6 @@ def create_app(config: Config, storage: Backend | None = None, *, builder: Manif
     if collect and config.gc.interval:
         Schedule(storage, config.gc, metrics).start()
     app.add_route("/metrics", MetricsResource(metrics))
-    web.add_routes(app, config, history, in_progress)
+    web.add_routes(app, config, history, in_progress, declared)
     health.add_routes(app, storage)
     return app

@@ -12,15 +12,18 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import logging
+import os
+import re
 import time
 from typing import Callable, Mapping, Optional, Protocol, Sequence, TypeVar
 
-from . import archive, layers, manifest, rootfs, uploads
+from . import archive, declared, layers, manifest, rootfs, uploads
 from .admission import Admission
 from .config import BuildLimits, StateLayout, redact_url
 from .errors import RegistryError
 from .image import OPTIONAL_PACKAGES, Architecture, Image
-from .nix import PROGRESS_RE, Closure, Nix, NixError, UnavailablePackages, UnknownPackages, UnsupportedSystem, listening
+from .nix import (PROGRESS_RE, Closure, EvaluationFailed, Nix, NixError, UnavailablePackages, UnknownPackages,
+                  UnsupportedSystem, advice, listening)
 from .nix import Resolved as Evaluation
 from .parking import Parking
 from .progress import InProgress, Tracker
@@ -44,11 +47,12 @@ class ManifestBuilder(Protocol):
     """What the HTTP layer asks of a builder (`Builder`; the fast tests' stand-in has no Nix)."""
 
     def manifest(self, image: Image, media_type: str = manifest.MANIFEST_MEDIA_TYPE, *, may_build: bool = True,
-                 client: str = "", parking: Optional[Parking] = None) -> Result:
+                 client: str = "", parking: Optional[Parking] = None, index_only: bool = False) -> Result:
         """The stored manifest for `image` as `media_type`, or an exception the error handlers know;
         without `may_build` an image not built yet is refused (BuildRefused); `client` (its
         address) is counted against the per-client limit of new builds; with `parking`, a request
-        that would wait for another's build raises `Parked` instead."""
+        that would wait for another's build raises `Parked` instead; `index_only`: the client
+        takes an index (`media_type`) and no single manifest, so it gets one whatever the platforms."""
 
 
 def in_media_type(storage: Backend, document: manifest.Document, media_type: str) -> manifest.Document:
@@ -61,6 +65,21 @@ def in_media_type(storage: Backend, document: manifest.Document, media_type: str
     oci = manifest.as_oci(document)
     storage.put_if_absent(blob_key(oci.digest), oci.data, oci.media_type)
     return oci
+
+
+# What `meta.mainProgram` may be: a file name in the package's bin/.
+_PROGRAM_RE = re.compile(r"[A-Za-z0-9_+][A-Za-z0-9_.+-]{0,254}")
+
+
+def default_command(image: Image, closure: Closure, main_program: object) -> manifest.RunConfig:
+    """An image of one package runs its `meta.mainProgram` (`docker run HOST/hello` prints the
+    greeting), when the package has that program in bin/; `shell` images run bash instead, and an
+    image of several packages has no command of its own, as before: which would it run?"""
+    out = closure.packages.get(image.packages[0]) if len(image.packages) == 1 and not image.shell else None
+    if (out is None or not isinstance(main_program, str) or not _PROGRAM_RE.fullmatch(main_program)
+            or not os.path.isfile(os.path.join(out, "bin", main_program))):
+        return manifest.RunConfig()
+    return manifest.RunConfig(cmd=[main_program])
 
 
 def _heard(image: str, tracker: Tracker, line: str) -> None:
@@ -98,27 +117,30 @@ class Builder:
         self.suggestions = suggestions or Suggestions()
 
     def manifest(self, image: Image, media_type: str = manifest.MANIFEST_MEDIA_TYPE, *, may_build: bool = True,
-                 client: str = "", parking: Optional[Parking] = None) -> Result:
+                 client: str = "", parking: Optional[Parking] = None, index_only: bool = False) -> Result:
         """The manifest for `image` as `media_type` (Docker schema 2 or its OCI form, or a manifest
         list or OCI index of every platform when the client takes one), built if needed and
         allowed (nixery/admission.py). Raises what the steps raise; the app's error handlers
-        tell the client."""
+        tell the client. A client that takes a list or index alone (`index_only`) gets one even
+        of a single platform: it could not read the manifest itself."""
+        multi = len(self.platforms) > 1 and not image.arch_given
         if not image.arch_given and self.platforms:
             # A name without `arm64/` is for the first platform listed (this machine's, by default).
             image = dataclasses.replace(image, arch=self.platforms[0])
         build = lambda variant: self._docker_manifest(variant, may_build, client, parking)  # noqa: E731
-        if media_type in manifest.ENTRY_MEDIA_TYPES and len(self.platforms) > 1 and not image.arch_given:
-            return self._index(image, media_type, build)
+        if media_type in manifest.ENTRY_MEDIA_TYPES and (multi or index_only):
+            return self._index(image, media_type, build, self.platforms if multi else (image.arch,))
         result = build(image)
         return Result(in_media_type(self.storage, result.manifest, media_type), result.stats)
 
-    def _index(self, image: Image, media_type: str, build: Callable[[Image], Result]) -> Result:
-        """The index of `image` on every configured platform. Its entries name each platform's
+    def _index(self, image: Image, media_type: str, build: Callable[[Image], Result],
+               platforms: Sequence[Architecture]) -> Result:
+        """The index of `image` on `platforms`. Its entries name each platform's
         manifest digest, so every platform not built yet is built now, in parallel; each is
         stored on its own and served again to the next index or single-platform request.
         A platform the package set cannot build for (UnsupportedSystem) is left out, unless
         none is left."""
-        variants = [dataclasses.replace(image, arch=arch) for arch in self.platforms]
+        variants = [dataclasses.replace(image, arch=arch) for arch in platforms]
         built: list[tuple[Image, Result]] = []
         unsupported: list[UnsupportedSystem] = []
         with concurrent.futures.ThreadPoolExecutor(len(variants), thread_name_prefix="platform") as pool:
@@ -154,6 +176,9 @@ class Builder:
             try:
                 with self.nix.gc_roots() as roots:
                     resolved = step("evaluate", lambda: self._resolve(image, source, revision))
+                    declaration = (declared.parse(image.declarable, resolved.declared)
+                                   if resolved.declared is not None else None)
+                    image = declared.contents(image, declaration)
                     closure: Closure = step("build", lambda: self._realise(image, source, roots, resolved))
                     self.admission.check_size(closure)
                     groups = step("layer", lambda: layers.group(
@@ -161,10 +186,15 @@ class Builder:
                     digests = step("upload", lambda: uploads.write_layers(self.storage, closure, groups, stats,
                                                                             image.nonroot))
             except NixError as e:
-                # The whole log goes to the server's log only; the client gets `e.reason`.
-                log.error("nix failed", extra={"image": image.name, "reason": e.reason, "nix_log": e.log})
+                # The whole log goes to the server's log only; the client gets `e.reason`. A failure
+                # the client is not told about (a 5xx) says what the operator should do.
+                todo = advice(e)
+                log.error("nix failed", extra={"image": image.name, "reason": e.reason, "nix_log": e.log,
+                                               **({"action": todo} if todo else {})})
                 raise
-        return self._finish(image, source, closure, groups, digests, stats)
+        return self._finish(image, source, closure, groups, digests, stats,
+                            declared.run_config(declaration) if declaration
+                            else default_command(image, closure, resolved.main_program))
 
     @staticmethod
     def _timed(stats: BuildStats, tracker: Tracker, step: str, fn: Callable[[], T]) -> T:
@@ -181,7 +211,11 @@ class Builder:
         pinned = bool(source.cache_key)
         try:
             return self.nix.resolve(image.packages, OPTIONAL_PACKAGES, source.args, image.arch.nix_system,
-                                    listed=self.suggestions.listed(revision, pinned))
+                                    listed=self.suggestions.listed(revision, pinned), declarable=image.declarable)
+        except EvaluationFailed as e:
+            if pinned:  # a fixed revision: every retry fails the same way, so the client is told why
+                raise EvaluationFailed(e.reason, e.log, pinned=True) from None
+            raise
         except (UnknownPackages, UnavailablePackages) as e:
             unknown = e if isinstance(e, UnknownPackages) else e.unknown
             if unknown is not None:
@@ -199,14 +233,15 @@ class Builder:
                                   resolved)
 
     def _finish(self, image: Image, source: Resolved, closure: Closure, groups: Sequence[layers.Layer],
-                digests: Sequence[archive.LayerDigests], stats: BuildStats) -> manifest.Document:
+                digests: Sequence[archive.LayerDigests], stats: BuildStats,
+                run: manifest.RunConfig) -> manifest.Document:
         """The image config and the manifest, both stored (blobs already there are not written again)."""
         user = rootfs.NONROOT if image.nonroot else None
         config = manifest.nixery_config(
             image.arch.docker_arch, [d.diff_id for d in digests], [group.paths for group in groups], image.packages,
             shell=image.shell, cert_file=rootfs.CACERT_BUNDLE if "cacert" in closure.packages else "",
             user=manifest.ImageUser(user.uid, user.home) if user else None,
-            source_url=source.source_url, revision=source.revision)
+            source_url=source.source_url, revision=source.revision, run=run)
         annotations = [manifest.nix_layer_annotations(group.paths) if self.nix_snapshotter else ()
                        for group in groups] + [()]
         document = manifest.image_manifest(config.descriptor(), [

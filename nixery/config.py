@@ -32,7 +32,7 @@ class SourceKind(str, enum.Enum):
 
 @dataclasses.dataclass(frozen=True)
 class Variable:
-    """One environment variable Nixery reads, as documented in the README."""
+    """One environment variable Nixery reads, as docs/configuration.md's table lists it."""
 
     name: str
     default: Optional[str]
@@ -51,8 +51,8 @@ EVAL_MEMORY_LEAST = 64 << 20
 # The most components a repository name of 255 characters can have (NIXERY_MAX_PACKAGES' range).
 MAX_COMPONENTS = 128
 
-# The single list of variables: `--help`, the README table test and the
-# NixOS module test all read it, so none of them can drift from the code.
+# The single list of variables: `--help`, docs/configuration.md's table (scripts/variables-table)
+# and the NixOS module test all read it, so none of them can drift from the code.
 VARIABLES: tuple[Variable, ...] = (
     Variable("PORT", "8080", "TCP port to listen on."),
     Variable("NIXERY_LISTEN_ADDRESS", "0.0.0.0", "Address to bind to."),
@@ -94,8 +94,10 @@ VARIABLES: tuple[Variable, ...] = (
              "or ~/.cache/nixery)."),
     Variable("BUCKET", None, "GCS bucket (implies the gcs backend); GCS_BUCKET is the same."),
     Variable("GCS_BUCKET", None, "GCS bucket (implies the gcs backend)."),
-    Variable("GCS_SIGNING_KEY", None, "PEM private key file used to sign blob URLs.", secret=True),
-    Variable("GCS_SIGNING_ACCOUNT", None, "Service account e-mail that owns GCS_SIGNING_KEY."),
+    Variable("GCS_SIGNING_KEY", None, "PEM private key file used to sign blob URLs (optional: without it, "
+             "Application Default Credentials sign, through IAM where they hold no key).", secret=True),
+    Variable("GCS_SIGNING_ACCOUNT", None, "Service account e-mail that owns GCS_SIGNING_KEY, or that IAM signs "
+             "blob URLs as (default: the credentials' own account)."),
     Variable("GCS_SIGNED_URL_TTL", "300", "Seconds a signed blob URL stays valid."),
     Variable("GCS_RETRY_SECONDS", "10", "Seconds a failing GCS request is retried before the client gets a 503."),
     Variable("NIX_TIMEOUT", "60",
@@ -273,11 +275,13 @@ class StateLayout:
     # The database of what workers share (nixery/state.py): failures, failed logins, the build
     # history and builds in progress, the build memo, git fetches.
     store: Path
+    # Where `nixery push` remembers the repositories it pushed each blob to, to mount it from (nixery/push.py).
+    pushed: Path
 
     @classmethod
     def under(cls, root: Path) -> "StateLayout":
         return cls(locks=root / "locks", gcroots=root / "gcroots", git=root / "git",
-                   prometheus=root / "prometheus", store=root / "state.sqlite3")
+                   prometheus=root / "prometheus", store=root / "state.sqlite3", pushed=root / "pushed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -497,8 +501,8 @@ def _gcs(env: Mapping[str, str]) -> Optional[GcsConfig]:
                           "pip install 'nixery[gcs]'")
     key = env.get("GCS_SIGNING_KEY")
     account = env.get("GCS_SIGNING_ACCOUNT")
-    if bool(key) != bool(account):
-        raise ConfigError("GCS_SIGNING_KEY and GCS_SIGNING_ACCOUNT must be set together")
+    if key and not account:
+        raise ConfigError("GCS_SIGNING_KEY needs GCS_SIGNING_ACCOUNT, the e-mail of the service account that owns it")
     if key and not Path(key).is_file():
         raise ConfigError(f"GCS_SIGNING_KEY={key!r} is not a readable file")
     return GcsConfig(bucket=bucket, signing_key=Path(key) if key else None,

@@ -15,8 +15,13 @@ the body of a 4xx answer and print its message, but show only "received
 unexpected HTTP status" for a 5xx; so every failure that the same request
 will meet again (a name the set lacks or refuses, a package whose build
 fails, a system this instance cannot build for, a tag the source does not
-serve) is a 4xx whose message is the reason in one line, and only faults of
-the infrastructure (storage, Nix itself, a timeout, a bug) are 5xx:
+serve) is a 4xx whose message is the reason in one line, and only what is
+transient or the operator's to fix (storage, Nix itself, a download, a local
+package set that does not parse, a bug) is 5xx. A build that fails or times out
+and a revision that does not evaluate are 422, not 403 or 404: the request was
+understood and the build was tried, and the instance's history counts them with
+the builds that failed (they may need the operator: a timeout too short for a
+big package), apart from the requests it refused:
 
 | failure | status | code |
 | --- | --- | --- |
@@ -24,11 +29,14 @@ the infrastructure (storage, Nix itself, a timeout, a bug) are 5xx:
 | unknown, removed or renamed package, not a package, unsupported system, a tag the source lacks | 404 | MANIFEST_UNKNOWN |
 | unfree, broken or insecure package (the set's config refuses it) | 403 | DENIED |
 | over a bound of the instance: a name's components, an image's size, an evaluation's memory or time | 403 | DENIED |
-| a package's build fails (its builder exits non-zero) | 422 | UNKNOWN |
+| a package's build fails (its builder exits non-zero), or runs past NIX_TIMEOUT | 422 | UNKNOWN |
+| a fixed revision (a git commit, a nixpkgs commit) whose code does not evaluate | 422 | UNKNOWN |
+| the set's declaration of the image is invalid (nixery/declared.py) | 422 | MANIFEST_INVALID |
 | the set's code reads a file or URL it may not (restricted evaluation) | 403 | DENIED |
-| Nix cannot run, an evaluation error of the set, a timeout, a builder killed, a git fetch fails | 500 | UNKNOWN |
+| Nix cannot run, a local set or channel that does not evaluate, a download, a builder killed, a git fetch fails | 500 | UNKNOWN |
 | an anonymous client would make the instance build (auth level `build`) | 401 | UNAUTHORIZED |
 | storage fails | 503 | UNAVAILABLE |
+| a new build asked of a stopping server | 503 | UNAVAILABLE |
 | a client over its share of new builds (NIXERY_CLIENT_BUILDS) | 429 | TOOMANYREQUESTS |
 """
 
@@ -41,11 +49,12 @@ import falcon
 
 from . import image
 from .config import format_size
+from .declared import InvalidDeclaration
 from .errors import RegistryError, build_failed, internal_error, manifest_unknown, unavailable
-from .nix import (BuildFailed, EvaluationLimit, Forbidden, NixError, Problem, UnavailablePackages,
-                  UnknownPackages, UnsupportedSystem)
+from .nix import (BuildFailed, BuildTimedOut, EvaluationFailed, EvaluationLimit, Forbidden, NixError, Problem,
+                  UnavailablePackages, UnknownPackages, UnsupportedSystem, advice)
 from .parking import Parked
-from .refusals import BuildRefused, ImageTooLarge, TooManyBuilds
+from .refusals import BuildRefused, ImageTooLarge, ServerStopping, TooManyBuilds
 from .sources import RefusedTag, SourceUnavailable, UnknownTag
 from .stats import BUILD_FAILED_STATUS
 from .storage import StorageError
@@ -61,11 +70,14 @@ def _unknown_text(error: UnknownPackages) -> str:
     def one(name: str) -> str:
         close = error.suggestions.get(name)
         return f"{name} (did you mean {' or '.join(close)}?)" if close else name
-    return "unknown packages: " + ", ".join(one(name) for name in error.names)
+    where = f" (named by the package set's declaration of image {error.declared_by})" if error.declared_by else ""
+    return "unknown packages: " + ", ".join(one(name) for name in error.names) + where
 
 
 def _unknown_detail(error: UnknownPackages) -> dict[str, Any]:
     detail: dict[str, Any] = {"unknown": list(error.names)}
+    if error.declared_by:
+        detail["image"] = error.declared_by
     if error.suggestions:
         detail["suggestions"] = error.suggestions
     return detail
@@ -112,6 +124,12 @@ def _too_large(error: ImageTooLarge) -> RegistryError:
                          {"size": error.size, "max_image_size": error.limit})
 
 
+def _stopping(error: ServerStopping) -> RegistryError:
+    told = unavailable(str(error))
+    told.headers["Retry-After"] = str(error.retry_after)
+    return told
+
+
 def _too_many(error: TooManyBuilds) -> RegistryError:
     told = RegistryError(429, "TOOMANYREQUESTS", f"this address already has {error.limit} new builds running; "
                          "retry when one has finished", {"client_builds": error.limit})
@@ -133,10 +151,17 @@ _TRANSLATIONS: dict[type[Exception], Callable[[Any], RegistryError]] = {
     StorageError: lambda error: unavailable(f"storage failed: {error}"),
     ImageTooLarge: _too_large,
     TooManyBuilds: _too_many,
+    ServerStopping: _stopping,
     UnknownPackages: lambda error: manifest_unknown(_unknown_text(error), _unknown_detail(error)),
     UnavailablePackages: _unavailable,
     UnsupportedSystem: lambda error: manifest_unknown(str(error), {"system": error.system}),
     BuildFailed: lambda error: RegistryError(BUILD_FAILED_STATUS, "UNKNOWN", error.reason),
+    BuildTimedOut: lambda error: RegistryError(BUILD_FAILED_STATUS, "UNKNOWN", error.reason, {
+        "limit": "NIX_TIMEOUT", "derivation": error.derivation}),
+    EvaluationFailed: lambda error: (RegistryError(BUILD_FAILED_STATUS, "UNKNOWN", error.reason) if error.pinned
+                                     else build_failed(error.reason)),
+    InvalidDeclaration: lambda error: RegistryError(422, "MANIFEST_INVALID", str(error), {
+        "image": error.image, "field": error.field}),
     EvaluationLimit: lambda error: RegistryError(403, "DENIED", error.reason, {"limit": error.variable}),
     Forbidden: lambda error: RegistryError(403, "DENIED", error.reason),
     NixError: lambda error: build_failed(error.reason),
@@ -153,6 +178,20 @@ def as_registry_error(error: Exception) -> RegistryError:
         return RegistryError(error.status_code, _FALCON_CODES.get(error.status_code, "UNKNOWN"),
                              error.title or "error")
     return internal_error(error)
+
+
+def operator_action(error: Exception) -> str:
+    """What the operator should do about a failure whose client is told only its 5xx status (the
+    request's summary line in the log says it)."""
+    if isinstance(error, NixError):
+        return advice(error) or "Nix failed (the \"nix failed\" line before this one says why)"
+    if isinstance(error, StorageError):
+        return ("storage failed: check STORAGE_PATH's disk (space, permissions, read-only mount), or the "
+                "bucket's reachability and the service account's access; /readyz says when it is back")
+    if isinstance(error, SourceUnavailable):
+        return ("the package source cannot be fetched: check NIXERY_PKGS_REPO's URL, its credentials "
+                "(NIXERY_SSH_KEY, NIXERY_GIT_TOKEN) and known host keys; the next pull fetches again")
+    return "a fault of Nixery itself: report it with the traceback logged as \"unhandled error\""
 
 
 def _render(resp: falcon.Response, error: RegistryError) -> None:

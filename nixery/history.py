@@ -104,7 +104,8 @@ class BuildRecorder:
         item = entry(stats, time.time())
         # The log names the client (behind a trusted proxy, the one it names); the page does not.
         log.log(logging.WARNING if stats.outcome == "failed" else logging.INFO,
-                _MESSAGES[stats.outcome], extra={**_log_fields(item), "client": req.remote_addr})
+                _MESSAGES[stats.outcome], extra={**_log_fields(item), "client": req.remote_addr,
+                                                 **({"action": stats.action} if stats.action else {})})
         if stats.outcome == "cached":
             return
         try:

@@ -2,7 +2,9 @@
 
 The name is the content, so two names that ask for the same packages (in any
 order, with duplicates, with or without meta-packages spelt out) must give the
-same `Image`, and the same image digest.
+same `Image`, and the same image digest. The one exception is a name of one
+plain component, which the package set may declare as an image of its own
+(nixery/declared.py): `web` is keyed apart from `web/web`.
 """
 
 from __future__ import annotations
@@ -62,12 +64,17 @@ class Image:
     nonroot: bool = False
     # The name chose the architecture (`arm64/...`): never offered as a multi-platform index.
     arch_given: bool = False
+    # The name a package set may declare this image under (nixery/declared.py): the name's one
+    # component after `arm64/`, when it has one and it is not a meta-package; else "".
+    declarable: str = ""
 
     @property
     def key(self) -> str:
-        """What makes two requests the same build, whatever the name's spelling."""
+        """What makes two requests the same build, whatever the name's spelling. A name that may be
+        declared is its own key: `web` may be a declared image where `web/web` is the package."""
         user = "|nonroot" if self.nonroot else ""
-        return f"{self.arch.nix_system}|{self.tag}|{','.join(self.packages)}{user}"
+        declared = f"|declarable={self.declarable}" if self.declarable else ""
+        return f"{self.arch.nix_system}|{self.tag}|{','.join(self.packages)}{user}{declared}"
 
 
 class InvalidName(ValueError):
@@ -149,5 +156,7 @@ def parse(name: str, tag: str, max_components: int = 0) -> Image:
         packages.append(component)
     if not packages:
         raise InvalidName(name, "the name asks for no packages")
+    plain = [c for c in components if c not in ARCH_META]
+    declarable = plain[0] if len(plain) == 1 and packages == plain else ""
     return Image(name=name, tag=tag, packages=tuple(sorted(set(packages))), arch=arch, shell=shell,
-                 nonroot=nonroot, arch_given=arch_given)
+                 nonroot=nonroot, arch_given=arch_given, declarable=declarable)

@@ -32,7 +32,7 @@ DEFAULT_PATH = "/bin:/usr/bin:/sbin:/usr/sbin"
 SHA256_RE = re.compile(r"sha256:[a-f0-9]{64}")
 # Bump when the same closure would give another config or manifest (users, labels, history),
 # so that cached manifests of pinned images are built again.
-IMAGE_VERSION = "nixery-image-v2"
+IMAGE_VERSION = "nixery-image-v3"
 PACKAGES_LABEL = "dev.nixery.packages"
 SOURCE_LABEL = "org.opencontainers.image.source"
 REVISION_LABEL = "org.opencontainers.image.revision"
@@ -80,12 +80,18 @@ def json_document(media_type: str, value: object) -> Document:
 
 def image_config(architecture: str, diff_ids: Sequence[str], env: Sequence[str],
                  cmd: Sequence[str] = (), *, history: Optional[Sequence[str]] = None,
-                 labels: Optional[Mapping[str, str]] = None, user: str = "", workdir: str = "") -> Document:
+                 labels: Optional[Mapping[str, str]] = None, user: str = "", workdir: str = "",
+                 entrypoint: Sequence[str] = (), ports: Sequence[str] = ()) -> Document:
     """The image config. `history` describes each layer (`docker history` shows it: the store
-    paths a layer holds), `labels` what the image is (`docker inspect`), `user` whom it runs as."""
+    paths a layer holds), `labels` what the image is (`docker inspect`), `user` whom it runs as,
+    `ports` the "8080/tcp" ports it exposes."""
     config: dict[str, object] = {"Env": list(env)}
+    if entrypoint:
+        config["Entrypoint"] = list(entrypoint)
     if cmd:
         config["Cmd"] = list(cmd)
+    if ports:
+        config["ExposedPorts"] = {port: {} for port in ports}
     if labels:
         config["Labels"] = dict(labels)
     if user:
@@ -113,26 +119,48 @@ class ImageUser:
     home: str
 
 
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """How the image runs, where a declared image (nixery/declared.py) or the package's
+    `meta.mainProgram` says more than the defaults: `cmd` None keeps the default command,
+    `env` entries (NAME=value) replace the defaults of the same name, `user` is numeric ids
+    ("uid[:gid]") where the image has no account for them."""
+
+    cmd: Optional[Sequence[str]] = None
+    entrypoint: Sequence[str] = ()
+    env: Sequence[str] = ()
+    workdir: str = ""
+    user: str = ""
+    ports: Sequence[str] = ()
+    labels: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+
 def nixery_config(architecture: str, diff_ids: Sequence[str], layer_paths: Sequence[Sequence[str]],
                   packages: Sequence[str], *, shell: bool, cert_file: str = "", user: Optional[ImageUser] = None,
-                  source_url: Optional[str] = None, revision: Optional[str] = None) -> Document:
+                  source_url: Optional[str] = None, revision: Optional[str] = None,
+                  run: RunConfig = RunConfig()) -> Document:
     """The config of a Nixery image: PATH (SSL_CERT_FILE when it holds a CA bundle, HOME when it
     runs as a user), bash as its command for `shell`, labels naming the requested `packages` and
     the source's URL and revision, and a history entry per layer naming the store paths it holds
-    (`layer_paths`), the root layer's last."""
-    env = [f"PATH={DEFAULT_PATH}"]
+    (`layer_paths`), the root layer's last; `run` adds to or replaces these."""
+    env = {"PATH": DEFAULT_PATH}
     if cert_file:
-        env.append(f"SSL_CERT_FILE={cert_file}")
+        env["SSL_CERT_FILE"] = cert_file
     if user:
-        env.append(f"HOME={user.home}")
-    labels = {PACKAGES_LABEL: ",".join(packages)}
+        env["HOME"] = user.home
+    env.update(entry.split("=", 1) for entry in run.env)
+    labels = dict(run.labels)
+    labels[PACKAGES_LABEL] = ",".join(packages)
     if source_url:
         labels[SOURCE_LABEL] = source_url
     if revision:
         labels[REVISION_LABEL] = revision
-    return image_config(architecture, diff_ids, env, ["bash"] if shell else [],
+    cmd = run.cmd if run.cmd is not None else (["bash"] if shell else [])
+    return image_config(architecture, diff_ids, [f"{name}={value}" for name, value in env.items()], cmd,
                         history=[" ".join(paths) for paths in layer_paths] + [ROOT_LAYER_HISTORY], labels=labels,
-                        user=f"{user.uid}:{user.uid}" if user else "", workdir=user.home if user else "")
+                        user=f"{user.uid}:{user.uid}" if user else run.user,
+                        workdir=run.workdir or (user.home if user else ""),
+                        entrypoint=run.entrypoint, ports=run.ports)
 
 
 def _describe(d: Descriptor) -> dict[str, object]:

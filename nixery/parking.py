@@ -26,10 +26,12 @@ ENVIRON_KEY = "nixery.parking"
 class Parking:
     """The server's offer: `arrived` is when the request first came (time.time(); a request run
     again keeps it, so that it takes a build that finished after it came), `replayed` whether
-    it was parked before."""
+    it was parked before, `stopping` whether it came while the server was stopping (it then
+    gets what needs no build: a build started now would not outlive the grace period)."""
 
     arrived: float
     replayed: bool = False
+    stopping: bool = False
 
 
 class Parked(Exception):

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 from .config import VARIABLE_NAMES, Config, SourceKind, redact_url
+from .mounts import pod_local
 from .nix import REQUIRED_COMMANDS, first_error_line
 from .nix.confine import SANDBOX_CHECK_OPTIONS, nix_environment
 from .storage import Backend, StorageError
@@ -199,7 +200,7 @@ def sandbox_problem(env: Mapping[str, str]) -> Optional[str]:
     return (f"Nix cannot sandbox builds here ({first_error_line(proc.stderr)}), so it builds without "
             "a sandbox: a package set's builds can read every file Nix's build users can read and reach "
             "the network, this server included. Keep secrets readable by the service user only, or run "
-            "Nixery where Nix can sandbox (README: Running in public)")
+            "Nixery where Nix can sandbox (docs/running-in-public.md)")
 
 
 def explain_build_failure(stderr: str) -> str:
@@ -225,7 +226,21 @@ def storage_findings(storage: Backend, config: Config) -> list[Finding]:
         if "full" in str(e):
             return [warning(f"storage ({where}) is full: new images fail with 503 until space is freed")]
         return [error(f"storage ({where}) cannot be used: {e}")]
-    return []
+    return unshared_storage(config)
+
+
+def unshared_storage(config: Config) -> list[Finding]:
+    """Filesystem storage on a tmpfs or a Kubernetes emptyDir (nixery/mounts.py): a warning, since
+    one replica may use it, but a second would answer 404 for the blobs of this one's manifests."""
+    if config.storage_backend != "filesystem":
+        return []
+    local = pod_local(config.storage_path)
+    if local is None:
+        return []
+    return [warning(f"STORAGE_PATH={config.storage_path} is on {local}: its blobs are this instance's alone and "
+                    "go with it. Run a single replica there (replicas behind one address would answer 404 for "
+                    "each other's layers), or put STORAGE_PATH on a volume that outlives the pod, or share a "
+                    "bucket (GCS_BUCKET) between replicas")]
 
 
 def source_findings(config: Config, check_source: Optional[Callable[[], None]]) -> list[Finding]:

@@ -18,6 +18,16 @@ class BuildRefused(Refused):
         self.name = name
 
 
+class ServerStopping(Refused):
+    """The server is stopping: it answers what needs no build (the images and blobs of the
+    pulls it was serving) and starts no build; the client may retry after `retry_after`
+    seconds (at another replica, or this instance restarted)."""
+
+    def __init__(self, retry_after: int):
+        super().__init__("this instance is stopping and starts no new build; retry in a moment")
+        self.retry_after = retry_after
+
+
 class TooManyBuilds(Refused):
     """The client already has `limit` new builds running (NIXERY_CLIENT_BUILDS); it may retry
     after `retry_after` seconds."""

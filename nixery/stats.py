@@ -28,10 +28,12 @@ class BuildStats:
     # A blob the image needed was gone (collected, lost, deleted) and was made again.
     healed: bool = False
     steps: dict[str, float] = dataclasses.field(default_factory=dict)
-    # Filled in by the API when the request is over: its length and, if it failed, what the client was told.
+    # Filled in by the API when the request is over: its length and, if it failed, what the client was told
+    # and, for a failure that is the operator's to fix or wait out (a 5xx), what the operator should do.
     duration: float = 0.0
     reason: Optional[str] = None
     status: int = 200
+    action: Optional[str] = None
 
     @property
     def outcome(self) -> str:

@@ -158,6 +158,15 @@ class ThreadLoopWorker(base.Worker):
     def murder_pending(self) -> None:
         """Runs once every turn of the loop, for a subclass's own deadlines."""
 
+    def still_serving(self) -> bool:
+        """Once stopping (not `alive`), whether the worker still accepts connections and keeps them
+        alive, asked once every turn of the loop: here never, a subclass may for a while."""
+        return False
+
+    def serves(self) -> bool:
+        """Whether answered connections may be kept alive (the worker runs, or still serves)."""
+        return self.alive or self.still_serving()
+
     # -- signals ----------------------------------------------------------------------------
 
     def handle_exit(self, sig: int, frame: Any) -> None:
@@ -196,11 +205,21 @@ class ThreadLoopWorker(base.Worker):
                 break
             self.murder_keepalived()
             self.murder_pending()
-        # Stopping: nothing new is accepted, idle kept-alive connections close, and the requests
-        # in flight (and heads being read) get the grace period.
-        self.set_accept_enabled(False)
-        self.murder_keepalived(force=True)
+        # Stopping: while a subclass says it still serves (`still_serving`), the loop goes on as
+        # before; then nothing new is accepted (the listening sockets close, so a connection made
+        # now is refused by the kernel, not left unanswered), idle kept-alive connections close,
+        # and the requests in flight (and heads being read) get what is left of the grace period.
         deadline = time.monotonic() + self.cfg.graceful_timeout
+        while self.still_serving() and time.monotonic() < deadline:
+            self.notify()
+            self.set_accept_enabled(self.nr_conns < self.cfg.worker_connections)
+            self._dispatch(1.0)
+            self.murder_keepalived()
+            self.murder_pending()
+        self.set_accept_enabled(False)
+        for listener in self.sockets:
+            listener.close()
+        self.murder_keepalived(force=True)
         while self.nr_conns > 0 and time.monotonic() < deadline:
             self.notify()
             self._dispatch(1.0)
@@ -208,8 +227,6 @@ class ThreadLoopWorker(base.Worker):
         self.tpool.shutdown(wait=False)
         self.poller.close()
         self.method_queue.close()
-        for listener in self.sockets:
-            listener.close()
 
     def _dispatch(self, timeout: float) -> None:
         try:
@@ -240,7 +257,7 @@ class ThreadLoopWorker(base.Worker):
     def finish_request(self, conn: Connection, fs: futures.Future) -> None:
         """In the loop, once a thread is done with a request: the connection is kept alive or closed."""
         keepalive = not fs.cancelled() and fs.exception() is None and fs.result()
-        if not (keepalive and self.alive):
+        if not (keepalive and self.serves()):
             self.nr_conns -= 1
             conn.close(graceful=True)
         elif conn.buffered():
@@ -284,7 +301,7 @@ class ThreadLoopWorker(base.Worker):
             resp, environ = wsgi.create(req, conn.sock, conn.client, conn.server, self.cfg)
             environ["wsgi.multithread"] = True
             self.nr += 1
-            if not self.alive or not self.cfg.keepalive or len(self.keepalived_conns) >= self.max_keepalived:
+            if not self.serves() or not self.cfg.keepalive or len(self.keepalived_conns) >= self.max_keepalived:
                 resp.force_close()
             respiter = self.wsgi(environ, resp.start_response)
             try:

@@ -19,11 +19,12 @@ import re
 import string
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Optional
 
 import falcon
 
 from . import image
+from .catalog import Catalog, DeclaredImages
 from .config import AuthLevel, Config, SourceKind, redact_url
 from .history import BuildHistory
 from .progress import InProgress
@@ -167,13 +168,17 @@ class SourceText:
 
 
 class IndexPage:
-    """`/`: the documentation, recent builds and errors, and the configuration that is safe to show."""
+    """`/`: the documentation, recent builds and errors, and the configuration that is safe to show.
+    `declared` lists the package set's declared images (None: a source whose `latest` is not
+    listed, a channel's nixpkgs tarball, which the page must not download)."""
 
-    def __init__(self, config: Config, store: BuildHistory, templates: Templates, in_progress: InProgress):
+    def __init__(self, config: Config, store: BuildHistory, templates: Templates, in_progress: InProgress,
+                 declared: Optional[DeclaredImages] = None):
         self.config = config
         self.store = store
         self.t = templates
         self.in_progress = in_progress
+        self.declared = declared
         self.source = SourceText(config, templates)
         # Image names and build errors of a private instance are for those who may pull; a public
         # one may keep them to itself (NIXERY_HIDE_DETAILS).
@@ -196,6 +201,8 @@ class IndexPage:
             pull_note=t("plain-http", host=host) if req.forwarded_scheme == "http" else Html(),
             login=login_text(t, self.config, host),
             meta_rows=_meta_rows(t),
+            declared=declared_section(t, self.declared.latest(), host) if self.declared and not self.private
+            else Html(),
             optional=t.codes(image.OPTIONAL_PACKAGES),
             tags=self.source.tags(host),
             builds=builds,
@@ -235,6 +242,19 @@ def _meta_rows(t: Templates) -> Html:
              for name, arch in image.ARCH_META.items()]
     rows.append((image.NONROOT, t("meta-nonroot")))
     return t.join(t("meta-row", name=name, meaning=meaning) for name, meaning in rows)
+
+
+def declared_section(t: Templates, catalog: Catalog, host: str) -> Html:
+    """The declared images of `latest`: each name with its packages, or why it cannot be pulled."""
+    if catalog.error:
+        body = t("declared-unreadable", reason=catalog.error)
+    elif not catalog.images:
+        body = t("declared-none")
+    else:
+        rows = [t("declared-row", name=i.name, packages=t.codes(i.packages), description=i.description)
+                if not i.error else t("declared-invalid", name=i.name, reason=i.error) for i in catalog.images]
+        body = t("declared-table", rows=t.join(rows), host=host)
+    return t("declared", body=body, host=host)
 
 
 def _when(t: Templates, item: dict[str, Any]) -> Html:
@@ -279,6 +299,17 @@ def errors_list(t: Templates, errors: list[dict[str, Any]]) -> Html:
                                     for e in errors))
 
 
+def _send_json(resp: falcon.Response, refusal: str, body: Callable[[], object]) -> None:
+    """A JSON view for scripts, never cached; 403 with `refusal` when it is not shown here."""
+    resp.content_type = "application/json"
+    resp.cache_control = ["no-cache"]
+    if refusal:
+        resp.status = falcon.HTTP_403
+        resp.data = json.dumps({"error": refusal}).encode()
+        return
+    resp.data = json.dumps(body()).encode()
+
+
 class BuildsJson:
     """`/builds.json`: builds in progress (oldest first), then the recent builds and errors for scripts,
     newest first (403 on a private instance, or one that hides its details)."""
@@ -289,14 +320,33 @@ class BuildsJson:
         self.in_progress = in_progress
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        resp.content_type = "application/json"
-        resp.cache_control = ["no-cache"]
-        if self.private:
-            resp.status = falcon.HTTP_403
-            resp.data = json.dumps({"error": "this instance does not list its builds"}).encode()
-            return
-        resp.data = json.dumps({"in_progress": self.in_progress.builds(), "builds": self.store.builds(),
-                                "errors": self.store.errors()}).encode()
+        _send_json(resp, "this instance does not list its builds" if self.private else "", lambda: {
+            "in_progress": self.in_progress.builds(), "builds": self.store.builds(), "errors": self.store.errors()})
+
+    on_head = on_get
+
+
+class DeclaredJson:
+    """`/declared.json`: the declared images of `latest` for scripts (403 on a private instance).
+    {"revision": commit or null, "images": [{"name", "packages", "description"} or {"name", "error"}],
+    "error": why they cannot be read now, if so}."""
+
+    def __init__(self, declared: Optional[DeclaredImages], private: bool):
+        self.declared = declared
+        self.private = private
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        _send_json(resp, "this instance does not list its images" if self.private else "", self._listing)
+
+    def _listing(self) -> dict[str, Any]:
+        catalog = self.declared.latest() if self.declared else Catalog(None)
+        body: dict[str, Any] = {"revision": catalog.revision, "images": [
+            {"name": i.name, "error": i.error} if i.error
+            else {"name": i.name, "packages": list(i.packages), "description": i.description}
+            for i in catalog.images]}
+        if catalog.error:
+            body["error"] = catalog.error
+        return body
 
     on_head = on_get
 
@@ -333,13 +383,15 @@ class StaticFiles:
     on_head = on_get
 
 
-def add_routes(app: falcon.App, config: Config, store: BuildHistory, in_progress: InProgress | None = None) -> None:
-    """The page, its files, the JSON view, and the 404 page for every other path outside `/v2/`."""
+def add_routes(app: falcon.App, config: Config, store: BuildHistory, in_progress: InProgress | None = None,
+               declared: Optional[DeclaredImages] = None) -> None:
+    """The page, its files, the JSON views, and the 404 page for every other path outside `/v2/`."""
     in_progress = in_progress or InProgress(config.state)
     files = static_files()
     templates = Templates(files)
     not_found = NotFound(templates)
-    app.add_route("/", IndexPage(config, store, templates, in_progress))
+    app.add_route("/", IndexPage(config, store, templates, in_progress, declared))
+    app.add_route("/declared.json", DeclaredJson(declared, config.auth.level is AuthLevel.ALL))
     app.add_route("/static/{file}", StaticFiles(files, not_found))
     app.add_route("/builds.json", BuildsJson(store, config.auth.level is AuthLevel.ALL or config.hide_details,
                                              in_progress))

@@ -22,7 +22,11 @@ and a worker holds up to Gunicorn's `worker_connections` of them. It also
 - answers every error of its own and of Gunicorn's HTTP parser (400, 408, 414, 431, ...)
   with a registry JSON body, and
 - on SIGTERM closes its listening sockets first, then lets running requests finish
-  within the grace period, logging what it waits for.
+  within the grace period, logging what it waits for; but when requests are in flight (a
+  pull waiting for its build), it first goes on serving, without starting any build, until
+  no request has been in flight for Gunicorn's keep-alive time: the waiting client's next
+  requests (the manifest by digest, the blobs), on its kept-alive or on new connections, are
+  answered by a lone instance too (a Docker container, a single pod, a systemd unit).
 """
 
 from __future__ import annotations
@@ -129,6 +133,10 @@ class NixeryWorker(ThreadLoopWorker):
         self.busy = 0
         self.serving: dict[NixeryConn, tuple[str, float]] = {}
         self.last_wait_log = 0.0
+        # Stopping with requests in flight: still serving (their clients' next requests), and
+        # since when nothing has been in flight (None: something is).
+        self.draining = False
+        self.quiet_since: Optional[float] = None
         # Parked requests by what they wait for (touched by the event loop only).
         self.parked: dict[str, list[NixeryConn]] = {}
         self.local = threading.local()  # the connection each thread serves
@@ -154,7 +162,7 @@ class NixeryWorker(ThreadLoopWorker):
     # -- accepting --------------------------------------------------------------------------
 
     def set_accept_enabled(self, enabled: bool) -> None:
-        enabled = enabled and self.alive and self.busy < self.cfg.threads
+        enabled = enabled and self.serves() and self.busy < self.cfg.threads
         super().set_accept_enabled(enabled)
 
     def accept(self, listener: Any) -> None:
@@ -272,7 +280,7 @@ class NixeryWorker(ThreadLoopWorker):
         if b"\r\n\r\n" in conn.head or b"\n\n" in conn.head or len(conn.head) > MAX_HEAD_BYTES:
             self._stop_reading(conn)
             if self._count_client(conn):
-                conn.parking = Parking(time.time())
+                conn.parking = Parking(time.time(), stopping=not self.alive)
                 self.enqueue_req(conn)
 
     def on_client_socket_readable(self, conn: NixeryConn, client: Any) -> None:
@@ -296,8 +304,10 @@ class NixeryWorker(ThreadLoopWorker):
                 self.released(conn)
             else:
                 conn.close()
-        if not self.alive and now - self.last_wait_log >= _WAIT_LOG_SECONDS:
-            self._log_waiting(now)
+        if not self.alive:
+            self._drain(now)
+            if now - self.last_wait_log >= _WAIT_LOG_SECONDS:
+                self._log_waiting(now)
 
     # -- threads ---------------------------------------------------------------------------
 
@@ -363,7 +373,7 @@ class NixeryWorker(ThreadLoopWorker):
             self._unwatch(conn)
             conn.head = bytearray(conn.last_head)
             conn.parser = None
-            conn.parking = Parking(conn.parking.arrived, replayed=True)
+            conn.parking = Parking(conn.parking.arrived, replayed=True, stopping=conn.parking.stopping)
             self.enqueue_req(conn)
 
     def _unwatch(self, conn: NixeryConn) -> None:
@@ -404,21 +414,40 @@ class NixeryWorker(ThreadLoopWorker):
     # -- stopping --------------------------------------------------------------------------
 
     def handle_exit(self, sig: int, frame: Any) -> None:
-        """Stop accepting at once: the listening sockets are closed (a connection made now is
-        refused by the kernel, not left unanswered), then requests in flight finish."""
+        """An idle worker stops accepting at once (the loop closes its listening sockets); one
+        with requests in flight serves on (`still_serving`) until it has been idle for the
+        keep-alive time. Either way, requests in flight finish within the grace period."""
         if self.alive:
-            self.log.info("stopping: no new connections; finishing requests in flight",
-                          extra={"grace_period": self.cfg.graceful_timeout})
+            self.draining = self._in_flight()
+            if self.draining:
+                self.log.info("stopping: finishing requests in flight and serving their clients' next requests "
+                              "(no new build) until none has come for the keep-alive time",
+                              extra={"grace_period": self.cfg.graceful_timeout, "keepalive": self.cfg.keepalive})
+            else:
+                self.log.info("stopping: no new connections; finishing requests in flight",
+                              extra={"grace_period": self.cfg.graceful_timeout})
         super().handle_exit(sig, frame)
-        self.method_queue.defer(self._close_listeners)
 
-    def _close_listeners(self) -> None:
-        self.set_accept_enabled(False)
-        for listener in self.sockets:
-            try:
-                listener.close()
-            except OSError:
-                pass
+    def still_serving(self) -> bool:
+        return self.draining
+
+    def _in_flight(self) -> bool:
+        """Whether a request runs in a thread, waits parked, or has its head being read."""
+        return self.busy > 0 or any(self.parked.values()) or bool(self.reading)
+
+    def _drain(self, now: float) -> None:
+        """Ends the serving of a stopping worker once nothing has been in flight for the keep-alive
+        time (a client that got its manifest asks for the blobs at once; one that sends nothing
+        for that long would have lost its kept-alive connection anyway)."""
+        if not self.draining:
+            return
+        if self._in_flight():
+            self.quiet_since = None
+        elif self.quiet_since is None:
+            self.quiet_since = now
+        elif now - self.quiet_since >= self.cfg.keepalive:
+            self.draining = False
+            self.log.info("stopping: no request for the keep-alive time; no new connections")
 
     def _log_waiting(self, now: float) -> None:
         self.last_wait_log = now

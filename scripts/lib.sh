@@ -18,7 +18,7 @@ stop_on_nixos() {
   [ -e /etc/NIXOS ] || return 0
   cat >&2 <<'EOF'
 These scripts install with Debian's apt. On NixOS, use the NixOS module (services.nixery, see
-the README's "NixOS" section) or run the flake's package from this checkout:
+docs/nixos.md) or run the flake's package from this checkout:
   nix run . --extra-experimental-features 'nix-command flakes'
 and for the tests, the dev shell: nix develop, then python3 -m pytest.
 EOF

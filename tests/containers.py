@@ -34,7 +34,7 @@ import urllib.request
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Mapping, Optional, Sequence
+from typing import Callable, Iterator, Mapping, Optional, Sequence
 
 import pytest
 
@@ -82,28 +82,53 @@ def _unavailable(reason: str) -> None:
     pytest.skip(reason)
 
 
-def ensure_dockerd() -> None:
-    """Docker answers when this returns; otherwise the calling test is skipped (failed in CI)
-    with the reason.
-
-    CI starts from a machine where docker.io is installed but nothing runs, so Debian's dockerd is
-    started here (as root) and left running for later tests and runs."""
-    if shutil.which("docker") is None or shutil.which("dockerd") is None:
-        _unavailable("docker.io is not installed (scripts/install-deps --test installs it)")
-    with file_lock("dockerd.lock"):
-        if _docker_answers():
+def _ensure_daemon(daemon: str, client: str, package: str, answers: Callable[[], bool]) -> None:
+    """`answers()` is true when this returns: `daemon` is started (as root, with Debian's
+    configuration, left running for later tests and runs) if it does not answer; otherwise the
+    calling test is skipped (failed in CI) with the reason."""
+    if shutil.which(client) is None or shutil.which(daemon) is None:
+        _unavailable(f"{package} is not installed (scripts/install-deps --test installs it)")
+    log_path = CACHE_DIR / f"{daemon}.log"
+    with file_lock(f"{daemon}.lock"):
+        if answers():
             return
         if os.getuid() != 0:
-            _unavailable("dockerd is not running and only root can start it")
-        log = open(CACHE_DIR / "dockerd.log", "ab")
-        subprocess.Popen(["dockerd"], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                         start_new_session=True)
+            _unavailable(f"{daemon} is not running and only root can start it")
+        with open(log_path, "ab") as log:
+            subprocess.Popen([daemon], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                             start_new_session=True)
         deadline = time.monotonic() + DOCKERD_START_TIMEOUT
         while time.monotonic() < deadline:
-            if _docker_answers():
+            if answers():
                 return
             time.sleep(0.5)
-    _unavailable(f"dockerd did not answer within {DOCKERD_START_TIMEOUT}s (its log: {CACHE_DIR / 'dockerd.log'})")
+    _unavailable(f"{daemon} did not answer within {DOCKERD_START_TIMEOUT}s (its log: {log_path})")
+
+
+def ensure_dockerd() -> None:
+    """Docker answers when this returns; otherwise the calling test is skipped (failed in CI)
+    with the reason. CI starts from a machine where docker.io is installed but nothing runs."""
+    _ensure_daemon("dockerd", "docker", "docker.io", _docker_answers)
+
+
+def _containerd_answers() -> bool:
+    try:
+        return subprocess.run(["ctr", "version"], capture_output=True, timeout=10).returncode == 0
+    except subprocess.TimeoutExpired:  # ctr waits for a socket that nobody serves
+        return False
+
+
+def ensure_containerd() -> None:
+    """containerd answers `ctr` (on its default socket) when this returns, as ensure_dockerd.
+    Docker's dockerd runs a containerd of its own on another socket, so a machine with Docker
+    may still have none."""
+    _ensure_daemon("containerd", "ctr", "containerd", _containerd_answers)
+
+
+def ensure_podman() -> None:
+    """podman (daemonless) is installed, or the calling test is skipped (failed in CI)."""
+    if shutil.which("podman") is None:
+        _unavailable("podman is not installed (scripts/install-deps --test installs it)")
 
 
 def _ca_certificates() -> list[Path]:

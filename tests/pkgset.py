@@ -110,7 +110,10 @@ in rec {
   '';
   moreutils = script "sponge" "cat > \"$1\"";
   nano = script "nano" "echo nano-stub";
-  hello = script "hello" "echo \"Hello, world!\"";
+  # meta is added outside the derivation (as nixpkgs' mkDerivation keeps it out of the build).
+  hello = script "hello" "echo \"Hello, world!\"" // { meta.mainProgram = "hello"; };
+  # A mainProgram that the package lacks: the image gets no command.
+  mislabelled = script "mislabelled" "echo mislabelled" // { meta.mainProgram = "no-such-program"; };
   cacert = mk "nss-cacert" ''
     mkdir -p $out/etc/ssl/certs
     echo "# test CA bundle" > $out/etc/ssl/certs/ca-bundle.crt

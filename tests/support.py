@@ -223,7 +223,7 @@ class StandInBuilder:
 
     def manifest(self, image: Image, media_type: str = manifest.MANIFEST_MEDIA_TYPE,
                  *, may_build: bool = True, client: str = "",
-                 parking: object = None) -> Result:
+                 parking: object = None, index_only: bool = False) -> Result:
         self.requests.append(image)
         unknown = [name for name in image.packages if name.startswith("nosuch")]
         if unknown:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 
 import falcon.testing
 import pytest
@@ -215,7 +216,8 @@ def test_ranges_a_server_must_ignore_get_the_whole_blob(fast):
         assert int(response.headers["Content-Length"]) == layer.size
 
 
-def test_failures_of_the_build_steps_become_registry_errors_and_history(fast):
+def test_failures_of_the_build_steps_become_registry_errors_and_history(fast, caplog):
+    caplog.set_level(logging.INFO, logger="nixery.history")
     unknown = fast.client.simulate_get("/v2/shell/hello/nosuchthing/nosuchother/manifests/latest")
     assert unknown.status_code == 404
     [error] = errors_of(unknown)
@@ -251,6 +253,14 @@ def test_failures_of_the_build_steps_become_registry_errors_and_history(fast):
     assert told["nix-down"] == ("failed", "nix-store is not installed or not on PATH")
     assert told["storage-down"][0] == "failed" and told["storage-down"][1].startswith("storage failed: ")
     assert told["crash"] == ("failed", "internal error: KeyError")
+
+    # The log's line for each request whose client was told only "5xx" says what the operator should
+    # do; a failure the client was told the reason of needs nothing from the operator.
+    actions = {r.image: getattr(r, "action", None) for r in caplog.records if r.name == "nixery.history"}
+    assert actions["nix-down"] == "install Nix, or put it on the service's PATH"
+    assert actions["storage-down"].startswith("storage failed: check STORAGE_PATH's disk")
+    assert actions["crash"].startswith("a fault of Nixery itself: report it")
+    assert actions["broken"] is None and actions["shell/hello/nosuchthing/nosuchother"] is None
 
 
 def scrape(fast) -> dict[tuple[str, tuple], float]:

@@ -173,6 +173,8 @@ def test_page_says_how_to_log_in_and_shows_no_secret(private_server, htpasswd):
     # What a private instance has built (shell/hello, by an earlier test) is for those who may pull.
     assert "recent builds and errors are not listed" in page and "shell/hello" not in page
     assert get(private_server.url + "/builds.json").status_code == 403
+    # So are the images its package set declares.
+    assert get(private_server.url + "/declared.json").status_code == 403 and 'id="declared"' not in page
     [start_line] = [e for e in private_server.log_entries() if e.get("message") == "starting nixery"]
     assert start_line["config"]["auth"] == {"level": "all", "htpasswd_users": 2, "token_realm": None,
                                             "token_service": None, "token_issuer": None}

@@ -159,8 +159,8 @@ def test_twenty_names_needing_one_failing_package_run_one_build(start_server, pk
 
 
 def test_a_derivation_that_timed_out_is_not_built_again_within_the_ttl(start_server, pkgset, nix_counter, tmp_path):
-    """A build stopped at NIX_TIMEOUT is the instance's bound (500), but the same derivation would
-    take as long again: five names needing it, asked for at once, wait for one build."""
+    """A build stopped at NIX_TIMEOUT is refused with its reason (422): the same derivation would
+    take as long again, so five names needing it, asked for at once, wait for one build."""
     server = start_server({"NIXERY_PKGS_PATH": str(bounded_set(tmp_path / "set", pkgset)), "PATH": nix_counter.path(),
                            "NIX_TIMEOUT": "2", "NIXERY_MAX_BUILDS": "4", "NIXERY_CLIENT_BUILDS": "32"})
     nix_counter.reset()
@@ -168,7 +168,7 @@ def test_a_derivation_that_timed_out_is_not_built_again_within_the_ttl(start_ser
     with concurrent.futures.ThreadPoolExecutor(5) as pool:
         responses = list(pool.map(lambda i: requests.get(f"{server.url}/v2/sleepy/p{i}/manifests/latest",
                                                          timeout=120), range(5)))
-    assert [r.status_code for r in responses] == [500] * 5, [r.text for r in responses]
+    assert [r.status_code for r in responses] == [422] * 5, [r.text for r in responses]
     for response in responses:
         [error] = errors_of(response)
         assert "-sleepy.drv!out' from .drv file timed out after 2 seconds" in error["message"], error

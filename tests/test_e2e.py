@@ -123,7 +123,7 @@ def test_ten_concurrent_pulls_run_nix_once(start_server, fresh_pkgset, nix_count
     assert nix_counter.count("nix-store") == 1 and nix_counter.count("nix-build") == 0
 
 
-def test_nix_timeout_is_a_500_and_kills_the_build(start_server, tmp_path):
+def test_nix_timeout_is_a_422_naming_it_and_kills_the_build(start_server, tmp_path):
     from pkgset import make_package_set
     import uuid
     slow = make_package_set(tmp_path / "slow-set", salt=uuid.uuid4().hex[:12], slow_seconds=117)
@@ -131,10 +131,14 @@ def test_nix_timeout_is_a_500_and_kills_the_build(start_server, tmp_path):
     started = time.monotonic()
     response = requests.get(f"{server.url}/v2/slowbuild/manifests/latest", timeout=60)
     assert time.monotonic() - started < 30
-    assert response.status_code == 500
+    # The same derivation times out again: a 4xx, whose reason registry clients print.
+    assert response.status_code == 422
     [error] = errors_of(response)
     # Nix's own --max-silent-time stopped the builder (NIX_TIMEOUT bounds silence and run time).
     assert error["code"] == "UNKNOWN" and "timed out after 3 seconds" in error["message"]
+    assert error["message"].startswith("slowbuild did not finish building within this instance's build timeout "
+                                       "(NIX_TIMEOUT): building of '/nix/store/")
+    assert error["detail"]["limit"] == "NIX_TIMEOUT" and error["detail"]["derivation"].endswith("-slow-build.drv")
     deadline = time.monotonic() + 1  # a second for the killed processes to be gone
     for pattern in (str(slow), "sleep 117"):  # nix-build, and the builder in its own session
         while (leftovers := subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()) \
@@ -164,6 +168,13 @@ def test_oci_form_of_a_real_build_is_stored_and_served_again(server):
     assert [layer["digest"] for layer in oci.json()["layers"]] == [layer["digest"] for layer in docker.json()["layers"]]
     again = requests.get(f"{server.url}/v2/hello/manifests/{oci.headers['Docker-Content-Digest']}", timeout=30)
     assert again.content == oci.content and again.headers["Content-Type"] == oci.headers["Content-Type"]
+    # A client that takes an index alone gets one, of the instance's one platform.
+    index = requests.get(url, headers={"Accept": "application/vnd.oci.image.index.v1+json"}, timeout=30)
+    assert index.status_code == 200 and index.headers["Content-Type"] == "application/vnd.oci.image.index.v1+json"
+    assert index.headers["Docker-Content-Digest"] == "sha256:" + hashlib.sha256(index.content).hexdigest()
+    [entry] = index.json()["manifests"]
+    assert entry["digest"] == oci.headers["Docker-Content-Digest"] and entry["mediaType"] == oci.headers["Content-Type"]
+    assert entry["platform"] == {"architecture": "amd64", "os": "linux"}
 
 
 def test_credentials_in_the_channel_url_never_reach_clients_or_logs(start_server):
@@ -174,6 +185,24 @@ def test_credentials_in_the_channel_url_never_reach_clients_or_logs(start_server
     assert "127.0.0.1:9" in response.text and "s3cret" not in response.text
     assert "s3cret" not in server.log()
     assert "s3cret" not in requests.get(f"{server.url}/builds.json", timeout=10).text
+    # A download that fails is the machine's or the network's: a 500, and the log says what to check.
+    [failed] = [e for e in server.log_entries() if e.get("message") == "nix failed"]
+    assert failed["action"].startswith("a download failed: check that this machine reaches the URL"), failed
+
+
+def test_a_local_set_that_does_not_parse_is_a_500_whose_log_tells_the_operator(start_server, tmp_path):
+    broken = tmp_path / "broken-set"
+    broken.mkdir()
+    (broken / "default.nix").write_text("{ ... }:\n{ hello = ; }\n")
+    server = start_server({"NIXERY_PKGS_PATH": str(broken)})
+    response = requests.get(f"{server.url}/v2/hello/manifests/latest", timeout=60)
+    # The operator's to fix, and fixed in place at any time: not the request's fault.
+    assert response.status_code == 500
+    [error] = errors_of(response)
+    assert "syntax error" in error["message"] and "(at default.nix:2:" in error["message"]
+    [failed] = [e for e in server.log_entries() if e.get("message") == "nix failed"]
+    assert failed["level"] == "ERROR" and "syntax error" in failed["nix_log"]
+    assert failed["action"].startswith("the package set does not evaluate"), failed
 
 
 def test_start_up_removes_what_dead_workers_left(start_server, pkgset, tmp_path):

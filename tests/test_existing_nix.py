@@ -2,8 +2,9 @@
 
 Debian's nix-daemon on a trixie, used by a user who is not root: a user who runs `scripts/serve`
 before root has installed anything is told what root must run. Root installs what needs root, as
-the README says: Debian's nix-daemon (`nix-setup-systemd`, whose socket only the `nix-users` group
-may use), then `scripts/example-pkgset`, which runs `scripts/install-deps`. The daemon is started
+docs/install.md ("Without root") says: Debian's nix-daemon (`nix-setup-systemd`, whose socket
+only the `nix-users` group may use), then `scripts/example-pkgset`, which runs
+`scripts/install-deps`. The daemon is started
 as its systemd unit would start it. Then a user in `nix-users` runs `scripts/serve` and skopeo
 pulls `shell/hello` from outside, and a user not in the group is stopped before serving by the
 preflight's one line, which names the group.

@@ -5,20 +5,32 @@
     scripts/example-pkgset /tmp/pkgs
     NIXERY_PKGS_PATH=/tmp/pkgs NIX_CONFIG='substituters =' scripts/serve
 
-and from outside, skopeo pulls `shell/hello` through the published port and `hello` runs. That
+and from outside, skopeo pulls `shell/hello` through the published port and `hello` runs (the
+README's quick start must show these two commands, as one block). That
 shows the scripts install Debian's Python (3.11 on bookworm, 3.13 on trixie) and Nix as shipped,
 put Nixery in the checkout's .venv without touching the system's Python (PEP 668), and set Nix up.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from containers import BUILD_USERS_ENV, Container, ensure_dockerd, pip_cache, serve_and_pull_hello, stock_image
 
 PORT = 8080
+README_EXAMPLE_PKGSET = "scripts/example-pkgset /tmp/pkgs"
 README_SERVE = "NIXERY_PKGS_PATH=/tmp/pkgs NIX_CONFIG='substituters =' scripts/serve"
+README = Path(__file__).resolve().parent.parent / "README.md"
 PYTHON = {"bookworm": "3.11", "trixie": "3.13"}
+
+
+def test_the_readme_quick_start_is_what_runs_here():
+    """The README's quick start shows the two commands this module runs, word for word, as one
+    block, before the README's next section."""
+    quick_start = README.read_text().split("\n## Quick start\n", 1)[1].split("\n## ", 1)[0]
+    assert f"```sh\n{README_EXAMPLE_PKGSET}\n{README_SERVE}\n```" in quick_start
 
 
 @pytest.mark.parametrize("suite", ["bookworm", "trixie"])
@@ -28,7 +40,7 @@ def test_quick_start_on_stock_debian(suite, tmp_path):
         # Stock: git, and neither Python nor Nix.
         box.exec("command -v git && ! command -v python3 && ! command -v nix-build && [ ! -e /nix ]")
         box.copy_checkout("/src")
-        box.exec("scripts/example-pkgset /tmp/pkgs", workdir="/src", env=BUILD_USERS_ENV)
+        box.exec(README_EXAMPLE_PKGSET, workdir="/src", env=BUILD_USERS_ENV)
         assert box.exec("id -u nixbld1").stdout.strip() == BUILD_USERS_ENV["NIX_FIRST_BUILD_UID"]
         serve_and_pull_hello(box, README_SERVE, PORT, tmp_path)
 

@@ -29,9 +29,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from google.auth.credentials import AnonymousCredentials
-from google.oauth2 import service_account
 from google.cloud import storage as gcs
 
+from google_standins import Metadata, SignBlob
 from support import NIX_ENV, Server, chroot_run, free_port, oci_manifest, pull_and_unpack
 from nixery.archive import LAYER_MEDIA_TYPE, THREADS
 from nixery import config
@@ -39,7 +39,7 @@ from nixery.config import GcsConfig
 from nixery.manifest import CONFIG_MEDIA_TYPE, MANIFEST_MEDIA_TYPE
 from nixery.storage import StorageError
 from nixery.storage.filesystem import FilesystemBackend
-from nixery.storage.gcs import CHUNK_SIZE, GcsBackend, client_credentials
+from nixery.storage.gcs import CHUNK_SIZE, GcsBackend
 
 ACCOUNT = "nixery-signer@nixery-test.iam.gserviceaccount.com"
 _REQUEST_LINE = re.compile(r'"(GET|HEAD|POST|PUT|PATCH|DELETE) (\S+) HTTP/[\d.]+"')
@@ -257,14 +257,73 @@ def test_service_account_key_in_adc_signs_urls(emulator, signing_key, tmp_path, 
     assert requests.get(location.url, timeout=30).content == b"signed by adc"
 
 
-def test_the_library_keeps_a_clients_credentials_where_gcs_py_reads_them(signing_key):
-    """gcs.py reads a private attribute of the library's client (it has no public one) to sign
-    URLs with the credentials the client chose; this fails first if the library moves it."""
-    credentials = service_account.Credentials.from_service_account_info({
-        "type": "service_account", "project_id": "nixery-test", "private_key_id": "1", "client_id": "1",
-        "private_key": signing_key[0].read_text(), "client_email": ACCOUNT, "token_uri": "http://127.0.0.1:9/token"})
-    chosen = client_credentials(gcs.Client(project="nixery-test", credentials=credentials))
-    assert isinstance(chosen, service_account.Credentials) and chosen.service_account_email == ACCOUNT
+WI_ACCOUNT = "nixery-wi@nixery-test.iam.gserviceaccount.com"
+
+
+@pytest.fixture
+def workload_identity(tmp_path, signing_key) -> Iterator[tuple[Metadata, SignBlob]]:
+    """A pod's view of Google under Workload Identity: a metadata server naming WI_ACCOUNT and
+    handing out its token, and IAM's signBlob, which signs as WI_ACCOUNT with the test key."""
+    metadata = Metadata(WI_ACCOUNT).start()
+    iam = SignBlob(WI_ACCOUNT, metadata.token, signing_key[1], tmp_path / "iam").start()
+    yield metadata, iam
+    iam.stop()
+    metadata.stop()
+
+
+def workload_identity_env(emulator: Emulator, metadata: Metadata, iam: SignBlob, **extra: str) -> dict[str, str]:
+    """No key file, no GOOGLE_APPLICATION_CREDENTIALS: google-auth finds the metadata server. The
+    emulator is named as an API endpoint (its own variable would make the library anonymous)."""
+    return {"GCS_BUCKET": emulator.bucket, "API_ENDPOINT_OVERRIDE": emulator.url, **metadata.env(), **iam.env(),
+            **extra}
+
+
+def test_workload_identity_signs_blob_urls_through_iam_without_a_key(
+        start_server, emulator, pkgset, signing_key, workload_identity, tmp_path):
+    metadata, iam = workload_identity
+    server = start_server(workload_identity_env(emulator, metadata, iam, NIXERY_PKGS_PATH=str(pkgset)))
+    [ready] = [e for e in server.log_entries() if e.get("message") == "gcs bucket reachable"]
+    assert ready["signing_account"] == WI_ACCOUNT and "IAM signBlob" in ready["signing"], ready
+    assert iam.calls, "the start-up check signed through IAM"
+
+    # A real client pulls through the redirects, straight from the bucket.
+    rootfs = pull_and_unpack(server.host, "shell/hello", tmp_path)
+    assert chroot_run(rootfs, "/bin/hello") == "Hello, world!\n"
+    manifest = requests.get(f"{server.url}/v2/shell/hello/manifests/latest", timeout=60).json()
+    for layer in manifest["layers"]:
+        response = requests.get(f"{server.url}/v2/shell/hello/blobs/{layer['digest']}", allow_redirects=False,
+                                timeout=30)
+        assert response.status_code == 307
+        url = response.headers["Location"]
+        query = verify_signed_url(url, signing_key[1].public_key())
+        assert query["X-Goog-Credential"].startswith(WI_ACCOUNT + "/")
+        body = requests.get(url, timeout=30).content
+        assert "sha256:" + hashlib.sha256(body).hexdigest() == layer["digest"]
+    # Every signature came from IAM, asked with the token the metadata server gave, through HTTPS.
+    assert set(iam.calls) == {(WI_ACCOUNT, metadata.token)}
+    assert set(iam.tunnels) == {"iamcredentials.googleapis.com:443"}
+    assert metadata.tokens_issued >= 1
+
+
+@pytest.mark.parametrize("case", ["iam refuses", "another account"])
+def test_start_up_stops_when_iam_signing_cannot_work(emulator, workload_identity, tmp_path, case):
+    """An account without the right to sign as itself (IAM answers 403), or credentials that name
+    no account: Nixery stops at start-up, naming the account and what it lacks."""
+    metadata, iam = workload_identity
+    env = workload_identity_env(emulator, metadata, iam)
+    if case == "iam refuses":
+        iam.refuse = True
+    else:
+        env["GCS_SIGNING_ACCOUNT"] = "other@nixery-test.iam.gserviceaccount.com"  # not the one IAM signs as
+    server = Server(tmp_path, env)
+    result = subprocess.run([sys.executable, "-m", "nixery"], env={**server.env, **NIX_ENV}, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    account = WI_ACCOUNT if case == "iam refuses" else env["GCS_SIGNING_ACCOUNT"]
+    assert f"signed as {account} (IAM signBlob" in last and "403" in last, last
+    assert "roles/iam.serviceAccountTokenCreator" in last, last
+    assert metadata.token not in result.stderr
 
 
 def _pinned_source(pkgset: Path, directory: Path) -> tuple[str, str]:

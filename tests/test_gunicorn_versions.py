@@ -38,7 +38,7 @@ WORKER_TESTS = (
     "tests/test_gunicorn_versions.py::test_the_gunicorn_parts_nixery_uses",
     "tests/test_load.py::test_parser_errors_and_slow_heads_get_registry_json",
     "tests/test_load.py::test_slow_clients_take_no_capacity_and_one_address_is_capped",
-    "tests/test_load.py::test_a_graceful_stop_refuses_new_connections_and_finishes_builds",
+    "tests/test_load.py::test_a_graceful_stop_finishes_builds_serves_their_clients_then_refuses_connections",
     "tests/test_load.py::test_a_client_that_stops_reading_loses_its_thread",
     "tests/test_load.py::test_ranges_follow_rfc_9110_on_a_real_server",
     "tests/test_limits.py::test_health_answers_while_every_thread_would_wait_for_a_build",

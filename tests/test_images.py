@@ -206,10 +206,15 @@ def test_one_name_serves_every_platform(start_server, emulated, tmp_path):
     # (the stand-in arm64 binaries are this machine's, so they run here)
     assert chroot_run(bundle / "rootfs", "/bin/hello") == "Hello, world!\n"
 
-    # An OCI client gets an OCI index of OCI manifests.
+    # An OCI client gets an OCI index of OCI manifests; so does one that takes the index alone,
+    # and a client that takes a Docker list alone gets the list.
     index = get(server, "/v2/shell/hello/manifests/latest", f"{OCI_INDEX}, {OCI_MANIFEST}")
     assert index.headers["Content-Type"] == OCI_INDEX
     assert {e["mediaType"] for e in index.json()["manifests"]} == {OCI_MANIFEST}
+    index_only = get(server, "/v2/shell/hello/manifests/latest", OCI_INDEX)
+    assert index_only.headers["Content-Type"] == OCI_INDEX and index_only.content == index.content
+    list_only = get(server, "/v2/shell/hello/manifests/latest", MANIFEST_LIST)
+    assert list_only.headers["Content-Type"] == MANIFEST_LIST and list_only.content == listed.content
 
     # A Docker-only client still gets one Docker manifest: the first platform listed, amd64.
     docker_only = get(server, "/v2/shell/hello/manifests/latest", MANIFEST_V2)

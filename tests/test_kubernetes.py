@@ -1,8 +1,8 @@
 """deploy/kubernetes, rendered by `kubectl kustomize` as a user would, checked for what a
 cluster needs to run Nixery: the image, probes on the health endpoints, a Service in front of
 the container port, a PodDisruptionBudget that covers the pods, the Workload Identity and
-signing wiring the README describes, grace periods that let builds finish, the "restricted"
-Pod Security Standard, and the Kubernetes API's schemas (base and the README's overlays).
+signing wiring docs/kubernetes.md describes, grace periods that let builds finish, the "restricted"
+Pod Security Standard, and the Kubernetes API's schemas (base and docs/kubernetes.md's overlays).
 tests/test_container_image.py runs the Dockerfile's image as the rendered Deployment does."""
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def rendered() -> dict[str, dict]:
 
 
 def test_the_base_renders_every_object(rendered):
-    assert set(rendered) == {"Deployment", "Service", "PodDisruptionBudget", "ServiceAccount", "ConfigMap"}
+    assert set(rendered) == {"Deployment", "Service", "Ingress", "PodDisruptionBudget", "ServiceAccount", "ConfigMap"}
 
 
 def test_deployment_runs_nixerys_image_with_probes_on_the_health_endpoints(rendered):
@@ -87,17 +87,18 @@ def test_settings_are_nixerys_and_storage_is_shared(rendered):
     # Storage has a budget, collected on a schedule (one replica at a time, by the bucket's lease).
     budget = nixery_config.load({name: env[name] for name in ("NIXERY_STORAGE_LIMIT", "NIXERY_GC_INTERVAL")}).gc
     assert budget.storage_limit > 0 and budget.interval > 0
-    # Workload Identity: the pods' service account is bound to the Google account that signs.
+    # Workload Identity: the pods' service account is bound to a Google account, which signs blob
+    # URLs through IAM (tests/test_gcs.py): no key file, no Secret to create first.
     spec = rendered["Deployment"]["spec"]["template"]["spec"]
     account = rendered["ServiceAccount"]
     assert spec["serviceAccountName"] == account["metadata"]["name"]
-    assert account["metadata"]["annotations"]["iam.gke.io/gcp-service-account"] == env["GCS_SIGNING_ACCOUNT"]
-    mounts = {m["name"]: m["mountPath"] for m in nixery["volumeMounts"]}
-    assert env["GCS_SIGNING_KEY"].startswith(mounts["gcs-signing"] + "/")
+    assert account["metadata"]["annotations"]["iam.gke.io/gcp-service-account"].endswith(".iam.gserviceaccount.com")
+    assert not {"GCS_SIGNING_KEY", "GCS_SIGNING_ACCOUNT"} & set(env)
+    assert not [volume for volume in spec["volumes"] if "secret" in volume]
 
 
 def test_an_overlay_sets_image_and_bucket(tmp_path, rendered):
-    """What the README tells users to write: an overlay over the base."""
+    """What docs/kubernetes.md tells users to write: an overlay over the base."""
     overlay = tmp_path / "overlay"
     overlay.mkdir()
     (overlay / "kustomization.yaml").write_text(
@@ -144,7 +145,7 @@ def test_a_rollout_lets_the_builds_in_flight_finish(rendered):
 
 
 def test_an_overlay_changes_the_grace_period_in_one_place(tmp_path):
-    """What the README tells users to write to give builds longer: the new NIXERY_GRACE_PERIOD
+    """What docs/kubernetes.md tells users to write to give builds longer: the new NIXERY_GRACE_PERIOD
     (and NIX_TIMEOUT) in the ConfigMap, and the component that copies it into the pods."""
     overlay = tmp_path / "overlay"
     overlay.mkdir()
@@ -154,23 +155,33 @@ def test_an_overlay_changes_the_grace_period_in_one_place(tmp_path):
         f"components:\n  - {os.path.relpath(BASE / 'grace-period', overlay)}\n"
         "configMapGenerator:\n  - name: nixery-config\n    behavior: merge\n    literals:\n"
         "      - NIX_TIMEOUT=900\n      - NIXERY_GRACE_PERIOD=1080\n")
-    loaded, pre_stop, termination = _grace(render(overlay))
+    objects = render(overlay)
+    loaded, pre_stop, termination = _grace(objects)
     assert loaded.nix_timeout == 900 and termination == loaded.server.grace_period == 1080
     assert termination >= pre_stop + loaded.limits.eval_timeout + loaded.nix_timeout + UPLOAD_MARGIN
+    assert _ingress_timeouts(objects) == (1080, 1080), "the Ingress waits for builds as long"
 
 
 # The oldest Kubernetes release still supported upstream when this was written, and the newest
 # schemas kubernetes-validate ships: the base must be valid for both.
 SCHEMA_VERSIONS = ("1.32.0", "latest")
-README_OVERLAY_MARK = "# kustomization.yaml of your overlay"
+OVERLAY_MARK = "# kustomization.yaml of your overlay"
 
 
-def readme_overlays() -> list[str]:
-    """The overlays the README's Kubernetes section shows (YAML blocks, indented in a list item or
-    not, starting with the mark)."""
-    text = (ROOT / "README.md").read_text()
+def overlays_in(document: Path) -> list[str]:
+    """The overlays a Markdown document shows (YAML blocks, indented in a list item or not,
+    starting with the mark)."""
+    text = document.read_text()
     blocks = [textwrap.dedent(body) for body in re.findall(r"^ *```yaml\n(.*?)^ *```", text, flags=re.S | re.M)]
-    return [block for block in blocks if block.startswith(README_OVERLAY_MARK)]
+    return [block for block in blocks if block.startswith(OVERLAY_MARK)]
+
+
+def documented_overlays() -> list[str]:
+    """The overlays docs/kubernetes.md shows."""
+    return overlays_in(ROOT / "docs" / "kubernetes.md")
+
+
+OPERATIONS = ROOT / "docs" / "kubernetes-operations.md"
 
 
 def _schema_errors(documents: list[dict]) -> list[str]:
@@ -187,21 +198,28 @@ def _schema_errors(documents: list[dict]) -> list[str]:
     return errors
 
 
-def test_the_readme_shows_overlays():
-    assert len(readme_overlays()) >= 3
+def test_the_docs_show_overlays():
+    assert len(documented_overlays()) >= 3
 
 
-@pytest.mark.parametrize("which", ["base", "filesystem", *(f"readme-{i}" for i in range(len(readme_overlays())))])
+def test_the_operations_guide_shows_overlays():
+    assert len(overlays_in(OPERATIONS)) >= 4
+
+
+@pytest.mark.parametrize("which", ["base", "filesystem", *(f"docs-{i}" for i in range(len(documented_overlays()))),
+                                   *(f"operations-{i}" for i in range(len(overlays_in(OPERATIONS))))])
 def test_rendered_objects_validate_against_the_kubernetes_schemas(which, tmp_path):
     """Offline, with kubernetes-validate's copies of the API's OpenAPI schemas, strict (no
-    field the API does not know): the base, and each overlay of the README where it says
-    `../nixery/` for a checkout of this repository, and the filesystem overlay."""
+    field the API does not know): the base, and each overlay of docs/kubernetes.md and of
+    docs/kubernetes-operations.md where it says `../nixery/` for a checkout of this repository,
+    and the filesystem overlay."""
     if which in ("base", "filesystem"):
         directory = BASE if which == "base" else FILESYSTEM
     else:
         directory = tmp_path / "overlay"
         directory.mkdir()
-        text = readme_overlays()[int(which.split("-")[1])]
+        kind, number = which.split("-")
+        text = (documented_overlays() if kind == "docs" else overlays_in(OPERATIONS))[int(number)]
         (directory / "kustomization.yaml").write_text(
             text.replace("../nixery/", os.path.relpath(ROOT, directory) + "/"))
     documents = render_documents(directory)
@@ -279,6 +297,15 @@ def test_replicas_prefer_different_nodes(rendered):
     assert term["podAffinityTerm"]["labelSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
 
 
+def secret_mount(objects: dict[str, dict], secret: str) -> str:
+    """Where the container mounts the Secret `secret`: read-only, readable by the pod's group only."""
+    mounts = {m["name"]: m for m in container(objects)["volumeMounts"]}
+    volumes = {v["name"]: v for v in objects["Deployment"]["spec"]["template"]["spec"]["volumes"]}
+    (name,) = [n for n, v in volumes.items() if v.get("secret", {}).get("secretName") == secret]
+    assert mounts[name]["readOnly"] and volumes[name]["secret"]["defaultMode"] == 0o440
+    return mounts[name]["mountPath"]
+
+
 @pytest.mark.parametrize("under", [BASE, FILESYSTEM], ids=["base", "filesystem"])
 def test_the_htpasswd_component_gives_logins(under, tmp_path):
     """An overlay listing deploy/kubernetes/htpasswd: Nixery reads the mounted Secret's file (here a
@@ -292,17 +319,71 @@ def test_the_htpasswd_component_gives_logins(under, tmp_path):
         f"resources:\n  - {os.path.relpath(under, overlay)}\n"
         f"components:\n  - {os.path.relpath(BASE / 'htpasswd', overlay)}\n")
     objects = render(overlay)
-    nixery = container(objects)
     env = settings(objects)
-    mounts = {m["name"]: m for m in nixery["volumeMounts"]}
-    volumes = {v["name"]: v for v in objects["Deployment"]["spec"]["template"]["spec"]["volumes"]}
-    (name,) = [n for n, v in volumes.items() if v.get("secret", {}).get("secretName") == "nixery-htpasswd"]
-    assert mounts[name]["readOnly"] and volumes[name]["secret"]["defaultMode"] == 0o440
-    relative = Path(env["NIXERY_HTPASSWD"]).relative_to(mounts[name]["mountPath"])
+    relative = Path(env["NIXERY_HTPASSWD"]).relative_to(secret_mount(objects, "nixery-htpasswd"))
     secret = tmp_path / "secret"
     secret.mkdir()
     (secret / relative).write_text("alice:" + bcrypt.hashpw(b"wonderland", bcrypt.gensalt(4)).decode() + "\n")
     env = {k: v for k, v in env.items() if not k.startswith(("GCS_", "BUCKET"))}
     loaded = nixery_config.load({**env, "NIXERY_HTPASSWD": str(secret / relative)})
     assert loaded.auth.level.value == "all" and [user for user, _ in loaded.auth.htpasswd] == ["alice"]
+    assert _schema_errors(render_documents(overlay)) == []
+
+
+def _ingress_timeouts(objects: dict[str, dict]) -> tuple[int, int]:
+    annotations = objects["Ingress"]["metadata"]["annotations"]
+    return (int(annotations["nginx.ingress.kubernetes.io/proxy-read-timeout"]),
+            int(annotations["nginx.ingress.kubernetes.io/proxy-send-timeout"]))
+
+
+def test_the_ingress_terminates_tls_and_waits_for_builds(rendered):
+    """Docker needs TLS; ingress-nginx's timeouts (60 s by default) must outlast an evaluation, a
+    build and the upload, as the grace period does: they are that one number, here and in an
+    overlay that changes it."""
+    ingress = rendered["Ingress"]["spec"]
+    (rule,) = ingress["rules"]
+    (tls,) = ingress["tls"]
+    assert tls["hosts"] == [rule["host"]] and tls["secretName"]
+    (path,) = rule["http"]["paths"]
+    assert (path["path"], path["pathType"]) == ("/", "Prefix")
+    service = rendered["Service"]
+    assert path["backend"]["service"] == {"name": service["metadata"]["name"], "port": {"name": "http"}}
+    assert [port["name"] for port in service["spec"]["ports"]] == ["http"]
+    assert rendered["Ingress"]["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"
+    for objects in (rendered, render(FILESYSTEM)):
+        loaded, _, termination = _grace(objects)
+        for timeout in _ingress_timeouts(objects):
+            assert timeout == loaded.server.grace_period == termination
+            assert timeout >= loaded.limits.eval_timeout + loaded.nix_timeout + UPLOAD_MARGIN
+    # (An overlay that changes the grace period changes these too: the test above.)
+
+
+@pytest.mark.parametrize("under", [BASE, FILESYSTEM], ids=["base", "filesystem"])
+def test_the_token_auth_component_gives_token_logins(under, tmp_path):
+    """An overlay listing deploy/kubernetes/token-auth and naming its token service in the
+    ConfigMap: Nixery reads the public keys from the mounted Secret (here a real key where the
+    Secret would be mounted) and asks every pull for a token."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        f"resources:\n  - {os.path.relpath(under, overlay)}\n"
+        f"components:\n  - {os.path.relpath(BASE / 'token-auth', overlay)}\n"
+        "configMapGenerator:\n  - name: nixery-config\n    behavior: merge\n    literals:\n"
+        "      - NIXERY_TOKEN_REALM=https://auth.example.org/token\n      - NIXERY_TOKEN_SERVICE=nixery.example.org\n"
+        "      - NIXERY_TOKEN_ISSUER=auth.example.org\n")
+    objects = render(overlay)
+    env = settings(objects)
+    relative = Path(env["NIXERY_TOKEN_PUBLIC_KEY"]).relative_to(secret_mount(objects, "nixery-token"))
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / relative).write_bytes(ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    env = {k: v for k, v in env.items() if not k.startswith(("GCS_", "BUCKET"))}
+    loaded = nixery_config.load({**env, "NIXERY_TOKEN_PUBLIC_KEY": str(secret / relative)})
+    assert loaded.auth.level.value == "all" and len(loaded.auth.token.public_keys) == 1
+    assert loaded.auth.token.realm == "https://auth.example.org/token"
     assert _schema_errors(render_documents(overlay)) == []

@@ -81,7 +81,12 @@ def test_slow_clients_take_no_capacity_and_one_address_is_capped(start_server, p
             s.close()
 
 
-def test_a_graceful_stop_refuses_new_connections_and_finishes_builds(start_server, pkgset, tmp_path):
+def test_a_graceful_stop_finishes_builds_serves_their_clients_then_refuses_connections(start_server, pkgset,
+                                                                                       tmp_path):
+    """SIGTERM during a build: the build finishes and its client is answered; meanwhile the server
+    answers what needs no build (the build's client asks for blobs next) but starts no build
+    (503 with Retry-After); once nothing has been in flight for the keep-alive time (5 s), new
+    connections are refused. An idle server refuses them at once."""
     packages = small_set(tmp_path / "set", pkgset, seconds=4)
     server = start_server({"NIXERY_PKGS_PATH": str(packages)})
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
@@ -89,14 +94,34 @@ def test_a_graceful_stop_refuses_new_connections_and_finishes_builds(start_serve
         time.sleep(1.5)
         server.terminate()
         time.sleep(0.5)
-        with pytest.raises(requests.ConnectionError):
-            requests.get(f"{server.url}/v2/", timeout=2)
+        assert requests.get(f"{server.url}/v2/", timeout=5).status_code == 200
+        refused = requests.get(f"{server.url}/v2/hello/manifests/latest", timeout=30)
+        assert refused.status_code == 503 and refused.headers["Retry-After"] == "10", refused.text
+        assert errors_of(refused)[0]["code"] == "UNAVAILABLE" and "stopping" in errors_of(refused)[0]["message"]
         response = building.result()
+        answered = time.monotonic()
     assert response.status_code == 200 and response.json()["layers"]
+    for layer in response.json()["layers"]:
+        assert requests.get(f"{server.url}/v2/sleepy/blobs/{layer['digest']}", timeout=30).status_code == 200
+    assert time.monotonic() - answered < 5, "the blobs were asked for within the keep-alive time"
+    time.sleep(5 + 2)  # the keep-alive time without a request (and a turn of each worker's loop)
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{server.url}/v2/", timeout=2)
     assert server.wait()
-    waits = [e for e in server.log_entries() if e.get("message") == "stopping: waiting for requests in flight"]
+    entries = server.log_entries()
+    waits = [e for e in entries if e.get("message") == "stopping: waiting for requests in flight"]
     assert waits and any("/v2/sleepy/manifests/latest" in r for w in waits for r in w["requests"])
+    assert not [e for e in entries if e.get("message") == "build started" and e.get("image") == "hello"]
     all_log_lines_are_json(server)
+
+    idle = start_server({"NIXERY_PKGS_PATH": str(packages)})
+    assert requests.get(f"{idle.url}/v2/", timeout=5).status_code == 200
+    time.sleep(1)  # that request over, connection closed and all
+    idle.terminate()
+    time.sleep(0.5)
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{idle.url}/v2/", timeout=2)
+    assert idle.wait()
 
 
 def test_a_client_that_stops_reading_loses_its_thread(start_server, pkgset, tmp_path):

@@ -1,5 +1,6 @@
-"""The Nix packaging (default.nix, flake.nix, flake.lock, module.nix) and the README's
-configuration table, checked against nixery.config.VARIABLES.
+"""The Nix packaging (default.nix, flake.nix, flake.lock, module.nix) and the documents that
+describe it: docs/configuration.md's table, checked against nixery.config.VARIABLES, the README's
+deployment entry points, and docs/nix.md's lock and nixpkgs' versions at it.
 
 module.nix is evaluated by nixpkgs' real `lib.evalModules`, taken from NIXPKGS_LIB or
 `../shared/nixpkgs-lib` (skipped, with that reason, when neither exists). Only the NixOS
@@ -37,6 +38,7 @@ from support import nixpkgs_lib, requirement_names, setup_py_arguments
 ROOT = Path(__file__).resolve().parent.parent
 NIX_DIR = Path(__file__).resolve().parent / "nix"
 README = ROOT / "README.md"
+DOCS = ROOT / "docs"
 SYSTEMS = ("x86_64-linux", "aarch64-linux")
 VARIABLES = {v.name: v for v in nixery_config.VARIABLES}
 
@@ -467,8 +469,9 @@ def test_module_nginx_front():
     ({"storage": {"backend": "gcs"}}, "needs services.nixery.bucket"),
     ({"bucket": "my-bucket"}, "only used with storage.backend"),
     ({"storage": {"backend": "gcs"}, "bucket": "my-bucket", "signing": {"keyFile": "/run/k.pem"}},
-     "signing.keyFile and signing.account together"),
+     "signing.keyFile needs signing.account"),
     ({"signing": {"keyFile": "/run/k.pem", "account": "a@b.c"}}, "only apply to a bucket"),
+    ({"signing": {"account": "a@b.c"}}, "only apply to a bucket"),
     ({"gcs": {"credentialsFile": "/run/k.json"}}, "gcs.credentialsFile only applies to a bucket"),
     ({"storage": {"path": "relative/dir"}}, "absolute"),
     ({"sshKeyFile": "/nix/store/00000000000000000000000000000000-key"}, "outside the Nix store"),
@@ -584,52 +587,54 @@ def test_module_package_is_this_repositorys_even_when_pkgs_has_a_nixery():
 
 # ------------------------------------------------------------------ README --
 
-def readme_section(title: str) -> str:
-    text = README.read_text()
-    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", text, re.S | re.M)
-    assert match, f"README.md has no '## {title}' section"
-    return match.group(1)
+def section(path: Path, title: str) -> str:
+    """The text under the heading `title` (of any level) of a Markdown file, up to the next
+    heading of the same or a higher level (lines in code blocks are not headings)."""
+    lines = path.read_text().splitlines(keepends=True)
+    heading = re.compile(r"^(#+) (.*)\n")
+    body, level, fenced = [], None, False
+    for line in lines:
+        fenced ^= line.lstrip().startswith("```")
+        match = None if fenced else heading.match(line)
+        if level is None:
+            if match and match.group(2) == title:
+                level = len(match.group(1))
+        elif match and len(match.group(1)) <= level:
+            break
+        else:
+            body.append(line)
+    assert level is not None, f"{path.relative_to(ROOT)} has no '{title}' heading"
+    return "".join(body)
 
 
-def readme_rows() -> list[tuple[str, str, str]]:
-    rows = []
-    for line in readme_section("Configuration").splitlines():
-        cells = [c.strip() for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
-        if len(cells) == 3 and cells[0].startswith("`"):
-            rows.append(tuple(cells))
-    return rows
+def variables_table_script():
+    """scripts/variables-table, which writes docs/configuration.md's table from VARIABLES."""
+    from importlib.machinery import SourceFileLoader
+    from importlib.util import module_from_spec, spec_from_loader
+
+    loader = SourceFileLoader("variables_table", str(ROOT / "scripts/variables-table"))
+    module = module_from_spec(spec_from_loader(loader.name, loader))
+    loader.exec_module(module)
+    return module
 
 
-def expected_row(var: nixery_config.Variable) -> tuple[str, str, str]:
-    if var.default is None:
-        default = "—"
-    elif var.default == "":
-        default = "(empty)"
-    else:
-        default = f"`{var.default}`"
-    meaning = var.help.replace("|", "\\|") + (" Secret: never logged." if var.secret else "")
-    return (f"`{var.name}`", default, meaning)
-
-
-def expected_table() -> str:
-    lines = ["| Variable | Default | Meaning |", "| --- | --- | --- |"]
-    lines += ["| " + " | ".join(expected_row(v)) + " |" for v in nixery_config.VARIABLES]
-    return "\n".join(lines)
-
-
-def test_readme_configuration_table_is_variables():
-    rows = readme_rows()
-    names = [r[0].strip("`") for r in rows]
+def test_configuration_table_is_variables():
+    script = variables_table_script()
+    text = section(DOCS / "configuration.md", "Configuration")
+    written = script.written_table(text)
+    rows = [[c.strip() for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]] for line in written.splitlines()[2:]]
+    names = [cells[0].strip("`") for cells in rows]
     assert set(names) == nixery_config.VARIABLE_NAMES and len(names) == len(set(names)), (
-        f"README table and VARIABLES differ: only in README {sorted(set(names) - nixery_config.VARIABLE_NAMES)}, "
-        f"only in VARIABLES {sorted(nixery_config.VARIABLE_NAMES - set(names))}; "
-        f"the table should read:\n{expected_table()}")
-    assert rows == [expected_row(v) for v in nixery_config.VARIABLES], (
-        f"README table is out of date; it should read:\n{expected_table()}")
+        f"docs/configuration.md's table and VARIABLES differ: only in the table "
+        f"{sorted(set(names) - nixery_config.VARIABLE_NAMES)}, only in VARIABLES "
+        f"{sorted(nixery_config.VARIABLE_NAMES - set(names))}; run python3 scripts/variables-table --write")
+    assert all(VARIABLES[cells[0].strip("`")].help.replace("|", "\\|") in cells[2] for cells in rows)
+    assert written == script.table(), (
+        "docs/configuration.md's table is out of date: run python3 scripts/variables-table --write")
 
 
 def test_readme_deployment_names_the_ways():
-    text = readme_section("Deployment")
+    text = section(README, "Deployment")
     assert "nix run" in text
     assert "services.nixery" in text and "nixosModules.default" in text
     assert ".#image" in text and "docker" in text
@@ -646,7 +651,7 @@ def test_flake_lock_pins_the_input_of_flake_nix():
     assert node["original"] == {"owner": "NixOS", "repo": "nixpkgs", "ref": "nixos-unstable", "type": "github"}
     assert re.fullmatch(r"[0-9a-f]{40}", node["locked"]["rev"])
     assert re.fullmatch(r"sha256-[A-Za-z0-9+/]{43}=", node["locked"]["narHash"])
-    assert node["locked"]["rev"] in README.read_text(), "the README names the locked revision"
+    assert node["locked"]["rev"] in (DOCS / "nix.md").read_text(), "docs/nix.md names the locked revision"
 
 
 @needs_lib
@@ -707,14 +712,14 @@ def test_flake_package_app_overlay_and_module():
 
 
 def test_locked_nixpkgs_meets_every_runtime_requirement():
-    """The README's table of nixpkgs' versions at the locked revision (for the revision
+    """docs/nix.md's table of nixpkgs' versions at the locked revision (for the revision
     flake.lock names) covers setup.py's runtime requirements as setup.py states them, and
     every version it gives for the lock meets them: nixpkgs' build refuses a package whose
     installed dependencies do not."""
     locked = json.loads((ROOT / "flake.lock").read_text())["nodes"]["nixpkgs"]["locked"]["rev"]
-    text = readme_section("Deployment")
+    text = (DOCS / "nix.md").read_text()
     marker = f"<!-- nixpkgs versions at {locked} -->"
-    assert marker in text, f"README.md's table of nixpkgs versions is not for the locked revision {locked}"
+    assert marker in text, f"docs/nix.md's table of nixpkgs versions is not for the locked revision {locked}"
     rows = {}
     for line in text.split(marker, 1)[1].strip().splitlines():
         if not line.startswith("|"):
@@ -728,7 +733,7 @@ def test_locked_nixpkgs_meets_every_runtime_requirement():
     assert {canonicalize_name(r.name) for r in requirements} == set(rows)
     for requirement in requirements:
         stated, versions = rows[canonicalize_name(requirement.name)]
-        assert stated == requirement.specifier, f"README says {requirement.name}{stated}, setup.py {requirement}"
+        assert stated == requirement.specifier, f"docs/nix.md says {requirement.name}{stated}, setup.py {requirement}"
         assert versions and all(requirement.specifier.contains(v) for v in versions), (
             f"nixpkgs at {locked[:7]} has {requirement.name} {' or '.join(versions)}; setup.py asks {requirement}")
 

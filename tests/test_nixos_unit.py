@@ -241,8 +241,8 @@ def test_stop_during_a_long_build_lets_it_finish(box, tmp_path):
     running when the unit is stopped finishes: Nixery stores the image and exits by itself
     (systemd neither kills it at the stop timeout nor signals the Nix client: KillMode=mixed),
     and once started again the unit serves the image without running the build again.
-    (The stopping worker answers the waiting request only; a client's next requests go to the
-    restarted unit: see tests/test_container_image.py's rollout test.)"""
+    (That the waiting client's next requests are answered by the stopping server is shown in
+    tests/test_container_image.py's rollout test.)"""
     start_unit(box, {"pkgsPath": "/srv/pkgs", "nixTimeout": 120})
     assert "TimeoutStopUSec=2min 30s" in box.exec("systemctl show nixery.service -p TimeoutStopUSec").stdout
     base = f"http://127.0.0.1:{box.port(8080)}"

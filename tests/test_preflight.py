@@ -111,6 +111,27 @@ def test_full_storage_is_a_warning(tmp_path):
     assert any("is full" in w and "503" in w for w in warnings(result)), result.stderr
 
 
+@pytest.mark.parametrize("volume", ["tmpfs", "emptyDir", "persistent"])
+def test_storage_only_this_instance_can_see_is_a_warning(tmp_path, volume):
+    """STORAGE_PATH on a tmpfs, or bind-mounted from a kubelet's emptyDir directory as a pod gets
+    it: start-up warns that replicas cannot share it; on a volume of its own (a bind mount from
+    elsewhere, as a PersistentVolumeClaim or Docker volume is), nothing is said."""
+    storage = tmp_path / "storage"
+    storage.mkdir()
+    source = tmp_path / {"emptyDir": "kubelet/pods/0a1b/volumes/kubernetes.io~empty-dir/state",
+                         "persistent": "kubelet/pods/0a1b/volumes/kubernetes.io~csi/pvc-1/mount"}.get(volume, "")
+    source.mkdir(parents=True, exist_ok=True)
+    mount = f"mount -t tmpfs tmpfs {storage}" if volume == "tmpfs" else f"mount --bind {source} {storage}"
+    result = check_config(nixery_env(tmp_path), f"{mount}\n{_storage_dirs(storage)}")
+    assert result.returncode == 0, result.stderr
+    told = [w for w in warnings(result) if f"STORAGE_PATH={storage}" in w]
+    if volume == "persistent":
+        assert told == [], result.stderr
+    else:
+        expected = "a tmpfs" if volume == "tmpfs" else "a Kubernetes emptyDir volume"
+        assert len(told) == 1 and f"is on {expected}" in told[0] and "single replica" in told[0], result.stderr
+
+
 def test_package_path_without_default_nix(tmp_path):
     empty = tmp_path / "empty-set"
     empty.mkdir()

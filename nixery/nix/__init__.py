@@ -61,6 +61,25 @@ _BUILDER_FAILED = re.compile(r"builder for '(/nix/store/[^']+\.drv)' failed with
 _BUILDER_TIMED_OUT = re.compile(r"building of '(/nix/store/[^'!]+\.drv)[^']*' from \.drv file timed out")
 # What Nix says when an allocation fails (Boehm GC's out-of-memory handler, or a C++ allocation).
 _OUT_OF_MEMORY = re.compile(r"error: out of memory|std::bad_alloc")
+# Failures of an evaluation that are not the package set's code: a download, the daemon, the
+# machine's resources. Each with what the operator should do (the log says it).
+_NOT_THE_CODE = (
+    (re.compile(r"unable to download|cannot download|Couldn't resolve host|Couldn't connect|HTTP error \d+"),
+     "a download failed: check that this machine reaches the URL Nix names (nix_log), and the URL itself"),
+    (re.compile(r"cannot connect to socket|daemon-socket|Connection reset|Broken pipe"),
+     "Nix could not talk to its daemon: check that nix-daemon runs and that the service user may use it"),
+    (re.compile(r"No space left on device|Disk quota exceeded"),
+     "the Nix store's disk is full: free space (nix-collect-garbage) or grow the disk"),
+    (re.compile(r"Cannot allocate memory|Too many open files|Resource temporarily unavailable|"
+                r"Permission denied|database is locked|SQLite"),
+     "Nix failed for a reason of this machine (nix_log): fix that, the next pull retries"),
+    (re.compile(r"due to signal|Killed"),
+     "a builder was killed (the kernel's out-of-memory killer? see the kernel log); the next pull retries"),
+    (re.compile(r"is not installed or not on PATH"), "install Nix, or put it on the service's PATH"),
+)
+# Where Nix points in the code ("at /nix/store/...-source/pkgs/foo.nix:3:5:").
+_POSITION = re.compile(r"^\s*at (/\S+):(\d+):(\d+):?\s*$", re.MULTILINE)
+_STORE_PREFIX = re.compile(r"^/nix/store/[0-9a-z]{32}-[^/]+/")
 # Names `explain` asks Nix about, at most: one evaluation each, only for failed requests.
 EXPLAINED_MAX = 3
 # Who hears the stderr lines of the Nix processes this thread runs (the builder, for the log and the page).
@@ -91,8 +110,8 @@ class BuildFailed(DerivationFailed):
 
 
 class BuildTimedOut(DerivationFailed):
-    """A derivation's builder ran or stayed silent longer than NIX_TIMEOUT (Nix stopped it):
-    a fault of the instance's bounds (a 5xx), met again by the same derivation."""
+    """A derivation's builder ran or stayed silent longer than NIX_TIMEOUT (Nix stopped it): the
+    same derivation meets the same bound again, so the request is refused with the reason (a 4xx)."""
 
 
 class EvaluationLimit(NixError):
@@ -114,6 +133,17 @@ class EvalBounds:
     seconds: int = 60
 
 
+class EvaluationFailed(NixError):
+    """The package set's own code does not evaluate (a syntax error, an undefined variable, a throw
+    outside any package), as opposed to Nix or the machine failing (a download, the daemon, the
+    disk). `pinned`: the revision is fixed (a commit), so every retry fails the same way and the
+    client is told why (a 4xx); a local directory or a channel name is the operator's to fix (a 5xx)."""
+
+    def __init__(self, reason: str, log_text: str, pinned: bool = False):
+        super().__init__(reason, log_text)
+        self.pinned = pinned
+
+
 class Forbidden(NixError):
     """The evaluation reached outside what it may read or fetch (`confine`): the package set's
     code asked for a file or URL of the server, and will ask again (a 4xx)."""
@@ -125,9 +155,11 @@ class UnknownPackages(Exception):
     the evaluation listed, and `suggestions` is filled in by whoever holds the name index."""
 
     def __init__(self, names: Sequence[str], stopped_in: Optional[Mapping[str, str]] = None,
-                 listed: Optional[Mapping[str, Sequence[str]]] = None):
+                 listed: Optional[Mapping[str, Sequence[str]]] = None, declared_by: str = ""):
+        """`declared_by`: the declared image whose declaration names them ("" for an image name's)."""
         super().__init__(", ".join(names))
         self.names = tuple(names)
+        self.declared_by = declared_by
         self.stopped_in = dict(stopped_in or {})
         self.listed = dict(listed or {})
         self.suggestions: dict[str, list[str]] = {}
@@ -165,11 +197,16 @@ class UnsupportedSystem(Exception):
 class Resolved(dict):
     """Name -> output path of every name that resolved, carrying what builds them:
     `derivations` maps each name to "<drv>!<output>", which `nix-store --realise`
-    builds without evaluating the package set a second time."""
+    builds without evaluating the package set a second time. `declared` is the set's
+    declaration of the image (raw data of the set's code, None when the name is not declared);
+    `main_program` the `meta.mainProgram` of an image of one package, if the set gives one."""
 
-    def __init__(self, packages: Mapping[str, str], derivations: Mapping[str, str]):
+    def __init__(self, packages: Mapping[str, str], derivations: Mapping[str, str],
+                 declared: object = None, main_program: object = None):
         super().__init__(packages)
         self.derivations = dict(derivations)
+        self.declared = declared
+        self.main_program = main_program
 
 
 @dataclasses.dataclass(frozen=True)
@@ -336,6 +373,8 @@ class Nix:
             if bounds.memory and _OUT_OF_MEMORY.search(e.log):
                 raise EvaluationLimit(f"{what} needed more than {format_size(bounds.memory)} of memory, this "
                                       "instance's limit (NIXERY_EVAL_MEMORY)", e.log, "NIXERY_EVAL_MEMORY") from None
+            if type(e) is NixError and e.log and _machine_fault(e.log) is None:
+                raise EvaluationFailed(in_the_set(e.reason, args) + code_position(e.log, args), e.log) from None
             raise
 
     def systems(self) -> Optional[tuple[str, ...]]:
@@ -371,7 +410,7 @@ class Nix:
                 "--argstr", "allowUnfree", "true" if self.allow_unfree else "false"]
 
     def resolve(self, names: Sequence[str], optional: Sequence[str], source: SourceArgs,
-                system: str, listed: Sequence[str] = ()) -> Resolved:
+                system: str, listed: Sequence[str] = (), declarable: str = "") -> Resolved:
         """Name -> output path for every name that resolved; raises UnknownPackages listing all others
         (with the names of the sets they stopped in, except the `listed` ones the caller holds),
         UnavailablePackages for names the set refuses (nixpkgs' reasons), UnsupportedSystem when
@@ -379,22 +418,35 @@ class Nix:
 
         The image's one evaluation of the package set: read-write mode writes the derivations
         to the store, and `build` realises them. Only a name that fails with an error of its own
-        (an alias that throws "has been removed") costs one more evaluation, to read that error."""
+        (an alias that throws "has been removed") costs one more evaluation, to read that error.
+
+        `declarable`: the image's name when the set may declare it (nixery/declared.py); when it
+        does, the declaration's packages are resolved instead of `names`."""
         raw = self._evaluate(["nix-instantiate", "--eval", "--strict", "--json", "--read-write-mode", "-A", "resolve",
                               *self._helper_args(names, optional, source, system),
-                              "--argstr", "listed", json.dumps(list(listed))],
+                              "--argstr", "listed", json.dumps(list(listed)), "--argstr", "image", declarable],
                              f"evaluating {source.description}")
         data = json.loads(raw)
         if data.get("unsupported"):
             raise UnsupportedSystem(data["unsupported"], system)
-        unknown = (UnknownPackages(data["unknown"], data.get("stoppedIn"), data.get("names"))
+        unknown = (UnknownPackages(data["unknown"], data.get("stoppedIn"), data.get("names"),
+                                   declarable if data.get("declaredImage") is not None else "")
                    if data["unknown"] else None)
         if data.get("problems"):
             problems = [Problem(p["name"], p["kind"], p["detail"]) for p in data["problems"]]
             raise UnavailablePackages(self._explained(problems, source, system), unknown)
         if unknown:
             raise unknown
-        return Resolved(data["packages"], data["derivations"])
+        return Resolved(data["packages"], data["derivations"], data.get("declaredImage"), data.get("mainProgram"))
+
+    def declared_images(self, source: SourceArgs, system: str) -> object:
+        """The set's declared images as raw data of its code ({"images": ...} or {"error": ...}),
+        for nixery/declared.py to check: one evaluation of nixery-images.nix, under the same
+        confinement and bounds as an image's."""
+        raw = self._evaluate(["nix-instantiate", "--eval", "--strict", "--json", "-A", "declared",
+                              *self._helper_args([], [], source, system)],
+                             f"listing the declared images of {source.description}")
+        return json.loads(raw)
 
     def _explained(self, problems: Sequence[Problem], source: SourceArgs, system: str) -> list[Problem]:
         """Names that throw get the set's own message: `explain` evaluates each without catching
@@ -441,7 +493,7 @@ class Nix:
         substitute = binary_cache.substituter_options(self.cache) if self.cache else []
         try:
             self.realise(sorted(set(resolved.derivations.values())), roots=roots, options=substitute)
-        except BuildFailed as e:
+        except DerivationFailed as e:
             raise as_seen_by(e, resolved) from None
         outputs = {n: resolved[n] for n in list(names) + list(optional) if n in resolved}
         paths = sorted(set(outputs.values()))
@@ -510,13 +562,68 @@ class Nix:
         return found
 
 
-def as_seen_by(error: BuildFailed, resolved: Resolved) -> BuildFailed:
+def as_seen_by(error: DerivationFailed, resolved: Resolved) -> DerivationFailed:
     """`error` as the image of `resolved` sees it: naming its requested package whose build
-    failed, or saying that a dependency's did (Nix's own line follows)."""
+    failed or timed out, or saying that a dependency's did (Nix's own line follows, with the
+    derivation's path)."""
     nix_line = first_error_line(error.log).removeprefix("error:").strip()
     names = sorted(name for name, drv in resolved.derivations.items() if drv.split("!")[0] == error.derivation)
-    reason = f"{names[0]} failed to build: {nix_line}" if names else f"a dependency failed to build: {nix_line}"
-    return BuildFailed(reason, error.log, error.derivation)
+    what = names[0] if names else "a dependency"
+    if isinstance(error, BuildTimedOut):
+        return BuildTimedOut(f"{what} did not finish building within this instance's build timeout (NIX_TIMEOUT): "
+                             f"{nix_line}", error.log, error.derivation)
+    return type(error)(f"{what} failed to build: {nix_line}", error.log, error.derivation)
+
+
+def _machine_fault(text: str) -> Optional[str]:
+    """What the operator should do about a failure of Nix that is not the package set's code
+    (a download, the daemon, the machine), or None when `text` (Nix's log) shows none of those."""
+    for pattern, todo in _NOT_THE_CODE:
+        if pattern.search(text):
+            return todo
+    return None
+
+
+def advice(error: NixError) -> Optional[str]:
+    """What the operator should do about `error`, for a failure that is theirs or transient (a
+    5xx: the client is told nothing more than "500"); None for one that the same request meets
+    again (a 4xx, whose reason the client is told)."""
+    if isinstance(error, (DerivationFailed, EvaluationLimit, Forbidden)):
+        return None
+    if isinstance(error, EvaluationFailed):
+        return None if error.pinned else ("the package set does not evaluate (Nix's message and position: "
+                                          "nix_log): fix its code, or configure a source that evaluates; "
+                                          "every pull fails until then")
+    if error.timed_out:
+        return "Nix did not answer within NIX_TIMEOUT: check this machine's load and the nix-daemon"
+    return _machine_fault(f"{error.reason}\n{error.log}") or "Nix failed (nix_log says why): fix that, the next pull retries"
+
+
+def _set_directories(args: Sequence[str]) -> list[str]:
+    """The directories among a command's arguments (the package set's, as `--argstr srcArgs`)."""
+    return [a.rstrip("/") + "/" for a in args if a.startswith("/") and Path(a).is_dir()]
+
+
+def in_the_set(text: str, args: Sequence[str]) -> str:
+    """`text` with the package set's directory left out of the paths it names (a git checkout's is
+    the server's own: `getting status of 'pkgs/nope.nix'`, not of '/var/lib/...')."""
+    for directory in _set_directories(args):
+        text = text.replace(directory, "")
+    return text
+
+
+def code_position(log_text: str, args: Sequence[str]) -> str:
+    """` (at default.nix:1:8)`: where Nix's log points in the package set's code, relative to the
+    set (a path outside it, or none, gives nothing: the client is not told the server's paths)."""
+    match = _POSITION.search(_ANSI.sub("", log_text))
+    if not match:
+        return ""
+    path, line, column = match.groups()
+    for directory in _set_directories(args):
+        if path.startswith(directory):
+            return f" (at {path[len(directory):]}:{line}:{column})"
+    inside = _STORE_PREFIX.match(path)
+    return f" (at {path[inside.end():]}:{line}:{column})" if inside else ""
 
 
 def remote_builder_systems(builders: str) -> set[str]:

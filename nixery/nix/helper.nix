@@ -14,26 +14,37 @@
 #   listed    JSON list of set paths ("" is the top level) whose attribute names the service
 #             holds already for this revision; the names of other sets an unknown name stopped
 #             in are returned, for "did you mean"
+#   image     the image's name when it may be a declared image (one component), else "":
+#             when the set's nixery-images.nix declares it, its packages replace `packages`
+#
+# Declared images: `nixery-images.nix` next to the set's default.nix evaluates to an attribute
+# set of images, or a function of { pkgs, lib, system } returning one. Its values are the set's
+# code (a tag selects them): they leave here only as data (`toData`), never forced into
+# anything else, and the service checks every field and size before using them.
 #
 # Attributes:
 #   resolve   data for the service: { unsupported = null or why; unknown = [ names ];
 #             stoppedIn = { name = set path; }; names = { set path = [ names ]; };
 #             problems = [ { name; kind; detail; } ];
-#             packages = { name = outPath; }; derivations = { name = "<drv>!<output>"; }; },
+#             packages = { name = outPath; }; derivations = { name = "<drv>!<output>"; };
+#             declaredImage = null or the declaration of `image`, as data;
+#             mainProgram = null or meta.mainProgram of an image of one package },
 #             evaluated with --read-write-mode so that the service builds the derivations
 #             without evaluating the set again
 #   explain   forces the `packages` without catching anything: Nix's error is the set's own
 #             message (an alias that throws "has been removed"), for the names `resolve`
 #             reported as `throws` or `fails`
 #   contents  the resolved derivations, in the order of `packages` then `optional`
+#   declared  { images = { name = { packages; description; }; } or { error; } }: the declared
+#             images, for the page and /declared.json
 #
 # The set gets an explicit `config` (and no overlays) when it takes them, as nixpkgs does, so
 # that the service user's ~/.config/nixpkgs does not change what is served; the service runs
 # Nix without NIXPKGS_ALLOW_* variables, which nixpkgs reads itself.
 { packages ? "[]", optional ? "[]", srcType ? "path", srcArgs ? "", system ? builtins.currentSystem,
-  allowUnfree ? "false", listed ? "[]" }:
+  allowUnfree ? "false", listed ? "[]", image ? "" }:
 let
-  names = builtins.fromJSON packages;
+  requestedNames = builtins.fromJSON packages;
   optionalNames = builtins.fromJSON optional;
   listedSets = builtins.fromJSON listed;
 
@@ -64,6 +75,40 @@ let
     if systemError != null then throw "nixery: ${systemError}"
     else if builtins.isFunction imported then imported arguments
     else imported;
+
+  # The declarations, or null when the set has none.
+  declarationsFile = src + "/nixery-images.nix";
+  declarations =
+    if !(builtins.pathExists declarationsFile) then null
+    else let d = import declarationsFile; in
+      if builtins.isFunction d then d (builtins.intersectAttrs (builtins.functionArgs d) { inherit pkgs system; lib = pkgs.lib; })
+      else d;
+  declarationsOk = try (builtins.isAttrs declarations) false;
+  # A value of the set's code as JSON-able data: strings, numbers, booleans, lists and sets of
+  # them, at most `depth` levels deep; anything else (a function, a path, which toJSON would
+  # copy into the store, a derivation, a value that throws) becomes { __invalid = what it is; }.
+  toData = depth: v:
+    let
+      forced = builtins.tryEval v;
+      type = if forced.success then builtins.typeOf forced.value else "throws";
+      value = forced.value;
+      isDrv = try ((value.type or null) == "derivation") false;
+    in
+      if type == "string" || type == "int" || type == "bool" || type == "float" then value
+      else if isDrv then { __invalid = "a derivation"; }
+      else if depth <= 0 && (type == "list" || type == "set") then { __invalid = "nested too deeply"; }
+      else if type == "list" then map (toData (depth - 1)) value
+      else if type == "set" then builtins.mapAttrs (_: toData (depth - 1)) value
+      else { __invalid = { lambda = "a function"; path = "a path"; null = "null"; }.${type} or type; };
+  # The declaration of `image`, as data (null when the set declares no such image).
+  declaredImage =
+    if image == "" || !declarationsOk || !(try (builtins.hasAttr image declarations) false) then null
+    else toData 3 declarations.${image};
+  declaredPackages = p: if builtins.isList p && builtins.all builtins.isString p then p else [ ];
+  # The names to resolve: a declared image's packages (the service refuses any that are not a list
+  # of names), else the image's.
+  names = if declaredImage == null then requestedNames
+    else declaredPackages (if builtins.isAttrs declaredImage then declaredImage.packages or [ ] else [ ]);
 
   upper = [ "A" "B" "C" "D" "E" "F" "G" "H" "I" "J" "K" "L" "M" "N" "O" "P" "Q" "R" "S" "T" "U" "V" "W" "X" "Y" "Z" ];
   lower = [ "a" "b" "c" "d" "e" "f" "g" "h" "i" "j" "k" "l" "m" "n" "o" "p" "q" "r" "s" "t" "u" "v" "w" "x" "y" "z" ];
@@ -174,10 +219,23 @@ in
       let set = setAt path; in if (set.type or null) == "derivation" then [ ] else builtins.attrNames set; }) setsToList);
     problems = map (r: { inherit (r) name; inherit (r.value.problem) kind detail; })
       (builtins.filter (r: r.value ? problem) resolvedRequired);
+    inherit declaredImage;
+    # meta.mainProgram of an image of one package (the service checks it names a program there).
+    mainProgram =
+      if declaredImage != null || builtins.length names != 1 then null
+      else let v = (walk (builtins.head names)).value; p = try (v.meta.mainProgram or null) null;
+        in if try (builtins.isString p) false then p else null;
     packages = builtins.listToAttrs (map (r: { inherit (r) name; value = r.value.ok.out; }) found);
     derivations = builtins.listToAttrs (map (r: { inherit (r) name; value = r.value.ok.realise; }) found);
   };
   contents = map (r: (walk r.name).value) found;
+  declared =
+    if declarations == null then { images = { }; }
+    else if !declarationsOk then { error = "nixery-images.nix does not evaluate to an attribute set"; }
+    else { images = builtins.mapAttrs (_: d: toData 2 (let r = builtins.tryEval d; in
+      if r.success && builtins.isAttrs r.value
+      then { packages = r.value.packages or [ ]; description = r.value.description or ""; }
+      else r.value)) declarations; };
   # No tryEval: evaluating this fails with the set's own error for the first name that has one.
   explain = map (n: let v = (walk n).value; in
     if builtins.isAttrs v && (v.type or null) == "derivation" then builtins.seq v.drvPath v.outPath else builtins.seq v null) names;

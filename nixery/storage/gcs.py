@@ -3,9 +3,17 @@
 Blobs, layer records and pinned manifests are objects in one bucket, so any
 number of instances (and their Gunicorn workers) reuse whatever one of them
 built. Clients download blobs straight from GCS: `locate` answers with a V4
-signed URL, or with the object's public URL when there is no signing key.
-HEAD is answered by Nixery from the object's metadata, since a URL signed
-for GET does not serve HEAD.
+signed URL, or with the object's public URL when nothing can sign. HEAD is
+answered by Nixery from the object's metadata, since a URL signed for GET
+does not serve HEAD.
+
+Who signs (`find_signing`, once at start-up): GCS_SIGNING_KEY when given;
+else Application Default Credentials: a service-account key file signs
+itself, and any other credentials (the metadata server's account on GKE with
+Workload Identity, Compute Engine or Cloud Run, impersonation, a user) ask
+IAM's signBlob to sign as their own account or GCS_SIGNING_ACCOUNT, so that
+no key file is needed. The start-up check fetches its test object through a
+URL made the way blob URLs are: GCS itself says whether they work.
 
 A layer's digest is known only once it has been written, so it streams into
 a temporary object (memory stays bounded by one upload chunk) and `commit`
@@ -18,6 +26,7 @@ which the HTTP layer answers with a JSON 503.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import http.client
 import logging
@@ -31,9 +40,12 @@ from typing import Iterator, Optional
 
 import requests
 import urllib3
+import google.auth
 from google.api_core import exceptions as api_exceptions
-from google.auth import crypt
+from google.auth import credentials as auth_credentials
+from google.auth import crypt, iam
 from google.auth import exceptions as auth_exceptions
+from google.auth.transport import requests as auth_requests
 from google.cloud import storage
 from google.cloud.storage import exceptions as storage_exceptions
 from google.cloud.storage.fileio import BlobWriter
@@ -59,6 +71,8 @@ LEASE_FINISHED = "leases/gc-finished"
 CHUNK_SIZE = 8 << 20
 _TIMEOUT = (5.0, 60.0)  # connect, read
 _TOKEN_URI = "https://oauth2.googleapis.com/token"
+# What IAM's signBlob needs of an access token (and the storage scopes include it).
+_CLOUD_PLATFORM = "https://www.googleapis.com/auth/cloud-platform"
 _REQUEST_PREFIX = re.compile(r"^[A-Z]+ \S+: ")
 
 # Everything google-cloud-storage and its transport raise for a failed request.
@@ -158,6 +172,65 @@ class _GcsLease(Lease):
                 timeout=_TIMEOUT)
 
 
+@dataclasses.dataclass(frozen=True)
+class Signing:
+    """Who signs blob URLs (`account`, named in the logs and in errors), `how` (what the operator
+    set up), and the credentials that sign: holding a private key, or (`iam`) whose access token
+    asks IAM's signBlob to sign as `account`."""
+
+    account: str
+    how: str
+    credentials: auth_credentials.Credentials
+    iam: bool = False
+
+    def signer(self) -> auth_credentials.Signing:
+        """Credentials that `generate_signed_url` signs with. For IAM, google-auth's `iam.Signer`
+        (its HTTP session is made here, in the process that uses it: a session must not cross
+        Gunicorn's fork), wrapped as the service-account credentials the library signs with."""
+        if not self.iam:
+            return self.credentials  # type: ignore[return-value]
+        signer = iam.Signer(auth_requests.Request(), self.credentials, self.account)
+        return service_account.Credentials(signer, self.account, _TOKEN_URI)
+
+
+def find_signing(config: GcsConfig) -> Optional[Signing]:
+    """Who signs blob URLs (see the module's docstring), or None when nothing can: no key and no
+    Application Default Credentials (an emulator, a public bucket). Credentials that could only
+    sign through IAM but name no account stop start-up with what to set."""
+    key = load_signing_credentials(config)
+    if key is not None:
+        return Signing(key.service_account_email, "GCS_SIGNING_KEY", key)
+    try:
+        credentials, _ = google.auth.default(scopes=[_CLOUD_PLATFORM])
+    except auth_exceptions.DefaultCredentialsError:
+        if config.signing_account:
+            raise StorageError(f"GCS_SIGNING_ACCOUNT={config.signing_account} is set, but there are no "
+                               "Application Default Credentials to ask IAM to sign as it") from None
+        return None
+    own = credentials.service_account_email if isinstance(credentials, service_account.Credentials) else None
+    if own and config.signing_account in (None, own):
+        return Signing(own, "the service-account key of Application Default Credentials", credentials)
+    kind = type(credentials).__module__.rsplit(".", 1)[-1] + "." + type(credentials).__name__
+    account = config.signing_account or _own_account(credentials, kind)
+    return Signing(account, f"IAM signBlob with the token of Application Default Credentials ({kind})",
+                   credentials, iam=True)
+
+
+def _own_account(credentials: auth_credentials.Credentials, kind: str) -> str:
+    """The service account credentials act as; the metadata server's (Workload Identity, Compute
+    Engine) is known once a token is fetched."""
+    try:
+        credentials.refresh(auth_requests.Request())
+    except _FAILURES as e:
+        raise StorageError(f"Application Default Credentials ({kind}) cannot get a token: "
+                           f"{_one_line(_reason(e))}") from None
+    account = getattr(credentials, "service_account_email", None)
+    if not account or account == "default":
+        raise StorageError(f"Application Default Credentials ({kind}) name no service account to sign blob "
+                           "URLs as: set GCS_SIGNING_ACCOUNT (signed through IAM) or GCS_SIGNING_KEY")
+    return account
+
+
 def _info(blob: storage.Blob) -> BlobInfo:
     return BlobInfo(size=blob.size, media_type=blob.content_type or "application/octet-stream")
 
@@ -203,13 +276,6 @@ class _GcsUpload(Upload):
                         extra={"object": self.tmp.name, "reason": _one_line(_reason(e))})
 
 
-def client_credentials(client: storage.Client) -> object:
-    """The credentials the library chose for `client` (Application Default Credentials, or
-    anonymous for an emulator). The library has no public way to tell, so this is the one place
-    that reads its private attribute; tests/test_gcs.py fails if the library moves it."""
-    return client._credentials
-
-
 class GcsBackend(Backend):
     name = "gcs"
 
@@ -221,11 +287,12 @@ class GcsBackend(Backend):
         # A registry client waits for the answer, so an unreachable bucket is given up on
         # after GCS_RETRY_SECONDS, not the library's two minutes.
         self.retry = DEFAULT_RETRY.with_timeout(float(config.retry_seconds))
-        self._key_signer = load_signing_credentials(config)
+        self.signing = find_signing(config)
         self._lock = threading.Lock()
         self._client: Optional[storage.Client] = None
         self._client_pid = 0
-        self._signer: Optional[service_account.Credentials] = None
+        self._signer: Optional[auth_credentials.Signing] = None
+        self._signing_checked = False
 
     def _bucket(self) -> storage.Bucket:
         """The bucket, through a client made in this process on first use.
@@ -239,8 +306,7 @@ class GcsBackend(Backend):
         with self._lock:
             if self._client is None or self._client_pid != os.getpid():
                 client = storage.Client(project=None)
-                adc = client_credentials(client)
-                self._signer = self._key_signer or (adc if isinstance(adc, service_account.Credentials) else None)
+                self._signer = self.signing.signer() if self.signing else None
                 self._client, self._client_pid = client, os.getpid()
             return self._client.bucket(self.config.bucket)
 
@@ -411,18 +477,49 @@ class GcsBackend(Backend):
 
     def check(self) -> None:
         """Writes, reads back and deletes one object under tmp/: the smallest requests that prove
-        the bucket exists and that this instance may do what a build does in it.
+        the bucket exists and that this instance may do what a build does in it; the first time in
+        a process, the object is also fetched as a client would, through its blob URL.
 
         (Reading the bucket's own metadata would need more than object access.)
         """
         probe = self._bucket().blob(f"{TMP_PREFIX}check-{uuid.uuid4().hex}")
         with self.failures("writing a test object"):
             probe.upload_from_string(b"nixery", retry=self.retry, timeout=_TIMEOUT)
-        with self.failures("reading a test object back"):
-            data = probe.download_as_bytes(retry=self.retry, timeout=_TIMEOUT)
-            with contextlib.suppress(api_exceptions.NotFound):
+        try:
+            with self.failures("reading a test object back"):
+                data = probe.download_as_bytes(retry=self.retry, timeout=_TIMEOUT)
+            if data != b"nixery":
+                raise StorageError(f"GCS bucket {self.config.bucket}: a test object read back differs from what "
+                                   "was written")
+            if not self._signing_checked:
+                self._check_blob_url(probe)
+                self._signing_checked = True
+        finally:
+            # One that cannot be deleted stays under tmp/, which the lifecycle rule empties.
+            with contextlib.suppress(*_FAILURES):
                 probe.delete(retry=self.retry, timeout=_TIMEOUT)
-        if data != b"nixery":
-            raise StorageError(f"GCS bucket {self.config.bucket}: a test object read back differs from what was written")
-        log.info("gcs bucket reachable", extra={"bucket": self.config.bucket,
-                                                "blob_urls": "signed" if self._signer else "public"})
+
+    def _check_blob_url(self, probe: storage.Blob) -> None:
+        """Fetches `probe` through a URL made as blob URLs are (signed, or public), as a client
+        would: GCS itself checks the signature, the account's access and the clock. An error names
+        the account and how it signs."""
+        who = (f"signed as {self.signing.account} ({self.signing.how})" if self.signing
+               else "unsigned (no GCS_SIGNING_KEY and no Application Default Credentials)")
+        hint = ("; the account needs roles/iam.serviceAccountTokenCreator on itself to sign through IAM, "
+                "and read access to the bucket" if self.signing and self.signing.iam else "")
+        try:
+            url = self._url(probe)
+        except _FAILURES as e:
+            raise StorageError(f"GCS bucket {self.config.bucket}: a blob URL {who} cannot be made: "
+                               f"{_one_line(_reason(e))}{hint}") from None
+        try:
+            answer = requests.get(url, timeout=_TIMEOUT)
+        except requests.RequestException as e:
+            raise StorageError(f"GCS bucket {self.config.bucket}: fetching a test object through its blob URL "
+                               f"{who} failed: {_one_line(_reason(e))}") from None
+        if answer.status_code != 200 or answer.content != b"nixery":
+            raise StorageError(f"GCS bucket {self.config.bucket}: a blob URL {who} was refused: "
+                               f"{answer.status_code} {_one_line(answer.text, 200)}{hint}")
+        log.info("gcs bucket reachable", extra={
+            "bucket": self.config.bucket, "blob_urls": "signed" if self.signing else "public",
+            **({"signing_account": self.signing.account, "signing": self.signing.how} if self.signing else {})})
