@@ -23,7 +23,7 @@ from .lockout import FailedLogins
 from .logs import AccessLog
 from .progress import InProgress
 from .gc_schedule import Schedule
-from .heal import BlobHealer
+from .heal import Healer
 from .pulls import Pulls
 from .routes import RegistryRouter
 from .sources import Source
@@ -124,7 +124,7 @@ def create_app(config: Config, storage: Backend | None = None, *, builder: Manif
     error_handlers.register(app, auth.challenge)
     app.add_route("/v2", VersionCheck())
     pulls = Pulls(storage, config.state, config.gc.grace)
-    healer = BlobHealer(builder, storage, pulls, config.limits.max_packages, lambda: metrics.count_heal("blob"))
+    healer = Healer(builder, storage, pulls, config.limits.max_packages, metrics.count_heal)
     api.add_routes(router, builder, storage, source or make_source(config), config.limits.max_packages, pulls, healer)
     if collect and config.gc.interval:
         Schedule(storage, config.gc, metrics).start()

@@ -7,8 +7,9 @@ writes back the very blobs its manifest names. Two requests notice a gap:
 - a manifest request answered from a stored (pinned) manifest checks that the manifest's blobs
   are there (`BlobCheck`; the builder then rebuilds, nixery/admission.py), and a build that finds
   a layer record whose blob is gone archives the layer again (nixery/uploads.py);
-- a blob request for a blob that is gone rebuilds the image it was pulled as (`BlobHealer`), when
-  this instance remembers one that names the blob (nixery/pulls.py): "where it can".
+- a blob request for a blob that is gone rebuilds the image it was pulled as, when this instance
+  remembers one that names the blob (nixery/pulls.py), and a manifest request by digest for a
+  manifest that is gone rebuilds the image it was pulled as by tag (`Healer`): "where it can".
 """
 
 from __future__ import annotations
@@ -53,22 +54,38 @@ class BlobCheck:
         return gone
 
 
-class BlobHealer:
-    """Answers a request for a blob gone from storage by rebuilding the image that was pulled under
-    the request's name (as any of its recent tags) and names the blob."""
+class Healer:
+    """Answers a request for a blob or manifest gone from storage by rebuilding the image that was
+    pulled under the request's name (as one of its recent tags) and holds it; `on_heal` counts
+    each request healed (by kind: manifest or blob)."""
 
     def __init__(self, builder: "ManifestBuilder", storage: Backend, pulls: Pulls, max_packages: int,
-                 on_heal: Callable[[], None] = lambda: None):
+                 on_heal: Callable[[str], None] = lambda request: None):
         self.builder = builder
         self.storage = storage
         self.pulls = pulls
         self.max_packages = max_packages
         self.on_heal = on_heal
 
-    def heal(self, name: str, digest: str, *, may_build: bool, client: str,
+    def manifest(self, name: str, digest: str, *, may_build: bool, client: str,
+                 parking: Optional[Parking]) -> Optional[Document]:
+        """The manifest `digest`, built again as the tag of `name` that was pulled as it."""
+        for tag, pulled, media_type in self.pulls.tags(name):
+            if pulled != digest:
+                continue
+            log.info("manifest gone: building its image again", extra={"image": name, "tag": tag, "digest": digest})
+            result = self.builder.manifest(image.parse(name, tag, self.max_packages), media_type, may_build=may_build,
+                                           client=client, parking=parking)
+            if result.manifest.digest == digest:
+                self.on_heal("manifest")
+                return result.manifest
+        return None
+
+    def blob(self, name: str, digest: str, *, may_build: bool, client: str,
              parking: Optional[Parking]) -> Optional[Union[LocalFile, Redirect]]:
+        """How to get the blob `digest`, after building again the image of `name` that holds it."""
         key = blob_key(digest)
-        for tag, manifest_digest in self.pulls.tags(name):
+        for tag, manifest_digest, _ in self.pulls.tags(name):
             if not self._names(manifest_digest, key):
                 continue
             log.info("blob gone: building its image again", extra={"image": name, "tag": tag, "digest": digest})
@@ -77,7 +94,7 @@ class BlobHealer:
                                   parking=parking)
             location = self.storage.locate(key)
             if location is not None:
-                self.on_heal()
+                self.on_heal("blob")
                 return location
         return None
 

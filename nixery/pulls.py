@@ -31,21 +31,22 @@ class Pulls:
         self.store = Store.at(state.store)
         self._marked = Recent(grace / 4)
 
-    def pulled(self, digest: str, name: str = "", tag: str = "") -> None:
-        """A client was given the manifest `digest` (as `name`:`tag`, when asked by tag)."""
+    def pulled(self, digest: str, name: str = "", tag: str = "", media_type: str = "") -> None:
+        """A client was given the manifest `digest` (of `media_type`, as `name`:`tag`, when asked by tag)."""
         if not self._marked.first((digest, name, tag)):
             return
         self.storage.touch(blob_key(digest))
         if name:
             with contextlib.suppress(StateError), self.store.write() as connection:
                 bounded_put(connection, "pulled_images", {"key": f"{name}:{tag}", "name": name, "tag": tag,
-                                                         "digest": digest}, CAPACITY)
+                                                         "digest": digest, "media_type": media_type}, CAPACITY)
 
-    def tags(self, name: str, most: int = 5) -> list[tuple[str, str]]:
-        """(tag, manifest digest) that `name` was pulled as lately, the most recent first."""
+    def tags(self, name: str, most: int = 5) -> list[tuple[str, str, str]]:
+        """(tag, manifest digest, its media type) that `name` was pulled as lately, the most recent first."""
         with contextlib.suppress(StateError):
-            return [(tag, digest) for tag, digest in self.store.query(
-                "SELECT tag, digest FROM pulled_images WHERE name = ? ORDER BY id DESC LIMIT ?", (name, most))]
+            return [(tag, digest, media_type) for tag, digest, media_type in self.store.query(
+                "SELECT tag, digest, media_type FROM pulled_images WHERE name = ? ORDER BY id DESC LIMIT ?",
+                (name, most))]
         return []
 
     def known(self, digest: str) -> Optional[str]:

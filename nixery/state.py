@@ -50,7 +50,7 @@ CREATE TABLE in_progress (id TEXT PRIMARY KEY, pid INTEGER NOT NULL, item TEXT N
 CREATE TABLE build_memo (id INTEGER PRIMARY KEY, key TEXT UNIQUE NOT NULL, digest TEXT NOT NULL,
                          built REAL NOT NULL);
 CREATE TABLE pulled_images (id INTEGER PRIMARY KEY, key TEXT UNIQUE NOT NULL, name TEXT NOT NULL,
-                            tag TEXT NOT NULL, digest TEXT NOT NULL);
+                            tag TEXT NOT NULL, digest TEXT NOT NULL, media_type TEXT NOT NULL);
 CREATE INDEX pulled_images_by_name ON pulled_images (name, id);
 CREATE INDEX pulled_images_by_digest ON pulled_images (digest);
 CREATE TABLE git_fetches (source TEXT PRIMARY KEY, ended REAL NOT NULL, error TEXT);

@@ -152,7 +152,8 @@ def test_a_layer_deleted_by_hand_is_built_again(start_server, blob_set, tmp_path
     check_storage(storage)
 
     # A blob request for a blob gone since its manifest was served builds the image again too.
-    manifest = requests.get(f"{server.url}/v2/blob1/hello/manifests/{commit}", timeout=60).json()
+    served = requests.get(f"{server.url}/v2/blob1/hello/manifests/{commit}", timeout=60)
+    manifest = served.json()
     (storage / "layers" / biggest).unlink()
     response = requests.get(f"{server.url}/v2/blob1/hello/blobs/{biggest}", timeout=120)
     assert response.status_code == 200, response.text
@@ -162,6 +163,15 @@ def test_a_layer_deleted_by_hand_is_built_again(start_server, blob_set, tmp_path
     # A blob no image pulled here names is not built for.
     unknown = "sha256:" + "0" * 64
     assert requests.get(f"{server.url}/v2/blob1/hello/blobs/{unknown}", timeout=60).status_code == 404
+
+    # A manifest asked for by digest after its image was removed whole is built again by its tag.
+    digest = served.headers["Docker-Content-Digest"]
+    for path in [*(storage / "manifests").iterdir(), storage / "layers" / digest]:
+        path.unlink()
+    again = requests.get(f"{server.url}/v2/blob1/hello/manifests/{digest}", timeout=120)
+    assert again.status_code == 200 and again.content == served.content
+    assert metric(server, "nixery_heals_total", '{request="manifest"}') == 2
+    assert requests.get(f"{server.url}/v2/blob1/hello/manifests/{unknown}", timeout=60).status_code == 404
 
 
 def test_a_collection_during_fifty_pulls_loses_none(start_server, blob_set, tmp_path):
