@@ -174,8 +174,9 @@ class FilesystemBackend(Backend):
                     key = f"{prefix}/{entry.name}"
                     try:
                         st = entry.stat(follow_symlinks=False)
+                        # Only a blob may be a manifest: records and pinned manifests are known by their prefix.
                         media_type = (Path(entry.path + _TYPE_SUFFIX).read_text()
-                                      if st.st_size <= _SMALL_OBJECT else None)
+                                      if prefix == "layers" and st.st_size <= _SMALL_OBJECT else None)
                     except FileNotFoundError:  # removed since the listing
                         continue
                     yield StoredObject(key, st.st_size, _used(st), str(st.st_ino), media_type)
