@@ -47,6 +47,9 @@ let
     sshKeyFile = "NIXERY_SSH_KEY";
     "storage.backend" = "NIXERY_STORAGE_BACKEND";
     "storage.path" = "STORAGE_PATH";
+    "storage.limit" = "NIXERY_STORAGE_LIMIT";
+    "storage.maxAge" = "NIXERY_STORAGE_MAX_AGE";
+    "storage.gcInterval" = "NIXERY_GC_INTERVAL";
     bucket = "GCS_BUCKET";
     "signing.keyFile" = "GCS_SIGNING_KEY";
     "signing.account" = "GCS_SIGNING_ACCOUNT";
@@ -376,6 +379,42 @@ in
         description = ''
           Directory of the `filesystem` storage backend. A directory outside
           {file}`${stateDir}` is created and made writable for the service.
+        '';
+      };
+
+      limit = mkEnvOption "storage.limit" {
+        type = types.strMatching "[0-9]+[KMGTkmgt]?";
+        default = "0";
+        example = "50G";
+        description = ''
+          Most bytes of layers and manifests storage keeps (K, M, G or T are
+          powers of 1024; "0": no limit). The service collects storage every
+          {option}`services.nixery.storage.gcInterval`, removing the least
+          recently pulled images until storage is under this; a pull of a
+          removed image builds it again.
+        '';
+      };
+
+      maxAge = mkEnvOption "storage.maxAge" {
+        type = types.strMatching "[0-9]+[smhd]?";
+        default = "0";
+        example = "30d";
+        description = ''
+          How long an image may go unpulled before a collection removes it
+          (seconds, or with s, m, h or d; "0": for ever).
+        '';
+      };
+
+      gcInterval = mkEnvOption "storage.gcInterval" {
+        type = types.nullOr (types.strMatching "[0-9]+[smhd]?");
+        default = null;
+        example = "15m";
+        description = ''
+          Time between the service's collections of storage (one at a time
+          across its workers and every instance sharing the storage). Default
+          (null): 1h when {option}`services.nixery.storage.limit` or
+          {option}`services.nixery.storage.maxAge` is set, else none. `nixery gc`
+          runs one collection by hand.
         '';
       };
     };

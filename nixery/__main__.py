@@ -25,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["popularity"]:
         from .popularity import main as popularity_main
         return popularity_main(argv[1:])
+    if argv[:1] == ["gc"]:
+        from .gc_schedule import main as gc_main
+        return gc_main(argv[1:])
     if argv[:1] == ["build"]:
         from .export import main as build_main
         return build_main(argv[1:])
@@ -36,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         description="A container registry that builds images on demand with Nix: "
                     "pulling HOST/shell/git gives an image holding those nixpkgs packages.",
         epilog=_help_text() + "\n\n`nixery popularity --help`: compute popularity data for a package set."
-               "\n`nixery build --help`: write an image to a file; `nixery push --help`: push it to a registry.",
+               "\n`nixery build --help`: write an image to a file; `nixery push --help`: push it to a registry."
+               "\n`nixery gc --help`: collect storage once.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"nixery {__version__}")
     parser.add_argument("--check-config", action="store_true",

@@ -26,6 +26,7 @@ from typing import Callable, Iterator, Optional, Sequence
 from .config import BuildLimits, StateLayout
 from .errors import RegistryError
 from .failures import FailedDerivations, FailureMemory
+from .heal import BlobCheck
 from .image import Image
 from .locks import Slots, file_lock, wait_until_free
 from .memo import BuildMemo
@@ -82,6 +83,7 @@ class Admission:
                                       explain or (lambda error: RegistryError(500, "UNKNOWN", str(error))))
         self.failed_derivations = FailedDerivations(state, limits.failure_ttl)
         self.build_slots = Slots(state.locks, "build", limits.max_builds)
+        self.blob_check = BlobCheck(storage)
 
     def keys(self, image: Image, resolved: Resolved) -> Keys:
         """Once the revision is fixed the tag no longer matters: `latest` and `release-v2`
@@ -113,7 +115,9 @@ class Admission:
             if not keys.cache and (memo := self._memo(keys.flight, waited_since, stats)):
                 return memo
             self._raise_remembered(keys.failure)
-            if not may_build:
+            # Building again an image whose blobs are gone heals it: a client that may pull but not
+            # build gets it back as it was (stats.healed).
+            if not may_build and not stats.healed:
                 raise BuildRefused(image.name)
             if parking and parking.stopping:
                 raise ServerStopping(RETRY_AFTER_SECONDS)
@@ -156,11 +160,19 @@ class Admission:
                                     f"entry for {system})", system)
 
     def _cached(self, cache_key: str, stats: BuildStats) -> Optional[Document]:
+        """The stored manifest, unless a blob it names is gone (then it is built again: nixery/heal.py)."""
         data = self.storage.read(f"manifests/{cache_key}")
         if data is None:
             return None
+        document = Document(MANIFEST_MEDIA_TYPE, data)
+        gone = self.blob_check.missing(document)
+        if gone:
+            log.warning("stored manifest names blobs that are gone: building it again",
+                        extra={"image": stats.image, "digest": document.digest, "gone": gone[:5]})
+            stats.healed = True
+            return None
         stats.cached = True
-        return Document(MANIFEST_MEDIA_TYPE, data)
+        return document
 
     def _memo(self, flight_key: str, since: float, stats: BuildStats) -> Optional[Document]:
         """The image built under `flight_key` moments ago (the build memo), if still in storage."""

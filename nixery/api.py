@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
+from typing import Optional
 from urllib.parse import urlencode
 
 import falcon
@@ -20,8 +21,10 @@ from . import image, parking, routes, sbom
 from .builder import ManifestBuilder
 from .error_handlers import as_registry_error, operator_action
 from .errors import RegistryError, blob_unknown, manifest_unknown
+from .heal import Healer
 from .manifest import (MANIFEST_LIST_MEDIA_TYPE, MANIFEST_MEDIA_TYPE, OCI_INDEX_MEDIA_TYPE, OCI_MANIFEST_MEDIA_TYPE,
                        Document)
+from .pulls import Pulls
 from .refusals import BuildRefused, ServerStopping
 from .sources import Source
 from .stats import BuildStats
@@ -83,16 +86,20 @@ def no_such_endpoint(req: falcon.Request, resp: falcon.Response, **_: str) -> No
 class Manifests:
     """`/v2/{name}/manifests/{reference}`: a tag builds (or finds) the image, a digest reads a stored manifest."""
 
-    def __init__(self, builder: ManifestBuilder, storage: Backend, max_packages: int = 0):
+    def __init__(self, builder: ManifestBuilder, storage: Backend, max_packages: int = 0,
+                 pulls: Optional[Pulls] = None, healer: Optional[Healer] = None):
         self.builder = builder
         self.storage = storage
         # NIXERY_MAX_PACKAGES: the most components a name may have (0: any number).
         self.max_packages = max_packages
+        # Marks each manifest served as used, for the collector and the heal (nixery/pulls.py).
+        self.pulls = pulls
+        self.healer = healer
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, name: str, reference: str) -> None:
         image.validate_name(name)
         if ":" in reference:
-            self.by_digest(req, resp, reference)
+            self.by_digest(req, resp, name, reference)
         else:
             self.by_tag(req, resp, name, reference)
 
@@ -118,16 +125,25 @@ class Manifests:
             raise
         req.context.build = dataclasses.replace(result.stats, tag=tag,
                                                 duration=round(time.monotonic() - started, 3))
+        if self.pulls:
+            self.pulls.pulled(result.manifest.digest, name, tag, result.manifest.media_type)
         _send_manifest(req, resp, result.manifest)
 
-    def by_digest(self, req: falcon.Request, resp: falcon.Response, digest: str) -> None:
+    def by_digest(self, req: falcon.Request, resp: falcon.Response, name: str, digest: str) -> None:
         # Layers and configs share the content store: only a manifest is served as one
         # (and only a manifest, which is small, is ever read into memory).
-        info = self.storage.stat(blob_key(digest)) if image.validate_digest(digest) else None
+        valid = image.validate_digest(digest)
+        info = self.storage.stat(blob_key(digest)) if valid else None
         data = self.storage.read(blob_key(digest)) if info and info.media_type in SERVED_MEDIA_TYPES else None
-        if data is None:
+        document = Document(info.media_type, data) if info and data is not None else None
+        if document is None and valid and info is None and self.healer:  # collected or lost: built again
+            document = self.healer.manifest(name, digest, may_build=req.context.get("may_build", True),
+                                            client=req.remote_addr or "", parking=req.env.get(parking.ENVIRON_KEY))
+        if document is None:
             raise manifest_unknown("manifest unknown", {"digest": digest})
-        _send_manifest(req, resp, Document(info.media_type, data))
+        if self.pulls:
+            self.pulls.pulled(digest)
+        _send_manifest(req, resp, document)
 
 
 class Tags:
@@ -189,14 +205,18 @@ def _send_manifest(req: falcon.Request, resp: falcon.Response, document: Documen
 class Blobs:
     """`/v2/{name}/blobs/{digest}`: layers and configs, whole or a byte range, or a redirect to the storage."""
 
-    def __init__(self, storage: Backend):
+    def __init__(self, storage: Backend, healer: Optional[Healer] = None):
         self.storage = storage
+        self.healer = healer
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, name: str, digest: str) -> None:
         image.validate_name(name)
         if not image.validate_digest(digest):
             raise blob_unknown(digest)
         location = self.storage.locate(blob_key(digest))
+        if location is None and self.healer:
+            location = self.healer.blob(name, digest, may_build=req.context.get("may_build", True),
+                                        client=req.remote_addr or "", parking=req.env.get(parking.ENVIRON_KEY))
         if location is None:
             raise blob_unknown(digest)
         size = location.info.size
@@ -238,11 +258,11 @@ class Elsewhere:
 
 
 def add_routes(router: routes.RegistryRouter, builder: ManifestBuilder, storage: Backend, source: Source,
-               max_packages: int = 0) -> None:
+               max_packages: int = 0, pulls: Optional[Pulls] = None, healer: Optional[Healer] = None) -> None:
     """One resource per path shape of the spec; pushes get 405, anything else not served 404."""
-    router.add_shape(routes.MANIFESTS, Manifests(builder, storage, max_packages), read_only)
+    router.add_shape(routes.MANIFESTS, Manifests(builder, storage, max_packages, pulls, healer), read_only)
     router.add_shape(routes.UPLOADS, Uploads(), read_only)
-    router.add_shape(routes.BLOBS, Blobs(storage), read_only)
+    router.add_shape(routes.BLOBS, Blobs(storage, healer), read_only)
     router.add_shape(routes.REFERRERS, Referrers(storage), no_such_endpoint)
     router.add_shape(routes.TAGS, Tags(source), no_such_endpoint)
     router.add_shape(routes.OTHER, Elsewhere(), no_such_endpoint)

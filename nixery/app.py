@@ -23,6 +23,9 @@ from .history import BuildHistory, BuildRecorder
 from .lockout import FailedLogins
 from .logs import AccessLog
 from .progress import InProgress
+from .gc_schedule import Schedule
+from .heal import Healer
+from .pulls import Pulls
 from .routes import RegistryRouter
 from .sources import Source
 from .search import PackageSearch
@@ -34,7 +37,7 @@ log = logging.getLogger(__name__)
 def make_storage(config: Config) -> Backend:
     if config.storage_backend == "gcs":
         from .storage.gcs import GcsBackend
-        return GcsBackend(config.gcs)
+        return GcsBackend(config.gcs, mark_every=config.gc.grace / 4)
     from .storage.filesystem import FilesystemBackend
     return FilesystemBackend(config.storage_path)
 
@@ -105,8 +108,9 @@ class _ApiVersion:
 
 
 def create_app(config: Config, storage: Backend | None = None, *, builder: ManifestBuilder | None = None,
-               metrics_dir: Path | None = None) -> falcon.App:
-    """The app. `metrics_dir` is given by the server, whose workers sum their metrics there;
+               metrics_dir: Path | None = None, collect: bool = False) -> falcon.App:
+    """The app. `metrics_dir` is given by the server, whose workers sum their metrics there, and
+    `collect` too (each worker then offers to collect storage every NIXERY_GC_INTERVAL);
     `builder` by the fast tests, whose stand-in runs no Nix."""
     storage = storage or make_storage(config)
     metrics = Metrics(metrics_dir)
@@ -136,7 +140,11 @@ def create_app(config: Config, storage: Backend | None = None, *, builder: Manif
     app.req_options.strip_url_path_trailing_slash = True
     error_handlers.register(app, auth.challenge)
     app.add_route("/v2", VersionCheck())
-    api.add_routes(router, builder, storage, source or make_source(config), config.limits.max_packages)
+    pulls = Pulls(storage, config.state, config.gc.grace)
+    healer = Healer(builder, storage, pulls, config.limits.max_packages, metrics.count_heal)
+    api.add_routes(router, builder, storage, source or make_source(config), config.limits.max_packages, pulls, healer)
+    if collect and config.gc.interval:
+        Schedule(storage, config.gc, metrics).start()
     app.add_route("/metrics", MetricsResource(metrics))
     web.add_routes(app, config, history, in_progress, declared, package_search)
     health.add_routes(app, storage)

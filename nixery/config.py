@@ -77,6 +77,18 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("NIXERY_STORAGE_BACKEND", "filesystem", "Where blobs live: filesystem or gcs."),
     Variable("STORAGE_PATH", None,
              "Directory for the filesystem backend (default: $XDG_DATA_HOME/nixery or ~/.local/share/nixery)."),
+    Variable("NIXERY_STORAGE_LIMIT", "0",
+             "Most bytes of layers and manifests storage keeps (K, M, G or T; 0: no limit): a collection "
+             "removes the least recently pulled images until storage is under it."),
+    Variable("NIXERY_STORAGE_MAX_AGE", "0",
+             "How long an image may go unpulled before a collection removes it (seconds, or with s, m, h or d: "
+             "30d; 0: for ever)."),
+    Variable("NIXERY_GC_INTERVAL", None,
+             "Time between the server's collections of storage (seconds, or with s, m, h or d; 0: none, "
+             "`nixery gc` runs one); default 1h when NIXERY_STORAGE_LIMIT or NIXERY_STORAGE_MAX_AGE is set, else 0."),
+    Variable("NIXERY_GC_GRACE", "10m",
+             "How long a collection keeps whatever was pulled, built or written lately, whatever the budget "
+             "(seconds, or with s, m, h or d): pulls and builds in progress finish."),
     Variable("NIXERY_STATE_DIR", None,
              "Directory for locks, GC roots, git mirrors and the state database (default: $XDG_CACHE_HOME/nixery "
              "or ~/.cache/nixery)."),
@@ -237,6 +249,22 @@ class GcsConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class GcConfig:
+    """The storage budget (nixery/collector.py): at most `storage_limit` bytes (0: any), no image
+    unpulled for more than `max_age` seconds (0: any age); a collection every `interval` seconds
+    (0: none scheduled), and nothing used within the last `grace` seconds is removed."""
+
+    storage_limit: int = 0
+    max_age: int = 0
+    interval: int = 0
+    grace: int = 600
+
+    @property
+    def budgeted(self) -> bool:
+        return bool(self.storage_limit or self.max_age)
+
+
+@dataclasses.dataclass(frozen=True)
 class BinaryCacheConfig:
     """A Nix binary cache shared by instances; without `secret_key` this instance only reads it."""
 
@@ -286,6 +314,7 @@ class Config:
                                  else None)
     state_dir: Path = setting()
     gcs: Optional[GcsConfig] = setting(flatten=GcsConfig)
+    gc: GcConfig = setting(flatten=GcConfig)
     nix_timeout: int = setting()
     # Bytes of Nix store past which Nixery collects the store's garbage (0: never).
     nix_store_limit: int
@@ -349,6 +378,31 @@ def _size(env: Mapping[str, str], name: str, least: int = 0) -> int:
     if 0 < value < least:
         raise ConfigError(f"{name}={raw!r} is less than {least >> 20}M (0: no limit)")
     return value
+
+
+_DURATION_RE = re.compile(r"(\d+)([smhd]?)", re.I)
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(env: Mapping[str, str], name: str, hi: int, default: Optional[str] = None) -> int:
+    """`name` as seconds: a whole number, or one with s, m, h or d (90, 15m, 2h, 30d), at most `hi`."""
+    raw = (env.get(name) or _default(name) or default or "0").strip()
+    match = _DURATION_RE.fullmatch(raw)
+    if not match:
+        raise ConfigError(f"{name}={raw!r} is not a duration (seconds, or a number with s, m, h or d: 90, 15m, 30d)")
+    value = int(match.group(1)) * _DURATION_UNITS[match.group(2).lower()]
+    if value > hi:
+        raise ConfigError(f"{name}={raw!r} is out of range (at most {hi // 86400}d)")
+    return value
+
+
+def _gc(env: Mapping[str, str]) -> GcConfig:
+    limit = _size(env, "NIXERY_STORAGE_LIMIT")
+    max_age = _duration(env, "NIXERY_STORAGE_MAX_AGE", 10 * 365 * 86400)
+    budgeted = bool(limit or max_age)
+    return GcConfig(storage_limit=limit, max_age=max_age,
+                    interval=_duration(env, "NIXERY_GC_INTERVAL", 365 * 86400, default="1h" if budgeted else "0"),
+                    grace=_duration(env, "NIXERY_GC_GRACE", 7 * 86400))
 
 
 def _default(name: str) -> str:
@@ -584,6 +638,7 @@ def load(env: Mapping[str, str] = os.environ) -> Config:
         storage_path=storage_path,
         state_dir=state_dir,
         gcs=gcs,
+        gc=_gc(env),
         nix_timeout=_int(env, "NIX_TIMEOUT", 1, 24 * 3600),
         nix_store_limit=_size(env, "NIXERY_NIX_STORE_LIMIT"),
         limits=BuildLimits(

@@ -64,6 +64,12 @@ def file_lock(directory: Path, name: str, wait: bool = True) -> Iterator[bool]:
         os.close(fd)  # closing the description releases its locks
 
 
+def try_lock(fd: int) -> bool:
+    """Takes the lock on the first byte of `fd`'s file, held until `fd` is closed; False at once
+    when another holds it."""
+    return _try(fd, 0, wait=False)
+
+
 def wait_until_free(directory: Path, name: str) -> None:
     """Returns once nobody holds the lock called `name` (taking it for an instant)."""
     with file_lock(directory, name):

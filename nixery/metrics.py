@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import falcon
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest,
@@ -23,6 +23,9 @@ from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, 
 
 from . import __version__
 from .stats import BuildStats
+
+if TYPE_CHECKING:
+    from .collector import Report
 
 BUILD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -62,6 +65,21 @@ class Metrics:
         # livesum: the builds of every worker that is alive, added up (a dead worker's stop counting).
         self.in_progress = Gauge("nixery_builds_in_progress", "Builds running now (Nix, layering, upload).",
                                  registry=self.registry, multiprocess_mode="livesum")
+        self.heals = Counter("nixery_heals", "Requests that found a blob of their image gone (collected, lost, "
+                             "deleted) and built it again, by request: manifest or blob.", ["request"],
+                             registry=self.registry)
+        # mostrecent: the value the last collection set, whichever worker ran it.
+        self.storage_bytes = Gauge("nixery_storage_bytes", "Bytes of blobs, layer records and manifests in storage "
+                                   "after the last collection.", registry=self.registry,
+                                   multiprocess_mode="mostrecent")
+        self.gc_last_run = Gauge("nixery_gc_last_run_timestamp_seconds", "When the last collection of storage "
+                                 "finished (Unix time).", registry=self.registry, multiprocess_mode="mostrecent")
+        self.gc_duration = Gauge("nixery_gc_duration_seconds", "How long the last collection of storage took.",
+                                 registry=self.registry, multiprocess_mode="mostrecent")
+        self.gc_removed_bytes = Counter("nixery_gc_removed_bytes", "Bytes the collections removed from storage.",
+                                        registry=self.registry)
+        self.gc_removed_objects = Counter("nixery_gc_removed_objects", "Objects (blobs, layer records, "
+                                          "manifests) the collections removed from storage.", registry=self.registry)
         self.info = Gauge("nixery_build_info", "Always 1; the labels say which Nixery runs and what it serves.",
                           ["version", "source"], registry=self.registry, multiprocess_mode="max")
 
@@ -71,6 +89,16 @@ class Metrics:
 
     def count_in_progress(self, change: int) -> None:
         self.in_progress.inc(change)
+
+    def count_heal(self, request: str) -> None:
+        self.heals.labels(request).inc()
+
+    def observe_collection(self, report: "Report") -> None:
+        self.storage_bytes.set(report.stored_bytes)
+        self.gc_last_run.set(report.finished)
+        self.gc_duration.set(report.duration)
+        self.gc_removed_bytes.inc(report.removed_bytes)
+        self.gc_removed_objects.inc(report.removed_objects)
 
     def count_password_check(self) -> None:
         self.password_checks.inc()
@@ -90,6 +118,8 @@ class Metrics:
         self.layers.labels("reused").inc(stats.layers_reused)
         self.layer_bytes.labels("written").inc(stats.bytes_written)
         self.layer_bytes.labels("reused").inc(stats.bytes_reused)
+        if stats.healed:
+            self.count_heal("manifest")
 
     def exposition(self) -> bytes:
         """The text format, summed over all workers when running under the server."""

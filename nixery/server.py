@@ -151,7 +151,7 @@ class NixeryServer(BaseApplication):
     def load(self) -> Any:
         """Runs in each worker once its signal handlers are set: from "worker ready" on, it serves
         and stops cleanly on SIGTERM (scripts and tests wait for one line per worker)."""
-        app = self.app_factory(self.config, metrics_dir=self.config.state.prometheus)
+        app = self.app_factory(self.config, metrics_dir=self.config.state.prometheus, collect=True)
         log.info("worker ready", extra={"pid": os.getpid()})
         return app
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 # Bump when a table changes: the database then starts empty (everything in it is a cache or recent history).
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # How long a writer waits for another before its write fails (seconds).
 BUSY_TIMEOUT = 10.0
 # The write-ahead log is cut back to this size after each checkpoint.
@@ -50,6 +50,10 @@ CREATE INDEX build_errors_by_outcome ON build_errors (outcome, id);
 CREATE TABLE in_progress (id TEXT PRIMARY KEY, pid INTEGER NOT NULL, item TEXT NOT NULL);
 CREATE TABLE build_memo (id INTEGER PRIMARY KEY, key TEXT UNIQUE NOT NULL, digest TEXT NOT NULL,
                          built REAL NOT NULL);
+CREATE TABLE pulled_images (id INTEGER PRIMARY KEY, key TEXT UNIQUE NOT NULL, name TEXT NOT NULL,
+                            tag TEXT NOT NULL, digest TEXT NOT NULL, media_type TEXT NOT NULL);
+CREATE INDEX pulled_images_by_name ON pulled_images (name, id);
+CREATE INDEX pulled_images_by_digest ON pulled_images (digest);
 CREATE TABLE git_fetches (source TEXT PRIMARY KEY, ended REAL NOT NULL, error TEXT);
 """
 

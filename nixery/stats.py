@@ -25,6 +25,8 @@ class BuildStats:
     layers_reused: int = 0
     bytes_written: int = 0
     bytes_reused: int = 0
+    # A blob the image needed was gone (collected, lost, deleted) and was made again.
+    healed: bool = False
     steps: dict[str, float] = dataclasses.field(default_factory=dict)
     # Filled in by the API when the request is over: its length and, if it failed, what the client was told
     # and, for a failure that is the operator's to fix or wait out (a 5xx), what the operator should do.
@@ -54,6 +56,7 @@ class BuildStats:
             self.layers_reused += part.layers_reused
             self.bytes_written += part.bytes_written
             self.bytes_reused += part.bytes_reused
+            self.healed = self.healed or part.healed
 
 
 def combined(image: str, tag: str, parts: Sequence[BuildStats]) -> BuildStats:

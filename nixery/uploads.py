@@ -60,9 +60,12 @@ def _layer(storage: Backend, content: str, stats: BuildStats,
     if raw is not None:
         record = archive.LayerDigests(**json.loads(raw))
         if storage.stat(blob_key(record.digest)) is not None:
+            # Marked used: a collection running now keeps it for the image being built (nixery/collector.py).
+            storage.touch(blob_key(record.digest))
             stats.layers_reused += 1
             stats.bytes_reused += record.size
             return record
+        stats.healed = True  # the record's blob is gone (collected, lost, deleted): archived again
     with storage.upload() as upload:
         digests = write(upload.file)
         upload.commit(blob_key(digests.digest), archive.LAYER_MEDIA_TYPE)

@@ -23,7 +23,7 @@ PARALLEL_WORKERS = 4
 # The modules that take longest (`pytest --durations=0`), handed out first so that none starts last;
 # the stock Debian containers first of all (each installs Python, Nix and Nixery from the archives).
 SLOWEST_MODULES = ("test_fresh_machine.py", "test_container_image.py", "test_existing_nix.py", "test_nixos_unit.py",
-                   "test_gunicorn_versions.py", "test_python313.py", "test_load_names.py", "test_load.py",
+                   "test_gunicorn_versions.py", "test_gc.py", "test_python313.py", "test_load_names.py", "test_load.py",
                    "test_build_push.py",
                    "test_load_builds.py", "test_limits.py", "test_bounded.py", "test_feedback.py", "test_sources.py",
                    "test_first_hour.py",

@@ -83,10 +83,23 @@ def test_path_source_is_resolved(tmp_path):
     ({"NIXERY_EVAL_MEMORY": "10M"}, "NIXERY_EVAL_MEMORY"),
     ({"NIXERY_EVAL_MEMORY": "-1"}, "NIXERY_EVAL_MEMORY"),
     ({"NIXERY_EVAL_TIMEOUT": "0"}, "NIXERY_EVAL_TIMEOUT"),
+    ({"NIXERY_STORAGE_LIMIT": "lots"}, "NIXERY_STORAGE_LIMIT"),
+    ({"NIXERY_STORAGE_MAX_AGE": "3w"}, "NIXERY_STORAGE_MAX_AGE"),
+    ({"NIXERY_GC_INTERVAL": "-1"}, "NIXERY_GC_INTERVAL"),
+    ({"NIXERY_GC_GRACE": "8d"}, "NIXERY_GC_GRACE"),
 ])
 def test_bad_values_name_the_variable(env, variable):
     with pytest.raises(config.ConfigError, match=variable):
         config.load({"HOME": "/root", **env})
+
+
+def test_a_storage_budget_is_collected_hourly_unless_told_otherwise():
+    assert config.load({"HOME": "/root"}).gc == config.GcConfig(0, 0, 0, 600)
+    budget = config.load({"HOME": "/root", "NIXERY_STORAGE_LIMIT": "50G", "NIXERY_STORAGE_MAX_AGE": "30d"}).gc
+    assert budget == config.GcConfig(50 << 30, 30 * 86400, 3600, 600)
+    assert config.load({"HOME": "/root", "NIXERY_STORAGE_MAX_AGE": "12h", "NIXERY_GC_INTERVAL": "0"}).gc.interval == 0
+    assert config.load({"HOME": "/root", "NIXERY_GC_INTERVAL": "15m", "NIXERY_GC_GRACE": "90s"}).gc == \
+        config.GcConfig(0, 0, 900, 90)
 
 
 def test_a_bucket_without_the_gcs_extra_names_the_variable(monkeypatch):

@@ -84,6 +84,9 @@ def test_settings_are_nixerys_and_storage_is_shared(rendered):
     # Behind the Ingress, clients are told apart by X-Forwarded-For.
     proxies = nixery_config.load({"NIXERY_TRUSTED_PROXIES": env["NIXERY_TRUSTED_PROXIES"]}).server.trusted_proxies
     assert proxies and all(network.is_private for network in proxies)
+    # Storage has a budget, collected on a schedule (one replica at a time, by the bucket's lease).
+    budget = nixery_config.load({name: env[name] for name in ("NIXERY_STORAGE_LIMIT", "NIXERY_GC_INTERVAL")}).gc
+    assert budget.storage_limit > 0 and budget.interval > 0
     # Workload Identity: the pods' service account is bound to a Google account, which signs blob
     # URLs through IAM (tests/test_gcs.py): no key file, no Secret to create first.
     spec = rendered["Deployment"]["spec"]["template"]["spec"]
@@ -281,6 +284,9 @@ def test_the_filesystem_overlay_runs_one_replica_on_a_volume_claim():
     assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
     assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
     assert objects["PodDisruptionBudget"]["spec"].get("maxUnavailable") == 1
+    # Collections keep the blobs under the limit, below the claim's size (which holds the state too).
+    claimed = nixery_config.load({"NIXERY_STORAGE_LIMIT": claim["spec"]["resources"]["requests"]["storage"].rstrip("i")})
+    assert 0 < loaded.gc.storage_limit < claimed.gc.storage_limit and loaded.gc.interval > 0
     assert "minAvailable" not in objects["PodDisruptionBudget"]["spec"]
 
 

@@ -55,6 +55,9 @@ OPTION_VARIABLES = {
     "sshKeyFile": "NIXERY_SSH_KEY",
     "storage.backend": "NIXERY_STORAGE_BACKEND",
     "storage.path": "STORAGE_PATH",
+    "storage.limit": "NIXERY_STORAGE_LIMIT",
+    "storage.maxAge": "NIXERY_STORAGE_MAX_AGE",
+    "storage.gcInterval": "NIXERY_GC_INTERVAL",
     "bucket": "GCS_BUCKET",
     "signing.keyFile": "GCS_SIGNING_KEY",
     "signing.account": "GCS_SIGNING_ACCOUNT",
@@ -104,7 +107,7 @@ VARIABLES_WITHOUT_OPTION = {"NIXERY_STATE_DIR", "BUCKET", "NIXERY_GIT_TOKEN", "N
                             "NIXERY_GIT_TTL", "GCS_SIGNED_URL_TTL", "NIXERY_NIX_SNAPSHOTTER", "GCS_RETRY_SECONDS",
                             "NIXERY_LOG_FORMAT", "NIXERY_IGNORE_VARIABLES",
                             # A NixOS store is shared: the system's collection (nix.gc) frees it.
-                            "NIXERY_NIX_STORE_LIMIT"}
+                            "NIXERY_NIX_STORE_LIMIT", "NIXERY_GC_GRACE"}
 # Variables the service gets that are not Nixery's.
 FOREIGN_VARIABLES = {"NIX_REMOTE", "XDG_CACHE_HOME", "GOOGLE_APPLICATION_CREDENTIALS"}
 # Values an option's type is asked about, to compare with what Nixery accepts.
@@ -243,7 +246,8 @@ def test_each_option_sets_its_variable(tmp_path):
         "port": 9000, "listenAddress": "::", "allowedChannels": ["nixos-24.11", "nixos-unstable"],
         "channelCommits": ["a" * 40, "b" * 40], "allowedUris": ["https://github.com/NixOS/nixpkgs/archive/"],
         "pkgsRepo": "ssh://git@git.example.org/pkgs.git", "sshKeyFile": "/run/keys/ssh",
-        "storage": {"backend": "gcs", "path": "/srv/unused"}, "bucket": "my-nixery-layers",
+        "storage": {"backend": "gcs", "path": "/srv/unused", "limit": "20G", "maxAge": "30d", "gcInterval": "15m"},
+        "bucket": "my-nixery-layers",
         "signing": {"keyFile": "/run/keys/gcs.pem", "account": "nixery@example.iam.gserviceaccount.com"},
         "nixTimeout": 120, "popularityUrl": "https://example.org/popularity.json", "layerBudget": 60,
         "platforms": ["linux/arm64", "linux/amd64"], "workers": 4, "threads": 16, "logLevel": "DEBUG",
@@ -262,6 +266,7 @@ def test_each_option_sets_its_variable(tmp_path):
         "channelCommits": f"{'a' * 40},{'b' * 40}", "allowedUris": "https://github.com/NixOS/nixpkgs/archive/",
         "pkgsRepo": "ssh://git@git.example.org/pkgs.git", "sshKeyFile": "%d/ssh-key",
         "storage.backend": "gcs", "storage.path": None, "bucket": "my-nixery-layers",
+        "storage.limit": "20G", "storage.maxAge": "30d", "storage.gcInterval": "15m",
         "signing.keyFile": "%d/gcs-signing-key", "signing.account": "nixery@example.iam.gserviceaccount.com",
         "nixTimeout": "120", "popularityUrl": "https://example.org/popularity.json", "layerBudget": "60",
         "platforms": "linux/arm64,linux/amd64", "workers": "4", "threads": "16", "logLevel": "DEBUG",
@@ -301,6 +306,7 @@ def test_each_option_sets_its_variable(tmp_path):
     assert (loaded.limits.max_image_size, loaded.limits.max_packages, loaded.limits.eval_memory, loaded.limits.eval_timeout) == \
         (3 << 30, 12, 512 << 20, 40)
     assert [str(network) for network in loaded.server.trusted_proxies] == ["10.0.0.0/8", "::1/128"]
+    assert (loaded.gc.storage_limit, loaded.gc.max_age, loaded.gc.interval) == (20 << 30, 30 * 86400, 900)
 
 
 @needs_lib

@@ -13,7 +13,7 @@ import abc
 import contextlib
 import dataclasses
 import re
-from typing import BinaryIO, Optional, Union
+from typing import BinaryIO, Iterator, Optional, Union
 
 from ..manifest import SHA256_RE
 
@@ -53,6 +53,37 @@ class LocalFile:
 class Redirect:
     url: str
     info: BlobInfo
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredObject:
+    """An object as a listing of storage saw it, for the collector (nixery/collector.py).
+
+    `used` is when it was last written, pulled or reused (seconds since the epoch); `version`
+    what it was then, so that a deletion removes it only if nobody has used or rewritten it since;
+    `media_type` is None where the backend cannot tell without a read (a large file: no manifest)."""
+
+    key: str
+    size: int
+    used: float
+    version: str
+    media_type: Optional[str]
+
+
+class Lease(abc.ABC):
+    """One collection at a time across workers and instances sharing the storage."""
+
+    # When the last collection under this lease finished (0: never), so a worker that finds the
+    # lease free does not collect again right after another one did.
+    previous: float
+
+    @abc.abstractmethod
+    def renew(self) -> bool:
+        """Keeps the lease for another term; False if it was lost (the holder must stop)."""
+
+    @abc.abstractmethod
+    def finish(self, when: float) -> None:
+        """Records that a collection finished at `when` and lets the lease go."""
 
 
 class Upload(abc.ABC):
@@ -96,4 +127,28 @@ class Backend(abc.ABC):
 
     def check(self) -> None:
         """Raises StorageError if the backend cannot be used (called at start-up)."""
+
+    @abc.abstractmethod
+    def objects(self) -> Iterator[StoredObject]:
+        """Every blob, layer record and pinned manifest (not unfinished uploads)."""
+
+    @abc.abstractmethod
+    def unchanged(self, listed: StoredObject) -> bool:
+        """Whether the object `listed` names is still there, neither used nor rewritten since."""
+
+    @abc.abstractmethod
+    def delete(self, listed: StoredObject) -> bool:
+        """Removes the object `listed` names, unless it was used or rewritten since it was listed;
+        True if it is gone."""
+
+    @abc.abstractmethod
+    def touch(self, key: str) -> None:
+        """Marks the object at `key` used now (a pulled manifest, a blob a build reuses), so that
+        collections keep it for their grace period; nothing happens if it is absent. Never raises:
+        a mark that cannot be written (read-only storage, an outage) is logged, and the pull or
+        build that made it goes on."""
+
+    @abc.abstractmethod
+    def lease(self, term: float) -> contextlib.AbstractContextManager[Optional[Lease]]:
+        """The collection lease for `term` seconds (renewable), or None while another holds it."""
 

@@ -20,6 +20,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import json
 import logging
 import os
 import socket
@@ -29,7 +30,8 @@ from pathlib import Path
 from typing import BinaryIO, Iterator, Optional
 
 from ..atomic import hold_lock, write_atomic
-from . import Backend, BlobInfo, LocalFile, StorageError, Upload, check_key
+from ..locks import try_lock
+from . import Backend, BlobInfo, Lease, LocalFile, StorageError, StoredObject, Upload, check_key
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,11 @@ _OS_ERRORS = {errno.ENOSPC: "storage full", errno.EDQUOT: "storage full (quota)"
 _TMP_DIR = "tmp"
 # A temporary file is created, then locked: an empty one younger than this may be between the two.
 _UNLOCKED_GRACE_SECONDS = 60
+# The collection lease: a file locked by its holder (next to the objects, so that instances
+# sharing the directory exclude each other too) and holding when the last collection finished.
+_LEASE_FILE = "gc.lease"
+# No manifest is larger: the type of a larger object is not read when storage is listed.
+_SMALL_OBJECT = 4 << 20
 # No upload takes this long: a file that cannot be known free by its lock is removed past this age.
 _STALE_TMP_SECONDS = 24 * 3600
 
@@ -207,6 +214,83 @@ class FilesystemBackend(Backend):
     def locate(self, key: str) -> Optional[LocalFile]:
         info = self.stat(key)
         return LocalFile(str(self._path(key)), info) if info else None
+
+    def objects(self) -> Iterator[StoredObject]:
+        for prefix in ("layers", "builds", "manifests"):
+            with os.scandir(self.root / prefix) as entries:
+                for entry in entries:
+                    if entry.name.endswith(_TYPE_SUFFIX) or not entry.is_file(follow_symlinks=False):
+                        continue
+                    key = f"{prefix}/{entry.name}"
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                        # Only a blob may be a manifest: records and pinned manifests are known by their prefix.
+                        media_type = (Path(entry.path + _TYPE_SUFFIX).read_text()
+                                      if prefix == "layers" and st.st_size <= _SMALL_OBJECT else None)
+                    except FileNotFoundError:  # removed since the listing
+                        continue
+                    yield StoredObject(key, st.st_size, _used(st), str(st.st_ino), media_type)
+
+    def unchanged(self, listed: StoredObject) -> bool:
+        try:
+            st = self._path(listed.key).stat()
+        except FileNotFoundError:
+            return False
+        return _used(st) <= listed.used and str(st.st_ino) == listed.version
+
+    def delete(self, listed: StoredObject) -> bool:
+        """Looks at the file again just before removing it: one used or rewritten since the
+        listing stays. A reader that opened it already reads on (an unlinked file lives until
+        closed)."""
+        path = self._path(listed.key)
+        if not self.unchanged(listed):
+            return not path.exists()
+        for gone in (path, Path(str(path) + _TYPE_SUFFIX)):
+            with contextlib.suppress(FileNotFoundError):
+                gone.unlink()
+        return True
+
+    def touch(self, key: str) -> None:
+        try:
+            os.utime(self._path(key))
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            log.warning("cannot mark a blob used", extra={"key": key, "reason": describe_os_error(e)})
+
+    @contextlib.contextmanager
+    def lease(self, term: float) -> Iterator[Optional[Lease]]:
+        fd = os.open(self.root / _LEASE_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            yield _FileLease(fd) if try_lock(fd) else None
+        finally:
+            os.close(fd)
+
+
+def _used(st: os.stat_result) -> float:
+    """When a file was last used: written, or marked used by `touch`. Its modification time, not its
+    access time, which reads move on (the collector's own reads of manifests included)."""
+    return st.st_mtime
+
+
+class _FileLease(Lease):
+    """An OFD lock on the lease file: the kernel lets it go when its holder dies."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        raw = os.pread(fd, 4096, 0)
+        try:
+            self.previous = float(json.loads(raw)["finished"]) if raw else 0.0
+        except (ValueError, KeyError, TypeError):
+            self.previous = 0.0
+
+    def renew(self) -> bool:
+        return True  # held until the file is closed
+
+    def finish(self, when: float) -> None:
+        data = json.dumps({"finished": when}).encode()
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, data, 0)
 
 
 def describe_os_error(e: OSError) -> str:

@@ -31,8 +31,10 @@ import datetime
 import http.client
 import logging
 import os
+import json
 import re
 import threading
+import time
 import uuid
 from typing import Iterator, Optional
 
@@ -51,12 +53,19 @@ from google.cloud.storage.retry import DEFAULT_RETRY
 from google.oauth2 import service_account
 
 from ..config import GcsConfig
-from . import Backend, BlobInfo, Redirect, StorageError, Upload, check_key
+from ..recent import Recent
+from . import Backend, BlobInfo, Lease, Redirect, StorageError, StoredObject, Upload, check_key
 
 log = logging.getLogger(__name__)
 
 # Unfinished layers live here; a bucket lifecycle rule removes any left by a crash.
 TMP_PREFIX = "tmp/"
+# The collection lease: an instance that wants it writes a claim here; the earliest claim (by the
+# bucket's own creation time) that has not expired holds it. Listings are strongly consistent, so
+# of two claims the later one's writer always sees the earlier one.
+LEASE_PREFIX = "leases/gc/"
+# When the last collection finished, written by the lease's holder.
+LEASE_FINISHED = "leases/gc-finished"
 # Bytes buffered before a resumable-upload request: the memory one upload holds.
 # GCS needs a multiple of 256 KiB; 8 MiB is its recommended minimum for throughput.
 CHUNK_SIZE = 8 << 20
@@ -126,6 +135,41 @@ def load_signing_credentials(config: GcsConfig) -> Optional[service_account.Cred
     except Exception:  # any parse failure: its message might quote the key, so drop it
         raise StorageError(f"GCS_SIGNING_KEY {path} is not a PEM-encoded RSA private key") from None
     return service_account.Credentials(signer, config.signing_account, _TOKEN_URI)
+
+
+def _used(blob: storage.Blob) -> float:
+    """When an object was last used: its custom time, which `touch` moves on (and a bucket
+    lifecycle rule's daysSinceCustomTime reads), else when it was written."""
+    return (blob.custom_time or blob.time_created).timestamp()
+
+
+def _listed(blob: storage.Blob) -> StoredObject:
+    return StoredObject(blob.name, blob.size, _used(blob), f"{blob.generation}:{blob.metageneration}",
+                        blob.content_type)
+
+
+class _GcsLease(Lease):
+    def __init__(self, backend: "GcsBackend", claim: storage.Blob, term: float, previous: float):
+        self.backend = backend
+        self.claim = claim
+        self.term = term
+        self.previous = previous
+
+    def renew(self) -> bool:
+        """Moves the claim's expiry on; a claim another instance removed as expired is lost."""
+        self.claim.metadata = {"expires": str(time.time() + self.term)}
+        with self.backend.failures("renew the collection lease"):
+            try:
+                self.claim.patch(retry=self.backend.retry, timeout=_TIMEOUT)
+            except api_exceptions.NotFound:
+                return False
+        return True
+
+    def finish(self, when: float) -> None:
+        with self.backend.failures("record the collection"):
+            self.backend._bucket().blob(LEASE_FINISHED).upload_from_string(
+                json.dumps({"finished": when}), content_type="application/json", retry=self.backend.retry,
+                timeout=_TIMEOUT)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,8 +279,11 @@ class _GcsUpload(Upload):
 class GcsBackend(Backend):
     name = "gcs"
 
-    def __init__(self, config: GcsConfig):
+    def __init__(self, config: GcsConfig, mark_every: float = 0.0):
+        """`mark_every`: an object this process marked used that long ago or less is not marked again
+        (a request each; a quarter of the collector's grace period keeps every use covered)."""
         self.config = config
+        self._marked = Recent(mark_every)
         # A registry client waits for the answer, so an unreachable bucket is given up on
         # after GCS_RETRY_SECONDS, not the library's two minutes.
         self.retry = DEFAULT_RETRY.with_timeout(float(config.retry_seconds))
@@ -345,6 +392,77 @@ class GcsBackend(Backend):
             if blob is None:
                 return None
             return Redirect(self._url(blob), _info(blob))
+
+    def objects(self) -> Iterator[StoredObject]:
+        with self.failures("list the bucket"):
+            for prefix in ("layers/", "builds/", "manifests/"):
+                for blob in self._bucket().list_blobs(prefix=prefix, retry=self.retry, timeout=_TIMEOUT):
+                    yield _listed(blob)
+
+    def unchanged(self, listed: StoredObject) -> bool:
+        with self.failures(f"stat {listed.key}"):
+            blob = self._get(listed.key)
+        return blob is not None and _used(blob) <= listed.used and \
+            f"{blob.generation}:{blob.metageneration}" == listed.version
+
+    def delete(self, listed: StoredObject) -> bool:
+        """Deletes on the condition that neither the object's content (generation) nor its
+        metadata (metageneration: a `touch`) changed since it was listed."""
+        generation, metageneration = (int(part) for part in listed.version.split(":"))
+        with self.failures(f"delete {listed.key}"):
+            try:
+                self._bucket().blob(check_key(listed.key)).delete(
+                    if_generation_match=generation, if_metageneration_match=metageneration, retry=self.retry,
+                    timeout=_TIMEOUT)
+            except api_exceptions.PreconditionFailed:
+                return False
+            except api_exceptions.NotFound:
+                pass
+        return True
+
+    def touch(self, key: str) -> None:
+        if not self._marked.first(key):
+            return
+        blob = self._bucket().blob(check_key(key))
+        blob.custom_time = datetime.datetime.now(datetime.timezone.utc)
+        # An outage is logged by `failures` and let go; an absent object has nothing to mark.
+        with contextlib.suppress(StorageError), self.failures(f"mark {key} used"), \
+                contextlib.suppress(api_exceptions.NotFound):
+            blob.patch(retry=self.retry, timeout=_TIMEOUT)
+
+    @contextlib.contextmanager
+    def lease(self, term: float) -> Iterator[Optional[Lease]]:
+        """Writes a claim, then lists the claims: this one holds the lease if no earlier claim is
+        unexpired (expired ones, left by a holder that died, are removed). The claim is removed
+        when the block ends."""
+        bucket = self._bucket()
+        claim = bucket.blob(f"{LEASE_PREFIX}{uuid.uuid4().hex}")
+        claim.metadata = {"expires": str(time.time() + term)}
+        with self.failures("claim the collection lease"):
+            claim.upload_from_string(b"", retry=self.retry, timeout=_TIMEOUT)
+        try:
+            with self.failures("read the collection lease"):
+                held = self._first_claim(bucket) == claim.name
+                finished = bucket.blob(LEASE_FINISHED)
+                previous = json.loads(finished.download_as_bytes(retry=self.retry, timeout=_TIMEOUT))["finished"] \
+                    if held and finished.exists(retry=self.retry, timeout=_TIMEOUT) else 0.0
+            yield _GcsLease(self, claim, term, float(previous)) if held else None
+        finally:
+            try:
+                claim.delete(retry=self.retry, timeout=_TIMEOUT)
+            except _FAILURES as e:  # it expires anyway
+                log.warning("could not remove a lease claim", extra={"reason": _one_line(_reason(e))})
+
+    def _first_claim(self, bucket: storage.Bucket) -> Optional[str]:
+        now = time.time()
+        live = []
+        for blob in bucket.list_blobs(prefix=LEASE_PREFIX, retry=self.retry, timeout=_TIMEOUT):
+            if float((blob.metadata or {}).get("expires", 0)) > now:
+                live.append((blob.time_created, blob.name))
+            else:
+                with contextlib.suppress(api_exceptions.NotFound, api_exceptions.PreconditionFailed):
+                    blob.delete(if_metageneration_match=blob.metageneration, retry=self.retry, timeout=_TIMEOUT)
+        return min(live)[1] if live else None
 
     def _url(self, blob: storage.Blob) -> str:
         """A V4 URL signed for GET when a signer is known, else the public URL.

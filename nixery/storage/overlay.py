@@ -10,9 +10,9 @@ configured storage.
 from __future__ import annotations
 
 import contextlib
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
-from . import Backend, BlobInfo, LocalFile, Redirect, Upload
+from . import Backend, BlobInfo, Lease, LocalFile, Redirect, StoredObject, Upload
 
 
 class Overlay(Backend):
@@ -46,3 +46,20 @@ class Overlay(Backend):
 
     def check(self) -> None:
         self.scratch.check()
+
+    # Marks of use and collections (nixery/collector.py) touch the scratch storage only: the lower
+    # one is not written.
+    def objects(self) -> Iterator[StoredObject]:
+        return self.scratch.objects()
+
+    def unchanged(self, listed: StoredObject) -> bool:
+        return self.scratch.unchanged(listed)
+
+    def delete(self, listed: StoredObject) -> bool:
+        return self.scratch.delete(listed)
+
+    def touch(self, key: str) -> None:
+        self.scratch.touch(key)
+
+    def lease(self, term: float) -> contextlib.AbstractContextManager[Optional[Lease]]:
+        return self.scratch.lease(term)
