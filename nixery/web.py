@@ -411,11 +411,14 @@ class DeclaredJson:
 
 class PackagesJson:
     """`/packages.json?q=WORD`: the names of the package set that contain WORD (all of them without
-    `q`), for scripts and the curious: `{"query", "packages": [{"name"}], "total"}`, at most
-    RESULTS_MAX entries (403 on a private instance, whose set may be private too)."""
+    `q`), for scripts and the curious: `{"query", "packages": [{"name"}], "total", "images"}`, at most
+    RESULTS_MAX packages; `images` holds the declared images of `latest` whose name contains WORD
+    (a declared name wins over a package's, so a search must show it). 403 on a private instance,
+    whose set may be private too."""
 
-    def __init__(self, package_search: PackageSearch, private: bool):
+    def __init__(self, package_search: PackageSearch, declared: Optional[DeclaredImages], private: bool):
         self.package_search = package_search
+        self.declared = declared
         self.private = private
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
@@ -429,7 +432,12 @@ class PackagesJson:
             found = self.package_search.search(query)
         except QueryError as e:
             raise RegistryError(400, "QUERY_INVALID", str(e)) from None
-        return {"query": found.query, "packages": [{"name": name} for name in found.names], "total": found.total}
+        catalog = self.declared.latest() if self.declared else Catalog(None)
+        word = found.query.lower()
+        images = [{"name": i.name, "packages": list(i.packages), "description": i.description}
+                  for i in catalog.images if not i.error and word in i.name]
+        return {"query": found.query, "packages": [{"name": name} for name in found.names], "total": found.total,
+                "images": images}
 
 
 class NotFound:
@@ -478,5 +486,5 @@ def add_routes(app: falcon.App, config: Config, store: BuildHistory, in_progress
     app.add_route("/builds.json", BuildsJson(store, config.auth.level is AuthLevel.ALL or config.hide_details,
                                              in_progress))
     if package_search is not None:
-        app.add_route("/packages.json", PackagesJson(package_search, config.auth.level is AuthLevel.ALL))
+        app.add_route("/packages.json", PackagesJson(package_search, declared, config.auth.level is AuthLevel.ALL))
     app.add_sink(not_found, prefix=re.compile(r"/(?!v2/)"))

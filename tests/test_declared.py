@@ -167,6 +167,9 @@ def test_page_and_json_list_the_declared_images_of_latest(server):
     assert "not a valid image name" in by_name["Upper"]["error"]
     assert "packages[0]: is a derivation, not a name" in by_name["drv"]["error"]
     assert len(listing["revision"]) == 40
+    search = requests.get(f"{server.url}/packages.json", params={"q": "WE"}, timeout=60).json()
+    assert search["images"] == [by_name["web"]]
+    assert not requests.get(f"{server.url}/packages.json", params={"q": "nosuchimage"}, timeout=60).json()["images"]
     page = requests.get(server.url + "/", timeout=60).text
     assert "<code>web</code>" in page and "the v2 web image" in page and "wins over a package" in page
     assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
