@@ -30,7 +30,7 @@ import pytest
 import requests
 
 from pkgset import make_package_set
-from support import NIX_ENV, chroot_run, free_port, pull_and_unpack, skopeo_pull
+from support import NIX_ENV, chroot_run, free_port, nixpkgs_lib, pull_and_unpack, skopeo_pull
 from nixery import preflight
 from nixery.nix import confine
 from nixery.config import VARIABLE_NAMES
@@ -204,10 +204,10 @@ def test_a_set_fetches_only_the_urls_it_is_allowed(start_server, pkgset, tmp_pat
     assert (pulled(allowing, "shell/hello", tmp_path) / "bin" / "hello").exists()
 
 
-NIXPKGS_LIB = Path("/work/shared/nixpkgs-lib/lib")
+NIXPKGS_LIB = nixpkgs_lib()
 
 
-@pytest.mark.skipif(not NIXPKGS_LIB.is_dir(), reason=f"nixpkgs' lib/ is not at {NIXPKGS_LIB}")
+@pytest.mark.skipif(NIXPKGS_LIB is None, reason="nixpkgs' lib not found: set NIXPKGS_LIB, or provide ../shared/nixpkgs-lib")
 def test_nixpkgs_lib_evaluates_in_restricted_mode(start_server, tmp_path):
     """nixpkgs' own library (reading its files, evaluating modules) works on the set's own files."""
     pkgs = make_package_set(tmp_path / "pkgs", salt=uuid.uuid4().hex[:12])
