@@ -316,11 +316,13 @@ def source_findings(config: Config, check: Optional[SourceCheck]) -> list[Findin
     variable = f"{_VARIABLE[source.kind]}={redact_url(source.argument)}"
     try:
         resolved = check.resolve()
-        args = resolved.args
+        # A git checkout is exported only to be evaluated: a start-up that serves pinned images
+        # from storage must not pay for one.
+        args = resolved.args if check.evaluate else None
     except Exception as e:  # any failure to reach it is only a warning: the remote may be down
         reason = getattr(e, "message", None) or str(e) or type(e).__name__
         return [warning(f"{variable} cannot be reached now ({redact_url(reason)}); pulls fail until it can")]
-    if not check.evaluate:
+    if args is None:
         return []
     try:
         check.offered = list(check.names(args))

@@ -69,7 +69,7 @@ def test_packages_json_finds_names(server):
     # Without a query: every name (up to the limit), a nested set among them.
     everything = search(server).json()
     assert {"hello", "python3Packages", "bashInteractive"} <= {p["name"] for p in everything["packages"]}
-    assert search(server, q="zzzzqqq").json() == {"query": "zzzzqqq", "packages": [], "total": 0}
+    assert search(server, q="zzzzqqq").json() == {"query": "zzzzqqq", "packages": [], "total": 0, "images": []}
     # The page's pull command is an image name: lower case, and without the leading underscore of a digit.
     assert f"docker pull {server.host}/shell/7zip</code>" in requests.get(server.url + "/", params={"q": "7zi"},
                                                                          timeout=60).text

@@ -142,7 +142,8 @@ def test_builds_are_bounded_across_workers(start_server, pkgset, tmp_path):
     def get(name: str, address: str) -> float:
         session = requests.Session()
         session.get_adapter("http://").init_poolmanager(1, 1, source_address=(address, 0))
-        assert session.get(f"{server.url}/v2/{name}/manifests/latest", timeout=60).status_code == 200
+        response = session.get(f"{server.url}/v2/{name}/manifests/latest", timeout=60)
+        assert response.status_code == 200, response.text
         return time.monotonic()
 
     started = time.monotonic()

@@ -46,14 +46,17 @@ def recorded(directory: Path, pid: int) -> Iterator[None]:
         yield
         return
     record = directory / f"{os.getpid()}-nix-{pid}-{started}"
+    written = False
     with contextlib.suppress(OSError):  # an unwritable state folder costs the record, not the build
         directory.mkdir(parents=True, exist_ok=True)
         record.touch()
+        written = True
     try:
         yield
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            record.unlink()
+        if written:
+            with contextlib.suppress(FileNotFoundError):
+                record.unlink()
 
 
 def stop_recorded(directory: Path, owner: Optional[int] = None) -> None:
