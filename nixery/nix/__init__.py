@@ -57,9 +57,10 @@ PROGRESS_RE = re.compile(r"(building '|copying (path|\d+ paths)|these \d+ (deriv
                          r"downloading '|fetching |querying |unpacking |evaluating |warning: )")
 # A derivation's own builder exited non-zero: the same inputs fail the same way, so the request is at
 # fault. A builder killed by a signal ("failed due to signal 9") is not: the machine did that.
-_BUILDER_FAILED = re.compile(r"builder for '(/nix/store/[^']+\.drv)' failed with exit code")
+_BUILDER_FAILED = re.compile(r"^(?:error: )?builder for '(/nix/store/[^']+\.drv)' failed with exit code.*$", re.M)
 # Nix's --timeout or --max-silent-time stopped a builder.
-_BUILDER_TIMED_OUT = re.compile(r"building of '(/nix/store/[^'!]+\.drv)[^']*' from \.drv file timed out")
+_BUILDER_TIMED_OUT = re.compile(r"^(?:error: )?building of '(/nix/store/[^'!]+\.drv)[^']*' from \.drv file timed out.*$",
+                                re.M)
 # What Nix says when an allocation fails (Boehm GC's out-of-memory handler, or a C++ allocation).
 _OUT_OF_MEMORY = re.compile(r"error: out of memory|std::bad_alloc")
 # Failures of an evaluation that are not the package set's code: a download, the daemon, the
@@ -99,11 +100,13 @@ class NixError(Exception):
 
 
 class DerivationFailed(NixError):
-    """The build of one derivation did not finish; `derivation` is its store path (.drv)."""
+    """The build of one derivation did not finish; `derivation` is its store path (.drv), `line`
+    Nix's own line about it (by default the log's first error line)."""
 
-    def __init__(self, reason: str, log_text: str, derivation: str):
+    def __init__(self, reason: str, log_text: str, derivation: str, line: str = ""):
         super().__init__(reason, log_text)
         self.derivation = derivation
+        self.line = line or first_error_line(log_text)
 
 
 class BuildFailed(DerivationFailed):
@@ -353,12 +356,10 @@ class Nix:
                 raise NixError(f"{what} timed out after {timeout}s", process.stderr, timed_out=True) from None
         stderr = process.stderr
         if process.proc.returncode != 0:
-            failed = _BUILDER_FAILED.search(_ANSI.sub("", stderr))
-            if failed:
-                raise BuildFailed(f"{what} failed: {first_error_line(stderr)}", stderr, failed.group(1))
-            timed_out = _BUILDER_TIMED_OUT.search(_ANSI.sub("", stderr))
-            if timed_out:
-                raise BuildTimedOut(f"{what} failed: {first_error_line(stderr)}", stderr, timed_out.group(1))
+            verdict = _derivation_verdict(stderr)
+            if verdict:
+                kind, line, derivation = verdict
+                raise kind(f"{what} failed: {line}", stderr, derivation, line)
             hint = restriction_hint(stderr)
             raise (Forbidden if hint else NixError)(f"{what} failed: {first_error_line(stderr)}{hint}", stderr)
         return bytes(process.out).decode()
@@ -595,17 +596,32 @@ class Nix:
         return found
 
 
+def _derivation_verdict(stderr: str) -> Optional[tuple[type[DerivationFailed], str, str]]:
+    """Nix's own line saying that a builder failed or timed out (its kind, the line, the .drv), if
+    any. The last such line: a builder's output is printed before Nix's verdict on it and may
+    imitate one, naming another derivation (which would then be remembered as failed for every
+    image that needs it: nixery/failures.py)."""
+    text = _ANSI.sub("", stderr)
+    found = [(match.start(), kind, match) for kind, pattern in ((BuildFailed, _BUILDER_FAILED),
+                                                                (BuildTimedOut, _BUILDER_TIMED_OUT))
+             for match in pattern.finditer(text)]
+    if not found:
+        return None
+    _, kind, match = max(found, key=lambda entry: entry[0])
+    return kind, match.group(0).strip()[:500], match.group(1)
+
+
 def as_seen_by(error: DerivationFailed, resolved: Resolved) -> DerivationFailed:
     """`error` as the image of `resolved` sees it: naming its requested package whose build
     failed or timed out, or saying that a dependency's did (Nix's own line follows, with the
     derivation's path)."""
-    nix_line = first_error_line(error.log).removeprefix("error:").strip()
+    nix_line = error.line.removeprefix("error:").strip()
     names = sorted(name for name, drv in resolved.derivations.items() if drv.split("!")[0] == error.derivation)
     what = names[0] if names else "a dependency"
     if isinstance(error, BuildTimedOut):
         return BuildTimedOut(f"{what} did not finish building within this instance's build timeout (NIX_TIMEOUT): "
-                             f"{nix_line}", error.log, error.derivation)
-    return type(error)(f"{what} failed to build: {nix_line}", error.log, error.derivation)
+                             f"{nix_line}", error.log, error.derivation, error.line)
+    return type(error)(f"{what} failed to build: {nix_line}", error.log, error.derivation, error.line)
 
 
 def _machine_fault(text: str) -> Optional[str]:
