@@ -32,7 +32,8 @@ import requests
 from pkgset import make_package_set
 from support import NIX_ENV, chroot_run, free_port, nixpkgs_lib, pull_and_unpack, skopeo_pull
 from nixery import preflight
-from nixery.nix import confine
+from nixery.nix import Nix, NixError, SourceArgs, UnavailablePackages, confine
+from nixery.nix.confine import NIX_DIR
 from nixery.config import VARIABLE_NAMES
 
 # Cloud credentials a server may hold in its environment, besides Nixery's own variables.
@@ -324,6 +325,35 @@ def test_nix_gets_no_variable_of_nixery_nor_credentials():
     assert set(confine.nix_environment(service)) == {"PATH", "HOME", "LC_ALL", "NIX_REMOTE", "https_proxy"}
     with_cache = set(confine.nix_environment(service, cache_credentials=True))
     assert with_cache - set(confine.nix_environment(service)) == {n for n in WATCHED if n.startswith("AWS_")}
+
+
+def test_nix_messages_name_no_directory_of_the_server(tmp_path, monkeypatch):
+    """A client reads the Nix errors of the code its tag selects: what that code can name of the
+    server (its own directory, as given and through a link, and the helper's, by `toString ./.`,
+    the search path, and the position of an argument the helper gives it) is not in them."""
+    for key, value in NIX_ENV.items():
+        monkeypatch.setenv(key, value)
+    real = tmp_path / f"real-{uuid.uuid4().hex[:8]}"
+    real.mkdir()
+    (tmp_path / "set").symlink_to(real)
+    (real / "default.nix").write_text('''{ system ? builtins.currentSystem, config ? { } }:
+  if config ? allowUnfree then throw "here: ${toString ./.} ${toString ./default.nix} ${builtins.toJSON builtins.nixPath} ${
+    builtins.toJSON (builtins.unsafeGetAttrPos "allowUnfree" config)}" else { }
+''')
+    (tmp_path / "removed").mkdir()
+    (tmp_path / "removed" / "default.nix").write_text('{ gone = throw "gone from ${toString ./.}"; }\n')
+    nix = Nix(60, tmp_path / "gcroots")
+    server_paths = {str(tmp_path), str(real), str(NIX_DIR), str(NIX_DIR.resolve())}
+    with pytest.raises(NixError) as failed:
+        nix.attribute_names(SourceArgs("path", str(tmp_path / "set"), "the test set"), None)
+    with pytest.raises(UnavailablePackages) as refused:
+        nix.resolve(["gone"], [], SourceArgs("path", str(tmp_path / "removed"), "the removed set"), None)
+    told = [failed.value.reason, str(failed.value), refused.value.problems[0].detail]
+    assert "here: . default.nix" in told[0] and "<nixery>/helper.nix" in told[0], told[0]
+    assert told[2] == "gone from .", told[2]
+    for text in told:
+        for path in server_paths:
+            assert path not in text, (path, text)
 
 
 # ----------------------------------------------- where Nix cannot sandbox --

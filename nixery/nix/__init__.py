@@ -37,7 +37,7 @@ from ..config import BinaryCacheConfig, format_size, redact_url
 from ..layers import StorePath
 from . import cache as binary_cache
 from .processes import recorded, stop_recorded
-from .confine import BUILD_OPTIONS, evaluation_options, nix_environment, restriction_hint
+from .confine import BUILD_OPTIONS, NIX_DIR, evaluation_options, nix_environment, restriction_hint
 
 log = logging.getLogger(__name__)
 
@@ -334,11 +334,12 @@ class Nix:
         self.allowed_uris = tuple(allowed_uris)
 
     def _run(self, args: Sequence[str], what: str, timeout: Optional[float] = -1,
-             cache_credentials: bool = False, memory: int = 0) -> str:
+             cache_credentials: bool = False, memory: int = 0, told: Callable[[str], str] = str) -> str:
         """Runs one Nix command; `timeout` seconds (default: the build timeout; None: no limit,
         for commands that Nix bounds itself) before its process group is stopped, and at most
         `memory` bytes of data (0: no bound).
-        `cache_credentials`: the command only talks to the binary cache, and gets its credentials."""
+        `cache_credentials`: the command only talks to the binary cache, and gets its credentials.
+        `told`: Nix's output as an error's reason may quote it (the log keeps it whole)."""
         timeout = self.timeout if timeout == -1 else timeout
         if self.on_invoke:
             self.on_invoke(args[0])
@@ -356,20 +357,22 @@ class Nix:
                 raise NixError(f"{what} timed out after {timeout}s", process.stderr, timed_out=True) from None
         stderr = process.stderr
         if process.proc.returncode != 0:
-            verdict = _derivation_verdict(stderr)
+            verdict = _derivation_verdict(told(stderr))
             if verdict:
                 kind, line, derivation = verdict
                 raise kind(f"{what} failed: {line}", stderr, derivation, line)
             hint = restriction_hint(stderr)
-            raise (Forbidden if hint else NixError)(f"{what} failed: {first_error_line(stderr)}{hint}", stderr)
+            raise (Forbidden if hint else NixError)(f"{what} failed: {first_error_line(told(stderr))}{hint}", stderr)
         return bytes(process.out).decode()
 
     def _evaluate(self, args: Sequence[str], what: str) -> str:
         """Runs one evaluation of the package set within `eval_bounds`; raises EvaluationLimit
         naming the bound it went past."""
         bounds = self.eval_bounds
+        # Whatever fails, its reason may reach a client: the set's code can name the server's paths.
+        what = in_the_set(what, args)
         try:
-            return self._run(args, what, bounds.seconds, memory=bounds.memory)
+            return self._run(args, what, bounds.seconds, memory=bounds.memory, told=lambda text: in_the_set(text, args))
         except NixError as e:
             if e.timed_out:
                 raise EvaluationLimit(f"{what} took longer than {bounds.seconds}s, this instance's limit "
@@ -378,7 +381,7 @@ class Nix:
                 raise EvaluationLimit(f"{what} needed more than {format_size(bounds.memory)} of memory, this "
                                       "instance's limit (NIXERY_EVAL_MEMORY)", e.log, "NIXERY_EVAL_MEMORY") from None
             if type(e) is NixError and e.log and _machine_fault(e.log) is None:
-                raise EvaluationFailed(in_the_set(e.reason, args) + code_position(e.log, args), e.log) from None
+                raise EvaluationFailed(e.reason + code_position(e.log, args), e.log) from None
             raise
 
     def systems(self) -> Optional[tuple[str, ...]]:
@@ -475,7 +478,8 @@ class Nix:
                                     *self._helper_args([problem.name], [], source, system)],
                                    f"explaining {problem.name}")
                 except NixError as e:
-                    message = first_error_line(e.log).removeprefix("error:").strip()
+                    told = in_the_set(e.log, self._helper_args([problem.name], [], source, system))
+                    message = first_error_line(told).removeprefix("error:").strip()
                     if problem.kind == "throws" and message:
                         problem = Problem(problem.name, "removed", message)
                     elif message:
@@ -653,11 +657,22 @@ def _set_directories(args: Sequence[str]) -> list[str]:
     return [a.rstrip("/") + "/" for a in args if a.startswith("/") and Path(a).is_dir()]
 
 
+def _server_directories(args: Sequence[str]) -> list[tuple[str, str]]:
+    """(a directory of the server that evaluation reads, what a client is told instead), the
+    longest first: the package set's (as given and with links resolved) and the helper's."""
+    named = [(directory.rstrip("/"), ".") for directory in _set_directories(args)] + [(str(NIX_DIR), "<nixery>")]
+    both = {form: name for directory, name in named for form in (directory, str(Path(directory).resolve()))}
+    return sorted(both.items(), key=lambda entry: -len(entry[0]))
+
+
 def in_the_set(text: str, args: Sequence[str]) -> str:
     """`text` with the package set's directory left out of the paths it names (a git checkout's is
-    the server's own: `getting status of 'pkgs/nope.nix'`, not of '/var/lib/...')."""
-    for directory in _set_directories(args):
-        text = text.replace(directory, "")
+    the server's own: `getting status of 'pkgs/nope.nix'`, not of '/var/lib/...'), the directory
+    itself as `.`, and the helper's as `<nixery>`: a set's code can name both (`toString ./.`,
+    `builtins.unsafeGetAttrPos` of the arguments the helper gives it) in a message a client reads."""
+    for directory, name in _server_directories(args):
+        text = re.sub(re.escape(directory) + r"(/|(?![\w.-]))",
+                      lambda match: "" if match.group(1) and name == "." else name + match.group(1), text)
     return text
 
 
