@@ -32,7 +32,9 @@ import requests
 from pkgset import make_package_set
 from support import NIX_ENV, chroot_run, free_port, nixpkgs_lib, pull_and_unpack, skopeo_pull
 from nixery import preflight
-from nixery.nix import Nix, NixError, SourceArgs, UnavailablePackages, confine
+import nixery.nix as nix_module
+from nixery.nix import EvaluationLimit, Nix, NixError, SourceArgs, UnavailablePackages, confine
+from nixery.nix import listening as nix_listening
 from nixery.nix.confine import NIX_DIR
 from nixery.config import VARIABLE_NAMES
 
@@ -354,6 +356,39 @@ def test_nix_messages_name_no_directory_of_the_server(tmp_path, monkeypatch):
     for text in told:
         for path in server_paths:
             assert path not in text, (path, text)
+
+
+def test_what_a_set_prints_costs_the_server_a_bounded_memory(tmp_path, monkeypatch):
+    """A set's code decides how much Nix prints: traces of a large string, as often as it likes, and
+    an answer as large as it likes. The server keeps a bounded part of the one (Nix's final error
+    line among it) and refuses the other, instead of holding it all."""
+    for key, value in NIX_ENV.items():
+        monkeypatch.setenv(key, value)
+    megabytes = '''
+  kb = builtins.concatStringsSep "" (builtins.genList (_: "x") 1024);
+  mb = builtins.concatStringsSep "" (builtins.genList (_: kb) 1024);
+  big = builtins.concatStringsSep "" (builtins.genList (_: mb) 4);'''
+    (tmp_path / "loud").mkdir()
+    (tmp_path / "loud" / "default.nix").write_text(f'''{{ system ? builtins.currentSystem }}:
+let {megabytes}
+in builtins.foldl' (acc: i: builtins.trace big acc) (throw "the end") (builtins.genList (i: i) 8)
+''')
+    (tmp_path / "wide").mkdir()
+    (tmp_path / "wide" / "default.nix").write_text(f'''{{ system ? builtins.currentSystem }}:
+let {megabytes}
+in {{ ${{big}} = 1; }}
+''')
+    heard = []
+    nix = Nix(60, tmp_path / "gcroots")
+    with nix_listening(lambda line: heard.append(len(line))), pytest.raises(NixError) as failed:
+        nix.attribute_names(SourceArgs("path", str(tmp_path / "loud"), "the loud set"), None)
+    assert "the end" in failed.value.reason and "the end" in failed.value.log
+    assert len(failed.value.log) < 2 << 20, "32 MB of traces, kept whole"
+    assert heard and max(heard) < 64 << 10, "a trace's line, passed on whole"
+    monkeypatch.setattr(nix_module, "EVAL_OUTPUT_MAX", 1 << 20)
+    with pytest.raises(EvaluationLimit) as refused:
+        nix.attribute_names(SourceArgs("path", str(tmp_path / "wide"), "the wide set"), None)
+    assert "printed more than 1M" in refused.value.reason, refused.value.reason
 
 
 # ----------------------------------------------- where Nix cannot sandbox --

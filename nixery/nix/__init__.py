@@ -37,6 +37,7 @@ from ..config import BinaryCacheConfig, format_size, redact_url
 from ..layers import StorePath
 from . import cache as binary_cache
 from .processes import recorded, stop_recorded
+from .output import KeptLines, lines
 from .confine import BUILD_OPTIONS, NIX_DIR, evaluation_options, nix_environment, restriction_hint
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,9 @@ ARGV_CHUNK = 5000
 # three stand for all four.
 REQUIRED_COMMANDS = ("nix-instantiate", "nix-build", "nix")
 KILL_GRACE_SECONDS = 10
+# The most an evaluation may print (its JSON answer): the names of all of nixpkgs take tens of MB;
+# a set's code could print gigabytes, which the server would hold (and parse) whole.
+EVAL_OUTPUT_MAX = 256 << 20
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 # Nix's own progress lines on stderr (what it builds, fetches or copies), as opposed to builders' output.
 PROGRESS_RE = re.compile(r"(building '|copying (path|\d+ paths)|these \d+ (derivations|paths) will be|"
@@ -254,7 +258,7 @@ class _Process:
     """A Nix process in its own session whose stdout is collected while stderr is read line by line."""
 
     def __init__(self, args: Sequence[str], listener: Optional[Callable[[str], None]], cache_credentials: bool,
-                 memory: int = 0):
+                 memory: int = 0, output: int = 0):
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
                                      start_new_session=True, env=nix_environment(os.environ, cache_credentials))
         if memory:
@@ -270,7 +274,9 @@ class _Process:
                 raise NixError(f"cannot bound the memory of {args[0]} (NIXERY_EVAL_MEMORY): {e}") from None
         self.listener = listener
         self.out = bytearray()
-        self.err: list[str] = []
+        self.output_max = output  # 0: no bound; past it Nix is stopped and `overflowed`
+        self.overflowed = False
+        self.err = KeptLines()
         self.readers = [threading.Thread(target=self._read_out, daemon=True),
                         threading.Thread(target=self._read_err, daemon=True)]
         for reader in self.readers:
@@ -279,13 +285,19 @@ class _Process:
     def _read_out(self) -> None:
         assert self.proc.stdout
         for chunk in iter(lambda: self.proc.stdout.read(65536), b""):
+            if self.overflowed:
+                continue  # read to the end, so that Nix is not blocked writing while it stops
             self.out += chunk
+            if self.output_max and len(self.out) > self.output_max:
+                self.overflowed = True
+                self.out = bytearray()
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGTERM)
 
     def _read_err(self) -> None:
         assert self.proc.stderr
-        for raw in self.proc.stderr:
-            line = raw.decode(errors="replace")
-            self.err.append(line)
+        for line in lines(self.proc.stderr):
+            self.err.add(line)
             if self.listener:
                 try:
                     self.listener(redact_url(_ANSI.sub("", line).rstrip()))
@@ -314,7 +326,7 @@ class _Process:
     @property
     def stderr(self) -> str:
         # Nix quotes the URLs it fails to download, credentials and all.
-        return redact_url("".join(self.err))
+        return redact_url(self.err.text())
 
 
 class Nix:
@@ -334,18 +346,20 @@ class Nix:
         self.allowed_uris = tuple(allowed_uris)
 
     def _run(self, args: Sequence[str], what: str, timeout: Optional[float] = -1,
-             cache_credentials: bool = False, memory: int = 0, told: Callable[[str], str] = str) -> str:
+             cache_credentials: bool = False, memory: int = 0, told: Callable[[str], str] = str,
+             output: int = 0) -> str:
         """Runs one Nix command; `timeout` seconds (default: the build timeout; None: no limit,
         for commands that Nix bounds itself) before its process group is stopped, and at most
         `memory` bytes of data (0: no bound).
         `cache_credentials`: the command only talks to the binary cache, and gets its credentials.
-        `told`: Nix's output as an error's reason may quote it (the log keeps it whole)."""
+        `told`: Nix's output as an error's reason may quote it (the log keeps it whole); `output`:
+        the most bytes it may print on stdout (0: no bound), past which it is stopped."""
         timeout = self.timeout if timeout == -1 else timeout
         if self.on_invoke:
             self.on_invoke(args[0])
         log.debug("running nix", extra={"argv": list(args)})
         try:
-            process = _Process(args, _listener.get(), cache_credentials, memory)
+            process = _Process(args, _listener.get(), cache_credentials, memory, output)
         except FileNotFoundError:
             raise NixError(f"{args[0]} is not installed or not on PATH") from None
         # Recorded while it runs: if this worker is killed, the master stops it (nixery/nix/processes.py).
@@ -356,6 +370,9 @@ class Nix:
                 process.stop()
                 raise NixError(f"{what} timed out after {timeout}s", process.stderr, timed_out=True) from None
         stderr = process.stderr
+        if process.overflowed:
+            raise EvaluationLimit(f"{what} printed more than {format_size(output)}, this instance's limit",
+                                  stderr, "output")
         if process.proc.returncode != 0:
             verdict = _derivation_verdict(told(stderr))
             if verdict:
@@ -372,7 +389,10 @@ class Nix:
         # Whatever fails, its reason may reach a client: the set's code can name the server's paths.
         what = in_the_set(what, args)
         try:
-            return self._run(args, what, bounds.seconds, memory=bounds.memory, told=lambda text: in_the_set(text, args))
+            return self._run(args, what, bounds.seconds, memory=bounds.memory, told=lambda text: in_the_set(text, args),
+                             output=EVAL_OUTPUT_MAX)
+        except EvaluationLimit:
+            raise
         except NixError as e:
             if e.timed_out:
                 raise EvaluationLimit(f"{what} took longer than {bounds.seconds}s, this instance's limit "
