@@ -339,8 +339,8 @@ def test_nix_messages_name_no_directory_of_the_server(tmp_path, monkeypatch):
     real.mkdir()
     (tmp_path / "set").symlink_to(real)
     (real / "default.nix").write_text('''{ system ? builtins.currentSystem, config ? { } }:
-  if config ? allowUnfree then throw "here: ${toString ./.} ${toString ./default.nix} ${builtins.toJSON builtins.nixPath} ${
-    builtins.toJSON (builtins.unsafeGetAttrPos "allowUnfree" config)}" else { }
+  if config ? allowUnfree then throw "here: ${toString ./.} ${toString ./default.nix} ${
+    builtins.toJSON builtins.nixPath} ${builtins.toJSON (builtins.unsafeGetAttrPos "allowUnfree" config)}" else { }
 ''')
     (tmp_path / "removed").mkdir()
     (tmp_path / "removed" / "default.nix").write_text('{ gone = throw "gone from ${toString ./.}"; }\n')

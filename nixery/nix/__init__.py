@@ -63,8 +63,8 @@ PROGRESS_RE = re.compile(r"(building '|copying (path|\d+ paths)|these \d+ (deriv
 # fault. A builder killed by a signal ("failed due to signal 9") is not: the machine did that.
 _BUILDER_FAILED = re.compile(r"^(?:error: )?builder for '(/nix/store/[^']+\.drv)' failed with exit code.*$", re.M)
 # Nix's --timeout or --max-silent-time stopped a builder.
-_BUILDER_TIMED_OUT = re.compile(r"^(?:error: )?building of '(/nix/store/[^'!]+\.drv)[^']*' from \.drv file timed out.*$",
-                                re.M)
+_BUILDER_TIMED_OUT = re.compile(
+    r"^(?:error: )?building of '(/nix/store/[^'!]+\.drv)[^']*' from \.drv file timed out.*$", re.M)
 # What Nix says when an allocation fails (Boehm GC's out-of-memory handler, or a C++ allocation).
 _OUT_OF_MEMORY = re.compile(r"error: out of memory|std::bad_alloc")
 # Failures of an evaluation that are not the package set's code: a download, the daemon, the
