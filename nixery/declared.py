@@ -38,6 +38,7 @@ MAX_ITEMS = 256  # arguments, variables, ports, labels
 MAX_STRING = 4096  # any one string
 MAX_TOTAL = 256 * 1024  # all the strings of one declaration
 MAX_DESCRIPTION = 500
+SHOWN_MAX = 100  # of a name or word of the set's in an error message
 ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 PORT_RE = re.compile(r"([0-9]{1,5})(/(tcp|udp|sctp))?")
 LABEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]*")
@@ -79,7 +80,7 @@ class Declaration:
 def _what(value: object) -> str:
     """How a value of the wrong type is named in an error: helper.nix marks what is not data."""
     if isinstance(value, dict) and isinstance(value.get("__invalid"), str) and len(value) == 1:
-        return value["__invalid"]
+        return value["__invalid"][:SHOWN_MAX]  # helper.nix's words, unless the set's code wrote its own
     return {str: "a string", bool: "a boolean", int: "a number", float: "a number", list: "a list",
             dict: "an attribute set", type(None): "null"}.get(type(value), type(value).__name__)
 
@@ -124,7 +125,7 @@ def parse(image: str, raw: object) -> Declaration:
     spec = check.items("declaration", raw, dict, len(FIELDS) + len(OTHER_KEYS))
     unknown = sorted(key for key in spec if key not in FIELDS and key not in OTHER_KEYS)
     if unknown:
-        raise check.fail(unknown[0], f"is not a field of a declared image (they are {', '.join(OTHER_KEYS + FIELDS)})")
+        raise check.fail(unknown[0][:SHOWN_MAX], f"is not a field of a declared image (they are {', '.join(OTHER_KEYS + FIELDS)})")
     if "packages" not in spec:
         raise check.fail("packages", "is missing: a declared image lists its packages")
     items = check.items("packages", spec["packages"], list, MAX_PACKAGES)
@@ -157,7 +158,7 @@ def _env(check: _Checker, value: object) -> tuple[str, ...]:
     env = check.items("Env", value, dict)
     for name in env:
         if not ENV_NAME_RE.fullmatch(name) or len(name) > 256:
-            raise check.fail(f"Env.{name[:100]}", "is not a valid variable name")
+            raise check.fail(f"Env.{name[:SHOWN_MAX]}", "is not a valid variable name")
     return tuple(f"{name}={check.string(f'Env.{name}', env[name])}" for name in sorted(env))
 
 
@@ -197,7 +198,7 @@ def _labels(check: _Checker, value: object) -> tuple[tuple[str, str], ...]:
     labels = check.items("Labels", value, dict)
     for name in labels:
         if not LABEL_RE.fullmatch(name) or len(name) > 256:
-            raise check.fail(f"Labels.{name[:100]}", "is not a valid label name")
+            raise check.fail(f"Labels.{name[:SHOWN_MAX]}", "is not a valid label name")
         if name in RESERVED_LABELS:
             raise check.fail(f"Labels.{name}", "is set by Nixery itself")
     return tuple((name, check.string(f"Labels.{name}", labels[name])) for name in sorted(labels))
@@ -239,7 +240,7 @@ def listing(raw: object) -> list[Listed]:
     listed = []
     for name in sorted(raw["images"])[:MAX_ITEMS]:
         spec = raw["images"][name]
-        shown = name[:100]
+        shown = name[:SHOWN_MAX]
         if not (NAME_RE.fullmatch(name) and "/" not in name and len(name) <= 128):
             listed.append(Listed(shown, error="not a valid image name (one lower-case component)"))
             continue

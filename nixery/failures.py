@@ -28,8 +28,7 @@ from typing import Any, Callable, Optional
 
 from .config import StateLayout
 from .errors import RegistryError
-from .nix import (BuildFailed, BuildTimedOut, DerivationFailed, NixError, UnknownPackages, UnsupportedSystem,
-                  first_error_line)
+from .nix import BuildFailed, BuildTimedOut, DerivationFailed, NixError, UnknownPackages, UnsupportedSystem
 from .refusals import ImageTooLarge
 from .sources import SourceError
 from .state import Store, bounded_put
@@ -123,7 +122,7 @@ class FailedDerivations:
     def remember(self, error: DerivationFailed) -> None:
         if self.ttl > 0:
             self.table.put(error.derivation, self.ttl,
-                           {"derivation": error.derivation, "line": first_error_line(error.log)[:LINE_KEPT],
+                           {"derivation": error.derivation, "line": error.line[:LINE_KEPT],
                             "timed_out": isinstance(error, BuildTimedOut)})
 
     def recall(self) -> dict[str, DerivationFailed]:

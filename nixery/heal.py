@@ -36,6 +36,10 @@ CHECKED_SECONDS = 30.0
 # Manifests whose blobs were all found, shared by the process's builders and forgotten when a blob
 # request finds one gone.
 _checked = Recent(CHECKED_SECONDS)
+# Images (name, tag, manifest digest) a blob request built again lately: that build put back every
+# blob the image has, so a request for a blob still missing is not one that building again heals
+# (a client asking for made-up digests under a pulled name costs one such look per image this long).
+_rebuilt = Recent(CHECKED_SECONDS)
 
 
 class BlobCheck:
@@ -86,12 +90,13 @@ class Healer:
         """How to get the blob `digest`, after building again the image of `name` that holds it."""
         key = blob_key(digest)
         for tag, manifest_digest, _ in self.pulls.tags(name):
-            if not self._names(manifest_digest, key):
+            if _rebuilt.fresh((name, tag, manifest_digest)) or not self._names(manifest_digest, key):
                 continue
             log.info("blob gone: building its image again", extra={"image": name, "tag": tag, "digest": digest})
             _checked.clear()
             self.builder.manifest(image.parse(name, tag, self.max_packages), may_build=may_build, client=client,
                                   parking=parking)
+            _rebuilt.add((name, tag, manifest_digest))
             location = self.storage.locate(key)
             if location is not None:
                 self.on_heal("blob")

@@ -82,6 +82,21 @@ def parse_destination(text: str, default_tag: str) -> Destination:
     return Destination(host, repository, tag)
 
 
+def same_origin(url: str, base: str) -> bool:
+    """Whether `url` is on the registry at `base`: scheme, host and port alike (a port left out is
+    the scheme's). Credentials go only there: an upload URL on another host, or on this host over
+    plain HTTP (a registry behind a TLS proxy that names itself `http://`), gets none, as Docker's
+    client sends them only to the endpoint they were asked for by."""
+    def origin(text: str) -> tuple[str, str, Optional[int]]:
+        parts = urllib.parse.urlsplit(text)
+        return parts.scheme.lower(), (parts.hostname or "").lower(), parts.port or {"https": 443, "http": 80}.get(
+            parts.scheme.lower())
+    try:
+        return origin(url) == origin(base)
+    except ValueError:  # a port that is no number
+        return False
+
+
 def _loopback(host: str) -> bool:
     name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
     name = name.strip("[]")
@@ -197,7 +212,7 @@ class Registry:
         """A request to the registry; a 401 logs in (again) and sends it once more. The
         credentials go only to the registry's own host (not to an upload URL elsewhere)."""
         url = urllib.parse.urljoin(self.base + "/", path_or_url)
-        own = urllib.parse.urlsplit(url).netloc == urllib.parse.urlsplit(self.base).netloc
+        own = same_origin(url, self.base)
         for attempt in range(2):
             sent = dict(headers or {})
             if own and self.authorization:
@@ -221,6 +236,9 @@ class Registry:
                 self.authorization = self.credential.basic()
                 return
             url, form, headers = token_request(challenge, self.scopes, self.credential)
+            if self.base.startswith("https://") and not url.startswith("https://"):
+                raise CommandError(f"{host}'s token service is plain HTTP ({url.split('?')[0]}): nixery sends "
+                                   "no credentials there from a registry it reached over HTTPS")
             answer = self._send("POST" if form is not None else "GET", url, headers,
                                 (lambda: (_BytesBody(form), len(form))) if form is not None else None)
             if answer.status != 200:

@@ -15,16 +15,20 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from typing import Optional
 
 from .config import redact_url
-from .nix import Nix
+from .nix import Nix, NixError
 from .sources import Resolved, Source
 from .suggest import Suggestions
 
 # The longest query taken (attribute names are short; anything longer is not a search).
 QUERY_MAX = 100
 RESULTS_MAX = 100
+# How long a revision that failed to list is answered with that failure (each query would
+# otherwise run Nix again: a set that does not evaluate must not cost an evaluation per query).
+FAILED_SECONDS = 30.0
 
 
 class QueryError(ValueError):
@@ -52,6 +56,7 @@ class PackageSearch:
         self.suggestions = suggestions
         self.system = system
         self._listing = threading.Lock()  # one evaluation at a time: the others wait for its names
+        self._failed: Optional[tuple[str, float, NixError]] = None  # revision, until, why
 
     def search(self, query: str, limit: int = RESULTS_MAX) -> Found:
         """Raises QueryError for a query too long, and what the source and Nix raise when the
@@ -66,8 +71,18 @@ class PackageSearch:
             with self._listing:
                 index = self.suggestions.index(revision, pinned)
                 if index is None:
-                    names = self.nix.attribute_names(resolved.args, self.system)[""]
+                    names = self._names(revision, resolved)
                     self.suggestions.learn(revision, pinned, {"": names})
                     index = self.suggestions.index(revision, pinned)
         names, total = index.search(query, limit) if index else ([], 0)
         return Found(query, names, total)
+
+    def _names(self, revision: str, resolved: Resolved) -> list[str]:
+        """The top-level names of `revision` from Nix, or its failure again within FAILED_SECONDS."""
+        if self._failed and self._failed[0] == revision and time.monotonic() < self._failed[1]:
+            raise self._failed[2].with_traceback(None)  # not a traceback that grows with each query
+        try:
+            return self.nix.attribute_names(resolved.args, self.system)[""]
+        except NixError as e:
+            self._failed = (revision, time.monotonic() + FAILED_SECONDS, e)
+            raise

@@ -20,9 +20,27 @@ class ConfigError(ValueError):
     """A variable has a value Nixery cannot use; the message names it."""
 
 
+# A URL's user information: `user:password@`, or `token@` (GitHub and others take a token as the
+# user name, `https://TOKEN@host/repo.git`), which only an ssh URL's plain user name is not.
+_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*:)?//(?P<user>[^/@:\s'\"]+)(?P<password>:[^/@\s'\"]*)?@")
+# Query parameters that carry credentials (`?access_token=`, `?private_token=`, signed URLs' signatures).
+_SECRET_PARAMETER = re.compile(r"([?&][A-Za-z0-9_.-]*(?:token|secret|password|passwd|signature|credential|sig|key)"
+                               r"[A-Za-z0-9_.-]*=)[^&#\s'\"]*", re.IGNORECASE)
+
+
+def _userinfo(match: re.Match) -> str:
+    scheme = match.group("scheme") or ""
+    if match.group("password") is not None:
+        return f"{scheme}//{match.group('user')}:***@"
+    if scheme.lower().rstrip(":") in ("ssh", "git+ssh", "ssh+git"):
+        return match.group(0)
+    return f"{scheme}//***@"
+
+
 def redact_url(value: str) -> str:
-    """Hide a password or token embedded in a URL (https://user:token@host/...)."""
-    return re.sub(r"(//[^/@:]+):[^/@]*@", r"\1:***@", value)
+    """Hide a password or token embedded in a URL (https://user:token@host/..., https://token@host/...,
+    ?access_token=...), in a URL or in text that quotes URLs (Nix's and git's messages)."""
+    return _SECRET_PARAMETER.sub(r"\1***", _USERINFO.sub(_userinfo, value))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -116,6 +116,11 @@ def test_token_in_a_url_is_redacted():
                      "NIXERY_GIT_TOKEN": "tok3n"})
     text = repr(c.summary())
     assert "s3cret" not in text and "tok3n" not in text
+    for url in ("https://ghp_s3cret@git.example/pkgs.git", "https://git.example/pkgs.git?access_token=s3cret&x=1"):
+        text = repr(config.load({"HOME": "/root", "NIXERY_PKGS_REPO": url}).summary())
+        assert "s3cret" not in text and "git.example/pkgs.git" in text, text
+    ssh = "ssh://git@git.example/pkgs.git"
+    assert config.redact_url(ssh) == ssh, "a user name, not a secret"
 
 
 def run_nixery(*args: str, **env: str) -> subprocess.CompletedProcess:

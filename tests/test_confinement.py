@@ -32,7 +32,10 @@ import requests
 from pkgset import make_package_set
 from support import NIX_ENV, chroot_run, free_port, nixpkgs_lib, pull_and_unpack, skopeo_pull
 from nixery import preflight
-from nixery.nix import confine
+import nixery.nix as nix_module
+from nixery.nix import EvaluationLimit, Nix, NixError, SourceArgs, UnavailablePackages, confine
+from nixery.nix import listening as nix_listening
+from nixery.nix.confine import NIX_DIR
 from nixery.config import VARIABLE_NAMES
 
 # Cloud credentials a server may hold in its environment, besides Nixery's own variables.
@@ -324,6 +327,68 @@ def test_nix_gets_no_variable_of_nixery_nor_credentials():
     assert set(confine.nix_environment(service)) == {"PATH", "HOME", "LC_ALL", "NIX_REMOTE", "https_proxy"}
     with_cache = set(confine.nix_environment(service, cache_credentials=True))
     assert with_cache - set(confine.nix_environment(service)) == {n for n in WATCHED if n.startswith("AWS_")}
+
+
+def test_nix_messages_name_no_directory_of_the_server(tmp_path, monkeypatch):
+    """A client reads the Nix errors of the code its tag selects: what that code can name of the
+    server (its own directory, as given and through a link, and the helper's, by `toString ./.`,
+    the search path, and the position of an argument the helper gives it) is not in them."""
+    for key, value in NIX_ENV.items():
+        monkeypatch.setenv(key, value)
+    real = tmp_path / f"real-{uuid.uuid4().hex[:8]}"
+    real.mkdir()
+    (tmp_path / "set").symlink_to(real)
+    (real / "default.nix").write_text('''{ system ? builtins.currentSystem, config ? { } }:
+  if config ? allowUnfree then throw "here: ${toString ./.} ${toString ./default.nix} ${
+    builtins.toJSON builtins.nixPath} ${builtins.toJSON (builtins.unsafeGetAttrPos "allowUnfree" config)}" else { }
+''')
+    (tmp_path / "removed").mkdir()
+    (tmp_path / "removed" / "default.nix").write_text('{ gone = throw "gone from ${toString ./.}"; }\n')
+    nix = Nix(60, tmp_path / "gcroots")
+    server_paths = {str(tmp_path), str(real), str(NIX_DIR), str(NIX_DIR.resolve())}
+    with pytest.raises(NixError) as failed:
+        nix.attribute_names(SourceArgs("path", str(tmp_path / "set"), "the test set"), None)
+    with pytest.raises(UnavailablePackages) as refused:
+        nix.resolve(["gone"], [], SourceArgs("path", str(tmp_path / "removed"), "the removed set"), None)
+    told = [failed.value.reason, str(failed.value), refused.value.problems[0].detail]
+    assert "here: . default.nix" in told[0] and "<nixery>/helper.nix" in told[0], told[0]
+    assert told[2] == "gone from .", told[2]
+    for text in told:
+        for path in server_paths:
+            assert path not in text, (path, text)
+
+
+def test_what_a_set_prints_costs_the_server_a_bounded_memory(tmp_path, monkeypatch):
+    """A set's code decides how much Nix prints: traces of a large string, as often as it likes, and
+    an answer as large as it likes. The server keeps a bounded part of the one (Nix's final error
+    line among it) and refuses the other, instead of holding it all."""
+    for key, value in NIX_ENV.items():
+        monkeypatch.setenv(key, value)
+    megabytes = '''
+  kb = builtins.concatStringsSep "" (builtins.genList (_: "x") 1024);
+  mb = builtins.concatStringsSep "" (builtins.genList (_: kb) 1024);
+  big = builtins.concatStringsSep "" (builtins.genList (_: mb) 4);'''
+    (tmp_path / "loud").mkdir()
+    (tmp_path / "loud" / "default.nix").write_text(f'''{{ system ? builtins.currentSystem }}:
+let {megabytes}
+in builtins.foldl' (acc: i: builtins.trace big acc) (throw "the end") (builtins.genList (i: i) 8)
+''')
+    (tmp_path / "wide").mkdir()
+    (tmp_path / "wide" / "default.nix").write_text(f'''{{ system ? builtins.currentSystem }}:
+let {megabytes}
+in {{ ${{big}} = 1; }}
+''')
+    heard = []
+    nix = Nix(60, tmp_path / "gcroots")
+    with nix_listening(lambda line: heard.append(len(line))), pytest.raises(NixError) as failed:
+        nix.attribute_names(SourceArgs("path", str(tmp_path / "loud"), "the loud set"), None)
+    assert "the end" in failed.value.reason and "the end" in failed.value.log
+    assert len(failed.value.log) < 2 << 20, "32 MB of traces, kept whole"
+    assert heard and max(heard) < 64 << 10, "a trace's line, passed on whole"
+    monkeypatch.setattr(nix_module, "EVAL_OUTPUT_MAX", 1 << 20)
+    with pytest.raises(EvaluationLimit) as refused:
+        nix.attribute_names(SourceArgs("path", str(tmp_path / "wide"), "the wide set"), None)
+    assert "printed more than 1M" in refused.value.reason, refused.value.reason
 
 
 # ----------------------------------------------- where Nix cannot sandbox --

@@ -228,12 +228,15 @@ def told(raw: object) -> tuple[int, dict, str]:
     ({"packages": ["a"], "Labels": {"org.opencontainers.image.revision": "forged"}},
      "Labels.org.opencontainers.image.revision", "set by Nixery itself"),
     ({"packages": ["a"], "Volumes": {}}, "Volumes", "is not a field"),
+    # The set's own words in a message are cut short (a message is kept, logged and sent).
+    ({"packages": ["a"], "V" * 100_000: {}}, "V" * 100, "is not a field"),
+    ({"packages": ["a"], "Cmd": {"__invalid": "W" * 100_000}}, "Cmd", "must be a list, not " + "W" * 100 + ""),
     ({"packages": ["a"], "Env": {f"V{i:03d}": "x" * 4000 for i in range(100)}}, "Env.V065", "more than 262144 bytes"),
 ])
 def test_each_invalid_field_is_named(raw, field, words):
     status, detail, message = told(raw)
     assert status == 422 and detail == {"image": "web", "field": field}
-    assert words in message and "image web" in message
+    assert words in message and "image web" in message and len(message) < 600, message[:600]
 
 
 def test_a_valid_declaration_becomes_the_image_config():

@@ -3,11 +3,18 @@ state directory (the workers), kept for the TTL, and bounded whatever is remembe
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import time
+import uuid
 
+import pytest
+
+from pkgset import BUSYBOX
+from support import NIX_ENV
 from nixery.config import StateLayout
 from nixery.failures import DERIVATION_CAPACITY, DERIVATION_RECORD_SIZE, FailedDerivations
-from nixery.nix import BuildFailed, BuildTimedOut
+from nixery.nix import BuildFailed, BuildTimedOut, Nix
 
 
 def failure(i: int) -> BuildFailed:
@@ -48,3 +55,38 @@ def test_nothing_is_kept_without_a_ttl(tmp_path):
     memory = FailedDerivations(StateLayout.under(tmp_path), 0)
     memory.remember(failure(1))
     assert memory.recall() == {} and not StateLayout.under(tmp_path).store.exists()
+
+
+def test_a_builder_cannot_blame_another_derivation(tmp_path, monkeypatch):
+    """A builder (the code of any commit a client names) prints Nix's failure line naming another
+    derivation before failing: the failure is its own, and only its own is remembered, so that the
+    other derivation's images still build."""
+    for key, value in NIX_ENV.items():
+        monkeypatch.setenv(key, value)
+    bindir = tmp_path / "set" / "busybox-static" / "bin"
+    bindir.mkdir(parents=True)
+    shutil.copy2(BUSYBOX, bindir / "busybox")
+    salt = uuid.uuid4().hex
+    (tmp_path / "set" / "default.nix").write_text(f'''
+let
+  bbdir = builtins.path {{ path = ./busybox-static; name = "busybox-static"; }};
+  mk = name: script: derivation {{ inherit name; system = builtins.currentSystem; builder = "${{bbdir}}/bin/busybox";
+    args = [ "sh" "-c" script ]; salt = "{salt}"; }};
+in rec {{
+  victim = mk "victim" "echo ok > $out";
+  forger = mk "forger" ("echo \\"error: builder for '${{builtins.unsafeDiscardStringContext victim.drvPath}}' "
+    + "failed with exit code 1;\\" >&2; exit 1");
+}}''')
+
+    def instantiate(attribute: str) -> str:
+        return subprocess.run(["nix-instantiate", str(tmp_path / "set"), "-A", attribute], check=True,
+                              capture_output=True, text=True).stdout.strip()
+
+    victim, forger = instantiate("victim"), instantiate("forger")
+    with pytest.raises(BuildFailed) as failed:
+        Nix(60, tmp_path / "gcroots").realise([f"{forger}!out"])
+    assert failed.value.derivation == forger and victim not in failed.value.reason, failed.value.reason
+    memory = FailedDerivations(StateLayout.under(tmp_path), 60)
+    memory.remember(failed.value)
+    assert list(memory.recall()) == [forger]
+    assert victim not in memory.recall()[forger].reason

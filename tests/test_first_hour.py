@@ -124,15 +124,20 @@ def test_search_evaluates_a_set_once_per_revision(pkgset, nix_counter, tmp_path,
     assert nix_counter.count() == 1, nix_counter.calls.read_text()
 
 
-def test_a_set_that_does_not_evaluate_says_why(tmp_path):
+def test_a_set_that_does_not_evaluate_says_why(tmp_path, nix_counter, monkeypatch):
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "default.nix").write_text("{ system ? builtins.currentSystem }:\n{ hello = 1 }\n")
     client = searching_app(broken, tmp_path / "state")
+    monkeypatch.setenv("PATH", nix_counter.path())
     answer = client.simulate_get("/packages.json", params={"q": "hel"})
     assert answer.status_code >= 500 and "syntax error" in answer.json["errors"][0]["message"], answer.text
     page = client.simulate_get("/", params={"q": "hel"})
     assert page.status_code == 200 and "cannot be searched now" in page.text and "syntax error" in page.text
+    for query in ("a", "b", "c", "d"):  # a client's queries cost no evaluation each while it stays broken
+        again = client.simulate_get("/packages.json", params={"q": query})
+        assert again.status_code == answer.status_code and "syntax error" in again.text, again.text
+    assert nix_counter.count() == 1, nix_counter.calls.read_text()
 
 
 def test_example_set_lists_what_works_and_what_stands_in(tmp_path):

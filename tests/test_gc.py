@@ -173,6 +173,15 @@ def test_a_layer_deleted_by_hand_is_built_again(start_server, blob_set, tmp_path
     assert metric(server, "nixery_heals_total", '{request="manifest"}') == 2
     assert requests.get(f"{server.url}/v2/blob1/hello/manifests/{unknown}", timeout=60).status_code == 404
 
+    # Made-up digests asked for under the name of a manifest that is gone: one look at the image (a
+    # build that finds it stored, and every blob of it), not one per request.
+    (storage / "layers" / digest).unlink()
+    for i in range(5):
+        made_up = "sha256:" + hashlib.sha256(str(i).encode()).hexdigest()
+        assert requests.get(f"{server.url}/v2/blob1/hello/blobs/{made_up}", timeout=60).status_code == 404
+    looks = [e for e in server.log_entries() if e.get("message") == "blob gone: building its image again"]
+    assert len(looks) <= 2, looks  # the healed layer's, and at most one for the five
+
 
 def test_a_collection_during_fifty_pulls_loses_none(start_server, blob_set, tmp_path):
     """25 images built and stored, then left unpulled for an hour (their files' times set back); a

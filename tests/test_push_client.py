@@ -14,8 +14,8 @@ from typing import Iterator
 
 import pytest
 
-from nixery.local import Blob
-from nixery.push import Destination, Registry
+from nixery.local import Blob, CommandError
+from nixery.push import Destination, Registry, same_origin
 from nixery.registry_login import Credential
 
 USER, PASSWORD = "pusher", "pw-9d1c"
@@ -132,3 +132,23 @@ def test_an_expired_token_is_renewed_and_the_chunk_sent_again():
         assert len(patches) > -(-len(DATA) // 4096), "a chunk refused with the old token was sent again"
     finally:
         scripted.httpd.shutdown()
+
+
+def test_credentials_go_to_the_same_origin_only():
+    """Scheme, host and port alike: a registry behind a TLS proxy that names its upload URLs
+    `http://` (its proxy not telling it the scheme) gets no credentials sent in clear."""
+    base = "https://registry.example"
+    assert same_origin("https://registry.example/v2/app/blobs/uploads/1", base)
+    assert same_origin("https://REGISTRY.example:443/v2/", base)
+    for elsewhere in ("http://registry.example/v2/app/blobs/uploads/1", "https://registry.example:5000/v2/",
+                      "https://storage.example/upload", "https://registry.example.evil/v2/",
+                      "https://registry.example:x/v2/"):
+        assert not same_origin(elsewhere, base), elsewhere
+    assert same_origin("http://127.0.0.1:5000/upload", "http://127.0.0.1:5000")
+
+
+def test_no_credentials_to_a_plain_http_token_service_of_an_https_registry():
+    registry = Registry(Destination("registry.example", "app", "1"), Credential(USER, PASSWORD))
+    with pytest.raises(CommandError, match="plain HTTP"):
+        registry._login('Bearer realm="http://auth.example/token",service="registry"')
+    assert registry.authorization is None

@@ -309,9 +309,10 @@ def test_credentials_are_offered_as_git_users_expect(tmp_path):
     assert offered(_Credentials(None, None, ssh, ssh_agent=False), None, https) == []
 
 
-def test_source_errors_are_500_naming_the_source_never_its_credentials(start_server, repo, git_http):
+@pytest.mark.parametrize("userinfo", ["someone:{}@", "{}@"])  # a token is often the user name alone
+def test_source_errors_are_500_naming_the_source_never_its_credentials(start_server, repo, git_http, userinfo):
     embedded = "hunter2-in-the-url"
-    url = git_http.url(repo.bare.name).replace("http://", f"http://someone:{embedded}@")
+    url = git_http.url(repo.bare.name).replace("http://", "http://" + userinfo.format(embedded))
     server = start_server({"NIXERY_PKGS_REPO": url, "NIXERY_GIT_TOKEN": "also-wrong-" + TOKEN})
     response = manifest(server, "marker", "latest")
     assert response.status_code == 500

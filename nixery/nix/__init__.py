@@ -37,7 +37,8 @@ from ..config import BinaryCacheConfig, format_size, redact_url
 from ..layers import StorePath
 from . import cache as binary_cache
 from .processes import recorded, stop_recorded
-from .confine import BUILD_OPTIONS, evaluation_options, nix_environment, restriction_hint
+from .output import KeptLines, lines
+from .confine import BUILD_OPTIONS, NIX_DIR, evaluation_options, nix_environment, restriction_hint
 
 log = logging.getLogger(__name__)
 
@@ -51,15 +52,19 @@ ARGV_CHUNK = 5000
 # three stand for all four.
 REQUIRED_COMMANDS = ("nix-instantiate", "nix-build", "nix")
 KILL_GRACE_SECONDS = 10
+# The most an evaluation may print (its JSON answer): the names of all of nixpkgs take tens of MB;
+# a set's code could print gigabytes, which the server would hold (and parse) whole.
+EVAL_OUTPUT_MAX = 256 << 20
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 # Nix's own progress lines on stderr (what it builds, fetches or copies), as opposed to builders' output.
 PROGRESS_RE = re.compile(r"(building '|copying (path|\d+ paths)|these \d+ (derivations|paths) will be|"
                          r"downloading '|fetching |querying |unpacking |evaluating |warning: )")
 # A derivation's own builder exited non-zero: the same inputs fail the same way, so the request is at
 # fault. A builder killed by a signal ("failed due to signal 9") is not: the machine did that.
-_BUILDER_FAILED = re.compile(r"builder for '(/nix/store/[^']+\.drv)' failed with exit code")
+_BUILDER_FAILED = re.compile(r"^(?:error: )?builder for '(/nix/store/[^']+\.drv)' failed with exit code.*$", re.M)
 # Nix's --timeout or --max-silent-time stopped a builder.
-_BUILDER_TIMED_OUT = re.compile(r"building of '(/nix/store/[^'!]+\.drv)[^']*' from \.drv file timed out")
+_BUILDER_TIMED_OUT = re.compile(
+    r"^(?:error: )?building of '(/nix/store/[^'!]+\.drv)[^']*' from \.drv file timed out.*$", re.M)
 # What Nix says when an allocation fails (Boehm GC's out-of-memory handler, or a C++ allocation).
 _OUT_OF_MEMORY = re.compile(r"error: out of memory|std::bad_alloc")
 # Failures of an evaluation that are not the package set's code: a download, the daemon, the
@@ -99,11 +104,13 @@ class NixError(Exception):
 
 
 class DerivationFailed(NixError):
-    """The build of one derivation did not finish; `derivation` is its store path (.drv)."""
+    """The build of one derivation did not finish; `derivation` is its store path (.drv), `line`
+    Nix's own line about it (by default the log's first error line)."""
 
-    def __init__(self, reason: str, log_text: str, derivation: str):
+    def __init__(self, reason: str, log_text: str, derivation: str, line: str = ""):
         super().__init__(reason, log_text)
         self.derivation = derivation
+        self.line = line or first_error_line(log_text)
 
 
 class BuildFailed(DerivationFailed):
@@ -251,7 +258,7 @@ class _Process:
     """A Nix process in its own session whose stdout is collected while stderr is read line by line."""
 
     def __init__(self, args: Sequence[str], listener: Optional[Callable[[str], None]], cache_credentials: bool,
-                 memory: int = 0):
+                 memory: int = 0, output: int = 0):
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
                                      start_new_session=True, env=nix_environment(os.environ, cache_credentials))
         if memory:
@@ -267,7 +274,9 @@ class _Process:
                 raise NixError(f"cannot bound the memory of {args[0]} (NIXERY_EVAL_MEMORY): {e}") from None
         self.listener = listener
         self.out = bytearray()
-        self.err: list[str] = []
+        self.output_max = output  # 0: no bound; past it Nix is stopped and `overflowed`
+        self.overflowed = False
+        self.err = KeptLines()
         self.readers = [threading.Thread(target=self._read_out, daemon=True),
                         threading.Thread(target=self._read_err, daemon=True)]
         for reader in self.readers:
@@ -276,13 +285,19 @@ class _Process:
     def _read_out(self) -> None:
         assert self.proc.stdout
         for chunk in iter(lambda: self.proc.stdout.read(65536), b""):
+            if self.overflowed:
+                continue  # read to the end, so that Nix is not blocked writing while it stops
             self.out += chunk
+            if self.output_max and len(self.out) > self.output_max:
+                self.overflowed = True
+                self.out = bytearray()
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGTERM)
 
     def _read_err(self) -> None:
         assert self.proc.stderr
-        for raw in self.proc.stderr:
-            line = raw.decode(errors="replace")
-            self.err.append(line)
+        for line in lines(self.proc.stderr):
+            self.err.add(line)
             if self.listener:
                 try:
                     self.listener(redact_url(_ANSI.sub("", line).rstrip()))
@@ -311,7 +326,7 @@ class _Process:
     @property
     def stderr(self) -> str:
         # Nix quotes the URLs it fails to download, credentials and all.
-        return redact_url("".join(self.err))
+        return redact_url(self.err.text())
 
 
 class Nix:
@@ -331,17 +346,20 @@ class Nix:
         self.allowed_uris = tuple(allowed_uris)
 
     def _run(self, args: Sequence[str], what: str, timeout: Optional[float] = -1,
-             cache_credentials: bool = False, memory: int = 0) -> str:
+             cache_credentials: bool = False, memory: int = 0, told: Callable[[str], str] = str,
+             output: int = 0) -> str:
         """Runs one Nix command; `timeout` seconds (default: the build timeout; None: no limit,
         for commands that Nix bounds itself) before its process group is stopped, and at most
         `memory` bytes of data (0: no bound).
-        `cache_credentials`: the command only talks to the binary cache, and gets its credentials."""
+        `cache_credentials`: the command only talks to the binary cache, and gets its credentials.
+        `told`: Nix's output as an error's reason may quote it (the log keeps it whole); `output`:
+        the most bytes it may print on stdout (0: no bound), past which it is stopped."""
         timeout = self.timeout if timeout == -1 else timeout
         if self.on_invoke:
             self.on_invoke(args[0])
         log.debug("running nix", extra={"argv": list(args)})
         try:
-            process = _Process(args, _listener.get(), cache_credentials, memory)
+            process = _Process(args, _listener.get(), cache_credentials, memory, output)
         except FileNotFoundError:
             raise NixError(f"{args[0]} is not installed or not on PATH") from None
         # Recorded while it runs: if this worker is killed, the master stops it (nixery/nix/processes.py).
@@ -352,23 +370,29 @@ class Nix:
                 process.stop()
                 raise NixError(f"{what} timed out after {timeout}s", process.stderr, timed_out=True) from None
         stderr = process.stderr
+        if process.overflowed:
+            raise EvaluationLimit(f"{what} printed more than {format_size(output)}, this instance's limit",
+                                  stderr, "output")
         if process.proc.returncode != 0:
-            failed = _BUILDER_FAILED.search(_ANSI.sub("", stderr))
-            if failed:
-                raise BuildFailed(f"{what} failed: {first_error_line(stderr)}", stderr, failed.group(1))
-            timed_out = _BUILDER_TIMED_OUT.search(_ANSI.sub("", stderr))
-            if timed_out:
-                raise BuildTimedOut(f"{what} failed: {first_error_line(stderr)}", stderr, timed_out.group(1))
+            verdict = _derivation_verdict(told(stderr))
+            if verdict:
+                kind, line, derivation = verdict
+                raise kind(f"{what} failed: {line}", stderr, derivation, line)
             hint = restriction_hint(stderr)
-            raise (Forbidden if hint else NixError)(f"{what} failed: {first_error_line(stderr)}{hint}", stderr)
+            raise (Forbidden if hint else NixError)(f"{what} failed: {first_error_line(told(stderr))}{hint}", stderr)
         return bytes(process.out).decode()
 
     def _evaluate(self, args: Sequence[str], what: str) -> str:
         """Runs one evaluation of the package set within `eval_bounds`; raises EvaluationLimit
         naming the bound it went past."""
         bounds = self.eval_bounds
+        # Whatever fails, its reason may reach a client: the set's code can name the server's paths.
+        what = in_the_set(what, args)
         try:
-            return self._run(args, what, bounds.seconds, memory=bounds.memory)
+            return self._run(args, what, bounds.seconds, memory=bounds.memory, told=lambda text: in_the_set(text, args),
+                             output=EVAL_OUTPUT_MAX)
+        except EvaluationLimit:
+            raise
         except NixError as e:
             if e.timed_out:
                 raise EvaluationLimit(f"{what} took longer than {bounds.seconds}s, this instance's limit "
@@ -377,7 +401,7 @@ class Nix:
                 raise EvaluationLimit(f"{what} needed more than {format_size(bounds.memory)} of memory, this "
                                       "instance's limit (NIXERY_EVAL_MEMORY)", e.log, "NIXERY_EVAL_MEMORY") from None
             if type(e) is NixError and e.log and _machine_fault(e.log) is None:
-                raise EvaluationFailed(in_the_set(e.reason, args) + code_position(e.log, args), e.log) from None
+                raise EvaluationFailed(e.reason + code_position(e.log, args), e.log) from None
             raise
 
     def systems(self) -> Optional[tuple[str, ...]]:
@@ -474,7 +498,8 @@ class Nix:
                                     *self._helper_args([problem.name], [], source, system)],
                                    f"explaining {problem.name}")
                 except NixError as e:
-                    message = first_error_line(e.log).removeprefix("error:").strip()
+                    told = in_the_set(e.log, self._helper_args([problem.name], [], source, system))
+                    message = first_error_line(told).removeprefix("error:").strip()
                     if problem.kind == "throws" and message:
                         problem = Problem(problem.name, "removed", message)
                     elif message:
@@ -595,17 +620,32 @@ class Nix:
         return found
 
 
+def _derivation_verdict(stderr: str) -> Optional[tuple[type[DerivationFailed], str, str]]:
+    """Nix's own line saying that a builder failed or timed out (its kind, the line, the .drv), if
+    any. The last such line: a builder's output is printed before Nix's verdict on it and may
+    imitate one, naming another derivation (which would then be remembered as failed for every
+    image that needs it: nixery/failures.py)."""
+    text = _ANSI.sub("", stderr)
+    found = [(match.start(), kind, match) for kind, pattern in ((BuildFailed, _BUILDER_FAILED),
+                                                                (BuildTimedOut, _BUILDER_TIMED_OUT))
+             for match in pattern.finditer(text)]
+    if not found:
+        return None
+    _, kind, match = max(found, key=lambda entry: entry[0])
+    return kind, match.group(0).strip()[:500], match.group(1)
+
+
 def as_seen_by(error: DerivationFailed, resolved: Resolved) -> DerivationFailed:
     """`error` as the image of `resolved` sees it: naming its requested package whose build
     failed or timed out, or saying that a dependency's did (Nix's own line follows, with the
     derivation's path)."""
-    nix_line = first_error_line(error.log).removeprefix("error:").strip()
+    nix_line = error.line.removeprefix("error:").strip()
     names = sorted(name for name, drv in resolved.derivations.items() if drv.split("!")[0] == error.derivation)
     what = names[0] if names else "a dependency"
     if isinstance(error, BuildTimedOut):
         return BuildTimedOut(f"{what} did not finish building within this instance's build timeout (NIX_TIMEOUT): "
-                             f"{nix_line}", error.log, error.derivation)
-    return type(error)(f"{what} failed to build: {nix_line}", error.log, error.derivation)
+                             f"{nix_line}", error.log, error.derivation, error.line)
+    return type(error)(f"{what} failed to build: {nix_line}", error.log, error.derivation, error.line)
 
 
 def _machine_fault(text: str) -> Optional[str]:
@@ -637,11 +677,22 @@ def _set_directories(args: Sequence[str]) -> list[str]:
     return [a.rstrip("/") + "/" for a in args if a.startswith("/") and Path(a).is_dir()]
 
 
+def _server_directories(args: Sequence[str]) -> list[tuple[str, str]]:
+    """(a directory of the server that evaluation reads, what a client is told instead), the
+    longest first: the package set's (as given and with links resolved) and the helper's."""
+    named = [(directory.rstrip("/"), ".") for directory in _set_directories(args)] + [(str(NIX_DIR), "<nixery>")]
+    both = {form: name for directory, name in named for form in (directory, str(Path(directory).resolve()))}
+    return sorted(both.items(), key=lambda entry: -len(entry[0]))
+
+
 def in_the_set(text: str, args: Sequence[str]) -> str:
     """`text` with the package set's directory left out of the paths it names (a git checkout's is
-    the server's own: `getting status of 'pkgs/nope.nix'`, not of '/var/lib/...')."""
-    for directory in _set_directories(args):
-        text = text.replace(directory, "")
+    the server's own: `getting status of 'pkgs/nope.nix'`, not of '/var/lib/...'), the directory
+    itself as `.`, and the helper's as `<nixery>`: a set's code can name both (`toString ./.`,
+    `builtins.unsafeGetAttrPos` of the arguments the helper gives it) in a message a client reads."""
+    for directory, name in _server_directories(args):
+        text = re.sub(re.escape(directory) + r"(/|(?![\w.-]))",
+                      lambda match: "" if match.group(1) and name == "." else name + match.group(1), text)
     return text
 
 
