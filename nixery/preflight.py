@@ -61,6 +61,11 @@ _NOT_OURS = frozenset({
 })
 
 
+# What the kubelet sets for each Service of a pod's namespace (unless the pod has
+# enableServiceLinks: false), after the Service's name: a Service `nixery` gives NIXERY_ names.
+_SERVICE_LINK = r"_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT(_\d+_(TCP|UDP|SCTP)(_(PROTO|PORT|ADDR))?)?)"
+
+
 @dataclasses.dataclass(frozen=True)
 class Finding:
     """One problem: `fatal` ones stop start-up; `message` names the cause and the fix in one line."""
@@ -110,8 +115,9 @@ def misspelt_variables(env: Mapping[str, str], ignored: Sequence[str] = ()) -> I
     A NIXERY_ name that is not Nixery's stops start-up (it can only be meant for Nixery, unless
     NIXERY_IGNORE_VARIABLES names it); others close to one of Nixery's are warnings, as they
     may well be another program's."""
+    links = service_links(env)
     for name in sorted(env):
-        if name in VARIABLE_NAMES or name in _NOT_OURS or name in ignored:
+        if name in VARIABLE_NAMES or name in _NOT_OURS or name in ignored or name in links:
             continue
         close = difflib.get_close_matches(name, sorted(VARIABLE_NAMES), n=1, cutoff=0.8)
         if name.startswith("NIXERY_"):
@@ -150,6 +156,17 @@ def port_findings(server: ServerConfig, dry_run: bool = False) -> list[Finding]:
                           f"({e.strerror or e}): use 0.0.0.0 (every address) or one that `ip address` lists")]
         return [error(f"PORT={server.port}: cannot bind {where}: {e.strerror or e}")]
     return []
+
+
+def service_links(env: Mapping[str, str]) -> frozenset[str]:
+    """The variables Kubernetes gave this pod for its namespace's Services (in a pod, where the API
+    server's own Service is named by KUBERNETES_SERVICE_HOST): those of each SERVICE that has a
+    SERVICE_SERVICE_HOST."""
+    if "KUBERNETES_SERVICE_HOST" not in env:
+        return frozenset()
+    services = [name.removesuffix("_SERVICE_HOST") for name in env if name.endswith("_SERVICE_HOST")]
+    pattern = re.compile(f"({'|'.join(map(re.escape, services))}){_SERVICE_LINK}")
+    return frozenset(name for name in env if pattern.fullmatch(name))
 
 
 def nixery_holds(server: ServerConfig) -> bool:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from kustomize import BASE, ROOT, render, settings
+from kustomize import BASE, ROOT, render, render_documents, service_links, settings
 from nixery.config import VARIABLE_NAMES, load
 from nixery.preflight import misspelt_variables
 from test_kubernetes import FILESYSTEM, OPERATIONS, documented_overlays, overlays_in
@@ -125,20 +125,29 @@ DEPLOYMENTS = ["dockerfile", "flake-image", "kubernetes-base", "kubernetes-files
                *(f"operations-{i}" for i in range(len(overlays_in(OPERATIONS))))]
 
 
+def kubernetes_environment(directory: Path) -> dict[str, str]:
+    """What the pod's container gets: its settings, and the Services' links where the pod keeps them."""
+    documents = render_documents(directory)
+    objects = {doc["kind"]: doc for doc in documents}
+    pod = objects["Deployment"]["spec"]["template"]["spec"]
+    links = service_links(documents) if pod.get("enableServiceLinks", True) else {}
+    return {**links, **settings(objects)}
+
+
 def environment(which: str, tmp_path: Path) -> dict[str, str]:
     if which == "dockerfile":
         return dockerfile_environment()
     if which == "flake-image":
         return flake_image_environment()
     if which == "kubernetes-base":
-        return settings(render(BASE))
+        return kubernetes_environment(BASE)
     if which == "kubernetes-filesystem":
-        return settings(render(FILESYSTEM))
+        return kubernetes_environment(FILESYSTEM)
     kind, name = which.split("-", 1)
     if kind == "component":
-        return settings(render(component_overlay(tmp_path, name)))
+        return kubernetes_environment(component_overlay(tmp_path, name))
     documents = documented_overlays() if kind == "docs" else overlays_in(OPERATIONS)
-    return settings(render(overlay(tmp_path, documents[int(name)])))
+    return kubernetes_environment(overlay(tmp_path, documents[int(name)]))
 
 
 @pytest.mark.parametrize("which", DEPLOYMENTS)
@@ -148,3 +157,22 @@ def test_each_deployments_environment_passes_the_start_up_check(which, tmp_path)
     ignored = load({"NIXERY_IGNORE_VARIABLES": env.get("NIXERY_IGNORE_VARIABLES", "")}).ignored_variables
     findings = [finding.message for finding in misspelt_variables(env, ignored)]
     assert findings == [], f"{which} gives Nixery {sorted(env)}"
+
+
+def test_the_service_links_of_a_deployment_that_keeps_them_are_no_typos():
+    """A Deployment of one's own (a chart, say) may keep the kubelet's service links: the variables
+    of the Service `nixery` and of a token service `nixery-auth` beside it are links to start-up,
+    not unknown settings; a typo among them is still refused, and outside a pod they are unknown."""
+    documents = render_documents(BASE)
+    token_service = {"kind": "Service", "metadata": {"name": "nixery-auth"},
+                     "spec": {"ports": [{"name": "https", "port": 5001, "protocol": "TCP"}]}}
+    links = service_links([*documents, token_service])
+    assert {"NIXERY_SERVICE_HOST", "NIXERY_PORT_80_TCP_ADDR", "NIXERY_AUTH_SERVICE_PORT_HTTPS"} <= set(links)
+    env = {**links, **settings({doc["kind"]: doc for doc in documents})}
+    assert [finding.message for finding in misspelt_variables(env)] == []
+    (typo,) = misspelt_variables({**env, "NIXERY_STORAGE_LIMT": "1G"})
+    assert typo.fatal and "did you mean NIXERY_STORAGE_LIMIT?" in typo.message
+    outside = {name: value for name, value in env.items() if name != "KUBERNETES_SERVICE_HOST"}
+    assert all(finding.fatal for finding in misspelt_variables(outside))
+    assert {finding.message.split()[0] for finding in misspelt_variables(outside)} == \
+        {name for name in links if name.startswith("NIXERY_")}
