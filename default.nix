@@ -107,10 +107,16 @@ python3Packages.buildPythonApplication {
 
   nativeCheckInputs = [ python3Packages.pytestCheckHook ] ++ testDependencies python3Packages;
   enabledTestPaths = offlineTests;
+  # The server, GCS, and the module of each subcommand (`nixery gc`, `build`, `push`, `popularity`).
   pythonImportsCheck = [
     "nixery"
     "nixery.app"
+    "nixery.preflight"
     "nixery.storage.gcs"
+    "nixery.gc_schedule"
+    "nixery.export"
+    "nixery.push"
+    "nixery.popularity"
   ];
 
   # The Nix helper and the web page are package data: without them the service cannot work.

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         names=lambda source_args: nix.attribute_names(source_args, None)[""],
         evaluate=args.check_config or config.source.kind is configuration.SourceKind.PATH,
         strict=args.check_config)
-    findings = preflight.run(config, os.environ, storage, source)
+    findings = preflight.run(config, os.environ, storage, source, dry_run=args.check_config)
     for finding in findings:
         if finding.fatal:
             print(f"nixery: {finding.message}", file=sys.stderr)

@@ -163,7 +163,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("NIXERY_IGNORE_VARIABLES", "",
              "Comma-separated NIXERY_ variables that are not Nixery's (a wrapper's own settings): without this, "
              "an unknown NIXERY_ variable stops start-up, as it is most likely a typo."),
-    Variable("NIXERY_ACCESS_LOG", "false", "true: log every HTTP request as a JSON line (method, path, status, "
+    Variable("NIXERY_ACCESS_LOG", "false", "true: log every HTTP request as one line (method, path, status, "
              "bytes, duration, client)."),
     Variable("NIXERY_HIDE_DETAILS", "false", "true: the web page shows no recent builds or errors and no server "
              "paths, and /builds.json answers 403 (for a public instance)."),

@@ -81,12 +81,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     "(configured as for the server) and prints what it removed and kept.")
     parser.add_argument("--dry-run", action="store_true", help="print what would be removed; remove nothing")
     args = parser.parse_args(argv)
-    from . import config as configuration
+    from . import cli, config as configuration
     from .app import make_storage
     from .pulls import Pulls
     from .storage import StorageError
     try:
-        config = configuration.load(os.environ)
+        config = cli.load()
         storage = make_storage(config)
     except (configuration.ConfigError, StorageError) as e:
         print(f"nixery gc: {e}", file=sys.stderr)

@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import urllib.request
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence
@@ -88,7 +89,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .nix import Nix, NixError, SourceArgs
     kind, argument = ("path", os.path.abspath(args.path)) if args.path else ("tarball", args.tarball)
     system = args.system or f"{os.uname().machine}-linux"
-    nix = Nix(args.timeout, gcroot_dir=Path(os.devnull))
+    # Nix records its running processes in its GC-root directory (for a worker's crash): a scratch one here.
+    scratch = tempfile.TemporaryDirectory(prefix="nixery-popularity-")
+    nix = Nix(args.timeout, gcroot_dir=Path(scratch.name))
     try:
         packages = nix.list_packages(SourceArgs(kind, argument, argument), system, args.attrs)
         outputs = {name: out for name, (out, _) in packages.items()}
@@ -104,6 +107,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except NixError as e:
         print(f"nixery popularity: {e.reason}", file=sys.stderr)
         return 1
+    finally:
+        scratch.cleanup()
     data = json.dumps(count(closures_of(present, paths)), indent=1, sort_keys=True) + "\n"
     if args.output:
         Path(args.output).write_text(data)

@@ -9,9 +9,10 @@ are warnings. On a machine that is set up they cost well under a second: the
 build check's output path is fixed, so once built it is only looked up.
 
 `--check-config` is a dry run of start-up: an unknown NIXERY_ variable (a typo
-that would leave a default in place) is fatal, the port is bound, and the
-package set is evaluated once (a syntax error in it is Nix's message, not a
-500 on the first pull). Start-up evaluates a local set too, and warns.
+that would leave a default in place) is fatal, the port is bound (unless a
+running Nixery holds it: the dry run is what comes before restarting that one),
+and the package set is evaluated once (a syntax error in it is Nix's message,
+not a 500 on the first pull). Start-up evaluates a local set too, and warns.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import grp
 import os
 import pwd
 import errno
+import http.client
 import re
 import socket
 import subprocess
@@ -40,6 +42,8 @@ DAEMON_SOCKET = Path("/nix/var/nix/daemon-socket/socket")
 NIX_STATE = Path("/nix/var/nix")
 BUILD_CHECK = Path(str(resources.files("nixery.nix").joinpath("preflight.nix")))
 BUILD_CHECK_TIMEOUT = 120
+# How long a dry run waits for what holds the port to say whether it is a Nixery.
+HOLDER_TIMEOUT = 2.0
 INSTALL_HINT = "run scripts/install-deps as root, or install Nix (Debian: apt-get install nix-bin)"
 # The group whose members may use the daemon's socket in Debian's nix-setup-systemd (the official
 # installer's socket is open to all; NixOS's follows nix.settings.allowed-users).
@@ -55,6 +59,11 @@ _NOT_OURS = frozenset({
     "NIX_BUILD_GROUP_ID", "NIX_FIRST_BUILD_UID",  # the Nix installer's (and scripts/setup-nix's)
     "NIXPKGS_ALLOW_UNFREE", "NIXPKGS_ALLOW_BROKEN", "NIXPKGS_ALLOW_INSECURE", "NIXPKGS_CONFIG",
 })
+
+
+# What the kubelet sets for each Service of a pod's namespace (unless the pod has
+# enableServiceLinks: false), after the Service's name: a Service `nixery` gives NIXERY_ names.
+_SERVICE_LINK = r"_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT(_\d+_(TCP|UDP|SCTP)(_(PROTO|PORT|ADDR))?)?)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,11 +98,11 @@ def warning(message: str) -> Finding:
 
 
 def run(config: Config, env: Mapping[str, str], storage: Backend,
-        source: Optional[SourceCheck] = None) -> list[Finding]:
+        source: Optional[SourceCheck] = None, dry_run: bool = False) -> list[Finding]:
     """Every finding, cheapest checks first; Nix is only tried once it is known to be there,
-    and the package set only evaluated once Nix builds."""
+    and the package set only evaluated once Nix builds. `dry_run`: `--check-config`."""
     findings = list(misspelt_variables(env, config.ignored_variables))
-    findings += port_findings(config.server)
+    findings += port_findings(config.server, dry_run)
     nix = nix_findings(env)
     findings += nix
     findings += storage_findings(storage, config)
@@ -106,8 +115,9 @@ def misspelt_variables(env: Mapping[str, str], ignored: Sequence[str] = ()) -> I
     A NIXERY_ name that is not Nixery's stops start-up (it can only be meant for Nixery, unless
     NIXERY_IGNORE_VARIABLES names it); others close to one of Nixery's are warnings, as they
     may well be another program's."""
+    links = service_links(env)
     for name in sorted(env):
-        if name in VARIABLE_NAMES or name in _NOT_OURS or name in ignored:
+        if name in VARIABLE_NAMES or name in _NOT_OURS or name in ignored or name in links:
             continue
         close = difflib.get_close_matches(name, sorted(VARIABLE_NAMES), n=1, cutoff=0.8)
         if name.startswith("NIXERY_"):
@@ -118,10 +128,12 @@ def misspelt_variables(env: Mapping[str, str], ignored: Sequence[str] = ()) -> I
             yield warning(f"{name} is not a Nixery variable and is ignored; did you mean {close[0]}?")
 
 
-def port_findings(server: ServerConfig) -> list[Finding]:
+def port_findings(server: ServerConfig, dry_run: bool = False) -> list[Finding]:
     """Binds the port once and lets it go: a port in use is one line naming PORT, not Gunicorn's
     retries (ten lines over several seconds). What runs there may still take it in between; then
-    Gunicorn says so."""
+    Gunicorn says so. In a dry run, a Nixery holding the port is only a warning: the check of a
+    new configuration comes before restarting the instance that runs (`nixery --check-config &&
+    systemctl restart nixery`)."""
     family = socket.AF_INET6 if ":" in server.listen_address else socket.AF_INET
     where = (f"[{server.listen_address}]:{server.port}" if family == socket.AF_INET6
              else f"{server.listen_address}:{server.port}")
@@ -130,6 +142,9 @@ def port_findings(server: ServerConfig) -> list[Finding]:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Gunicorn binds
             s.bind((server.listen_address, server.port))
     except OSError as e:
+        if e.errno == errno.EADDRINUSE and dry_run and nixery_holds(server):
+            return [warning(f"PORT={server.port}: {where} is held by a running Nixery; this configuration can "
+                            "serve there once that one stops (a restart)")]
         if e.errno == errno.EADDRINUSE:
             return [error(f"PORT={server.port}: {where} is in use by another program: stop it, or set PORT "
                           "to a free port")]
@@ -141,6 +156,32 @@ def port_findings(server: ServerConfig) -> list[Finding]:
                           f"({e.strerror or e}): use 0.0.0.0 (every address) or one that `ip address` lists")]
         return [error(f"PORT={server.port}: cannot bind {where}: {e.strerror or e}")]
     return []
+
+
+def service_links(env: Mapping[str, str]) -> frozenset[str]:
+    """The variables Kubernetes gave this pod for its namespace's Services (in a pod, where the API
+    server's own Service is named by KUBERNETES_SERVICE_HOST): those of each SERVICE that has a
+    SERVICE_SERVICE_HOST."""
+    if "KUBERNETES_SERVICE_HOST" not in env:
+        return frozenset()
+    services = [name.removesuffix("_SERVICE_HOST") for name in env if name.endswith("_SERVICE_HOST")]
+    pattern = re.compile(f"({'|'.join(map(re.escape, services))}){_SERVICE_LINK}")
+    return frozenset(name for name in env if pattern.fullmatch(name))
+
+
+def nixery_holds(server: ServerConfig) -> bool:
+    """Whether a Nixery answers on the port: its /metrics has `nixery_build_info` (Prometheus' text)."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(server.listen_address, server.listen_address)
+    connection = http.client.HTTPConnection(host, server.port, timeout=HOLDER_TIMEOUT)
+    try:
+        connection.request("GET", "/metrics")
+        answer = connection.getresponse()
+        body = answer.read(1 << 20)
+    except (OSError, http.client.HTTPException):
+        return False
+    finally:
+        connection.close()
+    return answer.status == 200 and re.search(rb"^nixery_build_info\{", body, re.M) is not None
 
 
 def nix_findings(env: Mapping[str, str]) -> list[Finding]:

@@ -1,5 +1,5 @@
 """What every group of settings shares: the error that names a variable, and how a setting
-is shown in a summary (the start-up log, `--print-config`, the web page).
+is shown in a summary (the start-up log, `--check-config`, the web page).
 
 A field of a settings dataclass says once, in its metadata, whether it is a secret, a URL
 that may hold credentials, or shown some other way; `summarise` reads that, so no summary
@@ -45,7 +45,7 @@ def redact_url(value: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Shown:
-    """How a setting appears in `summary()` (the start-up log, `--print-config`, the web page)."""
+    """How a setting appears in `summary()` (the start-up log, `--check-config`, the web page)."""
 
     secret: bool = False  # "<set>" or None, never the value; left out of repr too
     url: bool = False  # credentials a URL may hold are redacted

@@ -40,3 +40,30 @@ def settings(rendered: dict[str, dict]) -> dict[str, str]:
     merged = dict(rendered["ConfigMap"]["data"])
     merged.update({entry["name"]: entry["value"] for entry in container(rendered).get("env", [])})
     return merged
+
+
+# The Service addresses the environment below gives (any address: only the names matter).
+CLUSTER_IP = "10.96.0.10"
+
+
+def service_links(documents: list[dict]) -> dict[str, str]:
+    """The variables the kubelet gives every pod of the namespace for these Services, unless the
+    pod says `enableServiceLinks: false` (kubernetes.io/docs/concepts/services-networking/service,
+    "Environment variables"), with the API server's own `kubernetes` Service, which every pod gets."""
+    api = {"kind": "Service", "metadata": {"name": "kubernetes"},
+           "spec": {"ports": [{"name": "https", "port": 443, "protocol": "TCP"}]}}
+    env: dict[str, str] = {}
+    for service in [api, *(doc for doc in documents if doc["kind"] == "Service")]:
+        prefix = service["metadata"]["name"].upper().replace("-", "_")
+        ports = service["spec"]["ports"]
+        env[f"{prefix}_SERVICE_HOST"] = CLUSTER_IP
+        env[f"{prefix}_SERVICE_PORT"] = str(ports[0]["port"])
+        env[f"{prefix}_PORT"] = f"{ports[0].get('protocol', 'TCP').lower()}://{CLUSTER_IP}:{ports[0]['port']}"
+        for port in ports:
+            protocol = port.get("protocol", "TCP")
+            if port.get("name"):
+                env[f"{prefix}_SERVICE_PORT_{port['name'].upper().replace('-', '_')}"] = str(port["port"])
+            link = f"{prefix}_PORT_{port['port']}_{protocol}"
+            env[link] = f"{protocol.lower()}://{CLUSTER_IP}:{port['port']}"
+            env.update({f"{link}_PROTO": protocol.lower(), f"{link}_PORT": str(port["port"]), f"{link}_ADDR": CLUSTER_IP})
+    return env

@@ -170,6 +170,11 @@ def test_build_refuses_bad_names_and_unknown_packages_in_one_line(pkgset, tmp_pa
     assert not (tmp_path / "x.tar").exists() and not (tmp_path / "x.tar.partial").exists()
     bad = nixery(["build", "hello", "-o", str(tmp_path / "x.tar")], {**env, "NIXERY_LAYER_BUDGET": "many"})
     assert bad.returncode == 2 and b"NIXERY_LAYER_BUDGET" in bad.stderr
+    # A misspelt variable would leave its default in place (here: another package set), as on the server.
+    typo = nixery(["build", "hello", "-o", str(tmp_path / "x.tar")], {**env, "NIXERY_PKG_PATH": str(pkgset)})
+    assert typo.returncode == 2 and b"NIXERY_PKG_PATH is not a Nixery variable; did you mean NIXERY_PKGS_PATH?" \
+        in typo.stderr
+    assert not (tmp_path / "x.tar").exists()
 
 
 def test_build_and_push_for_every_platform_give_the_servers_index(registry, pkgset, tmp_path):

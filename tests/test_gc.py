@@ -338,12 +338,20 @@ def test_nixery_gc_prints_what_it_removed_and_kept(tmp_path):
            "NIXERY_STATE_DIR": str(tmp_path / "state"), "NIXERY_PKGS_PATH": str(tmp_path),
            "NIXERY_STORAGE_LIMIT": "9000", "PYTHONPATH": str(Path(__file__).parent.parent), "HOME": str(tmp_path)}
 
+    def run(*args: str, **extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "nixery", "gc", *args], env={**env, **extra},
+                              capture_output=True, text=True, timeout=60)
+
     def gc(*args: str) -> str:
-        result = subprocess.run([sys.executable, "-m", "nixery", "gc", *args], env=env, capture_output=True,
-                                text=True, timeout=60)
+        result = run(*args)
         assert result.returncode == 0, result.stderr
         return result.stdout
 
+    # A misspelt budget would collect nothing: refused as the server refuses it, unless listed as another's.
+    typo = run(NIXERY_STORAGE_LIMT="9000")
+    assert typo.returncode == 2 and typo.stdout == "", typo
+    assert "NIXERY_STORAGE_LIMT is not a Nixery variable; did you mean NIXERY_STORAGE_LIMIT?" in typo.stderr
+    assert run("--dry-run", NIXERY_STORAGE_LIMT="9000", NIXERY_IGNORE_VARIABLES="NIXERY_STORAGE_LIMT").returncode == 0
     dry = gc("--dry-run")
     assert dry.count("would remove sha256:") == 2 and dry.count("kept sha256:") == 1, dry
     assert f"kept {documents[2]}" in dry

@@ -90,6 +90,8 @@ def test_settings_are_nixerys_and_storage_is_shared(rendered):
     # Workload Identity: the pods' service account is bound to a Google account, which signs blob
     # URLs through IAM (tests/test_gcs.py): no key file, no Secret to create first.
     spec = rendered["Deployment"]["spec"]["template"]["spec"]
+    # Without the kubelet's variables for the Service `nixery` (tests/test_shipped_variables.py).
+    assert spec["enableServiceLinks"] is False
     account = rendered["ServiceAccount"]
     assert spec["serviceAccountName"] == account["metadata"]["name"]
     assert account["metadata"]["annotations"]["iam.gke.io/gcp-service-account"].endswith(".iam.gserviceaccount.com")

@@ -1,4 +1,6 @@
-"""default.nix's `src` holds everything its build-time tests import, and they pass from it.
+"""default.nix's `src` holds the whole application (every module under nixery/, its .nix files,
+static/), which setup.py installs from it, and everything its build-time tests import, which pass
+from it.
 
 The package's source is a `lib.fileset` of the checkout (so that editing other files does not
 rebuild it), which needs Nix 2.14 or newer: Debian bookworm's Nix 2.8 cannot evaluate it. So
@@ -49,6 +51,13 @@ def local_imports(path: Path, local: set[str]) -> set[str]:
     return names & local
 
 
+def package_files(checkout: Path) -> set[str]:
+    """The application's files in `checkout`: nixery/ (Python and Nix) and static/, as relative paths."""
+    return {path.relative_to(checkout).as_posix() for directory in ("nixery", "static")
+            for path in (checkout / directory).rglob("*")
+            if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc"}
+
+
 @pytest.mark.skipif(LIB is None, reason="nixpkgs' lib not found: set NIXPKGS_LIB, or provide ../shared/nixpkgs-lib")
 def test_the_package_source_holds_what_its_tests_import(tmp_path):
     copy = tmp_path / "out"
@@ -66,6 +75,19 @@ def test_the_package_source_holds_what_its_tests_import(tmp_path):
         box.exec(f"cp -r {shlex.quote(result['src'])} /out/src && chmod -R u+w /out/src")
     source = copy / "src"
     assert (source / "setup.py").is_file() and (source / "nixery" / "worker.py").is_file()
+
+    # The whole application is in the copy (every module, the Nix helper's files, the web page's),
+    # and setup.py installs all of it from there: the package's wheel holds each file.
+    application = package_files(ROOT)
+    assert {"nixery/preflight.py", "nixery/gc_schedule.py", "nixery/nix/preflight.nix",
+            "static/page.html"} <= application
+    assert application - package_files(source) == set(), "default.nix's file set lacks these"
+    built = tmp_path / "built"
+    subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(built)], cwd=source,
+                   check=True, capture_output=True, timeout=120)
+    installed = {path.relative_to(built).as_posix() for path in built.rglob("*") if path.is_file()}
+    expected = {name.replace("static/", "nixery/static/", 1) for name in application}
+    assert expected - installed == set(), "setup.py does not install these"
 
     # Every module of tests/ (or nixery) that the tests, conftest.py and what they import import
     # is in the copy: told by name here, before pytest's less direct ImportError.

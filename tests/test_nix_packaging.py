@@ -763,6 +763,11 @@ def test_default_nix_package():
     assert str(ROOT / "setup.py") in args["src"]["files"] and str(ROOT / "nixery") in args["src"]["files"]
     assert "nixery/nix/helper.nix" in args["postInstall"]
     assert "nixery = nixery.__main__:main" in setup["entry_points"]["console_scripts"]
+    # The build imports the server's modules and each subcommand's, as `nixery SUBCOMMAND` runs it.
+    subcommands = re.findall(r"from \.(\w+) import main as \w+", (ROOT / "nixery" / "__main__.py").read_text())
+    assert len(subcommands) >= 4
+    assert {"nixery.app", "nixery.preflight", *(f"nixery.{module}" for module in subcommands)} <= \
+        set(args["pythonImportsCheck"])
 
 
 @needs_lib

@@ -217,6 +217,33 @@ def test_port_in_use_is_one_line_naming_port(tmp_path):
     assert took < 5, f"Gunicorn's retries take seconds; the check took {took:.1f}s"
 
 
+def test_a_dry_run_beside_the_running_nixery_passes(tmp_path):
+    """`nixery --check-config && systemctl restart nixery`: the instance to be restarted holds the
+    port, which the dry run finds (a warning, exit 0); serving a second one there is still refused,
+    as is the dry run where another program holds the port (above)."""
+    env = nixery_env(tmp_path, NIXERY_LISTEN_ADDRESS="127.0.0.1", NIXERY_WORKERS="1")
+    running = subprocess.Popen([sys.executable, "-m", "nixery"], env=env, cwd=ROOT, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", int(env["PORT"]))) == 0:
+                    break
+            assert running.poll() is None and time.monotonic() < deadline, "the first instance did not start"
+            time.sleep(0.2)
+        checked = check_config(env)
+        assert checked.returncode == 0 and checked.stdout.splitlines()[-1] == "ok", checked.stderr
+        assert warnings(checked) == [f"PORT={env['PORT']}: 127.0.0.1:{env['PORT']} is held by a running Nixery; "
+                                     "this configuration can serve there once that one stops (a restart)"]
+        second = subprocess.run([sys.executable, "-m", "nixery"], capture_output=True, text=True, timeout=60,
+                                env=env, cwd=ROOT)
+        assert second.returncode == 2 and "is in use by another program" in second.stderr, second.stderr
+    finally:
+        os.killpg(running.pid, signal.SIGTERM)
+        running.wait(timeout=60)
+
+
 def test_logs_are_text_on_a_terminal(tmp_path):
     """Someone who starts Nixery in a terminal reads lines, not JSON; NIXERY_LOG_FORMAT=json keeps JSON there."""
     def on_a_terminal(**env: str) -> str:
