@@ -219,6 +219,65 @@ let
 
   isAbsolute = path: path == null || hasPrefix "/" path;
   inStore = path: path != null && hasPrefix "${builtins.storeDir}/" path;
+  # What the service and its by-hand collection (nixery-gc) share: state, credentials and the
+  # hardening.
+  sandbox = {
+    StateDirectory = "nixery";
+    StateDirectoryMode = "0750";
+    CacheDirectory = "nixery";
+    CacheDirectoryMode = "0750";
+    WorkingDirectory = stateDir;
+    ReadWritePaths = optional storageOutsideState cfg.storage.path ++ optional (binaryCacheDir != null) binaryCacheDir;
+    BindReadOnlyPaths = homeSources;
+
+    LoadCredential = lib.mapAttrsToList (id: path: "${id}:${path}") credentials;
+    EnvironmentFile =
+      optional (cfg.binaryCache.credentialsFile != null) cfg.binaryCache.credentialsFile
+      ++ optional (cfg.environmentFile != null) cfg.environmentFile;
+
+    # Hardening. Builds happen in the nix-daemon, reached over its socket;
+    # the service itself needs no privileges. MemoryDenyWriteExecute is
+    # left off: libffi callbacks (pygit2's remote callbacks) need W+X pages.
+    CapabilityBoundingSet = if cfg.port < 1024 then [ "CAP_NET_BIND_SERVICE" ] else [ "" ];
+    AmbientCapabilities = optional (cfg.port < 1024) "CAP_NET_BIND_SERVICE";
+    NoNewPrivileges = true;
+    ProtectSystem = "strict";
+    # tmpfs rather than true when a source under /home is bound back in.
+    ProtectHome = if homeSources == [ ] then true else "tmpfs";
+    # The nix-daemon's socket works from a user namespace (the daemon checks
+    # the peer's uid, which maps to the real one), but a port below 1024
+    # needs a capability in the host's namespace.
+    PrivateUsers = cfg.port >= 1024;
+    # Neither Python nor the Nix client reads /proc beyond the process' own.
+    ProcSubset = "pid";
+    PrivateTmp = true;
+    PrivateDevices = true;
+    ProtectKernelTunables = true;
+    ProtectKernelModules = true;
+    ProtectKernelLogs = true;
+    ProtectControlGroups = true;
+    ProtectClock = true;
+    ProtectHostname = true;
+    ProtectProc = "invisible";
+    RestrictAddressFamilies = [
+      "AF_UNIX"
+      "AF_INET"
+      "AF_INET6"
+    ];
+    RestrictNamespaces = true;
+    RestrictRealtime = true;
+    RestrictSUIDSGID = true;
+    LockPersonality = true;
+    RemoveIPC = true;
+    SystemCallArchitectures = "native";
+    # Nix raises its stack limit (setrlimit, in @resources), which
+    # @system-service allows.
+    SystemCallFilter = [
+      "@system-service"
+      "~@privileged"
+    ];
+    SystemCallErrorNumber = "EPERM";
+  };
 in
 {
   options.services.nixery = {
@@ -413,8 +472,9 @@ in
           Time between the service's collections of storage (one at a time
           across its workers and every instance sharing the storage). Default
           (null): 1h when {option}`services.nixery.storage.limit` or
-          {option}`services.nixery.storage.maxAge` is set, else none. `nixery gc`
-          runs one collection by hand.
+          {option}`services.nixery.storage.maxAge` is set, else none.
+          `systemctl start nixery-gc` runs one collection by hand, with the
+          service's settings (`journalctl -u nixery-gc` shows what it removed).
         '';
       };
     };
@@ -995,7 +1055,7 @@ in
 
       environment = serviceEnvironment;
 
-      serviceConfig = {
+      serviceConfig = sandbox // {
         ExecStart = lib.getExe cfg.package;
         User = "nixery";
         Group = "nixery";
@@ -1011,63 +1071,22 @@ in
         # Gunicorn's connections per worker plus the open files of builds and
         # uploads; systemd's soft limit of 1024 is too low (harmonia sets the same).
         LimitNOFILE = 65536;
+      };
+    };
 
-        StateDirectory = "nixery";
-        StateDirectoryMode = "0750";
-        CacheDirectory = "nixery";
-        CacheDirectoryMode = "0750";
-        WorkingDirectory = stateDir;
-        ReadWritePaths = optional storageOutsideState cfg.storage.path ++ optional (binaryCacheDir != null) binaryCacheDir;
-        BindReadOnlyPaths = homeSources;
-
-        LoadCredential = lib.mapAttrsToList (id: path: "${id}:${path}") credentials;
-        EnvironmentFile =
-          optional (cfg.binaryCache.credentialsFile != null) cfg.binaryCache.credentialsFile
-          ++ optional (cfg.environmentFile != null) cfg.environmentFile;
-
-        # Hardening. Builds happen in the nix-daemon, reached over its socket;
-        # the service itself needs no privileges. MemoryDenyWriteExecute is
-        # left off: libffi callbacks (pygit2's remote callbacks) need W+X pages.
-        CapabilityBoundingSet = if cfg.port < 1024 then [ "CAP_NET_BIND_SERVICE" ] else [ "" ];
-        AmbientCapabilities = optional (cfg.port < 1024) "CAP_NET_BIND_SERVICE";
-        NoNewPrivileges = true;
-        ProtectSystem = "strict";
-        # tmpfs rather than true when a source under /home is bound back in.
-        ProtectHome = if homeSources == [ ] then true else "tmpfs";
-        # The nix-daemon's socket works from a user namespace (the daemon checks
-        # the peer's uid, which maps to the real one), but a port below 1024
-        # needs a capability in the host's namespace.
-        PrivateUsers = cfg.port >= 1024;
-        # Neither Python nor the Nix client reads /proc beyond the process' own.
-        ProcSubset = "pid";
-        PrivateTmp = true;
-        PrivateDevices = true;
-        ProtectKernelTunables = true;
-        ProtectKernelModules = true;
-        ProtectKernelLogs = true;
-        ProtectControlGroups = true;
-        ProtectClock = true;
-        ProtectHostname = true;
-        ProtectProc = "invisible";
-        RestrictAddressFamilies = [
-          "AF_UNIX"
-          "AF_INET"
-          "AF_INET6"
-        ];
-        RestrictNamespaces = true;
-        RestrictRealtime = true;
-        RestrictSUIDSGID = true;
-        LockPersonality = true;
-        RemoveIPC = true;
-        SystemCallArchitectures = "native";
-        # Nix raises its stack limit (setrlimit, in @resources), which
-        # @system-service allows.
-        SystemCallFilter = [
-          "@system-service"
-          "~@privileged"
-        ];
-        SystemCallErrorNumber = "EPERM";
-        UMask = "0027";
+    # `systemctl start nixery-gc` runs one storage collection by hand (`nixery gc`) with the
+    # service's settings, user and sandbox, and `journalctl -u nixery-gc` shows what it removed
+    # and kept; the service itself collects every storage.gcInterval.
+    systemd.services.nixery-gc = {
+      description = "Nixery storage collection, once";
+      requires = [ "nix-daemon.socket" ];
+      after = [ "nix-daemon.socket" "nixery.service" ];
+      environment = serviceEnvironment;
+      serviceConfig = sandbox // {
+        Type = "oneshot";
+        ExecStart = "${lib.getExe cfg.package} gc";
+        User = "nixery";
+        Group = "nixery";
       };
     };
   };

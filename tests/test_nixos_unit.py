@@ -79,11 +79,11 @@ def render_unit(service: dict, exec_start: str) -> str:
     if config.get("PrivateUsers"):
         config.pop("ProtectProc")  # systemd #29656: 217/USER in a container with PrivateUsers
     unit = ["[Unit]", f"Description={service['description']}",
-            f"After={' '.join(service['after'])}", f"Wants={' '.join(service['wants'])}",
+            f"After={' '.join(service['after'])}", f"Wants={' '.join(service.get('wants', []))}",
             f"Requires={' '.join(service['requires'])}", "", "[Service]"]
     unit += [f"Environment={json.dumps(f'{k}={v}')}" for k, v in sorted(service["environment"].items())]
     unit += lines(config)
-    unit += ["", "[Install]", f"WantedBy={' '.join(service['wantedBy'])}", ""]
+    unit += ["", "[Install]", f"WantedBy={' '.join(service.get('wantedBy', []))}", ""]
     return "\n".join(unit)
 
 
@@ -234,6 +234,23 @@ def test_unit_serves_a_pull_with_its_hardening(box, settings, tmp_path):
     exposure = float(re.search(r"exposure level for nixery.service: ([\d.]+)", overall).group(1))
     print(f"{settings}: {overall.strip()}")
     assert exposure <= MAX_EXPOSURE, overall
+
+
+def test_the_gc_unit_collects_by_hand_with_the_services_settings(box, tmp_path):
+    """`systemctl start nixery-gc` runs `nixery gc` once as the service would: its user, its
+    sandbox, its storage and state (the name the image was pulled as is in the state database),
+    while the service runs; a pull within the grace period is kept."""
+    config = start_unit(box, {"pkgsPath": "/srv/pkgs", "storage": {"maxAge": "30d"}})
+    pull(box, 8080, "shell/hello", tmp_path)
+    box.copy_in(_tar({"nixery-gc.service": render_unit(config["gcService"], f"{EXEC_START} gc")}),
+                "/etc/systemd/system")
+    box.exec("systemctl daemon-reload && systemctl start nixery-gc.service", timeout=300)
+    state = box.exec("systemctl show nixery-gc.service -p Result -p User").stdout
+    logged = box.exec("journalctl -u nixery-gc.service -o cat --no-pager", check=False).stdout
+    assert "Result=success" in state and "User=nixery" in state, f"{state}\n{logged}"
+    assert re.search(r"^kept \S+ \(shell/hello:latest\)", logged, re.M), logged
+    assert "removed 0 images" in logged and "kept 1 images" in logged, logged
+    assert "ActiveState=active" in box.exec("systemctl show nixery.service -p ActiveState").stdout
 
 
 def test_stop_during_a_long_build_lets_it_finish(box, tmp_path):

@@ -51,5 +51,8 @@ in
     nixGc = config.nix.gc;
     daemon = config.systemd.services.nix-daemon or null;
     nginx = config.services.nginx;
+    gcService = let gc = config.systemd.services.nixery-gc; in {
+      inherit (gc) description environment serviceConfig after requires;
+    };
   };
 }
