@@ -4,6 +4,7 @@ own (a private /nix in a mount namespace, so that collecting it frees nobody els
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import subprocess
 import time
@@ -32,10 +33,10 @@ def outputs(nix: Path, name: str) -> list[Path]:
     return [p for p in (nix / "store").glob(f"*-{name}") if p.is_dir()]
 
 
-def nix_invocations(server: Server) -> float:
+def counted(server: Server, name: str = "nixery_nix_invocations_total") -> float:
     text = requests.get(f"{server.url}/metrics", timeout=30).text
     return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
-               if s.name == "nixery_nix_invocations_total")
+               if s.name == name)
 
 
 def pull(server: Server, name: str) -> requests.Response:
@@ -56,6 +57,54 @@ def wait_for_log(server: Server, message: str, timeout: float = 60) -> dict:
             return found[-1]
         time.sleep(0.1)
     raise AssertionError(f"no {message!r} in the log:\n{server.log()}")
+
+
+def test_an_image_the_storage_collector_removes_is_freed_from_the_store(tmp_path):
+    """The whole way: an image left unpulled past NIXERY_STORAGE_MAX_AGE is removed by the server's
+    storage collection, which drops its root and (past NIXERY_NIX_STORE_LIMIT) collects the store
+    at once, with no build to start it; a kept image's paths stay and it is served without Nix."""
+    nix = tmp_path / "nix"
+    wrapper = private_store(nix)
+    packages = make_package_set(tmp_path / "set", salt=uuid.uuid4().hex[:12])
+    env = {"NIXERY_PKGS_REPO": git_source(packages, tmp_path / "repo.git"), "NIXERY_WORKERS": "1"}
+    workdir = tmp_path / "server"
+    workdir.mkdir()
+
+    first = Server(workdir, env, wrapper).start()
+    try:
+        kept = pull(first, "hello")
+        pull(first, "nano")
+    finally:
+        first.stop()
+    assert outputs(nix, "hello") and outputs(nix, "nano")
+    # Two days pass with only "hello" pulled.
+    storage = workdir / "storage"
+    old = time.time() - 2 * 86400
+    for path in storage.rglob("*"):
+        if path.is_file() and path.name != "gc.lease":
+            os.utime(path, (old, old))
+    os.utime(storage / "layers" / ("sha256:" + hashlib.sha256(kept.content).hexdigest()))
+
+    second = Server(workdir, {**env, "NIXERY_STORAGE_MAX_AGE": "1d", "NIXERY_GC_INTERVAL": "2",
+                              "NIXERY_NIX_STORE_LIMIT": "1"}, wrapper).start()
+    try:
+        collected = wait_for_log(second, "storage collected")
+        assert (collected["removed_images"], collected["kept_images"]) == (1, 1), collected
+        wait_for_log(second, "nix store collected")
+        assert counted(second, "nixery_builds_total") == 0, "no build started the store's collection"
+        assert outputs(nix, "hello"), "the stored image's packages are kept"
+        assert not outputs(nix, "nano"), "the collected image's packages are freed"
+        # Anyone's nix-collect-garbage keeps them too.
+        subprocess.run([*wrapper, "nix-collect-garbage"], check=True, capture_output=True, timeout=120)
+        assert outputs(nix, "hello")
+
+        before = counted(second)
+        pull(second, "hello")
+        assert counted(second) == before, "a stored image is served without Nix"
+        pull(second, "nano")
+        assert counted(second) > before and outputs(nix, "nano"), "a collected image is built again"
+    finally:
+        second.stop()
 
 
 def test_collecting_the_store_keeps_stored_images_and_frees_collected_ones(tmp_path):
@@ -93,10 +142,10 @@ def test_collecting_the_store_keeps_stored_images_and_frees_collected_ones(tmp_p
         subprocess.run([*wrapper, "nix-collect-garbage"], check=True, capture_output=True, timeout=120)
         assert outputs(nix, "hello") and outputs(nix, "iana-etc")
 
-        before = nix_invocations(second)
+        before = counted(second)
         pull(second, "hello")
-        assert nix_invocations(second) == before, "a stored image is served without Nix"
+        assert counted(second) == before, "a stored image is served without Nix"
         pull(second, "nano")
-        assert nix_invocations(second) > before and outputs(nix, "nano"), "a collected image is built again"
+        assert counted(second) > before and outputs(nix, "nano"), "a collected image is built again"
     finally:
         second.stop()
