@@ -22,10 +22,15 @@ MANIFEST_V2 = "application/vnd.docker.distribution.manifest.v2+json"
 
 
 def private_store(nix: Path) -> tuple[str, ...]:
-    """A command prefix that runs what follows with `nix` mounted at /nix (its own store)."""
+    """A command prefix that runs what follows with `nix` mounted at /nix (its own store).
+
+    Its builds run without build users: those are the machine's uids, shared with the real store,
+    and Nix kills every process of a build user before it builds as that user, so this store and
+    the real one (another test's build at the same moment) would kill each other's builders."""
     return (shutil.which("unshare"), "--mount", "--propagation", "private", shutil.which("bash"), "-c",
             f"mkdir -p {nix}/store {nix}/var/nix && chown root:nixbld {nix}/store && chmod 1775 {nix}/store "
-            f"&& mount --bind {nix} /nix && exec \"$@\"", "private-store")
+            f"&& mount --bind {nix} /nix && NIX_CONFIG=\"$NIX_CONFIG\nbuild-users-group =\" exec \"$@\"",
+            "private-store")
 
 
 def outputs(nix: Path, name: str) -> list[Path]:
@@ -59,24 +64,30 @@ def wait_for_log(server: Server, message: str, timeout: float = 60) -> dict:
     raise AssertionError(f"no {message!r} in the log:\n{server.log()}")
 
 
-def test_an_image_the_storage_collector_removes_is_freed_from_the_store(tmp_path):
-    """The whole way: an image left unpulled past NIXERY_STORAGE_MAX_AGE is removed by the server's
-    storage collection, which drops its root and (past NIXERY_NIX_STORE_LIMIT) collects the store
-    at once, with no build to start it; a kept image's paths stay and it is served without Nix."""
+def hello_and_nano(tmp_path: Path) -> tuple[Path, tuple[str, ...], dict[str, str], Path, requests.Response,
+                                            requests.Response]:
+    """A server on a store of its own (the store, its wrapper, the server's environment and
+    folder) that pulled "hello" and "nano" (their manifests) and stopped."""
     nix = tmp_path / "nix"
     wrapper = private_store(nix)
     packages = make_package_set(tmp_path / "set", salt=uuid.uuid4().hex[:12])
     env = {"NIXERY_PKGS_REPO": git_source(packages, tmp_path / "repo.git"), "NIXERY_WORKERS": "1"}
     workdir = tmp_path / "server"
     workdir.mkdir()
-
     first = Server(workdir, env, wrapper).start()
     try:
-        kept = pull(first, "hello")
-        pull(first, "nano")
+        hello, nano = pull(first, "hello"), pull(first, "nano")
     finally:
         first.stop()
     assert outputs(nix, "hello") and outputs(nix, "nano")
+    return nix, wrapper, env, workdir, hello, nano
+
+
+def test_an_image_the_storage_collector_removes_is_freed_from_the_store(tmp_path):
+    """The whole way: an image left unpulled past NIXERY_STORAGE_MAX_AGE is removed by the server's
+    storage collection, which drops its root and (past NIXERY_NIX_STORE_LIMIT) collects the store
+    at once, with no build to start it; a kept image's paths stay and it is served without Nix."""
+    nix, wrapper, env, workdir, kept, _ = hello_and_nano(tmp_path)
     # Two days pass with only "hello" pulled.
     storage = workdir / "storage"
     old = time.time() - 2 * 86400
@@ -108,20 +119,7 @@ def test_an_image_the_storage_collector_removes_is_freed_from_the_store(tmp_path
 
 
 def test_collecting_the_store_keeps_stored_images_and_frees_collected_ones(tmp_path):
-    nix = tmp_path / "nix"
-    wrapper = private_store(nix)
-    packages = make_package_set(tmp_path / "set", salt=uuid.uuid4().hex[:12])
-    env = {"NIXERY_PKGS_REPO": git_source(packages, tmp_path / "repo.git"), "NIXERY_WORKERS": "1"}
-    workdir = tmp_path / "server"
-    workdir.mkdir()
-
-    first = Server(workdir, env, wrapper).start()
-    try:
-        pull(first, "hello")
-        collected = pull(first, "nano")
-    finally:
-        first.stop()
-    assert outputs(nix, "hello") and outputs(nix, "nano")
+    nix, wrapper, env, workdir, _, collected = hello_and_nano(tmp_path)
     # "nano" leaves storage, as a storage collection removes an image: its manifest (the cached
     # one and the blob) goes.
     storage = workdir / "storage"
