@@ -146,8 +146,8 @@ def create_app(config: Config, storage: Backend | None = None, *, builder: Manif
     api.add_routes(router, builder, storage, source or make_source(config), config.limits.max_packages, pulls, healer)
     if collect and config.gc.interval:
         # The roots of the images a collection removed go at once, not after this worker's next build.
-        Schedule(storage, config.gc, metrics, **({"collected": store_collection.check} if store_collection
-                                                 else {})).start()
+        Schedule(storage, config.gc, metrics,
+                 collected=store_collection.check if store_collection else lambda remaining: None).start()
     app.add_route("/metrics", MetricsResource(metrics))
     web.add_routes(app, config, history, in_progress, declared, package_search)
     health.add_routes(app, storage)
