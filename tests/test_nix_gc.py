@@ -147,3 +147,27 @@ def test_collecting_the_store_keeps_stored_images_and_frees_collected_ones(tmp_p
         assert counted(second) > before and outputs(nix, "nano"), "a collected image is built again"
     finally:
         second.stop()
+
+
+def test_a_root_is_dropped_only_once_its_manifest_is_gone(tmp_path):
+    """Stale roots are found by a listing (the collector's, or one of storage's own), and each is
+    looked for once more before it goes: a manifest stored since the listing keeps its root."""
+    from nixery.nix import Nix
+    from nixery.nixstore import ImageRoots
+    from nixery.storage import blob_key
+    from nixery.storage.filesystem import FilesystemBackend
+
+    storage = FilesystemBackend(tmp_path / "storage")
+    roots = ImageRoots(Nix(60, tmp_path / "gcroots"), tmp_path / "locks")
+    stored, since, gone = (b'{"schemaVersion": 2, "n": %d}' % n for n in range(3))
+    digests = {data: "sha256:" + hashlib.sha256(data).hexdigest() for data in (stored, since, gone)}
+    for data, digest in digests.items():
+        (roots.directory / digest).mkdir(parents=True)
+    storage.write(blob_key(digests[stored]), stored, "application/vnd.oci.image.manifest.v1+json")
+    listed = {o.key for o in storage.objects()}
+    storage.write(blob_key(digests[since]), since, "application/vnd.oci.image.manifest.v1+json")
+
+    assert roots.prune(storage, listed) == [digests[gone]]
+    assert sorted(p.name for p in roots.directory.iterdir()) == sorted([digests[stored], digests[since]])
+    storage.root.joinpath(blob_key(digests[stored])).unlink()
+    assert roots.prune(storage) == [digests[stored]], "storage's own listing"
