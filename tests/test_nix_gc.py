@@ -83,6 +83,21 @@ def hello_and_nano(tmp_path: Path) -> tuple[Path, tuple[str, ...], dict[str, str
     return nix, wrapper, env, workdir, hello, nano
 
 
+def check_hello_kept_and_nano_freed(server: Server, nix: Path, wrapper: tuple[str, ...]) -> None:
+    """Once the store was collected: the stored image's ("hello") paths are there, anyone's
+    nix-collect-garbage keeps them and it is served without Nix; the removed one's ("nano") are
+    freed and it is built again."""
+    assert outputs(nix, "hello"), "the stored image's packages are kept"
+    assert not outputs(nix, "nano"), "the collected image's packages are freed"
+    subprocess.run([*wrapper, "nix-collect-garbage"], check=True, capture_output=True, timeout=120)
+    assert outputs(nix, "hello")
+    before = counted(server)
+    pull(server, "hello")
+    assert counted(server) == before, "a stored image is served without Nix"
+    pull(server, "nano")
+    assert counted(server) > before and outputs(nix, "nano"), "a collected image is built again"
+
+
 def test_an_image_the_storage_collector_removes_is_freed_from_the_store(tmp_path):
     """The whole way: an image left unpulled past NIXERY_STORAGE_MAX_AGE is removed by the server's
     storage collection, which drops its root and (past NIXERY_NIX_STORE_LIMIT) collects the store
@@ -103,17 +118,7 @@ def test_an_image_the_storage_collector_removes_is_freed_from_the_store(tmp_path
         assert (collected["removed_images"], collected["kept_images"]) == (1, 1), collected
         wait_for_log(second, "nix store collected")
         assert counted(second, "nixery_builds_total") == 0, "no build started the store's collection"
-        assert outputs(nix, "hello"), "the stored image's packages are kept"
-        assert not outputs(nix, "nano"), "the collected image's packages are freed"
-        # Anyone's nix-collect-garbage keeps them too.
-        subprocess.run([*wrapper, "nix-collect-garbage"], check=True, capture_output=True, timeout=120)
-        assert outputs(nix, "hello")
-
-        before = counted(second)
-        pull(second, "hello")
-        assert counted(second) == before, "a stored image is served without Nix"
-        pull(second, "nano")
-        assert counted(second) > before and outputs(nix, "nano"), "a collected image is built again"
+        check_hello_kept_and_nano_freed(second, nix, wrapper)
     finally:
         second.stop()
 
@@ -134,17 +139,8 @@ def test_collecting_the_store_keeps_stored_images_and_frees_collected_ones(tmp_p
     try:
         pull(second, "iana-etc")
         wait_for_log(second, "nix store collected")
-        assert outputs(nix, "hello"), "the stored image's packages are kept"
-        assert not outputs(nix, "nano"), "the collected image's packages are freed"
-        # Anyone's nix-collect-garbage keeps them too.
-        subprocess.run([*wrapper, "nix-collect-garbage"], check=True, capture_output=True, timeout=120)
-        assert outputs(nix, "hello") and outputs(nix, "iana-etc")
-
-        before = counted(second)
-        pull(second, "hello")
-        assert counted(second) == before, "a stored image is served without Nix"
-        pull(second, "nano")
-        assert counted(second) > before and outputs(nix, "nano"), "a collected image is built again"
+        check_hello_kept_and_nano_freed(second, nix, wrapper)
+        assert outputs(nix, "iana-etc")
     finally:
         second.stop()
 
