@@ -18,7 +18,19 @@ For each size (images are added to the same storage, smallest size first), a rea
   one keep-alive connection, REQUESTS of each per round, latency per request: the median over
   ROUNDS rounds of each round's p50 and p99 (other load on the machine shows in single rounds,
   which are printed too);
-- RSS of the master and workers together after the requests.
+- RSS of the master and workers together after the requests;
+
+and then, with the server stopped, what a collection of that storage costs (nixery/collector.py,
+under the lease, as a worker's schedule runs it):
+
+- list: the listing of storage alone (what every collection starts with);
+- gc: a collection with no budget in a new collector (every manifest read and parsed), which
+  removes nothing;
+- again: the same in the same collector, what the schedule pays each interval (manifests are
+  content-addressed, so their references are remembered);
+- half: a collection under a limit of half the bytes stored, with no grace period: the least
+  recently pulled half of the images is removed (they are stored again before the next size,
+  untimed).
 
     python3 bench/scale.py [--sizes 100,1000,10000] [--requests 2000] [--rounds 5] [--dir DIR]
 
@@ -52,6 +64,9 @@ from support import Server  # noqa: E402
 from nixery import archive, config, image, manifest, rootfs  # noqa: E402
 from nixery.app import make_source  # noqa: E402
 from nixery.builder import Builder  # noqa: E402
+from nixery.collector import Collector  # noqa: E402
+from nixery.config import GcConfig  # noqa: E402
+from nixery.gc_schedule import collect_once  # noqa: E402
 from nixery.nix import Nix  # noqa: E402
 from nixery.storage import Backend, blob_key  # noqa: E402
 from nixery.storage.filesystem import FilesystemBackend  # noqa: E402
@@ -129,6 +144,28 @@ def rss_bytes(pid: int) -> int:
     return total
 
 
+def timed(run):
+    """Seconds `run()` took, and what it returned."""
+    start = time.perf_counter()
+    result = run()
+    return time.perf_counter() - start, result
+
+
+def collections(storage: Backend) -> tuple[dict[str, float], int, int]:
+    """The seconds each collection (see the docstring) took, the objects the half one removed, and
+    the number of images it removed."""
+    seconds: dict[str, float] = {}
+    seconds["list"], listed = timed(lambda: list(storage.objects()))
+    collector = Collector(storage, GcConfig())
+    seconds["gc"], report = timed(lambda: collect_once(storage, collector))
+    assert report is not None and report.removed_objects == 0, report
+    seconds["again"], _ = timed(lambda: collect_once(storage, collector))
+    collector.gc = GcConfig(storage_limit=sum(o.size for o in listed) // 2, grace=0)
+    seconds["half"], report = timed(lambda: collect_once(storage, collector))
+    assert report is not None and report.complete, report
+    return seconds, report.removed_objects, len(report.removed)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="100,1000,10000", help="numbers of images, comma-separated")
@@ -156,7 +193,7 @@ def main() -> None:
     layers: list[str] = []  # the package layer of each image stored
     rng = random.Random(21)
     print(f"{'images':>7} {'fill s':>7} {'start s':>8} {'manifest p50 ms':>16} {'p99 ms':>7} "
-          f"{'blob p50 ms':>12} {'p99 ms':>7} {'RSS MiB':>8}")
+          f"{'blob p50 ms':>12} {'p99 ms':>7} {'RSS MiB':>8} {'list s':>7} {'gc s':>7} {'again s':>8} {'half s':>7}")
     for size in sizes:
         start = time.monotonic()
         layers += [store_image(storage, builder, resolved, i, base) for i in range(len(layers), size)]
@@ -182,10 +219,15 @@ def main() -> None:
         figures = {kind: (statistics.median(percentile(r, 0.5) for r in runs) * 1e3,
                           statistics.median(percentile(r, 0.99) for r in runs) * 1e3,
                           [round(percentile(r, 0.99) * 1e3, 1) for r in runs]) for kind, runs in rounds.items()}
+        gc, removed_objects, removed_images = collections(storage)
         print(f"{size:>7} {fill:>7.1f} {startup:>8.2f} {figures['manifest'][0]:>16.2f} {figures['manifest'][1]:>7.2f} "
-              f"{figures['blob'][0]:>12.2f} {figures['blob'][1]:>7.2f} {rss / 2**20:>8.0f}", flush=True)
-        print(f"        p99 of each round (ms): manifest {figures['manifest'][2]}, blob {figures['blob'][2]}",
-              flush=True)
+              f"{figures['blob'][0]:>12.2f} {figures['blob'][1]:>7.2f} {rss / 2**20:>8.0f} {gc['list']:>7.3f} "
+              f"{gc['gc']:>7.3f} {gc['again']:>8.3f} {gc['half']:>7.3f}", flush=True)
+        print(f"        p99 of each round (ms): manifest {figures['manifest'][2]}, blob {figures['blob'][2]}; "
+              f"half removed {removed_images} images, {removed_objects} objects", flush=True)
+        for i in range(size):  # the images the half collection removed, stored again for the next size
+            if storage.stat(blob_key(layers[i])) is None:
+                layers[i] = store_image(storage, builder, resolved, i, base)
 
 
 if __name__ == "__main__":

@@ -118,11 +118,12 @@ def create_app(config: Config, storage: Backend | None = None, *, builder: Manif
     history = BuildHistory(config.state)
     in_progress = InProgress(config.state, on_change=metrics.count_in_progress)
     source = None
+    store_collection: Optional[StoreCollection] = None
     declared: Optional[DeclaredImages] = None
     package_search: Optional[PackageSearch] = None
     if builder is None:
         served = make_builder(config, storage, on_nix=metrics.count_nix, in_progress=in_progress, upkeep=True)
-        builder, source = served, served.source
+        builder, source, store_collection = served, served.source, served.store_collection
         # The search shares the builder's index of the set's names ("did you mean").
         package_search = PackageSearch(served.nix, source, served.suggestions,
                                        served.platforms[0].nix_system if served.platforms else None)
@@ -144,7 +145,9 @@ def create_app(config: Config, storage: Backend | None = None, *, builder: Manif
     healer = Healer(builder, storage, pulls, config.limits.max_packages, metrics.count_heal)
     api.add_routes(router, builder, storage, source or make_source(config), config.limits.max_packages, pulls, healer)
     if collect and config.gc.interval:
-        Schedule(storage, config.gc, metrics).start()
+        # The roots of the images a collection removed go at once, not after this worker's next build.
+        Schedule(storage, config.gc, metrics,
+                 collected=store_collection.check if store_collection else lambda remaining: None).start()
     app.add_route("/metrics", MetricsResource(metrics))
     web.add_routes(app, config, history, in_progress, declared, package_search)
     health.add_routes(app, storage)

@@ -91,6 +91,9 @@ class Report:
     finished: float = 0.0
     duration: float = 0.0
     complete: bool = True  # False: the lease was lost midway
+    # The keys listed that are still in storage after the collection (those it did not remove): the
+    # Nix store's upkeep drops the roots of the manifests not among them (nixery/nixstore.py).
+    remaining: set[str] = dataclasses.field(default_factory=set)
 
 
 class Collector:
@@ -142,6 +145,7 @@ class Collector:
             report.removed_bytes = plan.stored - plan.kept_bytes
             report.stored_bytes = plan.kept_bytes
         else:
+            report.remaining = set(plan.listed)
             self._remove(plan, report, keep_alive)
         report.finished = self.clock()
         report.duration = round(report.finished - started, 3)
@@ -187,6 +191,7 @@ class Collector:
         if self.storage.delete(listed):
             report.removed_objects += 1
             report.removed_bytes += listed.size
+            report.remaining.discard(listed.key)
             return True
         report.in_use += 1
         return False

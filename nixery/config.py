@@ -279,11 +279,13 @@ class StateLayout:
     between instances); every module that keeps state there takes its folder from here."""
 
     locks: Path  # OFD byte-range locks: one build per image, build slots, one git fetch (nixery/locks.py)
-    gcroots: Path  # GC roots of builds in progress (the server clears dead workers' roots)
+    # GC roots of builds in progress (the server clears dead workers' roots) and, under images/,
+    # of the images kept in storage (nixery/nixstore.py)
+    gcroots: Path
     git: Path  # git mirrors and the checkouts exported from them, a folder per repository
     prometheus: Path  # prometheus_client's multiprocess files, made afresh at each start
     # The database of what workers share (nixery/state.py): failures, failed logins, the build
-    # history and builds in progress, the build memo, git fetches.
+    # history and builds in progress, the build memo, git fetches, the images pulled.
     store: Path
     # Where `nixery push` remembers the repositories it pushed each blob to, to mount it from (nixery/push.py).
     pushed: Path

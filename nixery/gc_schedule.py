@@ -16,7 +16,7 @@ import random
 import sys
 import threading
 import time
-from typing import Optional, Sequence
+from typing import Callable, Collection, Optional, Sequence
 
 from .collector import Collector, Report, describe
 from .config import GcConfig
@@ -43,13 +43,16 @@ def collect_once(storage: Backend, collector: Collector, *, due_after: float = 0
 
 
 class Schedule:
-    """A worker's thread that collects when a collection is due."""
+    """A worker's thread that collects when a collection is due; `collected` is given the keys each
+    collection it ran left in storage (the Nix store's upkeep then drops the roots of the others)."""
 
-    def __init__(self, storage: Backend, gc: GcConfig, metrics: Metrics):
+    def __init__(self, storage: Backend, gc: GcConfig, metrics: Metrics,
+                 collected: Callable[[Collection[str]], None] = lambda remaining: None):
         self.storage = storage
         self.gc = gc
         self.metrics = metrics
         self.collector = Collector(storage, gc)
+        self.collected = collected
 
     def start(self) -> None:
         threading.Thread(target=self._run, name="gc-schedule", daemon=True).start()
@@ -68,6 +71,7 @@ class Schedule:
                         "stored_bytes": report.stored_bytes, "in_use": report.in_use,
                         "duration": report.duration, "finished": report.finished, "complete": report.complete,
                         "pid": os.getpid()})
+                    self.collected(report.remaining)
             except Exception:  # a failing bucket, a full state disk: the next look tries again
                 log.exception("storage collection failed")
             time.sleep(look)

@@ -8,9 +8,10 @@ operator) needs to know nothing of roots. While the root is there, `nix-collect-
 (anyone's) leaves the image's closure, and building the image again (a pull that heals a
 lost blob, an unpinned image asked for again) builds nothing.
 
-Before each of Nixery's own collections, and at most every `CHECK_SECONDS` after a build,
-the roots whose manifest is no longer in storage are dropped, so the next collection of the
-store frees their paths. Nixery collects the store itself only past NIXERY_NIX_STORE_LIMIT:
+After each storage collection a worker runs (with the keys that collection left in storage),
+before each of Nixery's own collections, and at most every `CHECK_SECONDS` after a build, the
+roots whose manifest is no longer in storage are dropped, so the next collection of the store
+frees their paths. Nixery collects the store itself only past NIXERY_NIX_STORE_LIMIT:
 on a store of its own (a container, a pod) that frees everything no root holds; on a
 shared store (NixOS) it is left unset and the system's collection frees what Nixery no
 longer roots. Either way Nixery only ever removes roots of its own folder.
@@ -26,7 +27,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Collection, Optional, Sequence
 
 from .locks import file_lock
 from .manifest import SHA256_RE
@@ -58,14 +59,22 @@ class ImageRoots:
             root.mkdir(parents=True, exist_ok=True)
             self.nix.add_roots(root / "out", sorted(set(outputs)))
 
-    def prune(self, storage: Backend) -> list[str]:
+    def prune(self, storage: Backend, listed: Optional[Collection[str]] = None) -> list[str]:
         """Drops the roots of images whose manifest is no longer in storage; returns their digests.
-        A root being made at this moment (its lock held) is left for the next time."""
+        Storage is listed once (or `listed`, the keys a storage collection just left, is used):
+        on GCS a request per root would cost more than the listing. A manifest the listing lacks
+        is looked for once more (stored since it was listed: its root is new). A root being made
+        at this moment (its lock held) is left for the next time."""
+        roots = sorted(self.directory.iterdir()) if self.directory.is_dir() else []
+        if not roots:
+            return []
+        present = listed if listed is not None else {o.key for o in storage.objects()}
         dropped = []
-        for root in sorted(self.directory.iterdir()) if self.directory.is_dir() else ():
+        for root in roots:
             digest = root.name
             with file_lock(self.lock_dir, f"image root {digest}", wait=False) as free:
-                if not free or (SHA256_RE.fullmatch(digest) and storage.stat(blob_key(digest)) is not None):
+                if not free or (SHA256_RE.fullmatch(digest) and (blob_key(digest) in present
+                                                                 or storage.stat(blob_key(digest)) is not None)):
                     continue
                 shutil.rmtree(root, ignore_errors=True)
                 dropped.append(digest)
@@ -93,18 +102,19 @@ class StoreCollection:
             self.last_check = now
         threading.Thread(target=self.check, name="nix-store-upkeep", daemon=True).start()
 
-    def check(self) -> None:
-        """One check, unless another worker is running one; failures are logged (they cost space, not pulls)."""
+    def check(self, listed: Optional[Collection[str]] = None) -> None:
+        """One check, unless another worker is running one; failures are logged (they cost space, not
+        pulls). `listed`: what a storage collection left in storage, which spares a listing."""
         with file_lock(self.lock_dir, "nix store collection", wait=False) as mine:
             if not mine:
                 return
             try:
-                self.collect()
+                self.collect(listed)
             except (NixError, StorageError, OSError) as e:
                 log.warning("nix store upkeep failed", extra={"reason": getattr(e, "reason", str(e))})
 
-    def collect(self) -> None:
-        dropped = self.roots.prune(self.storage)
+    def collect(self, listed: Optional[Collection[str]] = None) -> None:
+        dropped = self.roots.prune(self.storage, listed)
         if dropped:
             log.info("dropped the roots of images no longer in storage", extra={"images": len(dropped)})
         if not self.limit:

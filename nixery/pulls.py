@@ -1,14 +1,15 @@
 """What pulls leave behind for the collector and the heal: when each image was last pulled, and as
 what name and tag.
 
-The last pull is marked on the manifest's object in storage (nixery/storage: a file's access
-time, a GCS object's custom time), so that every worker and every instance sharing the storage
+The last pull is marked on the manifest's object in storage (nixery/storage: a file's modification
+time, which the collector's own reads leave alone, or a GCS object's custom time), so that every worker and every instance sharing the storage
 sees it, and so does a bucket lifecycle rule. A write per pull would cost a GCS request each, so
 each process marks a manifest at most once per quarter of the grace period: a collection keeps
 whatever was used within the grace period, so a pull in progress is always covered.
 
 The name and tag a manifest was pulled as are kept in the state database (nixery/state.py), so that
-a blob request for a blob gone from storage can rebuild the image that holds it (nixery/heal.py).
+a request for a blob or a manifest (by digest) gone from storage can rebuild the image that held
+it (nixery/heal.py).
 """
 
 from __future__ import annotations

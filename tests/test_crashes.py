@@ -88,9 +88,10 @@ def test_kill_9_of_a_worker_mid_build_stops_its_nix_and_drops_its_roots(tmp_path
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             pool.submit(requests.get, f"{server.url}/v2/sleepy/manifests/latest", timeout=60)
             wait_for(lambda: builders_of(salt), 60, "the build did not start")
-            # The worker building it is the one with a build's roots (named "<pid>-<hex>"); its
-            # child processes are Nix's (nix-store --realise, in a session of its own).
-            [worker] = {int(p.name.split("-")[0]) for p in roots.iterdir() if p.is_dir()}
+            # The worker building it is the one with a build's roots (named "<pid>-<hex>", beside
+            # the stored images' roots under images/); its child processes are Nix's
+            # (nix-store --realise, in a session of its own).
+            [worker] = {int(p.name.split("-")[0]) for p in roots.iterdir() if p.is_dir() and p.name[0].isdigit()}
             nix = children_of(worker)
             assert nix and all(alive(pid) for pid in nix)
             os.kill(worker, signal.SIGKILL)

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -436,3 +437,82 @@ def test_an_image_is_its_forms_index_sbom_and_stored_manifest(tmp_path):
                if not p.name.endswith(".type")}
     shared_digest = "sha256:" + hashlib.sha256(shared).hexdigest()
     assert records == {shared_digest, old["own"], recent["own"]}, (records, shared_digest, old, mid, recent)
+
+
+class _SlowDeletes(FilesystemBackend):
+    """Storage whose deletions take a while, so that a collection can be killed midway."""
+
+    def delete(self, listed):
+        time.sleep(0.02)
+        return super().delete(listed)
+
+
+def _collect_slowly(root: str, limit: int) -> None:
+    from nixery.collector import Collector
+    from nixery.config import GcConfig
+    from nixery.gc_schedule import collect_once
+
+    storage = _SlowDeletes(Path(root))
+    collect_once(storage, Collector(storage, GcConfig(storage_limit=limit, grace=60)))
+
+
+def test_a_worker_killed_mid_collection_leaves_the_lease_free_and_every_manifest_whole(tmp_path):
+    """kill -9 of the worker collecting: the kernel lets its lease go (the master's clean-up of the
+    worker's partial uploads leaves the lease file alone), what it removed leaves no manifest
+    without a blob, and the next collection, at once, finishes the job."""
+    import multiprocessing
+
+    from nixery.collector import Collector, references
+    from nixery.config import GcConfig
+    from nixery.gc_schedule import collect_once
+    from nixery.storage.filesystem import drop_partial_uploads
+
+    storage = FilesystemBackend(tmp_path / "storage")
+    for i in range(40):
+        layers = [os.urandom(1000) for _ in range(3)]
+        descriptors = []
+        for data in layers:
+            digest = f"sha256:{hashlib.sha256(data).hexdigest()}"
+            storage.write(f"layers/{digest}", data, "application/vnd.docker.image.rootfs.diff.tar.gzip")
+            descriptors.append({"digest": digest})
+        document = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                               "config": descriptors[0], "layers": descriptors[1:]}).encode()
+        storage.write(f"layers/sha256:{hashlib.sha256(document).hexdigest()}", document,
+                      "application/vnd.oci.image.manifest.v1+json")
+        used = time.time() - 3600 + i  # image i + 1 pulled after image i
+        for path in (storage.root / "layers").iterdir():
+            if path.stat().st_mtime > time.time() - 60:
+                os.utime(path, (used, used))
+    limit = sum(o.size for o in storage.objects()) // 2
+
+    def blobs(root: Path = storage.root) -> set[str]:
+        return {p.name for p in (root / "layers").iterdir() if not p.name.endswith(".type")}
+
+    def check_whole() -> None:
+        """Every manifest left has all its blobs."""
+        left = blobs()
+        for name in left:
+            refs = references((storage.root / "layers" / name).read_bytes()).blobs
+            assert {key.removeprefix("layers/") for key in refs} <= left, "a manifest lost a blob"
+
+    # What one collection that nobody stops leaves, on a copy.
+    shutil.copytree(storage.root, tmp_path / "copy")
+    copy = FilesystemBackend(tmp_path / "copy")
+    assert collect_once(copy, Collector(copy, GcConfig(storage_limit=limit, grace=60))).complete
+    before = blobs()
+    worker = multiprocessing.get_context("fork").Process(target=_collect_slowly, args=(str(storage.root), limit))
+    worker.start()
+    deadline = time.monotonic() + 60
+    while len(before - blobs()) < 30 and time.monotonic() < deadline:  # the manifests gone, some blobs too
+        time.sleep(0.01)
+    os.kill(worker.pid, 9)
+    worker.join()
+    assert 30 <= len(before - blobs()) < len(before - blobs(copy.root)), "killed midway"
+    drop_partial_uploads(storage.root, worker.pid)
+    assert (storage.root / "gc.lease").exists()
+    check_whole()
+
+    report = collect_once(storage, Collector(storage, GcConfig(storage_limit=limit, grace=60)))
+    assert report is not None and report.complete, "the dead worker's lease went with it"
+    check_whole()
+    assert blobs() == blobs(copy.root), "the next collection finishes what the killed one began"
