@@ -113,7 +113,7 @@ python3Packages.buildPythonApplication {
     "nixery.app"
     "nixery.preflight"
     "nixery.storage.gcs"
-    "nixery.gc_schedule"
+    "nixery.gc_command"
     "nixery.export"
     "nixery.push"
     "nixery.popularity"

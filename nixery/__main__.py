@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
         from .popularity import main as popularity_main
         return popularity_main(argv[1:])
     if argv[:1] == ["gc"]:
-        from .gc_schedule import main as gc_main
+        from .gc_command import main as gc_main
         return gc_main(argv[1:])
     if argv[:1] == ["build"]:
         from .export import main as build_main

@@ -26,7 +26,7 @@ from typing import Callable, Iterator, Optional, Sequence
 from .config import BuildLimits, StateLayout
 from .errors import RegistryError
 from .failures import FailedDerivations, FailureMemory
-from .heal import BlobCheck
+from .blobcheck import BlobCheck
 from .image import Image
 from .locks import Slots, file_lock, wait_until_free
 from .memo import BuildMemo

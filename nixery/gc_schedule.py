@@ -1,5 +1,5 @@
 """Collections of storage: one at a time, every NIXERY_GC_INTERVAL in the server, or once from the
-command line (`nixery gc [--dry-run]`).
+command line (`nixery gc [--dry-run]`, nixery/gc_command.py).
 
 Every worker of every instance offers to collect; the storage's lease (nixery/storage: a locked
 file next to the objects, or claims in the bucket) lets one collect at a time, and records when the
@@ -9,16 +9,14 @@ before the interval has passed. A collection renews the lease as it goes and sto
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import random
-import sys
 import threading
 import time
-from typing import Callable, Collection, Optional, Sequence
+from typing import Callable, Collection, Optional
 
-from .collector import Collector, Report, describe
+from .collector import Collector, Report
 from .config import GcConfig
 from .metrics import Metrics
 from .storage import Backend
@@ -75,36 +73,3 @@ class Schedule:
             except Exception:  # a failing bucket, a full state disk: the next look tries again
                 log.exception("storage collection failed")
             time.sleep(look)
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """`nixery gc`: one collection now, whatever the interval (the configuration is the server's)."""
-    parser = argparse.ArgumentParser(
-        prog="nixery gc",
-        description="Runs one collection of storage under NIXERY_STORAGE_LIMIT and NIXERY_STORAGE_MAX_AGE "
-                    "(configured as for the server) and prints what it removed and kept.")
-    parser.add_argument("--dry-run", action="store_true", help="print what would be removed; remove nothing")
-    args = parser.parse_args(argv)
-    from . import cli, config as configuration
-    from .app import make_storage
-    from .pulls import Pulls
-    from .storage import StorageError
-    try:
-        config = cli.load()
-        storage = make_storage(config)
-    except (configuration.ConfigError, StorageError) as e:
-        print(f"nixery gc: {e}", file=sys.stderr)
-        return 2
-    collector = Collector(storage, config.gc)
-    pulls = Pulls(storage, config.state, config.gc.grace)
-    try:
-        report = collector.collect(dry_run=True) if args.dry_run else collect_once(storage, collector)
-    except StorageError as e:
-        print(f"nixery gc: {e}", file=sys.stderr)
-        return 1
-    if report is None:
-        print("nixery gc: another collection is running (the lease is held); try again later", file=sys.stderr)
-        return 1
-    for line in describe(report, lambda digest: pulls.known(digest) or ""):
-        print(line)
-    return 0

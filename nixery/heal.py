@@ -5,7 +5,7 @@ Layers are reproducible (the same store paths give the same bytes), so building 
 writes back the very blobs its manifest names. Two requests notice a gap:
 
 - a manifest request answered from a stored (pinned) manifest checks that the manifest's blobs
-  are there (`BlobCheck`; the builder then rebuilds, nixery/admission.py), and a build that finds
+  are there (nixery/blobcheck.py; the builder then rebuilds, nixery/admission.py), and a build that finds
   a layer record whose blob is gone archives the layer again (nixery/uploads.py);
 - a blob request for a blob that is gone rebuilds the image it was pulled as, when this instance
   remembers one that names the blob (nixery/pulls.py), and a manifest request by digest for a
@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Callable, Optional, Union
 
-from . import image
+from . import blobcheck, image
 from .collector import references
 from .manifest import Document
 from .parking import Parking
@@ -25,37 +25,15 @@ from .pulls import Pulls
 from .recent import Recent
 from .storage import Backend, LocalFile, Redirect, blob_key
 
-if TYPE_CHECKING:  # the builder's admission checks blobs with BlobCheck
+if TYPE_CHECKING:
     from .builder import ManifestBuilder
 
 log = logging.getLogger(__name__)
 
-# A manifest whose blobs were all found is not looked at again for this long (seconds): on GCS each
-# look is a request per blob. A blob removed meanwhile is healed by the blob request instead.
-CHECKED_SECONDS = 30.0
-# Manifests whose blobs were all found, shared by the process's builders and forgotten when a blob
-# request finds one gone.
-_checked = Recent(CHECKED_SECONDS)
 # Images (name, tag, manifest digest) a blob request built again lately: that build put back every
 # blob the image has, so a request for a blob still missing is not one that building again heals
 # (a client asking for made-up digests under a pulled name costs one such look per image this long).
-_rebuilt = Recent(CHECKED_SECONDS)
-
-
-class BlobCheck:
-    """Whether every blob a stored manifest names is still in storage."""
-
-    def __init__(self, storage: Backend):
-        self.storage = storage
-
-    def missing(self, document: Document) -> list[str]:
-        """The keys of the blobs `document` names that are gone (none if checked lately)."""
-        if _checked.fresh(document.digest):
-            return []
-        gone = [key for key in references(document.data).blobs if self.storage.stat(key) is None]
-        if not gone:
-            _checked.add(document.digest)
-        return gone
+_rebuilt = Recent(blobcheck.CHECKED_SECONDS)
 
 
 class Healer:
@@ -93,7 +71,7 @@ class Healer:
             if _rebuilt.fresh((name, tag, manifest_digest)) or not self._names(manifest_digest, key):
                 continue
             log.info("blob gone: building its image again", extra={"image": name, "tag": tag, "digest": digest})
-            _checked.clear()
+            blobcheck.forget()
             self.builder.manifest(image.parse(name, tag, self.max_packages), may_build=may_build, client=client,
                                   parking=parking)
             _rebuilt.add((name, tag, manifest_digest))
