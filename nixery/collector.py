@@ -110,6 +110,7 @@ class Collector:
     def plan(self) -> Plan:
         now = self.clock()
         listed = {o.key: o for o in self.storage.objects()}
+        self._forget_unlisted(listed)
         images = self._images(listed)
         recent = now - self.gc.grace
         keep = {key for key, o in listed.items() if o.used >= recent}
@@ -131,6 +132,14 @@ class Collector:
         self._keep_records(plan)
         return plan
 
+    def _forget_unlisted(self, listed: dict[str, StoredObject]) -> None:
+        """Drops what was parsed of objects gone or rewritten (on GCS a `touch` is a new version too),
+        so that the memory of a long-running server holds what storage holds, not all it ever held."""
+        current = {(o.key, o.version) for o in listed.values()}
+        for cache in (self._references, self._records):
+            for stale in cache.keys() - current:
+                del cache[stale]
+
     def _keep_records(self, plan: Plan) -> None:
         """Layer records stay with the blobs they name."""
         plan.keep.update(key for key, o in plan.listed.items()
@@ -142,8 +151,8 @@ class Collector:
         report = Report(dry_run, plan.kept, plan.dropped)
         if dry_run:
             report.removed_objects = len(plan.listed) - len(plan.keep & plan.listed.keys())
-            report.removed_bytes = plan.stored - plan.kept_bytes
             report.stored_bytes = plan.kept_bytes
+            report.removed_bytes = plan.stored - report.stored_bytes
         else:
             report.remaining = set(plan.listed)
             self._remove(plan, report, keep_alive)

@@ -32,6 +32,7 @@ from typing import Collection, Optional, Sequence
 from .locks import file_lock
 from .manifest import SHA256_RE
 from .nix import Nix, NixError
+from .recent import Recent
 from .storage import Backend, StorageError, blob_key
 
 log = logging.getLogger(__name__)
@@ -90,16 +91,12 @@ class StoreCollection:
         self.storage = storage
         self.limit = limit
         self.lock_dir = lock_dir
-        self.last_check: Optional[float] = None
-        self._mutex = threading.Lock()
+        self._checked = Recent(CHECK_SECONDS, kept=1)
 
     def after_build(self) -> None:
         """Starts a check in the background if this worker's last one is CHECK_SECONDS old."""
-        with self._mutex:
-            now = time.monotonic()
-            if self.last_check is not None and now - self.last_check < CHECK_SECONDS:
-                return
-            self.last_check = now
+        if not self._checked.first("check"):
+            return
         threading.Thread(target=self.check, name="nix-store-upkeep", daemon=True).start()
 
     def check(self, listed: Optional[Collection[str]] = None) -> None:

@@ -20,23 +20,31 @@ class Recent:
 
     def fresh(self, key: Hashable) -> bool:
         with self._lock:
-            added = self._added.get(key)
-        return added is not None and time.monotonic() - added < self.seconds
+            return self._fresh(key)
 
     def add(self, key: Hashable) -> None:
         with self._lock:
-            self._added[key] = time.monotonic()
-            self._added.move_to_end(key)
-            while len(self._added) > self.kept:
-                self._added.popitem(last=False)
+            self._add(key)
+
+    def _fresh(self, key: Hashable) -> bool:
+        added = self._added.get(key)
+        return added is not None and time.monotonic() - added < self.seconds
+
+    def _add(self, key: Hashable) -> None:
+        self._added[key] = time.monotonic()
+        self._added.move_to_end(key)
+        while len(self._added) > self.kept:
+            self._added.popitem(last=False)
 
     def clear(self) -> None:
         with self._lock:
             self._added.clear()
 
     def first(self, key: Hashable) -> bool:
-        """True, and `key` added, unless it was added lately."""
-        if self.fresh(key):
-            return False
-        self.add(key)
-        return True
+        """True, and `key` added, unless it was added lately (one step: of two threads asking at
+        once, one is first)."""
+        with self._lock:
+            if self._fresh(key):
+                return False
+            self._add(key)
+            return True

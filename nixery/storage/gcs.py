@@ -143,9 +143,13 @@ def _used(blob: storage.Blob) -> float:
     return (blob.custom_time or blob.time_created).timestamp()
 
 
+def _version(blob: storage.Blob) -> str:
+    """What an object is now: its content (generation) and its metadata (metageneration: a `touch`)."""
+    return f"{blob.generation}:{blob.metageneration}"
+
+
 def _listed(blob: storage.Blob) -> StoredObject:
-    return StoredObject(blob.name, blob.size, _used(blob), f"{blob.generation}:{blob.metageneration}",
-                        blob.content_type)
+    return StoredObject(blob.name, blob.size, _used(blob), _version(blob), blob.content_type)
 
 
 class _GcsLease(Lease):
@@ -402,8 +406,7 @@ class GcsBackend(Backend):
     def unchanged(self, listed: StoredObject) -> bool:
         with self.failures(f"stat {listed.key}"):
             blob = self._get(listed.key)
-        return blob is not None and _used(blob) <= listed.used and \
-            f"{blob.generation}:{blob.metageneration}" == listed.version
+        return blob is not None and _used(blob) <= listed.used and _version(blob) == listed.version
 
     def delete(self, listed: StoredObject) -> bool:
         """Deletes on the condition that neither the object's content (generation) nor its
