@@ -35,7 +35,7 @@ from typing import BinaryIO, Callable, Mapping, Optional, Sequence
 from . import config as configuration
 from . import image as images
 from .atomic import write_atomic
-from .local import Blob, CommandError, LocalImage, built
+from .local import Blob, CommandError, LocalImage, built, name_and_tag, split_reference
 from .manifest import ENTRY_MEDIA_TYPES, MANIFEST_MEDIA_TYPE, OCI_MANIFEST_MEDIA_TYPE, Document
 from .registry_login import Credential, find, parse_challenge, token_of, token_request
 
@@ -73,13 +73,10 @@ def parse_destination(text: str, default_tag: str) -> Destination:
     usage = f"{text!r} is not a destination: give docker://HOST[:PORT]/REPOSITORY[:TAG]"
     if not slash or not _HOST_RE.fullmatch(host) or not ("." in host or ":" in host or host == "localhost"):
         raise CommandError(usage)
-    repository, colon, tag = path.rpartition(":")
-    if not colon or "/" in tag:
-        repository, tag = path, default_tag
-    if "@" in path or len(repository) > images.MAX_NAME_LENGTH or not images.NAME_RE.fullmatch(repository) \
-            or not images.TAG_RE.fullmatch(tag):
+    split = name_and_tag(path, default_tag) if "@" not in path else None
+    if split is None:
         raise CommandError(usage)
-    return Destination(host, repository, tag)
+    return Destination(host, *split)
 
 
 def same_origin(url: str, base: str) -> bool:
@@ -409,7 +406,6 @@ def push(config: configuration.Config, reference: str, destination: str, *, env:
          platform: Optional[str] = None, oci: bool = False, chunk: int = DEFAULT_CHUNK, jobs: int = DEFAULT_JOBS,
          authfile: Optional[str] = None, insecure: bool = False, mount_from: Sequence[str] = (),
          store: bool = False) -> tuple[Destination, LocalImage, Outcome]:
-    from .local import split_reference
     target = parse_destination(destination, split_reference(reference)[1])
     for source in mount_from:
         if not images.NAME_RE.fullmatch(source):
