@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import hashlib
 import http.client
+import io
 import ipaddress
 import json
 import logging
@@ -237,7 +238,7 @@ class Registry:
                 raise CommandError(f"{host}'s token service is plain HTTP ({url.split('?')[0]}): nixery sends "
                                    "no credentials there from a registry it reached over HTTPS")
             answer = self._send("POST" if form is not None else "GET", url, headers,
-                                (lambda: (_BytesBody(form), len(form))) if form is not None else None)
+                                (lambda: (io.BytesIO(form), len(form))) if form is not None else None)
             if answer.status != 200:
                 raise CommandError(f"{host}'s token service refused a token for {', '.join(self.scopes)}: "
                                    f"{answer.error()}")
@@ -292,23 +293,8 @@ class Registry:
     def put_manifest(self, reference: str, document: Document) -> None:
         self.expect(self.request("PUT", f"{self.repository_path}/manifests/{reference}",
                                  {"Content-Type": document.media_type},
-                                 lambda: (_BytesBody(document.data), len(document.data))),
+                                 lambda: (io.BytesIO(document.data), len(document.data))),
                     (200, 201, 202), f"pushing manifest {document.digest}")
-
-
-class _BytesBody(contextlib.AbstractContextManager):
-    """Bytes as a body that a `with` closes."""
-
-    def __init__(self, data: bytes):
-        self.data, self.position = data, 0
-
-    def read(self, size: int = -1) -> bytes:
-        end = len(self.data) if size < 0 else self.position + size
-        chunk, self.position = self.data[self.position:end], min(end, len(self.data))
-        return chunk
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 class _Window(contextlib.AbstractContextManager):
