@@ -24,7 +24,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 from resolve import wide_parser, wide_set  # noqa: E402
 
-from nixery.nix import Nix  # noqa: E402
 from nixery.search import RESULTS_MAX  # noqa: E402
 from nixery.suggest import NameIndex  # noqa: E402
 
@@ -35,8 +34,7 @@ def main() -> None:
     parser = wide_parser(__doc__)
     parser.add_argument("--rounds", type=int, default=20, help="times each query is run")
     args = parser.parse_args()
-    work, source, _ = wide_set("nixery-search-", args.attrs)
-    nix = Nix(600, work / "gcroots")
+    nix, source, _ = wide_set("nixery-search-", args.attrs)
 
     listings = []
     for _ in range(3):

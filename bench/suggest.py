@@ -45,8 +45,7 @@ def main() -> None:
     parser = wide_parser(__doc__)
     parser.add_argument("--rounds", type=int, default=20, help="times each misspelt name is looked up warm")
     args = parser.parse_args()
-    work, source, count = wide_set("nixery-suggest-", args.attrs)
-    nix = Nix(600, work / "gcroots")
+    nix, source, count = wide_set("nixery-suggest-", args.attrs)
 
     evaluate(nix, source, ["hellp"], [""])  # warm Nix's own caches (the busybox path, the file)
     listing, error = evaluate(nix, source, MISSPELT, [])
