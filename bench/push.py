@@ -39,7 +39,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from pkgset import make_package_set  # noqa: E402
 from support import NIX_ENV, Server, free_port  # noqa: E402
 
-MANIFEST_TYPE = "application/vnd.docker.distribution.manifest.v2+json"
+from nixery.manifest import MANIFEST_MEDIA_TYPE  # noqa: E402
 
 
 def start_distribution(root: Path) -> tuple[subprocess.Popen, str]:
@@ -85,7 +85,7 @@ def main() -> None:
     base = {k: v for k, v in os.environ.items() if not k.startswith(("NIXERY_", "STORAGE_PATH", "REGISTRY_AUTH"))}
     times: dict[str, list[float]] = {"nixery push": [], "skopeo copy": [], "nixery push, all there": []}
     try:
-        manifest = requests.get(f"{server.url}/v2/big/manifests/latest", headers={"Accept": MANIFEST_TYPE},
+        manifest = requests.get(f"{server.url}/v2/big/manifests/latest", headers={"Accept": MANIFEST_MEDIA_TYPE},
                                 timeout=1800).json()
         size = sum(layer["size"] for layer in manifest["layers"]) + manifest["config"]["size"]
         for i in range(args.rounds):

@@ -22,6 +22,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Callable, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
@@ -48,9 +49,19 @@ in base // generated
 '''
 
 
-def wide_set(prefix: str, attrs: int) -> tuple[Path, Path, int]:
+def wide_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The command line of the benchmarks on this set (this one, bench/suggest.py, bench/search.py):
+    `--attrs`, the set's size, for `wide_set`."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--attrs", type=int, default=20000, help="attributes in the package set")
+    return parser
+
+
+def wide_set(prefix: str, attrs: int,
+             on_invoke: Optional[Callable[[str], None]] = None) -> tuple[Nix, SourceArgs, int]:
     """A temporary directory (removed at exit; `prefix` names it) holding the set above with `attrs`
-    attributes and store paths of its own: (that directory, the set's, the generated count)."""
+    attributes and store paths of its own, and Nix rooting its builds there (`on_invoke` told of
+    each command): (that Nix, the set as it imports it, the generated count)."""
     os.environ.update(NIX_ENV)
     work = Path(tempfile.mkdtemp(prefix=prefix))
     atexit.register(shutil.rmtree, work, True)  # storage and OCI layouts: hundreds of MB
@@ -60,14 +71,13 @@ def wide_set(prefix: str, attrs: int) -> tuple[Path, Path, int]:
     make_package_set(wide / "pkgset", salt=salt)
     count = max(0, attrs - 60)  # the test package set has about 60 attributes of its own
     (wide / "default.nix").write_text(WIDE.replace("@SALT@", salt).replace("@COUNT@", str(count)))
-    return work, wide, count
+    return Nix(600, work / "gcroots", on_invoke=on_invoke), SourceArgs("path", str(wide), str(wide)), count
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--attrs", type=int, default=20000, help="attributes in the package set")
-    args = parser.parse_args()
-    work, wide, count = wide_set("nixery-resolve-", args.attrs)
+    args = wide_parser(__doc__).parse_args()
+    calls: list[str] = []
+    nix, source, count = wide_set("nixery-resolve-", args.attrs, calls.append)
 
     step = count // 12
     known = ["hello", "git", "python3Packages.requests", "jq"] + [
@@ -76,9 +86,6 @@ def main() -> None:
     names = sorted(known + unknown)
     assert len(names) == 20
 
-    calls: list[str] = []
-    nix = Nix(600, work / "gcroots", on_invoke=calls.append)
-    source = SourceArgs("path", str(wide), str(wide))
     start = time.monotonic()
     try:
         nix.resolve(names, OPTIONAL_PACKAGES, source, "x86_64-linux")

@@ -15,7 +15,6 @@ generated `Pkg<i>Tool` packages, names that all look alike), then:
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -23,9 +22,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
-from resolve import wide_set  # noqa: E402
+from resolve import wide_parser, wide_set  # noqa: E402
 
-from nixery.nix import Nix, SourceArgs  # noqa: E402
 from nixery.search import RESULTS_MAX  # noqa: E402
 from nixery.suggest import NameIndex  # noqa: E402
 
@@ -33,13 +31,10 @@ QUERIES = ["h", "hel", "tool", "pkg1234", "pkg19999tool", "pyhton3", "zzzzqqqq"]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--attrs", type=int, default=20000, help="attributes in the package set")
+    parser = wide_parser(__doc__)
     parser.add_argument("--rounds", type=int, default=20, help="times each query is run")
     args = parser.parse_args()
-    work, wide, _ = wide_set("nixery-search-", args.attrs)
-    nix = Nix(600, work / "gcroots")
-    source = SourceArgs("path", str(wide), str(wide))
+    nix, source, _ = wide_set("nixery-search-", args.attrs)
 
     listings = []
     for _ in range(3):

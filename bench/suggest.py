@@ -16,7 +16,6 @@ for matching), then:
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
-from resolve import wide_set  # noqa: E402
+from resolve import wide_parser, wide_set  # noqa: E402
 
 from nixery.nix import Nix, SourceArgs, UnknownPackages  # noqa: E402
 from nixery.suggest import Suggestions  # noqa: E402
@@ -43,13 +42,10 @@ def evaluate(nix: Nix, source: SourceArgs, names: list[str], listed: list[str]) 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--attrs", type=int, default=20000, help="attributes in the package set")
+    parser = wide_parser(__doc__)
     parser.add_argument("--rounds", type=int, default=20, help="times each misspelt name is looked up warm")
     args = parser.parse_args()
-    work, wide, count = wide_set("nixery-suggest-", args.attrs)
-    nix = Nix(600, work / "gcroots")
-    source = SourceArgs("path", str(wide), str(wide))
+    nix, source, count = wide_set("nixery-suggest-", args.attrs)
 
     evaluate(nix, source, ["hellp"], [""])  # warm Nix's own caches (the busybox path, the file)
     listing, error = evaluate(nix, source, MISSPELT, [])

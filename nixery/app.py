@@ -124,12 +124,11 @@ def create_app(config: Config, storage: Backend | None = None, *, builder: Manif
     if builder is None:
         served = make_builder(config, storage, on_nix=metrics.count_nix, in_progress=in_progress, upkeep=True)
         builder, source, store_collection = served, served.source, served.store_collection
+        first = served.platforms[0].nix_system if served.platforms else None
         # The search shares the builder's index of the set's names ("did you mean").
-        package_search = PackageSearch(served.nix, source, served.suggestions,
-                                       served.platforms[0].nix_system if served.platforms else None)
+        package_search = PackageSearch(served.nix, source, served.suggestions, first)
         if config.source.kind is not SourceKind.CHANNEL:  # the page must not download nixpkgs
-            declared = DeclaredImages(served.nix, source, served.platforms[0].nix_system if served.platforms
-                                      else image.AMD64.nix_system)
+            declared = DeclaredImages(served.nix, source, first or image.AMD64.nix_system)
     auth = AuthMiddleware(config.auth, FailedLogins(config.state),
                           on_check=metrics.count_password_check)
     # The real client first: every other middleware reads its address.

@@ -229,6 +229,12 @@ class Listed:
     description: str = ""
     error: str = ""
 
+    def as_json(self) -> dict[str, object]:
+        """As /declared.json and /packages.json list it: {"name", "packages", "description"}, or {"name", "error"}."""
+        if self.error:
+            return {"name": self.name, "error": self.error}
+        return {"name": self.name, "packages": list(self.packages), "description": self.description}
+
 
 def listing(raw: object) -> list[Listed]:
     """The declared images of helper.nix's `declared` output, each checked as far as a list shows

@@ -107,17 +107,26 @@ class _Checked(io.RawIOBase):
         return len(data)
 
 
-def split_reference(reference: str) -> tuple[str, str]:
-    """`NAME[:TAG]` (the tag `latest` when none), checked against the spec's grammar."""
+def name_and_tag(reference: str, default_tag: str) -> Optional[tuple[str, str]]:
+    """`NAME[:TAG]` split (`default_tag` when no tag is given), or None when either part is
+    not of the spec's grammar."""
     name, colon, tag = reference.rpartition(":")
     if not colon or "/" in tag:
-        name, tag = reference, "latest"
+        name, tag = reference, default_tag
     try:
         images.validate_name(name)
         images.validate_tag(tag)
     except (images.InvalidName, images.InvalidTag):
-        raise CommandError(f"{reference!r} is not an image name (NAME or NAME:TAG, as in a pull)") from None
+        return None
     return name, tag
+
+
+def split_reference(reference: str) -> tuple[str, str]:
+    """`NAME[:TAG]` (the tag `latest` when none), checked against the spec's grammar."""
+    split = name_and_tag(reference, "latest")
+    if split is None:
+        raise CommandError(f"{reference!r} is not an image name (NAME or NAME:TAG, as in a pull)")
+    return split
 
 
 def platform_choice(requested: Optional[str]) -> Callable[[Sequence[str]], Sequence[str]]:

@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import hashlib
 import http.client
+import io
 import ipaddress
 import json
 import logging
@@ -35,7 +36,7 @@ from typing import BinaryIO, Callable, Mapping, Optional, Sequence
 from . import config as configuration
 from . import image as images
 from .atomic import write_atomic
-from .local import Blob, CommandError, LocalImage, built
+from .local import Blob, CommandError, LocalImage, built, name_and_tag, split_reference
 from .manifest import ENTRY_MEDIA_TYPES, MANIFEST_MEDIA_TYPE, OCI_MANIFEST_MEDIA_TYPE, Document
 from .registry_login import Credential, find, parse_challenge, token_of, token_request
 
@@ -73,13 +74,10 @@ def parse_destination(text: str, default_tag: str) -> Destination:
     usage = f"{text!r} is not a destination: give docker://HOST[:PORT]/REPOSITORY[:TAG]"
     if not slash or not _HOST_RE.fullmatch(host) or not ("." in host or ":" in host or host == "localhost"):
         raise CommandError(usage)
-    repository, colon, tag = path.rpartition(":")
-    if not colon or "/" in tag:
-        repository, tag = path, default_tag
-    if "@" in path or len(repository) > images.MAX_NAME_LENGTH or not images.NAME_RE.fullmatch(repository) \
-            or not images.TAG_RE.fullmatch(tag):
+    split = name_and_tag(path, default_tag) if "@" not in path else None
+    if split is None:
         raise CommandError(usage)
-    return Destination(host, repository, tag)
+    return Destination(host, *split)
 
 
 def same_origin(url: str, base: str) -> bool:
@@ -240,7 +238,7 @@ class Registry:
                 raise CommandError(f"{host}'s token service is plain HTTP ({url.split('?')[0]}): nixery sends "
                                    "no credentials there from a registry it reached over HTTPS")
             answer = self._send("POST" if form is not None else "GET", url, headers,
-                                (lambda: (_BytesBody(form), len(form))) if form is not None else None)
+                                (lambda: (io.BytesIO(form), len(form))) if form is not None else None)
             if answer.status != 200:
                 raise CommandError(f"{host}'s token service refused a token for {', '.join(self.scopes)}: "
                                    f"{answer.error()}")
@@ -295,23 +293,8 @@ class Registry:
     def put_manifest(self, reference: str, document: Document) -> None:
         self.expect(self.request("PUT", f"{self.repository_path}/manifests/{reference}",
                                  {"Content-Type": document.media_type},
-                                 lambda: (_BytesBody(document.data), len(document.data))),
+                                 lambda: (io.BytesIO(document.data), len(document.data))),
                     (200, 201, 202), f"pushing manifest {document.digest}")
-
-
-class _BytesBody(contextlib.AbstractContextManager):
-    """Bytes as a body that a `with` closes."""
-
-    def __init__(self, data: bytes):
-        self.data, self.position = data, 0
-
-    def read(self, size: int = -1) -> bytes:
-        end = len(self.data) if size < 0 else self.position + size
-        chunk, self.position = self.data[self.position:end], min(end, len(self.data))
-        return chunk
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 class _Window(contextlib.AbstractContextManager):
@@ -409,7 +392,6 @@ def push(config: configuration.Config, reference: str, destination: str, *, env:
          platform: Optional[str] = None, oci: bool = False, chunk: int = DEFAULT_CHUNK, jobs: int = DEFAULT_JOBS,
          authfile: Optional[str] = None, insecure: bool = False, mount_from: Sequence[str] = (),
          store: bool = False) -> tuple[Destination, LocalImage, Outcome]:
-    from .local import split_reference
     target = parse_destination(destination, split_reference(reference)[1])
     for source in mount_from:
         if not images.NAME_RE.fullmatch(source):

@@ -398,10 +398,7 @@ class DeclaredJson:
 
     def _listing(self) -> dict[str, Any]:
         catalog = self.declared.latest() if self.declared else Catalog(None)
-        body: dict[str, Any] = {"revision": catalog.revision, "images": [
-            {"name": i.name, "error": i.error} if i.error
-            else {"name": i.name, "packages": list(i.packages), "description": i.description}
-            for i in catalog.images]}
+        body: dict[str, Any] = {"revision": catalog.revision, "images": [i.as_json() for i in catalog.images]}
         if catalog.error:
             body["error"] = catalog.error
         return body
@@ -434,8 +431,7 @@ class PackagesJson:
             raise RegistryError(400, "QUERY_INVALID", str(e)) from None
         catalog = self.declared.latest() if self.declared else Catalog(None)
         word = found.query.lower()
-        images = [{"name": i.name, "packages": list(i.packages), "description": i.description}
-                  for i in catalog.images if not i.error and word in i.name]
+        images = [i.as_json() for i in catalog.images if not i.error and word in i.name]
         return {"query": found.query, "packages": [{"name": name} for name in found.names], "total": found.total,
                 "images": images}
 
