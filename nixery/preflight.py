@@ -189,7 +189,8 @@ def nix_findings(env: Mapping[str, str]) -> list[Finding]:
     missing = [c for c in REQUIRED_COMMANDS if not _which(c, path)]
     if missing:
         return [error(f"{', '.join(missing)} not found on PATH: {INSTALL_HINT}")]
-    if not _local_store_writable():
+    local = _local_store_writable()
+    if not local:
         daemon = _daemon_state()
         if daemon == "refused":
             user = _user_name()
@@ -206,7 +207,7 @@ def nix_findings(env: Mapping[str, str]) -> list[Finding]:
     problem = _build_problem(env)
     if problem:
         return [error(problem)]
-    if not _local_store_writable():
+    if not local:
         return []  # a nix-daemon builds, and its own `sandbox` setting decides
     problem = sandbox_problem(env)
     return [warning(problem)] if problem else []
