@@ -208,6 +208,12 @@ class ServerConfig:
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
     grace_period: int
 
+    @property
+    def bind(self) -> str:
+        """`address:port` as Gunicorn binds it and the start-up check names it (an IPv6 address in brackets)."""
+        address = f"[{self.listen_address}]" if ":" in self.listen_address else self.listen_address
+        return f"{address}:{self.port}"
+
 
 @dataclasses.dataclass(frozen=True)
 class BuildLimits:

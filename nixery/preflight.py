@@ -135,8 +135,7 @@ def port_findings(server: ServerConfig, dry_run: bool = False) -> list[Finding]:
     new configuration comes before restarting the instance that runs (`nixery --check-config &&
     systemctl restart nixery`)."""
     family = socket.AF_INET6 if ":" in server.listen_address else socket.AF_INET
-    where = (f"[{server.listen_address}]:{server.port}" if family == socket.AF_INET6
-             else f"{server.listen_address}:{server.port}")
+    where = server.bind
     try:
         with socket.socket(family, socket.SOCK_STREAM) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Gunicorn binds
