@@ -107,14 +107,11 @@ class Manifests:
 
     def by_tag(self, req: falcon.Request, resp: falcon.Response, name: str, tag: str) -> None:
         media_type, index_only = _negotiate(req)
-        # req.context.build is what the metrics and the build history learn of this request;
-        # req.context.may_build is False for a client the auth middleware lets read but not build.
+        # req.context.build is what the metrics and the build history learn of this request.
         started = time.monotonic() - parking.waited(req.env)
         try:
             result = self.builder.manifest(image.parse(name, tag, self.max_packages), media_type,
-                                           may_build=req.context.get("may_build", True),
-                                           client=req.remote_addr or "", parking=req.env.get(parking.ENVIRON_KEY),
-                                           index_only=index_only)
+                                           index_only=index_only, **_requester(req))
         except (parking.Parked, BuildRefused, ServerStopping):
             # Parked: not an answer, the request runs again once the build it waits for is over.
             # Refused (or the server stopping): no build, so the recent builds and the metrics do not count it (anonymous
@@ -137,8 +134,7 @@ class Manifests:
         data = self.storage.read(blob_key(digest)) if info and info.media_type in SERVED_MEDIA_TYPES else None
         document = Document(info.media_type, data) if info and data is not None else None
         if document is None and valid and info is None and self.healer:  # collected or lost: built again
-            document = self.healer.manifest(name, digest, may_build=req.context.get("may_build", True),
-                                            client=req.remote_addr or "", parking=req.env.get(parking.ENVIRON_KEY))
+            document = self.healer.manifest(name, digest, **_requester(req))
         if document is None:
             raise manifest_unknown("manifest unknown", {"digest": digest})
         if self.pulls:
@@ -193,6 +189,13 @@ class Referrers:
     on_head = on_get
 
 
+def _requester(req: falcon.Request) -> dict:
+    """Who asks, as the builder and the heal take it: whether the client may build (False for
+    one the auth middleware lets read but not build), its address, and the worker's parking."""
+    return {"may_build": req.context.get("may_build", True), "client": req.remote_addr or "",
+            "parking": req.env.get(parking.ENVIRON_KEY)}
+
+
 def _send_manifest(req: falcon.Request, resp: falcon.Response, document: Document) -> None:
     resp.content_type = document.media_type
     resp.set_header("Docker-Content-Digest", document.digest)
@@ -215,8 +218,7 @@ class Blobs:
             raise blob_unknown(digest)
         location = self.storage.locate(blob_key(digest))
         if location is None and self.healer:
-            location = self.healer.blob(name, digest, may_build=req.context.get("may_build", True),
-                                        client=req.remote_addr or "", parking=req.env.get(parking.ENVIRON_KEY))
+            location = self.healer.blob(name, digest, **_requester(req))
         if location is None:
             raise blob_unknown(digest)
         size = location.info.size

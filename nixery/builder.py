@@ -19,7 +19,7 @@ from typing import Callable, Mapping, Optional, Protocol, Sequence, TypeVar
 
 from . import archive, declared, layers, manifest, rootfs, uploads
 from .admission import Admission
-from .config import BuildLimits, StateLayout, redact_url
+from .config import BuildLimits, StateLayout
 from .errors import RegistryError
 from .image import OPTIONAL_PACKAGES, Architecture, Image
 from .nix import (PROGRESS_RE, Closure, EvaluationFailed, Nix, NixError, UnavailablePackages, UnknownPackages,
@@ -28,6 +28,7 @@ from .nix import Resolved as Evaluation
 from .nixstore import ImageRoots, StoreCollection
 from .parking import Parking
 from .progress import InProgress, LineBudget, Tracker
+from .search import revision_key
 from .sources import Resolved, Source
 from .stats import BuildStats, combined
 from .storage import Backend, blob_key
@@ -177,8 +178,9 @@ class Builder:
         return Result(document, stats)
 
     def _build(self, image: Image, source: Resolved, stats: BuildStats) -> manifest.Document:
-        # Logged and shown while the build runs: a URL's credentials are hidden.
-        revision = source.cache_key or redact_url(f"{source.args.kind}:{source.args.argument}")
+        # Logged and shown while the build runs (a URL's credentials hidden), and the key of the
+        # set's names for suggestions, which the search shares: one name for both.
+        revision = revision_key(source)
         log.info("build started", extra={"image": image.name, "tag": image.tag, "packages": list(image.packages),
                                          "system": image.arch.nix_system, "revision": revision})
         budget = LineBudget()

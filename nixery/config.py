@@ -208,6 +208,12 @@ class ServerConfig:
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
     grace_period: int
 
+    @property
+    def bind(self) -> str:
+        """`address:port` as Gunicorn binds it and the start-up check names it (an IPv6 address in brackets)."""
+        address = f"[{self.listen_address}]" if ":" in self.listen_address else self.listen_address
+        return f"{address}:{self.port}"
+
 
 @dataclasses.dataclass(frozen=True)
 class BuildLimits:
@@ -435,13 +441,18 @@ def _source(env: Mapping[str, str]) -> PackageSource:
     return PackageSource(SourceKind.CHANNEL, channel)
 
 
+def _names(raw: str) -> tuple[str, ...]:
+    """A comma-separated list of a variable: its entries stripped, empty ones and repeats left out, in order."""
+    return tuple(dict.fromkeys(entry.strip() for entry in raw.split(",") if entry.strip()))
+
+
 def _channel_commits(env: Mapping[str, str]) -> Optional[tuple[str, ...]]:
     raw = (env.get("NIXERY_CHANNEL_COMMITS") or _default("NIXERY_CHANNEL_COMMITS")).strip()
     if raw.lower() == "any":
         return None
     if raw.lower() == "none":
         return ()
-    commits = tuple(dict.fromkeys(c.strip() for c in raw.split(",") if c.strip()))
+    commits = _names(raw)
     for commit in commits:
         if not re.fullmatch(r"[0-9a-f]{40}", commit):
             raise ConfigError(f"NIXERY_CHANNEL_COMMITS names {commit!r}: give any, none, or full 40-hex "
@@ -450,7 +461,7 @@ def _channel_commits(env: Mapping[str, str]) -> Optional[tuple[str, ...]]:
 
 
 def _allowed_uris(env: Mapping[str, str]) -> tuple[str, ...]:
-    uris = tuple(dict.fromkeys(u.strip() for u in (env.get("NIXERY_ALLOWED_URIS") or "").split(",") if u.strip()))
+    uris = _names(env.get("NIXERY_ALLOWED_URIS") or "")
     for uri in uris:
         if not re.fullmatch(r"[a-z][a-z0-9+.-]*://\S+", uri):
             raise ConfigError(f"NIXERY_ALLOWED_URIS names {redact_url(uri)!r}, which is not a URL prefix "
@@ -484,7 +495,7 @@ def _home_dir(env: Mapping[str, str], xdg: str, fallback: str) -> Path:
 
 def _platforms(env: Mapping[str, str]) -> tuple[str, ...]:
     raw = env.get("NIXERY_PLATFORMS") or ""
-    platforms = tuple(dict.fromkeys(p.strip() for p in raw.split(",") if p.strip()))
+    platforms = _names(raw)
     for platform in platforms:
         if platform not in PLATFORM_NAMES:
             raise ConfigError(f"NIXERY_PLATFORMS names {platform!r}; known platforms: {', '.join(PLATFORM_NAMES)}")
@@ -492,8 +503,7 @@ def _platforms(env: Mapping[str, str]) -> tuple[str, ...]:
 
 
 def _ignored_variables(env: Mapping[str, str]) -> tuple[str, ...]:
-    names = tuple(dict.fromkeys(n.strip() for n in (env.get("NIXERY_IGNORE_VARIABLES") or "").split(",")
-                                if n.strip()))
+    names = _names(env.get("NIXERY_IGNORE_VARIABLES") or "")
     for name in names:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
             raise ConfigError(f"NIXERY_IGNORE_VARIABLES names {name!r}, which is not a variable name")

@@ -135,8 +135,7 @@ def port_findings(server: ServerConfig, dry_run: bool = False) -> list[Finding]:
     new configuration comes before restarting the instance that runs (`nixery --check-config &&
     systemctl restart nixery`)."""
     family = socket.AF_INET6 if ":" in server.listen_address else socket.AF_INET
-    where = (f"[{server.listen_address}]:{server.port}" if family == socket.AF_INET6
-             else f"{server.listen_address}:{server.port}")
+    where = server.bind
     try:
         with socket.socket(family, socket.SOCK_STREAM) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Gunicorn binds
@@ -189,7 +188,8 @@ def nix_findings(env: Mapping[str, str]) -> list[Finding]:
     missing = [c for c in REQUIRED_COMMANDS if not _which(c, path)]
     if missing:
         return [error(f"{', '.join(missing)} not found on PATH: {INSTALL_HINT}")]
-    if not _local_store_writable():
+    local = _local_store_writable()
+    if not local:
         daemon = _daemon_state()
         if daemon == "refused":
             user = _user_name()
@@ -206,7 +206,7 @@ def nix_findings(env: Mapping[str, str]) -> list[Finding]:
     problem = _build_problem(env)
     if problem:
         return [error(problem)]
-    if not _local_store_writable():
+    if not local:
         return []  # a nix-daemon builds, and its own `sandbox` setting decides
     problem = sandbox_problem(env)
     return [warning(problem)] if problem else []

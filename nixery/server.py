@@ -24,8 +24,7 @@ log = logging.getLogger(__name__)
 def gunicorn_options(config: Config) -> dict[str, Any]:
     server = config.server
     return {
-        "bind": [f"[{server.listen_address}]:{server.port}" if ":" in server.listen_address
-                 else f"{server.listen_address}:{server.port}"],
+        "bind": [server.bind],
         "workers": server.workers,
         # Gunicorn's threaded worker, reading request heads in its event loop (nixery/worker.py):
         # slow clients hold no thread, and requests waiting for a build are parked there, threadless.

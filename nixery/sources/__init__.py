@@ -27,20 +27,20 @@ class SourceError(Exception):
     """What a source tells of a tag; the HTTP layer decides what a client is told (nixery/error_handlers.py)."""
 
 
-class UnknownTag(SourceError):
+class TagError(SourceError):
+    """What a source tells of one tag, which it names (the error's detail for the client)."""
+
+    def __init__(self, tag: str, message: str):
+        super().__init__(message)
+        self.tag = tag
+
+
+class UnknownTag(TagError):
     """The source serves no such tag."""
 
-    def __init__(self, tag: str, message: str):
-        super().__init__(message)
-        self.tag = tag
 
-
-class RefusedTag(SourceError):
+class RefusedTag(TagError):
     """A tag the source could serve, which this instance's configuration refuses."""
-
-    def __init__(self, tag: str, message: str):
-        super().__init__(message)
-        self.tag = tag
 
 
 class SourceUnavailable(SourceError):
