@@ -37,10 +37,31 @@ ROOT = Path(__file__).resolve().parent.parent
 NIX_ENV = {"NIX_CONFIG": "substituters =\nwarn-dirty = false\ndownload-attempts = 1"}
 
 
+def _ephemeral_ports() -> range:
+    """The ports the kernel hands to outgoing connections (and to bind(0))."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return range(low, high + 1)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now and outside the kernel's ephemeral range: a port from bind(0) is released
+    before the server under test binds it, and meanwhile any outgoing connection of this busy
+    machine (a client, Docker, a parallel test) may be given it."""
+    ephemeral = _ephemeral_ports()
+    for _ in range(200):
+        port = random.randint(10000, 65000)
+        if port in ephemeral:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port found outside the ephemeral range")
 
 
 class Server:
