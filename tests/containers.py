@@ -44,7 +44,10 @@ ROOT = Path(__file__).resolve().parent.parent
 CA_DIR = Path("/usr/local/share/ca-certificates")
 CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nixery-tests"
 IMAGE_NAME = "nixery-test-debian"
-DOCKERD_START_TIMEOUT = 60
+DAEMON_START_TIMEOUT = 60
+# How long a client may wait for its daemon's answer.
+ANSWER_TIMEOUT = 10
+CONTAINERD_SOCKET = "/run/containerd/containerd.sock"
 BUILD_TIMEOUT = 600
 # What `--variant=minbase` leaves out that a test machine needs: git (to have a clone) and the CA
 # bundle (to reach the package index). Nothing else: the scripts must install the rest.
@@ -69,8 +72,13 @@ def file_lock(name: str) -> Iterator[None]:
         yield
 
 
-def _docker_answers() -> bool:
-    return subprocess.run(["docker", "info"], capture_output=True, timeout=30).returncode == 0
+def _answers(command: Sequence[str]) -> bool:
+    """Whether `command` (a client asking its daemon) succeeds within ANSWER_TIMEOUT. A daemon that
+    holds its socket but is not serving yet (or never will) keeps the client waiting: a no."""
+    try:
+        return subprocess.run(list(command), capture_output=True, timeout=ANSWER_TIMEOUT).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
 
 
 def _unavailable(reason: str) -> None:
@@ -82,47 +90,52 @@ def _unavailable(reason: str) -> None:
     pytest.skip(reason)
 
 
-def _ensure_daemon(daemon: str, client: str, package: str, answers: Callable[[], bool]) -> None:
-    """`answers()` is true when this returns: `daemon` is started (as root, with Debian's
-    configuration, left running for later tests and runs) if it does not answer; otherwise the
-    calling test is skipped (failed in CI) with the reason."""
-    if shutil.which(client) is None or shutil.which(daemon) is None:
+def _log_tail(path: Path, lines: int = 5) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _ensure_daemon(command: Sequence[str], client: Sequence[str], package: str) -> None:
+    """`client` succeeds when this returns: the daemon is started as `command` (as root, left running
+    for later tests and runs) if it does not answer; otherwise the calling test is skipped (failed
+    in CI) with the reason and the end of the daemon's log."""
+    daemon = command[0]
+    if shutil.which(client[0]) is None or shutil.which(daemon) is None:
         _unavailable(f"{package} is not installed (scripts/install-deps --test installs it)")
     log_path = CACHE_DIR / f"{daemon}.log"
     with file_lock(f"{daemon}.lock"):
-        if answers():
+        if _answers(client):
             return
         if os.getuid() != 0:
             _unavailable(f"{daemon} is not running and only root can start it")
         with open(log_path, "ab") as log:
-            subprocess.Popen([daemon], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                             start_new_session=True)
-        deadline = time.monotonic() + DOCKERD_START_TIMEOUT
+            subprocess.Popen(list(command), stdout=log, stderr=subprocess.STDOUT,
+                             stdin=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + DAEMON_START_TIMEOUT
         while time.monotonic() < deadline:
-            if answers():
+            if _answers(client):
                 return
             time.sleep(0.5)
-    _unavailable(f"{daemon} did not answer within {DOCKERD_START_TIMEOUT}s (its log: {log_path})")
+    _unavailable(f"{daemon} did not answer within {DAEMON_START_TIMEOUT}s; the end of {log_path}:\n"
+                 + _log_tail(log_path))
+
+
+def ensure_containerd() -> None:
+    """containerd answers `ctr` on its default socket when this returns, as for ensure_dockerd."""
+    _ensure_daemon(["containerd"], ["ctr", "version"], "containerd")
 
 
 def ensure_dockerd() -> None:
     """Docker answers when this returns; otherwise the calling test is skipped (failed in CI)
-    with the reason. CI starts from a machine where docker.io is installed but nothing runs."""
-    _ensure_daemon("dockerd", "docker", "docker.io", _docker_answers)
+    with the reason. CI starts from a machine where docker.io is installed but nothing runs.
 
-
-def _containerd_answers() -> bool:
-    try:
-        return subprocess.run(["ctr", "version"], capture_output=True, timeout=10).returncode == 0
-    except subprocess.TimeoutExpired:  # ctr waits for a socket that nobody serves
-        return False
-
-
-def ensure_containerd() -> None:
-    """containerd answers `ctr` (on its default socket) when this returns, as ensure_dockerd.
-    Docker's dockerd runs a containerd of its own on another socket, so a machine with Docker
-    may still have none."""
-    _ensure_daemon("containerd", "ctr", "containerd", _containerd_answers)
+    Debian's dockerd runs on the system containerd, as its service unit does: a dockerd that finds
+    containerd's socket left behind by a containerd that was killed (as every process of a session
+    is before CI) waits for it forever, and so does every `docker` command."""
+    ensure_containerd()
+    _ensure_daemon(["dockerd", f"--containerd={CONTAINERD_SOCKET}"], ["docker", "info"], "docker.io")
 
 
 def ensure_podman() -> None:
