@@ -1061,6 +1061,10 @@ in
         Group = "nixery";
         Restart = "on-failure";
         RestartSec = 5;
+        # 78 (EX_CONFIG): a bad setting or an unknown NIXERY_ variable, which no restart gets
+        # past; the unit stays failed with the reason in the journal. Storage, Nix or the port
+        # (exit status 2) may come back, so those are tried again.
+        RestartPreventExitStatus = 78;
         # Gunicorn finishes the requests in flight on SIGTERM, for the grace period.
         TimeoutStopSec = gracePeriod + stopMargin;
         # SIGTERM to Gunicorn's master alone, which stops its workers gracefully; by

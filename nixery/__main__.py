@@ -10,6 +10,13 @@ from typing import Optional, Sequence
 
 from . import __version__, config as configuration
 
+# A mistake in the configuration (a bad value, an unknown NIXERY_ variable) stops start-up with
+# sysexits.h's EX_CONFIG: starting again cannot get past it, so the NixOS unit names this status in
+# RestartPreventExitStatus instead of restarting every few seconds for ever. Whatever else stops
+# start-up (storage, Nix, the port) may pass by itself: EXIT_CANNOT_SERVE, and systemd tries again.
+EXIT_CONFIG = 78
+EXIT_CANNOT_SERVE = 2
+
 
 def _help_text() -> str:
     lines = ["Configuration comes from the environment (read once, at start-up):", ""]
@@ -52,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         config = configuration.load(os.environ)
     except configuration.ConfigError as e:
         print(f"nixery: configuration error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     from . import logs, preflight
     logs.setup(config.log_level, config.log_format)
     from .app import create_app, make_nix, make_source, make_storage, with_platforms
@@ -62,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         storage = make_storage(config)
     except StorageError as e:
         print(f"nixery: storage cannot be used: {e}", file=sys.stderr)
-        return 2
+        return EXIT_CANNOT_SERVE
     # The set is evaluated by a dry run, and at start-up where that is cheap: a local set.
     nix = make_nix(config)
     source = preflight.SourceCheck(
@@ -76,8 +83,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"nixery: {finding.message}", file=sys.stderr)
         else:
             logging.getLogger("nixery.preflight").warning(finding.message)
-    if any(finding.fatal for finding in findings):
-        return 2
+    fatal = [finding for finding in findings if finding.fatal]
+    if fatal:
+        return EXIT_CONFIG if any(finding.lasting for finding in fatal) else EXIT_CANNOT_SERVE
     # Nix's platforms are read here, once: the workers inherit the result.
     config = with_platforms(config)
     if args.check_config:
@@ -91,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         create_app(config, storage)
     except (StorageError, PopularityError) as e:
         print(f"nixery: {e}", file=sys.stderr)
-        return 2
+        return EXIT_CANNOT_SERVE
     from .server import run
     run(config, create_app, example_image(config.source.kind, source.offered))
     return 0

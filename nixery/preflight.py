@@ -68,10 +68,13 @@ _SERVICE_LINK = r"_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT(_\d+_(TCP|UDP|S
 
 @dataclasses.dataclass(frozen=True)
 class Finding:
-    """One problem: `fatal` ones stop start-up; `message` names the cause and the fix in one line."""
+    """One problem: `fatal` ones stop start-up; `message` names the cause and the fix in one line.
+    `lasting`: a mistake in the configuration, which starting again cannot get past (a service
+    manager should stop retrying), unlike storage, Nix or a port that may come back."""
 
     fatal: bool
     message: str
+    lasting: bool = False
 
 
 @dataclasses.dataclass
@@ -89,8 +92,8 @@ class SourceCheck:
     offered: Optional[Sequence[str]] = None
 
 
-def error(message: str) -> Finding:
-    return Finding(True, message)
+def error(message: str, lasting: bool = False) -> Finding:
+    return Finding(True, message, lasting)
 
 
 def warning(message: str) -> Finding:
@@ -123,7 +126,7 @@ def misspelt_variables(env: Mapping[str, str], ignored: Sequence[str] = ()) -> I
         if name.startswith("NIXERY_"):
             meant = f"; did you mean {close[0]}?" if close else " (nixery --help lists them)."
             yield error(f"{name} is not a Nixery variable{meant} If it is meant for another program, "
-                        f"list it in NIXERY_IGNORE_VARIABLES")
+                        f"list it in NIXERY_IGNORE_VARIABLES", lasting=True)
         elif close:
             yield warning(f"{name} is not a Nixery variable and is ignored; did you mean {close[0]}?")
 

@@ -253,6 +253,44 @@ def test_the_gc_unit_collects_by_hand_with_the_services_settings(box, tmp_path):
     assert "ActiveState=active" in box.exec("systemctl show nixery.service -p ActiveState").stdout
 
 
+def test_a_mistake_in_the_settings_fails_the_unit_once_and_a_passing_failure_is_retried(box):
+    """An unknown NIXERY_ name stops Nixery with EX_CONFIG (78): the unit stays failed after one
+    start, its reason the journal's last line, instead of restarting every RestartSec for ever. The
+    port taken by another program (exit status 2, which may pass) is tried again, and once the port
+    is free the unit serves without anyone's help."""
+    config = module_config({"pkgsPath": "/srv/pkgs", "extraEnvironment": {"NIXERY_PKG_PATH": "/srv/pkgs"}})
+    assert config["failed"] == []
+    assert config["serviceConfig"]["RestartPreventExitStatus"] == 78
+    box.exec("systemctl stop nixery.service 2>/dev/null; systemctl reset-failed nixery.service 2>/dev/null; "
+             "journalctl --rotate -q; journalctl --vacuum-time=1s -q; true")
+    box.copy_in(_tar({"nixery.service": render_unit(config, EXEC_START)}), "/etc/systemd/system")
+    box.exec("systemctl daemon-reload && systemctl start nixery.service", check=False)
+    time.sleep(3 * config["serviceConfig"]["RestartSec"])  # time for two restarts, were there any
+    state = box.exec("systemctl show nixery.service -p ActiveState -p NRestarts -p ExecMainStatus").stdout
+    logged = journal(box)
+    assert "ActiveState=failed" in state and "NRestarts=0" in state and "ExecMainStatus=78" in state, \
+        f"{state}\n{logged[-3000:]}"
+    assert "NIXERY_PKG_PATH is not a Nixery variable; did you mean NIXERY_PKGS_PATH?" in logged, logged[-3000:]
+
+    # The port held by another program: exit status 2, and systemd starts it again until it serves.
+    config = module_config({"pkgsPath": "/srv/pkgs"})
+    box.exec("systemctl reset-failed nixery.service; journalctl --rotate -q; journalctl --vacuum-time=1s -q; true")
+    box.copy_in(_tar({"nixery.service": render_unit(config, EXEC_START)}), "/etc/systemd/system")
+    box.exec("systemd-run --unit port-holder /src/.venv/bin/python -c "
+             "'import socket, time; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
+             "s.bind((\"0.0.0.0\", 8080)); s.listen(); time.sleep(3600)'")
+    try:
+        box.exec("sleep 1 && systemctl daemon-reload && systemctl start nixery.service", check=False)
+        deadline = time.monotonic() + 60
+        while "NRestarts=0" in box.exec("systemctl show nixery.service -p NRestarts").stdout:
+            assert time.monotonic() < deadline, journal(box)[-3000:]
+            time.sleep(1)
+    finally:
+        box.exec("systemctl stop port-holder.service", check=False)
+    _wait_for_registry(box, 8080)
+    assert "is in use by another program" in journal(box)
+
+
 def test_stop_during_a_long_build_lets_it_finish(box, tmp_path):
     """With nixTimeout = 120, a build of SLOW_SECONDS (> 60 s, the old fixed TimeoutStopSec)
     running when the unit is stopped finishes: Nixery stores the image and exits by itself

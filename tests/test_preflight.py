@@ -24,6 +24,11 @@ from pathlib import Path
 import pytest
 from support import free_port
 
+# The exit statuses are an interface (module.nix's RestartPreventExitStatus names 78), so the
+# numbers are written out here rather than imported.
+EXIT_CONFIG = 78
+EXIT_CANNOT_SERVE = 2
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -50,8 +55,10 @@ def warnings(result: subprocess.CompletedProcess) -> list[str]:
             if line.startswith("{") and json.loads(line)["level"] == "WARNING"]
 
 
-def fatal_line(result: subprocess.CompletedProcess) -> str:
-    assert result.returncode == 2, result.stderr
+def fatal_line(result: subprocess.CompletedProcess, status: int = EXIT_CANNOT_SERVE) -> str:
+    """The one line that stopped start-up with `status`: EXIT_CONFIG for a mistake in the
+    configuration (no restart gets past it), else EXIT_CANNOT_SERVE."""
+    assert result.returncode == status, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("nixery: ")]
     assert len(lines) == 1, result.stderr
     assert "Traceback" not in result.stderr
@@ -164,17 +171,17 @@ def test_misspelt_variables_name_the_real_one(tmp_path, typo, meant):
 
 def test_unknown_nixery_variable_stops_with_the_one_meant(tmp_path):
     """The package source left at its default (nixos-unstable) by a typo is not served quietly."""
-    line = fatal_line(check_config(nixery_env(tmp_path, NIXERY_PKG_PATH=str(tmp_path / "pkgs"))))
+    line = fatal_line(check_config(nixery_env(tmp_path, NIXERY_PKG_PATH=str(tmp_path / "pkgs"))), EXIT_CONFIG)
     assert "NIXERY_PKG_PATH is not a Nixery variable; did you mean NIXERY_PKGS_PATH?" in line
     assert "NIXERY_IGNORE_VARIABLES" in line
     # Start-up stops the same way, before Gunicorn.
     started = subprocess.run([sys.executable, "-m", "nixery"], capture_output=True, text=True, timeout=60,
                              env=nixery_env(tmp_path, NIXERY_PKG_PATH="x"))
-    assert started.returncode == 2 and "did you mean NIXERY_PKGS_PATH?" in started.stderr, started.stderr
+    assert started.returncode == EXIT_CONFIG and "did you mean NIXERY_PKGS_PATH?" in started.stderr, started.stderr
     # A variable of another program's is let through by name.
     wrapper = nixery_env(tmp_path, NIXERY_WRAPPER_MODE="blue", NIXERY_IGNORE_VARIABLES="NIXERY_WRAPPER_MODE")
     assert check_config(wrapper).returncode == 0
-    assert "NIXERY_WRAPPER_MODE" in fatal_line(check_config({**wrapper, "NIXERY_IGNORE_VARIABLES": ""}))
+    assert "NIXERY_WRAPPER_MODE" in fatal_line(check_config({**wrapper, "NIXERY_IGNORE_VARIABLES": ""}), EXIT_CONFIG)
 
 
 def test_package_set_that_does_not_parse_fails_with_nix_message(tmp_path):
@@ -213,7 +220,7 @@ def test_port_in_use_is_one_line_naming_port(tmp_path):
         serving = subprocess.run([sys.executable, "-m", "nixery"], capture_output=True, text=True, timeout=60,
                                  env=env)
         took = time.monotonic() - started
-    assert serving.returncode == 2 and serving.stderr.strip() == line, serving.stderr
+    assert serving.returncode == EXIT_CANNOT_SERVE and serving.stderr.strip() == line, serving.stderr
     assert took < 5, f"Gunicorn's retries take seconds; the check took {took:.1f}s"
 
 
@@ -278,5 +285,5 @@ def test_nix_own_variables_are_not_typos(tmp_path):
 
 def test_conflicting_storage_settings_stop(tmp_path):
     line = fatal_line(check_config(nixery_env(tmp_path, GCS_BUCKET="nixery-images",
-                                              NIXERY_STORAGE_BACKEND="filesystem")))
+                                              NIXERY_STORAGE_BACKEND="filesystem")), EXIT_CONFIG)
     assert "GCS_BUCKET" in line and "NIXERY_STORAGE_BACKEND=filesystem" in line
