@@ -203,7 +203,7 @@ class _SignBlobHandler(_Handler):
                              b'credentials.", "status": "UNAUTHENTICATED"}}')
         elif state.refuse or match.group(1) != state.account:
             self.answer(403, json.dumps({"error": {"code": 403, "status": "PERMISSION_DENIED", "message":
-                        f"Permission 'iam.serviceAccounts.signBlob' denied on resource (or it may not exist)."}})
+                        "Permission 'iam.serviceAccounts.signBlob' denied on resource (or it may not exist)."}})
                         .encode())
         else:
             signature = state.key.sign(base64.b64decode(body["payload"]), padding.PKCS1v15(), hashes.SHA256())

@@ -6,7 +6,6 @@ import concurrent.futures
 import fcntl
 import hashlib
 import json
-import os
 import signal
 import subprocess
 import time

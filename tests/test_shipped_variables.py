@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from kustomize import BASE, ROOT, render, render_documents, service_links, settings
+from kustomize import BASE, ROOT, render_documents, service_links, settings
 from nixery.config import VARIABLE_NAMES, load
 from nixery.preflight import misspelt_variables
 from test_kubernetes import FILESYSTEM, OPERATIONS, documented_overlays, overlays_in
