@@ -138,3 +138,41 @@ def test_a_recorded_pid_given_to_another_process_is_not_signalled(tmp_path):
     finally:
         other.kill()
         other.wait()
+
+
+
+def _upload_hanging_at_fsync(root: str, passing: int) -> None:
+    """A worker's upload whose fsyncs pass `passing` times and then hang, for it to be killed there:
+    the first is the blob's, the second its media type's (the last step of an upload)."""
+    from nixery.storage.filesystem import FilesystemBackend
+    real_fsync, calls = os.fsync, []
+
+    def fsync(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) > passing:
+            time.sleep(3600)
+        real_fsync(fd)
+    os.fsync = fsync
+    with FilesystemBackend(Path(root)).upload() as upload:
+        upload.file.write(b"layer")
+        upload.commit("layers/sha256:" + "a" * 64, "application/octet-stream")
+
+
+def test_a_worker_killed_while_publishing_leaves_nothing_the_master_does_not_remove(tmp_path):
+    """Each temporary file of an upload, the blob's and its media type's, is named by its writer, so
+    that the master removes each when the worker dies (and not only a day later)."""
+    import multiprocessing
+
+    from nixery.storage.filesystem import FilesystemBackend, drop_partial_uploads
+
+    storage = FilesystemBackend(tmp_path / "storage")
+    tmp = storage.root / "tmp"
+    for passing, step in enumerate(("the blob", "its media type")):
+        worker = multiprocessing.get_context("fork").Process(target=_upload_hanging_at_fsync,
+                                                            args=(str(storage.root), passing))
+        worker.start()
+        wait_for(lambda: len(list(tmp.iterdir())) == passing + 1, 30, f"writing {step}")
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.join()
+        drop_partial_uploads(storage.root, worker.pid)
+        assert list(tmp.iterdir()) == [], f"killed while writing {step}, the worker left files behind"

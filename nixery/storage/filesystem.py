@@ -162,7 +162,8 @@ class FilesystemBackend(Backend):
         if path.exists():  # content-addressed: whoever published first wrote the same bytes
             os.unlink(tmp_path)
             return
-        write_atomic(Path(str(path) + _TYPE_SUFFIX), media_type.encode(), self.root / _TMP_DIR)
+        write_atomic(Path(str(path) + _TYPE_SUFFIX), media_type.encode(), self.root / _TMP_DIR,
+                     tmp_prefix(os.getpid()))
         os.chmod(tmp_path, 0o644)
         os.replace(tmp_path, path)
 
