@@ -5,7 +5,9 @@ refuses it), the log, and their errors as one line each."""
 from __future__ import annotations
 
 import os
+import pwd
 import sys
+from pathlib import Path
 from typing import Callable
 
 from . import config as configuration
@@ -21,7 +23,33 @@ def load() -> configuration.Config:
     for finding in misspelt_variables(os.environ, config.ignored_variables):
         if finding.fatal:
             raise configuration.ConfigError(finding.message)
+    _refuse_root_in_a_services_files(config)
     return config
+
+
+def _refuse_root_in_a_services_files(config: configuration.Config) -> None:
+    """Root running a command on the files of a server that runs as another user (the Debian
+    and NixOS services' `nixery`) would leave what it creates there root's: storage's folders,
+    the collection lease, the state database's journal. The server could no longer write them,
+    and every build would fail. Refused, naming the user to run as (as `occ`, `pg_ctl` do)."""
+    if os.geteuid() != 0:
+        return
+    places: list[tuple[str, Path]] = [("NIXERY_STATE_DIR", config.state_dir)]
+    if config.storage_backend == "filesystem":
+        places.append(("STORAGE_PATH", config.storage_path))
+    for variable, path in places:
+        try:
+            owner = path.stat().st_uid
+        except OSError:  # not made yet: whoever runs first owns it
+            continue
+        if owner != 0:
+            try:
+                user = pwd.getpwuid(owner).pw_name
+            except KeyError:
+                user = str(owner)
+            raise configuration.ConfigError(
+                f"{variable}={path} belongs to {user}, and what root makes there {user} could not write "
+                f"(the server would fail its builds): run this as {user} (runuser -u {user} -- nixery ...)")
 
 
 def run(command: str, action: Callable[[configuration.Config], None]) -> int:

@@ -10,6 +10,7 @@ import concurrent.futures
 import hashlib
 import json
 import os
+import pwd
 import re
 import shutil
 import subprocess
@@ -516,3 +517,25 @@ def test_a_worker_killed_mid_collection_leaves_the_lease_free_and_every_manifest
     assert report is not None and report.complete, "the dead worker's lease went with it"
     check_whole()
     assert blobs() == blobs(copy.root), "the next collection finishes what the killed one began"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can run a command on another user's files")
+def test_root_is_refused_on_a_service_users_storage_and_writes_nothing_there(tmp_path):
+    """`nixery gc` as root, on the storage and state of a server that runs as another user, would
+    leave root's folders and lease there, which the server cannot write: refused, naming the user."""
+    owner = 65534  # nobody
+    for name in ("storage", "state"):
+        (tmp_path / name).mkdir()
+        os.chown(tmp_path / name, owner, owner)
+    env = {**NIX_ENV, "PATH": "/usr/bin:/bin", "STORAGE_PATH": str(tmp_path / "storage"),
+           "NIXERY_STATE_DIR": str(tmp_path / "state"), "NIXERY_PKGS_PATH": str(tmp_path),
+           "NIXERY_STORAGE_LIMIT": "9000", "PYTHONPATH": str(Path(__file__).parent.parent), "HOME": str(tmp_path)}
+    for command in (["gc"], ["build", "--store", "hello", "-o", str(tmp_path / "hello.tar")]):
+        result = subprocess.run([sys.executable, "-m", "nixery", *command], env=env,
+                                capture_output=True, text=True, timeout=60)
+        user = pwd.getpwuid(owner).pw_name
+        assert result.returncode == 2, result
+        assert f"belongs to {user}" in result.stderr and f"runuser -u {user} -- nixery" in result.stderr, result.stderr
+        made = [str(p) for p in tmp_path.rglob("*") if p.stat().st_uid == 0 and p.parent != tmp_path]
+        assert made == [], f"root made {made}"
+
