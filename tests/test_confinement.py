@@ -21,7 +21,6 @@ import subprocess
 import sys
 import tarfile
 import threading
-import time
 import uuid
 from pathlib import Path
 from typing import Iterator
@@ -29,6 +28,7 @@ from typing import Iterator
 import pytest
 import requests
 
+from containers import ensure_dockerd
 from pkgset import make_package_set
 from support import NIX_ENV, chroot_run, free_port, nixpkgs_lib, pull_and_unpack, skopeo_pull
 from nixery import preflight
@@ -393,23 +393,6 @@ in {{ ${{big}} = 1; }}
 
 # ----------------------------------------------- where Nix cannot sandbox --
 
-def docker_ready() -> bool:
-    """Whether dockerd answers, starting it (as CI starts from nothing) if it is installed."""
-    if shutil.which("docker") is None:
-        return False
-    if subprocess.run(["docker", "info"], capture_output=True, timeout=60).returncode == 0:
-        return True
-    if shutil.which("dockerd") is None or os.getuid() != 0:
-        return False
-    subprocess.Popen(["dockerd"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if subprocess.run(["docker", "info"], capture_output=True, timeout=60).returncode == 0:
-            return True
-        time.sleep(1)
-    return False
-
-
 def skeleton_image() -> str:
     """A Docker image of an empty merged-/usr root (links and directories only): the test mounts
     this machine's /usr, /nix and Nix's configuration into it, so a container runs this machine's
@@ -434,8 +417,7 @@ def skeleton_image() -> str:
 
 
 def test_where_nix_cannot_sandbox_start_up_warns(pkgset, tmp_path):
-    if not docker_ready():
-        pytest.skip("docker is not available to run Nix without namespaces")
+    ensure_dockerd()  # Docker's default confinement: a container that allows no namespaces
     root = Path(__file__).resolve().parent.parent
     # This Python as it is: a venv's (scripts/test runs the checkout's .venv) is its bin/python,
     # whose pyvenv.cfg is found beside it, over the base Python's prefix.
