@@ -33,7 +33,7 @@ from pkgset import make_package_set
 from support import NIX_ENV, chroot_run, free_port, nixpkgs_lib, pull_and_unpack, skopeo_pull
 from nixery import preflight
 import nixery.nix as nix_module
-from nixery.nix import EvaluationLimit, Nix, NixError, SourceArgs, UnavailablePackages, confine
+from nixery.nix import EvaluationFailed, EvaluationLimit, Nix, NixError, SourceArgs, UnavailablePackages, confine
 from nixery.nix import listening as nix_listening
 from nixery.nix.confine import NIX_DIR
 from nixery.config import VARIABLE_NAMES
@@ -389,6 +389,40 @@ in {{ ${{big}} = 1; }}
     with pytest.raises(EvaluationLimit) as refused:
         nix.attribute_names(SourceArgs("path", str(tmp_path / "wide"), "the wide set"), None)
     assert "printed more than 1M" in refused.value.reason, refused.value.reason
+
+
+def test_a_set_that_says_what_a_machine_fault_says_is_still_the_sets_failure(tmp_path, monkeypatch):
+    """Nix's system errors ("Permission denied", "No space left on device", "unable to download")
+    make a failure the machine's (a 5xx, and advice to the operator). A set's code can print the
+    same words, in a throw, an abort or a trace before an error of its own: those stay the set's
+    failure (EvaluationFailed: a 4xx for a client's pinned revision). A real fault of the machine
+    (no daemon where NIX_REMOTE says) stays the machine's."""
+    for key, value in NIX_ENV.items():
+        monkeypatch.setenv(key, value)
+    sets = {
+        "throws": 'throw "opening file \'/etc/shadow\': Permission denied"',
+        "aborts": 'abort "No space left on device"',
+        "traces": 'builtins.trace "x\nerror: unable to download \'http://x\': HTTP error 500" undefinedName',
+        "asserts": 'assert builtins.trace "Permission denied" false; { }',
+    }
+    nix = Nix(60, tmp_path / "gcroots")
+    for name, body in sets.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "default.nix").write_text(f"{{ system ? builtins.currentSystem }}:\n{body}\n")
+        with pytest.raises(NixError) as failed:
+            nix.attribute_names(SourceArgs("path", str(tmp_path / name), f"the set that {name}"), None)
+        assert isinstance(failed.value, EvaluationFailed), (name, type(failed.value), failed.value.log)
+        assert nix_module.advice(failed.value).startswith("the package set does not evaluate"), name
+    # An image's evaluation (which writes to the store) where no daemon answers.
+    (tmp_path / "copies").mkdir()
+    (tmp_path / "copies" / "default.nix").write_text(
+        '{ system ? builtins.currentSystem }:\nbuiltins.seq "${./default.nix}" { }\n')
+    monkeypatch.setenv("NIX_REMOTE", f"unix://{tmp_path}/no-daemon-here")
+    with pytest.raises(NixError) as failed:
+        nix.resolve(["hello"], [], SourceArgs("path", str(tmp_path / "copies"), "the set, without its daemon"),
+                    "x86_64-linux")
+    assert not isinstance(failed.value, EvaluationFailed), failed.value.log
+    assert "daemon" in nix_module.advice(failed.value), failed.value.log
 
 
 # ----------------------------------------------- where Nix cannot sandbox --

@@ -83,6 +83,8 @@ _NOT_THE_CODE = (
      "a builder was killed (the kernel's out-of-memory killer? see the kernel log); the next pull retries"),
     (re.compile(r"is not installed or not on PATH"), "install Nix, or put it on the service's PATH"),
 )
+# A line of the code Nix quotes under an error ("      2| x = 1;", "       |   ^").
+_QUOTED_CODE = re.compile(r"^\s*\d*\|")
 # Where Nix points in the code ("at /nix/store/...-source/pkgs/foo.nix:3:5:").
 _POSITION = re.compile(r"^\s*at (/\S+):(\d+):(\d+):?\s*$", re.MULTILINE)
 _STORE_PREFIX = re.compile(r"^/nix/store/[0-9a-z]{32}-[^/]+/")
@@ -400,9 +402,25 @@ class Nix:
             if bounds.memory and _OUT_OF_MEMORY.search(e.log):
                 raise EvaluationLimit(f"{what} needed more than {format_size(bounds.memory)} of memory, this "
                                       "instance's limit (NIXERY_EVAL_MEMORY)", e.log, "NIXERY_EVAL_MEMORY") from None
-            if type(e) is NixError and e.log and _machine_fault(e.log) is None:
+            if type(e) is NixError and e.log and (_machine_fault(final_error(e.log)) is None or self._thrown(args)):
                 raise EvaluationFailed(e.reason + code_position(e.log, args), e.log) from None
             raise
+
+    def _thrown(self, args: Sequence[str]) -> bool:
+        """Whether the evaluation `args` failed of a `throw` or `assert` of the set's code, which
+        `builtins.tryEval` catches, unlike Nix's own failures (a download, the daemon, the disk):
+        asked only when Nix's message reads like one of those, since the set's code can throw the
+        same words. The same helper attribute, arguments, confinement and bounds, deep-forced."""
+        attr = args[args.index("-A") + 1]
+        probe = (f"{{ ... }}@args: (builtins.tryEval (builtins.deepSeq (import {HELPER} args).{attr} true)).success")
+        rest = [a for i, a in enumerate(args) if a != "-A" and (i == 0 or args[i - 1] != "-A")]
+        rest[rest.index(str(HELPER))] = "-E"
+        rest.insert(rest.index("-E") + 1, probe)
+        try:
+            return self._run(rest, "checking what failed", self.eval_bounds.seconds,
+                             memory=self.eval_bounds.memory, output=1024).strip() == "false"
+        except NixError:
+            return False
 
     def systems(self) -> Optional[tuple[str, ...]]:
         """The systems this Nix builds for, its own first: its `system`, `extra-platforms` and the
@@ -646,6 +664,19 @@ def as_seen_by(error: DerivationFailed, resolved: Resolved) -> DerivationFailed:
         return BuildTimedOut(f"{what} did not finish building within this instance's build timeout (NIX_TIMEOUT): "
                              f"{nix_line}", error.log, error.derivation, error.line)
     return type(error)(f"{what} failed to build: {nix_line}", error.log, error.derivation, error.line)
+
+
+def final_error(log_text: str) -> str:
+    """Nix's own last error (the last line that starts with `error:`, and what follows it), without
+    what the set's code puts there: what it printed before (`trace:` lines can say anything), the
+    code Nix quotes and the positions it names, and an `abort` message (which Nix introduces as
+    the code's own). Where a fault of the machine shows."""
+    lines = [_ANSI.sub("", line) for line in log_text.splitlines()]
+    starts = [i for i, line in enumerate(lines) if line.lstrip().startswith("error:")]
+    tail = [line for line in (lines[starts[-1]:] if starts else lines)
+            if not _QUOTED_CODE.match(line) and not _POSITION.match(line)]
+    text = "\n".join(tail)
+    return "" if "evaluation aborted with the following error message" in text else text
 
 
 def _machine_fault(text: str) -> Optional[str]:
