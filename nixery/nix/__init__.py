@@ -411,11 +411,15 @@ class Nix:
         `builtins.tryEval` catches, unlike Nix's own failures (a download, the daemon, the disk):
         asked only when Nix's message reads like one of those, since the set's code can throw the
         same words. The same helper attribute, arguments, confinement and bounds, deep-forced."""
-        attr = args[args.index("-A") + 1]
-        probe = (f"{{ ... }}@args: (builtins.tryEval (builtins.deepSeq (import {HELPER} args).{attr} true)).success")
+        # The helper and the attribute arrive as data, as every argument does.
+        probe = ("{ ... }@args: let helper = import (/. + args.nixeryHelper) (removeAttrs args "
+                 "[ \"nixeryHelper\" \"nixeryAttribute\" ]); in (builtins.tryEval (builtins.deepSeq "
+                 "helper.${args.nixeryAttribute} true)).success")
+        attribute = args[args.index("-A") + 1]
         rest = [a for i, a in enumerate(args) if a != "-A" and (i == 0 or args[i - 1] != "-A")]
-        rest[rest.index(str(HELPER))] = "-E"
-        rest.insert(rest.index("-E") + 1, probe)
+        at = rest.index(str(HELPER))
+        rest[at:at + 1] = ["-E", probe, "--argstr", "nixeryHelper", str(HELPER),
+                           "--argstr", "nixeryAttribute", attribute]
         try:
             return self._run(rest, "checking what failed", self.eval_bounds.seconds,
                              memory=self.eval_bounds.memory, output=1024).strip() == "false"
