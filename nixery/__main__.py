@@ -13,7 +13,8 @@ from . import __version__, config as configuration
 # A mistake in the configuration (a bad value, an unknown NIXERY_ variable) stops start-up with
 # sysexits.h's EX_CONFIG: starting again cannot get past it, so the NixOS unit names this status in
 # RestartPreventExitStatus instead of restarting every few seconds for ever. Whatever else stops
-# start-up (storage, Nix, the port) may pass by itself: EXIT_CANNOT_SERVE, and systemd tries again.
+# start-up (storage, Nix, the port, a configured file not there yet) may pass by itself:
+# EXIT_CANNOT_SERVE, and systemd tries again.
 EXIT_CONFIG = 78
 EXIT_CANNOT_SERVE = 2
 
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         config = configuration.load(os.environ)
     except configuration.ConfigError as e:
         print(f"nixery: configuration error: {e}", file=sys.stderr)
-        return EXIT_CONFIG
+        return EXIT_CONFIG if e.lasting else EXIT_CANNOT_SERVE
     from . import logs, preflight
     logs.setup(config.log_level, config.log_format)
     from .app import create_app, make_nix, make_source, make_storage, with_platforms

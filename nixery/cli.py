@@ -45,11 +45,13 @@ def _refuse_root_in_a_services_files(config: configuration.Config) -> None:
         if owner != 0:
             try:
                 user = pwd.getpwuid(owner).pw_name
-            except KeyError:
-                user = str(owner)
+                how = f"runuser -u {user} -- nixery ..."
+            except KeyError:  # a container's uid, say, with no name here
+                user = f"uid {owner}"
+                how = f"setpriv --reuid={owner} --regid={owner} --clear-groups nixery ..."
             raise configuration.ConfigError(
                 f"{variable}={path} belongs to {user}, and what root makes there {user} could not write "
-                f"(the server would fail its builds): run this as {user} (runuser -u {user} -- nixery ...)")
+                f"(the server would fail its builds): run this as {user} ({how})")
 
 
 def run(command: str, action: Callable[[configuration.Config], None]) -> int:

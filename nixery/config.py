@@ -428,7 +428,7 @@ def _source(env: Mapping[str, str]) -> PackageSource:
     if "NIXERY_PKGS_PATH" in given:
         path = Path(given["NIXERY_PKGS_PATH"]).expanduser().resolve()
         if not path.exists():
-            raise ConfigError(f"NIXERY_PKGS_PATH={given['NIXERY_PKGS_PATH']!r} does not exist")
+            raise ConfigError(f"NIXERY_PKGS_PATH={given['NIXERY_PKGS_PATH']!r} does not exist", lasting=False)
         return PackageSource(SourceKind.PATH, str(path))
     if "NIXERY_PKGS_REPO" in given:
         url = given["NIXERY_PKGS_REPO"]
@@ -542,7 +542,7 @@ def _gcs(env: Mapping[str, str]) -> Optional[GcsConfig]:
     if key and not account:
         raise ConfigError("GCS_SIGNING_KEY needs GCS_SIGNING_ACCOUNT, the e-mail of the service account that owns it")
     if key and not Path(key).is_file():
-        raise ConfigError(f"GCS_SIGNING_KEY={key!r} is not a readable file")
+        raise ConfigError(f"GCS_SIGNING_KEY={key!r} is not a readable file", lasting=False)
     return GcsConfig(bucket=bucket, signing_key=Path(key) if key else None,
                      signing_account=account or None,
                      signed_url_ttl=_int(env, "GCS_SIGNED_URL_TTL", 1, 7 * 24 * 3600),
@@ -571,7 +571,8 @@ def _binary_cache(env: Mapping[str, str]) -> Optional[BinaryCacheConfig]:
                           "`nix key convert-secret-to-public` prints it)")
     if secret and not (re.fullmatch(r"/[A-Za-z0-9._/%+-]+", secret) and Path(secret).is_file()):
         raise ConfigError(f"NIXERY_BINARY_CACHE_SECRET_KEY={secret!r} is not a readable file "
-                          "at an absolute path of plain characters")
+                          "at an absolute path of plain characters",
+                          lasting=not re.fullmatch(r"/[A-Za-z0-9._/%+-]+", secret))
     return BinaryCacheConfig(url=url, public_key=public, secret_key=Path(secret) if secret else None)
 
 
@@ -617,12 +618,12 @@ def load(env: Mapping[str, str] = os.environ) -> Config:
         raise ConfigError("NIXERY_CHANNEL_URL_TEMPLATE may not contain white space")
     ssh_key = env.get("NIXERY_SSH_KEY")
     if ssh_key and not Path(ssh_key).is_file():
-        raise ConfigError(f"NIXERY_SSH_KEY={ssh_key!r} is not a readable file")
+        raise ConfigError(f"NIXERY_SSH_KEY={ssh_key!r} is not a readable file", lasting=False)
     source = _source(env)
     _check_secrets_outside(source, env)
     popularity = env.get("NIX_POPULARITY_URL") or None
     if popularity and not re.match(r"^https?://", popularity) and not Path(popularity).is_file():
-        raise ConfigError(f"NIX_POPULARITY_URL={popularity!r} is neither an http(s) URL nor a file")
+        raise ConfigError(f"NIX_POPULARITY_URL={popularity!r} is neither an http(s) URL nor a file", lasting=False)
     eval_memory = _size(env, "NIXERY_EVAL_MEMORY", least=EVAL_MEMORY_LEAST)
     server = ServerConfig(
         port=_int(env, "PORT", 1, 65535),

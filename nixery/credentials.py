@@ -55,7 +55,8 @@ def read_htpasswd(path: str) -> tuple[tuple[str, str], ...]:
     try:
         lines = Path(path).read_text().splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"NIXERY_HTPASSWD={path!r} cannot be read: {type(e).__name__}") from None
+        raise ConfigError(f"NIXERY_HTPASSWD={path!r} cannot be read: {type(e).__name__}",
+                          lasting=isinstance(e, UnicodeDecodeError)) from None
     entries: dict[str, str] = {}
     for number, line in enumerate(lines, 1):
         if not line.strip() or line.startswith("#"):
@@ -81,7 +82,8 @@ def read_public_keys(path: str) -> tuple[object, ...]:
     try:
         data = Path(path).read_bytes()
     except OSError as e:
-        raise ConfigError(f"NIXERY_TOKEN_PUBLIC_KEY={path!r} cannot be read: {type(e).__name__}") from None
+        raise ConfigError(f"NIXERY_TOKEN_PUBLIC_KEY={path!r} cannot be read: {type(e).__name__}",
+                          lasting=False) from None
     keys = []
     for block in _PEM_RE.finditer(data):
         try:

@@ -17,7 +17,13 @@ from typing import Any, Callable, Optional
 
 
 class ConfigError(ValueError):
-    """A variable has a value Nixery cannot use; the message names it."""
+    """A variable has a value Nixery cannot use; the message names it. `lasting`: no restart gets
+    past it (a bad value), unlike a file that is missing or unreadable, which may yet come (a
+    mount, a secret written late at boot): a service manager should retry only the latter."""
+
+    def __init__(self, message: str, lasting: bool = True):
+        super().__init__(message)
+        self.lasting = lasting
 
 
 # A URL's user information: `user:password@`, or `token@` (GitHub and others take a token as the

@@ -134,6 +134,8 @@ def ensure_dockerd() -> None:
     Debian's dockerd runs on the system containerd, as its service unit does: a dockerd that finds
     containerd's socket left behind by a containerd that was killed (as every process of a session
     is before CI) waits for it forever, and so does every `docker` command."""
+    if shutil.which("docker") and _answers(["docker", "info"]):
+        return  # whatever runs it (rootless, its own containerd)
     ensure_containerd()
     _ensure_daemon(["dockerd", f"--containerd={CONTAINERD_SOCKET}"], ["docker", "info"], "docker.io")
 

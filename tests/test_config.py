@@ -135,6 +135,17 @@ def test_command_line_stops_on_a_bad_value():
     assert "PORT" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_file_a_variable_names_that_is_not_there_yet_may_be_retried(tmp_path):
+    """A missing file may yet come (a mount, a secret written late at boot): exit status 2, which
+    the NixOS unit retries, not 78, which it does not."""
+    for variable in ("NIXERY_PKGS_PATH", "NIXERY_SSH_KEY", "NIXERY_HTPASSWD"):
+        env = {variable: str(tmp_path / "not-yet")}
+        if variable == "NIXERY_HTPASSWD":
+            env["NIXERY_AUTH"] = "all"
+        result = run_nixery(**env)
+        assert result.returncode == 2 and variable in result.stderr, (variable, result.stderr)
+
+
 def test_help_describes_every_variable():
     result = run_nixery("--help")
     assert result.returncode == 0

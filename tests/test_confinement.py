@@ -404,6 +404,10 @@ def test_a_set_that_says_what_a_machine_fault_says_is_still_the_sets_failure(tmp
         "aborts": 'abort "No space left on device"',
         "traces": 'builtins.trace "x\nerror: unable to download \'http://x\': HTTP error 500" undefinedName',
         "asserts": 'assert builtins.trace "Permission denied" false; { }',
+        # Nix's own errors quote what the code names: attributes, files, variables.
+        "names": '{ }."No space left on device"',
+        "imports": 'import (./. + "/Permission denied")',
+        "undefined": "executing SQLite",
     }
     nix = Nix(60, tmp_path / "gcroots")
     for name, body in sets.items():
@@ -413,6 +417,21 @@ def test_a_set_that_says_what_a_machine_fault_says_is_still_the_sets_failure(tmp
             nix.attribute_names(SourceArgs("path", str(tmp_path / name), f"the set that {name}"), None)
         assert isinstance(failed.value, EvaluationFailed), (name, type(failed.value), failed.value.log)
         assert nix_module.advice(failed.value).startswith("the package set does not evaluate"), name
+    # The popularity tool's listing (packages.nix, not the helper) is told apart the same way.
+    with pytest.raises(EvaluationFailed):
+        nix.list_packages(SourceArgs("path", str(tmp_path / "throws"), "the set that throws"), "x86_64-linux")
+    # An evaluation killed by a signal (the kernel's out-of-memory killer), after the code printed
+    # an error of its own: the machine's.
+    fake = tmp_path / "killed-bin"
+    fake.mkdir()
+    (fake / "nix-instantiate").write_text('#!/bin/sh\necho "error: undefined variable \'x\'" >&2\nkill -9 $$\n')
+    (fake / "nix-instantiate").chmod(0o755)
+    with monkeypatch.context() as patch:
+        patch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+        with pytest.raises(NixError) as failed:
+            nix.attribute_names(SourceArgs("path", str(tmp_path / "names"), "the set, killed"), None)
+    assert not isinstance(failed.value, EvaluationFailed), failed.value.log
+    assert "killed by signal 9" in failed.value.log and "killed" in nix_module.advice(failed.value)
     # An image's evaluation (which writes to the store) where no daemon answers.
     (tmp_path / "copies").mkdir()
     (tmp_path / "copies" / "default.nix").write_text(

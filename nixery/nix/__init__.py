@@ -72,17 +72,19 @@ _OUT_OF_MEMORY = re.compile(r"error: out of memory|std::bad_alloc")
 _NOT_THE_CODE = (
     (re.compile(r"unable to download|cannot download|Couldn't resolve host|Couldn't connect|HTTP error \d+"),
      "a download failed: check that this machine reaches the URL Nix names (nix_log), and the URL itself"),
-    (re.compile(r"cannot connect to socket|daemon-socket|Connection reset|Broken pipe"),
+    (re.compile(r"cannot connect to socket|cannot open connection to remote store|Connection reset|Broken pipe"),
      "Nix could not talk to its daemon: check that nix-daemon runs and that the service user may use it"),
     (re.compile(r"No space left on device|Disk quota exceeded"),
      "the Nix store's disk is full: free space (nix-collect-garbage) or grow the disk"),
     (re.compile(r"Cannot allocate memory|Too many open files|Resource temporarily unavailable|"
-                r"Permission denied|database is locked|SQLite"),
+                r"Permission denied|database is locked|SQLite (database|statement|error)|executing SQLite"),
      "Nix failed for a reason of this machine (nix_log): fix that, the next pull retries"),
-    (re.compile(r"due to signal|Killed"),
+    (re.compile(r"due to signal|killed by signal"),
      "a builder was killed (the kernel's out-of-memory killer? see the kernel log); the next pull retries"),
     (re.compile(r"is not installed or not on PATH"), "install Nix, or put it on the service's PATH"),
 )
+# What Nix quotes in a message: a name or path ('...'), a string value ("..."), another value («...»).
+_QUOTED = re.compile(r"'[^'\n]*'|\"(?:[^\"\\\n]|\\.)*\"|«[^»\n]*»")
 # A line of the code Nix quotes under an error ("      2| x = 1;", "       |   ^").
 _QUOTED_CODE = re.compile(r"^\s*\d*\|")
 # Where Nix points in the code ("at /nix/store/...-source/pkgs/foo.nix:3:5:").
@@ -375,6 +377,8 @@ class Nix:
         if process.overflowed:
             raise EvaluationLimit(f"{what} printed more than {format_size(output)}, this instance's limit",
                                   stderr, "output")
+        if process.proc.returncode < 0:  # the kernel's out-of-memory killer, an operator: not the command's doing
+            stderr += f"\n{args[0]} was killed by signal {-process.proc.returncode}"
         if process.proc.returncode != 0:
             verdict = _derivation_verdict(told(stderr))
             if verdict:
@@ -410,16 +414,19 @@ class Nix:
         """Whether the evaluation `args` failed of a `throw` or `assert` of the set's code, which
         `builtins.tryEval` catches, unlike Nix's own failures (a download, the daemon, the disk):
         asked only when Nix's message reads like one of those, since the set's code can throw the
-        same words. The same helper attribute, arguments, confinement and bounds, deep-forced."""
-        # The helper and the attribute arrive as data, as every argument does.
-        probe = ("{ ... }@args: let helper = import (/. + args.nixeryHelper) (removeAttrs args "
-                 "[ \"nixeryHelper\" \"nixeryAttribute\" ]); in (builtins.tryEval (builtins.deepSeq "
-                 "helper.${args.nixeryAttribute} true)).success")
-        attribute = args[args.index("-A") + 1]
+        same words. The same file (the helper's or packages.nix), attribute, arguments, confinement
+        and bounds, deep-forced."""
+        files = [a for a in args if a in (str(HELPER), str(PACKAGES))]
+        if not files:
+            return False
+        # The file and the attribute arrive as data, as every argument does.
+        probe = ("{ ... }@args: let value = import (/. + args.nixeryFile) (removeAttrs args "
+                 "[ \"nixeryFile\" \"nixeryAttribute\" ]); in (builtins.tryEval (builtins.deepSeq "
+                 "(if args.nixeryAttribute == \"\" then value else value.${args.nixeryAttribute}) true)).success")
+        attribute = args[args.index("-A") + 1] if "-A" in args else ""
         rest = [a for i, a in enumerate(args) if a != "-A" and (i == 0 or args[i - 1] != "-A")]
-        at = rest.index(str(HELPER))
-        rest[at:at + 1] = ["-E", probe, "--argstr", "nixeryHelper", str(HELPER),
-                           "--argstr", "nixeryAttribute", attribute]
+        at = rest.index(files[0])
+        rest[at:at + 1] = ["-E", probe, "--argstr", "nixeryFile", files[0], "--argstr", "nixeryAttribute", attribute]
         try:
             return self._run(rest, "checking what failed", self.eval_bounds.seconds,
                              memory=self.eval_bounds.memory, output=1024).strip() == "false"
@@ -674,13 +681,17 @@ def final_error(log_text: str) -> str:
     """Nix's own last error (the last line that starts with `error:`, and what follows it), without
     what the set's code puts there: what it printed before (`trace:` lines can say anything), the
     code Nix quotes and the positions it names, and an `abort` message (which Nix introduces as
-    the code's own). Where a fault of the machine shows."""
+    the code's own), nor what it quotes. Where a fault of the machine shows."""
     lines = [_ANSI.sub("", line) for line in log_text.splitlines()]
     starts = [i for i, line in enumerate(lines) if line.lstrip().startswith("error:")]
     tail = [line for line in (lines[starts[-1]:] if starts else lines)
             if not _QUOTED_CODE.match(line) and not _POSITION.match(line)]
     text = "\n".join(tail)
-    return "" if "evaluation aborted with the following error message" in text else text
+    if "evaluation aborted with the following error message" in text:
+        return ""
+    # What Nix quotes is the code's too: names, paths and values ('...', "...", «...»). Identifiers
+    # it prints unquoted have no spaces, so the patterns the machine's faults match are phrases.
+    return _QUOTED.sub("", text)
 
 
 def _machine_fault(text: str) -> Optional[str]:
