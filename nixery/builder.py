@@ -22,14 +22,14 @@ from .admission import Admission
 from .config import BuildLimits, StateLayout
 from .errors import RegistryError
 from .image import OPTIONAL_PACKAGES, Architecture, Image
-from .nix import (PROGRESS_RE, Closure, EvaluationFailed, Nix, NixError, UnavailablePackages, UnknownPackages,
-                  UnsupportedSystem, advice, listening)
+from .nix import (PROGRESS_RE, Closure, EvaluationFailed, Nix, NixError, RevisionMissing, UnavailablePackages,
+                  UnknownPackages, UnsupportedSystem, advice, listening)
 from .nix import Resolved as Evaluation
 from .nixstore import ImageRoots, StoreCollection
 from .parking import Parking
 from .progress import InProgress, LineBudget, Tracker
 from .search import revision_key
-from .sources import Resolved, Source
+from .sources import Resolved, Source, UnknownTag
 from .stats import BuildStats, combined
 from .storage import Backend, blob_key
 from .suggest import Suggestions
@@ -244,6 +244,11 @@ class Builder:
         except EvaluationFailed as e:
             if pinned:  # a fixed revision: every retry fails the same way, so the client is told why
                 raise EvaluationFailed(e.reason, e.log, pinned=True) from None
+            raise
+        except RevisionMissing:
+            if pinned and source.revision:  # a commit the archive does not have: the tag names nothing
+                raise UnknownTag(source.revision, f"tag {source.revision}: no such commit "
+                                                  f"({source.source_url} was not found)") from None
             raise
         except (UnknownPackages, UnavailablePackages) as e:
             unknown = e if isinstance(e, UnknownPackages) else e.unknown

@@ -412,6 +412,14 @@ def test_channel_tarballs_through_the_url_template(start_server, tarballs, nix_c
     assert f"nixpkgs {broken}" in message and "\n" not in message and "syntax error" in message
     assert re.search(r" \(at default\.nix:1:\d+\)$", message) and "/nix/store" not in message, message
 
+    # A commit the archive does not have (a typo, or nobody's): the tag names nothing, a 404 that
+    # says so, as an unknown branch or tag of a git source is (it was a 500, the machine's fault).
+    missing = "3" * 40
+    absent = manifest(server, "marker", missing)
+    assert absent.status_code == 404, absent.text
+    assert error_of(absent)["code"] == "MANIFEST_UNKNOWN" and error_of(absent)["detail"] == {"tag": missing}
+    assert "no such commit" in error_of(absent)["message"] and f"/{missing}.tar.gz" in error_of(absent)["message"]
+
 
 # -------------------------------------------------------------- tag rules --
 

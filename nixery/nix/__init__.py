@@ -83,6 +83,8 @@ _NOT_THE_CODE = (
      "a builder was killed (the kernel's out-of-memory killer? see the kernel log); the next pull retries"),
     (re.compile(r"is not installed or not on PATH"), "install Nix, or put it on the service's PATH"),
 )
+# Nix's word that a URL is not there ("unable to download 'URL': HTTP error 404").
+_MISSING_DOWNLOAD = re.compile(r"unable to download '([^']*)': HTTP error 4(?:04|10)\b")
 # What Nix quotes in a message: a name or path ('...'), a string value ("..."), another value («...»).
 _QUOTED = re.compile(r"'[^'\n]*'|\"(?:[^\"\\\n]|\\.)*\"|«[^»\n]*»")
 # A line of the code Nix quotes under an error ("      2| x = 1;", "       |   ^").
@@ -154,6 +156,11 @@ class EvaluationFailed(NixError):
     def __init__(self, reason: str, log_text: str, pinned: bool = False):
         super().__init__(reason, log_text)
         self.pinned = pinned
+
+
+class RevisionMissing(NixError):
+    """The package set's own tarball URL answered 404 or 410: the revision it names is not there
+    (a commit of nobody's, or a typo), and no retry changes that."""
 
 
 class Forbidden(NixError):
@@ -406,6 +413,8 @@ class Nix:
             if bounds.memory and _OUT_OF_MEMORY.search(e.log):
                 raise EvaluationLimit(f"{what} needed more than {format_size(bounds.memory)} of memory, this "
                                       "instance's limit (NIXERY_EVAL_MEMORY)", e.log, "NIXERY_EVAL_MEMORY") from None
+            if type(e) is NixError and _tarball_missing(args, e.log):
+                raise RevisionMissing(e.reason, e.log) from None
             if type(e) is NixError and e.log and (_machine_fault(final_error(e.log)) is None or self._thrown(args)):
                 raise EvaluationFailed(e.reason + code_position(e.log, args), e.log) from None
             raise
@@ -677,21 +686,45 @@ def as_seen_by(error: DerivationFailed, resolved: Resolved) -> DerivationFailed:
     return type(error)(f"{what} failed to build: {nix_line}", error.log, error.derivation, error.line)
 
 
+def _last_error(log_text: str) -> list[str]:
+    """The lines from Nix's last `error:` line on (none if there is none)."""
+    lines = [_ANSI.sub("", line) for line in log_text.splitlines()]
+    starts = [i for i, line in enumerate(lines) if line.lstrip().startswith("error:")]
+    return lines[starts[-1]:] if starts else []
+
+
 def final_error(log_text: str) -> str:
     """Nix's own last error (the last line that starts with `error:`, and what follows it), without
     what the set's code puts there: what it printed before (`trace:` lines can say anything), the
     code Nix quotes and the positions it names, and an `abort` message (which Nix introduces as
     the code's own), nor what it quotes. Where a fault of the machine shows."""
-    lines = [_ANSI.sub("", line) for line in log_text.splitlines()]
-    starts = [i for i, line in enumerate(lines) if line.lstrip().startswith("error:")]
-    tail = [line for line in (lines[starts[-1]:] if starts else lines)
-            if not _QUOTED_CODE.match(line) and not _POSITION.match(line)]
+    lines = _last_error(log_text) or [_ANSI.sub("", line) for line in log_text.splitlines()]
+    tail = [line for line in lines if not _QUOTED_CODE.match(line) and not _POSITION.match(line)]
     text = "\n".join(tail)
     if "evaluation aborted with the following error message" in text:
         return ""
     # What Nix quotes is the code's too: names, paths and values ('...', "...", «...»). Identifiers
     # it prints unquoted have no spaces, so the patterns the machine's faults match are phrases.
     return _QUOTED.sub("", text)
+
+
+def _argstr(args: Sequence[str], name: str) -> Optional[str]:
+    """The value a command's `--argstr NAME VALUE` gives, if any."""
+    for i in range(len(args) - 2):
+        if args[i] == "--argstr" and args[i + 1] == name:
+            return args[i + 2]
+    return None
+
+
+def _tarball_missing(args: Sequence[str], log_text: str) -> bool:
+    """Whether Nix's last error is that the package set's own tarball (a `tarball` source's URL)
+    answered 404 or 410. Only the download of that URL counts: what the set's code fetches is not
+    the revision."""
+    url = _argstr(args, "srcArgs")
+    if _argstr(args, "srcType") != "tarball" or not url:
+        return False
+    last = "\n".join(_last_error(log_text))
+    return any(match.group(1) == url for match in _MISSING_DOWNLOAD.finditer(last))
 
 
 def _machine_fault(text: str) -> Optional[str]:
