@@ -22,6 +22,7 @@ from .builder import ManifestBuilder
 from .error_handlers import as_registry_error, operator_action
 from .errors import RegistryError, blob_unknown, manifest_unknown
 from .heal import Healer
+from .limited import LimitedReader
 from .manifest import (MANIFEST_LIST_MEDIA_TYPE, MANIFEST_MEDIA_TYPE, OCI_INDEX_MEDIA_TYPE, OCI_MANIFEST_MEDIA_TYPE,
                        Document)
 from .pulls import Pulls
@@ -36,31 +37,6 @@ MANIFEST_MEDIA_TYPES = (MANIFEST_MEDIA_TYPE, OCI_MANIFEST_MEDIA_TYPE)
 INDEX_FOR = {MANIFEST_MEDIA_TYPE: MANIFEST_LIST_MEDIA_TYPE, OCI_MANIFEST_MEDIA_TYPE: OCI_INDEX_MEDIA_TYPE}
 # What a manifest request by digest may be answered with.
 SERVED_MEDIA_TYPES = MANIFEST_MEDIA_TYPES + tuple(INDEX_FOR.values())
-
-
-class _LimitedReader:
-    """A file object that ends after `remaining` bytes (a Range response).
-
-    It has the file's `fileno`, so Gunicorn sends the range with sendfile(2) from the
-    current offset for Content-Length bytes; a server without sendfile reads it."""
-
-    def __init__(self, f, remaining: int):
-        self.f = f
-        self.remaining = remaining
-
-    def fileno(self) -> int:
-        return self.f.fileno()
-
-    def read(self, size: int = -1) -> bytes:
-        if self.remaining <= 0:
-            return b""
-        size = self.remaining if size < 0 else min(size, self.remaining)
-        data = self.f.read(size)
-        self.remaining -= len(data)
-        return data
-
-    def close(self) -> None:
-        self.f.close()
 
 
 class VersionCheck:
@@ -242,7 +218,7 @@ class Blobs:
         f = open(location.path, "rb")
         if start or end != size:
             f.seek(start)
-            resp.stream = _LimitedReader(f, end - start)
+            resp.stream = LimitedReader(f, end - start)
         else:
             resp.stream = f  # whole files go out through wsgi.file_wrapper (sendfile)
 

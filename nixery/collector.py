@@ -21,7 +21,6 @@ never a manifest without its blobs.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import time
@@ -235,11 +234,10 @@ class Collector:
         cache_key = (listed.key, listed.version)
         if cache_key not in self._references:
             data = self.storage.read(listed.key)
-            self._references[cache_key] = references(data) if data is not None else References((), ())
+            refs = references(data) if data is not None else References((), ())
             if listed.key.startswith("manifests/") and data is not None:
-                own = blob_key("sha256:" + hashlib.sha256(data).hexdigest())
-                refs = self._references[cache_key]
-                self._references[cache_key] = References((*refs.linked, own), refs.blobs)
+                refs = References((*refs.linked, blob_key(manifest.digest_of(data))), refs.blobs)
+            self._references[cache_key] = refs
         return self._references[cache_key]
 
     def _record_digest(self, listed: StoredObject) -> Optional[str]:

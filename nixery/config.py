@@ -265,10 +265,6 @@ class GcConfig:
     interval: int = 0
     grace: int = 600
 
-    @property
-    def budgeted(self) -> bool:
-        return bool(self.storage_limit or self.max_age)
-
 
 @dataclasses.dataclass(frozen=True)
 class BinaryCacheConfig:
@@ -375,14 +371,19 @@ def format_size(value: int) -> str:
     return f"{value} bytes"
 
 
+def parse_size(text: str) -> Optional[int]:
+    """Bytes from a whole number, or one with a K, M, G or T suffix (powers of 1024); None if `text`
+    is neither."""
+    match = _SIZE_RE.fullmatch(text.strip())
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2).upper()] if match else None
+
+
 def _size(env: Mapping[str, str], name: str, least: int = 0) -> int:
-    """`name` as bytes: a whole number, or one with a K, M, G or T suffix (powers of 1024); 0 means
-    no limit, anything else must be at least `least`."""
+    """`name` as bytes (parse_size); 0 means no limit, anything else must be at least `least`."""
     raw = (env.get(name) or _default(name)).strip()
-    match = _SIZE_RE.fullmatch(raw)
-    if not match:
+    value = parse_size(raw)
+    if value is None:
         raise ConfigError(f"{name}={raw!r} is not a size (bytes, or a number with K, M, G or T: 512M, 2G)")
-    value = int(match.group(1)) * _SIZE_UNITS[match.group(2).upper()]
     if 0 < value < least:
         raise ConfigError(f"{name}={raw!r} is less than {least >> 20}M (0: no limit)")
     return value

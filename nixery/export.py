@@ -28,7 +28,7 @@ from typing import BinaryIO, Iterator, Optional
 from . import config as configuration
 from .atomic import write_atomic
 from .local import CommandError, LocalImage, built
-from .manifest import MANIFEST_MEDIA_TYPE, OCI_MANIFEST_MEDIA_TYPE, Document, as_oci
+from .manifest import MANIFEST_LIST_MEDIA_TYPE, OCI_INDEX_MEDIA_TYPE, Document, as_oci
 
 FORMATS = ("docker-archive", "oci-archive", "oci")
 REF_NAME = "org.opencontainers.image.ref.name"
@@ -147,7 +147,7 @@ def export(config: configuration.Config, reference: str, fmt: str, output: str, 
                            "or write an oci-archive or oci layout")
     if fmt == "oci" and output == "-":
         raise CommandError("an OCI layout is a directory: give it with -o DIR")
-    media_type = MANIFEST_MEDIA_TYPE if fmt == "docker-archive" else OCI_MANIFEST_MEDIA_TYPE
+    media_type = MANIFEST_LIST_MEDIA_TYPE if fmt == "docker-archive" else OCI_INDEX_MEDIA_TYPE
     with built(config, reference, media_type, platform=platform, store=store) as image:
         if fmt == "oci":
             write_layout(image, Path(output))

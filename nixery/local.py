@@ -162,8 +162,9 @@ def _lower_storage(config: Config) -> Optional[Backend]:
 @contextlib.contextmanager
 def built(config: Config, reference: str, media_type: str, *, platform: Optional[str] = None,
           store: bool = False) -> Iterator[LocalImage]:
-    """The image `reference` names, built (or found) as `media_type` (a single-image type; with more than
-    one platform chosen, the index of that type); with `store`, written to the configured storage."""
+    """The image `reference` names, built (or found) as `media_type` (a list or index type: with one
+    platform chosen, the single-image type it lists, as the server answers); with `store`, written
+    to the configured storage."""
     from .app import make_builder, make_storage
     from .error_handlers import as_registry_error
     from .storage.filesystem import FilesystemBackend
@@ -178,9 +179,7 @@ def built(config: Config, reference: str, media_type: str, *, platform: Optional
                 lower, own = _lower_storage(config), FilesystemBackend(Path(scratch))
                 storage = Overlay(lower, own) if lower else own
             builder = make_builder(config, storage, platforms=platform_choice(platform))
-            wanted = next((k for k, v in ENTRY_MEDIA_TYPES.items() if v == media_type), media_type) \
-                if len(builder.platforms) > 1 else media_type
-            result = builder.manifest(images.parse(name, tag, config.limits.max_packages), wanted)
+            result = builder.manifest(images.parse(name, tag, config.limits.max_packages), media_type)
         except CommandError:
             raise
         except Exception as e:

@@ -54,6 +54,11 @@ def nix_layer_annotations(store_paths: Sequence[str]) -> tuple[tuple[str, str], 
             *((NIX_STORE_PATH_ANNOTATION.format(i), path) for i, path in enumerate(sorted(store_paths))))
 
 
+def digest_of(data: bytes) -> str:
+    """The OCI digest of `data`: what a document or blob is stored and asked for by."""
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
 @dataclasses.dataclass(frozen=True)
 class Document:
     """Serialised JSON with the digest of exactly those bytes."""
@@ -63,7 +68,7 @@ class Document:
 
     @property
     def digest(self) -> str:
-        return "sha256:" + hashlib.sha256(self.data).hexdigest()
+        return digest_of(self.data)
 
     def descriptor(self) -> Descriptor:
         return Descriptor(self.media_type, self.digest, len(self.data))

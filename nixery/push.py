@@ -36,8 +36,9 @@ from typing import BinaryIO, Callable, Mapping, Optional, Sequence
 from . import config as configuration
 from . import image as images
 from .atomic import write_atomic
+from .limited import LimitedReader
 from .local import Blob, CommandError, LocalImage, built, name_and_tag, split_reference
-from .manifest import ENTRY_MEDIA_TYPES, MANIFEST_MEDIA_TYPE, OCI_MANIFEST_MEDIA_TYPE, Document
+from .manifest import ENTRY_MEDIA_TYPES, MANIFEST_LIST_MEDIA_TYPE, OCI_INDEX_MEDIA_TYPE, Document
 from .registry_login import Credential, find, parse_challenge, token_of, token_request
 
 log = logging.getLogger(__name__)
@@ -297,23 +298,7 @@ class Registry:
                     (200, 201, 202), f"pushing manifest {document.digest}")
 
 
-class _Window(contextlib.AbstractContextManager):
-    """`length` bytes of a blob from `offset`: one chunk of a chunked upload."""
-
-    def __init__(self, f: BinaryIO, remaining: int):
-        self.f, self.remaining = f, remaining
-
-    def read(self, size: int = -1) -> bytes:
-        size = self.remaining if size < 0 else min(size, self.remaining)
-        data = self.f.read(size) if size > 0 else b""
-        self.remaining -= len(data)
-        return data
-
-    def __exit__(self, *exc: object) -> None:
-        self.f.close()
-
-
-def _window(f: BinaryIO, offset: int, length: int) -> _Window:
+def _window(f: BinaryIO, offset: int, length: int) -> LimitedReader:
     if f.seekable():
         f.seek(offset)
     else:  # a download: read up to the chunk
@@ -322,7 +307,7 @@ def _window(f: BinaryIO, offset: int, length: int) -> _Window:
             if not skipped:
                 raise CommandError("a blob in storage is shorter than its manifest says")
             offset -= skipped
-    return _Window(f, length)
+    return LimitedReader(f, length)
 
 
 def _with_query(url: str, params: dict[str, str]) -> str:
@@ -398,7 +383,7 @@ def push(config: configuration.Config, reference: str, destination: str, *, env:
             raise CommandError(f"--mount-from {source!r} is not a repository name")
     credential = find(target.host, target.repository, env, authfile)
     hints = MountHints(config.state.pushed, target.host)
-    with built(config, reference, OCI_MANIFEST_MEDIA_TYPE if oci else MANIFEST_MEDIA_TYPE, platform=platform,
+    with built(config, reference, OCI_INDEX_MEDIA_TYPE if oci else MANIFEST_LIST_MEDIA_TYPE, platform=platform,
                store=store) as image:
         sources = {blob.digest: list(dict.fromkeys([*mount_from, *hints.sources(blob.digest, target.repository)]))
                    for blob in image.blobs}
@@ -465,7 +450,7 @@ def main(argv: list[str]) -> int:
 
 
 def _size(text: str) -> int:
-    match = re.fullmatch(r"(\d+)([KMG]?)", text.strip(), re.I)
-    if not match or int(match.group(1)) == 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size (bytes, or with K, M or G)")
-    return int(match.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[match.group(2).upper()]
+    size = configuration.parse_size(text)
+    if not size:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (bytes, or with K, M, G or T)")
+    return size

@@ -37,7 +37,7 @@ def gunicorn_options(config: Config) -> dict[str, Any]:
         "keepalive": 5,
         # No "sendfile" key: Gunicorn reads any value of that setting, True included, as --no-sendfile
         # (tests/test_config.py).
-        # Unset, blobs go out with sendfile(2) (whole blobs and ranges: see api._LimitedReader).
+        # Unset, blobs go out with sendfile(2) (whole blobs and ranges: see nixery/limited.py).
         "accesslog": None,
         "errorlog": "-",
         "loglevel": config.log_level.lower(),

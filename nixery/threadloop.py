@@ -218,18 +218,27 @@ class ThreadLoopWorker(base.Worker):
                 self.poller.unregister(listener)
         self.accepting = enabled
 
+    def _turn(self) -> None:
+        """One turn of the loop: tell the master this worker lives, accept while there is room,
+        and handle what is ready (for at most a second)."""
+        self.notify()
+        self.set_accept_enabled(self.nr_conns < self.cfg.worker_connections)
+        self._dispatch(1.0)
+
+    def _tidy(self) -> None:
+        """Closes idle kept-alive connections and heads that took too long to arrive."""
+        self.murder_keepalived()
+        self.murder_pending()
+
     def run(self) -> None:
         self.poller.register(self.method_queue.fileno(), selectors.EVENT_READ, self.method_queue.run_callbacks)
         while self.alive:
-            self.notify()
-            self.set_accept_enabled(self.nr_conns < self.cfg.worker_connections)
-            self._dispatch(1.0)
+            self._turn()
             if self.orphaned():
                 self.log.info("Parent changed, shutting down: %s", self)
                 self.alive = False
                 break
-            self.murder_keepalived()
-            self.murder_pending()
+            self._tidy()
         # Stopping: while a subclass says it still serves (`still_serving`) and the master lives, the
         # loop goes on as before; then nothing new is accepted (the listening sockets close, so a
         # connection made now is refused by the kernel, not left unanswered), idle kept-alive
@@ -237,11 +246,8 @@ class ThreadLoopWorker(base.Worker):
         # the grace period.
         deadline = time.monotonic() + self.cfg.graceful_timeout
         while self.still_serving() and not self.orphaned() and time.monotonic() < deadline:
-            self.notify()
-            self.set_accept_enabled(self.nr_conns < self.cfg.worker_connections)
-            self._dispatch(1.0)
-            self.murder_keepalived()
-            self.murder_pending()
+            self._turn()
+            self._tidy()
         self.set_accept_enabled(False)
         for listener in self.sockets:
             listener.close()

@@ -34,6 +34,7 @@ and a worker holds up to Gunicorn's `worker_connections` of them. It also
 from __future__ import annotations
 
 import collections
+import dataclasses
 import errno
 import selectors
 import socket
@@ -375,7 +376,7 @@ class NixeryWorker(ThreadLoopWorker):
             self._unwatch(conn)
             conn.head = bytearray(conn.last_head)
             conn.parser = None
-            conn.parking = Parking(conn.parking.arrived, replayed=True, stopping=conn.parking.stopping)
+            conn.parking = dataclasses.replace(conn.parking, replayed=True)
             self.enqueue_req(conn)
 
     def _unwatch(self, conn: NixeryConn) -> None:

@@ -36,7 +36,7 @@ from typing import Callable, Iterator, Mapping, Optional, Sequence
 from ..config import BinaryCacheConfig, format_size, redact_url
 from ..layers import StorePath
 from . import cache as binary_cache
-from .processes import recorded, stop_recorded
+from .processes import TERM_GRACE_SECONDS, recorded, stop_recorded
 from .output import KeptLines, lines
 from .confine import BUILD_OPTIONS, NIX_DIR, evaluation_options, nix_environment, restriction_hint
 
@@ -51,7 +51,6 @@ ARGV_CHUNK = 5000
 # installs nix-build, nix-instantiate and nix-store as names of the one `nix` program, so these
 # three stand for all four.
 REQUIRED_COMMANDS = ("nix-instantiate", "nix-build", "nix")
-KILL_GRACE_SECONDS = 10
 # The most an evaluation may print (its JSON answer): the names of all of nixpkgs take tens of MB;
 # a set's code could print gigabytes, which the server would hold (and parse) whole.
 EVAL_OUTPUT_MAX = 256 << 20
@@ -328,11 +327,11 @@ class _Process:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGTERM)
         try:
-            self.finish(KILL_GRACE_SECONDS)
+            self.finish(TERM_GRACE_SECONDS)
         except subprocess.TimeoutExpired:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
-            self.finish(KILL_GRACE_SECONDS)
+            self.finish(TERM_GRACE_SECONDS)
 
     @property
     def stderr(self) -> str:
@@ -387,15 +386,16 @@ class Nix:
         if process.proc.returncode < 0:  # the kernel's out-of-memory killer, an operator: not the command's doing
             stderr += f"\n{args[0]} was killed by signal {-process.proc.returncode}"
         if process.proc.returncode != 0:
-            verdict = _derivation_verdict(told(stderr))
+            shown = told(stderr)
+            verdict = _derivation_verdict(shown)
             if verdict:
                 kind, line, derivation = verdict
                 raise kind(f"{what} failed: {line}", stderr, derivation, line)
             hint = restriction_hint(stderr)
-            raise (Forbidden if hint else NixError)(f"{what} failed: {first_error_line(told(stderr))}{hint}", stderr)
+            raise (Forbidden if hint else NixError)(f"{what} failed: {first_error_line(shown)}{hint}", stderr)
         return bytes(process.out).decode()
 
-    def _evaluate(self, args: Sequence[str], what: str) -> str:
+    def _evaluate(self, args: Sequence[str], what: str, source: SourceArgs) -> str:
         """Runs one evaluation of the package set within `eval_bounds`; raises EvaluationLimit
         naming the bound it went past."""
         bounds = self.eval_bounds
@@ -413,7 +413,7 @@ class Nix:
             if bounds.memory and _OUT_OF_MEMORY.search(e.log):
                 raise EvaluationLimit(f"{what} needed more than {format_size(bounds.memory)} of memory, this "
                                       "instance's limit (NIXERY_EVAL_MEMORY)", e.log, "NIXERY_EVAL_MEMORY") from None
-            if type(e) is NixError and _tarball_missing(args, e.log):
+            if type(e) is NixError and _tarball_missing(source, e.log):
                 raise RevisionMissing(e.reason, e.log) from None
             if type(e) is NixError and e.log and (_machine_fault(final_error(e.log)) is None or self._thrown(args)):
                 raise EvaluationFailed(e.reason + code_position(e.log, args), e.log) from None
@@ -491,7 +491,7 @@ class Nix:
         raw = self._evaluate(["nix-instantiate", "--eval", "--strict", "--json", "--read-write-mode", "-A", "resolve",
                               *self._helper_args(names, optional, source, system),
                               "--argstr", "listed", json.dumps(list(listed)), "--argstr", "image", declarable],
-                             f"evaluating {source.description}")
+                             f"evaluating {source.description}", source)
         data = json.loads(raw)
         if data.get("unsupported"):
             raise UnsupportedSystem(data["unsupported"], system)
@@ -511,7 +511,7 @@ class Nix:
         confinement and bounds as an image's."""
         raw = self._evaluate(["nix-instantiate", "--eval", "--strict", "--json", "-A", "declared",
                               *self._helper_args([], [], source, system)],
-                             f"listing the declared images of {source.description}")
+                             f"listing the declared images of {source.description}", source)
         return json.loads(raw)
 
     def attribute_names(self, source: SourceArgs, system: Optional[str],
@@ -522,7 +522,7 @@ class Nix:
         raw = self._evaluate(["nix-instantiate", "--eval", "--strict", "--json", "-A", "attributes",
                               *self._helper_args([], [], source, system),
                               "--argstr", "namesOf", json.dumps(list(sets))],
-                             f"listing the packages of {source.description}")
+                             f"listing the packages of {source.description}", source)
         return {path: [str(name) for name in names] for path, names in json.loads(raw).items()}
 
     def _explained(self, problems: Sequence[Problem], source: SourceArgs, system: str) -> list[Problem]:
@@ -534,7 +534,7 @@ class Nix:
                 try:
                     self._evaluate(["nix-instantiate", "--eval", "--strict", "--json", "-A", "explain",
                                     *self._helper_args([problem.name], [], source, system)],
-                                   f"explaining {problem.name}")
+                                   f"explaining {problem.name}", source)
                 except NixError as e:
                     told = in_the_set(e.log, self._helper_args([problem.name], [], source, system))
                     message = first_error_line(told).removeprefix("error:").strip()
@@ -619,7 +619,7 @@ class Nix:
                               "--argstr", "srcType", source.kind, "--argstr", "srcArgs", source.argument,
                               "--argstr", "system", system,
                               "--argstr", "attrs", json.dumps(list(attrs) if attrs is not None else None)],
-                             f"listing the packages of {source.description}")
+                             f"listing the packages of {source.description}", source)
         return {name: (entry["out"], entry["realise"]) for name, entry in json.loads(raw).items()}
 
     def realise(self, derivations: Sequence[str], roots: Optional[Path] = None, keep_going: bool = False,
@@ -686,11 +686,11 @@ def as_seen_by(error: DerivationFailed, resolved: Resolved) -> DerivationFailed:
     return type(error)(f"{what} failed to build: {nix_line}", error.log, error.derivation, error.line)
 
 
-def _last_error(log_text: str) -> list[str]:
-    """The lines from Nix's last `error:` line on (none if there is none)."""
+def _last_error(log_text: str, or_all: bool = False) -> list[str]:
+    """The lines from Nix's last `error:` line on; if there is none, none (`or_all`: every line)."""
     lines = [_ANSI.sub("", line) for line in log_text.splitlines()]
     starts = [i for i, line in enumerate(lines) if line.lstrip().startswith("error:")]
-    return lines[starts[-1]:] if starts else []
+    return lines[starts[-1]:] if starts else lines if or_all else []
 
 
 def final_error(log_text: str) -> str:
@@ -698,7 +698,7 @@ def final_error(log_text: str) -> str:
     what the set's code puts there: what it printed before (`trace:` lines can say anything), the
     code Nix quotes and the positions it names, and an `abort` message (which Nix introduces as
     the code's own), nor what it quotes. Where a fault of the machine shows."""
-    lines = _last_error(log_text) or [_ANSI.sub("", line) for line in log_text.splitlines()]
+    lines = _last_error(log_text, or_all=True)
     tail = [line for line in lines if not _QUOTED_CODE.match(line) and not _POSITION.match(line)]
     text = "\n".join(tail)
     if "evaluation aborted with the following error message" in text:
@@ -708,23 +708,14 @@ def final_error(log_text: str) -> str:
     return _QUOTED.sub("", text)
 
 
-def _argstr(args: Sequence[str], name: str) -> Optional[str]:
-    """The value a command's `--argstr NAME VALUE` gives, if any."""
-    for i in range(len(args) - 2):
-        if args[i] == "--argstr" and args[i + 1] == name:
-            return args[i + 2]
-    return None
-
-
-def _tarball_missing(args: Sequence[str], log_text: str) -> bool:
+def _tarball_missing(source: SourceArgs, log_text: str) -> bool:
     """Whether Nix's last error is that the package set's own tarball (a `tarball` source's URL)
     answered 404 or 410. Only the download of that URL counts: what the set's code fetches is not
     the revision."""
-    url = _argstr(args, "srcArgs")
-    if _argstr(args, "srcType") != "tarball" or not url:
+    if source.kind != "tarball":
         return False
     last = "\n".join(_last_error(log_text))
-    return any(match.group(1) == url for match in _MISSING_DOWNLOAD.finditer(last))
+    return any(match.group(1) == source.argument for match in _MISSING_DOWNLOAD.finditer(last))
 
 
 def _machine_fault(text: str) -> Optional[str]:

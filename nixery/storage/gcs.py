@@ -446,9 +446,11 @@ class GcsBackend(Backend):
         try:
             with self.failures("read the collection lease"):
                 held = self._first_claim(bucket) == claim.name
-                finished = bucket.blob(LEASE_FINISHED)
-                previous = json.loads(finished.download_as_bytes(retry=self.retry, timeout=_TIMEOUT))["finished"] \
-                    if held and finished.exists(retry=self.retry, timeout=_TIMEOUT) else 0.0
+                previous = 0.0
+                if held:
+                    with contextlib.suppress(api_exceptions.NotFound):  # no collection finished yet
+                        previous = json.loads(bucket.blob(LEASE_FINISHED).download_as_bytes(
+                            retry=self.retry, timeout=_TIMEOUT))["finished"]
             yield _GcsLease(self, claim, term, float(previous)) if held else None
         finally:
             try:
