@@ -430,7 +430,7 @@ def main(argv: list[str]) -> int:
                              "machine pushed elsewhere on it are tried anyway")
     parser.add_argument("--chunk-size", type=_size, default=DEFAULT_CHUNK, metavar="BYTES",
                         help="blobs up to this size go in one request, bigger ones in requests of it "
-                             "(K, M, G suffixes; default 64M)")
+                             "(K, M, G or T suffixes; default 64M)")
     parser.add_argument("--jobs", type=int, default=DEFAULT_JOBS, choices=range(1, 33), metavar="N",
                         help=f"blobs sent at once (1 to 32; default {DEFAULT_JOBS})")
     parser.add_argument("--store", action="store_true",
